@@ -1,0 +1,30 @@
+# Every target bootstraps .venv on a fresh machine: torch==2.13.0 first (the CPU wheel on disk),
+# then the package with its dev extras, so a bare `torch` requirement never pulls a CUDA build.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: demo test test-slow bench lint venv
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(VENV_STAMP)
+
+venv: $(VENV_STAMP)
+
+demo: $(VENV_STAMP)
+	$(PY) -m nanoseek.cli demo
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest tests
+
+test-slow: $(VENV_STAMP)
+	$(PY) -m pytest tests -m slow
+
+bench: $(VENV_STAMP)
+	$(PY) bench/model_throughput.py
+
+lint: $(VENV_STAMP)
+	$(PY) -m ruff check nanoseek tests bench

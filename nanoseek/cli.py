@@ -1,0 +1,44 @@
+"""`nanoseek <command> ...`: one entry point for every stage.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; this
+file only dispatches. User mistakes (ConfigError and friends) print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from nanoseek.config import ConfigError
+
+# command name -> (module, one-line help). Add one line per new command.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("nanoseek.commands.info", "parameter table and forward/backward timing of a model preset"),
+    "demo": ("nanoseek.commands.demo", "the main job: build a model end to end on this machine"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

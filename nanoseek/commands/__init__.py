@@ -1,0 +1,1 @@
+"""CLI commands, one module each (see nanoseek/cli.py)."""

@@ -1,0 +1,312 @@
+"""Hugging Face interop: read and write transformers `DeepseekV3ForCausalLM` checkpoint directories
+(config.json + safetensors, single file or sharded with an index).
+
+Weight names are mapped one to one (ours are the reference code's short names). RoPE: nanoseek uses the
+interleaved layout, which is what DeepSeek's released weights and transformers' default
+`rope_interleave=True` use; a checkpoint with `rope_interleave=False` has its rope rows permuted on load.
+MTP modules live at `model.layers.{num_hidden_layers + k}` with `enorm`, `hnorm`, `eh_proj`,
+`shared_head.norm` (and copies of the shared `embed_tokens` / `shared_head.head`), as in the V3 release.
+Block-quantized FP8 checkpoints (`weight_scale_inv`, 128x128 blocks) are dequantized on load.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.io import atomic_write, atomic_write_text
+from nanoseek.model import Transformer
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that does not match what is expected; the message names the key."""
+
+
+_LAYER_RENAMES = [
+    ("attn_norm.weight", "input_layernorm.weight"),
+    ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn.wq.", "self_attn.q_proj."), ("attn.wq_a.", "self_attn.q_a_proj."),
+    ("attn.q_norm.", "self_attn.q_a_layernorm."), ("attn.wq_b.", "self_attn.q_b_proj."),
+    ("attn.wkv_a.", "self_attn.kv_a_proj_with_mqa."), ("attn.kv_norm.", "self_attn.kv_a_layernorm."),
+    ("attn.wkv_b.", "self_attn.kv_b_proj."), ("attn.wo.", "self_attn.o_proj."),
+    ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"), ("ffn.gate.weight", "mlp.gate.weight"),
+]
+_FFN = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+def _block_name(rest: str) -> str:
+    for ours, theirs in _LAYER_RENAMES:
+        if rest.startswith(ours):
+            return theirs + rest[len(ours):]
+    m = re.fullmatch(r"ffn\.(?:(experts\.\d+|shared_experts)\.)?(w[123])\.weight", rest)
+    if m:
+        return "mlp." + (m.group(1) + "." if m.group(1) else "") + _FFN[m.group(2)] + ".weight"
+    raise KeyError(rest)
+
+
+def hf_name(name: str, n_layers: int) -> str:
+    """nanoseek state-dict key -> transformers key."""
+    fixed = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "head.weight": "lm_head.weight"}
+    if name in fixed:
+        return fixed[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        return f"model.layers.{m.group(1)}.{_block_name(m.group(2))}"
+    m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
+    if m:
+        layer, rest = n_layers + int(m.group(1)), m.group(2)
+        if rest.startswith("block."):
+            return f"model.layers.{layer}.{_block_name(rest[len('block.'):])}"
+        rest = {"norm.weight": "shared_head.norm.weight"}.get(rest, rest)
+        return f"model.layers.{layer}.{rest}"
+    raise KeyError(name)
+
+
+# ---- config ----------------------------------------------------------------------------------------
+def config_to_hf(cfg: ModelConfig) -> dict:
+    if cfg.score_func != "sigmoid":
+        raise ConfigError("transformers' DeepseekV3 supports sigmoid gating only (score_func='sigmoid')")
+    if cfg.n_routed_experts > 0 and cfg.n_dense_layers < cfg.n_layers and cfg.n_shared_experts < 1:
+        raise ConfigError("transformers' DeepseekV3 needs at least one shared expert")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_factor > 1:
+        rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+                "original_max_position_embeddings": cfg.original_seq_len, "beta_fast": cfg.beta_fast,
+                "beta_slow": cfg.beta_slow, "mscale": cfg.mscale, "mscale_all_dim": cfg.mscale}
+    moe = cfg.n_routed_experts > 0
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.inter_dim,
+        "moe_intermediate_size": cfg.moe_inter_dim, "num_hidden_layers": cfg.n_layers,
+        "first_k_dense_replace": cfg.n_dense_layers if moe else cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+        "n_routed_experts": max(cfg.n_routed_experts, 1), "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.n_activated_experts, "n_group": cfg.n_expert_groups,
+        "topk_group": cfg.n_limited_groups, "routed_scaling_factor": cfg.route_scale, "norm_topk_prob": True,
+        "q_lora_rank": cfg.q_lora_rank or None, "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "v_head_dim": cfg.v_head_dim, "head_dim": cfg.qk_rope_head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": rope if cfg.rope_factor > 1 else None,
+        "rope_parameters": rope, "rope_interleave": True, "num_nextn_predict_layers": cfg.n_mtp,
+        "tie_word_embeddings": False, "initializer_range": cfg.init_std, "hidden_act": "silu",
+        "attention_bias": False, "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1,
+    }
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    def get(key, default=None):
+        return hf.get(key, default)
+
+    if get("model_type") not in ("deepseek_v3", None):
+        raise ConfigError(f"expected a deepseek_v3 config.json, got model_type={get('model_type')!r}")
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if k not in hf]
+    if missing:
+        raise ConfigError(f"config.json lacks required field(s): {', '.join(missing)}")
+    rope = get("rope_scaling") or get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    factor = 1.0
+    extra = {}
+    if rope_type == "yarn":
+        factor = float(rope["factor"])
+        mscale, mscale_all = rope.get("mscale", 1.0), rope.get("mscale_all_dim", 0)
+        if not mscale_all or mscale != mscale_all:
+            raise ConfigError(f"YaRN with mscale={mscale} != mscale_all_dim={mscale_all} is not supported")
+        extra = dict(original_seq_len=int(rope["original_max_position_embeddings"]),
+                     beta_fast=rope.get("beta_fast", 32), beta_slow=rope.get("beta_slow", 1), mscale=float(mscale))
+    elif rope_type != "default":
+        raise ConfigError(f"unsupported rope type {rope_type!r} (default or yarn)")
+    max_len = int(get("max_position_embeddings", 4096))
+    if get("num_key_value_heads", get("num_attention_heads")) != get("num_attention_heads"):
+        raise ConfigError("MLA needs num_key_value_heads == num_attention_heads")
+    cfg = ModelConfig(
+        vocab_size=get("vocab_size"), dim=get("hidden_size"), inter_dim=get("intermediate_size", 0),
+        moe_inter_dim=get("moe_intermediate_size", 0), n_layers=get("num_hidden_layers"),
+        n_dense_layers=min(get("first_k_dense_replace", 0), get("num_hidden_layers")),
+        n_heads=get("num_attention_heads"), n_routed_experts=get("n_routed_experts", 0) or 0,
+        n_shared_experts=get("n_shared_experts", 0) or 0, n_activated_experts=get("num_experts_per_tok", 1),
+        n_expert_groups=get("n_group", 1) or 1, n_limited_groups=get("topk_group", 1) or 1,
+        route_scale=float(get("routed_scaling_factor", 1.0)), q_lora_rank=get("q_lora_rank") or 0,
+        kv_lora_rank=get("kv_lora_rank"), qk_nope_head_dim=get("qk_nope_head_dim"),
+        qk_rope_head_dim=get("qk_rope_head_dim"), v_head_dim=get("v_head_dim"), max_seq_len=max_len,
+        original_seq_len=extra.pop("original_seq_len", max_len), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
+        rope_factor=factor, n_mtp=get("num_nextn_predict_layers", 0) or 0, norm_eps=get("rms_norm_eps", 1e-6),
+        init_std=get("initializer_range", 0.006), **extra)
+    if not get("norm_topk_prob", True):
+        raise ConfigError("norm_topk_prob=false is not supported (DeepSeek-V3 normalizes top-k weights)")
+    if get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError(f"scoring_func={get('scoring_func')!r} is not supported by DeepseekV3 checkpoints")
+    return cfg.validate()
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+def _open_tensors(path: Path) -> dict[str, tuple[Path, str]]:
+    """key -> (file, key) over every safetensors file of the checkpoint."""
+    index = path / "model.safetensors.index.json"
+    files = sorted(path.glob("*.safetensors"))
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({path / f for f in weight_map.values()})
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {path}")
+    where = {}
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"shard listed in the index is missing: {f.name}")
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                where[k] = (f, k)
+    return where
+
+
+def _rope_perm(d: int) -> torch.Tensor:
+    """Half-split rope rows (x_j pairs with x_{j+d/2}) -> interleaved rows (pairs adjacent)."""
+    return torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=-1).flatten()
+
+
+def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, load_mtp: bool = True, verbose: bool = True) -> Transformer:
+    """Build a nanoseek Transformer from a transformers DeepSeek-V3 checkpoint directory."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json (expected a transformers checkpoint directory)")
+    hf_cfg = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf(hf_cfg)
+    where = _open_tensors(path)
+    mtp_present = cfg.n_mtp > 0 and any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in where)
+    if cfg.n_mtp > 0 and not (mtp_present and load_mtp):
+        if verbose:
+            reason = "not loaded (load_mtp=False)" if mtp_present else "not found in the checkpoint"
+            print(f"note: {cfg.n_mtp} MTP module(s) {reason}; the model is loaded without MTP")
+        cfg.n_mtp = 0
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {hf_name(k, cfg.n_layers): k for k in model.state_dict()}
+    shared_copies = {f"model.layers.{cfg.n_layers + k}.{s}" for k in range(max(hf_cfg.get("num_nextn_predict_layers", 0) or 0, 0))
+                     for s in ("embed_tokens.weight", "shared_head.head.weight")}
+    skip_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(hf_cfg.get("num_nextn_predict_layers", 0) or 0)) \
+        if cfg.n_mtp == 0 else ()
+    for k in where:
+        if k.endswith("weight_scale_inv") or k.endswith("rotary_emb.inv_freq"):
+            continue
+        if k not in expected and k not in shared_copies and not k.startswith(skip_prefixes or ("\0",)):
+            raise CheckpointError(f"unexpected key in checkpoint: {k}")
+    interleave = hf_cfg.get("rope_interleave", True)
+    perm = _rope_perm(cfg.qk_rope_head_dim)
+    state = {}
+    for hk, ok in expected.items():
+        if hk not in where:
+            raise CheckpointError(f"missing key in checkpoint: {hk}")
+        f, key = where[hk]
+        with safe_open(f, "pt") as st:
+            t = st.get_tensor(key)
+        if t.dtype == torch.float8_e4m3fn:
+            t = _dequant_fp8(t, hk, where)
+        want = model.state_dict()[ok].shape
+        if tuple(t.shape) != tuple(want):
+            raise CheckpointError(f"shape mismatch for {hk}: checkpoint {tuple(t.shape)}, config expects {tuple(want)}")
+        if not interleave:
+            t = _permute_rope_rows(ok, t, cfg, perm)
+        state[ok] = t.to(torch.float32 if ok.endswith("gate.bias") or ok.endswith("gate.weight") else dtype)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=False)
+    cos, sin = __import__("nanoseek.model.rope", fromlist=["rope_cos_sin"]).rope_cos_sin(cfg)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    for m in model.moe_layers():
+        m.last_load.zero_()
+        m.load_accum.zero_()
+    return model
+
+
+def _dequant_fp8(t: torch.Tensor, key: str, where: dict) -> torch.Tensor:
+    scale_key = key + "_scale_inv" if not key.endswith(".weight") else key[:-len(".weight")] + ".weight_scale_inv"
+    if scale_key not in where:
+        raise CheckpointError(f"FP8 tensor {key} has no {scale_key}")
+    f, k = where[scale_key]
+    with safe_open(f, "pt") as st:
+        s = st.get_tensor(k).float()
+    r, c = t.shape
+    full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:r, :c]
+    return t.float() * full
+
+
+def _permute_rope_rows(name: str, t: torch.Tensor, cfg: ModelConfig, perm: torch.Tensor) -> torch.Tensor:
+    """Reorder the output rows that produce rope dims from half-split to interleaved layout."""
+    nope, rope = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    if name.endswith("attn.wkv_a.weight"):
+        t = t.clone()
+        t[cfg.kv_lora_rank:] = t[cfg.kv_lora_rank:][perm]
+    elif name.endswith("attn.wq.weight") or name.endswith("attn.wq_b.weight"):
+        t = t.view(cfg.n_heads, nope + rope, -1).clone()
+        t[:, nope:] = t[:, nope:][:, perm]
+        t = t.flatten(0, 1)
+    return t
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def to_hf(model: Transformer, path: str | Path, include_mtp: bool = True, max_shard_bytes: int | None = None,
+          tokenizer_file: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a transformers DeepseekV3ForCausalLM directory (config.json + safetensors)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    hf_cfg = config_to_hf(cfg)
+    if not include_mtp:
+        hf_cfg["num_nextn_predict_layers"] = 0
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("mtp.") and not include_mtp:
+            continue
+        t = t.detach().cpu()
+        if dtype is not None and t.is_floating_point() and not name.endswith(("gate.bias", "gate.weight")):
+            t = t.to(dtype)
+        tensors[hf_name(name, cfg.n_layers)] = t.contiguous().clone()
+    if include_mtp:
+        for k in range(cfg.n_mtp):
+            layer = cfg.n_layers + k
+            tensors[f"model.layers.{layer}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+            tensors[f"model.layers.{layer}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    shards = _split_shards(tensors, max_shard_bytes)
+    for old in list(path.glob("*.safetensors")) + [path / "model.safetensors.index.json"]:
+        if old.exists():
+            old.unlink()
+    if len(shards) == 1:
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(path / fname, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        atomic_write_text(path / "model.safetensors.index.json",
+                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    atomic_write_text(path / "config.json", json.dumps(hf_cfg, indent=2))
+    atomic_write_text(path / "generation_config.json", json.dumps({"bos_token_id": 0, "eos_token_id": 1}, indent=2))
+    if tokenizer_file is not None:
+        shutil.copyfile(tokenizer_file, path / "tokenizer.json")
+    return path
+
+
+def _split_shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    if not max_bytes:
+        return [tensors]
+    shards, cur, size = [], {}, 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = t
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards

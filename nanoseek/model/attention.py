@@ -1,0 +1,85 @@
+"""Multi-head Latent Attention (DeepSeek-V2 sec. 2.1, V3 report sec. 2.1.1, SPEC 1.1).
+
+Keys and values are compressed into a latent c_KV (kv_lora_rank numbers, RMS-normalized) plus one
+rope key k_rope shared by all heads; that pair is all a cache holds. Two equivalent attention paths:
+
+* naive: up-project c_KV into per-head k_nope and v, attend with k = [k_nope ; k_rope];
+* absorbed: fold W_UK into the query and W_UV into the output so attention runs directly on the
+  latent cache (what decode uses: no per-head keys are ever materialized).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.fp8 import Linear
+from nanoseek.model.rope import RMSNorm, apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        qk_head_dim = cfg.qk_head_dim
+        if self.q_lora_rank > 0:
+            self.wq_a = Linear(cfg.dim, self.q_lora_rank, cfg.fp8)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.norm_eps)
+            self.wq_b = Linear(self.q_lora_rank, self.n_heads * qk_head_dim, cfg.fp8)
+        else:
+            self.wq = Linear(cfg.dim, self.n_heads * qk_head_dim, cfg.fp8)
+        self.wkv_a = Linear(cfg.dim, self.kv_lora_rank + self.qk_rope_head_dim, cfg.fp8)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
+        self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), cfg.fp8)
+        self.wo = Linear(self.n_heads * self.v_head_dim, cfg.dim, cfg.fp8)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[c_KV ; k_rope] for x: (B, T, kv_lora_rank + qk_rope_head_dim), what the cache stores."""
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return torch.cat([self.kv_norm(kv), apply_rope(k_pe, cos, sin)], dim=-1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False) -> torch.Tensor:
+        """x: (B, T, dim). cos/sin: rope tables for x's positions. mask: bool (B, 1, T, S), True = attend;
+        None means causal over x alone. cache: (B, S_max, latent) buffer of this layer, written at
+        [start, start + T); attention then runs over cache[:, :start + T]."""
+        B, T, _ = x.shape
+        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        lat = self.latent(x, cos, sin)
+        if cache is not None:
+            cache[:B, start:start + T] = lat.to(cache.dtype)
+            lat = cache[:B, :start + T].to(x.dtype)
+        kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        causal = mask is None and T > 1
+        if mask is None and cache is not None and start > 0 and T > 1:  # causal over a prefix-filled cache
+            S = start + T
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(start)[None, None]
+            causal = False
+        w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        if absorb:
+            w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+            q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
+            q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, r + p)
+            k_full = lat.unsqueeze(1)  # (B, 1, S, r + p): one latent key shared by every head
+            o_lat = F.scaled_dot_product_attention(q_full, k_full.expand(-1, self.n_heads, -1, -1),
+                                                   kv.unsqueeze(1).expand(-1, self.n_heads, -1, -1),
+                                                   attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+            o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)
+        else:
+            kv_up = self.wkv_b(kv).view(B, -1, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+            k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+            qh = torch.cat([q_nope, q_pe], dim=-1)
+            o = F.scaled_dot_product_attention(qh.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
+            o = o.transpose(1, 2)
+        return self.wo(o.reshape(B, T, -1))

@@ -1,0 +1,118 @@
+"""DeepSeekMoE (V3 report sec. 2.1.2, SPEC 1.3): shared + fine-grained routed SwiGLU experts.
+
+Gate: sigmoid affinities; a per-expert bias (not trained by gradient) shifts *selection* only;
+group-limited routing keeps the `n_limited_groups` groups with the best top-2 biased sums; the
+selected unbiased affinities are normalized to 1 and scaled by `route_scale`. Experts run batched:
+tokens are sorted by expert and each expert processes its slice once (a loop over experts, never
+over tokens). No token dropping. The sequence-wise balance loss and the per-expert load of the last
+forward are kept on the module for the trainer.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.fp8 import Linear
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): the dense FFN, each expert, and the fused shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int, fp8: bool = False):
+        super().__init__()
+        self.w1 = Linear(dim, inter_dim, fp8)
+        self.w2 = Linear(inter_dim, dim, fp8)
+        self.w3 = Linear(dim, inter_dim, fp8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk = cfg.n_activated_experts
+        self.n_groups = cfg.n_expert_groups
+        self.topk_groups = cfg.n_limited_groups
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # Selection bias for auxiliary-loss-free balancing: a buffer, so no gradient and no weight decay.
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (N, dim) -> (weights (N, K), indices (N, K), affinities (N, E))."""
+        logits = F.linear(x.float(), self.weight.float())  # the gate stays in FP32
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.bias
+        if self.n_groups > 1:
+            grouped = choice.view(x.size(0), self.n_groups, -1)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1)[1]
+            drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1)[1]
+        weights = scores.gather(1, indices)
+        if self.score_func == "sigmoid":
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return (weights * self.route_scale).to(x.dtype), indices, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_routed_experts
+        self.topk = cfg.n_activated_experts
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.fp8) for _ in range(cfg.n_routed_experts))
+        self.shared_experts = (SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.fp8)
+                               if cfg.n_shared_experts > 0 else None)
+        self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, indices, scores = self.gate(flat)
+        y = self.routed(flat, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        load = torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.last_load.dtype)
+        self.last_load.copy_(load)
+        if self.training:
+            self.load_accum += load
+            self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
+        return y.view(B, T, D)
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Sum_k w_k * expert_{i_k}(x), with tokens gathered per expert."""
+        flat_idx = indices.flatten()
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        token_of = order // self.topk
+        xs = x[token_of]
+        outs = []
+        pos = 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self.experts[e](xs[pos:pos + n]))
+            pos += n
+        out = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """sum_i f_i P_i per sequence, averaged over sequences (alpha applied by the trainer).
+
+    f_i = E / (K T) * #{t : i in TopK_t},  P_i = mean_t s_i,t / sum_j s_j,t.  scores (B, T, E), indices (B, T, K).
+    """
+    B, T, E = scores.shape
+    K = indices.size(-1)
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(
+        1, indices.reshape(B, -1), torch.ones(B, T * K, device=scores.device))
+    f = counts * E / (K * T)
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f * p).sum(dim=-1).mean()

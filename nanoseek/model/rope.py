@@ -1,0 +1,68 @@
+"""RMSNorm and rotary position embedding with YaRN (DeepSeek-V3 report sec. 4.3, SPEC 1.2).
+
+RoPE is applied in the interleaved layout of the DeepSeek-V3 reference code: consecutive pairs
+(x0, x1), (x2, x3), ... are rotated as complex numbers. transformers' DeepseekV3 with
+`rope_interleave=True` (the default) uses the same layout, so weights map across unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float, original_len: int) -> tuple[int, int]:
+    """Dimension indices (of dim/2 frequencies) where YaRN ramps from interpolation to extrapolation."""
+    def correction_dim(num_rotations: float) -> float:
+        return dim * math.log(original_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = math.floor(correction_dim(beta_fast))
+    high = math.ceil(correction_dim(beta_slow))
+    return max(low, 0), min(high, dim - 1)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies (dim/2,), YaRN-corrected when rope_factor > 1: below the correction range the
+    frequency is divided by the factor, above it kept, linearly blended in between."""
+    dim = cfg.qk_rope_head_dim
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if cfg.rope_factor > 1:
+        low, high = yarn_correction_range(cfg.beta_fast, cfg.beta_slow, dim, cfg.rope_theta, cfg.original_seq_len)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        keep = 1 - ramp  # 1 = keep the original (high) frequency
+        freqs = freqs / cfg.rope_factor * (1 - keep) + freqs * keep
+    return freqs.float()
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables of shape (seq_len, qk_rope_head_dim/2)."""
+    seq_len = seq_len or cfg.max_seq_len
+    t = torch.arange(seq_len, dtype=torch.float32)
+    angles = torch.outer(t, rope_frequencies(cfg))
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of the last dim. x: (B, T, H, d) or (B, T, d); cos/sin: (B or 1, T, d/2)."""
+    dtype = x.dtype
+    x = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    if x0.dim() == 4:  # heads dimension
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.to(dtype)

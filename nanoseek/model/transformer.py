@@ -1,0 +1,156 @@
+"""The DeepSeek-V3 decoder (SPEC 1): pre-norm blocks of MLA + (dense SwiGLU | DeepSeekMoE), a final
+RMSNorm, an untied head, and D Multi-Token Prediction modules (V3 report sec. 2.2, SPEC 1.4).
+
+MTP module k at position i combines the previous depth's hidden state with the embedding of token
+t_{i+k}: h' = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]), runs one block, and predicts t_{i+k+1}
+through its own RMSNorm and the SHARED output head. The concatenation order (embedding first) is the
+one the released V3 weights use (the paper writes the hidden state first); interop needs the former.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.attention import MLA
+from nanoseek.model.moe import MoE, SwiGLU
+from nanoseek.model.rope import RMSNorm, rope_cos_sin
+
+IGNORE = -1  # target value that contributes no loss (padding, prompt tokens)
+
+
+@dataclass
+class LossParts:
+    """Loss terms kept apart so the trainer weighs them: total = main + lambda * mtp + alpha * balance."""
+
+    main: torch.Tensor
+    mtp: torch.Tensor
+    balance: torch.Tensor
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = MLA(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        use_moe = cfg.n_routed_experts > 0 and layer_id >= cfg.n_dense_layers
+        self.ffn = MoE(cfg) if use_moe else SwiGLU(cfg.dim, cfg.inter_dim, cfg.fp8)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0, absorb=False):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, absorb)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTPModule(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.block = Block(layer_id, cfg)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, h_prev, emb_next, cos, sin, mask=None, cache=None, start=0, absorb=False):
+        """Returns the new hidden state (before `norm`; the caller applies norm + shared head)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+        return self.block(x, cos, sin, mask, cache, start, absorb)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPModule(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp))
+        cos, sin = rope_cos_sin(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+
+    def _init(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.cfg.init_std)
+        elif hasattr(m, "weight") and isinstance(getattr(m, "weight"), nn.Parameter) and m.weight.dim() == 2:
+            nn.init.normal_(m.weight, std=self.cfg.init_std)  # the MoE gate
+
+    # ---- pieces the engine uses ---------------------------------------------------------------
+    def rope(self, positions: torch.Tensor | None, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for explicit positions (B, T) or for the range [start, start + T)."""
+        if positions is None:
+            return self.rope_cos[start:start + T].unsqueeze(0), self.rope_sin[start:start + T].unsqueeze(0)
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False) -> torch.Tensor:
+        """Final hidden states before the last norm (B, T, dim). cache: (n_layers, B, S_max, latent)."""
+        B, T = ids.shape
+        if positions is None and start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope(positions, start, T)
+        x = self.embed(ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], start, absorb)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(h)).float()
+
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    # ---- training / scoring forward -----------------------------------------------------------
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """ids (B, T) -> logits (B, T, vocab); with targets (B, T) (targets[t] = ids[t+1], IGNORE = -1)
+        returns (logits, LossParts)."""
+        h = self.hidden(ids)
+        logits = self.logits(h)
+        if targets is None:
+            return logits
+        main = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        mtp = self.mtp_loss(h, ids, targets)
+        bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
+        balance = torch.stack(bal).sum() if bal else logits.new_zeros(())
+        return logits, LossParts(main, mtp, balance)
+
+    def mtp_loss(self, h: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(1/D) sum_k CE_k, where depth k at position i predicts t_{i+k+1} = targets[i + k]."""
+        T = ids.size(1)
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k < 1:
+                break
+            cos, sin = self.rope(None, 0, T - k)
+            h = module(h[:, :T - k], self.embed(ids[:, k:]), cos, sin)
+            logits = self.head(module.norm(h)).float()
+            losses.append(F.cross_entropy(logits.flatten(0, 1), targets[:, k:].flatten(), ignore_index=IGNORE))
+        return torch.stack(losses).mean() if losses else h.new_zeros(()).float()
+
+    # ---- auxiliary-loss-free balancing --------------------------------------------------------
+    def expert_loads(self) -> torch.Tensor:
+        """(n_moe_layers, n_routed_experts) token counts of the last forward."""
+        layers = self.moe_layers()
+        return torch.stack([m.last_load for m in layers]) if layers else torch.zeros(0, 0)
+
+    @torch.no_grad()
+    def update_expert_bias(self, gamma: float, loads: torch.Tensor | None = None) -> None:
+        """b_i += gamma * sign(mean_load - load_i) per MoE layer. `loads` defaults to the counts
+        accumulated since the last update (all micro-batches of the step); the accumulators reset."""
+        for i, m in enumerate(self.moe_layers()):
+            load = m.load_accum if loads is None else loads[i].to(m.load_accum)
+            m.gate.bias += gamma * torch.sign(load.mean() - load)
+            m.load_accum.zero_()
+
+    def accumulated_loads(self) -> torch.Tensor:
+        layers = self.moe_layers()
+        return torch.stack([m.load_accum for m in layers]) if layers else torch.zeros(0, 0)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
