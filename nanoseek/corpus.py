@@ -1,0 +1,75 @@
+"""Pretraining corpus: worked solutions of a task's train split, some with one deliberate slip, plus facts.
+
+Why flawed solutions: the base model should learn the *format* and the *procedure* but stay imperfect,
+so that RL with a verifiable reward has something to improve (the R1-Zero setting on a laptop budget).
+A flawed solution makes exactly one arithmetic slip and carries it on to a wrong answer.
+
+Why facts: a share (`fact_share`, default 20%) of the documents are one-operation arithmetic problems
+(`Compute 3 * 7.` -> `<think>3*7=21.</think><answer>21</answer>`), always correct. They are ordinary
+(prompt, completion) pairs in the same chat format as everything else, so every document teaches the
+format, and the `a*b=c.` fact is written exactly as a step inside a longer think block. Facts come from the
+arithmetic task's train split too, so no corpus document is ever a test problem of either task.
+
+Everything is deterministic in `seed`. The document order is shuffled.
+"""
+from __future__ import annotations
+
+import random
+
+from nanoseek.config import ConfigError
+from nanoseek.tasks import get_task
+from nanoseek.tasks.arithmetic import LEVELS, ArithmeticTask
+from nanoseek.tasks.base import SPLITS
+from nanoseek.tokenizer import render_document
+
+
+def sample_fact(rng: random.Random, difficulty: int, split: str = "train") -> tuple[str, str]:
+    """One single-operation arithmetic problem with its (correct) worked solution."""
+    task = ArithmeticTask()
+    lv = LEVELS[difficulty]
+    while True:
+        a, b = rng.randint(1, lv.max_operand), rng.randint(1, lv.max_operand)
+        op = rng.choice(lv.operators)
+        if op == "/":
+            a = a * b  # exact by construction; the dividend may exceed the operand range
+        problem = task.from_tokens([a, op, b], difficulty)
+        if task.split(problem) == split:
+            return problem.prompt, task.solution(problem, rng)
+
+
+def build_corpus(task_name: str, n_docs: int, seed: int, flawed_share: float = 0.5,
+                 difficulty: int | None = None, split: str = "train",
+                 fact_share: float = 0.2) -> list[tuple[str, str]]:
+    """`n_docs` (prompt, completion) pairs: round(fact_share*n) facts, the rest worked solutions of
+    `task_name` of which round(flawed_share*rest) carry one slip."""
+    task = get_task(task_name)
+    d = task.check_difficulty(difficulty)
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if n_docs < 0:
+        raise ConfigError(f"n_docs must be >= 0, got {n_docs}")
+    for name, share in (("flawed_share", flawed_share), ("fact_share", fact_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {share}")
+    rng = random.Random(seed)
+    n_facts = round(fact_share * n_docs)
+    n_solutions = n_docs - n_facts
+    n_flawed = round(flawed_share * n_solutions)
+    flawed_flags = [True] * n_flawed + [False] * (n_solutions - n_flawed)
+    rng.shuffle(flawed_flags)
+    fact_difficulty = min(d, max(LEVELS))
+    docs: list[tuple[str, str]] = []
+    for flawed in flawed_flags:
+        problem = task.sample_split(rng, d, split)
+        docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed)))
+    for _ in range(n_facts):
+        docs.append(sample_fact(rng, fact_difficulty, split))
+    rng.shuffle(docs)
+    return docs
+
+
+def corpus_texts(task_name: str, n_docs: int, seed: int, flawed_share: float = 0.5,
+                 difficulty: int | None = None, split: str = "train", fact_share: float = 0.2) -> list[str]:
+    """The same documents as full chat-template strings (what the tokenizer is trained on)."""
+    return [render_document(p, c) for p, c in
+            build_corpus(task_name, n_docs, seed, flawed_share, difficulty, split, fact_share)]

@@ -1,0 +1,20 @@
+"""Verifiable tasks (procedural problems + program-checked answers) and the task registry."""
+from __future__ import annotations
+
+from nanoseek.config import ConfigError
+from nanoseek.tasks.arithmetic import ArithmeticTask
+from nanoseek.tasks.base import Problem, RewardWeights, Score, Task, extract_answer, is_well_formed
+
+TASKS: dict[str, type[Task]] = {
+    "arithmetic": ArithmeticTask,
+}
+
+
+def get_task(name: str, weights: RewardWeights | None = None) -> Task:
+    """A fresh task instance by name; unknown names raise one ConfigError line listing the known ones."""
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name](weights)
+
+
+__all__ = ["TASKS", "get_task", "Problem", "Score", "Task", "RewardWeights", "extract_answer", "is_well_formed"]

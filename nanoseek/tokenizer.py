@@ -1,0 +1,135 @@
+"""Byte-level BPE tokenizer (HuggingFace `tokenizers`) with the chat / reasoning template.
+
+Pre-tokenization splits every digit into its own piece before byte-level BPE (as DeepSeek-V3's
+tokenizer and most math-capable models do), so numbers are read digit by digit and arithmetic never
+depends on which digit groups happened to be merged. No normalizer: decode(encode(text)) == text exactly.
+
+Ten special tokens are single tokens with fixed ids 0..9 (bos=0, eos=1, pad=2):
+`<|bos|> <|eos|> <|pad|> <|system|> <|user|> <|assistant|> <think> </think> <answer> </answer>`.
+They are matched in any text passed to `encode`, including user text (the template has no escaping).
+
+Template: a prompt is `<|bos|><|user|>{user}<|assistant|>`; the model continues with
+`<think>...</think><answer>...</answer><|eos|>`. A training document is the prompt plus that completion.
+The saved `tokenizer.json` is the plain `tokenizers` format, loadable by
+`transformers.PreTrainedTokenizerFast(tokenizer_file=...)`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from nanoseek.config import ConfigError
+from nanoseek.io import atomic_write_text
+
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
+                  "<think>", "</think>", "<answer>", "</answer>"]
+_SPECIAL_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+FILE_NAME = "tokenizer.json"
+
+
+def render_document(user_text: str, completion: str) -> str:
+    """The text form of `document_ids`: encode(render_document(u, c)) == document_ids(u, c)."""
+    return f"<|bos|><|user|>{user_text}<|assistant|>{completion}<|eos|>"
+
+
+def _resolve(path: str | Path) -> Path:
+    """A `.json` path is the file itself; anything else is a folder holding `tokenizer.json`."""
+    path = Path(path)
+    return path if path.suffix == ".json" else path / FILE_NAME
+
+
+def _without_specials(texts: Iterable[str]) -> Iterator[str]:
+    """Cut special tokens out of training text so BPE spends no merges on `<th`, `ink>` and friends."""
+    for text in texts:
+        for piece in _SPECIAL_SPLIT.split(text):
+            if piece:
+                yield piece
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer):
+        self._tok = tok
+        for i, t in enumerate(SPECIAL_TOKENS):
+            if tok.token_to_id(t) != i:
+                raise ConfigError(f"tokenizer special token {t!r} must have id {i}, "
+                                  f"got {tok.token_to_id(t)}; retrain with `nanoseek tokenizer train`")
+        self.bos_id, self.eos_id, self.pad_id = 0, 1, 2
+
+    # ---- construction --------------------------------------------------------------------
+    @staticmethod
+    def _empty() -> HFTokenizer:
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int = 512) -> "Tokenizer":
+        """Train BPE on `texts`. The vocabulary may come out smaller than asked for on a tiny corpus."""
+        min_size = len(SPECIAL_TOKENS) + 256
+        if vocab_size < min_size:
+            raise ConfigError(f"vocab_size must be at least {min_size} (10 special tokens + 256 bytes), "
+                              f"got {vocab_size}")
+        tok = cls._empty()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        tok.train_from_iterator(_without_specials(texts), trainer=trainer)
+        return cls(tok)
+
+    def save(self, path: str | Path) -> Path:
+        """Atomically write `tokenizer.json` (path may be the file or its folder); returns the file."""
+        out = _resolve(path)
+        atomic_write_text(out, self._tok.to_str(pretty=True))
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        file = _resolve(path)
+        if not file.is_file():
+            raise ConfigError(f"tokenizer not found: {file}; train one with "
+                              f"`nanoseek tokenizer train --out {file}`")
+        try:
+            json.loads(file.read_text())
+            tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # json or tokenizers parse errors: both mean a corrupt file
+            raise ConfigError(f"tokenizer file is corrupt ({file}): {str(e).splitlines()[0] if str(e) else e!r}; "
+                              "retrain with `nanoseek tokenizer train`") from None
+        return cls(tok)
+
+    # ---- encode / decode -----------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def id_of(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise ConfigError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos else ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        """Each id decoded on its own: for showing how a text was split."""
+        return [self.decode([i]) for i in ids]
+
+    # ---- chat / reasoning template -------------------------------------------------------
+    def prompt_ids(self, user_text: str) -> list[int]:
+        return [self.bos_id, self.id_of("<|user|>"), *self.encode(user_text), self.id_of("<|assistant|>")]
+
+    def document_ids(self, user_text: str, completion: str) -> list[int]:
+        return self.prompt_ids(user_text) + self.encode(completion) + [self.eos_id]
