@@ -15,6 +15,7 @@ from nanoseek.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.commands.info", "parameter table and forward/backward timing of a model preset"),
     "demo": ("nanoseek.commands.demo", "the main job: build a model end to end on this machine"),
+    "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
 }
 
 

@@ -72,7 +72,7 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 512) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
         """Train BPE on `texts`. The vocabulary may come out smaller than asked for on a tiny corpus."""
         min_size = len(SPECIAL_TOKENS) + 256
         if vocab_size < min_size:
@@ -92,7 +92,7 @@ class Tokenizer:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    def load(cls, path: str | Path) -> Tokenizer:
         file = _resolve(path)
         if not file.is_file():
             raise ConfigError(f"tokenizer not found: {file}; train one with "
@@ -100,8 +100,9 @@ class Tokenizer:
         try:
             json.loads(file.read_text())
             tok = HFTokenizer.from_file(str(file))
-        except Exception as e:  # json or tokenizers parse errors: both mean a corrupt file
-            raise ConfigError(f"tokenizer file is corrupt ({file}): {str(e).splitlines()[0] if str(e) else e!r}; "
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception on a bad file
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"tokenizer file is corrupt ({file}): {reason}; "
                               "retrain with `nanoseek tokenizer train`") from None
         return cls(tok)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 from nanoseek.config import ConfigError
 from nanoseek.tasks.arithmetic import ArithmeticTask
 from nanoseek.tasks.base import Problem, RewardWeights, Score, Task, extract_answer, is_well_formed
+from nanoseek.tasks.countdown import CountdownTask
 
 TASKS: dict[str, type[Task]] = {
     "arithmetic": ArithmeticTask,
+    "countdown": CountdownTask,
 }
 
 
@@ -17,4 +19,4 @@ def get_task(name: str, weights: RewardWeights | None = None) -> Task:
     return TASKS[name](weights)
 
 
-__all__ = ["TASKS", "get_task", "Problem", "Score", "Task", "RewardWeights", "extract_answer", "is_well_formed"]
+__all__ = ["TASKS", "Problem", "RewardWeights", "Score", "Task", "extract_answer", "get_task", "is_well_formed"]

@@ -139,7 +139,7 @@ class Task:
         if parsed is not None and not truncated and len(parsed) <= MAX_ANSWER_CHARS:
             try:
                 correct = bool(self.check(problem, parsed))
-            except Exception:  # a checker bug must not crash an RL run; count it as wrong
+            except Exception:  # noqa: BLE001 -- a checker bug must not crash an RL run; count it wrong
                 correct = False
         reward = self.weights.accuracy * correct + self.weights.format * format_ok
         return Score(correct=correct, format_ok=format_ok, reward=float(reward), parsed=parsed)
