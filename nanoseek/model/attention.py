@@ -66,14 +66,19 @@ class MLA(nn.Module):
             causal = False
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         if absorb:
+            # One latent key/value shared by all heads: fold heads into the query rows (MQA-style bmm).
             w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-            q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)
-            q_full = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, r + p)
-            k_full = lat.unsqueeze(1)  # (B, 1, S, r + p): one latent key shared by every head
-            o_lat = F.scaled_dot_product_attention(q_full, k_full.expand(-1, self.n_heads, -1, -1),
-                                                   kv.unsqueeze(1).expand(-1, self.n_heads, -1, -1),
-                                                   attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
-            o = torch.einsum("bhtc,hdc->bthd", o_lat, w_uv)
+            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+            q_full = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * self.n_heads, -1)
+            scores = torch.bmm(q_full, lat.transpose(1, 2)).float() * self.softmax_scale  # (B, T*H, S)
+            S = lat.size(1)
+            if causal:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+            if mask is not None:
+                m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, self.n_heads, S).reshape(B, T * self.n_heads, S)
+                scores = scores.masked_fill(~m, float("-inf"))
+            o_lat = torch.bmm(scores.softmax(dim=-1).to(kv.dtype), kv).view(B, T, self.n_heads, -1)
+            o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
         else:
             kv_up = self.wkv_b(kv).view(B, -1, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
             k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)

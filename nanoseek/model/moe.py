@@ -72,12 +72,28 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only fused weights
+
+    @torch.no_grad()
+    def stack_experts(self, enable: bool = True) -> None:
+        """Fuse the routed experts into two stacked tensors for the inference path (one padded bmm per
+        projection instead of three matmuls per expert). The engine enables this for the duration of a
+        generate call, while the weights cannot change, and disables it after."""
+        if not enable:
+            self.stacked = None
+            return
+        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]).t() for e in self.experts])  # (E, dim, 2I)
+        w2 = torch.stack([e.w2.weight.t() for e in self.experts])  # (E, I, dim)
+        self.stacked = (w13.contiguous(), w2.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
-        y = self.routed(flat, weights, indices)
+        if self.stacked is not None and not torch.is_grad_enabled():
+            y = self.routed_stacked(flat, weights, indices)
+        else:
+            y = self.routed(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         load = torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.last_load.dtype)
@@ -101,6 +117,24 @@ class MoE(nn.Module):
                 outs.append(self.experts[e](xs[pos:pos + n]))
             pos += n
         out = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+    def routed_stacked(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Same sum as `routed`, computed as padded batched matmuls over all experts at once."""
+        w13, w2 = self.stacked
+        flat_idx = indices.flatten()
+        order = flat_idx.argsort(stable=True)
+        expert_of = flat_idx[order]
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        starts = counts.cumsum(0) - counts
+        rank = torch.arange(flat_idx.numel(), device=x.device) - starts[expert_of]
+        token_of = order // self.topk
+        buf = x.new_zeros(self.n_experts, int(counts.max()), x.size(1))
+        buf[expert_of, rank] = x[token_of]
+        gate, up = torch.bmm(buf, w13).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, w2)[expert_of, rank]
+        out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, out)
 
 

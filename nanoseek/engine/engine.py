@@ -1,0 +1,262 @@
+"""Batched generation over the MLA latent cache (what RL rollouts, evaluation, chat and serving run on).
+
+* Prompts of different lengths are left-padded into one batch; each row keeps its own rope positions
+  and a key mask hides its padding, so a row's output does not depend on its neighbours.
+* The cache is preallocated: (n_layers, B, prompt_len + max_new_tokens, kv_lora_rank + qk_rope_head_dim),
+  i.e. only the normalized latent c_KV and the shared rope key per token per layer.
+* Prefill is one forward over the whole batch (naive attention); each decode step is one forward of one
+  token per row with weight-absorbed attention directly on the latent cache.
+* Rows finish independently on eos or a stop string; the loop ends when all have finished.
+* `speculative=True` drafts one token with the first MTP module and verifies it with the main model in a
+  single two-token forward (Leviathan et al. 2023 acceptance rule when sampling; exact under greedy).
+  It runs one sequence at a time (rows advance by different amounts), which is the batch-1 case MTP
+  speculation is for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.engine.sampling import SamplingParams, sample, sample_probs
+from nanoseek.model import Transformer
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # generated tokens (an eos that ended the row is included)
+    logprobs: list[float]  # log-prob of each generated token under the sampling temperature
+    finish_reason: str  # "stop" (eos or stop string) or "length"
+    text: str | None = None
+    prompt_tokens: int = 0
+
+
+@dataclass
+class SpecStats:
+    drafted: int = 0
+    accepted: int = 0
+    steps: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(self.drafted, 1)
+
+
+@dataclass
+class Engine:
+    model: Transformer
+    tokenizer: object | None = None
+    eos_id: int | None = None
+    cache_dtype: torch.dtype | None = None
+    spec_stats: SpecStats = field(default_factory=SpecStats)
+
+    def __post_init__(self) -> None:
+        if self.eos_id is None:
+            self.eos_id = getattr(self.tokenizer, "eos_id", 1)
+        self.cfg = self.model.cfg
+
+    # ---- cache -----------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache_dtype or next(self.model.parameters()).dtype
+
+    def cache_bytes_per_token(self) -> int:
+        """(kv_lora_rank + qk_rope_head_dim) * n_layers * bytes per number."""
+        return self.cfg.kv_cache_numbers_per_token_layer * self.cfg.n_layers * torch.finfo(self.dtype).bits // 8
+
+    def new_cache(self, batch: int, length: int, n_layers: int | None = None) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        return torch.zeros(n_layers or self.cfg.n_layers, batch, length, self.cfg.kv_cache_numbers_per_token_layer,
+                           dtype=self.dtype, device=device)
+
+    # ---- input handling --------------------------------------------------------------------------
+    def _encode(self, prompts) -> list[list[int]]:
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            raise ValueError("prompts must be a list of prompts (token-id lists or strings)")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("string prompts need an Engine with a tokenizer")
+                p = self.tokenizer.encode(p)
+            p = [int(t) for t in p]
+            if not p:
+                raise ValueError("empty prompt: give at least one token")
+            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
+                raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+            out.append(p)
+        if not out:
+            raise ValueError("no prompts given")
+        return out
+
+    def _decode_text(self, tokens: list[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        if tokens and tokens[-1] == self.eos_id:
+            tokens = tokens[:-1]
+        return self.tokenizer.decode(tokens)
+
+    # ---- public API ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+                 speculative: bool = False) -> list[Generation]:
+        params = SamplingParams(temperature, top_k, top_p).validate()
+        ids = self._encode(prompts)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(p) for p in ids)
+        if longest + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model context of {self.cfg.max_seq_len} tokens")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need an Engine with a tokenizer")
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
+        was_training = self.model.training
+        self.model.eval()
+        moe = self.model.moe_layers()
+        for m in moe:
+            m.stack_experts(True)
+        try:
+            if speculative:
+                if self.cfg.n_mtp < 1:
+                    raise ValueError("speculative decoding needs a model with an MTP module (n_mtp >= 1)")
+                outs = [self._generate_speculative(p, max_new_tokens, params, gen, stop) for p in ids]
+            else:
+                outs = self._generate_batch(ids, max_new_tokens, params, gen, stop)
+        finally:
+            for m in moe:
+                m.stack_experts(False)
+            self.model.train(was_training)
+        for o, p in zip(outs, ids):
+            o.prompt_tokens = len(p)
+            o.text = self._finish_text(o, stop)
+        return outs
+
+    def _finish_text(self, o: Generation, stop: list[str] | None) -> str | None:
+        text = self._decode_text(o.tokens)
+        if text is not None and stop:
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def _hit_stop(self, tokens: list[int], stop: list[str] | None) -> bool:
+        if not stop:
+            return False
+        tail = self.tokenizer.decode(tokens[-32:])
+        return any(s in tail for s in stop)
+
+    # ---- plain batched decoding ------------------------------------------------------------------
+    def _generate_batch(self, ids: list[list[int]], max_new: int, params: SamplingParams,
+                        gen: torch.Generator | None, stop: list[str] | None) -> list[Generation]:
+        model = self.model
+        device = next(model.parameters()).device
+        B, P = len(ids), max(len(p) for p in ids)
+        pad = torch.tensor([P - len(p) for p in ids], device=device)
+        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
+        for i, p in enumerate(ids):
+            tokens[i, P - len(p):] = torch.tensor(p)
+        S = P + max_new
+        slots = torch.arange(S, device=device)
+        key_valid = slots[None, :] >= pad[:, None]  # (B, S): padding slots never attended
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+        cache = self.new_cache(B, S)
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        mask = (causal[None] & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
+        h = model.hidden(tokens, positions[:, :P], mask[:, None], cache, 0, absorb=False)
+        logits = model.logits(h[:, -1])
+        out_tokens: list[list[int]] = [[] for _ in range(B)]
+        out_logps: list[list[float]] = [[] for _ in range(B)]
+        reason = ["length"] * B
+        alive = [True] * B
+        for step in range(max_new):
+            tok, logp = sample(logits, params, gen)
+            tl, ll = tok.tolist(), logp.tolist()
+            for i in range(B):
+                if not alive[i]:
+                    continue
+                out_tokens[i].append(tl[i])
+                out_logps[i].append(ll[i])
+                if tl[i] == self.eos_id or self._hit_stop(out_tokens[i], stop):
+                    alive[i], reason[i] = False, "stop"
+            if not any(alive) or step == max_new - 1:
+                break
+            s = P + step
+            h = model.hidden(tok[:, None], positions[:, s:s + 1], key_valid[:, None, None, :s + 1], cache, s, absorb=True)
+            logits = model.logits(h[:, -1])
+        return [Generation(out_tokens[i], out_logps[i], reason[i]) for i in range(B)]
+
+    # ---- MTP speculative decoding (one sequence) ---------------------------------------------------
+    def _mtp_step(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, cache: torch.Tensor, start: int,
+                  absorb: bool) -> torch.Tensor:
+        """Run MTP module 1 on positions [start, start + T): inputs h_i and token t_{i+1}; returns the logits
+        predicting t_{i+2}."""
+        mtp = self.model.mtp[0]
+        T = next_tokens.size(1)
+        cos, sin = self.model.rope(None, start, T)
+        mask = None if start == 0 else None
+        hm = mtp(h_prev, self.model.embed(next_tokens), cos, sin, mask, cache[0], start, absorb)
+        return self.model.head(mtp.norm(hm)).float()
+
+    def _generate_speculative(self, prompt: list[int], max_new: int, params: SamplingParams,
+                              gen: torch.Generator | None, stop: list[str] | None) -> Generation:
+        model = self.model
+        device = next(model.parameters()).device
+        S = len(prompt) + max_new + 2
+        cache = self.new_cache(1, S)
+        mtp_cache = self.new_cache(1, S, n_layers=1)
+        ids = torch.tensor([prompt], device=device)
+        n = len(prompt)
+        h = model.hidden(ids, cache=cache, start=0)  # positions 0..n-1
+        tok, logp = sample(model.logits(h[:, -1]), params, gen)  # t_n
+        out, logps = [int(tok)], [float(logp)]
+        # MTP over positions 0..n-1 (h_i, t_{i+1}); the last one drafts t_{n+1}
+        mtp_in = torch.cat([ids[:, 1:], tok.view(1, 1)], dim=1)
+        draft_logits = self._mtp_step(h, mtp_in, mtp_cache, 0, absorb=False)[:, -1]
+        last_pos = n - 1  # main cache valid through this position; `out[-1]` is the token at last_pos + 1
+        stats = self.spec_stats
+        while len(out) < max_new and out[-1] != self.eos_id and not self._hit_stop(out, stop):
+            q = sample_probs(draft_logits, params)[0]
+            draft = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=gen))
+            pos = last_pos + 1
+            step_ids = torch.tensor([[out[-1], draft]], device=device)
+            h2 = model.hidden(step_ids, cache=cache, start=pos, absorb=True)  # positions pos, pos+1
+            logits2 = model.logits(h2)[0]  # [0] predicts the token at pos+1 (the draft), [1] the one after
+            p0 = sample_probs(logits2[0:1], params)[0]
+            stats.drafted += 1
+            stats.steps += 1
+            accept = (draft == int(p0.argmax())) if params.greedy else \
+                bool(torch.rand((), generator=gen, device=device) < (p0[draft] / q[draft]).clamp(max=1.0))
+            lp_all = logits2 if params.greedy else logits2 / params.temperature
+            lp_all = lp_all.log_softmax(dim=-1)
+            if accept:
+                stats.accepted += 1
+                out.append(draft)
+                logps.append(float(lp_all[0, draft]))
+                if len(out) >= max_new or draft == self.eos_id or self._hit_stop(out, stop):
+                    break
+                bonus, _ = sample(logits2[1:2], params, gen)
+                out.append(int(bonus))
+                logps.append(float(lp_all[1, int(bonus)]))
+                # MTP positions pos, pos+1 take (h_pos, draft), (h_pos+1, bonus)
+                mtp_in = torch.tensor([[draft, int(bonus)]], device=device)
+                draft_logits = self._mtp_step(h2, mtp_in, mtp_cache, pos, absorb=True)[:, -1]
+                last_pos = pos + 1
+            else:
+                if params.greedy:
+                    fix = int(p0.argmax())
+                else:
+                    resid = (p0 - q).clamp(min=0)
+                    fix = int(torch.multinomial(resid / resid.sum(), 1, generator=gen)) if resid.sum() > 0 \
+                        else int(torch.multinomial(p0, 1, generator=gen))
+                out.append(fix)
+                logps.append(float(lp_all[0, fix]))
+                mtp_in = torch.tensor([[fix]], device=device)
+                draft_logits = self._mtp_step(h2[:, :1], mtp_in, mtp_cache, pos, absorb=True)[:, -1]
+                last_pos = pos
+        out, logps = out[:max_new], logps[:max_new]
+        done = out[-1] == self.eos_id or self._hit_stop(out, stop)
+        return Generation(out, logps, "stop" if done else "length")
