@@ -85,3 +85,21 @@ def test_load_errors_are_config_errors(tmp_path):
 def test_unknown_token_is_config_error(tok):
     with pytest.raises(ConfigError, match="not in the vocabulary"):
         tok.id_of("<|nope|>")
+
+
+def test_cli_train_writes_a_loadable_tokenizer(tmp_path, capsys):
+    import argparse
+
+    from nanoseek.commands import tokenizer as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    out = tmp_path / "run" / "tokenizer.json"
+    args = parser.parse_args(["train", "--task", "arithmetic,countdown", "--docs", "200", "--out", str(out)])
+    assert cmd.run(args) == 0
+    tok = Tokenizer.load(out)
+    assert tok.vocab_size <= 512 and tok.decode(tok.encode(WEIRD)) == WEIRD
+    printed = capsys.readouterr().out
+    assert f"vocab size {tok.vocab_size}" in printed and "example (countdown" in printed
+    with pytest.raises(ConfigError, match="unknown task"):
+        cmd.run(parser.parse_args(["train", "--task", "chess", "--out", str(out)]))
