@@ -15,6 +15,8 @@ from nanoseek.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.commands.info", "parameter table and forward/backward timing of a model preset"),
     "demo": ("nanoseek.commands.demo", "the main job: build a model end to end on this machine"),
+    "pretrain": ("nanoseek.commands.pretrain", "pretrain a model on a task corpus (resumable, torchrun-ready)"),
+    "sample": ("nanoseek.commands.sample", "continue a prompt with a trained run's model"),
     "cost": ("nanoseek.commands.cost", "serving cost: memory, roofline tokens/s and USD per million tokens"),
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
 }

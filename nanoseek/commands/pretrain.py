@@ -1,0 +1,91 @@
+"""`nanoseek pretrain`: pretrain a model on a task corpus into a run directory (one process or torchrun).
+
+    nanoseek pretrain --preset tiny --task arithmetic --steps 600 --out runs/base --minutes 5
+    nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
+    torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
+
+A fresh run trains a tokenizer on the task corpus when the run directory has none. On --resume the stored
+config.json is authoritative; only --steps and --minutes may change (changing --steps reshapes the lr schedule).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from nanoseek.config import PRESETS, ConfigError, ModelConfig
+from nanoseek.train.common import TrainConfig, setup_distributed
+from nanoseek.train.pretrain import DataConfig, PretrainConfig, dense_equivalent, pretrain
+
+# flag -> TrainConfig field, for the knobs exposed on the command line
+TRAIN_FLAGS = {"steps": "steps", "minutes": "minutes", "seed": "seed", "batch_size": "batch_size", "lr": "lr",
+               "seq_len": "seq_len", "grad_accum": "grad_accum", "warmup": "warmup_steps",
+               "eval_interval": "eval_interval", "eval_batches": "eval_batches", "ckpt_interval": "ckpt_interval",
+               "log_interval": "log_interval", "keep_last": "keep_last"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig()
+    p.add_argument("--out", required=True, help="run directory (runs/NAME)")
+    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--config", help="a model config JSON instead of --preset (vocab_size comes from the tokenizer)")
+    p.add_argument("--dense", action="store_true", help="dense model with the preset's activated parameter count")
+    p.add_argument("--task", default=DataConfig.task)
+    p.add_argument("--n-docs", type=int, default=DataConfig.n_docs, help="training documents")
+    p.add_argument("--n-test-docs", type=int, default=DataConfig.n_test_docs, help="held-out documents")
+    p.add_argument("--steps", type=int, help=f"optimizer steps, the lr schedule's length (default {d.steps}; "
+                   "on --resume the stored value)")
+    p.add_argument("--minutes", type=float, help="wall-clock limit of this process; 0 = none (default 0)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup", type=int, default=d.warmup_steps)
+    p.add_argument("--eval-interval", type=int, default=d.eval_interval)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--ckpt-interval", type=int, default=d.ckpt_interval)
+    p.add_argument("--log-interval", type=int, default=d.log_interval)
+    p.add_argument("--keep-last", type=int, default=d.keep_last)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+
+
+def resolve_config(args: argparse.Namespace) -> PretrainConfig:
+    """The run's full config: from the flags for a fresh run, from config.json (plus --steps/--minutes) on resume."""
+    run_dir = Path(args.out)
+    if args.resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"run directory {run_dir} does not exist; nothing to resume")
+        cfg = PretrainConfig.load(run_dir)
+        changes = {k: v for k, v in (("steps", args.steps), ("minutes", args.minutes)) if v is not None}
+        cfg.train = dataclasses.replace(cfg.train, **changes).validate()
+        return cfg
+    model = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
+    if args.dense:
+        model = dense_equivalent(model)
+    given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    train = TrainConfig(**given).validate()
+    data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs)
+    from nanoseek.tasks import get_task
+
+    get_task(data.task)  # unknown task names fail here, before any work
+    if data.n_docs < 1 or data.n_test_docs < 1:
+        raise ConfigError("--n-docs and --n-test-docs must be >= 1")
+    return PretrainConfig(model=model, train=train, data=data, dense=args.dense)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args)
+    dist = setup_distributed(args.device)
+    try:
+        s = pretrain(args.out, cfg, resume=args.resume, dist=dist)
+    finally:
+        dist.close()
+    if dist.is_main and s["loss"] is not None:
+        ev = "-" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}"
+        print(f"done: step {s['step']}, train loss {s['loss']:.4f}, held-out CE {ev}, "
+              f"{s['tokens_per_s']:,.0f} tokens/s; report: {Path(args.out) / 'report.md'}")
+    elif dist.is_main:
+        print(f"nothing to do: the run is already at step {s['step']} of {cfg.train.steps}")
+    return 0

@@ -1,0 +1,62 @@
+"""`nanoseek sample`: continue a chat prompt with a trained run's model (greedy or temperature sampling).
+
+Each new token re-runs the whole sequence (no KV cache): simple and obviously correct, fast enough for tiny
+models and short answers. The cached, batched path is nanoseek.engine.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import ConfigError
+from nanoseek.model import Transformer
+from nanoseek.train.checkpoint import load_run_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory (runs/NAME)")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+
+
+@torch.no_grad()
+def generate(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float, eos_id: int,
+             generator: torch.Generator | None = None) -> list[int]:
+    """Tokens after `ids` until eos (included) or max_new_tokens; the context is the last max_seq_len tokens."""
+    out: list[int] = []
+    seq = list(ids)
+    for _ in range(max_new_tokens):
+        x = torch.tensor([seq[-model.cfg.max_seq_len:]])
+        logits = model(x)[0, -1]
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
+        out.append(nxt)
+        seq.append(nxt)
+        if nxt == eos_id:
+            break
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoseek.tokenizer import Tokenizer
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    model, _, _ = load_run_model(args.run, args.step)
+    tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    prompt = tokenizer.prompt_ids(args.prompt)
+    if len(prompt) >= model.cfg.max_seq_len:
+        raise ConfigError(f"prompt is {len(prompt)} tokens; the model's context is {model.cfg.max_seq_len}")
+    gen = torch.Generator().manual_seed(args.seed)
+    tokens = generate(model, prompt, args.max_new_tokens, args.temperature, tokenizer.eos_id, gen)
+    print(tokenizer.decode(tokens, skip_special=False).removesuffix("<|eos|>"))
+    return 0

@@ -1,0 +1,277 @@
+"""Pretraining loop (V3 report sec. 4, SPEC 2): next-token CE + MTP + sequence balance loss, AdamW, warmup +
+cosine, clipping, and the auxiliary-loss-free expert-bias update after every optimizer step.
+
+    loss = L_main + mtp_lambda * L_mtp + balance_alpha * L_bal
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` GLOBAL sequences; gradients are averaged over
+ranks once per step (common.Dist.average_grads), the expert loads of all micro-batches and ranks are summed
+before the bias update, so every rank applies the same bias change and W processes reproduce one process with
+the same global batch. Resume is exact: model (incl. gate biases), optimizer, loader position and RNG states
+come back from the checkpoint and metrics.jsonl is cut back to the checkpointed step.
+
+Run directory: config.json (model + train + data, resolved), tokenizer.json, metrics.jsonl, checkpoints/,
+report.md, plots/. Only rank 0 writes. Simplifications against V3: no constant-lr phase and no batch-size
+ramp; gamma stays constant (V3 sets it to 0 for the last 500B tokens); MTP lambda is fixed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.data import Loader, eval_batches, pack_documents
+from nanoseek.io import atomic_write_text
+from nanoseek.model import Transformer
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.common import (
+    Dist,
+    TrainConfig,
+    build_optimizer,
+    clip_grads,
+    lr_at,
+    set_lr,
+    setup_distributed,
+)
+from nanoseek.train.metrics import MetricsLogger, ProgressLine
+
+KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
+
+
+@dataclass
+class DataConfig:
+    """Which corpus to pretrain on (nanoseek.corpus.build_corpus) and the tokenizer trained from it."""
+
+    task: str = "arithmetic"
+    n_docs: int = 50_000  # training documents (~42 tokens each for arithmetic: ~2M tokens)
+    n_test_docs: int = 1_000  # held-out documents from the task's test split
+    flawed_share: float = 0.5
+    difficulty: int | None = None
+    vocab_size: int = 512  # tokenizer target (a small corpus may give fewer)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dense: bool = False  # `model` was derived with dense_equivalent()
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.to_dict(), "train": self.train.to_dict(),
+                "data": dataclasses.asdict(self.data), "dense": self.dense}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PretrainConfig:
+        try:
+            return cls(model=ModelConfig.from_dict(d["model"]), train=TrainConfig.from_dict(d["train"]),
+                       data=DataConfig(**d["data"]), dense=bool(d.get("dense", False)))
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"run config is missing or has a bad section: {e}") from None
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> PretrainConfig:
+        path = Path(run_dir) / "config.json"
+        if not path.exists():
+            raise ConfigError(f"no config.json in {run_dir}: is it a pretraining run directory?")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
+    """A dense model with (as nearly as an integer inter_dim allows) the same activated parameters per token:
+    every layer a SwiGLU whose hidden size absorbs the active experts (routed top-K + shared) and the gate."""
+    target = cfg.param_counts()["active"]
+    dense = dataclasses.replace(cfg, n_routed_experts=0, n_dense_layers=cfg.n_layers, inter_dim=0)
+    base = dense.param_counts()["active"]
+    inter = round((target - base) / (cfg.n_layers * 3 * cfg.dim))
+    return dataclasses.replace(dense, inter_dim=max(1, inter)).validate()
+
+
+# ---- data ----------------------------------------------------------------------------------------------------
+def prepare_tokenizer(run_dir: Path, data: DataConfig, seed: int, dist: Dist):
+    """Load the run's tokenizer.json, or (rank 0) train one on the task corpus and save it first."""
+    from nanoseek.tokenizer import Tokenizer
+
+    path = run_dir / "tokenizer.json"
+    if not path.exists():
+        if dist.is_main:
+            from nanoseek.corpus import corpus_texts
+
+            texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train")
+            Tokenizer.train(texts, data.vocab_size).save(path)
+        dist.barrier()
+    return Tokenizer.load(path)  # every rank, fresh or resumed, encodes with the same saved file
+
+
+def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed (N, seq_len + 1) rows of the train corpus and of a held-out corpus from the task's test split."""
+    from nanoseek.corpus import build_corpus
+
+    def rows(n: int, split: str, s: int) -> torch.Tensor:
+        docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split)
+        return pack_documents([tokenizer.document_ids(p, c) for p, c in docs], seq_len, tokenizer.eos_id)
+
+    return rows(data.n_docs, "train", seed), rows(data.n_test_docs, "test", seed + 1)
+
+
+# ---- steps ---------------------------------------------------------------------------------------------------
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loader, cfg: TrainConfig,
+               dist: Dist) -> dict:
+    """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
+    the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks."""
+    model.train()
+    parts_sum = torch.zeros(4, device=dist.device)
+    for _ in range(cfg.grad_accum):
+        x, y = (t.to(dist.device) for t in loader.next_batch())
+        _, parts = model(x, y)
+        loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
+        (loss / cfg.grad_accum).backward()
+        parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, loss]).detach() / cfg.grad_accum
+    dist.average_grads(model)
+    grad_norm = clip_grads(model, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loads = dist.all_reduce_sum(model.accumulated_loads().clone())
+    model.update_expert_bias(cfg.bias_gamma, loads)
+    main, mtp, balance, total = dist.all_reduce_mean(parts_sum).tolist()
+    return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "grad_norm": grad_norm, "loads": loads}
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, rows: torch.Tensor, cfg: TrainConfig, dist: Dist) -> float | None:
+    """Mean next-token CE over the first cfg.eval_batches held-out batches (eval mode: no load accumulation)."""
+    model.eval()
+    total = torch.zeros(2, device=dist.device)
+    for x, y in eval_batches(rows, cfg.batch_size, cfg.eval_batches, dist.rank, dist.world):
+        _, parts = model(x.to(dist.device), y.to(dist.device))
+        total += torch.stack([parts.main.detach() * x.size(0), torch.tensor(float(x.size(0)), device=dist.device)])
+    model.train()
+    dist.all_reduce_sum(total)
+    return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+def load_summary(loads: torch.Tensor) -> dict:
+    """Per-MoE-layer max/mean load (1.0 = perfectly balanced) and each expert's share of the routed tokens."""
+    if loads.numel() == 0:
+        return {}
+    mean = loads.mean(dim=1).clamp_min(1e-9)
+    share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    return {"load_max_mean": (loads.max(dim=1).values / mean).tolist(),
+            "expert_load": [[round(v, 5) for v in row] for row in share.tolist()]}
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, device: str = "auto",
+             dist: Dist | None = None) -> dict:
+    """Train (or resume) the run in `run_dir`; returns a summary dict (final step, losses, tokens/s)."""
+    run_dir = Path(run_dir)
+    dist = dist or setup_distributed(device)
+    tcfg = cfg.train.validate()
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_dir)
+    if resume and ckpt is None:
+        raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
+    if not resume and ckpt is not None:
+        raise ConfigError(f"{run_dir} already has checkpoints; pass --resume or choose another --out")
+    if tcfg.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
+    if tcfg.batch_size % dist.world:
+        raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
+
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    tokenizer = prepare_tokenizer(run_dir, cfg.data, tcfg.seed, dist)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size).validate()
+    train_rows, test_rows = build_rows(tokenizer, cfg.data, tcfg.seq_len, tcfg.seed)
+
+    seed_everything(tcfg.seed)
+    model = Transformer(cfg.model).to(dist.device)
+    dist.broadcast_module(model)
+    optimizer = build_optimizer(model, tcfg)
+    loader = Loader(train_rows, tcfg.batch_size, tcfg.seed, dist.rank, dist.world)
+    metrics = MetricsLogger(run_dir / "metrics.jsonl", enabled=dist.is_main)
+
+    step, elapsed0 = 0, 0.0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        loader.load_state_dict(state["loader"])
+        step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        metrics.truncate_after(step)
+    elif dist.is_main:
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len
+    progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main, print_every=max(1, tcfg.steps // 20))
+    if ckpt is not None:
+        progress.message(f"resumed from {ckpt} (step {step})")
+    progress.message(f"{model.num_params():,} parameters, {train_rows.size(0):,} train / {test_rows.size(0):,} "
+                     f"held-out sequences of {tcfg.seq_len} tokens, {dist.world} process(es) on {dist.device}")
+    kill_after = int(os.environ.get(KILL_ENV, "-1"))
+    loop_start = time.perf_counter()
+    tok_rate_ema = None
+    record: dict = {}
+    eval_loss = None
+    try:
+        while step < tcfg.steps:
+            lr = lr_at(step, tcfg)
+            set_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            out = train_step(model, optimizer, loader, tcfg, dist)
+            dt = time.perf_counter() - t0
+            step += 1
+            tok_rate = tokens_per_step / dt
+            tok_rate_ema = tok_rate if tok_rate_ema is None else 0.9 * tok_rate_ema + 0.1 * tok_rate
+            out_of_time = tcfg.minutes > 0 and time.perf_counter() - loop_start >= tcfg.minutes * 60
+            stop = dist.any_flag(out_of_time)
+            last = step == tcfg.steps or stop
+            record = {"step": step, "loss": out["loss"], "main": out["main"], "mtp": out["mtp"],
+                      "balance": out["balance"], "lr": lr, "grad_norm": out["grad_norm"],
+                      "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
+                      "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"])}
+            if last or (tcfg.eval_interval and step % tcfg.eval_interval == 0):
+                eval_loss = evaluate(model, test_rows, tcfg, dist)
+                record["eval_loss"] = eval_loss
+            if last or step % tcfg.log_interval == 0 or "eval_loss" in record:
+                metrics.log(record)
+            if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
+                if dist.is_main:
+                    save_checkpoint(ckpt_dir, step, model, optimizer,
+                                    {"loader": loader.state_dict(), "elapsed_s": record["elapsed_s"]},
+                                    tcfg.keep_last)
+                dist.barrier()
+            extra = f"eval {eval_loss:.4f}" if eval_loss is not None else ""
+            progress.update(step, out["loss"], lr, tok_rate_ema, extra)
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop:
+                progress.message(f"time limit of {tcfg.minutes:g} min reached at step {step}; checkpoint saved")
+                break
+    finally:
+        progress.close()
+
+    summary = {"step": step, "loss": record.get("loss"), "eval_loss": eval_loss, "tokens_per_s": tok_rate_ema,
+               "run_dir": str(run_dir)}
+    if dist.is_main and record:
+        from nanoseek.report import write_report
+
+        write_report(run_dir)
+    dist.barrier()
+    return summary
