@@ -261,12 +261,15 @@ def test_gate_bias_moves_selection_not_weights():
     assert not any(n.endswith("gate.bias") for n, _ in Transformer(cfg).named_parameters())
 
 
-def test_moe_matches_per_token_loop():
-    """The batched expert dispatch equals, per token, shared(x) + sum_k w_k * expert_{i_k}(x) in a loop."""
+@pytest.mark.parametrize("stacked", [False, True], ids=["per-expert", "stacked"])
+def test_moe_matches_per_token_loop(stacked):
+    """The batched expert dispatch (per-expert slices, or the stacked-weights inference path) equals, per
+    token, shared(x) + sum_k w_k * expert_{i_k}(x) in a loop."""
     cfg = tiny(n_routed_experts=8, n_activated_experts=3, n_shared_experts=2, n_expert_groups=2,
                n_limited_groups=1, route_scale=2.5)
     moe = Transformer(cfg).layers[1].ffn.eval()
     moe.gate.bias.normal_(0, 0.05)
+    moe.stack_experts(stacked)
     x = torch.randn(2, 10, cfg.dim)
     with torch.no_grad():
         y = moe(x)
