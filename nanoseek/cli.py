@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("nanoseek.commands.pretrain", "pretrain a model on a task corpus (resumable, torchrun-ready)"),
     "sample": ("nanoseek.commands.sample", "continue a prompt with a trained run's model"),
     "cost": ("nanoseek.commands.cost", "serving cost: memory, roofline tokens/s and USD per million tokens"),
+    "rl": ("nanoseek.commands.rl", "GRPO-family RL from verifiable rewards on a pretrained run"),
+    "eval": ("nanoseek.commands.eval", "held-out pass@1 and greedy accuracy of a run on a task"),
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
 }
 

@@ -1,0 +1,48 @@
+"""`nanoseek eval`: held-out pass@1 (T=0.6/top-p 0.95 and T=1.0, mean over K samples) and greedy accuracy."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from nanoseek.evaluate import evaluate
+from nanoseek.io import atomic_write_text
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.checkpoint import load_run_model
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--task", default="arithmetic")
+    p.add_argument("--n", type=int, default=200, help="held-out problems")
+    p.add_argument("--samples", type=int, default=4, help="K samples per problem for pass@1")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--out", help="JSON file to write (default RUN/eval_TASK.json)")
+
+
+def results_table(rows: dict[str, dict]) -> Table:
+    t = Table(title="held-out evaluation")
+    for col in ("model", "pass@1 T=0.6", "pass@1 T=1.0", "greedy", "format", "mean len"):
+        t.add_column(col, justify="right" if col != "model" else "left")
+    for name, r in rows.items():
+        t.add_row(name, f"{r['pass1']:.1%}", f"{r['pass1_t1']:.1%}", f"{r['greedy']:.1%}",
+                  f"{r['format_rate']:.1%}", f"{r['mean_len']:.1f}")
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 1 or args.samples < 1:
+        raise ValueError("--n and --samples must be >= 1")
+    model, _, step_dir = load_run_model(args.run)
+    tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    res = evaluate(model, tokenizer, args.task, args.n, args.samples, args.max_new_tokens, args.seed).to_dict()
+    res["run"], res["checkpoint"] = str(args.run), str(step_dir)
+    Console().print(results_table({str(args.run): res}))
+    out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.task}.json"
+    atomic_write_text(out, json.dumps(res, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,166 @@
+"""GRPO-family math against closed forms, and the RL loop end to end on a tiny model."""
+import json
+import math
+
+import pytest
+import torch
+
+from nanoseek.train.rl_math import (aggregate, clipped_surrogate, group_advantages, k3_kl, length_rewards,
+                                    overlong_penalty)
+
+
+def test_group_advantages_normalize_within_each_group():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    adv = group_advantages(r, 4, scale=True, eps=0.0)
+    std = math.sqrt(sum((x - 0.5) ** 2 for x in [1, 0, 0, 1]) / 3)
+    assert adv[:4].tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std])
+    assert group_advantages(r, 4)[4:].abs().max() == 0  # equal rewards carry no signal (eps avoids 0/0)
+    assert group_advantages(r, 4, scale=False)[:4].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
+
+
+def test_clipped_surrogate_matches_ppo_cases():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]]))
+    loss_pos, clip_pos = clipped_surrogate(logp, old, torch.tensor([1.0]), 0.2, 0.28)
+    # A > 0: ratio capped at 1 + eps_high, not floored below
+    assert loss_pos.tolist()[0] == pytest.approx([-1.28, -0.5, -1.1, -0.7])
+    assert clip_pos.tolist()[0] == [1.0, 0.0, 0.0, 0.0]
+    loss_neg, clip_neg = clipped_surrogate(logp, old, torch.tensor([-1.0]), 0.2, 0.28)
+    # A < 0: ratio floored at 1 - eps_low
+    assert loss_neg.tolist()[0] == pytest.approx([1.5, 0.8, 1.1, 0.8])
+    assert clip_neg.tolist()[0] == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_ratio_one_gives_the_policy_gradient():
+    logp = torch.log(torch.tensor([[0.3, 0.6]])).requires_grad_()
+    loss, _ = clipped_surrogate(logp, logp.detach(), torch.tensor([2.0]), 0.2, 0.2)
+    loss.sum().backward()
+    assert logp.grad.tolist()[0] == pytest.approx([-2.0, -2.0])  # d(-rho A)/dlogp = -A at rho = 1
+
+
+def test_k3_is_nonnegative_and_zero_at_equality():
+    a = torch.randn(100)
+    b = torch.randn(100)
+    assert (k3_kl(a, b) >= -1e-7).all()
+    assert k3_kl(a, a).abs().max() < 1e-7
+    # k3 is unbiased for KL(pi||ref): E_pi[k3] = KL
+    p = torch.tensor([0.7, 0.2, 0.1])
+    q = torch.tensor([0.5, 0.3, 0.2])
+    expect = float((p * (p / q).log()).sum())
+    got = float((p * k3_kl(p.log(), q.log())).sum())
+    assert got == pytest.approx(expect, abs=1e-6)
+
+
+def test_aggregations():
+    per_tok = torch.tensor([[1.0, 1.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    assert aggregate(per_tok, mask, "grpo", 4).item() == pytest.approx((1.0 + 2.0) / 2)
+    assert aggregate(per_tok, mask, "dapo", 4).item() == pytest.approx((2 + 8) / 6)
+    assert aggregate(per_tok, mask, "dr_grpo", 8).item() == pytest.approx((2 + 8) / (2 * 8))
+    with pytest.raises(ValueError):
+        aggregate(per_tok, mask, "nope", 4)
+
+
+def test_overlong_and_length_rewards():
+    assert overlong_penalty(10, 64, 16) == 0.0
+    assert overlong_penalty(48, 64, 16) == 0.0
+    assert overlong_penalty(56, 64, 16) == pytest.approx(-0.5)
+    assert overlong_penalty(65, 64, 16) == -1.0
+    lr = length_rewards([10, 20, 30], [True, True, False])
+    assert lr == pytest.approx([0.5, 0.0, -0.5])
+    assert length_rewards([5, 5], [True, False]) == [0.0, 0.0]
+    assert length_rewards([10, 30], [False, True]) == pytest.approx([0.0, -0.5])
+
+
+# ---- the loop on a tiny model ---------------------------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.corpus import corpus_texts  # noqa: E402
+from nanoseek.model import Transformer  # noqa: E402
+from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from nanoseek.train.checkpoint import save_checkpoint  # noqa: E402
+from nanoseek.train.grpo import GRPOConfig, Rollout, policy_update, train_grpo  # noqa: E402
+from nanoseek.train.common import Dist  # noqa: E402
+from nanoseek.train.metrics import read_metrics  # noqa: E402
+
+
+def tiny_cfg(vocab: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
+                       n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                       qk_rope_head_dim=8, v_head_dim=8, max_seq_len=128, original_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("base")
+    tok = Tokenizer.train(corpus_texts("arithmetic", 300, seed=0), vocab_size=300)
+    tok.save(run / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(tok.vocab_size))
+    (run / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}))
+    save_checkpoint(run / "checkpoints", 1, model, None, {})
+    return run
+
+
+def small_rl(**kw) -> GRPOConfig:
+    return GRPOConfig(**{"steps": 3, "group_size": 4, "prompts_per_step": 2, "max_new_tokens": 12, "ckpt_every": 1, **kw})
+
+
+def test_grpo_runs_logs_and_resumes_exactly(base_run, tmp_path):
+    full = tmp_path / "full"
+    train_grpo(base_run, full, small_rl(), quiet=True, device="cpu")
+    rows = read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reward", "accuracy", "format_rate", "response_len_mean", "response_len_max", "clip_frac",
+                "kl", "entropy", "zero_spread_groups", "tokens_per_s", "gen_s", "train_s", "logp_diff_max"):
+        assert key in rows[-1], key
+    assert max(r["logp_diff_max"] for r in rows) < 1e-3  # engine log-probs == trainer recompute
+    part = tmp_path / "part"
+    train_grpo(base_run, part, small_rl(steps=2), quiet=True, device="cpu")
+    train_grpo(base_run, part, small_rl(steps=3), resume=True, quiet=True, device="cpu")
+    resumed = read_metrics(part / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for a, b in zip(rows, resumed):
+        assert a["reward"] == b["reward"] and a["response_len_mean"] == b["response_len_mean"]
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_policy_update_raises_probability_of_advantaged_samples(base_run):
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
+    prompt = [0, 4, 30, 31, 5]
+    good, bad = [40, 41, 42, 1], [50, 51, 1]
+
+    def seq_logp(tokens):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            lp = model(ids)[0, :-1].log_softmax(-1)
+        return float(sum(lp[len(prompt) - 1 + i, t] for i, t in enumerate(tokens)))
+
+    def rollout(tokens, reward):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            lp = model(ids)[0, :-1].log_softmax(-1)
+        return Rollout(prompt, tokens, [float(lp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)],
+                       False, reward, reward > 0, True, 0)
+
+    before = seq_logp(good) - seq_logp(bad)
+    cfg = GRPOConfig(lr=3e-3, group_size=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    for _ in range(5):
+        rs = [rollout(good, 1.0), rollout(bad, 0.0)]
+        adv = torch.tensor([1.0, -1.0])
+        policy_update(model, None, opt, rs, adv, cfg, Dist(), first=True)
+    assert seq_logp(good) - seq_logp(bad) > before + 0.5
+
+
+def test_bad_rl_configs_are_one_line_errors(base_run, tmp_path):
+    cmd = [sys.executable, "-m", "nanoseek.cli", "rl", "--init", str(base_run), "--out", str(tmp_path / "x"),
+           "--group-size", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode != 0 and "group_size" in p.stderr and "Traceback" not in p.stderr
+    cmd = [sys.executable, "-m", "nanoseek.cli", "rl", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
