@@ -1,24 +1,250 @@
-"""`nanoseek demo`: until the R1-Zero pipeline lands, build every preset's parameter table and time the
-tiny model's forward/backward on this machine."""
+"""`nanoseek demo` (= `make demo`): from nothing to a reasoning model on this machine.
+
+Stages, each resumable (Ctrl-C, then rerun the same command):
+  1. tokenizer + corpus + pretrain the tiny MoE base on worked arithmetic, half of it with one slip;
+  2. evaluate the base on the held-out split;
+  3. GRPO with the rule-based reward (accuracy + format);
+  4. evaluate the RL model;
+  5. the control: the base pretrained further for as long as RL took (same total time, no RL);
+  6. evaluate the control; write runs/demo/report.md, plots and summary.json.
+Step counts are fixed (not wall-clock limits), so a seed gives the same run on any machine; the control's
+step count is derived from the measured RL time so that base+control and base+RL took equal time.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from rich.console import Console
 
-from nanoseek.commands.info import param_table, time_forward_backward
-from nanoseek.config import ModelConfig
+from nanoseek.io import atomic_write_text
+
+console = Console()
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"
+    seed: int = 0
+    task: str = "arithmetic"
+    base_steps: int = 700
+    base_lr: float = 2e-3
+    batch_size: int = 16
+    n_docs: int = 50_000
+    rl_steps: int = 100
+    rl_lr: float = 1e-4
+    group_size: int = 8
+    prompts_per_step: int = 16
+    max_new_tokens: int = 64
+    eval_n: int = 200
+    eval_samples: int = 4
+
+    @classmethod
+    def smoke(cls, out: str, seed: int = 0) -> "DemoConfig":
+        """A seconds-long version of the pipeline for tests."""
+        return cls(out=out, seed=seed, base_steps=6, batch_size=4, n_docs=300, rl_steps=2, group_size=4,
+                   prompts_per_step=2, max_new_tokens=16, eval_n=4, eval_samples=1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    d = DemoConfig()
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--base-steps", type=int, default=d.base_steps)
+    p.add_argument("--rl-steps", type=int, default=d.rl_steps)
+    p.add_argument("--eval-n", type=int, default=d.eval_n)
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
+
+
+# ---- stage bookkeeping --------------------------------------------------------------------------------
+class Stages:
+    """runs/demo/stages.json: finished stages with their results and durations (atomic, so a kill between
+    stages never loses a finished one)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, name: str, fn):
+        if name in self.done:
+            console.print(f"[dim]stage {name}: already done, skipped[/dim]")
+            return self.done[name]["result"]
+        console.rule(f"[bold]{name}")
+        prior = self.done.get(f"_{name}_partial_s", 0.0)
+        t0 = time.time()
+        try:
+            result = fn()
+        except KeyboardInterrupt:
+            self.done[f"_{name}_partial_s"] = prior + time.time() - t0
+            self._save()
+            raise
+        self.done[name] = {"result": result, "seconds": prior + time.time() - t0}
+        self._save()
+        return result
+
+    def seconds(self, name: str) -> float:
+        return self.done[name]["seconds"]
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
+
+
+# ---- stages -------------------------------------------------------------------------------------------
+def _pretrain(run: Path, cfg: DemoConfig, steps: int, init_from: Path | None = None, lr: float | None = None) -> dict:
+    from nanoseek.config import ModelConfig
+    from nanoseek.train.checkpoint import latest_checkpoint, read_state
+    from nanoseek.train.common import TrainConfig
+    from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
+
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is not None and int(read_state(ckpt)["step"]) >= steps:
+        return {"step": steps}
+    train = TrainConfig(lr=lr or cfg.base_lr, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
+                        warmup_steps=min(20, max(1, steps // 10)), eval_interval=max(steps // 4, 1),
+                        ckpt_interval=max(steps // 5, 1))
+    data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 50, 20))
+    pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data)
+    if init_from is not None and not (run / "tokenizer.json").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "tokenizer.json").write_bytes((init_from.parent.parent / "tokenizer.json").read_bytes())
+    return pretrain(run, pcfg, resume=ckpt is not None, device="cpu", init_from=init_from)
+
+
+def _rl(base: Path, run: Path, cfg: DemoConfig) -> dict:
+    from nanoseek.train.checkpoint import latest_checkpoint, read_state
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is not None and int(read_state(ckpt)["step"]) >= cfg.rl_steps:
+        return {"step": cfg.rl_steps}
+    rl = GRPOConfig(task=cfg.task, steps=cfg.rl_steps, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
+                    max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr, seed=cfg.seed, ckpt_every=max(cfg.rl_steps // 5, 1))
+    return train_grpo(base, run, rl, resume=ckpt is not None, device="cpu")
+
+
+def _eval(run: Path, cfg: DemoConfig) -> dict:
+    from nanoseek.evaluate import evaluate
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_run_model
+
+    model, _, _ = load_run_model(run)
+    res = evaluate(model, Tokenizer.load(run / "tokenizer.json"), cfg.task, cfg.eval_n, cfg.eval_samples,
+                   cfg.max_new_tokens, seed=1234).to_dict()
+    console.print(f"{run.name}: pass@1 T=0.6 {res['pass1']:.1%}  T=1.0 {res['pass1_t1']:.1%}  "
+                  f"greedy {res['greedy']:.1%}  format {res['format_rate']:.1%}")
+    return res
+
+
+def _samples(runs: dict[str, Path], cfg: DemoConfig, k: int = 4) -> dict:
+    """A few held-out problems with each model's completion at temperature 1.0 (seeded)."""
+    from nanoseek.engine import Engine
+    from nanoseek.evaluate import test_problems
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_run_model
+
+    task = get_task(cfg.task)
+    problems = test_problems(cfg.task, k, seed=99)
+    out = {"problems": [p.prompt for p in problems]}
+    for name, run in runs.items():
+        model, _, _ = load_run_model(run)
+        tok = Tokenizer.load(run / "tokenizer.json")
+        gens = Engine(model, tok).generate([tok.prompt_ids(p.prompt) for p in problems], cfg.max_new_tokens,
+                                           temperature=1.0, seed=cfg.seed)
+        out[name] = [{"text": g.text, "correct": task.score(p, g.text, g.finish_reason == "length").correct}
+                     for p, g in zip(problems, gens)]
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def write_report(root: Path, cfg: DemoConfig, stages: Stages, summary: dict, samples: dict) -> Path:
+    from nanoseek.rl_report import plot_rl
+
+    plots = plot_rl(root / "rl", root / "plots")
+    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", "control")}
+    lines = [f"# nanoseek demo: R1-Zero on `{cfg.task}` (seed {cfg.seed})", "",
+             f"Total time {summary['seconds_total'] / 60:.1f} min. Held-out split, {cfg.eval_n} problems, "
+             f"pass@1 = mean accuracy over {cfg.eval_samples} samples.", "",
+             "| model | training | pass@1 T=0.6 | pass@1 T=1.0 | greedy | format | mean length |",
+             "|---|---|---|---|---|---|---|"]
+    how = {"base": f"pretrain {cfg.base_steps} steps ({stages.seconds('pretrain_base') / 60:.1f} min)",
+           "rl": f"base + GRPO {cfg.rl_steps} steps ({stages.seconds('grpo') / 60:.1f} min)",
+           "control": f"base + {summary['control_steps']} more pretraining steps "
+                      f"({stages.seconds('pretrain_control') / 60:.1f} min)"}
+    for k, r in ev.items():
+        lines.append(f"| {k} | {how[k]} | {r['pass1']:.1%} | {r['pass1_t1']:.1%} | {r['greedy']:.1%} | "
+                     f"{r['format_rate']:.1%} | {r['mean_len']:.1f} |")
+    lines += ["", "## RL curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += ["", "Pretraining report of the base: [base/report.md](base/report.md)", "",
+              "## Sample completions (held-out problems, temperature 1.0)", ""]
+    for i, prob in enumerate(samples["problems"]):
+        lines.append(f"**{prob}**")
+        lines.append("")
+        for name in ("base", "rl"):
+            s = samples[name][i]
+            lines.append(f"- {name} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
+        lines.append("")
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from rich.table import Table
+
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "demo_config.json", json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    random.seed(cfg.seed)
+    stages = Stages(root / "stages.json")
+    base, rl, control = root / "base", root / "rl", root / "control"
+    stages.run("pretrain_base", lambda: _pretrain(base, cfg, cfg.base_steps))
+    stages.run("eval_base", lambda: _eval(base, cfg))
+    stages.run("grpo", lambda: _rl(base, rl, cfg))
+    stages.run("eval_rl", lambda: _eval(rl, cfg))
+    # the control gets the RL stage's wall time as extra pretraining steps, at the base's measured speed
+    sec_per_step = stages.seconds("pretrain_base") / cfg.base_steps
+    control_steps = max(1, round(stages.seconds("grpo") / sec_per_step))
+    from nanoseek.train.checkpoint import latest_checkpoint
+
+    base_ckpt = latest_checkpoint(base / "checkpoints")
+    stages.run("pretrain_control", lambda: _pretrain(control, cfg, control_steps, init_from=base_ckpt,
+                                                     lr=cfg.base_lr * 0.25))
+    stages.run("eval_control", lambda: _eval(control, cfg))
+    samples = stages.run("samples", lambda: _samples({"base": base, "rl": rl}, cfg))
+    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", "control")}
+    total = sum(v["seconds"] for k, v in stages.done.items() if not k.startswith("_"))
+    summary = {"task": cfg.task, "seed": cfg.seed,
+               "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
+               "base_pass1_t1": ev["base"]["pass1_t1"], "rl_pass1_t1": ev["rl"]["pass1_t1"],
+               "base_greedy": ev["base"]["greedy"], "rl_greedy": ev["rl"]["greedy"],
+               "control_pass1": ev["control"]["pass1"], "control_pass1_t1": ev["control"]["pass1_t1"],
+               "control_greedy": ev["control"]["greedy"], "control_steps": control_steps,
+               "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
+               "seconds_by_stage": {k: round(v["seconds"], 1) for k, v in stages.done.items() if not k.startswith("_")}}
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    report = write_report(root, cfg, stages, summary, samples)
+    table = Table(title=f"before / after RL (held-out {cfg.task}, n={cfg.eval_n})")
+    for col in ("model", "pass@1 T=0.6", "pass@1 T=1.0", "greedy"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for k, r in ev.items():
+        table.add_row(k, f"{r['pass1']:.1%}", f"{r['pass1_t1']:.1%}", f"{r['greedy']:.1%}")
+    console.print(table)
+    console.print(f"total {total / 60:.1f} min; report: {report}; summary: {root / 'summary.json'}")
+    return summary
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
-    for name in ("tiny", "v3-671b"):
-        console.print(param_table(ModelConfig.preset(name), name))
-    cfg = ModelConfig.preset("tiny")
-    dt = time_forward_backward(cfg, 8, 128)
-    console.print(f"tiny: forward+backward at 8 x 128 tokens: {dt * 1000:.1f} ms ({8 * 128 / dt:,.0f} tokens/s)")
+    if args.smoke:
+        cfg = DemoConfig.smoke(args.out, args.seed)
+    else:
+        cfg = DemoConfig(out=args.out, seed=args.seed, base_steps=args.base_steps, rl_steps=args.rl_steps,
+                         eval_n=args.eval_n, eval_samples=args.eval_samples)
+    run_demo(cfg)
     return 0

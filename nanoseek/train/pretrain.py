@@ -179,8 +179,10 @@ def seed_everything(seed: int) -> None:
 
 
 def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, device: str = "auto",
-             dist: Dist | None = None) -> dict:
-    """Train (or resume) the run in `run_dir`; returns a summary dict (final step, losses, tokens/s)."""
+             dist: Dist | None = None, init_from: str | Path | None = None) -> dict:
+    """Train (or resume) the run in `run_dir`; returns a summary dict (final step, losses, tokens/s).
+    `init_from`: a checkpoint step directory whose weights (not optimizer) start a new run, e.g. to continue
+    pretraining a base with a fresh schedule."""
     run_dir = Path(run_dir)
     dist = dist or setup_distributed(device)
     tcfg = cfg.train.validate()
@@ -204,6 +206,10 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
     seed_everything(tcfg.seed)
     model = Transformer(cfg.model).to(dist.device)
+    if init_from is not None and ckpt is None:
+        from nanoseek.train.checkpoint import load_model_weights
+
+        load_model_weights(init_from, model)
     dist.broadcast_module(model)
     optimizer = build_optimizer(model, tcfg)
     loader = Loader(train_rows, tcfg.batch_size, tcfg.seed, dist.rank, dist.world)
