@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cost": ("nanoseek.commands.cost", "serving cost: memory, roofline tokens/s and USD per million tokens"),
     "rl": ("nanoseek.commands.rl", "GRPO-family RL from verifiable rewards on a pretrained run"),
     "eval": ("nanoseek.commands.eval", "held-out pass@1 and greedy accuracy of a run on a task"),
+    "generate": ("nanoseek.commands.generate", "complete prompts with the engine (batched, latent cache, MTP speculative)"),
+    "chat": ("nanoseek.commands.chat", "interactive terminal chat that shows the model's thinking dimmed"),
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
 }
 
