@@ -46,17 +46,25 @@ class MLA(nn.Module):
         return torch.cat([self.kv_norm(kv), apply_rope(k_pe, cos, sin)], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False) -> torch.Tensor:
+                cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False,
+                write_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, dim). cos/sin: rope tables for x's positions. mask: bool (B, 1, T, S), True = attend;
         None means causal over x alone. cache: (B, S_max, latent) buffer of this layer, written at
-        [start, start + T); attention then runs over cache[:, :start + T]."""
+        [start, start + T); attention then runs over cache[:, :start + T].
+        write_pos (B,) long, optional: row b writes its latents at [write_pos[b], write_pos[b] + T) instead of
+        the shared `start` (continuous batching, where rows have different lengths); attention still spans
+        cache[:, :start + T], so pass start >= max(write_pos) and a mask hiding each row's unused keys."""
         B, T, _ = x.shape
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         lat = self.latent(x, cos, sin)
         if cache is not None:
-            cache[:B, start:start + T] = lat.to(cache.dtype)
+            if write_pos is None:
+                cache[:B, start:start + T] = lat.to(cache.dtype)
+            else:
+                rows = torch.arange(B, device=x.device)[:, None]
+                cache[rows, write_pos[:, None] + torch.arange(T, device=x.device)] = lat.to(cache.dtype)
             lat = cache[:B, :start + T].to(x.dtype)
         kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         causal = mask is None and T > 1

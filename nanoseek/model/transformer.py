@@ -40,8 +40,8 @@ class Block(nn.Module):
         use_moe = cfg.n_routed_experts > 0 and layer_id >= cfg.n_dense_layers
         self.ffn = MoE(cfg) if use_moe else SwiGLU(cfg.dim, cfg.inter_dim, cfg.fp8)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, start=0, absorb=False):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, absorb)
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0, absorb=False, write_pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, absorb, write_pos)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -89,15 +89,17 @@ class Transformer(nn.Module):
         return self.rope_cos[positions], self.rope_sin[positions]
 
     def hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-               cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False) -> torch.Tensor:
-        """Final hidden states before the last norm (B, T, dim). cache: (n_layers, B, S_max, latent)."""
+               cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False,
+               write_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states before the last norm (B, T, dim). cache: (n_layers, B, S_max, latent).
+        write_pos (B,): per-row cache offsets for the new latents (see MLA.forward); None = `start` for all."""
         B, T = ids.shape
         if positions is None and start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope(positions, start, T)
         x = self.embed(ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, None if cache is None else cache[i], start, absorb)
+            x = layer(x, cos, sin, mask, None if cache is None else cache[i], start, absorb, write_pos)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,293 @@
+"""Continuous batching over a slot-based MLA latent cache (what `nanoseek serve` decodes with).
+
+Orca-style iteration-level scheduling (Yu et al., OSDI 2022), the idea vLLM and SGLang serve with: requests
+join and leave the running batch between decode steps instead of waiting for a whole batch to drain.
+
+* The cache is preallocated once: (n_layers, max_slots, max_seq_len, kv_lora_rank + qk_rope_head_dim).
+  Row r of it belongs to the r-th active request; active requests always fill rows [0, n_active) (a finishing
+  row is replaced by the last one, copying only that row's valid prefix), so every forward runs on a
+  contiguous `cache[:, :B]` view and never on idle rows.
+* Each row has its own length. Rows keep their tokens at positions 0..len-1 (no left padding): rope uses
+  per-row positions, a decode writes each row's new latent at its own length (`write_pos`) and a key mask
+  (B, 1, 1, S) hides every row's keys beyond its length.
+* `step()` = drop cancelled rows, admit waiting requests into free rows and prefill them in one right-padded
+  forward (naive attention, causal mask; padding sits after a row's prompt, so no real token sees it, and
+  decodes overwrite it), then decode one token for every active row in ONE batched forward with
+  weight-absorbed attention straight on the latent cache.
+* Sampling is per row (each request has its own temperature / top-p / top-k and its own seeded generator),
+  so a request's output does not depend on its neighbours; greedy equals `Engine.generate` on the same prompt.
+* `start()` runs the loop in one background thread (torch releases the GIL inside ops). Tokens leave through
+  each request's `on_token` callback on that thread; the HTTP server hands them to asyncio queues, so a slow
+  or vanished client never stalls the loop. `cancel()` frees the row at the next step.
+
+Simplifications: no chunked prefill (a prefill batch is capped by `prefill_tokens` padded tokens instead),
+no prefix caching, no preemption (a request holds its row until it finishes), and the routed experts use
+the stacked inference path for the batcher's whole life (weights never change while serving).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoseek.engine.sampling import SamplingParams, sample
+from nanoseek.model import Transformer
+
+TokenCallback = Callable[[int | None, str | None], None]  # (token or None on error, finish reason or None)
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate. `on_token(token, finish)` is called on the batcher thread for each token;
+    `finish` is "stop" (eos), "length" (max_new_tokens) or "error" (token None) on the last call."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None
+    on_token: TokenCallback | None = None
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # set when done: stop / length / cancelled / error
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    cached: int = 0  # tokens of this request currently in its cache row
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class BatcherStats:
+    steps: int = 0
+    prefills: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    busy_s: float = 0.0
+    max_batch: int = 0
+
+
+class Batcher:
+    def __init__(self, model: Transformer, eos_id: int, max_slots: int = 32, max_seq_len: int | None = None,
+                 cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.eos_id = eos_id
+        self.max_slots = max_slots
+        self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.prefill_tokens = prefill_tokens
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = torch.zeros(self.cfg.n_layers, max_slots, self.max_seq_len,
+                                 self.cfg.kv_cache_numbers_per_token_layer, dtype=cache_dtype or p.dtype,
+                                 device=self.device)
+        for m in model.moe_layers():
+            m.stack_experts(True)  # weights are frozen while serving: fuse the experts once
+        self.rows: list[Request] = []  # row i of the cache belongs to rows[i]; touched by the loop thread only
+        self.pending: deque[Request] = deque()
+        self.stats = BatcherStats()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- submission (any thread) ---------------------------------------------------------------------
+    def submit(self, req: Request) -> Request:
+        """Validate and queue a request; it joins the batch at the next step."""
+        if not req.prompt:
+            raise ValueError("empty prompt: give at least one token")
+        if min(req.prompt) < 0 or max(req.prompt) >= self.cfg.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+        if req.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if len(req.prompt) + req.max_new_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) exceeds "
+                             f"the context of {self.max_seq_len} tokens")
+        req.params.validate()
+        if not req.params.greedy:
+            seed = req.seed if req.seed is not None else random.SystemRandom().getrandbits(63)
+            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        with self._cv:
+            self.pending.append(req)
+            self._cv.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop generating for `req`; its row is freed at the next step (a no-op once it has finished)."""
+        req.cancelled = True
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def n_active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_pending(self) -> int:
+        return len(self.pending)
+
+    # ---- the scheduler iteration ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> int:
+        """Admit + prefill waiting requests, then decode one token for every active row. Returns the number
+        of tokens generated this step."""
+        t0 = time.perf_counter()
+        self._retire()
+        made = 0
+        new = self._admit()
+        if new:
+            made += self._prefill(new)
+            self._retire()
+        if self.rows:
+            made += self._decode()
+            self._retire()
+        self.stats.steps += 1
+        self.stats.busy_s += time.perf_counter() - t0
+        return made
+
+    def _admit(self) -> list[Request]:
+        new: list[Request] = []
+        longest = 0
+        with self._cv:
+            while self.pending and len(self.rows) + len(new) < self.max_slots:
+                req = self.pending[0]
+                if req.cancelled:
+                    self.pending.popleft()
+                    self._finish(req, "cancelled")
+                    continue
+                longest_if = max(longest, len(req.prompt))
+                if new and longest_if * (len(new) + 1) > self.prefill_tokens:
+                    break  # the rest waits for the next step: bounds one step's latency
+                longest = longest_if
+                new.append(self.pending.popleft())
+        return new
+
+    def _prefill(self, new: list[Request]) -> int:
+        n0, k = len(self.rows), len(new)
+        P = max(len(r.prompt) for r in new)
+        ids = torch.zeros(k, P, dtype=torch.long, device=self.device)
+        for i, r in enumerate(new):
+            ids[i, :len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
+        causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
+        h = self.model.hidden(ids, None, causal, self.cache[:, n0:n0 + k], 0, absorb=False)
+        last = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
+        logits = self.model.logits(h[torch.arange(k, device=self.device), last])
+        for r in new:
+            r.cached = len(r.prompt)
+        self.rows.extend(new)
+        self.stats.prefills += 1
+        self.stats.prefill_tokens += sum(len(r.prompt) for r in new)
+        self._sample_and_emit(new, logits)
+        return k
+
+    def _decode(self) -> int:
+        rows = self.rows
+        B = len(rows)
+        self.stats.max_batch = max(self.stats.max_batch, B)
+        last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        pos = torch.tensor([r.cached for r in rows], device=self.device)
+        start = int(pos.max())
+        mask = torch.arange(start + 1, device=self.device)[None, :] <= pos[:, None]  # (B, S): own keys only
+        h = self.model.hidden(last, pos[:, None], mask[:, None, None], self.cache[:, :B], start, absorb=True,
+                              write_pos=pos)
+        logits = self.model.logits(h[:, -1])
+        for r in rows:
+            r.cached += 1
+        self.stats.decode_tokens += B
+        self._sample_and_emit(rows, logits)
+        return B
+
+    def _sample_and_emit(self, rows: list[Request], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(rows):
+            if r.cancelled:
+                continue
+            tok = greedy[i] if r.params.greedy else int(sample(logits[i:i + 1], r.params, r.generator)[0])
+            r.tokens.append(tok)
+            reason = "stop" if tok == self.eos_id else "length" if len(r.tokens) >= r.max_new_tokens else None
+            if r.on_token is not None:
+                try:
+                    r.on_token(tok, reason)
+                except Exception:  # noqa: BLE001 -- a broken consumer (closed loop) loses its request only
+                    r.cancelled = True
+            if reason is not None:
+                self._finish(r, reason)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason = reason
+        r.done.set()
+
+    def _retire(self) -> None:
+        """Free the rows of finished or cancelled requests, moving the last row into each hole."""
+        i = 0
+        while i < len(self.rows):
+            r = self.rows[i]
+            if r.finish_reason is None and not r.cancelled:
+                i += 1
+                continue
+            if r.finish_reason is None:
+                self._finish(r, "cancelled")
+            last = len(self.rows) - 1
+            if i != last:
+                moved = self.rows[last]
+                self.cache[:, i, :moved.cached] = self.cache[:, last, :moved.cached]
+                self.rows[i] = moved
+            self.rows.pop()
+
+    def _fail_all(self) -> None:
+        """After an exception inside a step: end every request with "error" and start clean."""
+        with self._cv:
+            victims = self.rows + list(self.pending)
+            self.rows, self.pending = [], deque()
+        for r in victims:
+            if r.finish_reason is None:
+                if r.on_token is not None and not r.cancelled:
+                    with contextlib.suppress(Exception):  # its consumer may be gone too
+                        r.on_token(None, "error")
+                self._finish(r, "error")
+
+    # ---- background loop ---------------------------------------------------------------------------------
+    def start(self) -> Batcher:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="nanoseek-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.rows and not self.pending:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 -- keep serving; the affected requests get "error"
+                import traceback
+                traceback.print_exception(e)
+                self._fail_all()
+
+    # ---- synchronous use (tests, benchmarks) -----------------------------------------------------------
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams | None = None,
+                 seed: int | None = None) -> list[Request]:
+        """Submit all prompts and step until every one has finished (only without the background thread)."""
+        if self._thread is not None:
+            raise RuntimeError("generate() drives the loop itself; do not call it after start()")
+        reqs = [self.submit(Request(list(p), max_new_tokens, params or SamplingParams(),
+                                    None if seed is None else seed + i)) for i, p in enumerate(prompts)]
+        while any(r.finish_reason is None for r in reqs):
+            self.step()
+        return reqs

@@ -1,0 +1,186 @@
+"""Continuous batching: per-row cache writes against the shared-offset path, greedy and seeded outputs against
+`Engine.generate` on each prompt alone (with requests joining mid-flight, rows finishing and being compacted,
+cancellation), and the background thread."""
+import threading
+
+import pytest
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine, SamplingParams
+from nanoseek.engine.batcher import Batcher, Request
+from nanoseek.model import Transformer
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3] * 12, [40], [7, 1, 9, 30, 31], [20] * 20]
+
+
+def make_model(seed=0, vocab=64) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=3, n_dense_layers=1,
+                      n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                      qk_rope_head_dim=8, v_head_dim=8, max_seq_len=96, original_seq_len=96)
+    m = Transformer(cfg)
+    for p in m.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0, 0.15)
+    return m.eval()
+
+
+def alone(model, prompt, n, eos_id=-1, **kw):
+    return Engine(model, eos_id=eos_id).generate([prompt], max_new_tokens=n, **kw)[0].tokens
+
+
+def drain(b: Batcher) -> None:
+    while b.rows or b.pending:
+        b.step()
+
+
+def test_per_row_write_matches_shared_offset_write():
+    model = make_model()
+    ids = torch.tensor([[3], [9]])
+    with torch.no_grad():
+        c1 = torch.randn(model.cfg.n_layers, 2, 10, model.cfg.kv_cache_numbers_per_token_layer)
+        c2 = c1.clone()
+        pos = torch.tensor([4, 4])
+        h1 = model.hidden(ids, pos[:, None], None, c1, 4, absorb=True)
+        h2 = model.hidden(ids, pos[:, None], None, c2, 4, absorb=True, write_pos=pos)
+    assert torch.equal(h1, h2) and torch.equal(c1, c2)
+
+
+def test_per_row_write_lands_at_each_rows_own_position():
+    model = make_model()
+    cache = torch.zeros(model.cfg.n_layers, 2, 10, model.cfg.kv_cache_numbers_per_token_layer)
+    pos = torch.tensor([2, 6])
+    with torch.no_grad():
+        model.hidden(torch.tensor([[3], [9]]), pos[:, None], None, cache, 6, absorb=True, write_pos=pos)
+    written = cache.abs().sum(dim=(0, 3)) > 0  # (rows, slots)
+    assert written.nonzero().tolist() == [[0, 2], [1, 6]]
+
+
+def test_greedy_equals_engine_alone_with_queueing_and_compaction():
+    model = make_model(seed=1)
+    b = Batcher(model, eos_id=-1, max_slots=3)  # fewer slots than prompts: some wait, rows get reused
+    lengths = [12, 3, 9, 1, 7, 15]
+    reqs = [b.submit(Request(p, n)) for p, n in zip(PROMPTS, lengths)]
+    drain(b)
+    for p, n, r in zip(PROMPTS, lengths, reqs):
+        assert r.tokens == alone(model, p, n)
+        assert r.finish_reason == "length"
+    assert b.stats.max_batch == 3
+
+
+def test_requests_joining_mid_flight_match_engine():
+    model = make_model(seed=2)
+    b = Batcher(model, eos_id=-1, max_slots=8)
+    first = b.submit(Request(PROMPTS[0], 20))
+    for _ in range(5):
+        b.step()
+    late = [b.submit(Request(p, 10)) for p in PROMPTS[1:4]]
+    b.step()
+    later = b.submit(Request(PROMPTS[5], 6))
+    drain(b)
+    assert first.tokens == alone(model, PROMPTS[0], 20)
+    for p, r in zip(PROMPTS[1:4], late):
+        assert r.tokens == alone(model, p, 10)
+    assert later.tokens == alone(model, PROMPTS[5], 6)
+
+
+def test_eos_ends_a_row_and_the_others_continue():
+    model = make_model(seed=3)
+    free = alone(model, PROMPTS[0], 10)
+    eos = free[2]
+    b = Batcher(model, eos_id=eos, max_slots=4)
+    reqs = b.generate(PROMPTS[:3], 10)
+    for p, r in zip(PROMPTS[:3], reqs):
+        expect = alone(model, p, 10, eos_id=eos)
+        assert r.tokens == expect
+        assert r.finish_reason == ("stop" if expect[-1] == eos else "length")
+    assert reqs[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_equals_engine_and_ignores_neighbours():
+    model = make_model(seed=4)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    b = Batcher(model, eos_id=-1, max_slots=8)
+    reqs = b.generate(PROMPTS, 8, params, seed=100)
+    for i, (p, r) in enumerate(zip(PROMPTS, reqs)):
+        assert r.tokens == alone(model, p, 8, temperature=1.0, top_p=0.9, seed=100 + i)
+    again = Batcher(model, eos_id=-1, max_slots=8).generate(PROMPTS[2:3], 8, params, seed=102)[0]
+    assert again.tokens == reqs[2].tokens
+
+
+def test_cancel_frees_the_row_and_others_are_unaffected():
+    model = make_model(seed=5)
+    b = Batcher(model, eos_id=-1, max_slots=2)
+    a, c = b.submit(Request(PROMPTS[0], 30)), b.submit(Request(PROMPTS[1], 12))
+    waiting = b.submit(Request(PROMPTS[2], 5))
+    b.step()
+    b.step()
+    assert b.n_active == 2 and b.n_pending == 1
+    b.cancel(a)
+    b.step()  # a's row goes to the waiting request at once
+    assert a.finish_reason == "cancelled" and a.done.is_set() and len(a.tokens) == 3  # prefill + 2 decodes
+    assert b.rows[0] is c or b.rows[1] is c
+    drain(b)
+    assert c.tokens == alone(model, PROMPTS[1], 12)
+    assert waiting.tokens == alone(model, PROMPTS[2], 5)
+    assert b.n_active == 0
+
+
+def test_background_thread_serves_concurrent_submitters():
+    model = make_model(seed=6)
+    b = Batcher(model, eos_id=-1, max_slots=4).start()
+    try:
+        got: dict[int, list[int]] = {}
+        finishes: dict[int, str] = {}
+
+        def client(i: int) -> None:
+            toks: list[int] = []
+
+            def on_token(tok, fin):
+                toks.append(tok)
+                if fin:
+                    finishes[i] = fin
+
+            r = b.submit(Request(PROMPTS[i], 6 + i, on_token=on_token))
+            assert r.done.wait(30)
+            got[i] = toks
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        b.close()
+    for i, p in enumerate(PROMPTS):
+        assert got[i] == alone(model, p, 6 + i)
+        assert finishes[i] == "length"
+
+
+def test_a_failing_consumer_only_loses_its_own_request():
+    model = make_model(seed=7)
+    b = Batcher(model, eos_id=-1, max_slots=4)
+
+    def broken(tok, fin):
+        raise RuntimeError("client went away")
+
+    bad = b.submit(Request(PROMPTS[0], 10, on_token=broken))
+    good = b.submit(Request(PROMPTS[1], 10))
+    drain(b)
+    assert bad.finish_reason == "cancelled"
+    assert good.tokens == alone(model, PROMPTS[1], 10)
+
+
+@pytest.mark.parametrize("req,msg", [
+    (Request([], 4), "empty prompt"),
+    (Request([1] * 90, 10), "exceeds the context"),
+    (Request([1], 0), "max_new_tokens"),
+    (Request([100], 4), "token ids"),
+    (Request([1], 4, SamplingParams(temperature=-1)), "temperature"),
+])
+def test_bad_requests_are_refused_at_submit(req, msg):
+    b = Batcher(make_model(), eos_id=-1, max_slots=2)
+    with pytest.raises(ValueError, match=msg):
+        b.submit(req)
+    assert b.n_pending == 0
