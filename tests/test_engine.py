@@ -198,3 +198,17 @@ def test_speculative_sampling_preserves_the_target_distribution():
     tv = 0.5 * sum(abs(counts[k] / n - v) for k, v in exact.items())
     assert 0.05 < eng.spec_stats.acceptance < 0.99
     assert tv < 0.08, f"total variation {tv:.3f}"
+
+
+def test_rows_finishing_at_different_steps_match_naive_decoding():
+    """Rows leave the decode batch (compaction) as they hit eos; survivors must be unaffected."""
+    model = make_model(vocab=16, seed=8, std=0.4)
+    prompts = [[i % 16, (3 * i) % 16, 5] for i in range(10)]
+    free = [naive_greedy(model, p, 12) for p in prompts]
+    eos = max(range(16), key=lambda t: sum(t in f for f in free))  # a token many rows produce
+    out = Engine(model, eos_id=eos).generate(prompts, max_new_tokens=12)
+    for f, o in zip(free, out):
+        expect = f[:f.index(eos) + 1] if eos in f else f
+        assert o.tokens == expect
+        assert o.finish_reason == ("stop" if eos in f else "length")
+    assert len({len(o.tokens) for o in out}) > 2  # rows really finished at different steps

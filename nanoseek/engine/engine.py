@@ -171,19 +171,27 @@ class Engine:
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         out_logps: list[list[float]] = [[] for _ in range(B)]
         reason = ["length"] * B
-        alive = [True] * B
+        rows = list(range(B))  # original index of each row still in the decode batch
+        done = [False] * B  # finished rows may linger in the batch until the next compaction
         for step in range(max_new):
             tok, logp = sample(logits, params, gen)
             tl, ll = tok.tolist(), logp.tolist()
-            for i in range(B):
-                if not alive[i]:
+            keep = []
+            for j, i in enumerate(rows):
+                if done[i]:
                     continue
-                out_tokens[i].append(tl[i])
-                out_logps[i].append(ll[i])
-                if tl[i] == self.eos_id or self._hit_stop(out_tokens[i], stop):
-                    alive[i], reason[i] = False, "stop"
-            if not any(alive) or step == max_new - 1:
+                out_tokens[i].append(tl[j])
+                out_logps[i].append(ll[j])
+                if tl[j] == self.eos_id or self._hit_stop(out_tokens[i], stop):
+                    reason[i], done[i] = "stop", True
+                else:
+                    keep.append(j)
+            if not keep or step == max_new - 1:
                 break
+            if len(keep) < len(rows) and len(keep) <= 0.75 * len(rows):  # compact: finished rows stop costing decode work
+                sel = torch.tensor(keep, device=device)
+                cache, key_valid, positions, tok = cache[:, sel], key_valid[sel], positions[sel], tok[sel]
+                rows = [rows[j] for j in keep]
             s = P + step
             h = model.hidden(tok[:, None], positions[:, s:s + 1], key_valid[:, None, None, :s + 1], cache, s, absorb=True)
             logits = model.logits(h[:, -1])
