@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("nanoseek.commands.eval", "held-out pass@1 and greedy accuracy of a run on a task"),
     "generate": ("nanoseek.commands.generate", "complete prompts with the engine (batched, latent cache, MTP speculative)"),
     "chat": ("nanoseek.commands.chat", "interactive terminal chat that shows the model's thinking dimmed"),
+    "serve": ("nanoseek.commands.serve", "OpenAI-compatible HTTP API with continuous batching + web chat page"),
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
 }
 

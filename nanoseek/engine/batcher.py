@@ -52,6 +52,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None
     on_token: TokenCallback | None = None
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks), as vLLM's `ignore_eos`
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # set when done: stop / length / cancelled / error
     cancelled: bool = False
@@ -68,6 +69,7 @@ class BatcherStats:
     decode_tokens: int = 0
     busy_s: float = 0.0
     max_batch: int = 0
+    cancelled: int = 0
 
 
 class Batcher:
@@ -158,6 +160,7 @@ class Batcher:
                 if req.cancelled:
                     self.pending.popleft()
                     self._finish(req, "cancelled")
+                    self.stats.cancelled += 1
                     continue
                 longest_if = max(longest, len(req.prompt))
                 if new and longest_if * (len(new) + 1) > self.prefill_tokens:
@@ -208,7 +211,7 @@ class Batcher:
                 continue
             tok = greedy[i] if r.params.greedy else int(sample(logits[i:i + 1], r.params, r.generator)[0])
             r.tokens.append(tok)
-            reason = "stop" if tok == self.eos_id else "length" if len(r.tokens) >= r.max_new_tokens else None
+            reason = "stop" if tok == self.eos_id and not r.ignore_eos else "length" if len(r.tokens) >= r.max_new_tokens else None
             if r.on_token is not None:
                 try:
                     r.on_token(tok, reason)
@@ -231,6 +234,7 @@ class Batcher:
                 continue
             if r.finish_reason is None:
                 self._finish(r, "cancelled")
+                self.stats.cancelled += 1
             last = len(self.rows) - 1
             if i != last:
                 moved = self.rows[last]

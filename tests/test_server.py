@@ -1,0 +1,449 @@
+"""`nanoseek serve` end to end: the official openai client against a live server (a subprocess on a random
+localhost port, with an API key) over a tiny model trained here for a few seconds to write
+<think>..</think><answer>..</answer>; the error shapes; disconnects and slow clients; 32 concurrent streaming
+clients against the same requests run one after another; the chat page in headless Chromium. Unit tests of
+the text side (template, thinking split, stop strings) come first."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.corpus import corpus_texts
+from nanoseek.engine import Engine
+from nanoseek.engine.protocol import ChoiceStream, Message, chat_prompt_ids
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.checkpoint import save_checkpoint
+
+openai = pytest.importorskip("openai")
+
+KEY = "sk-test-nanoseek"
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = Path(os.environ.get("NANOSEEK_TEST_OUTPUT", REPO / "tmp" / "test-output"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------
+def train_tiny_run(run: Path, steps: int = 150) -> None:
+    """A run directory whose model has seen the reasoning format (a few seconds of next-token training)."""
+    texts = corpus_texts("arithmetic", 300, seed=0)
+    tok = Tokenizer.train(texts, vocab_size=300)
+    tok.save(run / "tokenizer.json")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=48, inter_dim=96, moe_inter_dim=48, n_layers=2,
+                      n_dense_layers=1, n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=128, original_seq_len=128)
+    model = Transformer(cfg)
+    docs = [tok.encode(t) for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    T, B = 64, 16
+    for _ in range(steps):
+        ids = torch.full((B, T), tok.pad_id)
+        tgt = torch.full((B, T), -1)
+        for i, j in enumerate(torch.randint(len(docs), (B,), generator=g).tolist()):
+            d = docs[j][:T + 1]
+            ids[i, :len(d) - 1] = torch.tensor(d[:-1])
+            tgt[i, :len(d) - 1] = torch.tensor(d[1:])
+        _, parts = model(ids, tgt)
+        opt.zero_grad()
+        parts.main.backward()
+        opt.step()
+    (run / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
+    save_checkpoint(run / "checkpoints", 1, model.eval(), None, {})
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("tiny")
+    train_tiny_run(run)
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--run", str(run_dir), "--port",
+                             str(port), "--api-key", KEY, "--model-name", "tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/health", headers=auth(), timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("server did not start:\n" + (proc.stdout.read() if proc.stdout else ""))
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tok(run_dir) -> Tokenizer:
+    return Tokenizer.load(run_dir / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir, tok) -> Engine:
+    from nanoseek.train.checkpoint import load_run_model
+    return Engine(load_run_model(run_dir)[0], tokenizer=tok)
+
+
+def auth() -> dict:
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def health(url: str) -> dict:
+    return httpx.get(f"{url}/health", headers=auth(), timeout=5).json()
+
+
+# ---- the text side ----------------------------------------------------------------------------------------
+def test_chat_template_extends_prompt_ids(tok):
+    one = chat_prompt_ids(tok, [Message(role="user", content="Compute 1 + 2.")])
+    assert one == tok.prompt_ids("Compute 1 + 2.")
+    multi = chat_prompt_ids(tok, [Message(role="system", content="Be brief."), Message(role="user", content="hi"),
+                                  Message(role="assistant", content="3"), Message(role="user", content="x")])
+    assert tok.decode(multi) == "<|bos|><|system|>Be brief.<|user|>hi<|assistant|>3<|user|>x<|assistant|>"
+
+
+def feed_all(stream: ChoiceStream, text: str, tok: Tokenizer, finish: str = "stop") -> dict[str, str]:
+    ids = tok.encode(text)
+    got: dict[str, str] = {}
+    for k, t in enumerate(ids):
+        for name, d in stream.feed(t, finish if k == len(ids) - 1 else None).items():
+            got[name] = got.get(name, "") + d
+    return got
+
+
+def test_thinking_goes_to_reasoning_content_and_answer_to_content(tok):
+    s = ChoiceStream(tok, chat=True)
+    got = feed_all(s, "<think>2*3=6. 6+1=7.</think><answer>7</answer><|eos|>", tok)
+    assert got == {"reasoning_content": "2*3=6. 6+1=7.", "content": "7"}
+    assert s.text("reasoning_content") == "2*3=6. 6+1=7." and s.text("content") == "7"
+    assert s.n_tokens == len(tok.encode("<think>2*3=6. 6+1=7.</think><answer>7</answer><|eos|>"))
+    raw = ChoiceStream(tok, chat=False)
+    assert feed_all(raw, "<think>a</think><answer>7</answer><|eos|>", tok) == \
+        {"text": "<think>a</think><answer>7</answer>"}
+
+
+def test_stop_string_cuts_text_and_nothing_past_it_is_sent(tok):
+    s = ChoiceStream(tok, chat=False, stop=["=6"])
+    text = "2*3=6. 6+1=7."
+    ids = tok.encode(text)
+    sent = ""
+    for t in ids:
+        sent += s.feed(t).get("text", "")
+        assert "=" not in sent[len("2*3"):] or sent == "2*3"  # "=" is held back until it cannot start "=6"
+        if s.finish_reason:
+            break
+    assert s.finish_reason == "stop" and sent == "2*3" and s.text("text") == "2*3"
+
+
+def test_unfinished_utf8_is_held_back(tok):
+    s = ChoiceStream(tok, chat=False)
+    ids = tok.encode("é!")  # byte-level: 'é' is two bytes, maybe two tokens
+    parts = [s.feed(t, "length" if k == len(ids) - 1 else None).get("text", "") for k, t in enumerate(ids)]
+    assert "".join(parts) == "é!" and all("\ufffd" not in p for p in parts)
+
+
+# ---- API through the official client ------------------------------------------------------------------
+def test_models_and_health(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    h = health(server)
+    assert h["status"] == "ok" and h["max_slots"] == 32 and h["context"] == 128
+
+
+def test_chat_non_streaming_matches_engine_and_splits_thinking(client, engine, tok):
+    q = "Compute 12 + 7."
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}], temperature=0,
+                                       max_tokens=40)
+    ref = engine.generate([tok.prompt_ids(q)], max_new_tokens=40)[0]
+    s = ChoiceStream(tok, chat=True)
+    for k, t in enumerate(ref.tokens):
+        s.feed(t, ref.finish_reason if k == len(ref.tokens) - 1 else None)
+    msg = r.choices[0].message
+    assert msg.role == "assistant"
+    assert msg.content == (s.text("content") or "")
+    assert msg.reasoning_content == s.text("reasoning_content")
+    assert msg.reasoning_content  # the trained model opens with <think>
+    assert r.choices[0].finish_reason == ref.finish_reason
+    assert r.usage.prompt_tokens == len(tok.prompt_ids(q))
+    assert r.usage.completion_tokens == len(ref.tokens)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    kw = {"model": "tiny", "messages": [{"role": "user", "content": "Compute 3 * 4 - 5."}], "temperature": 0,
+          "max_tokens": 48}
+    full = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+    assert content == full.choices[0].message.content
+    assert reasoning == full.choices[0].message.reasoning_content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert sum(1 for c in chunks if c.choices) > 3  # it really streamed
+
+
+def test_completions_raw_text_and_streaming(client, engine, tok):
+    prompt = "<|bos|><|user|>Compute 8 - 3.<|assistant|>"
+    r = client.completions.create(model="tiny", prompt=prompt, temperature=0, max_tokens=30)
+    ref = engine.generate([tok.encode(prompt)], max_new_tokens=30)[0]
+    assert r.choices[0].text == ref.text
+    assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == len(ref.tokens)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=prompt, temperature=0, max_tokens=30, stream=True) if c.choices)
+    assert streamed == r.choices[0].text
+
+
+def test_sampling_n_seed_stop_and_max_tokens(client):
+    msgs = [{"role": "user", "content": "Compute 9 + 9."}]
+    a = client.chat.completions.create(model="tiny", messages=msgs, temperature=1.0, top_p=0.9, seed=7, n=3,
+                                       max_tokens=20)
+    b = client.chat.completions.create(model="tiny", messages=msgs, temperature=1.0, top_p=0.9, seed=7, n=3,
+                                       max_tokens=20)
+    texts = [(c.message.reasoning_content, c.message.content) for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert texts == [(c.message.reasoning_content, c.message.content) for c in b.choices]  # same seed, same
+    assert len(set(texts)) > 1  # choices use different seeds
+    short = client.completions.create(model="tiny", prompt="<|bos|><|user|>Compute 1 + 1.<|assistant|>",
+                                      temperature=0, max_tokens=3, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    free = client.completions.create(model="tiny", prompt="<|bos|><|user|>Compute 1 + 1.<|assistant|>",
+                                     temperature=0, max_tokens=30).choices[0].text
+    stop = free[8:10]
+    cut = client.completions.create(model="tiny", prompt="<|bos|><|user|>Compute 1 + 1.<|assistant|>",
+                                    temperature=0, max_tokens=30, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == free[:free.find(stop)]
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+def raw_post(url: str, body, headers=None, path="/v1/chat/completions") -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(url + path, content=content, timeout=30,
+                      headers={"Content-Type": "application/json", **(auth() if headers is None else headers)})
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    (b"{not json", 400, None, None),
+    ({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
+    ({"model": "tiny"}, 400, "messages", None),
+    ({"messages": []}, 400, "messages", None),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", None),
+    ({"messages": [{"role": "user", "content": "1 + " * 200}]}, 400, "messages", "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 500}, 400, "max_tokens",
+     "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ([1, 2, 3], 400, None, None),
+])
+def test_bad_input_gets_openai_error_shape(server, body, status, param, code):
+    r = raw_post(server, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    assert err["param"] == param and err["code"] == code
+
+
+def test_oversized_body_auth_and_routes(server):
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    assert raw_post(server, big).status_code == 413
+    r = raw_post(server, {"messages": [{"role": "user", "content": "hi"}]}, headers={})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert raw_post(server, {"messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{server}/health").status_code == 401
+    assert httpx.get(f"{server}/").status_code == 200  # the page itself is static and public
+    nf = httpx.get(f"{server}/v1/nothing", headers=auth())
+    assert nf.status_code == 404 and "error" in nf.json()
+    assert httpx.get(f"{server}/v1/chat/completions", headers=auth()).status_code == 405
+    assert raw_post(server, {"prompt": ""}, path="/v1/completions").status_code == 400
+    assert health(server)["status"] == "ok"  # still serving
+
+
+def test_official_client_raises_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=3)
+    assert e.value.body["param"] == "temperature"
+    bad = openai.OpenAI(base_url=client.base_url, api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# ---- disconnects and slow clients ---------------------------------------------------------------------------
+def wait_idle(url: str, timeout: float = 10) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = health(url)
+        if h["active"] == 0 and h["pending"] == 0:
+            return h
+        time.sleep(0.05)
+    pytest.fail(f"server not idle: {health(url)}")
+
+
+def test_closed_stream_frees_its_slot(server):
+    wait_idle(server)
+    before = health(server)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Compute 5 + 5."}], "stream": True,
+            "max_tokens": 110, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=30) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            next(lines)
+    after = wait_idle(server)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["decode_tokens"] - before["decode_tokens"] < 100  # it stopped long before max_tokens
+
+
+def test_slow_reader_does_not_stall_others(server, client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Compute 6 * 7."}], "stream": True,
+            "max_tokens": 100, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60) as slow:
+        t0 = time.perf_counter()
+        quick = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Compute 1."}],
+                                               temperature=0, max_tokens=20, extra_body={"ignore_eos": True})
+        assert time.perf_counter() - t0 < 10 and quick.usage.completion_tokens == 20
+        time.sleep(0.5)  # the slow reader has read nothing yet; its tokens wait in its own queue
+        events = [json.loads(x[6:]) for x in slow.iter_lines() if x.startswith("data: {")]
+    finish = [c["choices"][0]["finish_reason"] for c in events if c["choices"][0]["finish_reason"]]
+    assert finish == ["length"]
+
+
+# ---- load: continuous batching vs one at a time --------------------------------------------------------------
+LOAD_CLIENTS = 32
+
+
+def load_requests() -> list[dict]:
+    """Mixed prompt lengths (1 to ~12 operands) and 16-24 new tokens each."""
+    reqs = []
+    for i in range(LOAD_CLIENTS):
+        ops = " + ".join(str((i * 7 + k) % 20) for k in range(1 + i % 12))
+        reqs.append({"messages": [{"role": "user", "content": f"Compute {ops}."}], "max_tokens": 16 + i % 9})
+    return reqs
+
+
+async def stream_one(aclient, req: dict) -> tuple[str, str, int]:
+    stream = await aclient.chat.completions.create(
+        model="tiny", temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True}, **req)
+    content, reasoning, n = [], [], 0
+    async for chunk in stream:
+        if chunk.usage:
+            n = chunk.usage.completion_tokens
+        for c in chunk.choices:
+            content.append(c.delta.content or "")
+            reasoning.append(getattr(c.delta, "reasoning_content", None) or "")
+    return "".join(reasoning), "".join(content), n
+
+
+async def run_load(url: str) -> dict:
+    aclient = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=120)
+    reqs = load_requests()
+    await stream_one(aclient, reqs[0])  # warm-up
+    t0 = time.perf_counter()
+    alone = [await stream_one(aclient, r) for r in reqs]
+    t_seq = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    together = await asyncio.wait_for(asyncio.gather(*(stream_one(aclient, r) for r in reqs)), timeout=120)
+    t_conc = time.perf_counter() - t0
+    await aclient.close()
+    tokens = sum(n for *_, n in together)
+    return {"alone": alone, "together": together, "tokens": tokens, "sequential_s": t_seq,
+            "concurrent_s": t_conc, "sequential_tok_s": tokens / t_seq, "concurrent_tok_s": tokens / t_conc}
+
+
+def test_32_concurrent_streams_match_solo_runs_and_beat_sequential_3x(server):
+    wait_idle(server)
+    res = asyncio.run(run_load(server))
+    assert res["tokens"] == sum(r["max_tokens"] for r in load_requests())  # every request completed in full
+    assert res["together"] == res["alone"]  # greedy outputs do not depend on the batch
+    ratio = res["concurrent_tok_s"] / res["sequential_tok_s"]
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    summary = {k: res[k] for k in ("tokens", "sequential_s", "concurrent_s", "sequential_tok_s",
+                                   "concurrent_tok_s")} | {"ratio": ratio, "clients": LOAD_CLIENTS,
+                                                            "max_batch": health(server)["max_batch"]}
+    (OUT_DIR / "serve_load.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nserve load: {LOAD_CLIENTS} clients, {res['tokens']} tokens: concurrent "
+          f"{res['concurrent_tok_s']:.0f} tok/s vs sequential {res['sequential_tok_s']:.0f} tok/s = {ratio:.1f}x")
+    assert ratio >= 3, summary
+
+
+# ---- the page in headless Chromium --------------------------------------------------------------------------
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+def test_chat_page_streams_answer_and_thinking(server):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(server + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_function("document.getElementById('model').textContent.includes('tiny')", timeout=10000)
+            page.eval_on_selector("#temperature", "e => { e.value = '0'; e.dispatchEvent(new Event('input')); }")
+            page.fill("#input", "Compute 12 + 7 * 3.")
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.user .bubble", timeout=10000)
+            page.wait_for_function(
+                "document.querySelector('.msg.assistant .stats') && "
+                "document.querySelector('.msg.assistant .stats').textContent.includes('tok/s')", timeout=30000)
+            thinking = page.locator(".msg.assistant details.thinking")
+            assert thinking.is_visible()
+            assert page.locator(".msg.assistant .thinking-text").inner_text().strip()
+            assert page.locator(".msg.assistant .answer").inner_text().strip()
+            # a second turn keeps the conversation
+            page.fill("#input", "Compute 2 + 2.")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant .stats').length == 2 && "
+                                   "document.querySelectorAll('.msg.assistant .stats')[1].textContent.includes('tok/s')",
+                                   timeout=30000)
+            assert page.locator(".msg.user").count() == 2
+            page.screenshot(path=str(OUT_DIR / "chat_page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (OUT_DIR / "chat_page.png").stat().st_size > 10_000
