@@ -22,6 +22,7 @@ Decisions, all deliberate:
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import random
 import re
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
 
 
-class Task:
+class Task(ABC):
     """A procedurally generated, program-checked task. Subclasses implement the four hooks below."""
 
     name: str = "task"
@@ -109,15 +110,17 @@ class Task:
         self.weights = weights or RewardWeights()
 
     # ---- hooks ---------------------------------------------------------------------------
+    @abstractmethod
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
-        raise NotImplementedError
+        """A fresh problem of the given difficulty (None = the task's default)."""
 
+    @abstractmethod
     def check(self, problem: Problem, answer: str) -> bool:
         """Is the extracted answer text right? Must never raise on any string."""
-        raise NotImplementedError
 
+    @abstractmethod
     def solution(self, problem: Problem, rng: random.Random, flawed: bool = False) -> str:
-        raise NotImplementedError
+        """A worked completion; with flawed=True exactly one arithmetic slip carried to the answer."""
 
     def canonical(self, problem: Problem) -> str:
         """Text identifying the problem up to presentation; decides the split."""
