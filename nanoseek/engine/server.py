@@ -5,7 +5,7 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
 
 * Every choice of every request is one `batcher.Request`; one background thread runs `Batcher.step()` (admit
   + prefill newcomers, one batched decode for all) and pushes each token into the request's asyncio queue
-  with `call_soon_threadsafe`. The queue is unbounded, so a slow reader only delays itself.
+  (one loop wake-up per burst of tokens). The queue is unbounded, so a slow reader only delays itself.
 * A client that disconnects (stream closed, or a non-streaming request abandoned) cancels its requests and
   their cache rows are free at the next step; a stop string hit also cancels right away.
 * Binds 127.0.0.1 unless told otherwise. With an API key, every /v1 and /health request needs
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -111,6 +112,50 @@ class _Job:
                 "total_tokens": self.prompt_tokens + completion}
 
 
+class _Mailbox:
+    """Carries tokens from the batcher thread into asyncio queues with one loop wake-up per burst instead of
+    one per token (a decode step emits a token for every active request at once)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+        self.lock = threading.Lock()
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, item: tuple) -> None:
+        with self.lock:
+            self.items.append((queue, item))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
+class _BearerAuth:
+    """Pure ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from the app): /v1/* and
+    /health need `Authorization: Bearer KEY`."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path.startswith("/v1") or path == "/health"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
+                               code="invalid_api_key")
+                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class Server:
     def __init__(self, model, tokenizer, cfg: ServeConfig | None = None):
         self.cfg = cfg or ServeConfig()
@@ -118,6 +163,7 @@ class Server:
         self.batcher = Batcher(model, tokenizer.eos_id, max_slots=self.cfg.max_slots)
         self.context = self.batcher.max_seq_len
         self.created = int(time.time())
+        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
         self.app = self._build_app()
 
     # ---- app ------------------------------------------------------------------------------------------
@@ -132,15 +178,8 @@ class Server:
 
         app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-        @app.middleware("http")
-        async def auth(request: HTTPRequest, call_next):
-            if self.cfg.api_key and (request.url.path.startswith("/v1") or request.url.path == "/health"):
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {self.cfg.api_key}".encode()):
-                    err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
-                                   code="invalid_api_key")
-                    return JSONResponse(err.body(), status_code=401)
-            return await call_next(request)
+        if self.cfg.api_key:
+            app.add_middleware(_BearerAuth, key=self.cfg.api_key)
 
         @app.exception_handler(APIError)
         async def api_error(_, e: APIError):
@@ -194,6 +233,12 @@ class Server:
         return app
 
     # ---- request handling -------------------------------------------------------------------------------
+    def _mailbox(self) -> _Mailbox:
+        loop = asyncio.get_running_loop()
+        if loop not in self._mailboxes:
+            self._mailboxes[loop] = _Mailbox(loop)
+        return self._mailboxes[loop]
+
     def _model_card(self) -> dict:
         return {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "nanoseek",
                 "context_length": self.context}
@@ -232,7 +277,8 @@ class Server:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return prompts
 
-    def _submit(self, req: SamplingRequest, prompts: list[list[int]], chat: bool, loop, queue) -> list[_Choice]:
+    def _submit(self, req: SamplingRequest, prompts: list[list[int]], chat: bool, mailbox: _Mailbox,
+                queue: asyncio.Queue) -> list[_Choice]:
         """Validate lengths and sampling values, then queue n choices per prompt with the batcher."""
         n = req.n or 1
         for p in prompts:
@@ -252,7 +298,7 @@ class Server:
                 i = len(choices)
 
                 def on_token(tok, fin, i=i):
-                    loop.call_soon_threadsafe(queue.put_nowait, (i, tok, fin))
+                    mailbox.post(queue, (i, tok, fin))
 
                 seed = None if req.seed is None else req.seed + j
                 r = Request(p, req.limit or self.context - len(p), params, seed, on_token, ignore_eos=req.ignore_eos)
@@ -263,7 +309,7 @@ class Server:
 
     async def _respond(self, request: HTTPRequest, req: SamplingRequest, prompts: list[list[int]], chat: bool):
         queue: asyncio.Queue = asyncio.Queue()
-        choices = self._submit(req, prompts, chat, asyncio.get_running_loop(), queue)
+        choices = self._submit(req, prompts, chat, self._mailbox(), queue)
         job = _Job(self.batcher, choices, queue, sum(len(p) for p in prompts))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if req.stream:
@@ -310,7 +356,7 @@ class Server:
 
         async def client_gone() -> None:  # a non-streaming caller that hangs up should not keep its rows
             while not await request.is_disconnected():
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.2)
 
         work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(client_gone())
         try:
