@@ -104,13 +104,12 @@ def prepare_tokenizer(run_dir: Path, data: DataConfig, seed: int, dist: Dist):
     from nanoseek.tokenizer import Tokenizer
 
     path = run_dir / "tokenizer.json"
-    if not path.exists():
-        if dist.is_main:
-            from nanoseek.corpus import corpus_texts
+    if dist.is_main and not path.exists():
+        from nanoseek.corpus import corpus_texts
 
-            texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train")
-            Tokenizer.train(texts, data.vocab_size).save(path)
-        dist.barrier()
+        texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train")
+        Tokenizer.train(texts, data.vocab_size).save(path)
+    dist.barrier()  # unconditional: other ranks must not test for the file while rank 0 may be writing it
     return Tokenizer.load(path)  # every rank, fresh or resumed, encodes with the same saved file
 
 
