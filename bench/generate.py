@@ -43,6 +43,40 @@ def time_hf(hf, prompts: list[list[int]], new: int) -> float:
     return len(prompts) * new / dt
 
 
+def bench_speculative(run: str, new: int, rounds: int, n_prompts: int = 16) -> None:
+    """Batch-1 decoding of held-out task prompts, greedy, plain vs MTP speculative (same outputs)."""
+    from nanoseek.evaluate import test_problems
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_run_model
+
+    model, cfg, _ = load_run_model(run)
+    tok = Tokenizer.load(Path(run) / "tokenizer.json")
+    task = cfg.get("rl", {}).get("task") or cfg.get("data", {}).get("task", "arithmetic")
+    prompts = [tok.prompt_ids(p.prompt) for p in test_problems(task, n_prompts, seed=7)]
+    engine = Engine(model, tok)
+    plain_t, spec_t, n_tok, same = [], [], 0, True
+    engine.generate(prompts[:1], new), engine.generate(prompts[:1], new, speculative=True)  # warm-up
+    engine.spec_stats = type(engine.spec_stats)()
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        plain = [engine.generate([p], new)[0] for p in prompts]
+        t1 = time.perf_counter()
+        spec = [engine.generate([p], new, speculative=True)[0] for p in prompts]
+        t2 = time.perf_counter()
+        plain_t.append(t1 - t0)
+        spec_t.append(t2 - t1)
+        n_tok = sum(len(o.tokens) for o in plain)
+        same &= all(a.tokens == b.tokens for a, b in zip(plain, spec))
+    mp, ms = statistics.median(plain_t), statistics.median(spec_t)
+    st = engine.spec_stats
+    print(f"{run}: {n_prompts} held-out {task} prompts, batch 1, greedy, up to {new} new tokens, "
+          f"{torch.get_num_threads()} threads")
+    print(f"plain       {n_tok / mp:8.1f} tok/s")
+    print(f"speculative {n_tok / ms:8.1f} tok/s   acceptance {st.acceptance:.1%} "
+          f"({st.accepted}/{st.drafted} drafts), identical outputs: {same}")
+    print(f"speedup {mp / ms:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,16,64")
@@ -50,7 +84,13 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--check", action="store_true", help="also check both give the same tokens")
+    ap.add_argument("--spec", metavar="RUN_DIR", help="instead: MTP speculative vs plain decoding at batch 1 "
+                                                      "on a trained run's held-out prompts")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models are overhead-bound)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.spec:
+        return bench_speculative(args.spec, args.new, args.rounds)
     warnings.filterwarnings("ignore")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

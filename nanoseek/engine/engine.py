@@ -166,7 +166,11 @@ class Engine:
         cache = self.new_cache(B, S)
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
         mask = (causal[None] & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
-        h = model.hidden(tokens, positions[:, :P], mask[:, None], cache, 0, absorb=False)
+        ragged = bool(pad.any())  # equal-length prompts need no masks or per-row positions
+        if ragged:
+            h = model.hidden(tokens, positions[:, :P], mask[:, None], cache, 0, absorb=False)
+        else:
+            h = model.hidden(tokens, None, None, cache, 0, absorb=False)
         logits = model.logits(h[:, -1])
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         out_logps: list[list[float]] = [[] for _ in range(B)]
@@ -193,7 +197,11 @@ class Engine:
                 cache, key_valid, positions, tok = cache[:, sel], key_valid[sel], positions[sel], tok[sel]
                 rows = [rows[j] for j in keep]
             s = P + step
-            h = model.hidden(tok[:, None], positions[:, s:s + 1], key_valid[:, None, None, :s + 1], cache, s, absorb=True)
+            if ragged:
+                h = model.hidden(tok[:, None], positions[:, s:s + 1], key_valid[:, None, None, :s + 1], cache, s,
+                                 absorb=True)
+            else:
+                h = model.hidden(tok[:, None], None, None, cache, s, absorb=True)
             logits = model.logits(h[:, -1])
         return [Generation(out_tokens[i], out_logps[i], reason[i]) for i in range(B)]
 
@@ -205,7 +213,9 @@ class Engine:
         mtp = self.model.mtp[0]
         T = next_tokens.size(1)
         cos, sin = self.model.rope(None, start, T)
-        mask = None if start == 0 else None
+        mask = None
+        if start > 0 and T > 1:  # causal over the already-filled part of the MTP cache
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=h_prev.device).tril(start)[None, None]
         hm = mtp(h_prev, self.model.embed(next_tokens), cos, sin, mask, cache[0], start, absorb)
         return self.model.head(mtp.norm(hm)).float()
 
@@ -227,17 +237,23 @@ class Engine:
         last_pos = n - 1  # main cache valid through this position; `out[-1]` is the token at last_pos + 1
         stats = self.spec_stats
         while len(out) < max_new and out[-1] != self.eos_id and not self._hit_stop(out, stop):
-            q = sample_probs(draft_logits, params)[0]
-            draft = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=gen))
+            if params.greedy:
+                q, draft = None, int(draft_logits.argmax())
+            else:
+                q = sample_probs(draft_logits, params)[0]
+                draft = int(torch.multinomial(q, 1, generator=gen))
             pos = last_pos + 1
             step_ids = torch.tensor([[out[-1], draft]], device=device)
             h2 = model.hidden(step_ids, cache=cache, start=pos, absorb=True)  # positions pos, pos+1
             logits2 = model.logits(h2)[0]  # [0] predicts the token at pos+1 (the draft), [1] the one after
-            p0 = sample_probs(logits2[0:1], params)[0]
             stats.drafted += 1
             stats.steps += 1
-            accept = (draft == int(p0.argmax())) if params.greedy else \
-                bool(torch.rand((), generator=gen, device=device) < (p0[draft] / q[draft]).clamp(max=1.0))
+            if params.greedy:
+                p0, target = None, int(logits2[0].argmax())
+                accept = draft == target
+            else:
+                p0 = sample_probs(logits2[0:1], params)[0]
+                accept = bool(torch.rand((), generator=gen, device=device) < (p0[draft] / q[draft]).clamp(max=1.0))
             lp_all = logits2 if params.greedy else logits2 / params.temperature
             lp_all = lp_all.log_softmax(dim=-1)
             if accept:
@@ -246,16 +262,16 @@ class Engine:
                 logps.append(float(lp_all[0, draft]))
                 if len(out) >= max_new or draft == self.eos_id or self._hit_stop(out, stop):
                     break
-                bonus, _ = sample(logits2[1:2], params, gen)
-                out.append(int(bonus))
-                logps.append(float(lp_all[1, int(bonus)]))
+                bonus = int(logits2[1].argmax()) if params.greedy else int(sample(logits2[1:2], params, gen)[0])
+                out.append(bonus)
+                logps.append(float(lp_all[1, bonus]))
                 # MTP positions pos, pos+1 take (h_pos, draft), (h_pos+1, bonus)
-                mtp_in = torch.tensor([[draft, int(bonus)]], device=device)
+                mtp_in = torch.tensor([[draft, bonus]], device=device)
                 draft_logits = self._mtp_step(h2, mtp_in, mtp_cache, pos, absorb=True)[:, -1]
                 last_pos = pos + 1
             else:
                 if params.greedy:
-                    fix = int(p0.argmax())
+                    fix = target
                 else:
                     resid = (p0 - q).clamp(min=0)
                     fix = int(torch.multinomial(resid / resid.sum(), 1, generator=gen)) if resid.sum() > 0 \

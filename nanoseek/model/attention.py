@@ -61,11 +61,13 @@ class MLA(nn.Module):
         lat = self.latent(x, cos, sin)
         if cache is not None:
             if write_pos is None:
-                cache[:B, start:start + T] = lat.to(cache.dtype)
+                cache[:B, start:start + T] = lat  # the copy casts to the cache dtype
             else:
                 rows = torch.arange(B, device=x.device)[:, None]
-                cache[rows, write_pos[:, None] + torch.arange(T, device=x.device)] = lat.to(cache.dtype)
-            lat = cache[:B, :start + T].to(x.dtype)
+                cache[rows, write_pos[:, None] + torch.arange(T, device=x.device)] = lat
+            lat = cache[:B, :start + T]
+            if lat.dtype != x.dtype:
+                lat = lat.to(x.dtype)
         kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         causal = mask is None and T > 1
         if mask is None and cache is not None and start > 0 and T > 1:  # causal over a prefix-filled cache
@@ -76,17 +78,26 @@ class MLA(nn.Module):
         if absorb:
             # One latent key/value shared by all heads: fold heads into the query rows (MQA-style bmm).
             w_uk, w_uv = w[:, :self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
-            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
-            q_full = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * self.n_heads, -1)
-            scores = torch.bmm(q_full, lat.transpose(1, 2)).float() * self.softmax_scale  # (B, T*H, S)
+            H = self.n_heads
+            q_lat = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk)  # (H, B*T, r)
+            q_full = torch.cat([q_lat.transpose(0, 1).reshape(B, T, H, -1), q_pe], dim=-1).reshape(B, T * H, -1)
+            scores = torch.bmm(q_full, lat.transpose(1, 2)) * self.softmax_scale  # (B, T*H, S)
+            if scores.dtype != torch.float32:
+                scores = scores.float()
             S = lat.size(1)
             if causal:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
             if mask is not None:
-                m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, self.n_heads, S).reshape(B, T * self.n_heads, S)
+                if T == 1:  # decode: one key mask per row, broadcast over heads
+                    m = mask.reshape(mask.size(0), 1, S)
+                else:
+                    m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
                 scores = scores.masked_fill(~m, float("-inf"))
-            o_lat = torch.bmm(scores.softmax(dim=-1).to(kv.dtype), kv).view(B, T, self.n_heads, -1)
-            o = torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
+            probs = scores.softmax(dim=-1)
+            if probs.dtype != kv.dtype:
+                probs = probs.to(kv.dtype)
+            o_lat = torch.bmm(probs, kv).view(B * T, H, -1).transpose(0, 1)  # (H, B*T, r)
+            o = torch.bmm(o_lat, w_uv.transpose(1, 2)).transpose(0, 1).reshape(B, T, H, -1)
         else:
             kv_up = self.wkv_b(kv).view(B, -1, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
             k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)

@@ -44,7 +44,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, dim) -> (weights (N, K), indices (N, K), affinities (N, E))."""
-        logits = F.linear(x.float(), self.weight.float())  # the gate stays in FP32
+        xf = x if x.dtype == torch.float32 else x.float()  # the gate stays in FP32
+        logits = F.linear(xf, self.weight if self.weight.dtype == torch.float32 else self.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.bias
         if self.n_groups > 1:
@@ -57,7 +58,8 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return (weights * self.route_scale).to(x.dtype), indices, scores
+        weights = weights * self.route_scale
+        return (weights if weights.dtype == x.dtype else weights.to(x.dtype)), indices, scores
 
 
 class MoE(nn.Module):
@@ -90,24 +92,25 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
         if self.stacked is not None and not torch.is_grad_enabled():
-            y = self.routed_stacked(flat, weights, indices)
+            y = self.routed_stacked(flat, weights, indices, counts)
         else:
-            y = self.routed(flat, weights, indices)
+            y = self.routed(flat, weights, indices, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        load = torch.bincount(indices.flatten(), minlength=self.n_experts).to(self.last_load.dtype)
-        self.last_load.copy_(load)
+        self.last_load.copy_(counts)
+        load = self.last_load
         if self.training:
             self.load_accum += load
             self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
         return y.view(B, T, D)
 
-    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Sum_k w_k * expert_{i_k}(x), with tokens gathered per expert."""
         flat_idx = indices.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        counts = counts.tolist()
         token_of = order // self.topk
         xs = x[token_of]
         outs = []
@@ -120,13 +123,20 @@ class MoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of, out)
 
 
-    def routed_stacked(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """Same sum as `routed`, computed as padded batched matmuls over all experts at once."""
+    def routed_stacked(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                       counts: torch.Tensor) -> torch.Tensor:
+        """Same sum as `routed`, computed as batched matmuls over all experts at once: for a handful of
+        tokens (decode) each (token, expert) pair gathers its expert's weights; otherwise tokens are
+        padded per expert into one (E, max_count, dim) batch."""
         w13, w2 = self.stacked
         flat_idx = indices.flatten()
+        if flat_idx.numel() <= 16:
+            xs = x.repeat_interleave(self.topk, dim=0).unsqueeze(1)  # (N*K, 1, dim)
+            gate, up = torch.bmm(xs, w13[flat_idx]).chunk(2, dim=-1)
+            out = torch.bmm(F.silu(gate) * up, w2[flat_idx]).view(x.size(0), self.topk, -1)
+            return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
         order = flat_idx.argsort(stable=True)
         expert_of = flat_idx[order]
-        counts = torch.bincount(flat_idx, minlength=self.n_experts)
         starts = counts.cumsum(0) - counts
         rank = torch.arange(flat_idx.numel(), device=x.device) - starts[expert_of]
         token_of = order // self.topk

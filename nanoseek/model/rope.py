@@ -60,9 +60,11 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Te
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim. x: (B, T, H, d) or (B, T, d); cos/sin: (B or 1, T, d/2)."""
     dtype = x.dtype
-    x = x.float().unflatten(-1, (-1, 2))
+    if dtype != torch.float32:
+        x = x.float()
+    x = x.unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
     if x0.dim() == 4:  # heads dimension
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    return out.to(dtype)
+    return out if dtype == torch.float32 else out.to(dtype)

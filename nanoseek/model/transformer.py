@@ -98,12 +98,15 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope(positions, start, T)
         x = self.embed(ids)
+        if mask is None and cache is not None and start > 0 and T > 1:  # causal over a prefix-filled cache
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(start)[None, None]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], start, absorb, write_pos)
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(h)).float()
+        out = self.head(self.norm(h))
+        return out if out.dtype == torch.float32 else out.float()
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
