@@ -22,10 +22,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
 
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write, atomic_write_text
 from nanoseek.train.metrics import read_metrics
+
+
+def _plain_log_axis(ax) -> None:
+    """Log-scale y with plain tick labels (1.2, not 1.2e0): losses span a few x, not decades."""
+    ax.set_yscale("log")
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
 def _save(fig, path: Path) -> None:
@@ -56,7 +66,7 @@ def plot_losses(rows: list[dict], path: Path) -> None:
         ax.plot(xs, ys, "o-", label="held-out CE", color="black", ms=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_yscale("log")
+    _plain_log_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     xs, ys = _series(rows, "balance")
@@ -67,13 +77,24 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_expert_load(rows: list[dict], path: Path) -> None:
+def moe_layer_names(model_cfg: dict | None, n: int) -> list[str]:
+    """Names of the rows of the load metrics: Transformer.moe_layers() order is the main MoE layers, then the MTP
+    modules' blocks."""
+    if model_cfg and model_cfg.get("n_routed_experts", 0) > 0:
+        first, n_layers = model_cfg["n_dense_layers"], model_cfg["n_layers"]
+        names = [f"layer {i}" for i in range(first, n_layers)] + [f"MTP {k + 1}" for k in range(model_cfg["n_mtp"])]
+        if len(names) == n:
+            return names
+    return [f"MoE {i}" for i in range(n)]
+
+
+def plot_expert_load(rows: list[dict], path: Path, model_cfg: dict | None = None) -> None:
     with_load = [r for r in rows if r.get("load_max_mean")]
-    n_layers = len(with_load[-1]["load_max_mean"])
+    names = moe_layer_names(model_cfg, len(with_load[-1]["load_max_mean"]))
     fig, (ax, axh) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in with_load]
-    for i in range(n_layers):
-        ax.plot(steps, _ema([r["load_max_mean"][i] for r in with_load]), label=f"MoE layer {i}", lw=1)
+    for i, name in enumerate(names):
+        ax.plot(steps, _ema([r["load_max_mean"][i] for r in with_load]), label=name, lw=1)
     ax.axhline(1.0, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("max / mean expert load (EMA)")
@@ -82,7 +103,8 @@ def plot_expert_load(rows: list[dict], path: Path) -> None:
     share = with_load[-1]["expert_load"]
     im = axh.imshow(share, aspect="auto", cmap="viridis")
     axh.set_xlabel("expert")
-    axh.set_ylabel("MoE layer")
+    axh.set_xticks(range(len(share[0])))
+    axh.set_yticks(range(len(names)), names)
     axh.set_title(f"share of routed tokens at step {with_load[-1]['step']}", fontsize=9)
     fig.colorbar(im, ax=axh)
     _save(fig, path)
@@ -99,7 +121,7 @@ def write_report(run_dir: str | Path) -> Path:
     plot_losses(rows, plots / "loss.png")
     has_moe = any(r.get("load_max_mean") for r in rows)
     if has_moe:
-        plot_expert_load(rows, plots / "expert_load.png")
+        plot_expert_load(rows, plots / "expert_load.png", cfg.get("model"))
 
     last = rows[-1]
     evals = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
@@ -125,7 +147,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(f"| held-out CE (best, step {best[0]}) | {best[1]:.4f} |")
     if has_moe:
         lm = [r for r in rows if r.get("load_max_mean")][-1]["load_max_mean"]
-        lines.append(f"| expert load max/mean per MoE layer (last step) | {', '.join(f'{v:.2f}' for v in lm)} |")
+        names = moe_layer_names(cfg.get("model"), len(lm))
+        lines.append("| expert load max/mean (last step) | "
+                     f"{', '.join(f'{n}: {v:.2f}' for n, v in zip(names, lm, strict=True))} |")
     lines += ["", "![losses](plots/loss.png)", ""]
     if has_moe:
         lines += ["![expert load](plots/expert_load.png)", ""]
@@ -135,9 +159,10 @@ def write_report(run_dir: str | Path) -> Path:
 
 
 def compare_runs(run_dirs: list[str | Path], labels: list[str], out: str | Path) -> Path:
-    """Train CE (EMA) and held-out CE against wall-clock seconds for several runs, in one figure."""
-    fig, (ax, axe) = plt.subplots(1, 2, figsize=(11, 4))
-    for run_dir, label in zip(run_dirs, labels):
+    """Train CE (EMA) and held-out CE against wall-clock minutes, and held-out CE against tokens seen, for several
+    runs in one figure (same time budget and same data stream: which model learns more per second and per token)."""
+    fig, (ax, axe, axt) = plt.subplots(1, 3, figsize=(15, 4))
+    for run_dir, label in zip(run_dirs, labels, strict=True):
         rows = read_metrics(Path(run_dir) / "metrics.jsonl")
         if not rows:
             raise ConfigError(f"no metrics in {run_dir}")
@@ -145,12 +170,16 @@ def compare_runs(run_dirs: list[str | Path], labels: list[str], out: str | Path)
         line, = ax.plot([x / 60 for x in xs], _ema(ys, 0.95), label=label, lw=1.2)
         xs, ys = _series(rows, "eval_loss", "elapsed_s")
         axe.plot([x / 60 for x in xs], ys, "o-", label=label, color=line.get_color(), ms=4)
-    for a, title in ((ax, "train next-token CE (EMA 0.95)"), (axe, "held-out next-token CE")):
-        a.set_xlabel("wall-clock minutes")
+        xs, ys = _series(rows, "eval_loss", "tokens")
+        axt.plot([x / 1e6 for x in xs], ys, "o-", label=label, color=line.get_color(), ms=4)
+    for a, title, xlabel in ((ax, "train next-token CE (EMA 0.95)", "wall-clock minutes"),
+                             (axe, "held-out next-token CE", "wall-clock minutes"),
+                             (axt, "held-out next-token CE", "million tokens seen")):
+        a.set_xlabel(xlabel)
         a.set_title(title, fontsize=10)
-        a.set_yscale("log")
-        a.grid(alpha=0.3)
-        a.legend()
+        _plain_log_axis(a)
+        a.grid(alpha=0.3, which="both")
+        a.legend(fontsize=8)
     out = Path(out)
     _save(fig, out)
     return out
