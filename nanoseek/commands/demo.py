@@ -32,11 +32,12 @@ class DemoConfig:
     out: str = "runs/demo"
     seed: int = 0
     task: str = "arithmetic"
-    base_steps: int = 700
-    base_lr: float = 2e-3
+    difficulty: int = 1
+    base_steps: int = 1000
+    base_lr: float = 4e-3
     batch_size: int = 16
     n_docs: int = 50_000
-    rl_steps: int = 100
+    rl_steps: int = 80
     rl_lr: float = 1e-4
     group_size: int = 8
     prompts_per_step: int = 16
@@ -59,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rl-steps", type=int, default=d.rl_steps)
     p.add_argument("--eval-n", type=int, default=d.eval_n)
     p.add_argument("--eval-samples", type=int, default=d.eval_samples)
+    p.add_argument("--difficulty", type=int, default=d.difficulty, help="task difficulty (arithmetic: 1-5)")
+    p.add_argument("--base-lr", type=float, default=d.base_lr)
+    p.add_argument("--rl-lr", type=float, default=d.rl_lr)
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
 
 
@@ -108,7 +112,8 @@ def _pretrain(run: Path, cfg: DemoConfig, steps: int, init_from: Path | None = N
     train = TrainConfig(lr=lr or cfg.base_lr, steps=steps, batch_size=cfg.batch_size, seed=cfg.seed,
                         warmup_steps=min(20, max(1, steps // 10)), eval_interval=max(steps // 4, 1),
                         ckpt_interval=max(steps // 5, 1))
-    data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 50, 20))
+    data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 50, 20),
+                      difficulty=cfg.difficulty)
     pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data)
     if init_from is not None and not (run / "tokenizer.json").exists():
         run.mkdir(parents=True, exist_ok=True)
@@ -123,7 +128,7 @@ def _rl(base: Path, run: Path, cfg: DemoConfig) -> dict:
     ckpt = latest_checkpoint(run / "checkpoints")
     if ckpt is not None and int(read_state(ckpt)["step"]) >= cfg.rl_steps:
         return {"step": cfg.rl_steps}
-    rl = GRPOConfig(task=cfg.task, steps=cfg.rl_steps, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
+    rl = GRPOConfig(task=cfg.task, difficulty=cfg.difficulty, steps=cfg.rl_steps, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
                     max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr, seed=cfg.seed, ckpt_every=max(cfg.rl_steps // 5, 1))
     return train_grpo(base, run, rl, resume=ckpt is not None, device="cpu")
 
@@ -135,7 +140,7 @@ def _eval(run: Path, cfg: DemoConfig) -> dict:
 
     model, _, _ = load_run_model(run)
     res = evaluate(model, Tokenizer.load(run / "tokenizer.json"), cfg.task, cfg.eval_n, cfg.eval_samples,
-                   cfg.max_new_tokens, seed=1234).to_dict()
+                   cfg.max_new_tokens, seed=1234, difficulty=cfg.difficulty).to_dict()
     console.print(f"{run.name}: pass@1 T=0.6 {res['pass1']:.1%}  T=1.0 {res['pass1_t1']:.1%}  "
                   f"greedy {res['greedy']:.1%}  format {res['format_rate']:.1%}")
     return res
@@ -150,7 +155,7 @@ def _samples(runs: dict[str, Path], cfg: DemoConfig, k: int = 4) -> dict:
     from nanoseek.train.checkpoint import load_run_model
 
     task = get_task(cfg.task)
-    problems = test_problems(cfg.task, k, seed=99)
+    problems = test_problems(cfg.task, k, seed=99, difficulty=cfg.difficulty)
     out = {"problems": [p.prompt for p in problems]}
     for name, run in runs.items():
         model, _, _ = load_run_model(run)
@@ -245,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = DemoConfig.smoke(args.out, args.seed)
     else:
         cfg = DemoConfig(out=args.out, seed=args.seed, base_steps=args.base_steps, rl_steps=args.rl_steps,
-                         eval_n=args.eval_n, eval_samples=args.eval_samples)
+                         eval_n=args.eval_n, eval_samples=args.eval_samples, difficulty=args.difficulty,
+                         base_lr=args.base_lr, rl_lr=args.rl_lr)
     run_demo(cfg)
     return 0
