@@ -164,3 +164,19 @@ def test_bad_rl_configs_are_one_line_errors(base_run, tmp_path):
     cmd = [sys.executable, "-m", "nanoseek.cli", "rl", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_grpo_under_torchrun_two_processes(base_run, tmp_path):
+    """Each rank rolls out its share of the prompts; gradients and expert loads are averaged; rank 0 alone
+    writes metrics and checkpoints."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
+           "-m", "nanoseek.cli", "rl", "--init", str(base_run), "--out", str(out), "--steps", "2",
+           "--group-size", "4", "--prompts-per-step", "4", "--max-new-tokens", "8", "--device", "cpu"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]  # one writer: no duplicated lines
+    assert rows[-1]["groups_trained"] == 2  # this rank's share: 4 prompts over 2 ranks
+    assert (out / "checkpoints" / "step_2" / "model.safetensors").exists()
