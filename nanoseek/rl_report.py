@@ -9,21 +9,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from nanoseek.io import atomic_write
+from nanoseek.report import _ema as _smooth
+from nanoseek.report import _save
 from nanoseek.train.metrics import read_metrics
-
-
-def _save(fig, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
-
-
-def _smooth(v: list[float], beta: float = 0.8) -> list[float]:
-    out, m = [], None
-    for x in v:
-        m = x if m is None else beta * m + (1 - beta) * x
-        out.append(m)
-    return out
 
 
 def plot_rl(run_dir: str | Path, plots_dir: str | Path) -> list[Path]:
