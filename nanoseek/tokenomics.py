@@ -524,7 +524,9 @@ def cost_per_answer(model: CostModel, sc: Scenario, prompt_tokens: int, output_t
     batch = min(sc.batch, memory_plan(model, final).max_concurrent_sequences)
     if batch < 1:
         raise ConfigError(f"not one sequence of {final.context:,} tokens fits in the KV cache")
-    at = lambda ctx: evaluate(model, dataclasses.replace(sc, context=max(1, round(ctx)), batch=batch))
+    def at(ctx: float):
+        return evaluate(model, dataclasses.replace(sc, context=max(1, round(ctx)), batch=batch))
+
     input_usd = prompt_tokens * at(prompt_tokens).usd_per_mtok_input / 1e6
     width = output_tokens / segments
     output_usd = sum(width * at(prompt_tokens + (i + 0.5) * width).usd_per_mtok_output / 1e6 for i in range(segments))

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
-from nanoseek.config import ModelConfig
-from nanoseek.hf import CheckpointError, from_hf, to_hf
-from nanoseek.model import Transformer
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.hf import CheckpointError, from_hf, to_hf  # noqa: E402
+from nanoseek.model import Transformer  # noqa: E402
 
 transformers.logging.set_verbosity_error()  # the load report lists the MTP layer as "unexpected": expected
 transformers.utils.logging.disable_progress_bar()

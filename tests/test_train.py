@@ -222,7 +222,9 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     got = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
     assert len(got) == 4  # one writer: no duplicated lines
     assert_same_losses(ref, got, rel=1e-5, abs_=1e-7)
-    listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+    def listing(d):
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
     assert listing(tmp_path / "ddp") == listing(tmp_path / "one")  # rank 1 wrote nothing extra
     assert out.count("done: step 4") == 1  # only rank 0 reports
 
