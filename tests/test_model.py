@@ -141,6 +141,9 @@ def test_mla_matches_reference(cfg):
     with torch.no_grad():
         for absorb in (False, True):
             assert rel_err(attn(x, cos, sin, absorb=absorb), ref) < 1e-5
+        attn.fuse_absorbed(True)  # precomputed W_UK·W_Q and W_O·W_UV (what the engine decodes with)
+        assert attn.fused is not None
+        assert rel_err(attn(x, cos, sin, absorb=True), ref) < 1e-5
 
 
 def test_naive_and_absorbed_agree_full_forward():
@@ -151,17 +154,23 @@ def test_naive_and_absorbed_agree_full_forward():
         assert rel_err(model.hidden(ids, absorb=True), model.hidden(ids, absorb=False)) < 1e-5
 
 
-@pytest.mark.parametrize("absorb", [False, True])
-def test_cached_decode_matches_full_forward(absorb):
+@pytest.mark.parametrize("absorb,fused", [(False, False), (True, False), (True, True)])
+def test_cached_decode_matches_full_forward(absorb, fused):
     """Prefill 8 tokens, then a 5-token chunk (causal over a filled prefix), then one token at a time into a
-    preallocated latent cache: every position's hidden state equals the full no-cache forward."""
+    preallocated latent cache: every position's hidden state equals the full no-cache forward (also with the
+    engine's fused inference weights)."""
     cfg = tiny(q_lora_rank=16, rope_factor=2.0, original_seq_len=16)
     model = Transformer(cfg).eval()
+    full_model = model
+    if fused:
+        import copy
+        full_model = copy.deepcopy(model)
+        model.prepare_inference(True)
     B, T, S = 2, 24, 32
     ids = torch.randint(0, cfg.vocab_size, (B, T))
     cache = torch.zeros(cfg.n_layers, B, S, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     with torch.no_grad():
-        full = model.hidden(ids)
+        full = full_model.hidden(ids)
         steps = [(0, 8), (8, 13)] + [(t, t + 1) for t in range(13, T)]
         outs = [model.hidden(ids[:, a:b], cache=cache, start=a, absorb=absorb) for a, b in steps]
     assert rel_err(torch.cat(outs, dim=1), full) < 1e-5

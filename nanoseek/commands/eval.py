@@ -17,6 +17,8 @@ from nanoseek.train.checkpoint import load_run_model
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--task", default="arithmetic")
+    p.add_argument("--difficulty", type=int, default=None,
+                   help="task difficulty (default: the one the run was trained on, else the task's default)")
     p.add_argument("--n", type=int, default=200, help="held-out problems")
     p.add_argument("--samples", type=int, default=4, help="K samples per problem for pass@1")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -34,13 +36,29 @@ def results_table(rows: dict[str, dict]) -> Table:
     return t
 
 
+def trained_difficulty(run_dir: str | Path, task: str) -> int | None:
+    """The difficulty recorded in a run's config.json (RL or pretraining section) when it trained on `task`."""
+    path = Path(run_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    for section in ("rl", "data"):
+        sec = cfg.get(section) or {}
+        if sec.get("task") == task and sec.get("difficulty") is not None:
+            return int(sec["difficulty"])
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.samples < 1:
         raise ValueError("--n and --samples must be >= 1")
     model, _, step_dir = load_run_model(args.run)
     tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
-    res = evaluate(model, tokenizer, args.task, args.n, args.samples, args.max_new_tokens, args.seed).to_dict()
-    res["run"], res["checkpoint"] = str(args.run), str(step_dir)
+    difficulty = args.difficulty if args.difficulty is not None else trained_difficulty(args.run, args.task)
+    res = evaluate(model, tokenizer, args.task, args.n, args.samples, args.max_new_tokens, args.seed,
+                   difficulty).to_dict()
+    res["run"], res["checkpoint"], res["difficulty"] = str(args.run), str(step_dir), difficulty
     Console().print(results_table({str(args.run): res}))
     out = Path(args.out) if args.out else Path(args.run) / f"eval_{args.task}.json"
     atomic_write_text(out, json.dumps(res, indent=2) + "\n")

@@ -88,8 +88,7 @@ class Batcher:
         self.cache = torch.zeros(self.cfg.n_layers, max_slots, self.max_seq_len,
                                  self.cfg.kv_cache_numbers_per_token_layer, dtype=cache_dtype or p.dtype,
                                  device=self.device)
-        for m in model.moe_layers():
-            m.stack_experts(True)  # weights are frozen while serving: fuse the experts once
+        model.prepare_inference(True)  # weights are frozen while serving: fuse them once
         self.rows: list[Request] = []  # row i of the cache belongs to rows[i]; touched by the loop thread only
         self.pending: deque[Request] = deque()
         self.stats = BatcherStats()

@@ -116,9 +116,7 @@ class Engine:
             gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
         was_training = self.model.training
         self.model.eval()
-        moe = self.model.moe_layers()
-        for m in moe:
-            m.stack_experts(True)
+        self.model.prepare_inference(True)
         try:
             if speculative:
                 if self.cfg.n_mtp < 1:
@@ -127,8 +125,7 @@ class Engine:
             else:
                 outs = self._generate_batch(ids, max_new_tokens, params, gen, stop)
         finally:
-            for m in moe:
-                m.stack_experts(False)
+            self.model.prepare_inference(False)
             self.model.train(was_training)
         for o, p in zip(outs, ids):
             o.prompt_tokens = len(p)

@@ -39,6 +39,32 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.norm_eps)
         self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), cfg.fp8)
         self.wo = Linear(self.n_heads * self.v_head_dim, cfg.dim, cfg.fp8)
+        self.fp8 = cfg.fp8
+        self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only absorbed weights
+
+    @torch.no_grad()
+    def fuse_absorbed(self, enable: bool = True) -> None:
+        """Precompute the absorbed projections for decode (DeepSeek-V2 sec. 2.1.2: W_UK folds into W_Q, W_UV
+        into W_O), with the softmax scale folded into the query:
+            q_h = scale * [W_UK_h^T W_Q_nope_h ; W_Q_rope_h] x      (r + d_rope rows per head)
+            out = sum_h (W_O_h W_UV_h) o_lat_h                     (one (dim, H*r) matrix)
+        so a decode step is two plain linears around the latent attention instead of four matmuls and
+        three layout copies. Valid while the weights do not change: the engine enables it for the duration
+        of a generate call. Skipped under simulated FP8, whose quantization is defined per original weight."""
+        if not enable or self.fp8:
+            self.fused = None
+            return
+        H, nope, rope, r = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        wq = (self.wq if self.q_lora_rank == 0 else self.wq_b).weight.float()
+        wq = wq.view(H, nope + rope, -1)
+        w = self.wkv_b.weight.float().view(H, nope + self.v_head_dim, r)
+        w_uk, w_uv = w[:, :nope], w[:, nope:]
+        q_lat = torch.bmm(w_uk.transpose(1, 2), wq[:, :nope])  # (H, r, in)
+        wq_fused = torch.cat([q_lat, wq[:, nope:]], dim=1).reshape(H * (r + rope), -1) * self.softmax_scale
+        wo = self.wo.weight.float().view(-1, H, self.v_head_dim).transpose(0, 1)  # (H, dim, v)
+        w_ov = torch.bmm(wo, w_uv).transpose(0, 1).reshape(wo.size(1), H * r)  # (dim, H*r)
+        dtype = self.wkv_b.weight.dtype
+        self.fused = (wq_fused.to(dtype).contiguous(), w_ov.to(dtype).contiguous())
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """[c_KV ; k_rope] for x: (B, T, kv_lora_rank + qk_rope_head_dim), what the cache stores."""
@@ -55,6 +81,8 @@ class MLA(nn.Module):
         the shared `start` (continuous batching, where rows have different lengths); attention still spans
         cache[:, :start + T], so pass start >= max(write_pos) and a mask hiding each row's unused keys."""
         B, T, _ = x.shape
+        if absorb and self.fused is not None and not torch.is_grad_enabled():
+            return self._decode_fused(x, cos, sin, mask, cache, start, write_pos)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
@@ -110,3 +138,39 @@ class MLA(nn.Module):
                                                attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
             o = o.transpose(1, 2)[..., :self.v_head_dim]
         return self.wo(o.reshape(B, T, -1))
+
+    def _decode_fused(self, x, cos, sin, mask, cache, start, write_pos) -> torch.Tensor:
+        """The absorbed path with the precomputed weights of `fuse_absorbed` (same result, fewer kernels)."""
+        B, T, _ = x.shape
+        H, r = self.n_heads, self.kv_lora_rank
+        wq_fused, w_ov = self.fused
+        q_in = x if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))
+        q = F.linear(q_in, wq_fused).view(B, T, H, r + self.qk_rope_head_dim)
+        q[..., r:] = apply_rope(q[..., r:], cos, sin)
+        lat = self.latent(x, cos, sin)
+        if cache is not None:
+            if write_pos is None:
+                cache[:B, start:start + T] = lat
+            else:
+                rows = torch.arange(B, device=x.device)[:, None]
+                cache[rows, write_pos[:, None] + torch.arange(T, device=x.device)] = lat
+            lat = cache[:B, :start + T]
+            if lat.dtype != x.dtype:
+                lat = lat.to(x.dtype)
+        S = lat.size(1)
+        scores = torch.bmm(q.view(B, T * H, -1), lat.transpose(1, 2))  # (B, T*H, S), already scaled
+        if scores.dtype != torch.float32:
+            scores = scores.float()
+        if mask is None and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+        if mask is not None:
+            if T == 1:
+                m = mask.reshape(mask.size(0), 1, S)
+            else:
+                m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
+            scores = scores.masked_fill(~m, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if probs.dtype != lat.dtype:
+            probs = probs.to(lat.dtype)
+        o_lat = torch.bmm(probs, lat[..., :r])  # (B, T*H, r)
+        return F.linear(o_lat.view(B, T, H * r), w_ov)

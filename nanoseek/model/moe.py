@@ -25,8 +25,17 @@ class SwiGLU(nn.Module):
         self.w1 = Linear(dim, inter_dim, fp8)
         self.w2 = Linear(inter_dim, dim, fp8)
         self.w3 = Linear(dim, inter_dim, fp8)
+        self.fp8 = fp8
+        self.w13: torch.Tensor | None = None  # inference-only [w1; w3], one matmul instead of two
+
+    @torch.no_grad()
+    def fuse(self, enable: bool = True) -> None:
+        self.w13 = torch.cat([self.w1.weight, self.w3.weight]) if enable and not self.fp8 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -58,7 +67,8 @@ class Gate(nn.Module):
         weights = scores.gather(1, indices)
         if self.score_func == "sigmoid":
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights * self.route_scale
+        if self.route_scale != 1.0:
+            weights = weights * self.route_scale
         return (weights if weights.dtype == x.dtype else weights.to(x.dtype)), indices, scores
 
 
@@ -81,6 +91,8 @@ class MoE(nn.Module):
         """Fuse the routed experts into two stacked tensors for the inference path (one padded bmm per
         projection instead of three matmuls per expert). The engine enables this for the duration of a
         generate call, while the weights cannot change, and disables it after."""
+        if self.shared_experts is not None:
+            self.shared_experts.fuse(enable)
         if not enable:
             self.stacked = None
             return
@@ -92,6 +104,11 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
+        if self.stacked is not None and not torch.is_grad_enabled() and indices.numel() <= 16:
+            y = self.routed_gathered(flat, weights, indices)  # decode: no load bookkeeping
+            if self.shared_experts is not None:
+                y = y + self.shared_experts(flat)
+            return y.view(B, T, D)
         counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
         if self.stacked is not None and not torch.is_grad_enabled():
             y = self.routed_stacked(flat, weights, indices, counts)
@@ -130,22 +147,29 @@ class MoE(nn.Module):
         padded per expert into one (E, max_count, dim) batch."""
         w13, w2 = self.stacked
         flat_idx = indices.flatten()
-        if flat_idx.numel() <= 16:
-            xs = x.repeat_interleave(self.topk, dim=0).unsqueeze(1)  # (N*K, 1, dim)
-            gate, up = torch.bmm(xs, w13[flat_idx]).chunk(2, dim=-1)
-            out = torch.bmm(F.silu(gate) * up, w2[flat_idx]).view(x.size(0), self.topk, -1)
-            return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
         order = flat_idx.argsort(stable=True)
         expert_of = flat_idx[order]
         starts = counts.cumsum(0) - counts
         rank = torch.arange(flat_idx.numel(), device=x.device) - starts[expert_of]
         token_of = order // self.topk
         buf = x.new_zeros(self.n_experts, int(counts.max()), x.size(1))
-        buf[expert_of, rank] = x[token_of]
+        buf[expert_of, rank] = x.index_select(0, token_of)
         gate, up = torch.bmm(buf, w13).chunk(2, dim=-1)
         out = torch.bmm(F.silu(gate) * up, w2)[expert_of, rank]
         out = out * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+    def routed_gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """For a handful of tokens (decode): each (token, expert) pair gathers its expert's stacked weights
+        and all pairs run as one bmm per projection."""
+        w13, w2 = self.stacked
+        flat_idx = indices.flatten()
+        xs = x.repeat_interleave(self.topk, dim=0).unsqueeze(1)  # (N*K, 1, dim)
+        # index_select, not w13[flat_idx]: the advanced-indexing kernel is ~4x slower on CPU
+        gate, up = torch.bmm(xs, w13.index_select(0, flat_idx)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, w2.index_select(0, flat_idx)).view(x.size(0), self.topk, -1)
+        return torch.bmm(weights.unsqueeze(1), out).squeeze(1)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

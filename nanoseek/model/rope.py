@@ -58,13 +58,15 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of the last dim. x: (B, T, H, d) or (B, T, d); cos/sin: (B or 1, T, d/2)."""
+    """Rotate interleaved pairs of the last dim. x: (B, T, H, d) or (B, T, d); cos/sin: (B or 1, T, d/2).
+    Each pair is one complex number times e^{i theta} (as the V3 reference does): three kernels instead of
+    a dozen elementwise ones, which matters in decode where every op is launch-bound."""
     dtype = x.dtype
-    if dtype != torch.float32:
-        x = x.float()
-    x = x.unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    if x0.dim() == 4:  # heads dimension
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()
+    rot = torch.complex(cos, sin)
+    if pairs.dim() == 5:  # heads dimension
+        rot = rot.unsqueeze(2)
+    out = torch.view_as_real(torch.view_as_complex(pairs) * rot).flatten(-2)
     return out if dtype == torch.float32 else out.to(dtype)

@@ -108,6 +108,19 @@ class Transformer(nn.Module):
         out = self.head(self.norm(h))
         return out if out.dtype == torch.float32 else out.float()
 
+    @torch.no_grad()
+    def prepare_inference(self, enable: bool = True) -> None:
+        """Precompute (or drop) the inference-only fused weights: absorbed MLA projections, stacked routed
+        experts, [w1; w3] of dense and shared FFNs. They are used only without autograd and are stale once
+        the weights change, so callers enable them around a generate call (or once, for a frozen server)."""
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.fuse_absorbed(enable)
+            elif isinstance(m, MoE):
+                m.stack_experts(enable)
+            elif isinstance(m, Block) and isinstance(m.ffn, SwiGLU):
+                m.ffn.fuse(enable)
+
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
