@@ -73,6 +73,7 @@ def test_overlong_and_length_rewards():
 
 
 # ---- the loop on a tiny model ---------------------------------------------------------------------
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
@@ -180,3 +181,47 @@ def test_grpo_under_torchrun_two_processes(base_run, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]  # one writer: no duplicated lines
     assert rows[-1]["groups_trained"] == 2  # this rank's share: 4 prompts over 2 ranks
     assert (out / "checkpoints" / "step_2" / "model.safetensors").exists()
+
+
+def test_eval_cli_uses_the_difficulty_the_run_trained_on(base_run, tmp_path):
+    """`nanoseek eval` scores a run on the difficulty recorded in its config (RL or pretraining section)
+    unless --difficulty overrides it, and the held-out problems follow that difficulty."""
+    from nanoseek.cli import main
+    from nanoseek.commands.eval import trained_difficulty
+
+    run = tmp_path / "run"
+    shutil.copytree(base_run, run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert trained_difficulty(run, "arithmetic") is None
+    (run / "config.json").write_text(json.dumps({**cfg, "rl": {"task": "arithmetic", "difficulty": 3}}))
+    assert trained_difficulty(run, "arithmetic") == 3 and trained_difficulty(run, "countdown") is None
+    (run / "config.json").write_text(json.dumps({**cfg, "data": {"task": "arithmetic", "difficulty": 1}}))
+    assert trained_difficulty(run, "arithmetic") == 1
+    out = tmp_path / "e.json"
+    assert main(["eval", "--run", str(run), "--n", "3", "--samples", "1", "--max-new-tokens", "8",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["difficulty"] == 1
+    assert main(["eval", "--run", str(run), "--n", "3", "--samples", "1", "--max-new-tokens", "8",
+                 "--difficulty", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["difficulty"] == 2
+
+
+def test_policy_update_counts_expert_loads_over_real_tokens_only(base_run, monkeypatch):
+    """The bias update during RL sees the routed (token, expert) pairs of real tokens only: right padding of
+    the shorter sequences would otherwise pile onto a few experts and drag the routing bias."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
+    seqs = [([0, 4, 30, 31, 5], [40, 41, 42, 43, 44, 45, 1]), ([0, 4, 30, 5], [50, 1])]
+    rs = [Rollout(p, t, [-1.0] * len(t), False, float(i), i == 0, True, 0) for i, (p, t) in enumerate(seqs)]
+    seen = []
+    monkeypatch.setattr(model, "update_expert_bias", lambda gamma, loads: seen.append(loads.clone()))
+    cfg = GRPOConfig(group_size=2)
+    policy_update(model, None, torch.optim.AdamW(model.parameters(), lr=1e-4), rs, torch.tensor([1.0, -1.0]),
+                  cfg, Dist(), first=True)
+    width = max(len(p) + len(t) for p, t in seqs) - 1  # training inputs: ids[:, :-1]
+    real = sum(min(len(p) + len(t), width) for p, t in seqs)
+    assert real < 2 * width  # the batch really has padding
+    (loads,) = seen
+    k = model.cfg.n_activated_experts
+    main_layers = loads[:model.cfg.n_layers - model.cfg.n_dense_layers]
+    assert main_layers.sum(dim=1).tolist() == [float(k * real)] * main_layers.size(0)

@@ -37,7 +37,8 @@ class DemoConfig:
     base_lr: float = 4e-3
     batch_size: int = 16
     n_docs: int = 50_000
-    rl_steps: int = 80
+    flawed_share: float = 0.5  # worked solutions carrying one slip: what RL has to remove
+    rl_steps: int = 160
     rl_lr: float = 1e-4
     group_size: int = 8
     prompts_per_step: int = 16
@@ -62,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-samples", type=int, default=d.eval_samples)
     p.add_argument("--difficulty", type=int, default=d.difficulty, help="task difficulty (arithmetic: 1-5)")
     p.add_argument("--base-lr", type=float, default=d.base_lr)
+    p.add_argument("--flawed-share", type=float, default=d.flawed_share,
+                   help="share of pretraining solutions with one arithmetic slip")
     p.add_argument("--rl-lr", type=float, default=d.rl_lr)
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
 
@@ -113,7 +116,7 @@ def _pretrain(run: Path, cfg: DemoConfig, steps: int, init_from: Path | None = N
                         warmup_steps=min(20, max(1, steps // 10)), eval_interval=max(steps // 4, 1),
                         ckpt_interval=max(steps // 5, 1))
     data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 50, 20),
-                      difficulty=cfg.difficulty)
+                      difficulty=cfg.difficulty, flawed_share=cfg.flawed_share)
     pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data)
     if init_from is not None and not (run / "tokenizer.json").exists():
         run.mkdir(parents=True, exist_ok=True)
@@ -251,6 +254,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = DemoConfig(out=args.out, seed=args.seed, base_steps=args.base_steps, rl_steps=args.rl_steps,
                          eval_n=args.eval_n, eval_samples=args.eval_samples, difficulty=args.difficulty,
-                         base_lr=args.base_lr, rl_lr=args.rl_lr)
+                         base_lr=args.base_lr, rl_lr=args.rl_lr, flawed_share=args.flawed_share)
     run_demo(cfg)
     return 0

@@ -211,7 +211,7 @@ class Engine:
         T = next_tokens.size(1)
         cos, sin = self.model.rope(None, start, T)
         mask = None
-        if start > 0 and T > 1:  # causal over the already-filled part of the MTP cache
+        if start > 0 and T > 1 and not (absorb and self.model.fused):  # causal over the filled MTP cache
             mask = torch.ones(T, start + T, dtype=torch.bool, device=h_prev.device).tril(start)[None, None]
         hm = mtp(h_prev, self.model.embed(next_tokens), cos, sin, mask, cache[0], start, absorb)
         return self.model.head(mtp.norm(hm)).float()

@@ -161,14 +161,15 @@ class MLA(nn.Module):
         scores = torch.bmm(q.view(B, T * H, -1), lat.transpose(1, 2))  # (B, T*H, S), already scaled
         if scores.dtype != torch.float32:
             scores = scores.float()
-        if mask is None and T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
         if mask is not None:
             if T == 1:
                 m = mask.reshape(mask.size(0), 1, S)
             else:
                 m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
             scores = scores.masked_fill(~m, float("-inf"))
+        elif T > 1:  # causal among the T new tokens (all earlier cache entries are visible)
+            future = torch.full((T, T), float("-inf"), device=x.device).triu(1).view(T, 1, T)
+            scores.view(B, T, H, S)[..., S - T:] += future
         probs = scores.softmax(dim=-1)
         if probs.dtype != lat.dtype:
             probs = probs.to(lat.dtype)

@@ -84,6 +84,9 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        # (B, T) bool, set by a trainer whose batch has padding: only True tokens count toward the expert
+        # loads that drive the bias update (padding would otherwise pile onto a few experts)
+        self.load_mask: torch.Tensor | None = None
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only fused weights
 
     @torch.no_grad()
@@ -119,6 +122,9 @@ class MoE(nn.Module):
         self.last_load.copy_(counts)
         load = self.last_load
         if self.training:
+            if self.load_mask is not None:
+                real = indices[self.load_mask.reshape(-1)]
+                load = torch.bincount(real.flatten(), minlength=self.n_experts).to(load.dtype)
             self.load_accum += load
             self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
         return y.view(B, T, D)

@@ -65,6 +65,7 @@ class Transformer(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.fused = False  # prepare_inference() state
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -98,7 +99,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope(positions, start, T)
         x = self.embed(ids)
-        if mask is None and cache is not None and start > 0 and T > 1:  # causal over a prefix-filled cache
+        if mask is None and cache is not None and start > 0 and T > 1 and not (absorb and self.fused):
+            # causal over a prefix-filled cache (the fused decode path applies causality itself)
             mask = torch.ones(T, start + T, dtype=torch.bool, device=ids.device).tril(start)[None, None]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, None if cache is None else cache[i], start, absorb, write_pos)
@@ -113,6 +115,7 @@ class Transformer(nn.Module):
         """Precompute (or drop) the inference-only fused weights: absorbed MLA projections, stacked routed
         experts, [w1; w3] of dense and shared FFNs. They are used only without autograd and are stale once
         the weights change, so callers enable them around a generate call (or once, for a frozen server)."""
+        self.fused = enable
         for m in self.modules():
             if isinstance(m, MLA):
                 m.fuse_absorbed(enable)
@@ -165,6 +168,12 @@ class Transformer(nn.Module):
             load = m.load_accum if loads is None else loads[i].to(m.load_accum)
             m.gate.bias += gamma * torch.sign(load.mean() - load)
             m.load_accum.zero_()
+
+    def set_load_mask(self, mask: torch.Tensor | None) -> None:
+        """Count only mask==True tokens (B, T) in the expert loads of the following training forwards (None:
+        all tokens). For padded batches (RL), where pad tokens would skew the bias update."""
+        for m in self.moe_layers():
+            m.load_mask = mask
 
     def accumulated_loads(self) -> torch.Tensor:
         layers = self.moe_layers()

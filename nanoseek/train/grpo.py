@@ -248,6 +248,7 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
     if cfg.mask_truncated:
         keep = torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=device)
         mask = mask * keep.unsqueeze(-1)
+    lengths = torch.tensor([len(r.prompt) + len(r.tokens) for r in rollouts], device=device)
     n_seqs = dist.all_reduce_sum(torch.tensor([float(len(rollouts))], device=device)).item()
     n_tokens = dist.all_reduce_sum(mask.sum().reshape(1).clone()).item()
     optimizer.zero_grad(set_to_none=True)
@@ -258,7 +259,12 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
         # drop right padding beyond this micro-batch's longest sequence
         width = int(mask[sl].nonzero()[:, 1].max()) + 2 if mask[sl].any() else 2
         mb_ids, mb_mask, mb_old, mb_t = ids[sl, :width], mask[sl, :width - 1], old[sl, :width - 1], targets[sl, :width - 1]
-        logp, ent = token_logprobs(model, mb_ids, mb_t, cfg.temperature)
+        real = torch.arange(width - 1, device=device)[None, :] < lengths[sl, None]  # not right padding
+        model.set_load_mask(real)
+        try:
+            logp, ent = token_logprobs(model, mb_ids, mb_t, cfg.temperature)
+        finally:
+            model.set_load_mask(None)
         per_tok, clipped = clipped_surrogate(logp, mb_old, adv[sl].to(device), cfg.eps_low, cfg.eps_high)
         if cfg.beta > 0:
             with torch.no_grad():
