@@ -38,10 +38,11 @@ class DemoConfig:
     batch_size: int = 16
     n_docs: int = 50_000
     flawed_share: float = 0.5  # worked solutions carrying one slip: what RL has to remove
-    rl_steps: int = 160
+    fact_share: float = 0.0  # no always-correct one-operation drills: every problem type keeps its slips
+    rl_steps: int = 320
     rl_lr: float = 1e-4
     group_size: int = 8
-    prompts_per_step: int = 16
+    prompts_per_step: int = 8
     max_new_tokens: int = 64
     eval_n: int = 200
     eval_samples: int = 4
@@ -116,7 +117,7 @@ def _pretrain(run: Path, cfg: DemoConfig, steps: int, init_from: Path | None = N
                         warmup_steps=min(20, max(1, steps // 10)), eval_interval=max(steps // 4, 1),
                         ckpt_interval=max(steps // 5, 1))
     data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 50, 20),
-                      difficulty=cfg.difficulty, flawed_share=cfg.flawed_share)
+                      difficulty=cfg.difficulty, flawed_share=cfg.flawed_share, fact_share=cfg.fact_share)
     pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data)
     if init_from is not None and not (run / "tokenizer.json").exists():
         run.mkdir(parents=True, exist_ok=True)

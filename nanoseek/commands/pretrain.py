@@ -33,6 +33,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default=DataConfig.task)
     p.add_argument("--n-docs", type=int, default=DataConfig.n_docs, help="training documents")
     p.add_argument("--n-test-docs", type=int, default=DataConfig.n_test_docs, help="held-out documents")
+    p.add_argument("--difficulty", type=int, default=None, help="task difficulty (default: the task's)")
+    p.add_argument("--flawed-share", type=float, default=DataConfig.flawed_share,
+                   help="share of worked solutions with one deliberate slip")
+    p.add_argument("--fact-share", type=float, default=DataConfig.fact_share,
+                   help="share of documents that are one-operation arithmetic facts (always correct)")
     p.add_argument("--steps", type=int, help=f"optimizer steps, the lr schedule's length (default {d.steps}; "
                    "on --resume the stored value)")
     p.add_argument("--minutes", type=float, help="wall-clock limit of this process; 0 = none (default 0)")
@@ -66,10 +71,14 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         model = dense_equivalent(model)
     given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     train = TrainConfig(**given).validate()
-    data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs)
+    data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs, difficulty=args.difficulty,
+                      flawed_share=args.flawed_share, fact_share=args.fact_share)
     from nanoseek.tasks import get_task
 
-    get_task(data.task)  # unknown task names fail here, before any work
+    get_task(data.task).check_difficulty(data.difficulty)  # bad task names / difficulties fail here, before any work
+    for name, share in (("--flawed-share", data.flawed_share), ("--fact-share", data.fact_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {share}")
     if data.n_docs < 1 or data.n_test_docs < 1:
         raise ConfigError("--n-docs and --n-test-docs must be >= 1")
     return PretrainConfig(model=model, train=train, data=data, dense=args.dense)

@@ -205,8 +205,8 @@ class Engine:
     # ---- MTP speculative decoding (one sequence) ---------------------------------------------------
     def _mtp_step(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, cache: torch.Tensor, start: int,
                   absorb: bool) -> torch.Tensor:
-        """Run MTP module 1 on positions [start, start + T): inputs h_i and token t_{i+1}; returns the logits
-        predicting t_{i+2}."""
+        """Run MTP module 1 on positions [start, start + T): inputs h_i and token t_{i+1} (all T fill the MTP
+        cache); returns the logits (1, 1, vocab) of the last position, predicting t_{start+T+1}."""
         mtp = self.model.mtp[0]
         T = next_tokens.size(1)
         cos, sin = self.model.rope(None, start, T)
@@ -214,7 +214,7 @@ class Engine:
         if start > 0 and T > 1 and not (absorb and self.model.fused):  # causal over the filled MTP cache
             mask = torch.ones(T, start + T, dtype=torch.bool, device=h_prev.device).tril(start)[None, None]
         hm = mtp(h_prev, self.model.embed(next_tokens), cos, sin, mask, cache[0], start, absorb)
-        return self.model.head(mtp.norm(hm)).float()
+        return self.model.head(mtp.norm(hm[:, -1:])).float()  # only the last position drafts
 
     def _generate_speculative(self, prompt: list[int], max_new: int, params: SamplingParams,
                               gen: torch.Generator | None, stop: list[str] | None) -> Generation:

@@ -55,6 +55,7 @@ class DataConfig:
     n_test_docs: int = 1_000  # held-out documents from the task's test split
     flawed_share: float = 0.5
     difficulty: int | None = None
+    fact_share: float = 0.2  # one-operation problems, always correct (nanoseek.corpus)
     vocab_size: int = 512  # tokenizer target (a small corpus may give fewer)
 
 
@@ -107,7 +108,8 @@ def prepare_tokenizer(run_dir: Path, data: DataConfig, seed: int, dist: Dist):
     if dist.is_main and not path.exists():
         from nanoseek.corpus import corpus_texts
 
-        texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train")
+        texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train",
+                             data.fact_share)
         Tokenizer.train(texts, data.vocab_size).save(path)
     dist.barrier()  # unconditional: other ranks must not test for the file while rank 0 may be writing it
     return Tokenizer.load(path)  # every rank, fresh or resumed, encodes with the same saved file
@@ -118,7 +120,7 @@ def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[to
     from nanoseek.corpus import build_corpus
 
     def rows(n: int, split: str, s: int) -> torch.Tensor:
-        docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split)
+        docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split, data.fact_share)
         return pack_documents([tokenizer.document_ids(p, c) for p, c in docs], seq_len, tokenizer.eos_id)
 
     return rows(data.n_docs, "train", seed), rows(data.n_test_docs, "test", seed + 1)
