@@ -86,16 +86,7 @@ class MLA(nn.Module):
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
-        lat = self.latent(x, cos, sin)
-        if cache is not None:
-            if write_pos is None:
-                cache[:B, start:start + T] = lat  # the copy casts to the cache dtype
-            else:
-                rows = torch.arange(B, device=x.device)[:, None]
-                cache[rows, write_pos[:, None] + torch.arange(T, device=x.device)] = lat
-            lat = cache[:B, :start + T]
-            if lat.dtype != x.dtype:
-                lat = lat.to(x.dtype)
+        lat = self._cached_latent(self.latent(x, cos, sin), cache, start, write_pos, x.dtype)
         kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         causal = mask is None and T > 1
         if mask is None and cache is not None and start > 0 and T > 1:  # causal over a prefix-filled cache
@@ -116,11 +107,7 @@ class MLA(nn.Module):
             if causal:
                 mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
             if mask is not None:
-                if T == 1:  # decode: one key mask per row, broadcast over heads
-                    m = mask.reshape(mask.size(0), 1, S)
-                else:
-                    m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
-                scores = scores.masked_fill(~m, float("-inf"))
+                scores = _mask_heads_folded(scores, mask, T, H)
             probs = scores.softmax(dim=-1)
             if probs.dtype != kv.dtype:
                 probs = probs.to(kv.dtype)
@@ -139,6 +126,22 @@ class MLA(nn.Module):
             o = o.transpose(1, 2)[..., :self.v_head_dim]
         return self.wo(o.reshape(B, T, -1))
 
+    @staticmethod
+    def _cached_latent(lat: torch.Tensor, cache: torch.Tensor | None, start: int, write_pos: torch.Tensor | None,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """Write the new latents into the cache (at `start`, or per row at `write_pos`) and return the
+        latents attention spans: cache[:, :start + T] (or just `lat` without a cache)."""
+        if cache is None:
+            return lat
+        B, T = lat.shape[:2]
+        if write_pos is None:
+            cache[:B, start:start + T] = lat  # the copy casts to the cache dtype
+        else:
+            rows = torch.arange(B, device=lat.device)[:, None]
+            cache[rows, write_pos[:, None] + torch.arange(T, device=lat.device)] = lat
+        out = cache[:B, :start + T]
+        return out if out.dtype == dtype else out.to(dtype)
+
     def _decode_fused(self, x, cos, sin, mask, cache, start, write_pos) -> torch.Tensor:
         """The absorbed path with the precomputed weights of `fuse_absorbed` (same result, fewer kernels)."""
         B, T, _ = x.shape
@@ -147,26 +150,13 @@ class MLA(nn.Module):
         q_in = x if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))
         q = F.linear(q_in, wq_fused).view(B, T, H, r + self.qk_rope_head_dim)
         q[..., r:] = apply_rope(q[..., r:], cos, sin)
-        lat = self.latent(x, cos, sin)
-        if cache is not None:
-            if write_pos is None:
-                cache[:B, start:start + T] = lat
-            else:
-                rows = torch.arange(B, device=x.device)[:, None]
-                cache[rows, write_pos[:, None] + torch.arange(T, device=x.device)] = lat
-            lat = cache[:B, :start + T]
-            if lat.dtype != x.dtype:
-                lat = lat.to(x.dtype)
+        lat = self._cached_latent(self.latent(x, cos, sin), cache, start, write_pos, x.dtype)
         S = lat.size(1)
         scores = torch.bmm(q.view(B, T * H, -1), lat.transpose(1, 2))  # (B, T*H, S), already scaled
         if scores.dtype != torch.float32:
             scores = scores.float()
         if mask is not None:
-            if T == 1:
-                m = mask.reshape(mask.size(0), 1, S)
-            else:
-                m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
-            scores = scores.masked_fill(~m, float("-inf"))
+            scores = _mask_heads_folded(scores, mask, T, H)
         elif T > 1:  # causal among the T new tokens (all earlier cache entries are visible)
             future = torch.full((T, T), float("-inf"), device=x.device).triu(1).view(T, 1, T)
             scores.view(B, T, H, S)[..., S - T:] += future
@@ -175,3 +165,13 @@ class MLA(nn.Module):
             probs = probs.to(lat.dtype)
         o_lat = torch.bmm(probs, lat[..., :r])  # (B, T*H, r)
         return F.linear(o_lat.view(B, T, H * r), w_ov)
+
+
+def _mask_heads_folded(scores: torch.Tensor, mask: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """scores (B, T*H, S) with heads folded into the query rows; mask bool (B or 1, 1, T, S), True = attend."""
+    B, _, S = scores.shape
+    if T == 1:  # decode: one key mask per row, broadcast over heads
+        m = mask.reshape(mask.size(0), 1, S)
+    else:
+        m = mask.expand(B, 1, T, S).transpose(1, 2).expand(B, T, H, S).reshape(B, T * H, S)
+    return scores.masked_fill(~m, float("-inf"))
