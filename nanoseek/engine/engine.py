@@ -164,10 +164,7 @@ class Engine:
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
         mask = (causal[None] & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
         ragged = bool(pad.any())  # equal-length prompts need no masks or per-row positions
-        if ragged:
-            h = model.hidden(tokens, positions[:, :P], mask[:, None], cache, 0, absorb=False)
-        else:
-            h = model.hidden(tokens, None, None, cache, 0, absorb=False)
+        h = model.hidden(tokens, positions[:, :P] if ragged else None, mask[:, None] if ragged else None, cache, 0)
         logits = model.logits(h[:, -1])
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         out_logps: list[list[float]] = [[] for _ in range(B)]
@@ -194,11 +191,8 @@ class Engine:
                 cache, key_valid, positions, tok = cache[:, sel], key_valid[sel], positions[sel], tok[sel]
                 rows = [rows[j] for j in keep]
             s = P + step
-            if ragged:
-                h = model.hidden(tok[:, None], positions[:, s:s + 1], key_valid[:, None, None, :s + 1], cache, s,
-                                 absorb=True)
-            else:
-                h = model.hidden(tok[:, None], None, None, cache, s, absorb=True)
+            h = model.hidden(tok[:, None], positions[:, s:s + 1] if ragged else None,
+                             key_valid[:, None, None, :s + 1] if ragged else None, cache, s, absorb=True)
             logits = model.logits(h[:, -1])
         return [Generation(out_tokens[i], out_logps[i], reason[i]) for i in range(B)]
 
@@ -210,10 +204,8 @@ class Engine:
         mtp = self.model.mtp[0]
         T = next_tokens.size(1)
         cos, sin = self.model.rope(None, start, T)
-        mask = None
-        if start > 0 and T > 1 and not (absorb and self.model.fused):  # causal over the filled MTP cache
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=h_prev.device).tril(start)[None, None]
-        hm = mtp(h_prev, self.model.embed(next_tokens), cos, sin, mask, cache[0], start, absorb)
+        # mask None: attention itself is causal over the filled part of the MTP cache
+        hm = mtp(h_prev, self.model.embed(next_tokens), cos, sin, None, cache[0], start, absorb)
         return self.model.head(mtp.norm(hm[:, -1:])).float()  # only the last position drafts
 
     def _generate_speculative(self, prompt: list[int], max_new: int, params: SamplingParams,

@@ -107,18 +107,17 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
-        if self.stacked is not None and not torch.is_grad_enabled() and indices.numel() <= 16:
+        inference = self.stacked is not None and not torch.is_grad_enabled()
+        counts = None
+        if inference and indices.numel() <= 16:
             y = self.routed_gathered(flat, weights, indices)  # decode: no load bookkeeping
-            if self.shared_experts is not None:
-                y = y + self.shared_experts(flat)
-            return y.view(B, T, D)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
-        if self.stacked is not None and not torch.is_grad_enabled():
-            y = self.routed_stacked(flat, weights, indices, counts)
         else:
-            y = self.routed(flat, weights, indices, counts)
+            counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
+            y = (self.routed_stacked if inference else self.routed)(flat, weights, indices, counts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
+        if counts is None:
+            return y.view(B, T, D)
         self.last_load.copy_(counts)
         load = self.last_load
         if self.training:
