@@ -38,3 +38,26 @@ def test_demo_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monke
     for name in ("rl_reward.png", "rl_length.png", "rl_kl_entropy.png", "rl_expert_load.png"):
         assert (root / "plots" / name).stat().st_size > 1000
     assert (root / "base" / "report.md").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--rl-bias-gamma", "-1"), ("--prompts-per-step", "0"),
+                                         ("--flawed-share", "1.5")])
+def test_demo_rejects_bad_settings_before_any_work(tmp_path, capsys, flag, value):
+    """A bad value fails in one line at once, not after minutes of pretraining, and writes nothing."""
+    from nanoseek.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), flag, value]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag.lstrip("-").replace("-", "_") in err[0]
+    assert not out.exists()
+
+
+def test_demo_freezes_the_routing_bias_during_rl_by_default(tmp_path, monkeypatch):
+    """The demo's RL stage runs with the MoE bias update off unless --rl-bias-gamma turns it on."""
+    seen = []
+    monkeypatch.setattr("nanoseek.train.grpo.train_grpo", lambda init, out, cfg, **kw: seen.append(cfg) or {})
+    (tmp_path / "rl").mkdir()
+    demo._rl(tmp_path / "base", tmp_path / "rl", demo.DemoConfig(out=str(tmp_path)))
+    demo._rl(tmp_path / "base", tmp_path / "rl", demo.DemoConfig(out=str(tmp_path), rl_bias_gamma=1e-4))
+    assert (seen[0].bias_update, seen[1].bias_update, seen[1].bias_gamma) == (False, True, 1e-4)

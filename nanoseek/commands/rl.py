@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prioritized", action="store_true", help="sample problems by 1 - success rate")
     p.add_argument("--curriculum", action="store_true", help="raise difficulty over the run")
     p.add_argument("--no-bias-update", action="store_true", help="freeze the MoE selection bias during RL")
+    p.add_argument("--bias-gamma", type=float, default=d.bias_gamma, help="bias update speed per step")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -48,7 +49,7 @@ def config_from_args(a: argparse.Namespace) -> GRPOConfig:
         eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, dynamic_sampling=a.dynamic_sampling,
         overlong_cache=a.overlong_cache, mask_truncated=a.mask_truncated, length_weight=a.length_weight,
         length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, curriculum=a.curriculum,
-        bias_update=not a.no_bias_update, seed=a.seed, ckpt_every=a.ckpt_every).validate()
+        bias_update=not a.no_bias_update, bias_gamma=a.bias_gamma, seed=a.seed, ckpt_every=a.ckpt_every).validate()
 
 
 def run(args: argparse.Namespace) -> int:

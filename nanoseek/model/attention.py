@@ -64,6 +64,13 @@ class MLA(nn.Module):
         wo = self.wo.weight.float().view(-1, H, self.v_head_dim).transpose(0, 1)  # (H, dim, v)
         w_ov = torch.bmm(wo, w_uv).transpose(0, 1).reshape(wo.size(1), H * r)  # (dim, H*r)
         dtype = self.wkv_b.weight.dtype
+        if self.q_lora_rank == 0:
+            # one input projection for q and the latent, rows ordered [q_lat (H*r); c_KV; q_rope (H*d); k_rope]
+            # so that every rope part is one contiguous block: one rotation per decode step instead of two
+            per_head = wq_fused.view(H, r + rope, -1)
+            wkv = self.wkv_a.weight.float()
+            wq_fused = torch.cat([per_head[:, :r].reshape(H * r, -1), wkv[:r],
+                                  per_head[:, r:].reshape(H * rope, -1), wkv[r:]])
         self.fused = (wq_fused.to(dtype).contiguous(), w_ov.to(dtype).contiguous())
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,10 +154,17 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H, r = self.n_heads, self.kv_lora_rank
         wq_fused, w_ov = self.fused
-        q_in = x if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))
-        q = F.linear(q_in, wq_fused).view(B, T, H, r + self.qk_rope_head_dim)
-        q[..., r:] = apply_rope(q[..., r:], cos, sin)
-        lat = self._cached_latent(self.latent(x, cos, sin), cache, start, write_pos, x.dtype)
+        rope = self.qk_rope_head_dim
+        if self.q_lora_rank == 0:  # q and the new latent from one matmul, one rotation (see fuse_absorbed)
+            q_lat, kv, pe = F.linear(x, wq_fused).split([H * r, r, (H + 1) * rope], dim=-1)
+            pe = apply_rope(pe.view(B, T, H + 1, rope), cos, sin)
+            new_lat = torch.cat([self.kv_norm(kv), pe[:, :, H]], dim=-1)
+            q = torch.cat([q_lat.view(B, T, H, r), pe[:, :, :H]], dim=-1)
+        else:
+            q = F.linear(self.q_norm(self.wq_a(x)), wq_fused).view(B, T, H, r + rope)
+            q[..., r:] = apply_rope(q[..., r:], cos, sin)
+            new_lat = self.latent(x, cos, sin)
+        lat = self._cached_latent(new_lat, cache, start, write_pos, x.dtype)
         S = lat.size(1)
         scores = torch.bmm(q.view(B, T * H, -1), lat.transpose(1, 2))  # (B, T*H, S), already scaled
         if scores.dtype != torch.float32:

@@ -100,6 +100,7 @@ class GRPOConfig:
         need(self.loss_agg in AGGREGATIONS, f"loss_agg must be one of {AGGREGATIONS}, got {self.loss_agg!r}")
         need(0 <= self.eps_low < 1 and self.eps_high >= 0, "need 0 <= eps_low < 1 and eps_high >= 0")
         need(self.beta >= 0, "beta must be >= 0")
+        need(self.bias_gamma >= 0, f"bias_gamma must be >= 0, got {self.bias_gamma}")
         need(self.minutes is None or self.minutes > 0, "minutes must be positive")
         return self
 
