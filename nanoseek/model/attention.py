@@ -9,6 +9,8 @@ rope key k_rope shared by all heads; that pair is all a cache holds. Two equival
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,13 +174,19 @@ class MLA(nn.Module):
         if mask is not None:
             scores = _mask_heads_folded(scores, mask, T, H)
         elif T > 1:  # causal among the T new tokens (all earlier cache entries are visible)
-            future = torch.full((T, T), float("-inf"), device=x.device).triu(1).view(T, 1, T)
-            scores.view(B, T, H, S)[..., S - T:] += future
+            scores.view(B, T, H, S)[..., S - T:] += _future_bias(T, x.device)
         probs = scores.softmax(dim=-1)
         if probs.dtype != lat.dtype:
             probs = probs.to(lat.dtype)
         o_lat = torch.bmm(probs, lat[..., :r])  # (B, T*H, r)
         return F.linear(o_lat.view(B, T, H * r), w_ov)
+
+
+@functools.cache
+def _future_bias(T: int, device: torch.device) -> torch.Tensor:
+    """(T, 1, T) additive bias hiding later new tokens from earlier ones; built once per T (a speculative
+    verify step would otherwise rebuild it in every layer)."""
+    return torch.full((T, T), float("-inf"), device=device).triu(1).view(T, 1, T)
 
 
 def _mask_heads_folded(scores: torch.Tensor, mask: torch.Tensor, T: int, H: int) -> torch.Tensor:
