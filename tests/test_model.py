@@ -154,12 +154,13 @@ def test_naive_and_absorbed_agree_full_forward():
         assert rel_err(model.hidden(ids, absorb=True), model.hidden(ids, absorb=False)) < 1e-5
 
 
+@pytest.mark.parametrize("q_lora_rank", [0, 16])
 @pytest.mark.parametrize("absorb,fused", [(False, False), (True, False), (True, True)])
-def test_cached_decode_matches_full_forward(absorb, fused):
+def test_cached_decode_matches_full_forward(absorb, fused, q_lora_rank):
     """Prefill 8 tokens, then a 5-token chunk (causal over a filled prefix), then one token at a time into a
     preallocated latent cache: every position's hidden state equals the full no-cache forward (also with the
-    engine's fused inference weights)."""
-    cfg = tiny(q_lora_rank=16, rope_factor=2.0, original_seq_len=16)
+    engine's fused inference weights, with and without a low-rank query)."""
+    cfg = tiny(q_lora_rank=q_lora_rank, rope_factor=2.0, original_seq_len=16)
     model = Transformer(cfg).eval()
     full_model = model
     if fused:
@@ -539,3 +540,35 @@ def test_fp8_model_trains_close_to_fp32():
     assert f8[-1] < f8[0] - 0.5
     assert abs(f8[-1] - f32[-1]) / f32[-1] < 0.05
     assert f8 != f32
+
+
+def test_prepared_inference_weights_are_reused_until_the_weights_change():
+    """prepare_inference reuses its fused tensors while the weights are untouched, and rebuilds them after an
+    optimizer step, so a decode after training never runs on stale weights."""
+    cfg = tiny()
+    model = Transformer(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+
+    def fused_decode():
+        model.prepare_inference(True)
+        try:
+            with torch.no_grad():
+                return model.hidden(ids, cache=torch.zeros(cfg.n_layers, 2, 12, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                                    absorb=True)
+        finally:
+            model.prepare_inference(False)
+
+    first = fused_decode()
+    fused_first = model._fused_cache[1]
+    assert all(getattr(m, "fused", None) is None for m in model.modules() if hasattr(m, "fused") and m is not model)
+    fused_decode()
+    assert model._fused_cache[1] is fused_first  # unchanged weights: nothing rebuilt
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    model(ids, ids)[1].main.backward()
+    opt.step()
+    model.eval()
+    second = fused_decode()
+    assert model._fused_cache[1] is not fused_first
+    with torch.no_grad():
+        assert rel_err(second, model.hidden(ids)) < 1e-5 and rel_err(second, first) > 1e-3
