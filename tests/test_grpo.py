@@ -16,6 +16,8 @@ def test_group_advantages_normalize_within_each_group():
     assert adv[:4].tolist() == pytest.approx([0.5 / std, -0.5 / std, -0.5 / std, 0.5 / std])
     assert group_advantages(r, 4)[4:].abs().max() == 0  # equal rewards carry no signal (eps avoids 0/0)
     assert group_advantages(r, 4, scale=False)[:4].tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    for v in (0.1, 0.6, 1.1):  # values whose float mean rounds: still exactly zero
+        assert group_advantages(torch.full((8,), v), 8).abs().max() == 0
 
 
 def test_clipped_surrogate_matches_ppo_cases():
@@ -225,3 +227,47 @@ def test_policy_update_counts_expert_loads_over_real_tokens_only(base_run, monke
     k = model.cfg.n_activated_experts
     main_layers = loads[:model.cfg.n_layers - model.cfg.n_dense_layers]
     assert main_layers.sum(dim=1).tolist() == [float(k * real)] * main_layers.size(0)
+
+
+def test_policy_update_skips_zero_advantage_rows_without_changing_the_gradient(base_run):
+    """Rows of a zero-spread group are left out of the forward/backward (beta = 0), yet the gradient equals
+    the full-batch loss over every row with the same normalizers."""
+    from nanoseek.train.grpo import batch_tensors, token_logprobs
+    from nanoseek.train.rl_math import aggregate, clipped_surrogate
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
+    seqs = [([0, 4, 30, 31, 5], [40, 41, 42, 1]), ([0, 4, 30, 31, 5], [50, 51, 1]),
+            ([0, 4, 33, 5], [60, 61, 62, 63, 1]), ([0, 4, 33, 5], [70, 1])]
+    rewards = [1.0, 0.0, 0.6, 0.6]
+    rs = []
+    for (p, t), r in zip(seqs, rewards):
+        with torch.no_grad():
+            lp = model(torch.tensor([p + t]))[0, :-1].log_softmax(-1)
+        rs.append(Rollout(p, t, [float(lp[len(p) - 1 + i, x]) for i, x in enumerate(t)], False, r, r == 1.0,
+                          True, 0))
+    adv = group_advantages(torch.tensor(rewards), 2)
+    assert adv[2:].abs().max() == 0 and adv[:2].abs().min() > 0
+    for agg in ("grpo", "dapo", "dr_grpo"):
+        cfg = GRPOConfig(group_size=2, loss_agg=agg, grad_clip=1e9, bias_update=False)
+        model.zero_grad()
+        ids, mask, old, targets = batch_tensors(rs, "cpu")
+        model.train()
+        logp, _ = token_logprobs(model, ids, targets, cfg.temperature)
+        per_tok, _ = clipped_surrogate(logp, old, adv, cfg.eps_low, cfg.eps_high)
+        aggregate(per_tok, mask, agg, cfg.max_new_tokens, n_seqs=4, n_tokens=float(mask.sum())).backward()
+        want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+        class Recorder:
+            def zero_grad(self, set_to_none=True):
+                model.zero_grad(set_to_none=set_to_none)
+
+            def step(self):
+                self.grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                              for p in model.parameters()]
+
+        rec = Recorder()
+        out = policy_update(model, None, rec, rs, adv, cfg, Dist(), first=True)
+        assert out["rows_trained"] == 2
+        for g, w in zip(rec.grads, want):
+            assert torch.allclose(g, w, atol=1e-7, rtol=1e-5)

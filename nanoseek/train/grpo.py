@@ -252,10 +252,18 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
     lengths = torch.tensor([len(r.prompt) + len(r.tokens) for r in rollouts], device=device)
     n_seqs = dist.all_reduce_sum(torch.tensor([float(len(rollouts))], device=device)).item()
     n_tokens = dist.all_reduce_sum(mask.sum().reshape(1).clone()).item()
+    if cfg.beta == 0:
+        # A zero-advantage row (its group's rewards all equal) adds exactly zero to the loss and its gradient;
+        # the normalizers above still count it, so skipping its forward/backward leaves the update unchanged
+        # (one row is kept so every rank runs a backward). Metrics below are over the trained rows.
+        rows = (adv != 0).nonzero().flatten()
+        rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long)
+        ids, mask, old, targets, lengths, adv = (t[rows.to(t.device)] for t in (ids, mask, old, targets, lengths, adv))
+    n_rows = ids.size(0)
     optimizer.zero_grad(set_to_none=True)
     sums = {"clip": 0.0, "kl": 0.0, "entropy": 0.0, "logp_diff": 0.0, "loss": 0.0}
     model.train()
-    for s in range(0, len(rollouts), cfg.micro_batch):
+    for s in range(0, n_rows, cfg.micro_batch):
         sl = slice(s, s + cfg.micro_batch)
         # drop right padding beyond this micro-batch's longest sequence
         width = int(mask[sl].nonzero()[:, 1].max()) + 2 if mask[sl].any() else 2
@@ -292,9 +300,9 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
                 m.load_accum.zero_()
     else:
         loads = torch.zeros(0, 0)
-    tok = max(n_tokens, 1.0)
+    tok = max(float(mask.sum()), 1.0)
     out = {"loss": sums["loss"], "clip_frac": sums["clip"] / tok, "entropy": sums["entropy"] / tok,
-           "grad_norm": grad_norm, "kl": sums["kl"] / tok}
+           "grad_norm": grad_norm, "kl": sums["kl"] / tok, "rows_trained": n_rows}
     if first:
         out["logp_diff_max"] = sums["logp_diff"]
     if loads.numel():

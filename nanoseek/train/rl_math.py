@@ -22,7 +22,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True,
     adv = r - r.mean(dim=1, keepdim=True)
     if scale:
         adv = adv / (r.std(dim=1, keepdim=True) + eps)
-    return adv.flatten()
+    # equal rewards carry no signal: exactly zero, not the mean's rounding error over eps (up to ~1e-3)
+    same = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    return adv.masked_fill(same, 0.0).flatten()
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
