@@ -43,7 +43,7 @@ class DemoConfig:
     n_docs: int = 50_000
     flawed_share: float = 0.5  # worked solutions carrying one slip: what RL has to remove
     fact_share: float = 0.0  # no always-correct one-operation drills: every problem type keeps its slips
-    rl_steps: int = 240
+    rl_steps: int = 220
     rl_lr: float = 1e-4
     # The routing bias stays frozen during RL (V3 also froze it, gamma = 0, for its last 500B pretraining
     # tokens): at RL's 40x lower learning rate the per-step sign update moved the routing more than the
