@@ -165,11 +165,12 @@ def main() -> None:
         rollouts, st = rollout_groups(engine, sampler, cfg, P, step, seed=cfg.seed * 100003 + step)
         t1 = time.perf_counter()
         adv = group_advantages(torch.tensor([r.reward for r in rollouts]), G, scale=cfg.advantage == "grpo")
-        policy_update(model, None, optimizer, rollouts, adv, cfg, dist, first=True)
+        upd = policy_update(model, None, optimizer, rollouts, adv, cfg, dist, first=True)
         t2 = time.perf_counter()
         served.append(sorted(tok.decode(r.prompt) for r in rollouts[::G]))
         ours.append({"s": t2 - t0, "gen_s": t1 - t0, "reward": _mean(st["reward"]), "accuracy": _mean(st["correct"]),
-                     "format": _mean(st["format"]), "len": _mean(st["len"]), "truncated": _mean(st["truncated"])})
+                     "format": _mean(st["format"]), "len": _mean(st["len"]), "truncated": _mean(st["truncated"]),
+                     "rows_trained": upd["rows_trained"], "rows": len(rollouts)})
 
     trl_s: list[float] = []
 
@@ -222,6 +223,9 @@ def main() -> None:
     print(f"ratio TRL / nanoseek seconds per step: {m_trl / m_ours:.2f}x (target >= 3x: "
           f"{'met' if m_trl / m_ours >= 3 else 'NOT met'})")
     print("reward = mean over the measured steps of accuracy (1.0) + format (0.1) per completion")
+    print(f"nanoseek's update trained {avg(ours, 'rows_trained'):.1f} of {avg(ours, 'rows'):.0f} rows per step: the rest "
+          "had zero advantage (all rewards in their group equal), which adds nothing to the gradient, so their "
+          "forward/backward is skipped; TRL computes every row")
     if not args.init:
         print("caveat: random-init model, so both rewards are ~0 and the reward comparison means nothing; "
               "pass --init RUN_DIR (a pretrained base) for that")
