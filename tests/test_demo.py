@@ -35,6 +35,7 @@ def test_demo_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monke
         assert 0.0 <= on_disk[key] <= 1.0
     report = (root / "report.md").read_text()
     assert "pass@1 T=0.6" in report and "plots/rl_reward.png" in report
+    assert f"rollout temperature {cfg.rl_temperature:g}" in report and "(frozen)" in report
     for name in ("rl_reward.png", "rl_length.png", "rl_kl_entropy.png", "rl_expert_load.png"):
         assert (root / "plots" / name).stat().st_size > 1000
     assert (root / "base" / "report.md").exists()

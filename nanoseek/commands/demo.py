@@ -215,6 +215,10 @@ def write_report(root: Path, cfg: DemoConfig, stages: Stages, summary: dict, sam
     lines = [f"# nanoseek demo: R1-Zero on `{cfg.task}` (seed {cfg.seed})", "",
              f"Total time {summary['seconds_total'] / 60:.1f} min. Held-out split, {cfg.eval_n} problems, "
              f"pass@1 = mean accuracy over {cfg.eval_samples} samples.", "",
+             f"Pretraining: {cfg.batch_size} rows x {cfg.seq_len} tokens per step, lr {cfg.base_lr:g}, difficulty "
+             f"{cfg.difficulty}, flawed share {cfg.flawed_share:g}. GRPO: G {cfg.group_size} x {cfg.prompts_per_step} "
+             f"prompts per step, lr {cfg.rl_lr:g}, rollout temperature {cfg.rl_temperature:g}, routing-bias speed "
+             f"{cfg.rl_bias_gamma:g}{' (frozen)' if cfg.rl_bias_gamma == 0 else ''}. All settings: demo_config.json.", "",
              "| model | training | pass@1 T=0.6 | pass@1 T=1.0 | greedy | format | mean length |",
              "|---|---|---|---|---|---|---|"]
     how = {"base": f"pretrain {cfg.base_steps} steps ({stages.seconds('pretrain_base') / 60:.1f} min)",
