@@ -122,7 +122,8 @@ class Transformer(nn.Module):
         the weights change, so callers enable them around a generate call (or once, for a frozen server).
         Enabling again with unchanged weights (same storage, same in-place version counters, which every
         optimizer step and load_state_dict bump) reuses the last fused set instead of rebuilding it: ~5 ms
-        per generate call at the tiny size, which batch-1 and speculative decoding would otherwise pay."""
+        per generate call at the tiny size, which batch-1 and speculative decoding would otherwise pay.
+        Writes through `p.data` bypass the version counter: edit weights under torch.no_grad() instead."""
         self.fused = enable
         fused_attrs = [(m, name) for m in self.modules() for cls, name in _FUSED_ATTRS if isinstance(m, cls)]
         if not enable:
