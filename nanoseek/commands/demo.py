@@ -293,10 +293,7 @@ def run(args: argparse.Namespace) -> int:
     if args.smoke:
         cfg = DemoConfig.smoke(args.out, args.seed)
     else:
-        cfg = DemoConfig(out=args.out, seed=args.seed, base_steps=args.base_steps, rl_steps=args.rl_steps,
-                         eval_n=args.eval_n, eval_samples=args.eval_samples, difficulty=args.difficulty,
-                         base_lr=args.base_lr, rl_lr=args.rl_lr, flawed_share=args.flawed_share,
-                         rl_bias_gamma=args.rl_bias_gamma, prompts_per_step=args.prompts_per_step,
-                         rl_temperature=args.rl_temperature)
+        # every flag is named after its DemoConfig field
+        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)})
     run_demo(cfg)
     return 0
