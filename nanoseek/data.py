@@ -42,6 +42,41 @@ def pack_documents(docs: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> 
     return flat.unfold(0, seq_len + 1, seq_len).contiguous()
 
 
+def pack_aligned(docs: Sequence[Sequence[int]], seq_len: int, eos_id: int, window: int = 64) -> torch.Tensor:
+    """Document-aligned rows: every row starts at the start of a document, so no position is trained on the
+    tail of a document whose prompt was cut off (stream packing trains about a third of the tokens of a
+    ~42-token-document corpus that way, teaching the model to guess operands instead of copying them).
+
+    Best-fit with cropping (nanochat's packer): among the next `window` documents, put the longest one that
+    still fits into the row; when none fits, fill the rest of the row with the head of the shortest one and
+    drop its tail. Rows are `seq_len + 1` tokens with no padding, so every target is valid (the property
+    data parallelism relies on, as for stream packing); a last row that cannot be filled is dropped."""
+    if seq_len < 1:
+        raise ConfigError(f"seq_len must be positive, got {seq_len}")
+    width = seq_len + 1
+    source = (list(d) + ([] if d and d[-1] == eos_id else [eos_id]) for d in docs)
+    pending: list[list[int]] = []
+    rows: list[list[int]] = []
+    row: list[int] = []
+    while True:
+        while len(pending) < window and (doc := next(source, None)) is not None:
+            pending.append(doc)
+        if not pending:
+            break
+        space = width - len(row)
+        fits = [i for i, d in enumerate(pending) if len(d) <= space]
+        if fits:
+            row.extend(pending.pop(max(fits, key=lambda i: len(pending[i]))))
+        else:
+            row.extend(pending.pop(min(range(len(pending)), key=lambda i: len(pending[i])))[:space])
+        if len(row) == width:
+            rows.append(row)
+            row = []
+    if not rows:
+        return torch.zeros(0, width, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long)
+
+
 def split_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, L + 1) rows -> inputs (N, L), targets (N, L) shifted by one."""
     return rows[:, :-1], rows[:, 1:]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanoseek.config import ConfigError
-from nanoseek.data import Loader, eval_batches, pack_documents, split_rows
+from nanoseek.data import Loader, eval_batches, pack_aligned, pack_documents, split_rows
 
 EOS = 1
 
@@ -37,6 +37,51 @@ def test_pack_empty_and_bad_seq_len():
     assert pack_documents([], 8, EOS).shape == (0, 9)
     with pytest.raises(ConfigError):
         pack_documents([[1, 2]], 0, EOS)
+
+
+def _split_into_docs(row: list[int]) -> list[list[int]]:
+    """A row cut after every eos: whole documents, then possibly one head without its eos."""
+    parts, cur = [], []
+    for t in row:
+        cur.append(t)
+        if t == EOS:
+            parts.append(cur)
+            cur = []
+    return parts + ([cur] if cur else [])
+
+
+def test_pack_aligned_rows_are_whole_documents_then_one_head():
+    rng = np.random.default_rng(1)
+    docs = [[100 + i] + rng.integers(2, 50, size=rng.integers(0, 12)).tolist() for i in range(300)]  # unique first token
+    by_first = {d[0]: d + [EOS] for d in docs}
+    rows = pack_aligned(docs, seq_len=15, eos_id=EOS, window=8)
+    assert rows.shape[1] == 16 and rows.size(0) > 0
+    seen = []
+    for row in rows.tolist():
+        parts = _split_into_docs(row)
+        assert parts[0][0] >= 100  # the row starts at a document start
+        for k, part in enumerate(parts):
+            full = by_first[part[0]]
+            if k < len(parts) - 1 or part[-1] == EOS:
+                assert part == full  # a whole document
+            else:
+                assert part == full[:len(part)] and len(part) < len(full)  # the last one may be a cropped head
+            seen.append(part[0])
+    assert len(seen) == len(set(seen))  # no document twice
+    assert len(seen) >= 300 - 8  # everything but (at most) the last window's leftovers is used
+
+
+def test_pack_aligned_prefers_the_longest_fitting_document():
+    # row width 8: [9 9 9 9 9 EOS] (6) leaves 2 -> [7 EOS] fits exactly, ahead of the earlier, longer [3 3 EOS]
+    docs = [[9, 9, 9, 9, 9], [3, 3], [7]]
+    rows = pack_aligned(docs, seq_len=7, eos_id=EOS, window=3)
+    assert rows.tolist()[0] == [9, 9, 9, 9, 9, EOS, 7, EOS]
+
+
+def test_pack_aligned_bad_seq_len():
+    assert pack_aligned([], 4, EOS).shape == (0, 5)
+    with pytest.raises(ConfigError):
+        pack_aligned([[1, 2]], 0, EOS)
 
 
 def rows_fixture(n=37, seq_len=5):

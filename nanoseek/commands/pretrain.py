@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of worked solutions with one deliberate slip")
     p.add_argument("--fact-share", type=float, default=DataConfig.fact_share,
                    help="share of documents that are one-operation arithmetic facts (always correct)")
+    p.add_argument("--packing", default=DataConfig.packing, choices=["aligned", "stream"],
+                   help="rows start at a document start (aligned, default) or are cuts of one stream")
     p.add_argument("--steps", type=int, help=f"optimizer steps, the lr schedule's length (default {d.steps}; "
                    "on --resume the stored value)")
     p.add_argument("--minutes", type=float, help="wall-clock limit of this process; 0 = none (default 0)")
@@ -72,7 +74,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     train = TrainConfig(**given).validate()
     data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs, difficulty=args.difficulty,
-                      flawed_share=args.flawed_share, fact_share=args.fact_share)
+                      flawed_share=args.flawed_share, fact_share=args.fact_share, packing=args.packing)
     from nanoseek.tasks import get_task
 
     get_task(data.task).check_difficulty(data.difficulty)  # bad task names / difficulties fail here, before any work
