@@ -25,7 +25,7 @@ def test_demo_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(cfg)
     stages = json.loads((tmp_path / "demo" / "stages.json").read_text())
-    assert "pretrain_base" in stages and "eval_base" in stages and "grpo" not in stages
+    assert "pretrain_base" in stages and "eval_base" in stages and "grpo_and_control" not in stages
     summary = demo.run_demo(cfg)  # the rerun skips the finished stages
     assert calls["n"] == 2
     root = tmp_path / "demo"
@@ -39,6 +39,9 @@ def test_demo_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monke
     for name in ("rl_reward.png", "rl_length.png", "rl_kl_entropy.png", "rl_expert_load.png"):
         assert (root / "plots" / name).stat().st_size > 1000
     assert (root / "base" / "report.md").exists()
+    # the control ran in its own process beside GRPO and stopped when GRPO did
+    assert on_disk["control_steps"] >= 1 and on_disk["control_seconds"] > 0 and "alongside GRPO" in report
+    assert "paced budget ran out" in (root / "control" / "log.txt").read_text()
 
 
 @pytest.mark.parametrize("flag, value", [("--rl-bias-gamma", "-1"), ("--prompts-per-step", "0"),

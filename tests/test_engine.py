@@ -51,6 +51,21 @@ def test_row_output_independent_of_batch_neighbours():
     assert [o.tokens for o in batch] == [o.tokens for o in alone]
 
 
+def test_repeated_prompts_are_prefilled_once_and_decode_like_naive(monkeypatch):
+    """A GRPO-style batch (each prompt G times): the prefill forward sees each distinct prompt once, and every
+    copy decodes exactly as naive recompute does."""
+    model = make_model(seed=5)
+    widths = []
+    real_hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda ids, *a, **kw: widths.append(ids.shape) or real_hidden(ids, *a, **kw))
+    batch = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[3], PROMPTS[1], PROMPTS[0]]
+    out = Engine(model, eos_id=-1).generate(batch, max_new_tokens=6)
+    assert widths[0] == (3, len(PROMPTS[0]))  # prefill: 3 distinct prompts; decode steps: all 6 rows
+    assert all(w[0] == 6 for w in widths[1:])
+    for p, o in zip(batch, out):
+        assert o.tokens == naive_greedy(model, p, 6)
+
+
 def test_logprobs_are_those_of_the_full_model():
     model = make_model(seed=2)
     o = Engine(model, eos_id=-1).generate([PROMPTS[0]], max_new_tokens=6, temperature=0.7, seed=3)[0]

@@ -279,3 +279,25 @@ def test_sample_after_pretraining(tmp_path):
     _, out, _ = finish(spawn(["sample", "--run", str(tmp_path / "s"), "--prompt", "Compute 2 + 3.",
                               "--max-new-tokens", "8"]))
     assert out.strip() and time.time() - t < 120
+
+
+def test_paced_pretraining_follows_the_outside_clock_and_stops_at_its_end(tmp_path):
+    """`pace`: after warmup the lr is the cosine of the clock's fraction (closed form), not of the step count,
+    and the run stops (with a checkpoint) right after the step that sees the clock at 1, far below its cap."""
+    from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
+
+    reads = {"n": 0}
+
+    def clock() -> float:  # read twice per step (lr before, stop after): 0.25 more per finished step
+        reads["n"] += 1
+        return min(1.0, (reads["n"] // 2) * 0.25)
+
+    train = TrainConfig(lr=2e-3, min_lr_ratio=0.1, warmup_steps=1, steps=1000, batch_size=4, seq_len=16,
+                        eval_interval=0, ckpt_interval=0, log_interval=1)
+    cfg = PretrainConfig(model=ModelConfig(**MICRO), train=train, data=DataConfig(n_docs=60, n_test_docs=20))
+    out = pretrain(tmp_path / "paced", cfg, device="cpu", pace=clock)
+    assert out["step"] == 4  # the clock reads 1.0 after the 4th step
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "paced" / "metrics.jsonl")]
+    expected = [2e-3] + [2e-4 + 0.5 * 1.8e-3 * (1 + math.cos(math.pi * f)) for f in (0.25, 0.5, 0.75)]
+    assert lrs == pytest.approx(expected)
+    assert latest_checkpoint(tmp_path / "paced" / "checkpoints").name.endswith("4")

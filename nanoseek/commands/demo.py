@@ -3,12 +3,12 @@
 Stages, each resumable (Ctrl-C, then rerun the same command):
   1. tokenizer + corpus + pretrain the tiny MoE base on worked arithmetic, half of it with one slip;
   2. evaluate the base on the held-out split;
-  3. GRPO with the rule-based reward (accuracy + format);
-  4. evaluate the RL model;
-  5. the control: the base pretrained further for as long as RL took (same total time, no RL);
-  6. evaluate the control; write runs/demo/report.md, plots and summary.json.
-Step counts are fixed (not wall-clock limits), so a seed gives the same run on any machine; the control's
-step count is derived from the measured RL time so that base+control and base+RL took equal time.
+  3. GRPO with the rule-based reward (accuracy + format) and, at the same time in a second process, the
+     control: the base pretrained further for exactly as long as GRPO runs, each on half of the cores
+     (same time, same compute, no RL; its lr decays with GRPO's progress and it stops when GRPO stops);
+  4. evaluate the RL model and the control; write runs/demo/report.md, plots and summary.json.
+Step counts of the base and of GRPO are fixed (not wall-clock limits), so a seed gives the same base and RL
+run on any machine; the control's step count is whatever it reached in GRPO's time.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ class Stages:
 
 
 # ---- stages -------------------------------------------------------------------------------------------
-def _pretrain(run: Path, cfg: DemoConfig, steps: int, init_from: Path | None = None, lr: float | None = None) -> dict:
+def _pretrain(run: Path, cfg: DemoConfig, steps: int, init_from: Path | None = None, lr: float | None = None,
+              pace=None) -> dict:
     from nanoseek.config import ModelConfig
     from nanoseek.train.checkpoint import latest_checkpoint, read_state
     from nanoseek.train.common import TrainConfig
@@ -148,18 +149,18 @@ def _pretrain(run: Path, cfg: DemoConfig, steps: int, init_from: Path | None = N
     if ckpt is not None and int(read_state(ckpt)["step"]) >= steps:
         return {"step": steps}
     train = TrainConfig(lr=lr or cfg.base_lr, steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
-                        warmup_steps=min(20, max(1, steps // 10)), eval_interval=max(steps // 4, 1),
-                        ckpt_interval=max(steps // 5, 1))
+                        warmup_steps=min(20, max(1, steps // 10)), eval_interval=max(steps // 4, 1) if pace is None else 0,
+                        ckpt_interval=max(steps // 5, 1) if pace is None else 25)
     data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 50, 20),
                       difficulty=cfg.difficulty, flawed_share=cfg.flawed_share, fact_share=cfg.fact_share)
     pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data)
     if init_from is not None and not (run / "tokenizer.json").exists():
         run.mkdir(parents=True, exist_ok=True)
         (run / "tokenizer.json").write_bytes((init_from.parent.parent / "tokenizer.json").read_bytes())
-    return pretrain(run, pcfg, resume=ckpt is not None, device="cpu", init_from=init_from)
+    return pretrain(run, pcfg, resume=ckpt is not None, device="cpu", init_from=init_from, pace=pace)
 
 
-def _rl(base: Path, run: Path, cfg: DemoConfig) -> dict:
+def _rl(base: Path, run: Path, cfg: DemoConfig, on_step=None) -> dict:
     from nanoseek.train.checkpoint import latest_checkpoint, read_state
     from nanoseek.train.grpo import GRPOConfig, train_grpo
 
@@ -169,7 +170,61 @@ def _rl(base: Path, run: Path, cfg: DemoConfig) -> dict:
     rl = GRPOConfig(task=cfg.task, difficulty=cfg.difficulty, steps=cfg.rl_steps, group_size=cfg.group_size, prompts_per_step=cfg.prompts_per_step,
                     max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr, seed=cfg.seed, ckpt_every=max(cfg.rl_steps // 5, 1),
                     bias_update=cfg.rl_bias_gamma > 0, bias_gamma=cfg.rl_bias_gamma, temperature=cfg.rl_temperature)
-    return train_grpo(base, run, rl, resume=ckpt is not None, device="cpu")
+    return train_grpo(base, run, rl, resume=ckpt is not None, device="cpu", on_step=on_step)
+
+
+CONTROL_STEP_CAP = 1_000_000  # the paced control stops when GRPO does; this only bounds its step counter
+
+
+def _control_worker(control: str, base_ckpt: str, cfg_fields: dict, threads: int, fraction, log: str) -> None:
+    """Child process: the control's pretraining, paced by the GRPO run in the parent; output goes to `log`."""
+    import os
+
+    import torch
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(threads)
+    cfg = DemoConfig(**cfg_fields)
+    _pretrain(Path(control), cfg, CONTROL_STEP_CAP, init_from=Path(base_ckpt), lr=cfg.base_lr * 0.25,
+              pace=lambda: fraction.value)
+
+
+def _grpo_and_control(base: Path, rl: Path, control: Path, cfg: DemoConfig) -> dict:
+    """GRPO here and the control in a spawned process, each on half of the cores: the control's lr decays with
+    GRPO's progress and it stops right after GRPO's last step, so both get the same time on the same cores."""
+    import multiprocessing
+
+    import torch
+
+    from nanoseek.train.checkpoint import latest_checkpoint, read_state
+
+    threads = max(1, torch.get_num_threads() // 2)
+    rl_ckpt = latest_checkpoint(rl / "checkpoints")
+    ctx = multiprocessing.get_context("spawn")
+    fraction = ctx.Value("d", (int(read_state(rl_ckpt)["step"]) if rl_ckpt else 0) / cfg.rl_steps)
+    control.mkdir(parents=True, exist_ok=True)
+    child = ctx.Process(target=_control_worker, name="nanoseek-control",
+                        args=(str(control), str(latest_checkpoint(base / "checkpoints")), dataclasses.asdict(cfg),
+                              threads, fraction, str(control / "log.txt")))
+    child.start()
+    console.print(f"[dim]control pretraining runs alongside in process {child.pid} ({threads} thread(s) each; "
+                  f"log: {control / 'log.txt'})[/dim]")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = _rl(base, rl, cfg, on_step=lambda step: setattr(fraction, "value", step / cfg.rl_steps))
+    finally:
+        fraction.value = 1.0  # also on an error here: the control checkpoints and stops after its current step
+        torch.set_num_threads(before)
+        child.join()
+    if child.exitcode != 0:
+        raise RuntimeError(f"the control pretraining process failed (exit code {child.exitcode}); "
+                           f"see {control / 'log.txt'}")
+    state = read_state(latest_checkpoint(control / "checkpoints"))
+    return {"rl": result, "control_steps": int(state["step"]), "control_seconds": float(state["elapsed_s"]),
+            "threads": threads}
 
 
 def _eval(run: Path, cfg: DemoConfig) -> dict:
@@ -221,10 +276,12 @@ def write_report(root: Path, cfg: DemoConfig, stages: Stages, summary: dict, sam
              f"{cfg.rl_bias_gamma:g}{' (frozen)' if cfg.rl_bias_gamma == 0 else ''}. All settings: demo_config.json.", "",
              "| model | training | pass@1 T=0.6 | pass@1 T=1.0 | greedy | format | mean length |",
              "|---|---|---|---|---|---|---|"]
+    paired = stages.done["grpo_and_control"]["result"]
+    cores = f"{paired['threads']} thread{'s' if paired['threads'] > 1 else ''}"
     how = {"base": f"pretrain {cfg.base_steps} steps ({stages.seconds('pretrain_base') / 60:.1f} min)",
-           "rl": f"base + GRPO {cfg.rl_steps} steps ({stages.seconds('grpo') / 60:.1f} min)",
+           "rl": f"base + GRPO {cfg.rl_steps} steps ({stages.seconds('grpo_and_control') / 60:.1f} min, {cores})",
            "control": f"base + {summary['control_steps']} more pretraining steps "
-                      f"({stages.seconds('pretrain_control') / 60:.1f} min)"}
+                      f"({paired['control_seconds'] / 60:.1f} min, {cores}, alongside GRPO)"}
     for k, r in ev.items():
         lines.append(f"| {k} | {how[k]} | {r['pass1']:.1%} | {r['pass1_t1']:.1%} | {r['greedy']:.1%} | "
                      f"{r['format_rate']:.1%} | {r['mean_len']:.1f} |")
@@ -255,16 +312,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     base, rl, control = root / "base", root / "rl", root / "control"
     stages.run("pretrain_base", lambda: _pretrain(base, cfg, cfg.base_steps))
     stages.run("eval_base", lambda: _eval(base, cfg))
-    stages.run("grpo", lambda: _rl(base, rl, cfg))
+    paired = stages.run("grpo_and_control", lambda: _grpo_and_control(base, rl, control, cfg))
+    control_steps = paired["control_steps"]
     stages.run("eval_rl", lambda: _eval(rl, cfg))
-    # the control gets the RL stage's wall time as extra pretraining steps, at the base's measured speed
-    sec_per_step = stages.seconds("pretrain_base") / cfg.base_steps
-    control_steps = max(1, round(stages.seconds("grpo") / sec_per_step))
-    from nanoseek.train.checkpoint import latest_checkpoint
-
-    base_ckpt = latest_checkpoint(base / "checkpoints")
-    stages.run("pretrain_control", lambda: _pretrain(control, cfg, control_steps, init_from=base_ckpt,
-                                                     lr=cfg.base_lr * 0.25))
     stages.run("eval_control", lambda: _eval(control, cfg))
     samples = stages.run("samples", lambda: _samples({"base": base, "rl": rl}, cfg))
     ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", "control")}
@@ -275,6 +325,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                "base_greedy": ev["base"]["greedy"], "rl_greedy": ev["rl"]["greedy"],
                "control_pass1": ev["control"]["pass1"], "control_pass1_t1": ev["control"]["pass1_t1"],
                "control_greedy": ev["control"]["greedy"], "control_steps": control_steps,
+               "control_seconds": round(paired["control_seconds"], 1), "threads_rl_and_control": paired["threads"],
                "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
                "seconds_by_stage": {k: round(v["seconds"], 1) for k, v in stages.done.items() if not k.startswith("_")}}
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -153,19 +153,29 @@ class Engine:
         device = next(model.parameters()).device
         B, P = len(ids), max(len(p) for p in ids)
         pad = torch.tensor([P - len(p) for p in ids], device=device)
-        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
-        for i, p in enumerate(ids):
-            tokens[i, P - len(p):] = torch.tensor(p)
         S = P + max_new
         slots = torch.arange(S, device=device)
         key_valid = slots[None, :] >= pad[:, None]  # (B, S): padding slots never attended
         positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-        cache = self.new_cache(B, S)
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        mask = (causal[None] & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
         ragged = bool(pad.any())  # equal-length prompts need no masks or per-row positions
-        h = model.hidden(tokens, positions[:, :P] if ragged else None, mask[:, None] if ragged else None, cache, 0)
+        # Prefill each distinct prompt once (a GRPO batch is G copies of every prompt), then give every row
+        # its prompt's cache and last logits.
+        first_of: dict[tuple[int, ...], int] = {}
+        row_of = torch.tensor([first_of.setdefault(tuple(p), len(first_of)) for p in ids], device=device)
+        uniq = list(first_of)
+        tokens = torch.zeros(len(uniq), P, dtype=torch.long, device=device)
+        for i, p in enumerate(uniq):
+            tokens[i, P - len(p):] = torch.tensor(p)
+        u_pad = torch.tensor([P - len(p) for p in uniq], device=device)
+        u_valid = slots[None, :P] >= u_pad[:, None]
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        mask = (causal[None] & u_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)[None]
+        u_positions = (slots[None, :P] - u_pad[:, None]).clamp(min=0)
+        cache = self.new_cache(len(uniq), S)
+        h = model.hidden(tokens, u_positions if ragged else None, mask[:, None] if ragged else None, cache, 0)
         logits = model.logits(h[:, -1])
+        if len(uniq) < B:
+            cache, logits = cache[:, row_of], logits[row_of]
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         out_logps: list[list[float]] = [[] for _ in range(B)]
         reason = ["length"] * B

@@ -108,6 +108,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def lr_at_fraction(step: int, fraction: float, cfg: TrainConfig) -> float:
+    """Like lr_at, but the cosine decay follows `fraction` (0..1) of an outside budget instead of the step
+    count (warmup still counts steps): for a run that must end when something else ends."""
+    if step < min(cfg.warmup_steps, cfg.steps):
+        return lr_at(step, cfg)
+    progress = min(1.0, max(0.0, fraction))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -25,6 +25,7 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,8 +320,9 @@ def _mean(xs):
 
 
 def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool = False, device: str = "auto",
-               quiet: bool = False) -> dict:
-    """Run GRPO from the model in run directory `init`, writing run directory `out`. Returns the last metrics."""
+               quiet: bool = False, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run GRPO from the model in run directory `init`, writing run directory `out`. Returns the last metrics.
+    `on_step(step)` is called after every finished (and, when due, checkpointed) step."""
     cfg.validate()
     dist = setup_distributed(device)
     out = Path(out)
@@ -395,6 +397,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
             timed_out = cfg.minutes is not None and dist.any_flag(time.time() - t_start > cfg.minutes * 60)
             if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out):
                 save_checkpoint(ckpt_dir, step, model, optimizer, {"sampler": sampler.state()}, cfg.keep_last)
+            if on_step is not None:
+                on_step(step)
             if timed_out:
                 break
     except KeyboardInterrupt:

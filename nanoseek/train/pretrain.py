@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from nanoseek.train.common import (
     build_optimizer,
     clip_grads,
     lr_at,
+    lr_at_fraction,
     set_lr,
     setup_distributed,
 )
@@ -189,10 +191,14 @@ def seed_everything(seed: int) -> None:
 
 
 def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, device: str = "auto",
-             dist: Dist | None = None, init_from: str | Path | None = None) -> dict:
+             dist: Dist | None = None, init_from: str | Path | None = None,
+             pace: Callable[[], float] | None = None) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict (final step, losses, tokens/s).
     `init_from`: a checkpoint step directory whose weights (not optimizer) start a new run, e.g. to continue
-    pretraining a base with a fresh schedule."""
+    pretraining a base with a fresh schedule.
+    `pace`: an outside clock returning the used fraction (0..1) of a budget, read before every step: the lr
+    decays with it instead of with the step count and training stops (checkpointed) once it reaches 1, with
+    cfg.train.steps only a cap. The demo's control uses it to train exactly as long as GRPO runs beside it."""
     run_dir = Path(run_dir)
     dist = dist or setup_distributed(device)
     tcfg = cfg.train.validate()
@@ -247,7 +253,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     eval_loss = None
     try:
         while step < tcfg.steps:
-            lr = lr_at(step, tcfg)
+            fraction = pace() if pace is not None else None
+            lr = lr_at(step, tcfg) if fraction is None else lr_at_fraction(step, fraction, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
             out = train_step(model, optimizer, loader, tcfg, dist)
@@ -256,7 +263,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             tok_rate = tokens_per_step / dt
             tok_rate_ema = tok_rate if tok_rate_ema is None else 0.9 * tok_rate_ema + 0.1 * tok_rate
             out_of_time = tcfg.minutes > 0 and time.perf_counter() - loop_start >= tcfg.minutes * 60
-            stop = dist.any_flag(out_of_time)
+            paced_out = pace is not None and pace() >= 1.0
+            stop = dist.any_flag(out_of_time or paced_out)
             last = step == tcfg.steps or stop
             record = {"step": step, "loss": out["loss"], "main": out["main"], "mtp": out["mtp"],
                       "balance": out["balance"], "lr": lr, "grad_norm": out["grad_norm"],
@@ -278,7 +286,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             if step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop:
-                progress.message(f"time limit of {tcfg.minutes:g} min reached at step {step}; checkpoint saved")
+                why = "the paced budget ran out" if paced_out else f"time limit of {tcfg.minutes:g} min reached"
+                progress.message(f"{why} at step {step}; checkpoint saved")
                 break
     finally:
         progress.close()
