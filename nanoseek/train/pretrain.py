@@ -241,7 +241,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len
-    progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main, print_every=max(1, tcfg.steps // 20))
+    progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main,
+                            print_every=max(1, tcfg.steps // 20) if pace is None else 50)
     if ckpt is not None:
         progress.message(f"resumed from {ckpt} (step {step})")
     progress.message(f"{model.num_params():,} parameters, {train_rows.size(0):,} train / {test_rows.size(0):,} "
