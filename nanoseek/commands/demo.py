@@ -193,8 +193,12 @@ def _control_worker(control: str, base_ckpt: str, cfg_fields: dict, threads: int
     os.dup2(fd, 2)
     torch.set_num_threads(threads)
     cfg = DemoConfig(**cfg_fields)
-    _pretrain(Path(control), cfg, CONTROL_STEP_CAP, init_from=Path(base_ckpt), lr=cfg.base_lr * 0.25,
-              pace=lambda: fraction.value)
+    parent = os.getppid()
+
+    def pace() -> float:  # an orphan (the demo was killed) stops at its next step instead of running on
+        return fraction.value if os.getppid() == parent else 1.0
+
+    _pretrain(Path(control), cfg, CONTROL_STEP_CAP, init_from=Path(base_ckpt), lr=cfg.base_lr * 0.25, pace=pace)
 
 
 def _grpo_and_control(base: Path, rl: Path, control: Path, cfg: DemoConfig) -> dict:
