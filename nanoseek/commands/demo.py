@@ -1,7 +1,7 @@
 """`nanoseek demo` (= `make demo`): from nothing to a reasoning model on this machine.
 
 Stages, each resumable (Ctrl-C, then rerun the same command):
-  1. tokenizer + corpus + pretrain the tiny MoE base on worked arithmetic, half of it with one slip;
+  1. tokenizer + corpus + pretrain the tiny MoE base on worked arithmetic, 60% of it with one slip;
   2. evaluate the base on the held-out split;
   3. GRPO with the rule-based reward (accuracy + format) and, at the same time in a second process, the
      control: the base pretrained further for exactly as long as GRPO runs, each on half of the cores

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
+from nanoseek.data import PACKERS
 from nanoseek.train.common import TrainConfig, setup_distributed
 from nanoseek.train.pretrain import DataConfig, PretrainConfig, dense_equivalent, pretrain
 
@@ -38,8 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of worked solutions with one deliberate slip")
     p.add_argument("--fact-share", type=float, default=DataConfig.fact_share,
                    help="share of documents that are one-operation arithmetic facts (always correct)")
-    p.add_argument("--packing", default=DataConfig.packing, choices=["aligned", "stream"],
-                   help="rows start at a document start (aligned, default) or are cuts of one stream")
+    p.add_argument("--packing", default=DataConfig.packing, choices=list(PACKERS),
+                   help="rows are cuts of one document stream (stream, default) or start at a document start "
+                        "(aligned)")
     p.add_argument("--steps", type=int, help=f"optimizer steps, the lr schedule's length (default {d.steps}; "
                    "on --resume the stored value)")
     p.add_argument("--minutes", type=float, help="wall-clock limit of this process; 0 = none (default 0)")

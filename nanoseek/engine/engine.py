@@ -160,21 +160,22 @@ class Engine:
         ragged = bool(pad.any())  # equal-length prompts need no masks or per-row positions
         # Prefill each distinct prompt once (a GRPO batch is G copies of every prompt), then give every row
         # its prompt's cache and last logits.
-        first_of: dict[tuple[int, ...], int] = {}
-        row_of = torch.tensor([first_of.setdefault(tuple(p), len(first_of)) for p in ids], device=device)
-        uniq = list(first_of)
-        tokens = torch.zeros(len(uniq), P, dtype=torch.long, device=device)
-        for i, p in enumerate(uniq):
-            tokens[i, P - len(p):] = torch.tensor(p)
-        u_pad = torch.tensor([P - len(p) for p in uniq], device=device)
-        u_valid = slots[None, :P] >= u_pad[:, None]
+        first_of: dict[tuple[int, ...], int] = {}  # prompt -> its index among the distinct prompts
+        first_row: list[int] = []  # distinct prompt -> the first row holding it
+        for i, p in enumerate(ids):
+            if first_of.setdefault(tuple(p), len(first_of)) == len(first_row):
+                first_row.append(i)
+        row_of = torch.tensor([first_of[tuple(p)] for p in ids], device=device)
+        uniq = torch.tensor(first_row, device=device)
+        tokens = torch.zeros(len(first_row), P, dtype=torch.long, device=device)
+        for i, r in enumerate(first_row):
+            tokens[i, P - len(ids[r]):] = torch.tensor(ids[r])
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-        mask = (causal[None] & u_valid[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device)[None]
-        u_positions = (slots[None, :P] - u_pad[:, None]).clamp(min=0)
-        cache = self.new_cache(len(uniq), S)
-        h = model.hidden(tokens, u_positions if ragged else None, mask[:, None] if ragged else None, cache, 0)
+        mask = (causal[None] & key_valid[uniq, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]
+        cache = self.new_cache(len(first_row), S)
+        h = model.hidden(tokens, positions[uniq, :P] if ragged else None, mask[:, None] if ragged else None, cache, 0)
         logits = model.logits(h[:, -1])
-        if len(uniq) < B:
+        if len(first_row) < B:
             cache, logits = cache[:, row_of], logits[row_of]
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         out_logps: list[list[float]] = [[] for _ in range(B)]

@@ -104,7 +104,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     decay_steps = cfg.steps - warmup
     if decay_steps <= 1:
         return cfg.lr
-    progress = min(1.0, (step - warmup) / (decay_steps - 1))
+    return _cosine(cfg, min(1.0, (step - warmup) / (decay_steps - 1)))
+
+
+def _cosine(cfg: TrainConfig, progress: float) -> float:
+    """From cfg.lr at progress 0 to cfg.min_lr at progress 1."""
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
@@ -113,8 +117,7 @@ def lr_at_fraction(step: int, fraction: float, cfg: TrainConfig) -> float:
     count (warmup still counts steps): for a run that must end when something else ends."""
     if step < min(cfg.warmup_steps, cfg.steps):
         return lr_at(step, cfg)
-    progress = min(1.0, max(0.0, fraction))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+    return _cosine(cfg, min(1.0, max(0.0, fraction)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

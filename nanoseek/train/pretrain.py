@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.data import Loader, eval_batches, pack_aligned, pack_documents
+from nanoseek.data import PACKERS, Loader, eval_batches
 from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -65,8 +65,8 @@ class DataConfig:
     packing: str = "stream"
 
     def __post_init__(self):
-        if self.packing not in ("aligned", "stream"):
-            raise ConfigError(f"packing must be 'aligned' or 'stream', got {self.packing!r}")
+        if self.packing not in PACKERS:
+            raise ConfigError(f"packing must be one of {', '.join(PACKERS)}, got {self.packing!r}")
 
 
 @dataclass
@@ -131,8 +131,7 @@ def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[to
 
     def rows(n: int, split: str, s: int) -> torch.Tensor:
         docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split, data.fact_share)
-        pack = pack_aligned if data.packing == "aligned" else pack_documents
-        return pack([tokenizer.document_ids(p, c) for p, c in docs], seq_len, tokenizer.eos_id)
+        return PACKERS[data.packing]([tokenizer.document_ids(p, c) for p, c in docs], seq_len, tokenizer.eos_id)
 
     return rows(data.n_docs, "train", seed), rows(data.n_test_docs, "test", seed + 1)
 
