@@ -63,7 +63,9 @@ GIB = 2 ** 30
 # ---- hardware --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GPUSpec:
-    """Datasheet numbers of one GPU (dense tensor-core peaks) and a rough all-in price."""
+    """Datasheet numbers of one GPU (dense tensor-core peaks), its links, and a rough all-in price.
+    Link bandwidths are per GPU and per direction: scale-up is the NVLink share of one GPU (datasheet total,
+    which counts both directions, halved), scale-out the node's NICs divided by its GPUs."""
     name: str
     hbm_bytes: float
     hbm_bw: float  # bytes/s
@@ -72,24 +74,43 @@ class GPUSpec:
     tdp_w: float
     capex_usd: float  # default price per GPU including its share of the server (override with TCOInputs)
     source: str
+    scaleup_bw: float = 0.0  # bytes/s per direction inside a node (NVLink); 0 = none
+    scaleout_bw: float = 0.0  # bytes/s per direction to other nodes (InfiniBand / RoCE); 0 = none
+    link_source: str = ""
 
     def peak_flops(self, dtype: str) -> float:
         return self.fp8_flops if dtype == "fp8" else self.bf16_flops
 
 
+_IB_8X400 = "8 x ConnectX-7 400 Gb/s per 8-GPU node: 50 GB/s per GPU"
 GPUS: dict[str, GPUSpec] = {
     "h100": GPUSpec("H100 SXM5 80GB", 80 * GB, 3.35e12, 989.4e12, 1978.9e12, 700, 45_000,
                     "NVIDIA H100 Tensor Core GPU datasheet (SXM5: 80 GB HBM3, 3.35 TB/s, BF16 1,979 / FP8 3,958 "
-                    "TFLOP/s with sparsity, halved here; up to 700 W); capex: SPEC sec. 4, 40-50k USD all-in"),
+                    "TFLOP/s with sparsity, halved here; up to 700 W); capex: SPEC sec. 4, 40-50k USD all-in",
+                    450 * GB, 50 * GB, f"datasheet NVLink 900 GB/s (both directions); DGX H100 {_IB_8X400}"),
+    "h800": GPUSpec("H800 SXM5 80GB", 80 * GB, 3.35e12, 989.4e12, 1978.9e12, 700, 45_000,
+                    "H100 SXM5 compute and HBM (DeepSeek-V3 report sec. 3.1; DeepEP README); capex assumed equal "
+                    "to the H100's",
+                    200 * GB, 50 * GB, "NVLink cut to 400 GB/s (both directions), DeepEP measures ~160 GB/s; "
+                    "DeepSeek's nodes: one CX7 400 Gb/s InfiniBand NIC per GPU, ~50 GB/s (DeepEP README, "
+                    "V3 report sec. 3.2.2)"),
     "h200": GPUSpec("H200 SXM 141GB", 141 * GB, 4.8e12, 989.4e12, 1978.9e12, 700, 55_000,
                     "NVIDIA H200 Tensor Core GPU datasheet (SXM: 141 GB HBM3e, 4.8 TB/s, same tensor cores as "
-                    "H100 SXM, up to 700 W); capex: H100 estimate plus the memory premium"),
+                    "H100 SXM, up to 700 W); capex: H100 estimate plus the memory premium",
+                    450 * GB, 50 * GB, f"datasheet NVLink 900 GB/s (both directions); HGX H200 with {_IB_8X400}"),
+    "h20": GPUSpec("H20 96GB", 96 * GB, 4.0e12, 148e12, 296e12, 400, 20_000,
+                   "NVIDIA H20 (China-market Hopper; product-brief figures as reported by resellers: 96 GB HBM3, "
+                   "4.0 TB/s, BF16 148 / FP8 296 TFLOP/s dense, 400 W); capex: rough estimate",
+                   450 * GB, 50 * GB, f"NVLink 900 GB/s (both directions); scale-out assumed {_IB_8X400}"),
     "a100": GPUSpec("A100 SXM4 80GB", 80 * GB, 2.039e12, 312e12, 312e12, 400, 20_000,
                     "NVIDIA A100 Tensor Core GPU datasheet (SXM4 80 GB HBM2e, 2,039 GB/s, BF16 312 TFLOP/s dense, "
-                    "400 W; no FP8 tensor cores, so FP8 = BF16 rate); capex: rough 2024-25 estimate"),
+                    "400 W; no FP8 tensor cores, so FP8 = BF16 rate); capex: rough 2024-25 estimate",
+                    300 * GB, 25 * GB, "datasheet NVLink 600 GB/s (both directions); DGX A100 8 x 200 Gb/s HDR "
+                    "InfiniBand: 25 GB/s per GPU"),
     "b200": GPUSpec("B200 HGX 180GB", 180 * GB, 8.0e12, 2250e12, 4500e12, 1000, 65_000,
                     "NVIDIA HGX B200 datasheet (8 GPUs: 1.44 TB HBM3e, 64 TB/s, BF16 36 / FP8 72 PFLOP/s sparse, "
-                    "i.e. per GPU 180 GB, 8 TB/s, 2.25 / 4.5 PFLOP/s dense; 1,000 W); capex: rough estimate"),
+                    "i.e. per GPU 180 GB, 8 TB/s, 2.25 / 4.5 PFLOP/s dense; 1,000 W); capex: rough estimate",
+                    900 * GB, 50 * GB, f"NVLink 5: 1.8 TB/s per GPU (both directions); DGX B200 {_IB_8X400}"),
 }
 
 
@@ -121,6 +142,8 @@ class CostModel:
     n_routed_experts: int = 0
     n_activated_experts: int = 0
     expert_params: int = 0  # one routed expert of one layer
+    hidden_size: int = 0  # d: the width of what expert-parallel all-to-alls send (0 = unknown)
+    n_shared_experts: int = 0
 
     @property
     def is_mla(self) -> bool:
@@ -144,7 +167,8 @@ def from_model_config(cfg: ModelConfig, name: str = "model") -> CostModel:
         lookup_params=counts["embed"], native_attention="mla", kv_lora_rank=cfg.kv_lora_rank,
         qk_rope_head_dim=cfg.qk_rope_head_dim, n_moe_layers=cfg.n_moe_layers,
         n_routed_experts=cfg.n_routed_experts if moe else 0, n_activated_experts=cfg.n_activated_experts if moe else 0,
-        expert_params=counts["expert"] if moe else 0)
+        expert_params=counts["expert"] if moe else 0, hidden_size=cfg.dim,
+        n_shared_experts=cfg.n_shared_experts if moe else 0)
 
 
 def _require(d: dict, keys: tuple[str, ...], what: str) -> None:
@@ -221,7 +245,8 @@ def from_gqa_hf_config(d: dict, name: str = "model") -> CostModel:
     return CostModel(name=name, n_layers=n_layers, n_heads=n_heads, qk_head_dim=hd, v_head_dim=hd,
                      params_total=total, params_active=active, lookup_params=0 if tied else embed,
                      native_attention=_gqa_kind(n_heads, n_kv), n_moe_layers=n_layers if n_experts else 0,
-                     n_routed_experts=n_experts, n_activated_experts=k, expert_params=expert)
+                     n_routed_experts=n_experts, n_activated_experts=k, expert_params=expert, hidden_size=h,
+                     n_shared_experts=1 if n_experts and d.get("shared_expert_intermediate_size") else 0)
 
 
 def from_hf_config(d: dict, name: str = "model") -> CostModel:
