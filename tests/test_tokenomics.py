@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from nanoseek.commands import cost as cost_cmd
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.tokenomics import (
+    GPUS,
     CostModel,
     GPUSpec,
     Scenario,
@@ -25,6 +27,9 @@ from nanoseek.tokenomics import (
     sweep,
     tco_per_gpu_hour,
 )
+from nanoseek.tokenomics.deployment import Deployment, PhasePlan, comm_plan, decode, fleet, load_deployment, prefill
+from nanoseek.tokenomics.reasoning import ReasoningModel, answer_cost, kv_comparison
+from nanoseek.tokenomics.scenarios import DEEPSEEK_2025_02, diagnostics, get_scenario, side_by_side
 
 H200_V3 = Scenario(gpu="h200", gpus=8, context=32768, batch=64)
 
@@ -286,3 +291,248 @@ def test_cli_sweep_writes_a_png(tmp_path, capsys):
                               "--plot", str(path))) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(path) in capsys.readouterr().out.replace("\n", "")
+
+
+# ---- deployment model (disaggregated EP units, all-to-all, overlap) ------------------------------------------
+# A small MoE for hand counts: 8 routed experts, top-2, 3 MoE layers, hidden 256 (two fp32 scales per FP8 row).
+SMALL_MOE = CostModel(name="small-moe", n_layers=3, n_heads=2, qk_head_dim=4, v_head_dim=4, params_total=10**8,
+                      params_active=4 * 10**7, lookup_params=0, native_attention="mha", n_moe_layers=3,
+                      n_routed_experts=8, n_activated_experts=2, expert_params=10**6, hidden_size=256,
+                      n_shared_experts=1)
+LINK_GPU = dataclasses.replace(TOY_GPU, scaleup_bw=1e11, scaleout_bw=1e10)
+
+
+def _brute_force_copies(scheme: str) -> dict[str, float]:
+    """A token on GPU 0 (node 0) of EP4 over 2 nodes of 2 GPUs; GPU j holds experts 2j, 2j+1 and sits on node
+    j // 2. Average over all C(8, 2) = 28 equally likely pairs of picks."""
+    node = {j: j // 2 for j in range(4)}
+    nvl = ib = 0
+    pairs = list(combinations(range(8), 2))
+    for pair in pairs:
+        targets = {e // 2 for e in pair}
+        if scheme == "direct":  # every pick travels: same node over NVLink, else over IB; GPU 0's own stay
+            for e in pair:
+                t = e // 2
+                nvl += t != 0 and node[t] == 0
+                ib += node[t] != 0
+        else:  # one IB copy per remote node, landing on that node's GPU with in-node index 0 (GPU 2), then
+            landing = {0, 2}  # NVLink to every other target GPU
+            ib += len({node[t] for t in targets} - {0})
+            nvl += len(targets - landing)
+    return {"nvlink": nvl / len(pairs), "ib": ib / len(pairs)}
+
+
+@pytest.mark.parametrize("scheme", ["direct", "hierarchical"])
+def test_comm_bytes_per_step_match_a_hand_count(scheme):
+    dep = Deployment(serving=Scenario(gpu=LINK_GPU), gpus_per_node=2, link_efficiency=0.5)
+    plan = PhasePlan(ep=4, scheme=scheme)
+    c = comm_plan(SMALL_MOE, dep, plan, tokens=10, gpu=LINK_GPU)
+    hand = _brute_force_copies(scheme)
+    disp, comb = 256 * 1 + 2 * 4, 256 * 2  # fp8 row + two fp32 scales; bf16 row
+    per_copy_layers = 10 * 3  # tokens x MoE layers
+    assert c.copies_per_token["nvlink"] == pytest.approx(hand["nvlink"])
+    assert c.copies_per_token["ib"] == pytest.approx(hand["ib"])
+    assert c.nvlink_bytes == pytest.approx(per_copy_layers * hand["nvlink"] * (disp + comb))
+    assert c.ib_bytes == pytest.approx(per_copy_layers * hand["ib"] * (disp + comb))
+    assert c.dispatch_bytes == pytest.approx(per_copy_layers * (hand["nvlink"] + hand["ib"]) * disp)
+    assert c.combine_bytes == pytest.approx(per_copy_layers * (hand["nvlink"] + hand["ib"]) * comb)
+    assert c.time_s == pytest.approx(max(c.nvlink_bytes / 0.5e11, c.ib_bytes / 0.5e10))
+    if scheme == "direct":  # by hand: of 2 picks, 1/4 each on GPU 1 (NVLink), 1/2 on node 1 (IB)
+        assert (c.nvlink_bytes, c.ib_bytes) == (pytest.approx(30 * 0.5 * 776), pytest.approx(30 * 1.0 * 776))
+    else:  # 1 - 6/28 of tokens reach node 1; GPUs 1 and 3 are each hit by 1 - 15/28 of them
+        assert c.copies_per_token["ib"] == pytest.approx(22 / 28)
+        assert c.copies_per_token["nvlink"] == pytest.approx(2 * 13 / 28)
+
+
+ROOFLINE_CASES = [
+    ("v2-lite-16b", Scenario(gpu="h100", gpus=1, context=4096, batch=16)),
+    ("v2-lite-16b", Scenario(gpu="h200", gpus=1, context=1000, batch=3, attention="gqa:8", cache_dtype="fp8")),
+    ("v2-lite-16b", Scenario(gpu="a100", gpus=1, weight_dtype="bf16", context=512, batch=64, mfu=0.3, mbu=0.9)),
+    ("toy", dataclasses.replace(TOY_SC, batch=7)),
+    ("llama3-8b", Scenario(gpu="h100", gpus=1, weight_dtype="bf16", context=8192, batch=8)),
+]
+
+
+@pytest.mark.parametrize("name, sc", ROOFLINE_CASES)
+def test_ep1_without_network_reduces_to_the_roofline_model(name, sc):
+    model = {"toy": TOY, "llama3-8b": from_hf_config(LLAMA3_8B_HF, "llama3-8b")}.get(name) or load_model(name)
+    old = evaluate(model, sc)
+    dep = Deployment(serving=sc, prefill=PhasePlan(1), decode=PhasePlan(1), decode_batch=sc.batch,
+                     prompt_tokens=sc.context, prefill_chunk=sc.batch * sc.context)
+    f = fleet(model, dep)
+    d, p = f.decode, f.prefill
+    assert d.comm.nvlink_bytes == d.comm.ib_bytes == p.comm.ib_bytes == 0 and d.comm_time_s == 0
+    assert d.memory_time_s == pytest.approx(old.decode_time_memory_s, rel=1e-12)
+    assert d.compute_time_s == pytest.approx(old.decode_time_compute_s, rel=1e-12)
+    assert d.step_s == pytest.approx(old.decode_step_s, rel=1e-12)
+    assert d.tokens_per_s_per_gpu == pytest.approx(old.decode_tokens_per_s, rel=1e-12)
+    assert d.tokens_per_s_per_user == pytest.approx(old.tokens_per_s_per_sequence, rel=1e-12)
+    assert d.max_batch_per_gpu == old.max_concurrent_sequences
+    assert d.kv_room_bytes_per_gpu == pytest.approx(old.memory.kv_room_bytes)
+    assert d.weight_bytes_per_gpu == old.memory.weight_bytes
+    assert p.tokens_per_s_per_gpu == pytest.approx(old.prefill_tokens_per_s, rel=1e-12)
+    assert f.usd_per_mtok_output == pytest.approx(old.usd_per_mtok_output, rel=1e-12)
+    assert f.usd_per_mtok_input == pytest.approx(old.usd_per_mtok_input, rel=1e-12)
+
+
+def test_dual_microbatch_overlap_closed_form():
+    base = Deployment(serving=Scenario(gpu=LINK_GPU, mem_fraction=1.0, workspace_gib=0.0), gpus_per_node=2,
+                      decode=PhasePlan(ep=4), decode_batch=64)
+    one = decode(SMALL_MOE, base)
+    assert one.step_s == pytest.approx(one.work_time_s + one.comm_time_s)
+    assert one.comm_time_s > 0
+    for eff in (1.0, 0.5):
+        dep = dataclasses.replace(base, decode=PhasePlan(ep=4, microbatches=2), overlap_efficiency=eff)
+        two = decode(SMALL_MOE, dep)
+        lo, hi = sorted((two.work_time_s, two.comm_time_s))
+        assert two.step_s == pytest.approx(hi + lo * ((1 - eff) + eff / (2 * 3)))
+        assert two.comm_time_s == pytest.approx(one.comm_time_s)  # same bytes, split in two
+        assert two.memory_time_parts_s["weights"] > one.memory_time_parts_s["weights"]  # weights read twice
+
+
+def test_expert_slots_weights_and_tokens_per_expert():
+    model = load_model("v3-671b")
+    dep = DEEPSEEK_2025_02.deployment
+    p, d = prefill(model, dep), decode(model, dep)
+    assert (p.experts_per_gpu, d.experts_per_gpu, d.shared_experts_per_gpu) == (9, 2, 1)
+    dense = model.params_total - model.routed_params
+    assert d.weight_bytes_per_gpu == dense + 2 * 58 * model.expert_params  # fp8: one byte per weight
+    assert p.tokens_per_expert_per_step == pytest.approx(4096 * 8 / 9)
+    assert d.tokens_per_expert_per_step == pytest.approx(d.tokens_per_gpu_per_step * 8 / 2)
+    # decode batch: the largest that fits the KV room (the 20 tok/s SLO does not bind here)
+    assert d.tokens_per_gpu_per_step == d.max_batch_per_gpu == int(d.kv_room_bytes_per_gpu // (70_272 * 4989))
+    slow = decode(model, dataclasses.replace(dep, min_user_tokens_per_s=40.0))
+    assert slow.batch_limited_by == "slo" and slow.tokens_per_s_per_user >= 40
+    over = decode(model, dataclasses.replace(dep, decode_batch=int(slow.tokens_per_gpu_per_step) + 1))
+    assert over.tokens_per_s_per_user < 40
+
+
+def test_scenario_inputs_are_the_published_values():
+    sc = get_scenario("deepseek-2025-02")
+    dep, pub = sc.deployment, sc.published
+    assert sc.preset == "v3-671b"
+    assert dep.serving.gpu == "h800" and dep.gpus_per_node == 8
+    h800, h100 = GPUS["h800"], GPUS["h100"]
+    assert (h800.bf16_flops, h800.fp8_flops, h800.hbm_bytes, h800.hbm_bw) == \
+        (h100.bf16_flops, h100.fp8_flops, h100.hbm_bytes, h100.hbm_bw)
+    assert 2 * h800.scaleup_bw == 400e9 and h800.scaleout_bw == 400e9 / 8  # one 400 Gb/s NIC per GPU
+    assert (dep.prefill.ep, dep.prefill.redundant_experts, dep.prefill.microbatches) == (32, 32, 2)
+    assert (dep.decode.ep, dep.decode.redundant_experts, dep.decode.microbatches) == (144, 32, 2)
+    assert dep.prefill.ep / dep.gpus_per_node == pub["prefill_nodes_per_unit"] == 4
+    assert dep.decode.ep / dep.gpus_per_node == pub["decode_nodes_per_unit"] == 18
+    assert (256 + 32) // dep.prefill.ep == pub["prefill_routed_experts_per_gpu"] == 9
+    assert (256 + 32) // dep.decode.ep == pub["decode_routed_experts_per_gpu"] == 2
+    assert (dep.serving.weight_dtype, dep.dispatch_dtype, dep.serving.cache_dtype, dep.combine_dtype) == \
+        ("fp8", "fp8", "bf16", "bf16")
+    t = sc.traffic
+    assert (t.input_tokens, t.cache_hit_tokens, t.output_tokens, t.seconds) == (608e9, 342e9, 168e9, 86_400)
+    assert abs(t.cache_hit_fraction - 0.563) <= 0.0005 and dep.prefix_cache_hit == t.cache_hit_fraction
+    assert dep.serving.context == 4989 and dep.min_user_tokens_per_s == 20.0
+    assert sc.published_ranges["tokens_per_s_per_user"] == (20.0, 22.0)
+    assert dep.usd_per_gpu_hour == 2.0
+    assert (sc.prices.input_cache_hit, sc.prices.input_cache_miss, sc.prices.output) == (0.14, 0.55, 2.19)
+    assert (pub["prefill_tokens_per_s_per_node"], pub["decode_tokens_per_s_per_node"]) == (73.7e3, 14.8e3)
+    assert (pub["nodes_needed"], pub["peak_nodes"], pub["usd_per_day"], pub["revenue_per_day"]) == \
+        (226.75, 278, 87_072, 562_027)
+    # utilizations: the tool's defaults, the same as for every other scenario (nothing fitted)
+    d0, s0 = Deployment(), Scenario()
+    for name in ("mfu", "mbu", "mem_fraction", "workspace_gib", "load"):
+        assert getattr(dep.serving, name) == getattr(s0, name)
+    assert (dep.link_efficiency, dep.overlap_efficiency, dep.prefill_chunk) == \
+        (d0.link_efficiency, d0.overlap_efficiency, d0.prefill_chunk)
+    # the published figures agree with each other: the cost is nodes x 8 GPUs x $2 x 24 h, the revenue is the
+    # day's tokens at R1 prices, and the day's tokens at the per-node throughputs need the average node count
+    assert pub["nodes_needed"] * 8 * 2 * 24 == pub["usd_per_day"]
+    revenue = (342e9 * 0.14 + (608e9 - 342e9) * 0.55 + 168e9 * 2.19) / 1e6
+    assert revenue == pytest.approx(pub["revenue_per_day"], rel=2e-4)
+    assert pub["revenue_per_day"] / pub["usd_per_day"] - 1 == pytest.approx(pub["margin"], abs=0.005)
+    nodes = 608e9 / 86_400 / 73.7e3 + 168e9 / 86_400 / 14.8e3
+    assert nodes == pytest.approx(pub["nodes_needed"], rel=2e-3)
+    assert all(sc.sources.get(k) for k in ("gpu", "prefill", "decode", "traffic", "context", "prices",
+                                           "usd_per_gpu_hour", "prompt_tokens"))
+
+
+def test_scenario_prediction_is_reported_side_by_side():
+    sc = DEEPSEEK_2025_02
+    f = sc.run()
+    rows = {r["key"]: r for r in side_by_side(sc, f)}
+    assert rows["nodes_needed"]["predicted"] == pytest.approx(
+        608e9 / 86_400 / f.prefill.tokens_per_s_per_node + 168e9 / 86_400 / f.decode.tokens_per_s_per_node)
+    assert f.usd_per_day == pytest.approx(f.nodes_needed * 8 * 2.0 * 24)
+    assert f.revenue_per_day == pytest.approx(562_027, rel=2e-4)
+    assert f.margin == pytest.approx(f.revenue_per_day / f.usd_per_day - 1)
+    assert rows["prefill_tokens_per_s_per_node"]["ratio"] == pytest.approx(f.prefill.tokens_per_s_per_node / 73.7e3)
+    diag = diagnostics(sc, f)
+    assert diag["implied_decode_batch_per_gpu"] == pytest.approx(14.8e3 / 8 / 21)
+    assert diag["published_decode_step_s"] == pytest.approx(1 / 21)
+
+
+def test_reasoning_cost_per_answered_question():
+    model, dep = load_model("v3-671b"), dataclasses.replace(DEEPSEEK_2025_02.deployment, prompt_tokens=1000)
+    long, short = ReasoningModel("long", 8000, 0.8), ReasoningModel("short", 2000, 0.5)
+    a = answer_cost(model, dep, long)
+    assert a.context == 1000 + 4000
+    f = fleet(model, dataclasses.replace(dep, serving=dataclasses.replace(dep.serving, context=5000)))
+    assert a.usd_per_attempt == pytest.approx((1000 * f.usd_per_mtok_input + 8000 * f.usd_per_mtok_output) / 1e6)
+    assert a.usd_per_answered == pytest.approx(a.usd_per_attempt / 0.8)
+    rows = kv_comparison(model, dep, [long, short], ["mla", "gqa:8", "mha"])
+    mla, gqa, mha = (rows[v][0] for v in ("mla", "gqa:8", "mha"))
+    assert mla.decode_batch_per_gpu > 4 * gqa.decode_batch_per_gpu > 4 * mha.decode_batch_per_gpu
+    assert mla.usd_per_answered < gqa.usd_per_answered < mha.usd_per_answered
+    with pytest.raises(ConfigError, match="NAME:TOKENS:ACCURACY"):
+        ReasoningModel.parse("long:8000")
+    with pytest.raises(ConfigError, match="accuracy"):
+        ReasoningModel.parse("long:8000:0")
+
+
+def test_every_gpu_preset_has_both_links():
+    for gpu in GPUS.values():
+        assert gpu.scaleup_bw > gpu.scaleout_bw > 0 and gpu.link_source
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decode": PhasePlan(ep=100)}, "multiple of 8"), ({"decode": PhasePlan(ep=48)}, "do not split evenly"),
+    ({"prefill": PhasePlan(ep=1)}, "do not fit"), ({"prefix_cache_hit": 1.0}, "prefix_cache_hit"),
+    ({"link_efficiency": 0.0}, "link_efficiency"), ({"decode_batch": 10_000}, "does not fit"),
+    ({"min_user_tokens_per_s": 10_000.0}, "even one sequence"), ({"decode": PhasePlan(8, scheme="x")}, "scheme"),
+])
+def test_bad_deployments_raise_one_clear_config_error(change, message):
+    with pytest.raises(ConfigError, match=message):
+        fleet(load_model("v3-671b"), dataclasses.replace(DEEPSEEK_2025_02.deployment, **change))
+
+
+def test_cli_scenario_and_deployment_json(capsys, tmp_path):
+    assert cost_cmd.run(_args("--scenario", "deepseek-2025-02", "--json")) == 0
+    out = json.loads(capsys.readouterr().out)
+    pred = out["predicted"]
+    for key in ("prefill_tokens_per_s_per_node", "decode_tokens_per_s_per_node", "comm_time_s", "compute_time_s",
+                "memory_time_s", "nodes_needed", "usd_per_day", "revenue_per_day", "margin"):
+        assert pred[key] is not None, key
+    assert set(pred["comm_time_s"]) == {"prefill", "decode"}
+    assert out["published"]["decode_tokens_per_s_per_node"] == 14.8e3
+    argv = ("--gpu", "h800", "--context", "4989", "--prefill-ep", "32", "--decode-ep", "144",
+            "--redundant-experts", "32", "--microbatches", "2", "--prompt-tokens", "4989",
+            "--prefix-cache-hit", str(342 / 608), "--min-user-tps", "20", "--usd-per-gpu-hour", "2",
+            "--input-tokens-per-day", "608e9", "--output-tokens-per-day", "168e9", "--prices", "0.14,0.55,2.19")
+    assert cost_cmd.run(_args(*argv, "--json")) == 0
+    flags = json.loads(capsys.readouterr().out)
+    assert flags["nodes_needed"] == pytest.approx(pred["nodes_needed"])  # the flags rebuild the scenario
+    path = tmp_path / "dep.json"
+    path.write_text(json.dumps({"prefill": {"ep": 32, "redundant_experts": 32, "microbatches": 2,
+                                            "scheme": "hierarchical"},
+                                "decode": {"ep": 144, "redundant_experts": 32, "microbatches": 2},
+                                "prompt_tokens": 4989, "prefix_cache_hit": 342 / 608, "min_user_tokens_per_s": 20,
+                                "usd_per_gpu_hour": 2.0}))
+    assert cost_cmd.run(_args("--gpu", "h800", "--context", "4989", "--deployment", str(path), "--json")) == 0
+    from_file = json.loads(capsys.readouterr().out)
+    assert from_file["decode_tokens_per_s_per_node"] == pytest.approx(pred["decode_tokens_per_s_per_node"])
+    assert cost_cmd.run(_args("--scenario", "deepseek-2025-02", "--reasoning", "a:4000:0.7")) == 0
+    text = capsys.readouterr().out
+    assert "predicted / published" in text and "answered" in text
+    path.write_text(json.dumps({"decode": {"ep": 8, "typo": 1}}))
+    with pytest.raises(ConfigError, match="decode must be an object"):
+        load_deployment(path, Scenario())
+    with pytest.raises(ConfigError, match="unknown scenario"):
+        cost_cmd.run(_args("--scenario", "nope"))
+    with pytest.raises(ConfigError, match="needs a deployment"):
+        cost_cmd.run(_args("--reasoning", "a:1:1"))

@@ -228,6 +228,8 @@ class CommPlan:
 def comm_plan(model: CostModel, dep: Deployment, plan: PhasePlan, tokens: float, gpu: GPUSpec) -> CommPlan:
     """All-to-all bytes and time for `tokens` tokens leaving one GPU in one step (all MoE layers)."""
     copies = copies_per_token(model, plan.ep, dep.gpus_per_node, plan.scheme)
+    if copies["nvlink"] == copies["ib"] == 0:
+        return CommPlan(plan.scheme, copies, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     disp, comb = bytes_per_copy(model_dim(model), dep.dispatch_dtype, dep.combine_dtype)
     per_layer = tokens * model.n_moe_layers
     nvl, ib = per_layer * copies["nvlink"], per_layer * copies["ib"]
@@ -269,6 +271,8 @@ class PhaseResult:
     comm: CommPlan
     memory_time_s: float
     compute_time_s: float
+    memory_time_parts_s: dict[str, float]  # 'weights' (every microbatch), 'kv'
+    compute_time_parts_s: dict[str, float]  # 'matmul', 'attention'
     work_time_s: float  # max(memory, compute)
     comm_time_s: float
     exposed_time_s: float  # the non-overlapped part
@@ -321,8 +325,10 @@ def _phase(model: CostModel, dep: Deployment, phase: str, tokens: float) -> Phas
         kv_bytes = tokens * kv_per_token * (1 + h / (1 - h))  # written, plus the cached prefix loaded
         positions = cached + (fresh + 1) / 2  # attended per computed token
         flops_kv = tokens * model.n_layers * positions * attention_flops_per_position(model, attention, "prefill")
-    t_mem = (m * (dense + experts) + kv_bytes) / (gpu.hbm_bw * sc.mbu)
-    t_cmp = (flops_w / gpu.peak_flops(sc.weight_dtype) + flops_kv / gpu.peak_flops(sc.cache_dtype)) / sc.mfu
+    mem_parts = {"weights": m * (dense + experts) / (gpu.hbm_bw * sc.mbu), "kv": kv_bytes / (gpu.hbm_bw * sc.mbu)}
+    cmp_parts = {"matmul": flops_w / gpu.peak_flops(sc.weight_dtype) / sc.mfu,
+                 "attention": flops_kv / gpu.peak_flops(sc.cache_dtype) / sc.mfu}
+    t_mem, t_cmp = sum(mem_parts.values()), sum(cmp_parts.values())
     work = max(t_mem, t_cmp)
     comm = comm_plan(model, dep, plan, tokens, gpu)
     lo = min(work, comm.time_s)
@@ -341,7 +347,8 @@ def _phase(model: CostModel, dep: Deployment, phase: str, tokens: float) -> Phas
         microbatches=m, weight_bytes_per_gpu=weights, kv_room_bytes_per_gpu=room, kv_bytes_per_token=kv_per_token,
         tokens_per_gpu_per_step=tokens,
         tokens_per_expert_per_step=tokens * model.n_activated_experts / slots if slots else 0.0,
-        comm=comm, memory_time_s=t_mem, compute_time_s=t_cmp, work_time_s=work, comm_time_s=comm.time_s,
+        comm=comm, memory_time_s=t_mem, compute_time_s=t_cmp, memory_time_parts_s=mem_parts,
+        compute_time_parts_s=cmp_parts, work_time_s=work, comm_time_s=comm.time_s,
         exposed_time_s=exposed, step_s=step, bound=bound, tokens_per_s_per_gpu=per_gpu,
         tokens_per_s_per_node=per_gpu * dep.gpus_per_node, computed_tokens_per_s_per_gpu=computed)
 
@@ -439,3 +446,33 @@ def fleet(model: CostModel, dep: Deployment, traffic: Traffic | None = None,
         margin = revenue / cost - 1
     return dataclasses.replace(out, prefill_nodes=pn, decode_nodes=dn, nodes_needed=nodes, usd_per_day=cost,
                                revenue_per_day=revenue, margin=margin)
+
+
+def load_deployment(path, serving: Scenario) -> Deployment:
+    """A deployment JSON: Deployment's fields (prefill / decode as objects of PhasePlan's fields), except
+    `serving`, which comes from the command line (GPU, dtypes, context, utilizations, TCO)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deployment file not found: {p}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"deployment file is not valid JSON ({p}): {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"deployment file must hold a JSON object: {p}")
+    fields = {f.name for f in dataclasses.fields(Deployment)} - {"serving"}
+    plan_fields = {f.name for f in dataclasses.fields(PhasePlan)}
+    unknown = set(d) - fields
+    if unknown:
+        raise ConfigError(f"deployment file {p}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(fields))}")
+    for phase in ("prefill", "decode"):
+        if phase in d:
+            if not isinstance(d[phase], dict) or set(d[phase]) - plan_fields:
+                raise ConfigError(f"deployment file {p}: {phase} must be an object with keys among "
+                                  f"{', '.join(sorted(plan_fields))}")
+            d[phase] = PhasePlan(**d[phase])
+    return Deployment(serving=serving, **d)
