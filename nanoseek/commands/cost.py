@@ -328,6 +328,8 @@ def scenario_tables(ps: PublishedScenario, f: FleetResult, diag: dict) -> list[T
               f"{fmt_ms(diag['decode_comm_time_at_implied_batch_s'])}")
     d.add_row("model's decode step at that batch vs published (1 / tok/s per user)",
               f"{fmt_ms(diag['decode_step_at_implied_batch_s'])} vs {fmt_ms(diag['published_decode_step_s'])}")
+    d.add_row("the same step with memory and compute time added, not overlapped",
+              fmt_ms(diag["decode_step_no_mem_compute_overlap_s"]))
     if diag["prefill_mfu_matching_published"] is not None:
         d.add_row("MFU at which the compute-bound prefill would match the published figure",
                   f"{diag['prefill_mfu_matching_published']:.2f} (default {ps.deployment.serving.mfu:g})")

@@ -38,7 +38,8 @@ Simplifications, on purpose:
   of the model, so MLA vs GQA vs MHA is compared at equal parameters and only the cache differs.
 - Every sequence holds the full `context` during decode (the worst case of a sequence growing to C);
   `cost_per_answer` integrates over a growing context instead.
-- Weights are split evenly over the GPUs (TP/EP) and communication is free; MTP modules are not served
+- Weights are split evenly over the GPUs (TP/EP) and communication is free (`deployment` models expert-
+  parallel units with their all-to-all traffic, and reduces to this model for one GPU); MTP modules are not served
   (params exclude them); FP8 block scales and KV quantization scales are not counted; the embedding is a
   lookup (not read in full, no FLOPs) unless tied to the output head.
 - GPU memory is the datasheet figure in decimal GB; FLOP/s are dense (no sparsity). An A100 has no FP8

@@ -133,7 +133,8 @@ def side_by_side(sc: PublishedScenario, result: FleetResult) -> list[dict]:
 def diagnostics(sc: PublishedScenario, result: FleetResult) -> dict[str, float]:
     """What the published figures imply, to locate a miss (not used to fit anything):
     the decode batch per GPU they imply (tokens/s per GPU / tokens/s per user, range midpoint), the
-    model's decode step at that batch against the published 1 / (tokens/s per user), and the MFU at
+    model's decode step at that batch against the published 1 / (tokens/s per user) (and the same step with
+    memory and compute time added instead of overlapped: the roofline's max is the optimistic end), and the MFU at
     which a compute-bound prefill would match the published throughput."""
     dep, model = sc.deployment, sc.model()
     lo, hi = sc.published_ranges["tokens_per_s_per_user"]
@@ -146,5 +147,7 @@ def diagnostics(sc: PublishedScenario, result: FleetResult) -> dict[str, float]:
         "published_decode_step_s": 1 / user, "decode_memory_time_at_implied_batch_s": at.memory_time_s,
         "decode_compute_time_at_implied_batch_s": at.compute_time_s,
         "decode_comm_time_at_implied_batch_s": at.comm_time_s,
+        # memory-bound and compute-bound kernels one after the other instead of overlapped (comm still hidden)
+        "decode_step_no_mem_compute_overlap_s": at.memory_time_s + at.compute_time_s + at.exposed_time_s,
         "prefill_mfu_matching_published": dep.serving.mfu * ratio if result.prefill.bound == "compute" else None,
     }
