@@ -495,6 +495,7 @@ def test_every_gpu_preset_has_both_links():
     ({"prefill": PhasePlan(ep=1)}, "do not fit"), ({"prefix_cache_hit": 1.0}, "prefix_cache_hit"),
     ({"link_efficiency": 0.0}, "link_efficiency"), ({"decode_batch": 10_000}, "does not fit"),
     ({"min_user_tokens_per_s": 10_000.0}, "even one sequence"), ({"decode": PhasePlan(8, scheme="x")}, "scheme"),
+    ({"prefix_cache_hit": "x"}, "must be a number"), ({"decode": PhasePlan(0)}, "positive integer"),
 ])
 def test_bad_deployments_raise_one_clear_config_error(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -529,6 +530,15 @@ def test_cli_scenario_and_deployment_json(capsys, tmp_path):
     assert cost_cmd.run(_args("--scenario", "deepseek-2025-02", "--reasoning", "a:4000:0.7")) == 0
     text = capsys.readouterr().out
     assert "predicted / published" in text and "answered" in text
+    assert cost_cmd.run(_args("--scenario", "deepseek-2025-02", "--reasoning", "a:4000:0.7", "--json")) == 0
+    reasoning = json.loads(capsys.readouterr().out)["reasoning"]
+    assert reasoning["mla"][0]["usd_per_answered"] < reasoning["mha"][0]["usd_per_answered"]
+    assert cost_cmd.run(_args("--gpu", "h200", "--prefill-ep", "16", "--decode-ep", "32", "--prefix-cache-hit", "0.5",
+                              "--output-tokens-per-day", "1e9", "--json")) == 0
+    decode_only = json.loads(capsys.readouterr().out)
+    assert decode_only["prefill_nodes"] == 0 and decode_only["nodes_needed"] == pytest.approx(
+        1e9 / 86_400 / decode_only["decode_tokens_per_s_per_node"])
+    assert decode_only["revenue_per_day"] is None
     path.write_text(json.dumps({"decode": {"ep": 8, "typo": 1}}))
     with pytest.raises(ConfigError, match="decode must be an object"):
         load_deployment(path, Scenario())

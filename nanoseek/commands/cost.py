@@ -75,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     dd = Deployment()
     e = p.add_argument_group("deployment: disaggregated prefill / decode units with expert parallelism "
                              "(any of these switches to this model)")
-    e.add_argument("--scenario", help=f"a published deployment, predicted vs published: {', '.join(SCENARIOS)}")
+    e.add_argument("--scenario", help=f"a published deployment, predicted vs published: {', '.join(SCENARIOS)} "
+                   "(it brings all its inputs: model, GPU and deployment flags are not used)")
     e.add_argument("--deployment", help="a deployment JSON (Deployment's fields; replaces the flags below)")
     e.add_argument("--prefill-ep", type=int, help="GPUs per prefill unit (EP = DP)")
     e.add_argument("--decode-ep", type=int, help="GPUs per decode unit (EP = DP)")
@@ -255,7 +256,8 @@ def phase_table(model: CostModel, f: FleetResult, title: str) -> Table:
     table = Table(title=title)
     table.add_column("per GPU, per step")
     for ph in (f.prefill, f.decode):
-        table.add_column(f"{ph.phase} (EP{ph.ep}, {ph.nodes:g} node{'s' if ph.nodes != 1 else ''})", justify="right")
+        table.add_column(f"{ph.phase} (EP{ph.ep}, {ph.nodes:g} node{'s' if ph.nodes != 1 else ''})",
+                         justify="right")
 
     def line(label: str, cell) -> None:
         table.add_row(label, *[cell(ph) for ph in (f.prefill, f.decode)])
@@ -341,9 +343,13 @@ def scenario_tables(ps: PublishedScenario, f: FleetResult, diag: dict) -> list[T
     return [t, d, src]
 
 
-def reasoning_table(model: CostModel, dep: Deployment, specs: list[str]) -> Table:
+def reasoning_rows(model: CostModel, dep: Deployment, specs: list[str]) -> tuple[list[ReasoningModel], dict]:
     models = [ReasoningModel.parse(x) for x in specs]
-    rows = kv_comparison(model, dep, models)
+    return models, kv_comparison(model, dep, models)
+
+
+def reasoning_table(model: CostModel, dep: Deployment, specs: list[str]) -> Table:
+    models, rows = reasoning_rows(model, dep, specs)
     table = Table(title=f"cost per answered question: prompt {dep.prompt_tokens:,} tokens, decode at the mean KV "
                         "length prompt + output/2, USD per attempt / accuracy")
     table.add_column("attention")
@@ -356,6 +362,13 @@ def reasoning_table(model: CostModel, dep: Deployment, specs: list[str]) -> Tabl
     return table
 
 
+def _reasoning_json(model: CostModel, dep: Deployment, args: argparse.Namespace) -> dict:
+    if not args.reasoning:
+        return {}
+    _, rows = reasoning_rows(model, dep, args.reasoning)
+    return {"reasoning": {v: [dataclasses.asdict(c) if c else None for c in costs] for v, costs in rows.items()}}
+
+
 def run_deployment(args: argparse.Namespace, model: CostModel, sc: Scenario, console: Console) -> int:
     if args.scenario:
         ps = get_scenario(args.scenario)
@@ -364,7 +377,8 @@ def run_deployment(args: argparse.Namespace, model: CostModel, sc: Scenario, con
         diag = diagnostics(ps, f)
         if args.json:
             print(json.dumps({"scenario": ps.name, "predicted": f.to_dict(), "side_by_side": side_by_side(ps, f),
-                              "diagnostics": diag, "published": ps.published, "sources": ps.sources}, indent=2))
+                              "diagnostics": diag, "published": ps.published, "sources": ps.sources,
+                              **_reasoning_json(model, dep, args)}, indent=2))
             return 0
         for t in scenario_tables(ps, f, diag)[:2]:
             console.print(t)
@@ -375,7 +389,7 @@ def run_deployment(args: argparse.Namespace, model: CostModel, sc: Scenario, con
         traffic, prices = traffic_from_args(args, dep)
         f = fleet(model, dep, traffic, prices)
         if args.json:
-            print(json.dumps(f.to_dict(), indent=2))
+            print(json.dumps({**f.to_dict(), **_reasoning_json(model, dep, args)}, indent=2))
             return 0
         gpu = resolve_gpu(dep.serving.gpu)
         console.print(phase_table(model, f, f"{model.name} on {gpu.name}, {dep.gpus_per_node} per node: context "

@@ -127,6 +127,13 @@ class Deployment:
 
     def validate(self, model: CostModel) -> Deployment:
         self.serving.validate()
+        for name in ("prefix_cache_hit", "min_user_tokens_per_s", "link_efficiency", "overlap_efficiency"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {v!r}")
+        if self.usd_per_gpu_hour is not None and (isinstance(self.usd_per_gpu_hour, bool)
+                                                  or not isinstance(self.usd_per_gpu_hour, (int, float))):
+            raise ConfigError(f"usd_per_gpu_hour must be a number, got {self.usd_per_gpu_hour!r}")
         if not (isinstance(self.gpus_per_node, int) and self.gpus_per_node >= 1):
             raise ConfigError(f"gpus_per_node must be a positive integer, got {self.gpus_per_node}")
         for name in ("prompt_tokens", "prefill_chunk"):
@@ -258,7 +265,7 @@ def model_dim(model: CostModel) -> int:
 class PhaseResult:
     phase: str
     ep: int
-    nodes: float
+    nodes: float  # nodes one unit spans (a fraction for a unit smaller than a node)
     redundant_experts: int
     experts_per_gpu: int  # routed expert slots per GPU per MoE layer
     shared_experts_per_gpu: int
@@ -310,7 +317,7 @@ def _phase(model: CostModel, dep: Deployment, phase: str, tokens: float) -> Phas
     if room <= 0:
         raise ConfigError(f"{phase}: {weights / 1e9:,.1f} GB of {sc.weight_dtype} weights per GPU (ep {plan.ep}, "
                           f"{slots} expert slots) do not fit a {gpu.name} at mem_fraction {sc.mem_fraction}; "
-                          f"raise --{phase}-ep or use --weight-dtype fp8")
+                          f"raise --{phase}-ep" + (" or use --weight-dtype fp8" if sc.weight_dtype != "fp8" else ""))
     m = plan.microbatches
     dense = (model.params_total - model.lookup_params - model.routed_params) * b_w
     experts = _touched_slots(model, slots, plan.ep * tokens / m) * model.n_moe_layers * model.expert_params * b_w
@@ -340,9 +347,8 @@ def _phase(model: CostModel, dep: Deployment, phase: str, tokens: float) -> Phas
     bound = max((t_mem, "memory"), (t_cmp, "compute"), (comm.time_s, "comm"))[1]
     computed = tokens / step
     per_gpu = computed / (1 - dep.prefix_cache_hit) if phase == "prefill" else computed
-    g = min(dep.gpus_per_node, plan.ep) if plan.ep > 1 else dep.gpus_per_node
     return PhaseResult(
-        phase=phase, ep=plan.ep, nodes=plan.ep / g, redundant_experts=plan.redundant_experts,
+        phase=phase, ep=plan.ep, nodes=plan.ep / dep.gpus_per_node, redundant_experts=plan.redundant_experts,
         experts_per_gpu=slots, shared_experts_per_gpu=model.n_shared_experts if model.n_moe_layers else 0,
         microbatches=m, weight_bytes_per_gpu=weights, kv_room_bytes_per_gpu=room, kv_bytes_per_token=kv_per_token,
         tokens_per_gpu_per_step=tokens,
@@ -431,7 +437,7 @@ def fleet(model: CostModel, dep: Deployment, traffic: Traffic | None = None,
     if traffic is None:
         return out
     traffic.validate()
-    if abs(traffic.cache_hit_fraction - dep.prefix_cache_hit) > 1e-9:
+    if traffic.input_tokens and abs(traffic.cache_hit_fraction - dep.prefix_cache_hit) > 1e-9:
         raise ConfigError(f"traffic's cache hit fraction {traffic.cache_hit_fraction:.4f} differs from the "
                           f"deployment's prefix_cache_hit {dep.prefix_cache_hit:.4f}")
     pn = traffic.input_tokens / traffic.seconds / (p.tokens_per_s_per_node * load)
