@@ -419,7 +419,7 @@ class Server:
 
         async def client_gone() -> None:  # a non-streaming caller that hangs up should not keep its rows
             while not await request.is_disconnected():
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.1)
 
         work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(client_gone())
         try:
