@@ -358,6 +358,16 @@ def test_full_waiting_queue_gets_429_with_retry_after(app_server):
     assert app_server.batcher.n_pending == 3  # nothing was queued
 
 
+def test_one_client_with_too_many_waiting_requests_gets_429(app_server):
+    from nanoseek.engine.batcher import Request
+    app_server.cfg.max_waiting, app_server.cfg.max_client_waiting = 100, 2
+    for g in range(2):  # the ASGI test client's address is 127.0.0.1
+        app_server.batcher.submit(Request([1, 2, 3], 4, client="127.0.0.1", group=g))
+    app_server.batcher.submit(Request([1, 2, 3], 4, client="10.0.0.9", group="other"))
+    r = asgi_post(app_server.app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 429 and "your requests" in r.json()["error"]["message"], r.text
+
+
 def test_too_many_choices_in_one_request_is_refused_before_any_work(app_server):
     body = {"prompt": ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 5000, "n": 16, "max_tokens": 5}
     r = asgi_post(app_server.app, "/v1/completions", body)

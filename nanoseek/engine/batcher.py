@@ -130,6 +130,10 @@ class FairQueue:
         self.n -= 1
         return req
 
+    def waiting_groups(self, client: object) -> int:
+        """How many groups (HTTP requests) of this client wait for a row (read from any thread: a snapshot)."""
+        return len(self.clients.get(client, ()))
+
 
 class Batcher:
     def __init__(self, model: Transformer, eos_id: int, max_slots: int = 32, max_seq_len: int | None = None,

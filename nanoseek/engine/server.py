@@ -9,8 +9,8 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
 * A client that disconnects (stream closed, or a non-streaming request abandoned) cancels its requests and
   their cache rows are free at the next step; a stop string hit also cancels right away.
 * Admission control (one client must not stall the others): a request may ask for at most `max_choices`
-  choices (prompts x n, 400 beyond); when `max_waiting` choices already wait for a row, a new request gets
-  429 with `Retry-After`; the batcher gives free rows round-robin between clients and between requests and
+  choices (prompts x n, 400 beyond); when `max_waiting` choices already wait for a row, or one client
+  (peer address) already has `max_client_waiting` requests waiting, a new one gets 429 with `Retry-After`; the batcher gives free rows round-robin between clients and between requests and
   keeps a few rows for newcomers (batcher.FairQueue). Prompts are tokenized off the event loop, and a body
   that does not arrive within `body_timeout_s` gets 408. Stop strings are capped and matched incrementally
   (protocol.py), so the event loop's work per token does not grow with them.
@@ -69,11 +69,16 @@ class ServeConfig:
     default_temperature: float = 1.0  # OpenAI's default
     max_choices: int = 64  # prompts x n of one request (400 beyond)
     max_waiting: int | None = None  # choices waiting for a row before new requests get 429 (None: 4 x max_slots)
+    max_client_waiting: int | None = None  # requests of one client address waiting for a row (None: max_slots)
     body_timeout_s: float = 30.0  # a request body must arrive within this (408 otherwise)
 
     @property
     def waiting_limit(self) -> int:
         return 4 * self.max_slots if self.max_waiting is None else self.max_waiting
+
+    @property
+    def client_waiting_limit(self) -> int:
+        return self.max_slots if self.max_client_waiting is None else self.max_client_waiting
 
 
 @dataclass(eq=False)
@@ -238,7 +243,7 @@ class Server:
         async def chat(request: HTTPRequest):
             req = parse(ChatRequest, await self._read_json(request))
             self._check_model(req.model)
-            self._check_choices(req, 1)
+            self._check_choices(req, 1, self._client(request))
             prompt = await asyncio.to_thread(chat_prompt_ids, self.tokenizer, req.messages)
             return await self._respond(request, req, [prompt], chat=True)
 
@@ -247,7 +252,7 @@ class Server:
             req = parse(CompletionRequest, await self._read_json(request))
             self._check_model(req.model)
             self._check_choices(req, len(req.prompt) if isinstance(req.prompt, list) and req.prompt
-                                and not isinstance(req.prompt[0], int) else 1)
+                                and not isinstance(req.prompt[0], int) else 1, self._client(request))
             prompts = await asyncio.to_thread(self._completion_prompts, req.prompt)  # a big prompt: off the loop
             return await self._respond(request, req, prompts, chat=False)
 
@@ -265,6 +270,11 @@ class Server:
             self._mailboxes[loop] = _Mailbox(loop)
         return self._mailboxes[loop]
 
+    @staticmethod
+    def _client(request: HTTPRequest) -> object:
+        """Who asks, for fair shares: the peer address (behind a proxy that is the proxy)."""
+        return request.client.host if request.client else None
+
     def _model_card(self) -> dict:
         return {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "nanoseek",
                 "context_length": self.context}
@@ -274,13 +284,18 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.cfg.model_name}'.",
                            param="model", code="model_not_found")
 
-    def _check_choices(self, req: SamplingRequest, n_prompts: int) -> None:
-        """Per-request bound (400) and the waiting-queue bound (429 + Retry-After), before any real work."""
+    def _check_choices(self, req: SamplingRequest, n_prompts: int, client: object) -> None:
+        """Per-request bound (400) and the waiting-queue bounds, all clients' and this client's (429 +
+        Retry-After), before any real work."""
         n = n_prompts * (req.n or 1)
         if n > self.cfg.max_choices:
             raise APIError(400, f"this request asks for {n} choices ({n_prompts} prompts x n={req.n or 1}); "
                                 f"the limit is {self.cfg.max_choices} per request: split it", param="n")
         waiting, limit = self.batcher.n_pending, self.cfg.waiting_limit
+        mine, my_limit = self.batcher.pending.waiting_groups(client), self.cfg.client_waiting_limit
+        if mine >= my_limit:
+            raise APIError(429, f"too many of your requests are waiting ({mine}, limit {my_limit}); retry in 1 s", type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
         if waiting + n > limit:
             # a rough wait: the queue ahead drains max_slots choices per generation (~1 s each at this scale)
             retry = max(1, math.ceil(waiting / self.cfg.max_slots))
@@ -361,8 +376,8 @@ class Server:
     async def _respond(self, request: HTTPRequest, req: SamplingRequest, prompts: list[list[int]], chat: bool):
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        client = request.client.host if request.client else None
-        self._check_choices(req, len(prompts))  # again: the queue may have grown while the prompts were encoded
+        client = self._client(request)
+        self._check_choices(req, len(prompts), client)  # again: the queue grew while the prompts were encoded
         choices = self._submit(req, prompts, chat, self._mailbox(), queue, client, rid)
         job = _Job(self.batcher, choices, queue, sum(len(p) for p in prompts))
         if req.stream:
