@@ -184,3 +184,55 @@ def test_bad_requests_are_refused_at_submit(req, msg):
     with pytest.raises(ValueError, match=msg):
         b.submit(req)
     assert b.n_pending == 0
+
+
+def test_free_rows_go_round_robin_between_groups_not_first_come():
+    model = make_model(seed=8)
+    b = Batcher(model, eos_id=-1, max_slots=4, reserve_slots=0)
+    big = [b.submit(Request(PROMPTS[0], 30, group="big")) for _ in range(20)]
+    small = b.submit(Request(PROMPTS[1], 3, group="small"))
+    b.step()
+    assert small in b.rows and sum(r in b.rows for r in big) == 3  # FIFO would give all 4 rows to "big"
+    drain(b)
+    assert small.tokens == alone(model, PROMPTS[1], 3)
+    assert all(r.tokens == alone(model, PROMPTS[0], 30) for r in big[:1])
+
+
+def test_round_robin_between_clients_before_their_requests():
+    b = Batcher(make_model(seed=9), eos_id=-1, max_slots=3, reserve_slots=0)
+    a = [b.submit(Request([5], 4, client="a", group=f"a{i}")) for i in range(4)]  # one client, four requests
+    c = b.submit(Request([6], 4, client="c", group="c0"))
+    b.step()
+    assert b.rows == [a[0], c, a[1]]  # a, c, a: the second client is not behind all of the first's requests
+
+
+def test_reserved_rows_go_to_a_newcomer_while_a_big_request_holds_the_rest():
+    model = make_model(seed=10)
+    b = Batcher(model, eos_id=-1, max_slots=4, reserve_slots=1)
+    big = [b.submit(Request(PROMPTS[0], 40, group="big")) for _ in range(10)]
+    b.step()
+    assert b.n_active == 3 and b.n_pending == 7  # the last free row stays free for someone new
+    late = b.submit(Request(PROMPTS[3], 2, group="late"))
+    b.step()
+    assert late.tokens  # admitted (and prefilled) at once, not after a big row finishes 40 tokens later
+    drain(b)
+    assert late.tokens == alone(model, PROMPTS[3], 2)
+    assert all(r.finish_reason == "length" for r in big)
+
+
+def test_logprobs_are_the_models_raw_log_softmax_and_its_top_k():
+    model = make_model(seed=11)
+    b = Batcher(model, eos_id=-1, max_slots=4)
+    params = SamplingParams(temperature=0.8, top_k=5)  # the raw distribution: neither temperature nor top-k
+    reqs = [b.submit(Request(p, 6, params, seed=3, logprobs=3)) for p in PROMPTS[:3]]
+    drain(b)
+    for p, r in zip(PROMPTS[:3], reqs):
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r.tokens]))  # naive full forward, no cache
+        ref = logits[0, len(p) - 1:-1].float().log_softmax(-1)
+        assert len(r.token_logprobs) == len(r.tokens) == 6
+        for t, (tok, lp) in enumerate(zip(r.tokens, r.token_logprobs)):
+            assert lp.logprob == pytest.approx(float(ref[t, tok]), abs=1e-4)
+            top = ref[t].topk(3)
+            assert [i for i, _ in lp.top] == top.indices.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)

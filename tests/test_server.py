@@ -1,18 +1,24 @@
 """`nanoseek serve` end to end: the official openai client against a live server (a subprocess on a random
 localhost port, with an API key) over a tiny model trained here for a few seconds to write
-<think>..</think><answer>..</answer>; the error shapes; disconnects and slow clients; 32 concurrent streaming
-clients against the same requests run one after another; the chat page in headless Chromium. Unit tests of
-the text side (template, thinking split, stop strings) come first."""
+<think>..</think><answer>..</answer>; the error shapes; disconnects and slow clients; admission control
+(choice cap, 429, fair share); logprobs; 32 concurrent streaming clients against the same requests run one
+after another; the chat page in headless Chromium. Unit tests of the text side (template, thinking split,
+incremental detokenization and stop strings against naive re-decoding references) and in-process tests of
+the app (5xx, 429, --insecure) come first. Throughput figures live in bench/serve_load.py and
+bench/serve_soak.py, not here."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,20 +26,23 @@ import httpx
 import pytest
 import torch
 
-from nanoseek.config import ModelConfig
+from requires import require, require_binary
+
+from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.corpus import corpus_texts
 from nanoseek.engine import Engine
-from nanoseek.engine.protocol import ChoiceStream, Message, chat_prompt_ids
+from nanoseek.engine.protocol import MAX_STOP_CHARS, APIError, ChatRequest, ChoiceStream, Message, chat_prompt_ids, parse
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import save_checkpoint
 
-openai = pytest.importorskip("openai")
+openai = require("openai")
+require("fastapi")
+require("uvicorn")
 
 KEY = "sk-test-nanoseek"
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = Path(os.environ.get("NANOSEEK_TEST_OUTPUT", REPO / "tmp" / "test-output"))
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 # ---- fixtures ------------------------------------------------------------------------------------------
@@ -203,6 +212,187 @@ def test_unfinished_utf8_is_held_back(tok):
     assert "".join(parts) == "é!" and all("\ufffd" not in p for p in parts)
 
 
+CONTROL = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>")
+
+
+def naive_raw_completion(tok: Tokenizer, ids: list[int], stops: list[str]) -> tuple[str, str]:
+    """The reference: re-decode everything after each token and look for the stop strings in the whole text
+    (quadratic, obviously right). Returns (text, finish reason)."""
+    control = {tok.id_of(t) for t in CONTROL}
+    kept: list[int] = []
+    for t in ids:
+        if t not in control:
+            kept.append(t)
+        text = tok.decode(kept)
+        hits = [text.find(s) for s in stops if s in text]
+        if hits:
+            return text[:min(hits)], "stop"
+    return tok.decode(kept), "length"
+
+
+def stream_raw(tok: Tokenizer, ids: list[int], stops: list[str]) -> tuple[str, str, ChoiceStream]:
+    s = ChoiceStream(tok, chat=False, stop=stops)
+    sent = ""
+    for k, t in enumerate(ids):
+        sent += s.feed(t, "length" if k == len(ids) - 1 else None).get("text", "")
+        if s.finish_reason:
+            break
+    assert s.finish_reason is not None and (s.text("text") or "") == sent
+    return sent, s.finish_reason, s
+
+
+def test_incremental_detokenization_equals_full_decode_on_random_tokens(tok):
+    rng = random.Random(0)
+    multi = "é€日本𝄞ß"
+    for trial in range(400):
+        if trial % 2:
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 60))]  # invalid UTF-8 too
+        else:
+            ids = tok.encode("".join(rng.choice("12+=*. ab" + multi) for _ in range(rng.randrange(1, 40))))
+        sent, finish, _ = stream_raw(tok, ids, [])
+        assert (sent, finish) == naive_raw_completion(tok, ids, []), ids
+
+
+def test_stop_strings_match_incrementally_like_a_full_rescan(tok):
+    rng = random.Random(1)
+    alphabet = "12+= aé€"
+    for _ in range(600):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40)))
+        ids = tok.encode(text)
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 5))) for _ in range(rng.randrange(1, 5))]
+        if rng.random() < 0.3:  # a stop that straddles token boundaries for sure
+            i = rng.randrange(len(text))
+            stops[0] = text[i:i + rng.randrange(2, 6)] or stops[0]
+        sent, finish, _ = stream_raw(tok, ids, stops)
+        assert (sent, finish) == naive_raw_completion(tok, ids, stops), (text, stops)
+
+
+def test_detokenization_work_per_token_does_not_grow_with_the_text(tok, monkeypatch):
+    """The old stream re-decoded every token so far at each step (quadratic): count what reaches decode."""
+    decoded = [0]
+    real = tok.decode
+
+    def counting(ids, *a, **kw):
+        ids = list(ids)
+        decoded[0] += len(ids)
+        return real(ids, *a, **kw)
+
+    monkeypatch.setattr(tok, "decode", counting)
+    monkeypatch.setattr(tok._tok, "decode", lambda ids, *a, **kw: (decoded.__setitem__(0, decoded[0] + len(ids)),
+                                                                    type(tok._tok).decode(tok._tok, ids, *a, **kw))[1])
+    ids = tok.encode("12 + 34 = 46. " * 150)
+    stops = ["z" * MAX_STOP_CHARS, "9" * MAX_STOP_CHARS, "y" * 999, "1 + 1 + 1 + " * 80]
+    sent, finish, s = stream_raw(tok, ids, stops)
+    assert finish == "length" and sent == real(ids)
+    assert decoded[0] <= len(ids), f"{decoded[0]} token decodes for {len(ids)} tokens"
+
+
+def test_stop_strings_are_capped_in_count_and_length():
+    base = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse(ChatRequest, {**base, "stop": ["x" * MAX_STOP_CHARS] * 4}).stops
+    for stop, words in [(["x" * (MAX_STOP_CHARS + 1)], f"at most {MAX_STOP_CHARS} characters"),
+                        ("x" * 250_000, f"at most {MAX_STOP_CHARS} characters"),
+                        (["a", "b", "c", "d", "e"], "at most 4")]:
+        with pytest.raises(APIError) as e:
+            parse(ChatRequest, {**base, "stop": stop})
+        assert e.value.status == 400 and e.value.param == "stop" and words in e.value.message
+
+
+def test_raw_completion_hides_control_tokens_but_keeps_reasoning_tags(tok):
+    ids = tok.encode("<|assistant|>7<think>a</think><|user|><answer>7</answer><|pad|>") + [tok.eos_id]
+    s = ChoiceStream(tok, chat=False)
+    got = feed_all_ids(s, ids)
+    assert got == {"text": "7<think>a</think><answer>7</answer>"} and s.text("text") == got["text"]
+
+
+def feed_all_ids(stream: ChoiceStream, ids: list[int]) -> dict[str, str]:
+    got: dict[str, str] = {}
+    for k, t in enumerate(ids):
+        for name, d in stream.feed(t, "stop" if k == len(ids) - 1 else None).items():
+            got[name] = got.get(name, "") + d
+    return got
+
+
+# ---- the app in process (no batcher thread: a request that would be queued never returns) -------------------
+@pytest.fixture
+def app_server(tok):
+    from nanoseek.engine.server import ServeConfig, Server
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2,
+                      n_dense_layers=1, n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=64, original_seq_len=64)
+    return Server(Transformer(cfg), tok, ServeConfig(model_name="tiny", max_slots=2, max_waiting=3))
+
+
+def asgi_post(app, path: str, body: dict, timeout: float = 10) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.wait_for(c.post(path, json=body), timeout)
+    return asyncio.run(go())
+
+
+def test_server_error_is_logged_with_its_details_and_answered_generically(app_server, monkeypatch, caplog):
+    def broken(prompt):
+        raise RuntimeError("secret detail /srv/weights")
+
+    monkeypatch.setattr(app_server, "_completion_prompts", broken)
+    with caplog.at_level(logging.ERROR, logger="nanoseek.serve"):
+        r = asgi_post(app_server.app, "/v1/completions", {"prompt": "1 + 1"})
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["type"] == "server_error" and err["message"]
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    logged = [rec for rec in caplog.records if rec.name == "nanoseek.serve" and rec.exc_info]
+    assert logged and "secret detail" in str(logged[0].exc_info[1]) and "/v1/completions" in logged[0].getMessage()
+
+
+def test_full_waiting_queue_gets_429_with_retry_after(app_server):
+    from nanoseek.engine.batcher import Request
+    for _ in range(3):  # max_waiting=3 choices already wait (the batcher is not running)
+        app_server.batcher.submit(Request([1, 2, 3], 4))
+    r = asgi_post(app_server.app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["code"] == "rate_limit_exceeded" and "busy" in r.json()["error"]["message"]
+    assert app_server.batcher.n_pending == 3  # nothing was queued
+
+
+def test_one_client_with_too_many_waiting_requests_gets_429(app_server):
+    from nanoseek.engine.batcher import Request
+    app_server.cfg.max_waiting, app_server.cfg.max_client_waiting = 100, 2
+    for g in range(2):  # the ASGI test client's address is 127.0.0.1
+        app_server.batcher.submit(Request([1, 2, 3], 4, client="127.0.0.1", group=g))
+    app_server.batcher.submit(Request([1, 2, 3], 4, client="10.0.0.9", group="other"))
+    r = asgi_post(app_server.app, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 429 and "your requests" in r.json()["error"]["message"], r.text
+
+
+def test_too_many_choices_in_one_request_is_refused_before_any_work(app_server):
+    body = {"prompt": ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 5000, "n": 16, "max_tokens": 5}
+    r = asgi_post(app_server.app, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "n" and "80000 choices" in err["message"] and "limit is 64" in err["message"]
+    assert app_server.batcher.n_pending == 0
+
+
+def test_non_loopback_bind_needs_an_api_key_or_insecure(tmp_path, capsys):
+    from nanoseek.cli import main
+    from nanoseek.commands.serve import check_exposure, is_loopback
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.5", "example.com"))
+    with pytest.raises(ConfigError, match="--insecure"):
+        check_exposure("0.0.0.0", None, False)
+    check_exposure("0.0.0.0", "KEY", False)
+    check_exposure("0.0.0.0", None, True)
+    check_exposure("127.0.0.1", None, False)
+    # refused before the run directory is even read
+    assert main(["serve", "--run", str(tmp_path / "missing"), "--host", "0.0.0.0", "--api-key", ""]) == 2
+    err = capsys.readouterr().err + capsys.readouterr().out
+    assert "--insecure" in err and "API key" in err
+
+
 # ---- API through the official client ------------------------------------------------------------------
 def test_models_and_health(client, server):
     models = client.models.list()
@@ -278,6 +468,69 @@ def test_sampling_n_seed_stop_and_max_tokens(client):
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == free[:free.find(stop)]
 
 
+def test_completions_logprobs_in_openai_format(client):
+    prompt = "<|bos|><|user|>Compute 8 - 3.<|assistant|>"
+    kw = {"model": "tiny", "prompt": prompt, "temperature": 0, "max_tokens": 16, "logprobs": 3}
+    r = client.completions.create(**kw)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == \
+        r.usage.completion_tokens
+    assert "".join(lp.tokens) == c.text  # eos shows as ""
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and 1 <= len(top) <= 3
+        assert value == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the most likely token
+    streamed = [ch.choices[0].logprobs for ch in client.completions.create(stream=True, **kw) if ch.choices]
+    assert sum((x.tokens for x in streamed if x), []) == lp.tokens
+    assert sum((x.token_logprobs for x in streamed if x), []) == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert client.completions.create(**{**kw, "logprobs": None}).choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(**{**kw, "logprobs": 6})
+
+
+def test_one_huge_request_is_refused_and_the_server_keeps_serving(server, client):
+    prompts = ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 5000
+    r = raw_post(server, {"model": "tiny", "prompt": prompts, "n": 16, "max_tokens": 5}, path="/v1/completions")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert health(server)["pending"] == 0
+    stop = raw_post(server, {"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 250_000] * 4})
+    assert stop.status_code == 400 and stop.json()["error"]["param"] == "stop"
+    ok = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Compute 1."}],
+                                        temperature=0, max_tokens=5)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_small_request_is_not_queued_behind_a_big_one(server):
+    """64 choices x 100 tokens fill more than the 32 rows; a one-choice request sent after them must start at
+    once (round-robin + reserved rows), so it ends before the big one. First come, first served would run it
+    only after the big request's last row."""
+    wait_idle(server)
+    big_body = {"model": "tiny", "prompt": ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 4, "n": 16,
+                "max_tokens": 100, "ignore_eos": True, "temperature": 0, "stream": True}
+    order: list[str] = []
+
+    def big() -> None:
+        with httpx.stream("POST", f"{server}/v1/completions", json=big_body, headers=auth(), timeout=120) as r:
+            assert r.status_code == 200
+            for _ in r.iter_lines():
+                pass
+        order.append("big")
+
+    t = threading.Thread(target=big)
+    t.start()
+    deadline = time.time() + 30
+    while health(server)["active"] < 16:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    small = raw_post(server, {"model": "tiny", "messages": [{"role": "user", "content": "Compute 2."}],
+                              "max_tokens": 5, "ignore_eos": True, "temperature": 0}, timeout=120)
+    order.append("small")
+    t.join(120)
+    assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 5
+    assert order == ["small", "big"]
+
+
 # ---- errors -------------------------------------------------------------------------------------------------
 def raw_post(url: str, body, headers=None, path="/v1/chat/completions", timeout: float = 30) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
@@ -299,6 +552,7 @@ def raw_post(url: str, body, headers=None, path="/v1/chat/completions", timeout:
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens", None),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 99}, 400, "n", None),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a" * 1001]}, 400, "stop", None),
     ([1, 2, 3], 400, None, None),
 ])
 def test_bad_input_gets_openai_error_shape(server, body, status, param, code):
@@ -364,23 +618,32 @@ def test_closed_stream_frees_its_slot(server):
 def test_abandoned_non_streaming_request_frees_its_slots(server):
     wait_idle(server)
     before = health(server)
-    prompts = ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 3  # 3 x 16 choices: more than the 32 slots
-    body = {"model": "tiny", "prompt": prompts, "n": 16, "max_tokens": 110, "ignore_eos": True, "temperature": 0}
-    with pytest.raises(httpx.TimeoutException):
-        raw_post(server, body, path="/v1/completions", timeout=0.3)
+    prompts = ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 4  # 4 x 16 choices: 24 rows, then 24, then 16
+    body = json.dumps({"model": "tiny", "prompt": prompts, "n": 16, "max_tokens": 110, "ignore_eos": True,
+                       "temperature": 0}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:  # a raw socket we can hang up on at will
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 30
+        while health(server)["active"] < 24:  # the first 24 choices are decoding
+            assert time.time() < deadline, health(server)
+            time.sleep(0.01)
     after = wait_idle(server)
-    assert after["cancelled"] > before["cancelled"]
-    assert after["decode_tokens"] - before["decode_tokens"] < 48 * 110
+    # every decode token of a full run: 64 choices x 109 (each choice's first token comes from its prefill);
+    # the 40 choices still waiting when the client hung up must never have run
+    assert after["cancelled"] - before["cancelled"] >= 40, (before, after)
+    assert after["decode_tokens"] - before["decode_tokens"] <= 64 * 109 - 40 * 109
 
 
 def test_slow_reader_does_not_stall_others(server, client):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Compute 6 * 7."}], "stream": True,
             "max_tokens": 100, "ignore_eos": True, "temperature": 0}
     with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers=auth(), timeout=60) as slow:
-        t0 = time.perf_counter()
         quick = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Compute 1."}],
                                                temperature=0, max_tokens=20, extra_body={"ignore_eos": True})
-        assert time.perf_counter() - t0 < 10 and quick.usage.completion_tokens == 20
+        assert quick.usage.completion_tokens == 20  # done while the slow reader has read nothing
+        assert health(server)["active"] <= 1
         time.sleep(0.5)  # the slow reader has read nothing yet; its tokens wait in its own queue
         events = [json.loads(x[6:]) for x in slow.iter_lines() if x.startswith("data: {")]
     finish = [c["choices"][0]["finish_reason"] for c in events if c["choices"][0]["finish_reason"]]
@@ -443,11 +706,11 @@ print(json.dumps(asyncio.run(test_server.run_load(sys.argv[2]))))
 """
 
 
-def test_32_concurrent_streams_match_solo_runs_and_beat_sequential_3x(preset_server):
+def test_32_concurrent_streams_match_solo_runs(preset_server):
     server = preset_server
     wait_idle(server)
     # The clients run in a fresh interpreter: this process's heap (every earlier test) would slow the client
-    # side, and it is the server being measured.
+    # side. The speed-up itself is a benchmark (bench/serve_load.py), not asserted here.
     out = subprocess.run([sys.executable, "-c", LOAD_CLIENT, str(Path(__file__).parent), server],
                          capture_output=True, text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -462,7 +725,7 @@ def test_32_concurrent_streams_match_solo_runs_and_beat_sequential_3x(preset_ser
     (OUT_DIR / "serve_load.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nserve load: {LOAD_CLIENTS} clients, {res['tokens']} tokens: concurrent "
           f"{res['concurrent_tok_s']:.0f} tok/s vs sequential {res['sequential_tok_s']:.0f} tok/s = {ratio:.1f}x")
-    assert ratio >= 3, summary
+    assert summary["max_batch"] >= 8, summary  # the concurrent requests really were decoded together
 
 
 # ---- the page in headless Chromium --------------------------------------------------------------------------
@@ -470,12 +733,12 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-component-update", "--disable-sync"]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 def test_chat_page_streams_answer_and_thinking(server):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    chromium = require_binary("chromium", "chromium-browser", reason="apt-get install -y chromium (.ci/run does)")
+    sync_api = require("playwright.sync_api", reason="pip install playwright")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1000, "height": 700})
             page.goto(server + "/")

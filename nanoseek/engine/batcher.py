@@ -14,6 +14,10 @@ join and leave the running batch between decode steps instead of waiting for a w
   forward (naive attention, causal mask; padding sits after a row's prompt, so no real token sees it, and
   decodes overwrite it), then decode one token for every active row in ONE batched forward with
   weight-absorbed attention straight on the latent cache.
+* Admission is fair: waiting requests are queued per client and, within a client, per group (all choices of
+  one HTTP request share a group); free rows go round-robin over clients, then over each client's groups, so
+  a request with many choices cannot starve a later one. The last `reserve_slots` free rows only go to
+  groups that hold no row yet: a newcomer starts at the next step even while a big request is running.
 * Sampling is per row (each request has its own temperature / top-p / top-k and its own seeded generator),
   so a request's output does not depend on its neighbours; greedy equals `Engine.generate` on the same prompt.
 * `start()` runs the loop in one background thread (torch releases the GIL inside ops). Tokens leave through
@@ -42,6 +46,15 @@ from nanoseek.model import Transformer
 TokenCallback = Callable[[int | None, str | None], None]  # (token or None on error, finish reason or None)
 
 
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's raw distribution (temperature 1, before
+    top-k/top-p; what vLLM reports by default) and the `k` most likely tokens with theirs."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(eq=False)
 class Request:
     """One sequence to generate. `on_token(token, finish)` is called on the batcher thread for each token;
@@ -53,7 +66,11 @@ class Request:
     seed: int | None = None
     on_token: TokenCallback | None = None
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks), as vLLM's `ignore_eos`
+    client: object = None  # who asked (fair share between clients)
+    group: object = None  # requests of one group (the choices of one HTTP request) share a turn
+    logprobs: int | None = None  # report each token's TokenLogprob with this many alternatives
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None  # set when done: stop / length / cancelled / error
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
@@ -72,11 +89,58 @@ class BatcherStats:
     cancelled: int = 0
 
 
+class FairQueue:
+    """Waiting requests by client, then by group, each level in round-robin order (dicts keep insertion order:
+    a served client or group moves to the back)."""
+
+    def __init__(self):
+        self.clients: dict[object, dict[object, deque[Request]]] = {}
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for groups in self.clients.values():
+            for q in groups.values():
+                yield from q
+
+    def append(self, req: Request) -> None:
+        groups = self.clients.setdefault(req.client, {})
+        key = req.group if req.group is not None else id(req)
+        groups.setdefault(key, deque()).append(req)
+        self.n += 1
+
+    def peek(self, eligible: Callable[[object], bool]) -> tuple[object, object] | None:
+        """(client, group) of the next request in turn whose group passes `eligible`, or None."""
+        for client, groups in self.clients.items():
+            for key in groups:
+                if eligible(key):
+                    return client, key
+        return None
+
+    def pop(self, client: object, key: object) -> Request:
+        groups = self.clients.pop(client)
+        q = groups.pop(key)
+        req = q.popleft()
+        if q:
+            groups[key] = q  # to the back of this client's groups
+        if groups:
+            self.clients[client] = groups  # to the back of the clients
+        self.n -= 1
+        return req
+
+    def waiting_groups(self, client: object) -> int:
+        """How many groups (HTTP requests) of this client wait for a row (read from any thread: a snapshot)."""
+        return len(self.clients.get(client, ()))
+
+
 class Batcher:
     def __init__(self, model: Transformer, eos_id: int, max_slots: int = 32, max_seq_len: int | None = None,
-                 cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096):
+                 cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096, reserve_slots: int | None = None):
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
+        self.reserve_slots = max_slots // 4 if reserve_slots is None else reserve_slots
         self.model = model.eval()
         self.cfg = model.cfg
         self.eos_id = eos_id
@@ -90,7 +154,8 @@ class Batcher:
                                  device=self.device)
         model.prepare_inference(True)  # weights are frozen while serving: fuse them once
         self.rows: list[Request] = []  # row i of the cache belongs to rows[i]; touched by the loop thread only
-        self.pending: deque[Request] = deque()
+        self.pending = FairQueue()
+        self.group_rows: dict[object, int] = {}  # rows held per group (loop thread only)
         self.stats = BatcherStats()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -150,14 +215,25 @@ class Batcher:
         self.stats.busy_s += time.perf_counter() - t0
         return made
 
+    @staticmethod
+    def _key(req: Request) -> object:
+        return req.group if req.group is not None else id(req)
+
     def _admit(self) -> list[Request]:
         new: list[Request] = []
         longest = 0
         with self._cv:
             while self.pending and len(self.rows) + len(new) < self.max_slots:
-                req = self.pending[0]
+                free = self.max_slots - len(self.rows) - len(new)
+                if free > self.reserve_slots:
+                    turn = self.pending.peek(lambda key: True)
+                else:  # the reserve: only for groups that hold no row yet
+                    turn = self.pending.peek(lambda key: self.group_rows.get(key, 0) == 0)
+                if turn is None:
+                    break
+                req = self.pending.clients[turn[0]][turn[1]][0]
                 if req.cancelled:
-                    self.pending.popleft()
+                    self.pending.pop(*turn)
                     self._finish(req, "cancelled")
                     self.stats.cancelled += 1
                     continue
@@ -165,7 +241,9 @@ class Batcher:
                 if new and longest_if * (len(new) + 1) > self.prefill_tokens:
                     break  # the rest waits for the next step: bounds one step's latency
                 longest = longest_if
-                new.append(self.pending.popleft())
+                new.append(self.pending.pop(*turn))
+                key = self._key(req)
+                self.group_rows[key] = self.group_rows.get(key, 0) + 1
         return new
 
     def _prefill(self, new: list[Request]) -> int:
@@ -210,6 +288,11 @@ class Batcher:
                 continue
             tok = greedy[i] if r.params.greedy else int(sample(logits[i:i + 1], r.params, r.generator)[0])
             r.tokens.append(tok)
+            if r.logprobs is not None:
+                logp = logits[i].float().log_softmax(-1)
+                top = logp.topk(min(r.logprobs, logp.numel())) if r.logprobs > 0 else None
+                r.token_logprobs.append(TokenLogprob(float(logp[tok]), [] if top is None else list(
+                    zip(top.indices.tolist(), top.values.tolist()))))
             reason = "stop" if tok == self.eos_id and not r.ignore_eos else "length" if len(r.tokens) >= r.max_new_tokens else None
             if r.on_token is not None:
                 try:
@@ -234,6 +317,10 @@ class Batcher:
             if r.finish_reason is None:
                 self._finish(r, "cancelled")
                 self.stats.cancelled += 1
+            key = self._key(r)
+            self.group_rows[key] -= 1
+            if not self.group_rows[key]:
+                del self.group_rows[key]
             last = len(self.rows) - 1
             if i != last:
                 moved = self.rows[last]
@@ -245,7 +332,7 @@ class Batcher:
         """After an exception inside a step: end every request with "error" and start clean."""
         with self._cv:
             victims = self.rows + list(self.pending)
-            self.rows, self.pending = [], deque()
+            self.rows, self.pending, self.group_rows = [], FairQueue(), {}
         for r in victims:
             if r.finish_reason is None:
                 if r.on_token is not None and not r.cancelled:

@@ -8,11 +8,18 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
   (one loop wake-up per burst of tokens). The queue is unbounded, so a slow reader only delays itself.
 * A client that disconnects (stream closed, or a non-streaming request abandoned) cancels its requests and
   their cache rows are free at the next step; a stop string hit also cancels right away.
+* Admission control (one client must not stall the others): a request may ask for at most `max_choices`
+  choices (prompts x n, 400 beyond); when `max_waiting` choices already wait for a row, or one client
+  (peer address) already has `max_client_waiting` requests waiting, a new one gets 429 with `Retry-After`; the batcher gives free rows round-robin between clients and between requests and
+  keeps a few rows for newcomers (batcher.FairQueue). Prompts are tokenized off the event loop, and a body
+  that does not arrive within `body_timeout_s` gets 408. Stop strings are capped and matched incrementally
+  (protocol.py), so the event loop's work per token does not grow with them.
 * Binds 127.0.0.1 unless told otherwise. With an API key, every /v1 and /health request needs
   `Authorization: Bearer KEY` (401 otherwise); the static page itself holds no data and asks for the key.
 * Bad input gets a 4xx JSON body in OpenAI's error shape: invalid JSON (400), failed field validation (400,
   `param` names the field), unknown model (404, model_not_found), prompt + max_tokens over the context
   (400, context_length_exceeded), body over `max_body_bytes` (413), unknown route (404), wrong method (405).
+  A server fault is logged with its traceback (logger "nanoseek.serve") and answered with a generic 500.
 The text side (chat template, thinking -> `reasoning_content`, stop strings) is in nanoseek.engine.protocol.
 """
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
+import math
 import threading
 import time
 import uuid
@@ -43,10 +52,12 @@ from nanoseek.engine.protocol import (
     SamplingRequest,
     chat_prompt_ids,
     parse,
+    token_bytes,
 )
 from nanoseek.engine.sampling import SamplingParams
 
 STATIC_DIR = Path(str(resources.files("nanoseek.engine") / "static"))
+log = logging.getLogger("nanoseek.serve")
 
 
 @dataclass
@@ -56,6 +67,18 @@ class ServeConfig:
     max_slots: int = 32
     max_body_bytes: int = 1 << 20
     default_temperature: float = 1.0  # OpenAI's default
+    max_choices: int = 64  # prompts x n of one request (400 beyond)
+    max_waiting: int | None = None  # choices waiting for a row before new requests get 429 (None: 4 x max_slots)
+    max_client_waiting: int | None = None  # requests of one client address waiting for a row (None: max_slots)
+    body_timeout_s: float = 30.0  # a request body must arrive within this (408 otherwise)
+
+    @property
+    def waiting_limit(self) -> int:
+        return 4 * self.max_slots if self.max_waiting is None else self.max_waiting
+
+    @property
+    def client_waiting_limit(self) -> int:
+        return self.max_slots if self.max_client_waiting is None else self.max_client_waiting
 
 
 @dataclass(eq=False)
@@ -63,6 +86,7 @@ class _Choice:
     req: Request
     stream: ChoiceStream
     prompt_tokens: int
+    lp_sent: int = 0  # logprob entries already streamed
 
 
 class _Job:
@@ -86,7 +110,7 @@ class _Job:
             while not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             out = []
-            for i, tok, fin in batch:
+            for i, tok, fin, lp in batch:
                 c = self.choices[i]
                 if c.stream.finish_reason is not None:
                     continue
@@ -95,7 +119,7 @@ class _Job:
                     self.live -= 1
                     out.append((i, {}, "error"))
                     continue
-                deltas = c.stream.feed(tok, fin)
+                deltas = c.stream.feed(tok, fin, lp)
                 if c.stream.finish_reason is not None:
                     self.live -= 1
                     if fin is None:  # a stop string ended it before the batcher did
@@ -161,6 +185,7 @@ class Server:
         self.cfg = cfg or ServeConfig()
         self.tokenizer = tokenizer
         self.batcher = Batcher(model, tokenizer.eos_id, max_slots=self.cfg.max_slots)
+        token_bytes(tokenizer)  # build the detokenizer's table now, not during the first request
         self.context = self.batcher.max_seq_len
         self.created = int(time.time())
         self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
@@ -183,7 +208,7 @@ class Server:
 
         @app.exception_handler(APIError)
         async def api_error(_, e: APIError):
-            return JSONResponse(e.body(), status_code=e.status)
+            return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(_, e: StarletteHTTPException):
@@ -191,8 +216,10 @@ class Server:
             return JSONResponse(APIError(e.status_code, str(e.detail), code=code).body(), status_code=e.status_code)
 
         @app.exception_handler(Exception)
-        async def server_error(_, e: Exception):
-            err = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+        async def server_error(request: HTTPRequest, e: Exception):
+            # the details stay in the server log: a client learns nothing about the internals
+            log.error("internal error on %s %s", request.method, request.url.path, exc_info=e)
+            err = APIError(500, "The server had an error while processing your request.", type="server_error")
             return JSONResponse(err.body(), status_code=500)
 
         @app.get("/health")
@@ -216,14 +243,18 @@ class Server:
         async def chat(request: HTTPRequest):
             req = parse(ChatRequest, await self._read_json(request))
             self._check_model(req.model)
-            prompt = chat_prompt_ids(self.tokenizer, req.messages)
+            self._check_choices(req, 1, self._client(request))
+            prompt = await asyncio.to_thread(chat_prompt_ids, self.tokenizer, req.messages)
             return await self._respond(request, req, [prompt], chat=True)
 
         @app.post("/v1/completions")
         async def completions(request: HTTPRequest):
             req = parse(CompletionRequest, await self._read_json(request))
             self._check_model(req.model)
-            return await self._respond(request, req, self._completion_prompts(req.prompt), chat=False)
+            self._check_choices(req, len(req.prompt) if isinstance(req.prompt, list) and req.prompt
+                                and not isinstance(req.prompt[0], int) else 1, self._client(request))
+            prompts = await asyncio.to_thread(self._completion_prompts, req.prompt)  # a big prompt: off the loop
+            return await self._respond(request, req, prompts, chat=False)
 
         @app.get("/")
         async def page():
@@ -239,6 +270,11 @@ class Server:
             self._mailboxes[loop] = _Mailbox(loop)
         return self._mailboxes[loop]
 
+    @staticmethod
+    def _client(request: HTTPRequest) -> object:
+        """Who asks, for fair shares: the peer address (behind a proxy that is the proxy)."""
+        return request.client.host if request.client else None
+
     def _model_card(self) -> dict:
         return {"id": self.cfg.model_name, "object": "model", "created": self.created, "owned_by": "nanoseek",
                 "context_length": self.context}
@@ -248,16 +284,42 @@ class Server:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.cfg.model_name}'.",
                            param="model", code="model_not_found")
 
+    def _check_choices(self, req: SamplingRequest, n_prompts: int, client: object) -> None:
+        """Per-request bound (400) and the waiting-queue bounds, all clients' and this client's (429 +
+        Retry-After), before any real work."""
+        n = n_prompts * (req.n or 1)
+        if n > self.cfg.max_choices:
+            raise APIError(400, f"this request asks for {n} choices ({n_prompts} prompts x n={req.n or 1}); "
+                                f"the limit is {self.cfg.max_choices} per request: split it", param="n")
+        waiting, limit = self.batcher.n_pending, self.cfg.waiting_limit
+        mine, my_limit = self.batcher.pending.waiting_groups(client), self.cfg.client_waiting_limit
+        if mine >= my_limit:
+            raise APIError(429, f"too many of your requests are waiting ({mine}, limit {my_limit}); retry in 1 s", type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        if waiting + n > limit:
+            # a rough wait: the queue ahead drains max_slots choices per generation (~1 s each at this scale)
+            retry = max(1, math.ceil(waiting / self.cfg.max_slots))
+            raise APIError(429, f"the server is busy ({waiting} choices waiting, limit {limit}); retry in "
+                                f"{retry} s", type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(retry)})
+
     async def _read_json(self, request: HTTPRequest) -> object:
         limit = self.cfg.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"request body is {declared} bytes; the limit is {limit}")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+
+        try:
+            await asyncio.wait_for(read(), self.cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.cfg.body_timeout_s:g} s") from None
         try:
             return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -278,7 +340,7 @@ class Server:
         return prompts
 
     def _submit(self, req: SamplingRequest, prompts: list[list[int]], chat: bool, mailbox: _Mailbox,
-                queue: asyncio.Queue) -> list[_Choice]:
+                queue: asyncio.Queue, client: object = None, group: object = None) -> list[_Choice]:
         """Validate lengths and sampling values, then queue n choices per prompt with the batcher."""
         n = req.n or 1
         for p in prompts:
@@ -292,31 +354,46 @@ class Server:
                                code="context_length_exceeded")
         temp = self.cfg.default_temperature if req.temperature is None else req.temperature
         params = SamplingParams(temp, req.top_k, req.top_p)
+        logprobs = getattr(req, "logprobs", None)
         choices: list[_Choice] = []
         for p in prompts:
             for j in range(n):
                 i = len(choices)
-
-                def on_token(tok, fin, i=i):
-                    mailbox.post(queue, (i, tok, fin))
-
                 seed = None if req.seed is None else req.seed + j
-                r = Request(p, req.limit or self.context - len(p), params, seed, on_token, ignore_eos=req.ignore_eos)
-                choices.append(_Choice(r, ChoiceStream(self.tokenizer, chat, req.stops), len(p)))
+                r = Request(p, req.limit or self.context - len(p), params, seed, ignore_eos=req.ignore_eos,
+                            client=client, group=group, logprobs=logprobs)
+
+                def on_token(tok, fin, i=i, r=r):  # on the batcher thread
+                    lp = r.token_logprobs[-1] if r.logprobs is not None and tok is not None else None
+                    mailbox.post(queue, (i, tok, fin, lp))
+
+                r.on_token = on_token
+                choices.append(_Choice(r, ChoiceStream(self.tokenizer, chat, req.stops, logprobs), len(p)))
         for c in choices:
             self.batcher.submit(c.req)
         return choices
 
     async def _respond(self, request: HTTPRequest, req: SamplingRequest, prompts: list[list[int]], chat: bool):
         queue: asyncio.Queue = asyncio.Queue()
-        choices = self._submit(req, prompts, chat, self._mailbox(), queue)
-        job = _Job(self.batcher, choices, queue, sum(len(p) for p in prompts))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        client = self._client(request)
+        self._check_choices(req, len(prompts), client)  # again: the queue grew while the prompts were encoded
+        choices = self._submit(req, prompts, chat, self._mailbox(), queue, client, rid)
+        job = _Job(self.batcher, choices, queue, sum(len(p) for p in prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._sse(job, rid, chat, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await self._collect(request, job, rid, chat)
+
+    @staticmethod
+    def _logprobs_delta(c: _Choice) -> dict | None:
+        """The logprob entries of tokens not streamed yet (OpenAI streams them chunk by chunk)."""
+        body = c.stream.logprobs_body()
+        if body is None:
+            return None
+        k, c.lp_sent = c.lp_sent, len(body["tokens"])
+        return {key: (v[k:] if v is not None else None) for key, v in body.items()}
 
     def _envelope(self, rid: str, chat: bool, stream: bool) -> dict:
         obj = ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else "")
@@ -341,7 +418,8 @@ class Server:
                             {"index": i, "delta": deltas, "finish_reason": fin}]}))
                     else:
                         events.append(event({**self._envelope(rid, chat, True), "choices": [
-                            {"index": i, "text": deltas.get("text", ""), "finish_reason": fin, "logprobs": None}]}))
+                            {"index": i, "text": deltas.get("text", ""), "finish_reason": fin,
+                             "logprobs": self._logprobs_delta(job.choices[i])}]}))
                 yield "".join(events)
             if include_usage:
                 yield event({**self._envelope(rid, chat, True), "choices": [], "usage": job.usage()})
@@ -356,7 +434,7 @@ class Server:
 
         async def client_gone() -> None:  # a non-streaming caller that hangs up should not keep its rows
             while not await request.is_disconnected():
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.1)
 
         work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(client_gone())
         try:
@@ -379,7 +457,7 @@ class Server:
                 choices.append({"index": i, "message": msg, "finish_reason": s.finish_reason, "logprobs": None})
             else:
                 choices.append({"index": i, "text": s.text("text") or "", "finish_reason": s.finish_reason,
-                                "logprobs": None})
+                                "logprobs": s.logprobs_body()})
         return JSONResponse({**self._envelope(rid, chat, False), "choices": choices, "usage": job.usage()})
 
 
@@ -396,4 +474,5 @@ def load_server(run_dir: str | Path, cfg: ServeConfig | None = None, device: str
 def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(server.app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
