@@ -3,6 +3,7 @@
     nanoseek pretrain --preset tiny --task arithmetic --steps 600 --out runs/base --minutes 5
     nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
+    torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded
 
 A fresh run trains a tokenizer on the task corpus when the run directory has none. On --resume the stored
 config.json is authoritative; only --steps and --minutes may change (changing --steps reshapes the lr schedule).
@@ -57,6 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-interval", type=int, default=d.log_interval)
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--ep", type=int, default=1, help="expert parallelism: shard routed experts over groups of "
+                   "this many processes (torchrun; docs/parallel.md). Not stored: a resume may change it")
+    p.add_argument("--ep-redundant", type=int, default=0, help="with --ep: extra physical experts per MoE layer, "
+                   "replicas of the most loaded ones placed by EPLB from the run's recorded loads")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
 
 
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     dist = setup_distributed(args.device)
     try:
-        s = pretrain(args.out, cfg, resume=args.resume, dist=dist)
+        s = pretrain(args.out, cfg, resume=args.resume, dist=dist, ep=args.ep, ep_redundant=args.ep_redundant)
     finally:
         dist.close()
     if dist.is_main and s["loss"] is not None:

@@ -88,6 +88,9 @@ class MoE(nn.Module):
         # loads that drive the bias update (padding would otherwise pile onto a few experts)
         self.load_mask: torch.Tensor | None = None
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only fused weights
+        # expert parallelism (nanoseek.parallel.expert_parallel.ExpertDispatch): set when `experts` holds only
+        # this rank's physical experts; then it dispatches (token, expert) pairs to the ranks that hold them
+        self.ep = None
 
     @torch.no_grad()
     def stack_experts(self, enable: bool = True) -> None:
@@ -109,7 +112,10 @@ class MoE(nn.Module):
         weights, indices, scores = self.gate(flat)
         inference = self.stacked is not None and not torch.is_grad_enabled()
         counts = None
-        if inference and indices.numel() <= 16:
+        if self.ep is not None:
+            counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
+            y = self.ep(flat, weights, indices)
+        elif inference and indices.numel() <= 16:
             y = self.routed_gathered(flat, weights, indices)  # decode: no load bookkeeping
         else:
             counts = torch.bincount(indices.flatten(), minlength=self.n_experts)

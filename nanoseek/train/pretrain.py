@@ -138,9 +138,10 @@ def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[to
 
 # ---- steps ---------------------------------------------------------------------------------------------------
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loader, cfg: TrainConfig,
-               dist: Dist) -> dict:
+               dist: Dist, parallel=None) -> dict:
     """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
-    the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks."""
+    the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks. `parallel`: an
+    ExpertParallel (nanoseek.parallel) that syncs and clips the sharded experts' gradients instead of DDP."""
     model.train()
     parts_sum = torch.zeros(4, device=dist.device)
     for _ in range(cfg.grad_accum):
@@ -149,8 +150,12 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
         loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
         (loss / cfg.grad_accum).backward()
         parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, loss]).detach() / cfg.grad_accum
-    dist.average_grads(model)
-    grad_norm = clip_grads(model, cfg.grad_clip)
+    if parallel is None:
+        dist.average_grads(model)
+        grad_norm = clip_grads(model, cfg.grad_clip)
+    else:
+        parallel.average_grads(model)
+        grad_norm = parallel.clip_grads(model, cfg.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loads = dist.all_reduce_sum(model.accumulated_loads().clone())
@@ -183,6 +188,12 @@ def load_summary(loads: torch.Tensor) -> dict:
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
+def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device) -> tuple[Transformer, torch.optim.Optimizer]:
+    """A one-process model and optimizer that an expert-parallel run's checkpoint is assembled into."""
+    model = Transformer(model_cfg).to(device)
+    return model, build_optimizer(model, tcfg)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -191,13 +202,15 @@ def seed_everything(seed: int) -> None:
 
 def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, device: str = "auto",
              dist: Dist | None = None, init_from: str | Path | None = None,
-             pace: Callable[[], float] | None = None) -> dict:
+             pace: Callable[[], float] | None = None, ep: int = 1, ep_redundant: int = 0) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict (final step, losses, tokens/s).
     `init_from`: a checkpoint step directory whose weights (not optimizer) start a new run, e.g. to continue
     pretraining a base with a fresh schedule.
     `pace`: an outside clock returning the used fraction (0..1) of a budget, read before every step: the lr
     decays with it instead of with the step count and training stops (checkpointed) once it reaches 1, with
-    cfg.train.steps only a cap. The demo's control uses it to train exactly as long as GRPO runs beside it."""
+    cfg.train.steps only a cap. The demo's control uses it to train exactly as long as GRPO runs beside it.
+    `ep` > 1: expert parallelism over groups of `ep` ranks, `ep_redundant` extra physical experts per MoE layer
+    placed by EPLB from the run's recorded loads (nanoseek.parallel); checkpoints keep the one-process layout."""
     run_dir = Path(run_dir)
     dist = dist or setup_distributed(device)
     tcfg = cfg.train.validate()
@@ -212,6 +225,10 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     if tcfg.batch_size % dist.world:
         raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
 
+    if ep > 1 or ep_redundant:
+        from nanoseek.parallel.expert_parallel import check_ep
+
+        check_ep(ep, dist.world)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -238,6 +255,14 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         metrics.truncate_after(step)
     elif dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    parallel = None
+    if ep > 1 or ep_redundant:
+        from nanoseek.parallel.expert_parallel import setup_expert_parallel
+        from nanoseek.parallel.loads import recorded_loads
+
+        loads = recorded_loads(run_dir) if dist.is_main and ckpt is not None else None
+        parallel = setup_expert_parallel(model, ep, ep_redundant, dist.device, loads)
+        optimizer = parallel.shard(model, optimizer, lambda m: build_optimizer(m, tcfg))
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len
     progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main,
@@ -246,6 +271,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         progress.message(f"resumed from {ckpt} (step {step})")
     progress.message(f"{model.num_params():,} parameters, {train_rows.size(0):,} train / {test_rows.size(0):,} "
                      f"held-out sequences of {tcfg.seq_len} tokens, {dist.world} process(es) on {dist.device}")
+    if parallel is not None:
+        progress.message(parallel.describe())
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
     loop_start = time.perf_counter()
     tok_rate_ema = None
@@ -257,7 +284,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             lr = lr_at(step, tcfg) if fraction is None else lr_at_fraction(step, fraction, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
-            out = train_step(model, optimizer, loader, tcfg, dist)
+            out = train_step(model, optimizer, loader, tcfg, dist, parallel)
             dt = time.perf_counter() - t0
             step += 1
             tok_rate = tokens_per_step / dt
@@ -276,8 +303,10 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             if last or step % tcfg.log_interval == 0 or "eval_loss" in record:
                 metrics.log(record)
             if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
+                to_save = (model, optimizer) if parallel is None else parallel.gather(
+                    model, optimizer, lambda: _full_pair(cfg.model, tcfg, dist.device))
                 if dist.is_main:
-                    save_checkpoint(ckpt_dir, step, model, optimizer,
+                    save_checkpoint(ckpt_dir, step, *to_save,
                                     {"loader": loader.state_dict(), "elapsed_s": record["elapsed_s"]},
                                     tcfg.keep_last)
                 dist.barrier()
