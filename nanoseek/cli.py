@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("nanoseek.commands.serve", "OpenAI-compatible HTTP API with continuous batching + web chat page"),
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
     "sft": ("nanoseek.commands.sft", "supervised fine-tuning on prompt/completion JSONL (completion-only loss)"),
+    "traces": ("nanoseek.commands.traces", "rejection sampling: verified-correct traces of a run as SFT data"),
 }
 
 
