@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
     "sft": ("nanoseek.commands.sft", "supervised fine-tuning on prompt/completion JSONL (completion-only loss)"),
     "traces": ("nanoseek.commands.traces", "rejection sampling: verified-correct traces of a run as SFT data"),
+    "distill": ("nanoseek.commands.distill", "on-policy distillation: reverse KL to a teacher on the student's samples"),
 }
 
 
