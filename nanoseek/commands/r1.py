@@ -43,8 +43,9 @@ class R1Config:
     # the teacher's activated size, the situation of R1's small dense students (README "R1 pipeline").
     student_base_steps: int = 500
     arm_minutes: float = 3.0  # wall-clock budget of each arm
-    trace_problems: int = 4000
-    trace_samples: int = 4
+    # difficulty 1 has ~8,400 distinct train problems; 8000 draws x 2 samples covers most of them once or twice
+    trace_problems: int = 8000
+    trace_samples: int = 2
     trace_temperature: float = 0.7  # the demo's rollout temperature
     sft_lr: float = 1e-3
     sft_batch_size: int = 32
