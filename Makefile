@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test test-slow bench bench-serve bench-grpo bench-spec lint venv
+.PHONY: demo r1 test test-slow bench bench-serve bench-grpo bench-distill bench-spec lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -15,6 +15,10 @@ venv: $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
 	$(PY) -m nanoseek.cli demo
+
+# the R1 pipeline after the demo (reuses runs/demo, runs it first if missing): distillation vs RL on a dense student
+r1: $(VENV_STAMP)
+	$(PY) -m nanoseek.cli r1
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest tests
@@ -32,6 +36,10 @@ bench-serve: $(VENV_STAMP)
 # needs a pretrained run for a meaningful reward comparison: make bench-grpo INIT=runs/demo/base
 bench-grpo: $(VENV_STAMP)
 	$(PY) bench/grpo_vs_trl.py $(if $(INIT),--init $(INIT),)
+
+# on-policy distillation step vs TRL's GKDTrainer: make bench-distill TEACHER=runs/demo/rl STUDENT=runs/r1/student_base
+bench-distill: $(VENV_STAMP)
+	$(PY) bench/distill_vs_trl.py $(if $(TEACHER),--teacher $(TEACHER) --student $(STUDENT),)
 
 # MTP speculative vs plain decoding at batch 1 on a trained 12-layer model (pretrained first if missing,
 # ~7 min on 2 cores): with 4 layers the MTP block alone costs ~40% of a decode step (README, engine)

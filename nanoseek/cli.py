@@ -24,6 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("nanoseek.commands.chat", "interactive terminal chat that shows the model's thinking dimmed"),
     "serve": ("nanoseek.commands.serve", "OpenAI-compatible HTTP API with continuous batching + web chat page"),
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
+    "sft": ("nanoseek.commands.sft", "supervised fine-tuning on prompt/completion JSONL (completion-only loss)"),
+    "traces": ("nanoseek.commands.traces", "rejection sampling: verified-correct traces of a run as SFT data"),
+    "distill": ("nanoseek.commands.distill", "on-policy distillation: reverse KL to a teacher on the student's samples"),
+    "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
 }
 
 

@@ -189,6 +189,15 @@ PRESETS: dict[str, ModelConfig] = {
                          n_heads=6, n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, n_expert_groups=4,
                          n_limited_groups=2, route_scale=1.0, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=48,
                          qk_rope_head_dim=16, v_head_dim=48, max_seq_len=1024, original_seq_len=1024),
+    # Dense students for distillation (R1 sec. 2.4 distils into dense Qwen/Llama models): MLA kept, every layer
+    # a dense SwiGLU, no routed experts, no MTP (optional: pass n_mtp=1). tiny-dense has tiny's shape with
+    # inter_dim 384 = tiny's activated FFN width (2 routed + 1 shared experts of 128), so it matches tiny's
+    # activated parameters per token and has about half its total; small-dense likewise for small.
+    "tiny-dense": ModelConfig(init_std=0.02, n_routed_experts=0, n_dense_layers=4, inter_dim=384, n_mtp=0),
+    "small-dense": ModelConfig(init_std=0.02, vocab_size=4096, dim=384, inter_dim=1280, n_layers=8, n_dense_layers=8,
+                               n_heads=6, n_routed_experts=0, q_lora_rank=192, kv_lora_rank=128,
+                               qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48, max_seq_len=1024,
+                               original_seq_len=1024, n_mtp=0),
     # DeepSeek-V2-Lite (arXiv 2405.04434): 15.7B total, 2.4B active; softmax gating, no q low-rank.
     "v2-lite-16b": ModelConfig(vocab_size=102400, dim=2048, inter_dim=10944, moe_inter_dim=1408, n_layers=27,
                                n_dense_layers=1, n_heads=16, n_routed_experts=64, n_shared_experts=2,

@@ -17,6 +17,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time", action="store_true", help="time forward+backward (only for small models)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--list", action="store_true", help="list every preset with its parameter counts")
+
+
+def preset_table() -> Table:
+    """Every preset: kind (MoE or dense), layers, width, total / activated parameters (MTP excluded)."""
+    table = Table(title="presets")
+    for col in ("preset", "kind", "layers", "dim", "total", "active", "mtp"):
+        table.add_column(col, justify="left" if col in ("preset", "kind") else "right")
+    for name, cfg in PRESETS.items():
+        c = cfg.param_counts()
+        kind = f"MoE {cfg.n_activated_experts}/{cfg.n_routed_experts}" if cfg.n_moe_layers else "dense"
+        table.add_row(name, kind, str(cfg.n_layers), str(cfg.dim), f"{c['total']:,}", f"{c['active']:,}",
+                      f"{c['mtp']:,}")
+    return table
 
 
 def param_table(cfg: ModelConfig, title: str) -> Table:
@@ -48,6 +62,9 @@ def time_forward_backward(cfg: ModelConfig, batch: int, seq: int, steps: int = 5
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        Console().print(preset_table())
+        return 0
     cfg = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
     console = Console()
     console.print(param_table(cfg, args.config or args.preset))

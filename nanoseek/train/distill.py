@@ -1,0 +1,261 @@
+"""On-policy distillation: the student samples, the teacher grades every token (GKD, Agarwal et al. 2023,
+arXiv 2306.13649, with lambda = 1 (only student-generated data) and beta = 1 (the generalized JSD becomes the
+reverse KL); TRL's GKDTrainer with lmbda=1, beta=1 is the peer).
+
+One step: draw `prompts_per_step` train-split problems, let the student's engine sample one completion each
+(temperature T), run the frozen teacher and the student over prompt + completion, and minimise
+
+    L = (1 / N) * sum over completion positions t of  KL( p_S(. | x_<t) || p_T(. | x_<t) )
+      = (1 / N) * sum_t sum_v p_S(v) * (log p_S(v) - log p_T(v))
+
+over the FULL vocabulary (both distributions at temperature T), N = completion tokens in the step (the
+sampled eos included). The gradient flows only through the student's distribution at each position, not
+through the sampling (as in GKD and TRL: the samples are treated as data). Mode-seeking: the student is
+pushed off the tokens the teacher finds unlikely in the states the student itself reaches.
+
+Teacher and student must share the tokenizer (same vocabulary and ids): checked, one ConfigError otherwise.
+Schedule and optimizer: the shared AdamW + warmup/cosine (train/common.py), over steps or a wall-clock budget
+(as SFT). Problems of step s come from an RNG seeded by (seed, s) and the engine's sampling seed is a function
+of (seed, s), so a resumed run draws exactly what the uninterrupted one would.
+Simplifications: one process (no DDP); one sample per prompt; no reward is used (accuracy of the student's
+samples is only logged).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanoseek.config import ConfigError
+from nanoseek.io import atomic_write_text
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
+from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, lr_at, lr_at_fraction, set_lr
+from nanoseek.train.metrics import MetricsLogger, ProgressLine
+
+
+# ---- the loss (pure functions of logits) ----------------------------------------------------------------
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-position KL(p_S || p_T) over the last (vocabulary) axis, both softmaxes at `temperature`."""
+    s = (student_logits / temperature).log_softmax(-1)
+    t = (teacher_logits / temperature).log_softmax(-1)
+    return (s.exp() * (s - t)).sum(-1)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, n_tokens: float,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Sum of the per-token reverse KL over mask == 1 positions, divided by n_tokens."""
+    return (reverse_kl(student_logits, teacher_logits, temperature) * mask).sum() / n_tokens
+
+
+def check_same_tokenizer(teacher_tok, student_tok, teacher: str, student: str) -> None:
+    """Distillation compares distributions id by id: both sides must use one vocabulary."""
+    a, b = teacher_tok._tok.get_vocab(with_added_tokens=True), student_tok._tok.get_vocab(with_added_tokens=True)
+    if a != b:
+        diff = len(set(a.items()) ^ set(b.items()))
+        raise ConfigError(f"teacher {teacher} and student {student} use different tokenizers ({len(a)} vs {len(b)} "
+                          f"tokens, {diff} entries differ): distillation needs one shared vocabulary; pretrain the "
+                          f"student with the teacher's tokenizer.json")
+
+
+# ---- config ---------------------------------------------------------------------------------------------
+@dataclass
+class DistillConfig:
+    teacher: str = ""
+    student: str = ""
+    task: str = "arithmetic"
+    difficulty: int | None = None
+    prompts_per_step: int = 32
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # sampling and KL temperature (GKD / TRL: the same for both)
+    top_p: float | None = None
+    micro_batch: int = 64
+    budget_s: float = 0.0  # > 0: wall-clock budget (lr cosine over time, stop at the end); steps is a cap
+    ckpt_every: int = 25
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, steps=200, warmup_steps=10,
+                                                                  weight_decay=0.0, bias_gamma=0.0))
+
+    def validate(self) -> DistillConfig:
+        if not self.teacher or not self.student:
+            raise ConfigError("--teacher RUN and --student RUN are required")
+        if self.prompts_per_step < 1 or self.max_new_tokens < 1 or self.micro_batch < 1 or self.ckpt_every < 1:
+            raise ConfigError("prompts_per_step, max_new_tokens, micro_batch and ckpt_every must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("temperature must be > 0")
+        if self.budget_s < 0:
+            raise ConfigError("budget must be >= 0")
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DistillConfig:
+        d = dict(d)
+        train = TrainConfig.from_dict(d.pop("train"))
+        return cls(**d, train=train)
+
+
+def _batch(prompts: list[list[int]], gens, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids (B, L), mask over predicted completion positions (B, L - 1), and row lengths."""
+    seqs = [p + g.tokens for p, g in zip(prompts, gens)]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), 2, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L - 1)
+    for i, (p, s) in enumerate(zip(prompts, seqs)):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, len(p) - 1:len(s) - 1] = 1.0
+    return ids.to(device), mask.to(device), torch.tensor([len(s) for s in seqs], device=device)
+
+
+def distill_step(student, teacher, optimizer, prompts, gens, cfg: DistillConfig) -> dict:
+    """One optimizer step on one batch of student samples; returns the mean per-token reverse KL and grad norm."""
+    device = next(student.parameters()).device
+    ids, mask, lengths = _batch(prompts, gens, device)
+    n_tokens = max(float(mask.sum()), 1.0)
+    student.train()
+    moe = bool(student.moe_layers())
+    total = 0.0
+    for s in range(0, ids.size(0), cfg.micro_batch):
+        sl = slice(s, s + cfg.micro_batch)
+        width = int(lengths[sl].max())
+        mb_ids, mb_mask = ids[sl, :width], mask[sl, :width - 1]
+        with torch.no_grad():
+            t_logits = teacher.logits(teacher.hidden(mb_ids[:, :-1]))
+        if moe:
+            student.set_load_mask(torch.arange(width - 1, device=device)[None] < lengths[sl, None] - 1)
+        try:
+            s_logits = student.logits(student.hidden(mb_ids[:, :-1]))
+        finally:
+            if moe:
+                student.set_load_mask(None)
+        loss = distill_loss(s_logits, t_logits, mb_mask, n_tokens, cfg.temperature)
+        loss.backward()
+        total += float(loss.detach())
+    from nanoseek.train.common import fill_missing_grads
+
+    fill_missing_grads(student)
+    grad_norm = clip_grads(student, cfg.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if moe:
+        student.update_expert_bias(cfg.train.bias_gamma)
+    return {"loss": total, "grad_norm": grad_norm, "tokens": n_tokens}
+
+
+def step_problems(task, cfg: DistillConfig, difficulty: int, step: int) -> list:
+    rng = random.Random(cfg.train.seed * 1_000_003 + step)
+    return [task.sample_split(rng, difficulty, "train") for _ in range(cfg.prompts_per_step)]
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = False, device: str = "cpu",
+                  quiet: bool = False, steps: int | None = None, budget_s: float | None = None) -> dict:
+    """Distil the teacher run into the student run's model, writing run directory `out`."""
+    from nanoseek.engine import Engine
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_dir)
+    if resume:
+        if ckpt is None:
+            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
+        cfg = DistillConfig.from_dict(json.loads((out / "config.json").read_text())["distill"])
+    elif ckpt is not None:
+        raise ConfigError(f"{out} already has checkpoints; pass --resume or choose another --out")
+    if cfg is None:
+        raise ConfigError("train_distill needs a config for a fresh run")
+    cfg = dataclasses.replace(cfg, budget_s=cfg.budget_s if budget_s is None else budget_s,
+                              train=dataclasses.replace(cfg.train, steps=steps or cfg.train.steps))
+    cfg.validate()
+    tcfg = cfg.train
+    t_tok = Tokenizer.load(Path(cfg.teacher) / "tokenizer.json")
+    s_tok = Tokenizer.load(Path(cfg.student) / "tokenizer.json")
+    check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
+    teacher, _, teacher_step = load_run_model(cfg.teacher, device=device)
+    student, _, student_step = load_run_model(cfg.student, device=device)
+    if teacher.cfg.vocab_size != student.cfg.vocab_size:
+        raise ConfigError(f"teacher and student output layers differ ({teacher.cfg.vocab_size} vs "
+                          f"{student.cfg.vocab_size} logits): they must share the tokenizer")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    task = get_task(cfg.task)
+    difficulty = task.check_difficulty(cfg.difficulty)
+    optimizer = build_optimizer(student, tcfg)
+    metrics = MetricsLogger(out / "metrics.jsonl")
+    step, elapsed0, seen = 0, 0.0, 0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, student, optimizer)
+        step, elapsed0, seen = int(state["step"]), float(state["elapsed_s"]), int(state["samples_seen"])
+        metrics.truncate_after(step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        run_cfg = {"model": student.cfg.to_dict(), "distill": cfg.to_dict(), "train": tcfg.to_dict(),
+                   "teacher_checkpoint": str(teacher_step), "init_checkpoint": str(student_step),
+                   "data": {"task": cfg.task}, "dense": not student.moe_layers(), "stage": "distill"}
+        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
+        atomic_write_text(out / "tokenizer.json", (Path(cfg.student) / "tokenizer.json").read_text())
+    engine = Engine(student, s_tok)
+    progress = ProgressLine(tcfg.steps, start=step, enabled=not quiet, print_every=max(1, tcfg.steps // 20),
+                            description="distill")
+    loop_start = time.perf_counter()
+    record: dict = {}
+
+    def elapsed() -> float:
+        return elapsed0 + time.perf_counter() - loop_start
+
+    try:
+        while step < tcfg.steps:
+            if cfg.budget_s > 0:
+                if elapsed() >= cfg.budget_s:
+                    break
+                lr = lr_at_fraction(step, elapsed() / cfg.budget_s, tcfg)
+            else:
+                lr = lr_at(step, tcfg)
+            set_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            problems = step_problems(task, cfg, difficulty, step)
+            prompts = [s_tok.prompt_ids(p.prompt) for p in problems]
+            gens = engine.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                   seed=tcfg.seed * 1_000_003 + step)
+            scores = [task.score(p, g.text, truncated=g.finish_reason == "length") for p, g in zip(problems, gens)]
+            t_gen = time.perf_counter() - t0
+            res = distill_step(student, teacher, optimizer, prompts, gens, cfg)
+            step += 1
+            seen += len(problems)
+            dt = time.perf_counter() - t0
+            out_of_time = cfg.budget_s > 0 and elapsed() >= cfg.budget_s
+            last = step == tcfg.steps or out_of_time
+            record = {"step": step, "loss": res["loss"], "main": res["loss"], "mtp": 0.0, "balance": 0.0,
+                      "reverse_kl": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
+                      "accuracy": sum(s.correct for s in scores) / len(scores),
+                      "format_rate": sum(s.format_ok for s in scores) / len(scores),
+                      "response_len_mean": sum(len(g.tokens) for g in gens) / len(gens), "samples_seen": seen,
+                      "tokens_per_s": res["tokens"] / dt, "gen_s": round(t_gen, 3), "train_s": round(dt - t_gen, 3),
+                      "elapsed_s": elapsed()}
+            metrics.log(record)
+            if last or step % cfg.ckpt_every == 0:
+                save_checkpoint(ckpt_dir, step, student, optimizer,
+                                {"elapsed_s": record["elapsed_s"], "samples_seen": seen}, tcfg.keep_last)
+            progress.update(step, res["loss"], lr, record["tokens_per_s"],
+                            f"acc {record['accuracy']:.2f} len {record['response_len_mean']:.0f}")
+            if out_of_time:
+                progress.message(f"time budget reached at step {step}; checkpoint saved")
+                break
+    finally:  # Ctrl-C: the next run resumes from the last periodic checkpoint
+        progress.close()
+    if record:
+        from nanoseek.report import write_report
+
+        write_report(out)
+    return {"step": step, "loss": record.get("loss"), "samples_seen": seen,
+            "elapsed_s": record.get("elapsed_s", elapsed0), "run_dir": str(out)}

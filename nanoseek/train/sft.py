@@ -1,0 +1,323 @@
+"""Supervised fine-tuning on prompt / completion pairs (DeepSeek-R1 arXiv 2501.12948 sec. 2.3.1 cold start,
+2.3.3 SFT on rejection-sampled traces, 2.4 distillation by plain SFT).
+
+Data: a JSONL file, one `{"prompt": str, "completion": str, ...}` per line (other keys are metadata and are
+ignored here). A row is rendered with the chat template as `prompt_ids(prompt) + encode(completion) + [eos]`
+(tokenizer.document_ids), so the model learns to end its answer.
+
+Loss: next-token cross-entropy over the completion tokens and the eos only; prompt tokens and padding get
+target IGNORE and therefore exactly zero gradient. Over one optimizer step the loss is the SUM over every
+completion token of the GLOBAL batch divided by that batch's completion-token count (each token weighs the
+same whichever row or rank holds it), so W data-parallel processes reproduce one process with the same
+global batch (gradients averaged by common.Dist.average_grads).
+
+Rows: one example per row, right-padded to `seq_len + 1` (no packing: a completion is never cut and never
+sees another example's tokens); each micro-batch is trimmed to its longest row, which changes nothing (the
+attention is causal and padding is at the right). An example longer than `seq_len + 1` tokens is counted and
+skipped, never truncated.
+
+Schedule: the shared warmup + cosine (train/common.py) over `steps`, or, with `budget_s`, over wall-clock
+time: the cosine follows the fraction of the budget used (checkpointed elapsed time included, so a resumed
+run keeps the same budget) and training stops, checkpointed, when the budget is spent.
+
+Simplifications: no MTP loss and no balance loss during SFT (the MoE routing bias still moves by the
+auxiliary-loss-free rule, on non-padding tokens, when the model has experts); no held-out loss (the stages
+that use SFT evaluate task accuracy instead).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.data import Loader
+from nanoseek.io import atomic_write_text
+from nanoseek.model import Transformer
+from nanoseek.model.transformer import IGNORE
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.common import Dist, TrainConfig, build_optimizer, clip_grads, lr_at, lr_at_fraction, set_lr
+from nanoseek.train.common import setup_distributed
+from nanoseek.train.metrics import MetricsLogger, ProgressLine
+
+KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
+MAX_ROWS = 2_000_000  # bound on the examples one run reads
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""  # the JSONL file
+    init: str | None = None  # a run directory whose latest checkpoint (and tokenizer) start the run
+    preset: str | None = None  # or a fresh model of this preset, with `tokenizer`
+    tokenizer: str | None = None
+    epochs: float = 0.0  # > 0: steps = ceil(epochs * examples / batch_size)
+    budget_s: float = 0.0  # > 0: wall-clock budget (lr cosine over time, stop at the end); steps is a cap
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, steps=200, batch_size=32, seq_len=64,
+                                                                  warmup_steps=10, eval_interval=0,
+                                                                  ckpt_interval=50, bias_gamma=0.0))
+
+    def validate(self) -> SFTConfig:
+        if not self.data:
+            raise ConfigError("--data FILE.jsonl is required")
+        if (self.init is None) == (self.preset is None):
+            raise ConfigError("give exactly one of --init RUN or --preset P")
+        if self.preset is not None and not self.tokenizer:
+            raise ConfigError("--preset needs --tokenizer (a tokenizer.json or a run directory holding one)")
+        if self.epochs < 0 or self.budget_s < 0:
+            raise ConfigError("epochs and budget must be >= 0")
+        self.train.validate()
+        return self
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SFTConfig:
+        d = dict(d)
+        train = TrainConfig.from_dict(d.pop("train"))
+        return cls(**d, train=train)
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def read_examples(path: str | Path) -> list[dict]:
+    """The JSONL rows; a bad line is one ConfigError naming its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"SFT data file not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if len(rows) >= MAX_ROWS:
+                raise ConfigError(f"{path} holds more than {MAX_ROWS:,} examples")
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} line {n} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                    or not isinstance(row.get("completion"), str):
+                raise ConfigError(f'{path} line {n}: expected {{"prompt": str, "completion": str, ...}}')
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"{path} holds no examples")
+    return rows
+
+
+def encode_examples(examples: list[dict], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ids (N, seq_len + 1) right-padded with pad, targets (N, seq_len) with IGNORE on prompt and padding,
+    number of skipped examples that did not fit)."""
+    width = seq_len + 1
+    ids_rows, tgt_rows, skipped = [], [], 0
+    for ex in examples:
+        prompt = tokenizer.prompt_ids(ex["prompt"])
+        seq = tokenizer.document_ids(ex["prompt"], ex["completion"])
+        if len(seq) > width:
+            skipped += 1
+            continue
+        ids = seq + [tokenizer.pad_id] * (width - len(seq))
+        # position t predicts ids[t + 1]: a completion token (or the eos) iff t + 1 >= len(prompt)
+        tgt = [ids[t + 1] if len(prompt) <= t + 1 < len(seq) else IGNORE for t in range(seq_len)]
+        ids_rows.append(ids)
+        tgt_rows.append(tgt)
+    if not ids_rows:
+        return torch.zeros(0, width, dtype=torch.long), torch.zeros(0, seq_len, dtype=torch.long), skipped
+    return torch.tensor(ids_rows), torch.tensor(tgt_rows), skipped
+
+
+# ---- loss ----------------------------------------------------------------------------------------------
+def completion_loss(model: Transformer, ids: torch.Tensor, targets: torch.Tensor, n_tokens: float) -> torch.Tensor:
+    """Summed CE over targets != IGNORE divided by `n_tokens` (the global batch's completion-token count).
+    ids (B, L + 1) with targets (B, L): inputs are ids[:, :-1]."""
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum") / n_tokens
+
+
+def trim(ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns past the longest row's last target (right padding only)."""
+    live = (targets != IGNORE).any(dim=0).nonzero()
+    width = int(live.max()) + 1 if live.numel() else 1
+    return ids[:, :width + 1], targets[:, :width]
+
+
+def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torch.Tensor, loader: Loader,
+             tcfg: TrainConfig, dist: Dist, pad_id: int = 2) -> dict:
+    """One optimizer step over cfg.grad_accum global batches; returns loss (per completion token) and grad norm."""
+    model.train()
+    loss_sum, n_total = 0.0, 0.0
+    moe = bool(model.moe_layers())
+    for _ in range(tcfg.grad_accum):
+        idx = torch.from_numpy(loader.next_global_indices())
+        n_tokens = float((tgt_all[idx] != IGNORE).sum()) * tcfg.grad_accum  # global: every rank counts it alike
+        mine = idx[dist.rank::dist.world]
+        ids, tgt = trim(ids_all[mine], tgt_all[mine])
+        ids, tgt = ids.to(dist.device), tgt.to(dist.device)
+        if moe:
+            model.set_load_mask(ids[:, :-1] != pad_id)
+        try:
+            loss = completion_loss(model, ids, tgt, n_tokens)
+        finally:
+            if moe:
+                model.set_load_mask(None)
+        (loss * dist.world).backward()  # average_grads divides by world
+        loss_sum += float(loss.detach()) * n_tokens
+        n_total += n_tokens / tcfg.grad_accum
+    dist.average_grads(model)
+    grad_norm = clip_grads(model, tcfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if moe:
+        loads = dist.all_reduce_sum(model.accumulated_loads().clone())
+        model.update_expert_bias(tcfg.bias_gamma, loads)
+    loss_global = dist.all_reduce_sum(torch.tensor([loss_sum], device=dist.device)).item() / max(n_total, 1.0)
+    return {"loss": loss_global, "grad_norm": grad_norm, "tokens": n_total}
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+def _load_tokenizer(path: str | Path):
+    from nanoseek.tokenizer import Tokenizer
+
+    return Tokenizer.load(path)
+
+
+def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, device: str = "auto",
+              dist: Dist | None = None, quiet: bool = False, steps: int | None = None,
+              minutes: float | None = None, budget_s: float | None = None) -> dict:
+    """Train (or resume) the SFT run in `out`; returns a summary (step, loss, examples, skipped, elapsed_s).
+    On resume the stored config is authoritative (`cfg` may be None); `steps`, `minutes` and `budget_s`
+    override it when given."""
+    out = Path(out)
+    ckpt_dir = out / "checkpoints"
+    ckpt = latest_checkpoint(ckpt_dir)
+    if resume:
+        if ckpt is None:
+            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
+        cfg = SFTConfig.from_dict(json.loads((out / "config.json").read_text())["sft"])
+    elif ckpt is not None:
+        raise ConfigError(f"{out} already has checkpoints; pass --resume or choose another --out")
+    if cfg is None:
+        raise ConfigError("train_sft needs a config for a fresh run")
+    changes = {k: v for k, v in (("steps", steps), ("minutes", minutes)) if v is not None}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes),
+                              budget_s=cfg.budget_s if budget_s is None else budget_s)
+    cfg.validate()
+    tcfg = cfg.train
+    dist = dist or setup_distributed(device)
+    if tcfg.batch_size % dist.world:
+        raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
+
+    if cfg.init is not None:
+        init = Path(cfg.init)
+        from nanoseek.train.checkpoint import load_run_model
+
+        model, _, init_step = load_run_model(init, device=dist.device)
+        tok_path = init / "tokenizer.json"
+    else:
+        tok_path = Path(cfg.tokenizer)
+        tok_path = tok_path if tok_path.suffix == ".json" else tok_path / "tokenizer.json"
+        init_step = None
+    tokenizer = _load_tokenizer(tok_path)
+    if cfg.init is None:
+        torch.manual_seed(tcfg.seed)
+        model = Transformer(ModelConfig.preset(cfg.preset, vocab_size=tokenizer.vocab_size)).to(dist.device)
+    elif model.cfg.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"{tok_path} has {tokenizer.vocab_size} tokens but the model of {cfg.init} has "
+                          f"{model.cfg.vocab_size}")
+    if tcfg.seq_len > model.cfg.max_seq_len:
+        raise ConfigError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    dist.broadcast_module(model)
+
+    examples = read_examples(cfg.data)
+    ids_all, tgt_all, skipped = encode_examples(examples, tokenizer, tcfg.seq_len)
+    if ids_all.size(0) == 0:
+        raise ConfigError(f"none of the {len(examples)} examples fits --seq-len {tcfg.seq_len}")
+    if cfg.epochs > 0 and not resume and steps is None:
+        tcfg = cfg.train = dataclasses.replace(tcfg, steps=max(1, math.ceil(cfg.epochs * ids_all.size(0)
+                                                                             / (tcfg.batch_size * tcfg.grad_accum))))
+    optimizer = build_optimizer(model, tcfg)
+    loader = Loader(ids_all, tcfg.batch_size, tcfg.seed, 0, 1)  # global indices; ranks slice them
+    metrics = MetricsLogger(out / "metrics.jsonl", enabled=dist.is_main)
+    step, elapsed0 = 0, 0.0
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        loader.load_state_dict(state["loader"])
+        step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        metrics.truncate_after(step)
+    elif dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        run_cfg = {"model": model.cfg.to_dict(), "sft": cfg.to_dict(), "train": tcfg.to_dict(),
+                   "init": cfg.init, "init_checkpoint": str(init_step) if init_step else None,
+                   "data": {"task": "sft", "file": str(cfg.data), "examples": len(examples),
+                            "kept": int(ids_all.size(0)), "skipped_too_long": skipped},
+                   "dense": not model.moe_layers(), "stage": "sft"}
+        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
+        atomic_write_text(out / "tokenizer.json", tok_path.read_text())
+    dist.barrier()
+
+    progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main and not quiet,
+                            print_every=max(1, tcfg.steps // 20), description="sft")
+    progress.message(f"{model.num_params():,} parameters; {ids_all.size(0):,} examples kept, {skipped:,} skipped "
+                     f"(longer than --seq-len {tcfg.seq_len}); {dist.world} process(es) on {dist.device}")
+    if ckpt is not None:
+        progress.message(f"resumed from {ckpt} (step {step})")
+    kill_after = int(os.environ.get(KILL_ENV, "-1"))
+    loop_start = time.perf_counter()
+    record: dict = {}
+    seen = step * tcfg.batch_size * tcfg.grad_accum
+
+    def elapsed() -> float:
+        return elapsed0 + time.perf_counter() - loop_start
+
+    try:
+        while step < tcfg.steps:
+            if cfg.budget_s > 0:
+                if dist.any_flag(elapsed() >= cfg.budget_s):
+                    break
+                lr = lr_at_fraction(step, elapsed() / cfg.budget_s, tcfg)
+            else:
+                lr = lr_at(step, tcfg)
+            set_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            res = sft_step(model, optimizer, ids_all, tgt_all, loader, tcfg, dist, tokenizer.pad_id)
+            dt = time.perf_counter() - t0
+            step += 1
+            seen += tcfg.batch_size * tcfg.grad_accum
+            out_of_time = (tcfg.minutes > 0 and time.perf_counter() - loop_start >= tcfg.minutes * 60) or \
+                          (cfg.budget_s > 0 and elapsed() >= cfg.budget_s)
+            stop = dist.any_flag(out_of_time)
+            last = step == tcfg.steps or stop
+            record = {"step": step, "loss": res["loss"], "main": res["loss"], "mtp": 0.0, "balance": 0.0, "lr": lr,
+                      "grad_norm": res["grad_norm"], "completion_tokens": res["tokens"], "examples_seen": seen,
+                      "epoch": seen / ids_all.size(0), "tokens_per_s": res["tokens"] / dt, "elapsed_s": elapsed()}
+            if last or step % tcfg.log_interval == 0:
+                metrics.log(record)
+            if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
+                if dist.is_main:
+                    save_checkpoint(ckpt_dir, step, model, optimizer,
+                                    {"loader": loader.state_dict(), "elapsed_s": record["elapsed_s"]}, tcfg.keep_last)
+                dist.barrier()
+            progress.update(step, res["loss"], lr, record["tokens_per_s"], f"epoch {record['epoch']:.2f}")
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop:
+                progress.message(f"time budget reached at step {step}; checkpoint saved")
+                break
+    finally:  # Ctrl-C: the next run resumes from the last periodic checkpoint (its elapsed time included)
+        progress.close()
+    if dist.is_main and record:
+        from nanoseek.report import write_report
+
+        write_report(out)
+    dist.barrier()
+    return {"step": step, "loss": record.get("loss"), "examples": int(ids_all.size(0)), "skipped": skipped,
+            "elapsed_s": record.get("elapsed_s", elapsed0), "examples_seen": seen, "run_dir": str(out)}
