@@ -53,8 +53,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, dim) -> (weights (N, K), indices (N, K), affinities (N, E))."""
-        xf = x if x.dtype == torch.float32 else x.float()  # the gate stays in FP32
-        logits = F.linear(xf, self.weight if self.weight.dtype == torch.float32 else self.weight.float())
+        xf = x if x.dtype == torch.float32 else x.float()  # the gate stays in FP32 (also under autocast)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(xf, self.weight if self.weight.dtype == torch.float32 else self.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.bias
         if self.n_groups > 1:
