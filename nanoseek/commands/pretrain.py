@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded
 
 A fresh run trains a tokenizer on the task corpus when the run directory has none. On --resume the stored
-config.json is authoritative; only --steps and --minutes may change (changing --steps reshapes the lr schedule).
+config.json is authoritative; only --steps, --minutes and --precision may change (changing --steps reshapes the
+lr schedule; a run resumes in the precision it started with unless --precision says otherwise).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
 from nanoseek.data import PACKERS
 from nanoseek.train.common import TrainConfig, setup_distributed
+from nanoseek.train.precision import PUBLIC as PRECISIONS
 from nanoseek.train.pretrain import DataConfig, PretrainConfig, dense_equivalent, pretrain
 
 # flag -> TrainConfig field, for the knobs exposed on the command line
@@ -62,6 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "this many processes (torchrun; docs/parallel.md). Not stored: a resume may change it")
     p.add_argument("--ep-redundant", type=int, default=0, help="with --ep: extra physical experts per MoE layer, "
                    "replicas of the most loaded ones placed by EPLB from the run's recorded loads")
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 (BF16 compute, FP32 master "
+                   "weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments); on --resume the stored one")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
 
 
@@ -74,6 +78,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         cfg = PretrainConfig.load(run_dir)
         changes = {k: v for k, v in (("steps", args.steps), ("minutes", args.minutes)) if v is not None}
         cfg.train = dataclasses.replace(cfg.train, **changes).validate()
+        if args.precision is not None:
+            cfg.precision = args.precision
         return cfg
     model = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
     if args.dense:
@@ -90,7 +96,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
             raise ConfigError(f"{name} must be in [0, 1], got {share}")
     if data.n_docs < 1 or data.n_test_docs < 1:
         raise ConfigError("--n-docs and --n-test-docs must be >= 1")
-    return PretrainConfig(model=model, train=train, data=data, dense=args.dense)
+    return PretrainConfig(model=model, train=train, data=data, dense=args.dense, precision=args.precision or "fp32")
 
 
 def run(args: argparse.Namespace) -> int:

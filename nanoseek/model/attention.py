@@ -90,6 +90,8 @@ class MLA(nn.Module):
         the shared `start` (continuous batching, where rows have different lengths); attention still spans
         cache[:, :start + T], so pass start >= max(write_pos) and a mask hiding each row's unused keys."""
         B, T, _ = x.shape
+        if self.fp8:  # absorbed weights (W_UK into the query) have no per-weight FP8 quantization: stay naive
+            absorb = False
         if absorb and self.fused is not None and not torch.is_grad_enabled():
             return self._decode_fused(x, cos, sin, mask, cache, start, write_pos)
         q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))

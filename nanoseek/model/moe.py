@@ -53,8 +53,9 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (N, dim) -> (weights (N, K), indices (N, K), affinities (N, E))."""
-        xf = x if x.dtype == torch.float32 else x.float()  # the gate stays in FP32
-        logits = F.linear(xf, self.weight if self.weight.dtype == torch.float32 else self.weight.float())
+        xf = x if x.dtype == torch.float32 else x.float()  # the gate stays in FP32 (also under autocast)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(xf, self.weight if self.weight.dtype == torch.float32 else self.weight.float())
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.bias
         if self.n_groups > 1:
@@ -79,6 +80,7 @@ class MoE(nn.Module):
         self.topk = cfg.n_activated_experts
         self.gate = Gate(cfg)
         self.experts = nn.ModuleList(SwiGLU(cfg.dim, cfg.moe_inter_dim, cfg.fp8) for _ in range(cfg.n_routed_experts))
+        self.fp8 = cfg.fp8
         self.shared_experts = (SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim, cfg.fp8)
                                if cfg.n_shared_experts > 0 else None)
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
@@ -99,7 +101,9 @@ class MoE(nn.Module):
         generate call, while the weights cannot change, and disables it after."""
         if self.shared_experts is not None:
             self.shared_experts.fuse(enable)
-        if not enable:
+        if not enable or self.fp8:
+            # FP8: the stacked bmm would multiply unquantized weights; inference keeps the per-expert FP8
+            # linears of `routed`, so an fp8 model decodes exactly as it trains
             self.stacked = None
             return
         w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]).t() for e in self.experts])  # (E, dim, 2I)

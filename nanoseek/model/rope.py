@@ -21,7 +21,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        if x.dtype == torch.float32:
+            return torch.nn.functional.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # BF16 (mixed precision) inputs: normalize in FP32, return the input dtype
+        return torch.nn.functional.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
 
 
 def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float, original_len: int) -> tuple[int, int]:

@@ -32,11 +32,11 @@ from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import PACKERS, Loader, eval_batches
 from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
+from nanoseek.train import precision as prec
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoseek.train.common import (
     Dist,
     TrainConfig,
-    build_optimizer,
     clip_grads,
     lr_at,
     lr_at_fraction,
@@ -75,16 +75,21 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dense: bool = False  # `model` was derived with dense_equivalent()
+    precision: str = "fp32"  # fp32 | bf16 | fp8 (nanoseek.train.precision); sets model.fp8
+
+    def __post_init__(self):
+        prec.check(self.precision)
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": self.train.to_dict(),
-                "data": dataclasses.asdict(self.data), "dense": self.dense}
+                "data": dataclasses.asdict(self.data), "dense": self.dense, "precision": self.precision}
 
     @classmethod
     def from_dict(cls, d: dict) -> PretrainConfig:
         try:
-            return cls(model=ModelConfig.from_dict(d["model"]), train=TrainConfig.from_dict(d["train"]),
-                       data=DataConfig(**d["data"]), dense=bool(d.get("dense", False)))
+            model = ModelConfig.from_dict(d["model"])
+            return cls(model=model, train=TrainConfig.from_dict(d["train"]), data=DataConfig(**d["data"]),
+                       dense=bool(d.get("dense", False)), precision=d.get("precision", "fp8" if model.fp8 else "fp32"))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"run config is missing or has a bad section: {e}") from None
 
@@ -138,7 +143,7 @@ def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[to
 
 # ---- steps ---------------------------------------------------------------------------------------------------
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loader, cfg: TrainConfig,
-               dist: Dist, parallel=None) -> dict:
+               dist: Dist, parallel=None, precision: str = "fp32") -> dict:
     """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
     the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks. `parallel`: an
     ExpertParallel (nanoseek.parallel) that syncs and clips the sharded experts' gradients instead of DDP."""
@@ -146,7 +151,8 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
     parts_sum = torch.zeros(4, device=dist.device)
     for _ in range(cfg.grad_accum):
         x, y = (t.to(dist.device) for t in loader.next_batch())
-        _, parts = model(x, y)
+        with prec.autocast(precision, dist.device):
+            _, parts = model(x, y)
         loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
         (loss / cfg.grad_accum).backward()
         parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, loss]).detach() / cfg.grad_accum
@@ -165,12 +171,14 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, rows: torch.Tensor, cfg: TrainConfig, dist: Dist) -> float | None:
+def evaluate(model: Transformer, rows: torch.Tensor, cfg: TrainConfig, dist: Dist,
+             precision: str = "fp32") -> float | None:
     """Mean next-token CE over the first cfg.eval_batches held-out batches (eval mode: no load accumulation)."""
     model.eval()
     total = torch.zeros(2, device=dist.device)
     for x, y in eval_batches(rows, cfg.batch_size, cfg.eval_batches, dist.rank, dist.world):
-        _, parts = model(x.to(dist.device), y.to(dist.device))
+        with prec.autocast(precision, dist.device):
+            _, parts = model(x.to(dist.device), y.to(dist.device))
         total += torch.stack([parts.main.detach() * x.size(0), torch.tensor(float(x.size(0)), device=dist.device)])
     model.train()
     dist.all_reduce_sum(total)
@@ -188,10 +196,11 @@ def load_summary(loads: torch.Tensor) -> dict:
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
-def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device) -> tuple[Transformer, torch.optim.Optimizer]:
+def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device,
+               precision: str) -> tuple[Transformer, torch.optim.Optimizer]:
     """A one-process model and optimizer that an expert-parallel run's checkpoint is assembled into."""
-    model = Transformer(model_cfg).to(device)
-    return model, build_optimizer(model, tcfg)
+    model = prec.configure_model(Transformer(model_cfg).to(device), precision)
+    return model, prec.build_optimizer(model, tcfg, precision)
 
 
 def seed_everything(seed: int) -> None:
@@ -233,17 +242,18 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     tokenizer = prepare_tokenizer(run_dir, cfg.data, tcfg.seed, dist)
-    cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size).validate()
+    cfg.model = prec.model_config(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size), cfg.precision)
+    cfg.model.validate()
     train_rows, test_rows = build_rows(tokenizer, cfg.data, tcfg.seq_len, tcfg.seed)
 
     seed_everything(tcfg.seed)
-    model = Transformer(cfg.model).to(dist.device)
+    model = prec.configure_model(Transformer(cfg.model).to(dist.device), cfg.precision)
     if init_from is not None and ckpt is None:
         from nanoseek.train.checkpoint import load_model_weights
 
         load_model_weights(init_from, model)
     dist.broadcast_module(model)
-    optimizer = build_optimizer(model, tcfg)
+    optimizer = prec.build_optimizer(model, tcfg, cfg.precision)
     loader = Loader(train_rows, tcfg.batch_size, tcfg.seed, dist.rank, dist.world)
     metrics = MetricsLogger(run_dir / "metrics.jsonl", enabled=dist.is_main)
 
@@ -253,6 +263,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         loader.load_state_dict(state["loader"])
         step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
         metrics.truncate_after(step)
+        if dist.is_main and PretrainConfig.load(run_dir).precision != cfg.precision:  # resumed in another one
+            atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     elif dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     parallel = None
@@ -262,7 +274,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
         loads = recorded_loads(run_dir) if dist.is_main and ckpt is not None else None
         parallel = setup_expert_parallel(model, ep, ep_redundant, dist.device, loads)
-        optimizer = parallel.shard(model, optimizer, lambda m: build_optimizer(m, tcfg))
+        optimizer = parallel.shard(model, optimizer, lambda m: prec.build_optimizer(m, tcfg, cfg.precision))
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len
     progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main,
@@ -270,7 +282,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     if ckpt is not None:
         progress.message(f"resumed from {ckpt} (step {step})")
     progress.message(f"{model.num_params():,} parameters, {train_rows.size(0):,} train / {test_rows.size(0):,} "
-                     f"held-out sequences of {tcfg.seq_len} tokens, {dist.world} process(es) on {dist.device}")
+                     f"held-out sequences of {tcfg.seq_len} tokens, {dist.world} process(es) on {dist.device}, "
+                     f"precision {cfg.precision}")
     if parallel is not None:
         progress.message(parallel.describe())
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
@@ -284,7 +297,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             lr = lr_at(step, tcfg) if fraction is None else lr_at_fraction(step, fraction, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
-            out = train_step(model, optimizer, loader, tcfg, dist, parallel)
+            out = train_step(model, optimizer, loader, tcfg, dist, parallel, cfg.precision)
             dt = time.perf_counter() - t0
             step += 1
             tok_rate = tokens_per_step / dt
@@ -298,13 +311,13 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                       "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
                       "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"])}
             if last or (tcfg.eval_interval and step % tcfg.eval_interval == 0):
-                eval_loss = evaluate(model, test_rows, tcfg, dist)
+                eval_loss = evaluate(model, test_rows, tcfg, dist, cfg.precision)
                 record["eval_loss"] = eval_loss
             if last or step % tcfg.log_interval == 0 or "eval_loss" in record:
                 metrics.log(record)
             if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
                 to_save = (model, optimizer) if parallel is None else parallel.gather(
-                    model, optimizer, lambda: _full_pair(cfg.model, tcfg, dist.device))
+                    model, optimizer, lambda: _full_pair(cfg.model, tcfg, dist.device, cfg.precision))
                 if dist.is_main:
                     save_checkpoint(ckpt_dir, step, *to_save,
                                     {"loader": loader.state_dict(), "elapsed_s": record["elapsed_s"]},
