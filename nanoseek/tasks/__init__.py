@@ -4,11 +4,20 @@ from __future__ import annotations
 from nanoseek.config import ConfigError
 from nanoseek.tasks.arithmetic import ArithmeticTask
 from nanoseek.tasks.base import Problem, RewardWeights, Score, Task, extract_answer, is_well_formed
+from nanoseek.tasks.code import CodeTask
 from nanoseek.tasks.countdown import CountdownTask
+from nanoseek.tasks.humaneval import HumanEvalTask
+from nanoseek.tasks.math_word import MathWordTask
+from nanoseek.tasks.proof import ProofTask
 
+# Tasks with `sandboxed = True` check answers in nanoseek.sandbox (score them with `score_batch`).
 TASKS: dict[str, type[Task]] = {
     "arithmetic": ArithmeticTask,
     "countdown": CountdownTask,
+    "math": MathWordTask,
+    "code": CodeTask,
+    "proof": ProofTask,
+    "humaneval": HumanEvalTask,  # eval only (no train split)
 }
 
 

@@ -102,6 +102,8 @@ class Task(ABC):
     """A procedurally generated, program-checked task. Subclasses implement the four hooks below."""
 
     name: str = "task"
+    sandboxed: bool = False  # checks run untrusted output in nanoseek.sandbox (slow: score in batches)
+    max_answer_chars: int = MAX_ANSWER_CHARS
     default_difficulty: int = 2
     min_difficulty: int = 1
     max_difficulty: int = 5
@@ -139,13 +141,20 @@ class Task(ABC):
         format_ok = is_well_formed(completion)
         parsed = extract_answer(completion)
         correct = False
-        if parsed is not None and not truncated and len(parsed) <= MAX_ANSWER_CHARS:
+        if parsed is not None and not truncated and len(parsed) <= self.max_answer_chars:
             try:
                 correct = bool(self.check(problem, parsed))
             except Exception:  # noqa: BLE001 -- a checker bug must not crash an RL run; count it wrong
                 correct = False
         reward = self.weights.accuracy * correct + self.weights.format * format_ok
         return Score(correct=correct, format_ok=format_ok, reward=float(reward), parsed=parsed)
+
+    def score_batch(self, problems: list[Problem], completions: list[str],
+                    truncated: list[bool] | None = None) -> list[Score]:
+        """Scores of many completions at once; tasks with expensive checks override this to check in parallel
+        (the default loops over `score`). Never raises: a checker crash or timeout scores wrong."""
+        truncated = truncated if truncated is not None else [False] * len(completions)
+        return [self.score(p, c, t) for p, c, t in zip(problems, completions, truncated)]
 
     def split(self, problem: Problem) -> str:
         key = f"{self.name}|{self.canonical(problem)}"
@@ -159,3 +168,39 @@ class Task(ABC):
             if self.split(problem) == split:
                 return problem
         raise RuntimeError(f"{self.name}: no {split} problem found in 100000 draws")
+
+
+class BatchCheckedTask(Task):
+    """A task whose checker is expensive (a sandboxed run, a proof assistant, a worker process): `check_batch`
+    checks many (problem, answer) pairs at once, in parallel; `score`/`check` are batches of one."""
+
+    @abstractmethod
+    def check_batch(self, problems: list[Problem], answers: list[str]) -> list[bool]:
+        """Is each extracted answer right? Must never raise; a crash or timeout is False."""
+
+    def check(self, problem: Problem, answer: str) -> bool:
+        return self.check_batch([problem], [answer])[0]
+
+    def score(self, problem: Problem, completion: str, truncated: bool = False) -> Score:
+        return self.score_batch([problem], [completion], [truncated])[0]
+
+    def score_batch(self, problems: list[Problem], completions: list[str],
+                    truncated: list[bool] | None = None) -> list[Score]:
+        truncated = truncated if truncated is not None else [False] * len(completions)
+        if not len(problems) == len(completions) == len(truncated):
+            raise ValueError("score_batch needs as many problems, completions and truncated flags")
+        fmt = [is_well_formed(c) for c in completions]
+        parsed = [extract_answer(c) for c in completions]
+        todo = [i for i, (a, t) in enumerate(zip(parsed, truncated))
+                if a is not None and not t and len(a) <= self.max_answer_chars]
+        correct = [False] * len(completions)
+        if todo:
+            try:
+                ok = self.check_batch([problems[i] for i in todo], [parsed[i] for i in todo])
+            except Exception:  # noqa: BLE001 -- a checker bug must not crash an RL run; count it wrong
+                ok = [False] * len(todo)
+            for i, v in zip(todo, ok):
+                correct[i] = bool(v)
+        w = self.weights
+        return [Score(correct=c, format_ok=f, reward=float(w.accuracy * c + w.format * f), parsed=a)
+                for c, f, a in zip(correct, fmt, parsed)]

@@ -187,9 +187,14 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
         prompts = [tok.prompt_ids(p.prompt) for _, p in drawn for _ in range(G)]
         outs = engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=seed * 1000 + r)
+        t_verify = time.perf_counter()  # one batched (parallel, sandboxed where needed) check of the round
+        all_scores = sampler.task.score_batch([p for _, p in drawn for _ in range(G)], [o.text for o in outs],
+                                              [o.finish_reason == "length" for o in outs])
+        stats["verify_s"] = stats.get("verify_s", 0.0) + time.perf_counter() - t_verify
+        stats["checks"] = stats.get("checks", 0) + len(outs)
         for g, (idx, problem) in enumerate(drawn):
             group = outs[g * G:(g + 1) * G]
-            scores = [sampler.task.score(problem, o.text, truncated=o.finish_reason == "length") for o in group]
+            scores = all_scores[g * G:(g + 1) * G]
             rewards = [s.reward for s in scores]
             lengths = [len(o.tokens) for o in group]
             if cfg.overlong_cache > 0:
@@ -377,7 +382,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                    "format_rate": _mean(st["format"]), "response_len_mean": _mean(st["len"]),
                    "response_len_max": max(st["len"]) if st["len"] else 0, "truncated": _mean(st["truncated"]),
                    "zero_spread_groups": _mean(st["zero_spread"]), "sampling_rounds": st["rounds"],
-                   "groups_trained": len(rollouts) // cfg.group_size}
+                   "groups_trained": len(rollouts) // cfg.group_size, "verify_s": round(st.get("verify_s", 0.0), 3),
+                   "checks_per_s": round(st.get("checks", 0) / max(st.get("verify_s", 0.0), 1e-9), 1)}
             t1 = time.time()
             if rollouts:
                 rewards = torch.tensor([r.reward for r in rollouts])
