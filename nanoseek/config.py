@@ -34,6 +34,9 @@ class ModelConfig:
     n_limited_groups: int = 1
     score_func: str = "sigmoid"  # "sigmoid" (V3) or "softmax" (V2)
     route_scale: float = 1.0
+    # normalize the K selected affinities to sum 1 (before route_scale); None = the scoring function's own
+    # default: True for sigmoid (V3), False for softmax (V2). transformers' `norm_topk_prob`.
+    norm_topk_prob: bool | None = None
     # MLA
     q_lora_rank: int = 0  # 0 = a single full-rank W_Q
     kv_lora_rank: int = 64
@@ -58,6 +61,11 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def normalizes_topk(self) -> bool:
+        """Whether the gate renormalizes the selected affinities (norm_topk_prob resolved)."""
+        return self.score_func == "sigmoid" if self.norm_topk_prob is None else self.norm_topk_prob
 
     @property
     def n_moe_layers(self) -> int:
@@ -90,6 +98,7 @@ class ModelConfig:
              f"n_dense_layers must be within [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
         need(self.q_lora_rank >= 0 and self.n_mtp >= 0, "q_lora_rank and n_mtp must be >= 0")
         need(self.score_func in ("sigmoid", "softmax"), f"score_func must be sigmoid or softmax, got {self.score_func!r}")
+        need(self.norm_topk_prob in (None, True, False), f"norm_topk_prob must be true, false or null, got {self.norm_topk_prob!r}")
         if self.n_routed_experts > 0 and self.n_dense_layers < self.n_layers:
             need(self.moe_inter_dim > 0, "moe_inter_dim must be positive")
             need(1 <= self.n_activated_experts <= self.n_routed_experts,

@@ -6,7 +6,10 @@ interleaved layout, which is what DeepSeek's released weights and transformers' 
 `rope_interleave=True` use; a checkpoint with `rope_interleave=False` has its rope rows permuted on load.
 MTP modules live at `model.layers.{num_hidden_layers + k}` with `enorm`, `hnorm`, `eh_proj`,
 `shared_head.norm` (and copies of the shared `embed_tokens` / `shared_head.head`), as in the V3 release.
-Block-quantized FP8 checkpoints (`weight_scale_inv`, 128x128 blocks) are dequantized on load.
+Block-quantized FP8 checkpoints (`weight_scale_inv`, blocks of `quantization_config.weight_block_size`,
+128x128 when absent) are dequantized on load. `norm_topk_prob: false` maps to ModelConfig.norm_topk_prob.
+Loading streams: the model is built on the meta device, tensor names and shapes are checked from the
+shards' headers, then each shard is opened once and its tensors copied into their parameters.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from safetensors.torch import save_file
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.io import atomic_write, atomic_write_text
 from nanoseek.model import Transformer
+from nanoseek.model.rope import rope_cos_sin
 
 
 class CheckpointError(ConfigError):
@@ -89,7 +93,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
         "n_routed_experts": max(cfg.n_routed_experts, 1), "n_shared_experts": cfg.n_shared_experts,
         "num_experts_per_tok": cfg.n_activated_experts, "n_group": cfg.n_expert_groups,
-        "topk_group": cfg.n_limited_groups, "routed_scaling_factor": cfg.route_scale, "norm_topk_prob": True,
+        "topk_group": cfg.n_limited_groups, "routed_scaling_factor": cfg.route_scale,
+        "norm_topk_prob": cfg.normalizes_topk,
         "q_lora_rank": cfg.q_lora_rank or None, "kv_lora_rank": cfg.kv_lora_rank,
         "qk_nope_head_dim": cfg.qk_nope_head_dim, "qk_rope_head_dim": cfg.qk_rope_head_dim,
         "v_head_dim": cfg.v_head_dim, "head_dim": cfg.qk_rope_head_dim,
@@ -139,17 +144,33 @@ def config_from_hf(hf: dict) -> ModelConfig:
         qk_rope_head_dim=get("qk_rope_head_dim"), v_head_dim=get("v_head_dim"), max_seq_len=max_len,
         original_seq_len=extra.pop("original_seq_len", max_len), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
         rope_factor=factor, n_mtp=get("num_nextn_predict_layers", 0) or 0, norm_eps=get("rms_norm_eps", 1e-6),
-        init_std=get("initializer_range", 0.006), **extra)
-    if not get("norm_topk_prob", True):
-        raise ConfigError("norm_topk_prob=false is not supported (DeepSeek-V3 normalizes top-k weights)")
+        init_std=get("initializer_range", 0.006), norm_topk_prob=bool(get("norm_topk_prob", True)), **extra)
     if get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"scoring_func={get('scoring_func')!r} is not supported by DeepseekV3 checkpoints")
     return cfg.validate()
 
 
 # ---- reading ---------------------------------------------------------------------------------------
-def _open_tensors(path: Path) -> dict[str, tuple[Path, str]]:
-    """key -> (file, key) over every safetensors file of the checkpoint."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """key -> (safetensors dtype, shape) from a file's JSON header, without mapping the tensor data."""
+    try:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError(f"header length {n}")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f.name} is not a readable safetensors file ({e})") from None
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+
+
+def _shard_headers(path: Path) -> dict[Path, dict[str, tuple[str, tuple[int, ...]]]]:
+    """Every safetensors file of the checkpoint (the index's, else all in the directory) -> its header."""
     index = path / "model.safetensors.index.json"
     files = sorted(path.glob("*.safetensors"))
     if index.exists():
@@ -157,14 +178,10 @@ def _open_tensors(path: Path) -> dict[str, tuple[Path, str]]:
         files = sorted({path / f for f in weight_map.values()})
     if not files:
         raise CheckpointError(f"no .safetensors files in {path}")
-    where = {}
     for f in files:
         if not f.exists():
             raise CheckpointError(f"shard listed in the index is missing: {f.name}")
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                where[k] = (f, k)
-    return where
+    return {f: _read_header(f) for f in files}
 
 
 def _rope_perm(d: int) -> torch.Tensor:
@@ -172,14 +189,32 @@ def _rope_perm(d: int) -> torch.Tensor:
     return torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=-1).flatten()
 
 
-def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, load_mtp: bool = True, verbose: bool = True) -> Transformer:
-    """Build a nanoseek Transformer from a transformers DeepSeek-V3 checkpoint directory."""
+def _scale_key(key: str) -> str:
+    return key[:-len(".weight")] + ".weight_scale_inv" if key.endswith(".weight") else key + "_scale_inv"
+
+
+def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool = True,
+            verbose: bool = True) -> Transformer:
+    """Build a nanoseek Transformer from a transformers DeepSeek-V3 checkpoint directory.
+
+    dtype: the parameters' dtype; None keeps the checkpoint's (that of `model.embed_tokens.weight`; FP8
+    weights are dequantized to it), `torch.float32` gives a training-ready copy. The gate's weight and
+    selection bias are always float32 (the gate runs in FP32). The model is built on the meta device and
+    each parameter is written once, straight from its shard: shards are opened one at a time, so peak memory
+    is about the model's size plus one shard's pages (bench/hf_import_memory.py, docs/hf.md).
+    """
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"{path} has no config.json (expected a transformers checkpoint directory)")
     hf_cfg = json.loads((path / "config.json").read_text())
     cfg = config_from_hf(hf_cfg)
-    where = _open_tensors(path)
+    block = (hf_cfg.get("quantization_config") or {}).get("weight_block_size") or [128, 128]
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise CheckpointError(f"quantization_config.weight_block_size must be two positive ints, got {block}")
+    headers = _shard_headers(path)
+    where = {k: f for f, h in headers.items() for k in h}
+    info = {k: v for h in headers.values() for k, v in h.items()}
+    n_declared = hf_cfg.get("num_nextn_predict_layers", 0) or 0
     mtp_present = cfg.n_mtp > 0 and any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in where)
     if cfg.n_mtp > 0 and not (mtp_present and load_mtp):
         if verbose:
@@ -188,36 +223,66 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, load_mtp: bool
         cfg.n_mtp = 0
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {hf_name(k, cfg.n_layers): k for k in model.state_dict()}
-    shared_copies = {f"model.layers.{cfg.n_layers + k}.{s}" for k in range(max(hf_cfg.get("num_nextn_predict_layers", 0) or 0, 0))
+    targets = model.state_dict(keep_vars=True)  # our name -> the (meta) parameter or buffer
+    expected = {hf_name(k, cfg.n_layers): k for k in targets}
+    shared_copies = {f"model.layers.{cfg.n_layers + k}.{s}" for k in range(n_declared)
                      for s in ("embed_tokens.weight", "shared_head.head.weight")}
-    skip_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(hf_cfg.get("num_nextn_predict_layers", 0) or 0)) \
-        if cfg.n_mtp == 0 else ()
+    skip_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(n_declared)) if cfg.n_mtp == 0 else ()
+    # validate names and shapes from the headers before anything is allocated
     for k in where:
         if k.endswith("weight_scale_inv") or k.endswith("rotary_emb.inv_freq"):
             continue
-        if k not in expected and k not in shared_copies and not k.startswith(skip_prefixes or ("\0",)):
+        if k not in expected and k not in shared_copies and not (skip_prefixes and k.startswith(skip_prefixes)):
             raise CheckpointError(f"unexpected key in checkpoint: {k}")
+    for hk, ok in expected.items():
+        if hk not in info:
+            raise CheckpointError(f"missing key in checkpoint: {hk}")
+        st_dtype, shape = info[hk]
+        if st_dtype not in _ST_DTYPES:
+            raise CheckpointError(f"unsupported dtype {st_dtype} for {hk}")
+        want = tuple(targets[ok].shape)
+        if shape != want:
+            raise CheckpointError(f"shape mismatch for {hk}: checkpoint {shape}, config expects {want}")
+        if st_dtype == "F8_E4M3":
+            sk = _scale_key(hk)
+            blocks = tuple(-(-n // b) for n, b in zip(shape, block))
+            if sk not in info:
+                raise CheckpointError(f"FP8 tensor {hk} has no {sk}")
+            if len(shape) != 2 or info[sk][1] != blocks:
+                raise CheckpointError(f"{sk} has shape {info[sk][1]}, expected {blocks} for {shape} in "
+                                      f"{block[0]}x{block[1]} blocks")
+    ckpt_dtype = _ST_DTYPES[info["model.embed_tokens.weight"][0]]
+    target = dtype or (ckpt_dtype if ckpt_dtype.is_floating_point and ckpt_dtype.itemsize >= 2 else torch.float32)
+    for name, p in model.named_parameters():
+        if not name.endswith("gate.weight"):
+            p.data = p.data.to(target)
+    model = model.to_empty(device="cpu")  # allocated, untouched: pages become resident as they are written
+    targets = model.state_dict(keep_vars=True)
     interleave = hf_cfg.get("rope_interleave", True)
     perm = _rope_perm(cfg.qk_rope_head_dim)
-    state = {}
-    for hk, ok in expected.items():
-        if hk not in where:
-            raise CheckpointError(f"missing key in checkpoint: {hk}")
-        f, key = where[hk]
-        with safe_open(f, "pt") as st:
-            t = st.get_tensor(key)
-        if t.dtype == torch.float8_e4m3fn:
-            t = _dequant_fp8(t, hk, where)
-        want = model.state_dict()[ok].shape
-        if tuple(t.shape) != tuple(want):
-            raise CheckpointError(f"shape mismatch for {hk}: checkpoint {tuple(t.shape)}, config expects {tuple(want)}")
-        if not interleave:
-            t = _permute_rope_rows(ok, t, cfg, perm)
-        state[ok] = t.to(torch.float32 if ok.endswith("gate.bias") or ok.endswith("gate.weight") else dtype)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=False)
-    cos, sin = __import__("nanoseek.model.rope", fromlist=["rope_cos_sin"]).rope_cos_sin(cfg)
+    wanted = {hk for hk in expected}
+    with torch.no_grad():
+        for f, header in headers.items():
+            keys = [k for k in header if k in wanted]
+            if not keys:
+                continue
+            with safe_open(f, "pt") as st:
+                for hk in keys:
+                    ok = expected[hk]
+                    t = st.get_tensor(hk)
+                    if t.dtype == torch.float8_e4m3fn:
+                        sk = _scale_key(hk)
+                        if where[sk] == f:
+                            s = st.get_tensor(sk)
+                        else:  # scale in another shard (unusual): open it for this one tensor
+                            with safe_open(where[sk], "pt") as other:
+                                s = other.get_tensor(sk)
+                        t = _dequant_fp8(t, s, block)
+                    if not interleave:
+                        t = _permute_rope_rows(ok, t, cfg, perm)
+                    targets[ok].copy_(t)  # casts to the parameter's dtype
+                    del t
+    cos, sin = rope_cos_sin(cfg)
     model.rope_cos.copy_(cos)
     model.rope_sin.copy_(sin)
     for m in model.moe_layers():
@@ -226,15 +291,10 @@ def from_hf(path: str | Path, dtype: torch.dtype = torch.float32, load_mtp: bool
     return model
 
 
-def _dequant_fp8(t: torch.Tensor, key: str, where: dict) -> torch.Tensor:
-    scale_key = key + "_scale_inv" if not key.endswith(".weight") else key[:-len(".weight")] + ".weight_scale_inv"
-    if scale_key not in where:
-        raise CheckpointError(f"FP8 tensor {key} has no {scale_key}")
-    f, k = where[scale_key]
-    with safe_open(f, "pt") as st:
-        s = st.get_tensor(k).float()
+def _dequant_fp8(t: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> torch.Tensor:
+    """q * scale_inv per (block[0] x block[1]) block, in float32 (edge blocks partial)."""
     r, c = t.shape
-    full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:r, :c]
+    full = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:r, :c]
     return t.float() * full
 
 

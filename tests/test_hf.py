@@ -1,14 +1,19 @@
 """Hugging Face interop (nanoseek.hf): logits parity with transformers' DeepseekV3ForCausalLM in both
-directions, rope layout conversion, MTP weights, FP8 block dequantization and checkpoint errors."""
+directions (norm_topk_prob true and false), rope layout conversion, MTP weights, FP8 block dequantization
+(128 and other block sizes), the checkpoint's dtype kept, one open per shard, and checkpoint errors.
+transformers is required in CI (tests/conftest.py require_module), optional locally."""
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import require_module
 from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
+import nanoseek.hf
+
+transformers = require_module("transformers")
 from transformers import AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
 
 from nanoseek.config import ModelConfig  # noqa: E402
@@ -86,6 +91,8 @@ NANO_CASES = {
                                      n_expert_groups=8, n_limited_groups=3, n_activated_experts=4,
                                      route_scale=2.5, rope_factor=8.0, original_seq_len=16),
     "dense-only": nano_cfg(n_routed_experts=0, n_dense_layers=3),
+    "no-topk-norm-groups": nano_cfg(norm_topk_prob=False, n_expert_groups=4, n_limited_groups=2,
+                                    n_activated_experts=3, route_scale=2.5),
 }
 
 
@@ -115,6 +122,8 @@ HF_CASES = {
     "all-moe-yarn-mtp-declared-sharded": (
         hf_config(q_lora_rank=16, first_k_dense_replace=0, n_routed_experts=16, n_group=8, topk_group=3,
                   num_experts_per_tok=4, rope_parameters=yarn(8.0, 16), num_nextn_predict_layers=1), "50KB"),
+    "no-topk-norm-sharded": (hf_config(norm_topk_prob=False, num_experts_per_tok=3, n_group=4, topk_group=2),
+                             "30KB"),
 }
 
 
@@ -210,21 +219,21 @@ def test_missing_shard_is_a_checkpoint_error(tmp_path):
         from_hf(tmp_path)
 
 
-def _quantize_128_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """By hand: per 128x128 block, scale = amax / 448, q = fp8(w / scale). Returns q, scale_inv, dequant."""
+def _quantize_blocks(w: torch.Tensor, br: int = 128, bc: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """By hand: per br x bc block, scale = amax / 448, q = fp8(w / scale). Returns q, scale_inv, dequant."""
     R, C = w.shape
-    nb_r, nb_c = -(-R // 128), -(-C // 128)
+    nb_r, nb_c = -(-R // br), -(-C // bc)
     q = torch.empty(R, C, dtype=torch.float8_e4m3fn)
     scale = torch.empty(nb_r, nb_c)
     deq = torch.empty(R, C)
     for i in range(nb_r):
         for j in range(nb_c):
-            blk = w[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128]
+            blk = w[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
             s = blk.abs().max() / 448
             qb = (blk / s).to(torch.float8_e4m3fn)
-            q[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = qb
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = qb
             scale[i, j] = s
-            deq[i * 128:(i + 1) * 128, j * 128:(j + 1) * 128] = qb.float() * s
+            deq[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = qb.float() * s
     return q, scale, deq
 
 
@@ -241,7 +250,7 @@ def test_fp8_block_quantized_checkpoint_dequantizes(tmp_path):
             w = t[name].clone()
             w[128:] *= 50  # gate_proj (200, 48): row blocks; down_proj (48, 200): rows 128+ absent, so ...
             w[:, 128:] *= 50  # ... down_proj's column blocks differ instead
-            q, s, deq = _quantize_128_blocks(w)
+            q, s, deq = _quantize_blocks(w)
             t[name], t[name.replace(".weight", ".weight_scale_inv")] = q, s
             expect[name] = deq
 
@@ -254,3 +263,93 @@ def test_fp8_block_quantized_checkpoint_dequantizes(tmp_path):
     orig_w1[128:] *= 50
     assert rel_err(sd["layers.0.ffn.w1.weight"], orig_w1) < 0.05
     assert torch.equal(sd["layers.0.ffn.w3.weight"], ours.state_dict()["layers.0.ffn.w3.weight"])
+
+
+def test_fp8_block_size_from_quantization_config(tmp_path):
+    """quantization_config.weight_block_size [32, 64] (not the default 128): each scale covers a 32x64
+    block; a scale tensor whose shape does not fit the block size is a CheckpointError naming it."""
+    cfg = nano_cfg(inter_dim=200)
+    ours = random_nano(cfg)
+    to_hf(ours, tmp_path)
+    name = "model.layers.0.mlp.gate_proj.weight"  # (200, 48): 7 x 1 blocks of 32 x 64
+    expect = {}
+
+    def edit(t):
+        w = t[name].clone()
+        w *= torch.logspace(-2, 2, w.shape[0]).unsqueeze(1)  # every row block a different magnitude
+        q, s, deq = _quantize_blocks(w, 32, 64)
+        assert s.shape == (7, 1)
+        t[name], t[name.replace(".weight", ".weight_scale_inv")] = q, s
+        expect["w"] = deq
+
+    _edit_checkpoint(tmp_path, edit)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 64]}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    back = from_hf(tmp_path)
+    assert torch.equal(back.state_dict()["layers.0.ffn.w1.weight"], expect["w"])
+    conf["quantization_config"]["weight_block_size"] = [16, 64]  # scale would be (13, 1)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match=r"gate_proj\.weight_scale_inv"):
+        from_hf(tmp_path)
+
+
+def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
+    """A bfloat16 checkpoint loads as bfloat16 parameters bit-identical to the file (the gate's weight and
+    bias in float32, rope tables in float32); dtype=torch.float32 gives the float32 copy, whose logits match
+    transformers' float32 model of the same weights; the bf16 model runs with bf16 rounding error."""
+    hf = random_hf(hf_config(q_lora_rank=24, num_experts_per_tok=3)).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, max_shard_size="30KB")
+    on_disk = {}
+    for f in tmp_path.glob("*.safetensors"):
+        on_disk.update(load_file(f))
+    assert {t.dtype for t in on_disk.values()} == {torch.bfloat16}
+    ours = from_hf(tmp_path, verbose=False).eval()
+    dtypes = {n: p.dtype for n, p in ours.named_parameters()}
+    assert {d for n, d in dtypes.items() if not n.endswith("gate.weight")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if n.endswith("gate.weight")} == {torch.float32}
+    assert ours.rope_cos.dtype == torch.float32 and ours.layers[1].ffn.gate.bias.dtype == torch.float32
+    sd = ours.state_dict()
+    assert torch.equal(sd["layers.1.attn.wq_b.weight"], on_disk["model.layers.1.self_attn.q_b_proj.weight"])
+    assert torch.equal(sd["layers.2.ffn.experts.3.w2.weight"], on_disk["model.layers.2.mlp.experts.3.down_proj.weight"])
+    full = from_hf(tmp_path, dtype=torch.float32, verbose=False).eval()
+    assert {p.dtype for p in full.parameters()} == {torch.float32}
+    ids = torch.randint(0, 96, (2, 24))
+    with torch.no_grad():
+        theirs = hf.float()(ids).logits
+        assert rel_err(full(ids), theirs) < 1e-4
+        low = ours(ids)  # computed in bf16: rounding error per token (a near-tie may flip one token's experts)
+        per_token = ((low - theirs).norm(dim=-1) / theirs.norm(dim=-1)).flatten()
+        assert low.isfinite().all() and 0 < per_token.median() < 0.03
+        assert torch.equal(ours.float()(ids), full(ids))  # the same numbers, only stored in bf16
+
+
+def test_each_shard_is_opened_once(tmp_path, monkeypatch):
+    """Streaming: from_hf opens every shard that holds a tensor it needs exactly once (not once per tensor);
+    a shard holding only the MTP layer's copies of the shared embedding / head is not read."""
+    to_hf(random_nano(nano_cfg(n_mtp=1)), tmp_path, max_shard_bytes=40_000)
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    copies = ("model.layers.3.embed_tokens.weight", "model.layers.3.shared_head.head.weight")
+    needed = sorted({str(tmp_path / f) for k, f in weight_map.items() if k not in copies})
+    assert len(needed) >= 4
+    opened = []
+    real = nanoseek.hf.safe_open
+
+    def counting(f, *a, **kw):
+        opened.append(str(f))
+        return real(f, *a, **kw)
+
+    monkeypatch.setattr(nanoseek.hf, "safe_open", counting)
+    from_hf(tmp_path)
+    assert sorted(opened) == needed
+
+
+def test_require_module_skips_locally_and_fails_in_ci(monkeypatch):
+    """tests/conftest.py require_module: a missing dependency skips outside CI and raises inside it."""
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require_module("nanoseek_no_such_module")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(ImportError):
+        require_module("nanoseek_no_such_module")
+    assert require_module("json") is json

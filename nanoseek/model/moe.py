@@ -2,7 +2,8 @@
 
 Gate: sigmoid affinities; a per-expert bias (not trained by gradient) shifts *selection* only;
 group-limited routing keeps the `n_limited_groups` groups with the best top-2 biased sums; the
-selected unbiased affinities are normalized to 1 and scaled by `route_scale`. Experts run batched:
+selected unbiased affinities are normalized to 1 (unless `norm_topk_prob` is false; V2's softmax gate
+does not normalize) and scaled by `route_scale`. Experts run batched:
 tokens are sorted by expert and each expert processes its slice once (a loop over experts, never
 over tokens). No token dropping. The sequence-wise balance loss and the per-expert load of the last
 forward are kept on the module for the trainer.
@@ -47,6 +48,7 @@ class Gate(nn.Module):
         self.topk_groups = cfg.n_limited_groups
         self.score_func = cfg.score_func
         self.route_scale = cfg.route_scale
+        self.normalize = cfg.normalizes_topk
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         # Selection bias for auxiliary-loss-free balancing: a buffer, so no gradient and no weight decay.
         self.register_buffer("bias", torch.zeros(cfg.n_routed_experts))
@@ -66,7 +68,7 @@ class Gate(nn.Module):
             choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(self.topk, dim=-1)[1]
         weights = scores.gather(1, indices)
-        if self.score_func == "sigmoid":
+        if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.route_scale != 1.0:
             weights = weights * self.route_scale
