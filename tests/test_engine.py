@@ -227,3 +227,62 @@ def test_rows_finishing_at_different_steps_match_naive_decoding():
         assert o.tokens == expect
         assert o.finish_reason == ("stop" if eos in f else "length")
     assert len({len(o.tokens) for o in out}) > 2  # rows really finished at different steps
+
+
+# ---- log-probs of the sampled distribution (what GRPO's ratio divides by) -------------------------
+def warper_probs(logits: list[float], temperature: float, top_k=None, top_p=None) -> list[float]:
+    """Temperature, then top-k, then top-p over the top-k-renormalized distribution: the order of HF's
+    logits warpers and vLLM's apply_top_k_top_p (for top-k alone or top-p alone it is `reference_probs`)."""
+    probs = reference_probs(logits, temperature, top_k)
+    if top_p is None:
+        return probs
+    cum, nucleus = 0.0, set()
+    for i in sorted(range(len(probs)), key=lambda i: -probs[i]):
+        nucleus.add(i)
+        cum += probs[i]
+        if cum >= top_p:
+            break
+    s = sum(probs[i] for i in nucleus)
+    return [probs[i] / s if i in nucleus else 0.0 for i in range(len(probs))]
+
+
+@pytest.mark.parametrize("t,k,p,speculative", [(0.8, 5, None, False), (1.0, None, 0.6, False),
+                                               (1.3, 6, 0.8, False), (1.0, 5, 0.7, True)])
+def test_logprobs_are_those_of_the_filtered_distribution_actually_sampled(t, k, p, speculative):
+    """With top-k / top-p, each returned log-prob is log of the temperature-scaled distribution renormalized
+    over the support the token was drawn from (the textbook `reference_probs` on naive full-recompute logits),
+    not the unfiltered log_softmax(logits / T); every sampled token lies in that support. Plain decoding and
+    MTP speculative decoding (whose emitted tokens follow the same filtered target distribution)."""
+    model = make_model(vocab=16, seed=9, std=0.5, n_mtp=1 if speculative else 0)
+    prompts = [[3, 4, 5], [7, 8]]
+    outs = Engine(model, eos_id=-1).generate(prompts, max_new_tokens=8, temperature=t, top_k=k, top_p=p, seed=4,
+                                             speculative=speculative)
+    differs = 0.0
+    for prompt, o in zip(prompts, outs):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + o.tokens]))[0].double()
+        for i, tok in enumerate(o.tokens):
+            row = logits[len(prompt) - 1 + i].tolist()
+            ref = warper_probs(row, t, k, p)
+            assert ref[tok] > 0, "sampled a token outside the top-k / top-p support"
+            assert o.logprobs[i] == pytest.approx(math.log(ref[tok]), abs=2e-4)
+            differs = max(differs, abs(o.logprobs[i] - float((logits[len(prompt) - 1 + i] / t).log_softmax(-1)[tok])))
+    assert differs > 1e-2  # the filter really changed the log-probs (the unfiltered ones would fail above)
+
+
+def test_per_row_seeds_make_a_row_independent_of_its_batch():
+    """One seed per prompt: a row's sample depends on its own seed only, so the same (prompt, seed) gives the
+    same tokens alone, in any batch, at any position (how RL rollouts stay identical however they are split
+    over processes)."""
+    eng = Engine(make_model(seed=10), eos_id=-1)
+    batch = eng.generate(PROMPTS, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=[11, 12, 13, 14])
+    alone = [eng.generate([pr], max_new_tokens=10, temperature=1.0, top_p=0.9, seed=[s])[0]
+             for pr, s in zip(PROMPTS, [11, 12, 13, 14])]
+    swapped = eng.generate(PROMPTS[::-1], max_new_tokens=10, temperature=1.0, top_p=0.9, seed=[14, 13, 12, 11])
+    assert [o.tokens for o in batch] == [o.tokens for o in alone] == [o.tokens for o in swapped[::-1]]
+    for a, b in zip(batch, alone):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    same_seed = eng.generate([PROMPTS[0]] * 2, max_new_tokens=10, temperature=1.0, seed=[5, 6])
+    assert same_seed[0].tokens != same_seed[1].tokens  # different seeds, different samples
+    with pytest.raises(ValueError, match="seeds for"):
+        eng.generate(PROMPTS, max_new_tokens=4, temperature=1.0, seed=[1, 2])

@@ -11,6 +11,12 @@
   single two-token forward (Leviathan et al. 2023 acceptance rule when sampling; exact under greedy).
   It runs one sequence at a time (rows advance by different amounts), which is the batch-1 case MTP
   speculation is for.
+* Log-probs are those of each token under the distribution it was drawn from: temperature-scaled and,
+  with top-k / top-p, renormalized over that support (engine/sampling.py; what GRPO's ratio divides by).
+  Speculative decoding emits tokens distributed as the target model's filtered distribution, and reports
+  their log-prob under it.
+* `seed` is one integer for the batch or one per prompt; per-prompt seeds make each row's sample depend
+  on its own seed only, whatever else is in the batch.
 """
 from __future__ import annotations
 
@@ -18,14 +24,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.sampling import SamplingParams, sample, sample_probs
+from nanoseek.engine.sampling import SamplingParams, filtered_logits, sample, sample_probs
 from nanoseek.model import Transformer
 
 
 @dataclass
 class Generation:
     tokens: list[int]  # generated tokens (an eos that ended the row is included)
-    logprobs: list[float]  # log-prob of each generated token under the sampling temperature
+    logprobs: list[float]  # log-prob of each token under the distribution it was sampled from (see above)
     finish_reason: str  # "stop" (eos or stop string) or "length"
     text: str | None = None
     prompt_tokens: int = 0
@@ -99,7 +105,7 @@ class Engine:
     # ---- public API ------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None, stop: list[str] | None = None,
+                 top_p: float | None = None, seed: int | list[int] | None = None, stop: list[str] | None = None,
                  speculative: bool = False) -> list[Generation]:
         params = SamplingParams(temperature, top_k, top_p).validate()
         ids = self._encode(prompts)
@@ -111,9 +117,7 @@ class Engine:
                              f"model context of {self.cfg.max_seq_len} tokens")
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need an Engine with a tokenizer")
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed)
+        gen = self._generators(seed, len(ids))
         was_training = self.model.training
         self.model.eval()
         self.model.prepare_inference(True)
@@ -121,7 +125,8 @@ class Engine:
             if speculative:
                 if self.cfg.n_mtp < 1:
                     raise ValueError("speculative decoding needs a model with an MTP module (n_mtp >= 1)")
-                outs = [self._generate_speculative(p, max_new_tokens, params, gen, stop) for p in ids]
+                outs = [self._generate_speculative(p, max_new_tokens, params, gen[i] if isinstance(gen, list) else gen,
+                                                   stop) for i, p in enumerate(ids)]
             else:
                 outs = self._generate_batch(ids, max_new_tokens, params, gen, stop)
         finally:
@@ -131,6 +136,18 @@ class Engine:
             o.prompt_tokens = len(p)
             o.text = self._finish_text(o, stop)
         return outs
+
+    def _generators(self, seed: int | list[int] | None, n: int) -> torch.Generator | list[torch.Generator] | None:
+        """One generator for the batch (int seed), one per prompt (list of n seeds), or None (global RNG)."""
+        if seed is None:
+            return None
+        device = next(self.model.parameters()).device
+        if isinstance(seed, int):
+            return torch.Generator(device=device).manual_seed(seed)
+        seeds = list(seed)
+        if len(seeds) != n:
+            raise ValueError(f"seed: got {len(seeds)} seeds for {n} prompts (give one integer, or one per prompt)")
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
     def _finish_text(self, o: Generation, stop: list[str] | None) -> str | None:
         text = self._decode_text(o.tokens)
@@ -148,7 +165,7 @@ class Engine:
 
     # ---- plain batched decoding ------------------------------------------------------------------
     def _generate_batch(self, ids: list[list[int]], max_new: int, params: SamplingParams,
-                        gen: torch.Generator | None, stop: list[str] | None) -> list[Generation]:
+                        gen: torch.Generator | list[torch.Generator] | None, stop: list[str] | None) -> list[Generation]:
         model = self.model
         device = next(model.parameters()).device
         B, P = len(ids), max(len(p) for p in ids)
@@ -183,7 +200,7 @@ class Engine:
         rows = list(range(B))  # original index of each row still in the decode batch
         done = [False] * B  # finished rows may linger in the batch until the next compaction
         for step in range(max_new):
-            tok, logp = sample(logits, params, gen)
+            tok, logp = sample(logits, params, [gen[i] for i in rows] if isinstance(gen, list) else gen)
             tl, ll = tok.tolist(), logp.tolist()
             keep = []
             for j, i in enumerate(rows):
@@ -254,8 +271,10 @@ class Engine:
             else:
                 p0 = sample_probs(logits2[0:1], params)[0]
                 accept = bool(torch.rand((), generator=gen, device=device) < (p0[draft] / q[draft]).clamp(max=1.0))
-            lp_all = logits2 if params.greedy else logits2 / params.temperature
-            lp_all = lp_all.log_softmax(dim=-1)
+            # log-probs under the distribution each emitted token follows: the target's filtered one (p0 for
+            # the draft position, whether the draft was accepted or resampled from the residual; Leviathan et
+            # al. thm. 1), the unscaled model distribution when greedy (engine/sampling.py)
+            lp_all = logits2.log_softmax(dim=-1) if params.greedy else filtered_logits(logits2, params).log_softmax(dim=-1)
             if accept:
                 stats.accepted += 1
                 out.append(draft)

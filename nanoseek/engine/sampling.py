@@ -1,9 +1,21 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), with the log-probability of the
-chosen token under the temperature-scaled distribution (before top-k/top-p filtering), which is the
-policy probability GRPO's importance ratio needs.
+"""Next-token sampling: greedy, temperature, top-k, top-p (nucleus), with the log-probability of the chosen
+token under the distribution it was actually drawn from.
+
+Which log-prob: with sampling (temperature > 0), log of the temperature-scaled softmax restricted to the
+top-k / top-p support and renormalized over it (`sample_probs`) -- the behaviour policy, i.e. vLLM's
+`logprobs_mode="processed_logprobs"`. GRPO's importance ratio needs exactly this as its denominator; the
+trainer computes its numerator with the same function (`support_logprobs`), so at the weights that sampled
+the ratio is 1 (train/grpo.py). Without top-k / top-p this is the plain log_softmax(logits / T). Greedy
+decoding returns the log-prob under the unscaled model distribution (the sampled one-hot would give 0 for
+every token, which tells a caller nothing).
+
+Seeds: `generator` may be one torch.Generator for the whole batch, or one per row; with one per row, row i's
+tokens depend only on its own generator and logits, not on which other rows share the batch (what makes an
+RL rollout independent of how prompts are split over processes).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,20 +41,25 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature-scaled logits with tokens outside top-k / the top-p nucleus set to -inf."""
+def filtered_logits(logits: torch.Tensor, p: SamplingParams, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Temperature-scaled logits with tokens outside top-k / the top-p nucleus set to -inf. `keep` (same shape
+    as logits without the vocabulary dim): token ids that stay in the support whatever their rank (the trainer
+    passes the sampled tokens; see `support_logprobs`). Works on any leading shape and keeps autograd through
+    the kept logits."""
     logits = logits.float() / p.temperature
+    drop = torch.zeros_like(logits, dtype=torch.bool)
     if p.top_k is not None and p.top_k < logits.size(-1):
-        kth = logits.topk(p.top_k, dim=-1)[0][..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        kth = logits.detach().topk(p.top_k, dim=-1)[0][..., -1:]
+        drop |= logits.detach() < kth
     if p.top_p is not None and p.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_logits, order = logits.detach().masked_fill(drop, float("-inf")).sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the mass of the tokens strictly before it already reaches top_p
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= p.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        drop |= drop_sorted.scatter(-1, order, drop_sorted)
+    if keep is not None:
+        drop = drop.scatter(-1, keep.unsqueeze(-1), False)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def sample_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -52,15 +69,34 @@ def sample_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return filtered_logits(logits, p).softmax(dim=-1)
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, V) -> (tokens (B,), logprobs (B,))."""
+def support_logprobs(logits: torch.Tensor, targets: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """log p(target) under the temperature-scaled distribution renormalized over the top-k / top-p support of
+    `logits`, with the target itself always in the support. For a token the sampler drew from these logits the
+    target is in the support anyway, so this equals the log-prob `sample` returns; the always-in rule matters
+    only for other weights (later GRPO updates, the reference model), where a token that fell out of the
+    support would otherwise make the ratio 0 and the k3 KL infinite. logits (..., V), targets (...)."""
+    if p.greedy:
+        logp_all = logits.float().log_softmax(dim=-1)
+    else:
+        logp_all = filtered_logits(logits, p, keep=targets).log_softmax(dim=-1)
+    return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) -> (tokens (B,), logprobs (B,)); `generator`: one for the batch or one per row."""
     logits = logits.float()
     if p.greedy:
         tok = logits.argmax(dim=-1)
         logp = logits.log_softmax(dim=-1)
     else:
-        logp = (logits / p.temperature).log_softmax(dim=-1)
-        probs = filtered_logits(logits, p).softmax(dim=-1)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        filtered = filtered_logits(logits, p)
+        logp = filtered.log_softmax(dim=-1)
+        probs = filtered.softmax(dim=-1)
+        if isinstance(generator, Sequence):
+            if len(generator) != probs.size(0):
+                raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows")
+            tok = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+        else:
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
