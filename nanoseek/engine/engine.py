@@ -253,7 +253,8 @@ class Engine:
                 accept = draft == target
             else:
                 p0 = sample_probs(logits2[0:1], params)[0]
-                accept = bool(torch.rand((), generator=gen, device=device) < (p0[draft] / q[draft]).clamp(max=1.0))
+                # accept with probability min(1, p/q); a Bernoulli draw, so a test can enumerate both outcomes
+                accept = bool(torch.bernoulli((p0[draft] / q[draft]).clamp(max=1.0), generator=gen))
             lp_all = logits2 if params.greedy else logits2 / params.temperature
             lp_all = lp_all.log_softmax(dim=-1)
             if accept:
