@@ -333,13 +333,13 @@ def test_each_shard_is_opened_once(tmp_path, monkeypatch):
     needed = sorted({str(tmp_path / f) for k, f in weight_map.items() if k not in copies})
     assert len(needed) >= 4
     opened = []
-    real = nanoseek.hf.safe_open
+    real = nanoseek.hf._open_shard
 
-    def counting(f, *a, **kw):
+    def counting(f):
         opened.append(str(f))
-        return real(f, *a, **kw)
+        return real(f)
 
-    monkeypatch.setattr(nanoseek.hf, "safe_open", counting)
+    monkeypatch.setattr(nanoseek.hf, "_open_shard", counting)
     from_hf(tmp_path)
     assert sorted(opened) == needed
 
