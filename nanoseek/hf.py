@@ -146,7 +146,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         qk_rope_head_dim=get("qk_rope_head_dim"), v_head_dim=get("v_head_dim"), max_seq_len=max_len,
         original_seq_len=extra.pop("original_seq_len", max_len), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
         rope_factor=factor, n_mtp=get("num_nextn_predict_layers", 0) or 0, norm_eps=get("rms_norm_eps", 1e-6),
-        init_std=get("initializer_range", 0.006), norm_topk_prob=bool(get("norm_topk_prob", True)), **extra)
+        init_std=get("initializer_range", 0.006), norm_topk_prob=get("norm_topk_prob") is not False, **extra)
     if get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"scoring_func={get('scoring_func')!r} is not supported by DeepseekV3 checkpoints")
     return cfg.validate()
@@ -181,7 +181,7 @@ def _read_header(f: Path) -> dict[str, _Entry]:
     for k, e in out.items():
         if e.dtype in _ST_DTYPES:
             nbytes = math.prod(e.shape) * _ST_DTYPES[e.dtype].itemsize
-            if e.end - e.start != nbytes or e.end > size:
+            if e.end - e.start != nbytes or e.start < 8 + n or e.end > size:
                 raise CheckpointError(f"{f.name}: the data of {k} is truncated or does not match its shape")
     return out
 

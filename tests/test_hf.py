@@ -353,3 +353,13 @@ def test_require_module_skips_locally_and_fails_in_ci(monkeypatch):
     with pytest.raises(ImportError):
         require_module("nanoseek_no_such_module")
     assert require_module("json") is json
+
+
+def test_truncated_shard_is_a_checkpoint_error(tmp_path):
+    """A shard cut short (an interrupted download) fails up front with a CheckpointError naming the file."""
+    to_hf(random_nano(nano_cfg()), tmp_path, max_shard_bytes=40_000)
+    shard = sorted(tmp_path.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=shard.name):
+        from_hf(tmp_path)
