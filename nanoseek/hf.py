@@ -9,17 +9,19 @@ MTP modules live at `model.layers.{num_hidden_layers + k}` with `enorm`, `hnorm`
 Block-quantized FP8 checkpoints (`weight_scale_inv`, blocks of `quantization_config.weight_block_size`,
 128x128 when absent) are dequantized on load. `norm_topk_prob: false` maps to ModelConfig.norm_topk_prob.
 Loading streams: the model is built on the meta device, tensor names and shapes are checked from the
-shards' headers, then each shard is opened once and its tensors copied into their parameters.
+shards' headers, then each shard is opened once and each tensor read (plain file reads, no mmap) straight
+into its parameter, or through one temporary when it must be cast, dequantized or permuted.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanoseek.config import ConfigError, ModelConfig
@@ -144,7 +146,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         qk_rope_head_dim=get("qk_rope_head_dim"), v_head_dim=get("v_head_dim"), max_seq_len=max_len,
         original_seq_len=extra.pop("original_seq_len", max_len), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
         rope_factor=factor, n_mtp=get("num_nextn_predict_layers", 0) or 0, norm_eps=get("rms_norm_eps", 1e-6),
-        init_std=get("initializer_range", 0.006), norm_topk_prob=bool(get("norm_topk_prob", True)), **extra)
+        init_std=get("initializer_range", 0.006), norm_topk_prob=get("norm_topk_prob") is not False, **extra)
     if get("scoring_func", "sigmoid") != "sigmoid":
         raise ConfigError(f"scoring_func={get('scoring_func')!r} is not supported by DeepseekV3 checkpoints")
     return cfg.validate()
@@ -156,20 +158,35 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """key -> (safetensors dtype, shape) from a file's JSON header, without mapping the tensor data."""
+class _Entry(NamedTuple):
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets of the data in the file
+    end: int
+
+
+def _read_header(f: Path) -> dict[str, _Entry]:
+    """key -> entry from a safetensors file's JSON header (8-byte little-endian length, then JSON)."""
     try:
         with open(f, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             if not 2 <= n <= 100_000_000:
                 raise ValueError(f"header length {n}")
             header = json.loads(fh.read(n))
-    except (OSError, ValueError) as e:
+        size = f.stat().st_size
+        out = {k: _Entry(v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+               for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{f.name} is not a readable safetensors file ({e})") from None
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
+    for k, e in out.items():
+        if e.dtype in _ST_DTYPES:
+            nbytes = math.prod(e.shape) * _ST_DTYPES[e.dtype].itemsize
+            if e.end - e.start != nbytes or e.start < 8 + n or e.end > size:
+                raise CheckpointError(f"{f.name}: the data of {k} is truncated or does not match its shape")
+    return out
 
 
-def _shard_headers(path: Path) -> dict[Path, dict[str, tuple[str, tuple[int, ...]]]]:
+def _shard_headers(path: Path) -> dict[Path, dict[str, _Entry]]:
     """Every safetensors file of the checkpoint (the index's, else all in the directory) -> its header."""
     index = path / "model.safetensors.index.json"
     files = sorted(path.glob("*.safetensors"))
@@ -182,6 +199,20 @@ def _shard_headers(path: Path) -> dict[Path, dict[str, tuple[str, tuple[int, ...
         if not f.exists():
             raise CheckpointError(f"shard listed in the index is missing: {f.name}")
     return {f: _read_header(f) for f in files}
+
+
+def _open_shard(f: Path) -> BinaryIO:
+    """Opened once per shard by from_hf (plain reads, no mmap: no shard pages stay resident)."""
+    return open(f, "rb")
+
+
+def _read_tensor(fh: BinaryIO, e: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor's bytes straight into `out` (contiguous, of the file's dtype) or a new tensor."""
+    t = torch.empty(e.shape, dtype=_ST_DTYPES[e.dtype]) if out is None else out
+    fh.seek(e.start)
+    if fh.readinto(t.detach().reshape(-1).view(torch.uint8).numpy()) != e.end - e.start:
+        raise CheckpointError(f"{getattr(fh, 'name', 'shard')}: unexpected end of file")
+    return t
 
 
 def _rope_perm(d: int) -> torch.Tensor:
@@ -200,8 +231,8 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool =
     dtype: the parameters' dtype; None keeps the checkpoint's (that of `model.embed_tokens.weight`; FP8
     weights are dequantized to it), `torch.float32` gives a training-ready copy. The gate's weight and
     selection bias are always float32 (the gate runs in FP32). The model is built on the meta device and
-    each parameter is written once, straight from its shard: shards are opened one at a time, so peak memory
-    is about the model's size plus one shard's pages (bench/hf_import_memory.py, docs/hf.md).
+    each parameter is read once, straight from its shard (opened one at a time), so peak memory is about the
+    model's size plus one tensor (bench/hf_import_memory.py, docs/hf.md).
     """
     path = Path(path)
     if not (path / "config.json").exists():
@@ -237,7 +268,7 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool =
     for hk, ok in expected.items():
         if hk not in info:
             raise CheckpointError(f"missing key in checkpoint: {hk}")
-        st_dtype, shape = info[hk]
+        st_dtype, shape = info[hk].dtype, info[hk].shape
         if st_dtype not in _ST_DTYPES:
             raise CheckpointError(f"unsupported dtype {st_dtype} for {hk}")
         want = tuple(targets[ok].shape)
@@ -248,10 +279,10 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool =
             blocks = tuple(-(-n // b) for n, b in zip(shape, block))
             if sk not in info:
                 raise CheckpointError(f"FP8 tensor {hk} has no {sk}")
-            if len(shape) != 2 or info[sk][1] != blocks:
-                raise CheckpointError(f"{sk} has shape {info[sk][1]}, expected {blocks} for {shape} in "
+            if len(shape) != 2 or info[sk].shape != blocks:
+                raise CheckpointError(f"{sk} has shape {info[sk].shape}, expected {blocks} for {shape} in "
                                       f"{block[0]}x{block[1]} blocks")
-    ckpt_dtype = _ST_DTYPES[info["model.embed_tokens.weight"][0]]
+    ckpt_dtype = _ST_DTYPES[info["model.embed_tokens.weight"].dtype]
     target = dtype or (ckpt_dtype if ckpt_dtype.is_floating_point and ckpt_dtype.itemsize >= 2 else torch.float32)
     for name, p in model.named_parameters():
         if not name.endswith("gate.weight"):
@@ -260,27 +291,31 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool =
     targets = model.state_dict(keep_vars=True)
     interleave = hf_cfg.get("rope_interleave", True)
     perm = _rope_perm(cfg.qk_rope_head_dim)
-    wanted = {hk for hk in expected}
     with torch.no_grad():
         for f, header in headers.items():
-            keys = [k for k in header if k in wanted]
+            keys = [k for k in header if k in expected]
             if not keys:
                 continue
-            with safe_open(f, "pt") as st:
+            with _open_shard(f) as fh:
                 for hk in keys:
-                    ok = expected[hk]
-                    t = st.get_tensor(hk)
-                    if t.dtype == torch.float8_e4m3fn:
+                    ok, e, dest = expected[hk], header[hk], targets[expected[hk]]
+                    permute = not interleave and ok.endswith(_ROPE_ROW_KEYS)
+                    if e.dtype != "F8_E4M3" and not permute and _ST_DTYPES[e.dtype] == dest.dtype \
+                            and dest.is_contiguous():
+                        _read_tensor(fh, e, dest)  # straight into the parameter: no copy at all
+                        continue
+                    t = _read_tensor(fh, e)
+                    if e.dtype == "F8_E4M3":
                         sk = _scale_key(hk)
                         if where[sk] == f:
-                            s = st.get_tensor(sk)
+                            s = _read_tensor(fh, info[sk])
                         else:  # scale in another shard (unusual): open it for this one tensor
-                            with safe_open(where[sk], "pt") as other:
-                                s = other.get_tensor(sk)
+                            with _open_shard(where[sk]) as other:
+                                s = _read_tensor(other, info[sk])
                         t = _dequant_fp8(t, s, block)
-                    if not interleave:
+                    if permute:
                         t = _permute_rope_rows(ok, t, cfg, perm)
-                    targets[ok].copy_(t)  # casts to the parameter's dtype
+                    dest.copy_(t)  # casts to the parameter's dtype
                     del t
     cos, sin = rope_cos_sin(cfg)
     model.rope_cos.copy_(cos)
@@ -296,6 +331,9 @@ def _dequant_fp8(t: torch.Tensor, scale_inv: torch.Tensor, block: list[int]) -> 
     r, c = t.shape
     full = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[:r, :c]
     return t.float() * full
+
+
+_ROPE_ROW_KEYS = ("attn.wkv_a.weight", "attn.wq.weight", "attn.wq_b.weight")
 
 
 def _permute_rope_rows(name: str, t: torch.Tensor, cfg: ModelConfig, perm: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """Engine: batched latent-cache decoding against naive full recompute, sampling against reference
-distributions, MTP speculative decoding against plain decoding."""
+distributions, MTP speculative decoding against plain decoding (greedy: identical tokens; sampling: the exact
+law of the outputs, by enumerating every random draw)."""
 import math
 from collections import Counter
 
@@ -193,26 +194,87 @@ def test_speculative_greedy_is_identical_to_plain():
     assert eng.spec_stats.accepted > 0 and eng.spec_stats.accepted < eng.spec_stats.drafted  # both paths ran
 
 
-def test_speculative_sampling_preserves_the_target_distribution():
-    """Joint law of the first three new tokens under speculative sampling equals the model's own."""
+class Enumerate:
+    """Exhaustive enumeration of a procedure's random draws. While active, torch.multinomial (one sample) and
+    torch.bernoulli (a 0-d probability) return a scripted outcome and record its probability; `paths(fn)`
+    runs fn once per distinct sequence of outcomes (depth first, outcomes of probability 0 pruned) and
+    yields (fn's result, the path's probability)."""
+
+    def __init__(self, monkeypatch):
+        self.script: list[int] = []
+        self.taken: list[tuple[int, int]] = []  # per draw: (choice, number of outcomes)
+        self.prob = 1.0
+        monkeypatch.setattr(torch, "multinomial", self._multinomial)
+        monkeypatch.setattr(torch, "bernoulli", self._bernoulli)
+
+    def _pick(self, outcomes: list[tuple[int, float]]) -> int:
+        d = len(self.taken)
+        i = self.script[d] if d < len(self.script) else 0
+        self.taken.append((i, len(outcomes)))
+        self.prob *= outcomes[i][1]
+        return outcomes[i][0]
+
+    def _multinomial(self, probs, num_samples, replacement=False, *, generator=None):
+        assert num_samples == 1 and probs.dim() in (1, 2) and (probs.dim() == 1 or probs.size(0) == 1)
+        p = probs.double().flatten()
+        p = p / p.sum()
+        tok = self._pick([(i, float(p[i])) for i in range(p.numel()) if p[i] > 0])
+        return torch.tensor([tok] if probs.dim() == 1 else [[tok]])
+
+    def _bernoulli(self, p, *, generator=None):
+        assert p.dim() == 0
+        a = float(p)
+        return torch.tensor(float(self._pick([(o, w) for o, w in ((1, a), (0, 1 - a)) if w > 0])))
+
+    def paths(self, fn):
+        todo = [[]]
+        while todo:
+            self.script, self.taken, self.prob = todo.pop(), [], 1.0
+            result = fn()
+            for d in range(len(self.script), len(self.taken)):  # siblings of every newly taken draw
+                todo += [[c for c, _ in self.taken[:d]] + [j] for j in range(1, self.taken[d][1])]
+            yield result, self.prob
+
+
+@pytest.mark.parametrize("t,k", [(1.0, None), (0.7, 3)])
+def test_speculative_sampling_law_is_exactly_the_target_distribution(t, k, monkeypatch):
+    """The joint law of the first three new tokens under MTP speculative sampling, computed exactly by
+    enumerating every outcome of every random draw (draft, accept coin, bonus / corrected token) with its
+    probability, equals the model's own law: prod_i p(t_i | prompt, t_<i) from full forward passes with the
+    sampler's textbook distribution (temperature, top-k). A wrong acceptance ratio or residual fails by far
+    more than the 1e-5 tolerance; both the accept and the reject branch carry real mass."""
     model = make_model(vocab=4, seed=7, std=0.6)
     prompt = [1, 2, 3]
-    with torch.no_grad():
-        exact = {}
-        for a in range(4):
-            pa = model(torch.tensor([prompt]))[0, -1].softmax(-1)[a]
-            for b in range(4):
-                pb = model(torch.tensor([prompt + [a]]))[0, -1].softmax(-1)[b]
-                pc = model(torch.tensor([prompt + [a, b]]))[0, -1].softmax(-1)
-                for c in range(4):
-                    exact[(a, b, c)] = float(pa * pb * pc[c])
+
+    def target(prefix):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + prefix]))[0, -1].tolist()
+        return reference_probs(logits, t, k)
+
+    exact = {}
+    for a, pa in enumerate(target([])):
+        for b, pb in enumerate(target([a])):
+            for c, pc in enumerate(target([a, b])):
+                exact[(a, b, c)] = pa * pb * pc
     eng = Engine(model, eos_id=-1)
-    n = 1500
-    counts = Counter(tuple(o.tokens[:3]) for o in
-                     eng.generate([prompt] * n, max_new_tokens=3, temperature=1.0, seed=0, speculative=True))
-    tv = 0.5 * sum(abs(counts[k] / n - v) for k, v in exact.items())
-    assert 0.05 < eng.spec_stats.acceptance < 0.99
-    assert tv < 0.08, f"total variation {tv:.3f}"
+    enum = Enumerate(monkeypatch)
+
+    def run():
+        eng.spec_stats = type(eng.spec_stats)()
+        out = eng.generate([prompt], max_new_tokens=3, temperature=t, top_k=k, speculative=True)[0]
+        return tuple(out.tokens), eng.spec_stats.accepted, eng.spec_stats.drafted
+
+    law, n_paths, accepted_mass, rejected_mass = {}, 0, 0.0, 0.0
+    for (tokens, accepted, drafted), prob in enum.paths(run):
+        law[tokens] = law.get(tokens, 0.0) + prob
+        n_paths += 1
+        accepted_mass += prob * (accepted > 0)
+        rejected_mass += prob * (accepted < drafted)
+    assert n_paths > 50 and sum(law.values()) == pytest.approx(1.0, abs=1e-9)
+    assert accepted_mass > 0.1 and rejected_mass > 0.1  # both branches exercised with real probability
+    assert set(law) <= set(exact)
+    worst = max(abs(law.get(key, 0.0) - v) for key, v in exact.items())
+    assert worst < 1e-5, f"largest joint-probability error {worst:.2e}"
 
 
 def test_rows_finishing_at_different_steps_match_naive_decoding():

@@ -333,13 +333,13 @@ def test_each_shard_is_opened_once(tmp_path, monkeypatch):
     needed = sorted({str(tmp_path / f) for k, f in weight_map.items() if k not in copies})
     assert len(needed) >= 4
     opened = []
-    real = nanoseek.hf.safe_open
+    real = nanoseek.hf._open_shard
 
-    def counting(f, *a, **kw):
+    def counting(f):
         opened.append(str(f))
-        return real(f, *a, **kw)
+        return real(f)
 
-    monkeypatch.setattr(nanoseek.hf, "safe_open", counting)
+    monkeypatch.setattr(nanoseek.hf, "_open_shard", counting)
     from_hf(tmp_path)
     assert sorted(opened) == needed
 
@@ -353,3 +353,13 @@ def test_require_module_skips_locally_and_fails_in_ci(monkeypatch):
     with pytest.raises(ImportError):
         require_module("nanoseek_no_such_module")
     assert require_module("json") is json
+
+
+def test_truncated_shard_is_a_checkpoint_error(tmp_path):
+    """A shard cut short (an interrupted download) fails up front with a CheckpointError naming the file."""
+    to_hf(random_nano(nano_cfg()), tmp_path, max_shard_bytes=40_000)
+    shard = sorted(tmp_path.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match=shard.name):
+        from_hf(tmp_path)

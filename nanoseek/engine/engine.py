@@ -270,7 +270,8 @@ class Engine:
                 accept = draft == target
             else:
                 p0 = sample_probs(logits2[0:1], params)[0]
-                accept = bool(torch.rand((), generator=gen, device=device) < (p0[draft] / q[draft]).clamp(max=1.0))
+                # accept with probability min(1, p/q); a Bernoulli draw, so a test can enumerate both outcomes
+                accept = bool(torch.bernoulli((p0[draft] / q[draft]).clamp(max=1.0), generator=gen))
             # log-probs under the distribution each emitted token follows: the target's filtered one (p0 for
             # the draft position, whether the draft was accepted or resampled from the residual; Leviathan et
             # al. thm. 1), the unscaled model distribution when greedy (engine/sampling.py)

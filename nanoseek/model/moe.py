@@ -1,7 +1,8 @@
 """DeepSeekMoE (V3 report sec. 2.1.2, SPEC 1.3): shared + fine-grained routed SwiGLU experts.
 
-Gate: sigmoid affinities; a per-expert bias (not trained by gradient) shifts *selection* only;
-group-limited routing keeps the `n_limited_groups` groups with the best top-2 biased sums; the
+Gate: sigmoid affinities (V3; softmax for V2); a per-expert bias (not trained by gradient) shifts
+*selection* only; group-limited routing keeps the `n_limited_groups` groups with the best top-2 biased sums (the best
+single affinity for V2's softmax gate, as in V2's group-limited greedy routing); the
 selected unbiased affinities are normalized to 1 (unless `norm_topk_prob` is false; V2's softmax gate
 does not normalize) and scaled by `route_scale`. Experts run batched:
 tokens are sorted by expert and each expert processes its slice once (a loop over experts, never
@@ -62,7 +63,9 @@ class Gate(nn.Module):
         choice = scores + self.bias
         if self.n_groups > 1:
             grouped = choice.view(x.size(0), self.n_groups, -1)
-            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            # V3: sum of the top-2 biased affinities; V2 (softmax, "group-limited greedy"): the best one
+            group_scores = (grouped.topk(2, dim=-1)[0].sum(dim=-1) if self.score_func == "sigmoid"
+                            else grouped.amax(dim=-1))
             keep = group_scores.topk(self.topk_groups, dim=-1)[1]
             drop = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(drop.unsqueeze(-1), float("-inf")).flatten(1)
