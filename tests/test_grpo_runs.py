@@ -198,3 +198,46 @@ def grpo_cli_config(argv: list[str]) -> GRPOConfig:
     parser = argparse.ArgumentParser()
     rl.add_arguments(parser)
     return rl.config_from_args(parser.parse_args(argv[1:]))
+
+
+# ---- mu > 1, beta > 0, top-p / top-k on real rollouts --------------------------------------------------
+def test_mu_two_takes_a_second_update_off_policy(warm_base, tmp_path, monkeypatch):
+    """mu = 2: two optimizer steps per rollout batch on the same engine log-probs. In the first the importance
+    ratio is 1 on every completion token; in the second (after a weight change) it is not, and it is what the
+    clipping acts on."""
+    seen = []
+    real = grpo.clipped_surrogate
+
+    def recording(logp, old, adv, lo, hi):
+        seen.append((logp.detach().clone(), old.clone()))
+        return real(logp, old, adv, lo, hi)
+
+    real_agg = grpo.aggregate
+    masks = []
+    monkeypatch.setattr(grpo, "clipped_surrogate", recording)
+    monkeypatch.setattr(grpo, "aggregate", lambda per_tok, mask, *a, **kw: masks.append(mask.clone()) or
+                        real_agg(per_tok, mask, *a, **kw))
+    out = train_grpo(warm_base, tmp_path / "mu2", rl_cfg(steps=1, mu=2, lr=3e-3), quiet=True, device="cpu")
+    assert out["rows_trained"] > 0 and len(seen) == 2 == len(masks)  # one micro-batch per update
+    dev = [float(((logp - old).exp() - 1).abs().mul(m).max()) for (logp, old), m in zip(seen, masks)]
+    assert dev[0] < 1e-4 < 1e-2 < dev[1]
+    assert out["logp_diff_max"] < 1e-4  # metrics of the first update are kept for it
+
+
+def test_beta_keeps_a_frozen_initial_reference(warm_base, tmp_path):
+    """beta > 0 on real rollouts: the KL to the reference is 0 at the first update (policy == reference),
+    positive once the policy has moved, and the reference stays the initial model (it is never updated)."""
+    out = tmp_path / "kl"
+    train_grpo(warm_base, out, rl_cfg(steps=3, beta=0.1, lr=3e-3), quiet=True, device="cpu")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[0]["kl"] < 1e-7 and rows[1]["kl"] > 1e-5 and rows[2]["kl"] > 1e-5
+
+
+def test_top_p_top_k_rollouts_ratio_is_one_at_the_first_update(warm_base, tmp_path):
+    """With a nucleus and top-k, the engine's log-probs (of the filtered distribution sampled) equal the
+    trainer's recompute under the same support: the first update's ratio is 1, as without filters."""
+    out = tmp_path / "nucleus"
+    train_grpo(warm_base, out, rl_cfg(steps=2, top_p=0.7, top_k=8), quiet=True, device="cpu")
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["rows_trained"] > 0 for r in rows)
+    assert max(r["logp_diff_max"] for r in rows) < 1e-4
