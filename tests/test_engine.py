@@ -348,3 +348,18 @@ def test_per_row_seeds_make_a_row_independent_of_its_batch():
     assert same_seed[0].tokens != same_seed[1].tokens  # different seeds, different samples
     with pytest.raises(ValueError, match="seeds for"):
         eng.generate(PROMPTS, max_new_tokens=4, temperature=1.0, seed=[1, 2])
+
+
+@pytest.mark.parametrize("t,k,p", [(1.0, None, None), (1.0, 3, None), (2.0, 4, 0.9), (0.7, None, 0.6)])
+def test_per_row_inverse_cdf_sampling_is_exactly_the_filtered_distribution(t, k, p):
+    """Per-row uniforms (what per-prompt seeds use) sample by inverse CDF: on an even grid of N uniforms each
+    token is chosen exactly N * its probability times, up to one, and never one outside the support."""
+    logits = [1.5, 0.2, -0.3, 2.0, 0.9, -1.0]
+    ref = warper_probs(logits, t, k, p)
+    n = 10000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tok, logp = sample(torch.tensor([logits]).repeat(n, 1), SamplingParams(t, k, p), uniforms=u)
+    freq = Counter(tok.tolist())
+    for i, r in enumerate(ref):
+        assert abs(freq[i] - n * r) <= 1.0 + 1e-6 * n, (i, freq[i], n * r)
+    assert logp.tolist() == pytest.approx([math.log(ref[x]) for x in tok.tolist()], abs=1e-5)

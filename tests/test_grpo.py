@@ -1,4 +1,8 @@
-"""GRPO-family math against closed forms, and the RL loop end to end on a tiny model."""
+"""GRPO-family math against closed forms, and the RL loop's pieces on a tiny model: the policy update (skipped
+rows, expert loads, beta > 0 against a hand-computed k3 KL), the trainer's log-probs under the rollout support,
+the problem sampler (prioritized, curriculum, both), DAPO dynamic sampling on scripted rollouts. Whole runs
+from a warm base (resume, torchrun, mu > 1) are in test_grpo_runs.py."""
+import dataclasses
 import json
 import math
 
@@ -76,17 +80,14 @@ def test_overlong_and_length_rewards():
 
 # ---- the loop on a tiny model ---------------------------------------------------------------------
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.corpus import corpus_texts  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train.checkpoint import save_checkpoint  # noqa: E402
-from nanoseek.train.grpo import GRPOConfig, Rollout, policy_update, train_grpo  # noqa: E402
+from nanoseek.train.grpo import GRPOConfig, Rollout, policy_update  # noqa: E402
 from nanoseek.train.common import Dist  # noqa: E402
-from nanoseek.train.metrics import read_metrics  # noqa: E402
 
 
 def tiny_cfg(vocab: int) -> ModelConfig:
@@ -109,25 +110,6 @@ def base_run(tmp_path_factory):
 
 def small_rl(**kw) -> GRPOConfig:
     return GRPOConfig(**{"steps": 3, "group_size": 4, "prompts_per_step": 2, "max_new_tokens": 12, "ckpt_every": 1, **kw})
-
-
-def test_grpo_runs_logs_and_resumes_exactly(base_run, tmp_path):
-    full = tmp_path / "full"
-    train_grpo(base_run, full, small_rl(), quiet=True, device="cpu")
-    rows = read_metrics(full / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("reward", "accuracy", "format_rate", "response_len_mean", "response_len_max", "clip_frac",
-                "kl", "entropy", "zero_spread_groups", "tokens_per_s", "gen_s", "train_s", "logp_diff_max"):
-        assert key in rows[-1], key
-    assert max(r["logp_diff_max"] for r in rows) < 1e-3  # engine log-probs == trainer recompute
-    part = tmp_path / "part"
-    train_grpo(base_run, part, small_rl(steps=2), quiet=True, device="cpu")
-    train_grpo(base_run, part, small_rl(steps=3), resume=True, quiet=True, device="cpu")
-    resumed = read_metrics(part / "metrics.jsonl")
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    for a, b in zip(rows, resumed):
-        assert a["reward"] == b["reward"] and a["response_len_mean"] == b["response_len_mean"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
 
 
 def test_policy_update_raises_probability_of_advantaged_samples(base_run):
@@ -159,30 +141,34 @@ def test_policy_update_raises_probability_of_advantaged_samples(base_run):
     assert seq_logp(good) - seq_logp(bad) > before + 0.5
 
 
-def test_bad_rl_configs_are_one_line_errors(base_run, tmp_path):
-    cmd = [sys.executable, "-m", "nanoseek.cli", "rl", "--init", str(base_run), "--out", str(tmp_path / "x"),
-           "--group-size", "1"]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    assert p.returncode != 0 and "group_size" in p.stderr and "Traceback" not in p.stderr
-    cmd = [sys.executable, "-m", "nanoseek.cli", "rl", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    assert p.returncode != 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+@pytest.mark.parametrize("extra,msg", [(["--group-size", "1"], "group_size"), (["--top-p", "0"], "top_p"),
+                                       (["--top-k", "0"], "top_k"), (["--pool-size", "0", "--prioritized"], "pool_size"),
+                                       (["--curriculum", "--difficulty", "2"], None)])
+def test_bad_rl_configs_are_one_line_errors(base_run, tmp_path, capsys, extra, msg):
+    """In-process (tests/test_train.py checks a real process prints no traceback). --curriculum with the
+    default curriculum_start is valid (it composes with --prioritized too): only the config check runs."""
+    from nanoseek.commands import rl
+    from nanoseek.cli import main
+
+    if msg is None:
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        rl.add_arguments(parser)
+        cfg = rl.config_from_args(parser.parse_args(["--init", "x", "--out", "y", *extra, "--prioritized"]))
+        assert cfg.curriculum and cfg.prioritized
+        return
+    assert main(["rl", "--init", str(base_run), "--out", str(tmp_path / "x"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and msg in err
 
 
-def test_grpo_under_torchrun_two_processes(base_run, tmp_path):
-    """Each rank rolls out its share of the prompts; gradients and expert loads are averaged; rank 0 alone
-    writes metrics and checkpoints."""
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29631",
-           "-m", "nanoseek.cli", "rl", "--init", str(base_run), "--out", str(out), "--steps", "2",
-           "--group-size", "4", "--prompts-per-step", "4", "--max-new-tokens", "8", "--device", "cpu"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]  # one writer: no duplicated lines
-    assert rows[-1]["groups_trained"] == 2  # this rank's share: 4 prompts over 2 ranks
-    assert (out / "checkpoints" / "step_2" / "model.safetensors").exists()
+def test_rl_from_a_missing_init_is_a_one_line_error(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    assert main(["rl", "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not exist" in err
 
 
 def test_eval_cli_uses_the_difficulty_the_run_trained_on(base_run, tmp_path):
@@ -253,7 +239,7 @@ def test_policy_update_skips_zero_advantage_rows_without_changing_the_gradient(b
         model.zero_grad()
         ids, mask, old, targets = batch_tensors(rs, "cpu")
         model.train()
-        logp, _ = token_logprobs(model, ids, targets, cfg.temperature)
+        logp, _ = token_logprobs(model, ids, targets, cfg.sampling())
         per_tok, _ = clipped_surrogate(logp, old, adv, cfg.eps_low, cfg.eps_high)
         aggregate(per_tok, mask, agg, cfg.max_new_tokens, n_seqs=4, n_tokens=float(mask.sum())).backward()
         want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
@@ -271,3 +257,270 @@ def test_policy_update_skips_zero_advantage_rows_without_changing_the_gradient(b
         assert out["rows_trained"] == 2
         for g, w in zip(rec.grads, want):
             assert torch.allclose(g, w, atol=1e-7, rtol=1e-5)
+
+
+# ---- the model piece RL relies on ---------------------------------------------------------------------
+def test_eval_mode_forward_returns_no_stale_balance_loss(base_run):
+    """The balance loss of a forward is that forward's: zero in eval mode (MoE computes none there), not the
+    value left over from the last training forward."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
+    ids = torch.randint(3, 200, (2, 12))
+    targets = torch.cat([ids[:, 1:], torch.full((2, 1), -1)], dim=1)
+    _, train_parts = model.train()(ids, targets)
+    assert float(train_parts.balance.detach()) > 0
+    _, eval_parts = model.eval()(torch.randint(3, 200, (3, 9)), torch.randint(3, 200, (3, 9)))
+    assert float(eval_parts.balance) == 0.0
+    _, again = model.train()(ids, targets)  # and training mode computes a fresh one
+    assert float(again.balance.detach()) == pytest.approx(float(train_parts.balance.detach()))
+
+
+# ---- the trainer's log-probs ------------------------------------------------------------------------------
+def test_trainer_logprobs_use_the_rollout_support(base_run):
+    """token_logprobs under top-k / top-p: log of the temperature-scaled softmax renormalized over the support
+    (top-k, then the nucleus of what is left; the target always kept), checked against plain Python on the
+    full forward's logits; unfiltered when neither is set."""
+    from nanoseek.engine.sampling import SamplingParams
+    from nanoseek.train.grpo import token_logprobs
+
+    torch.manual_seed(1)
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)  # peaked enough that the filters cut real mass
+        ids = torch.randint(3, 200, (2, 10))
+        targets = ids[:, 1:]
+        logits = model(ids)[:, :-1].double()
+    for t, k, top_p in [(1.0, None, None), (0.7, 20, None), (1.0, None, 0.5), (1.2, 30, 0.8)]:
+        params = SamplingParams(t, k, top_p)
+        with torch.no_grad():
+            got, _ = token_logprobs(model, ids, targets, params)
+        for b in range(2):
+            for i in range(9):
+                z = [x / t for x in logits[b, i].tolist()]
+                order = sorted(range(len(z)), key=lambda j: -z[j])
+                keep = order[:k] if k else order
+                m = max(z[j] for j in keep)
+                e = {j: math.exp(z[j] - m) for j in keep}
+                if top_p is not None:
+                    total, cum, nucleus = sum(e.values()), 0.0, []
+                    for j in keep:
+                        nucleus.append(j)
+                        cum += e[j] / total
+                        if cum >= top_p:
+                            break
+                    e = {j: e[j] for j in nucleus}
+                tgt = int(targets[b, i])
+                e.setdefault(tgt, math.exp(z[tgt] - m))  # the target stays in the support
+                assert float(got[b, i]) == pytest.approx(math.log(e[tgt] / sum(e.values())), abs=1e-4)
+    params = SamplingParams(1.0, None, 0.5)
+    with torch.no_grad():
+        full = (model(ids)[:, :-1]).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        filt, _ = token_logprobs(model, ids, targets, params)
+    assert (filt - full).min() > 1e-3  # renormalizing over a smaller support raises every log-prob
+
+
+# ---- the policy update ------------------------------------------------------------------------------------
+def make_rollouts(model, seqs, rewards):
+    """Rollouts whose old log-probs are the model's own (eval-mode forwards: no expert-load bookkeeping)."""
+    out = []
+    for (p, t), r in zip(seqs, rewards):
+        with torch.no_grad():
+            lp = model.eval()(torch.tensor([p + t]))[0, :-1].log_softmax(-1)
+        out.append(Rollout(p, t, [float(lp[len(p) - 1 + i, x]) for i, x in enumerate(t)], False, r, r == 1.0, True, 0))
+    return out
+
+
+SEQS = [([0, 4, 30, 31, 5], [40, 41, 42, 1]), ([0, 4, 30, 31, 5], [50, 51, 1]),
+        ([0, 4, 33, 5], [60, 61, 62, 63, 1]), ([0, 4, 33, 5], [70, 1])]
+
+
+def test_skipping_zero_advantage_rows_keeps_the_expert_loads_of_the_bias_update(base_run, monkeypatch):
+    """The update skips the backward of zero-advantage rows but their real tokens still count in the expert
+    loads: the bias update (loads and resulting gate biases) equals the one of the update without skipping."""
+    vocab = Tokenizer.load(base_run / "tokenizer.json").vocab_size
+    rewards = [1.0, 0.0, 0.6, 0.6]  # the second group has zero spread
+    adv = group_advantages(torch.tensor(rewards), 2)
+    results = []
+    for skip in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(tiny_cfg(vocab))
+        seen = []
+        real_update = model.update_expert_bias
+        monkeypatch.setattr(model, "update_expert_bias", lambda g, loads: seen.append(loads.clone()) or real_update(g, loads))
+        cfg = GRPOConfig(group_size=2, bias_gamma=1e-2)
+        out = policy_update(model, None, torch.optim.AdamW(model.parameters(), lr=1e-3),
+                            make_rollouts(model, SEQS, rewards), adv, cfg, Dist(), first=True,
+                            skip_zero_advantage=skip)
+        assert out["rows_trained"] == (2 if skip else 4)
+        results.append((seen[0], [m.gate.bias.clone() for m in model.moe_layers()]))
+    (loads_skip, bias_skip), (loads_full, bias_full) = results
+    width = max(len(p) + len(t) for p, t in SEQS) - 1  # training inputs: ids[:, :-1]
+    real_tokens = sum(min(len(p) + len(t), width) for p, t in SEQS)
+    assert float(loads_full[0].sum()) == 2 * real_tokens  # top-2 routing over every real token
+    assert torch.equal(loads_skip, loads_full)
+    assert all(torch.equal(a, b) for a, b in zip(bias_skip, bias_full))
+
+
+def test_beta_adds_the_k3_kl_to_a_frozen_reference(base_run):
+    """beta > 0: the loss is the surrogate plus beta * k3(pi, pi_ref) per token, with the value and the KL metric
+    equal to a hand computation from two full forwards; with all advantages zero the update is the KL's gradient
+    alone and moves the policy toward the reference."""
+    import copy
+
+    vocab = Tokenizer.load(base_run / "tokenizer.json").vocab_size
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(vocab))
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the policy has drifted from the reference
+    rewards = [1.0, 0.0, 0.6, 0.2]
+    rs = make_rollouts(model, SEQS, rewards)
+    adv = group_advantages(torch.tensor(rewards), 2)
+    beta = 0.5
+
+    def hand(adv_list):
+        per_seq, kls = [], []
+        for (p, t), a, r in zip(SEQS, adv_list, rs):
+            with torch.no_grad():
+                lp = model(torch.tensor([p + t]))[0, :-1].log_softmax(-1)
+                lr = ref(torch.tensor([p + t]))[0, :-1].log_softmax(-1)
+            tok_losses = []
+            for i, x in enumerate(t):
+                logp, ref_logp, old = float(lp[len(p) - 1 + i, x]), float(lr[len(p) - 1 + i, x]), r.logprobs[i]
+                ratio = math.exp(logp - old)  # == 1: the rollouts come from this policy
+                k3 = math.exp(ref_logp - logp) - (ref_logp - logp) - 1
+                kls.append(k3)
+                tok_losses.append(-min(ratio * a, max(min(ratio, 1.2), 0.8) * a) + beta * k3)
+            per_seq.append(sum(tok_losses) / len(tok_losses))
+        return sum(per_seq) / len(per_seq), sum(kls) / len(kls)
+
+    want_loss, want_kl = hand(adv.tolist())
+    assert want_kl > 1e-4
+    cfg = GRPOConfig(group_size=2, beta=beta, lr=1e-3, bias_update=False)
+    out = policy_update(model, ref, torch.optim.SGD(model.parameters(), lr=0.0), rs, adv, cfg, Dist(), first=True)
+    assert out["loss"] == pytest.approx(want_loss, abs=1e-5)
+    assert out["kl"] == pytest.approx(want_kl, rel=1e-4)
+    assert out["rows_trained"] == 4  # beta > 0: no row is skipped (the KL has a gradient everywhere)
+    zero = torch.zeros(4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02)
+    kls = [want_kl]
+    for _ in range(4):
+        policy_update(model, ref, opt, rs, zero, cfg, Dist(), first=False)
+        kls.append(hand([0.0] * 4)[1])
+    assert all(b < a for a, b in zip(kls, kls[1:])), kls  # pure KL steps pull the policy back toward the reference
+
+
+# ---- the problem sampler ----------------------------------------------------------------------------------
+def test_prioritized_sampler_prefers_unsolved_problems_and_snapshots_its_state():
+    from nanoseek.train.grpo import ProblemSampler
+
+    cfg = GRPOConfig(prioritized=True, pool_size=200, seed=3)
+    s = ProblemSampler(cfg)
+    for i in range(100):
+        s.success[i] = 1.0  # solved: weight 1e-3 against ~0.5 for the rest
+    idx = [i for i, _ in s.draw(2000, step=1)]
+    assert sum(i < 100 for i in idx) < 25  # expected ~4 (uniform draws would give ~1000)
+    assert len(set(idx)) > 80  # and spread over the unsolved ones
+    snap = s.state()
+    s.record(150, 1.0)
+    assert s.success[150] == pytest.approx(0.7 * 0.5 + 0.3 * 1.0)  # moving average toward the accuracy
+    assert snap["success"][150] == 0.5  # a snapshot is a copy: later records do not reach into it
+    s.draw(5, step=1)
+    s.load(snap)
+    again = ProblemSampler(cfg)
+    again.load(snap)
+    assert [i for i, _ in s.draw(50, 2)] == [i for i, _ in again.draw(50, 2)]
+
+
+def test_curriculum_raises_difficulty_from_start_to_target():
+    from nanoseek.train.grpo import ProblemSampler
+
+    cfg = GRPOConfig(curriculum=True, curriculum_start=1, difficulty=4, steps=7)
+    s = ProblemSampler(cfg)
+    levels = [s.difficulty(step) for step in range(1, 8)]
+    assert levels == [round(1 + 3 * (step - 1) / 6) for step in range(1, 8)] and levels[0] == 1 and levels[-1] == 4
+    for step in (1, 4, 7):
+        assert {p.meta["difficulty"] for _, p in s.draw(5, step)} == {s.difficulty(step)}
+    assert ProblemSampler(GRPOConfig(difficulty=4)).difficulty(1) == 4  # off: always the target
+
+
+def test_curriculum_composes_with_prioritized_sampling():
+    """--curriculum with --prioritized: the pool holds each level's problems; a step draws by priority among
+    the current level's ones (both settings take effect, neither is silently ignored)."""
+    from nanoseek.train.grpo import ProblemSampler
+
+    cfg = GRPOConfig(curriculum=True, curriculum_start=1, difficulty=3, steps=5, prioritized=True, pool_size=40)
+    s = ProblemSampler(cfg)
+    assert len(s.pool) == 3 * 40
+    for step in (1, 3, 5):
+        drawn = s.draw(30, step)
+        assert {p.meta["difficulty"] for _, p in drawn} == {s.difficulty(step)}
+        assert all(s.pool[i] is p for i, p in drawn)
+    assert [s.difficulty(t) for t in (1, 3, 5)] == [1, 2, 3]
+    level3 = s.level_slice[3]
+    for i in level3[:20]:
+        s.success[i] = 1.0
+    assert sum(i in level3[:20] for i, _ in s.draw(500, 5)) < 15  # priority still applies within the level
+
+
+# ---- DAPO dynamic sampling on scripted rollouts -----------------------------------------------------------
+class ScriptedTask:
+    """Right iff the completion text is 'right'; format always ok; reward = accuracy."""
+
+    def score(self, problem, text, truncated=False):
+        from nanoseek.tasks.base import Score
+
+        ok = text == "right" and not truncated
+        return Score(correct=ok, format_ok=True, reward=float(ok), parsed=text)
+
+
+class ScriptedEngine:
+    """Returns, per call, the next groups of (text, length) completions from a script."""
+
+    def __init__(self, tokenizer, script, G):
+        self.tokenizer, self.script, self.G, self.calls = tokenizer, list(script), G, []
+
+    def generate(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
+        from nanoseek.engine.engine import Generation
+
+        self.calls.append(len(prompts))
+        outs = []
+        for _ in range(len(prompts) // self.G):
+            for text, n in self.script.pop(0):
+                outs.append(Generation([7] * n, [-1.0] * n, "length" if n >= max_new_tokens else "stop", text))
+        return outs
+
+
+@pytest.mark.parametrize("shaping", [dict(length_weight=1.0), dict(overlong_cache=8)])
+def test_dynamic_sampling_keeps_groups_of_mixed_accuracy_not_of_mixed_shaped_reward(base_run, shaping):
+    """DAPO drops groups whose accuracy is all 0 or all 1 and draws again. Length shaping (Kimi) or overlong
+    shaping (DAPO) makes the rewards of such groups differ, yet they must still be dropped; kept groups come in
+    draw order, the batch stops at prompts_per_step and the sampler records every drawn group."""
+    from nanoseek.train.grpo import ProblemSampler, rollout_groups
+
+    tok = Tokenizer.load(base_run / "tokenizer.json")
+    wrong_varied = [("wrong", 3), ("wrong", 11), ("wrong", 15), ("wrong", 6)]  # accuracy 0, rewards differ
+    right_varied = [("right", 2), ("right", 9), ("right", 14), ("right", 5)]  # accuracy 1, rewards differ
+    mixed_a = [("right", 4), ("wrong", 4), ("wrong", 4), ("wrong", 4)]
+    mixed_b = [("wrong", 5), ("right", 5), ("right", 5), ("right", 5)]
+    script = [wrong_varied, mixed_a, right_varied, mixed_b, mixed_a]
+    cfg = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=16, dynamic_sampling=True,
+                     max_sampling_rounds=3, prioritized=True, pool_size=20, **shaping)
+    sampler = ProblemSampler(cfg)
+    sampler.task = ScriptedTask()
+    engine = ScriptedEngine(tok, script, 4)
+    kept, st = rollout_groups(engine, sampler, cfg, 2, step=1, seed=0)
+    assert engine.calls == [8, 4, 4]  # round 1: 2 groups (1 kept); then 1 missing group per round
+    assert st["rounds"] == 3 and st["groups_kept"] == 2 and len(kept) == 8
+    assert [r.correct for r in kept] == [True, False, False, False, False, True, True, True]  # mixed_a, mixed_b
+    assert [r.group for r in kept] == [0] * 4 + [1] * 4
+    assert st["uniform_accuracy"] == [1.0, 0.0, 1.0, 0.0] and st["zero_spread"] == [0.0, 0.0, 0.0, 0.0]
+    assert sum(x != 0.5 for x in sampler.success) >= 3  # every drawn group recorded, kept or not
+    no_filter = dataclasses.replace(cfg, dynamic_sampling=False)
+    s2 = ProblemSampler(no_filter)
+    s2.task = ScriptedTask()
+    kept2, st2 = rollout_groups(ScriptedEngine(tok, script, 4), s2, no_filter, 2, step=1, seed=0)
+    assert st2["rounds"] == 1 and [r.correct for r in kept2][:4] == [False] * 4  # without it: kept as drawn

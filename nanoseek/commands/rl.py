@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=None,
+                   help="rollout nucleus; the importance ratio uses the same renormalized support")
+    p.add_argument("--top-k", type=int, default=None, help="rollout top-k (same support in the ratio)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--mu", type=int, default=d.mu, help="policy updates per rollout batch")
     p.add_argument("--advantage", choices=["grpo", "dr_grpo"], default=d.advantage)
@@ -32,7 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-weight", type=float, default=d.length_weight, help="Kimi k1.5 length reward weight")
     p.add_argument("--length-warmup-steps", type=int, default=d.length_warmup_steps)
     p.add_argument("--prioritized", action="store_true", help="sample problems by 1 - success rate")
-    p.add_argument("--curriculum", action="store_true", help="raise difficulty over the run")
+    p.add_argument("--pool-size", type=int, default=d.pool_size, help="prioritized pool: problems per difficulty")
+    p.add_argument("--curriculum", action="store_true",
+                   help="raise difficulty over the run (with --prioritized: by priority within each level)")
     p.add_argument("--no-bias-update", action="store_true", help="freeze the MoE selection bias during RL")
     p.add_argument("--bias-gamma", type=float, default=d.bias_gamma, help="bias update speed per step")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -45,10 +50,10 @@ def config_from_args(a: argparse.Namespace) -> GRPOConfig:
     return dataclasses.replace(
         GRPOConfig(), task=a.task, difficulty=a.difficulty, steps=a.steps, minutes=a.minutes,
         group_size=a.group_size, prompts_per_step=a.prompts_per_step, max_new_tokens=a.max_new_tokens,
-        temperature=a.temperature, lr=a.lr, mu=a.mu, advantage=a.advantage, loss_agg=a.loss_agg,
+        temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, lr=a.lr, mu=a.mu, advantage=a.advantage, loss_agg=a.loss_agg,
         eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, dynamic_sampling=a.dynamic_sampling,
         overlong_cache=a.overlong_cache, mask_truncated=a.mask_truncated, length_weight=a.length_weight,
-        length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, curriculum=a.curriculum,
+        length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, pool_size=a.pool_size, curriculum=a.curriculum,
         bias_update=not a.no_bias_update, bias_gamma=a.bias_gamma, seed=a.seed, ckpt_every=a.ckpt_every).validate()
 
 

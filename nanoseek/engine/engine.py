@@ -198,9 +198,13 @@ class Engine:
         out_logps: list[list[float]] = [[] for _ in range(B)]
         reason = ["length"] * B
         rows = list(range(B))  # original index of each row still in the decode batch
+        # per-prompt seeds: row i's k-th token uses the k-th uniform of row i's own generator
+        uniforms = torch.stack([torch.rand(max_new, generator=g, device=device) for g in gen]) \
+            if isinstance(gen, list) else None
         done = [False] * B  # finished rows may linger in the batch until the next compaction
         for step in range(max_new):
-            tok, logp = sample(logits, params, [gen[i] for i in rows] if isinstance(gen, list) else gen)
+            u = None if uniforms is None else uniforms[rows, step]
+            tok, logp = sample(logits, params, None if uniforms is not None else gen, u)
             tl, ll = tok.tolist(), logp.tolist()
             keep = []
             for j, i in enumerate(rows):

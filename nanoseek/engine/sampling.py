@@ -9,13 +9,13 @@ the ratio is 1 (train/grpo.py). Without top-k / top-p this is the plain log_soft
 decoding returns the log-prob under the unscaled model distribution (the sampled one-hot would give 0 for
 every token, which tells a caller nothing).
 
-Seeds: `generator` may be one torch.Generator for the whole batch, or one per row; with one per row, row i's
-tokens depend only on its own generator and logits, not on which other rows share the batch (what makes an
-RL rollout independent of how prompts are split over processes).
+Seeds: one torch.Generator for the whole batch (torch.multinomial), or per-row uniforms: the engine draws
+row i's k-th uniform from row i's own generator and samples by inverse CDF, so row i's tokens depend only on
+its own seed and logits, not on which rows share the batch (what makes an RL rollout independent of how the
+prompts are split over processes). One vectorized draw per step either way.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,9 +82,19 @@ def support_logprobs(logits: torch.Tensor, targets: torch.Tensor, p: SamplingPar
     return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def sample(logits: torch.Tensor, p: SamplingParams,
-           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, V) -> (tokens (B,), logprobs (B,)); `generator`: one for the batch or one per row."""
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """probs (B, V), uniforms (B,) in [0, 1) -> the token whose cumulative-probability interval holds u * total
+    (float64 sums); never a zero-probability token."""
+    cdf = probs.double().cumsum(dim=-1)
+    value = uniforms.double() * cdf[:, -1]
+    return torch.searchsorted(cdf, value.unsqueeze(-1), right=True).squeeze(-1).clamp(max=probs.size(-1) - 1)
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+           uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) -> (tokens (B,), logprobs (B,)). Randomness: `uniforms` (B,), one U[0, 1) per row drawn
+    from that row's own generator (inverse-CDF sampling; what per-row seeds use), else `generator` for the
+    whole batch (torch.multinomial)."""
     logits = logits.float()
     if p.greedy:
         tok = logits.argmax(dim=-1)
@@ -93,10 +103,8 @@ def sample(logits: torch.Tensor, p: SamplingParams,
         filtered = filtered_logits(logits, p)
         logp = filtered.log_softmax(dim=-1)
         probs = filtered.softmax(dim=-1)
-        if isinstance(generator, Sequence):
-            if len(generator) != probs.size(0):
-                raise ValueError(f"{len(generator)} generators for {probs.size(0)} rows")
-            tok = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generator)])
+        if uniforms is not None:
+            tok = inverse_cdf(probs, uniforms)
         else:
             tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)

@@ -151,7 +151,10 @@ class Transformer(nn.Module):
     # ---- training / scoring forward -----------------------------------------------------------
     def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None):
         """ids (B, T) -> logits (B, T, vocab); with targets (B, T) (targets[t] = ids[t+1], IGNORE = -1)
-        returns (logits, LossParts)."""
+        returns (logits, LossParts). The balance loss is this call's: MoE layers compute it only in training
+        mode, so in eval mode (and for any layer this call did not run) it is zero, never a stale value."""
+        for m in self.moe_layers():
+            m.balance_loss = None
         h = self.hidden(ids)
         logits = self.logits(h)
         if targets is None:

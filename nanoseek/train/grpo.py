@@ -6,16 +6,37 @@ accuracy), shape rewards (DAPO overlong, Kimi length reward), compute group adva
 AdamW steps on the clipped surrogate (+ beta * k3 KL to a frozen reference when beta > 0).
 
 Departures from the papers, all deliberate:
-- The old log-probs are the engine's (computed during generation, under the same temperature); the
-  trainer recomputes them once per step and logs the largest difference, which must stay near zero.
+- The old log-probs are the engine's, computed while sampling under the distribution the token was actually
+  drawn from: temperature-scaled and, with `top_k` / `top_p`, renormalized over that support (vLLM's
+  "processed" log-probs; engine/sampling.py). The trainer's new log-probs use the same function on its own
+  logits (`support_logprobs`: the top-k / top-p support of the current logits, the sampled token always
+  kept in it), so the ratio is the importance weight of the policy that really sampled and equals 1 at the
+  first update. (TRL and verl instead keep the ratio on the unfiltered distribution and correct the rollout
+  mismatch with a truncated importance weight; with one shared sampling function there is no mismatch to
+  correct.) The trainer logs the largest engine-vs-trainer difference, which must stay near zero. The KL
+  to the reference (beta > 0) uses the same support. The logged entropy is the unfiltered one.
 - No reference copy of the model is kept when beta == 0 (the default; DAPO and Dr. GRPO drop the KL).
-- DAPO dynamic sampling draws up to `max_sampling_rounds` extra batches; if the batch is still not full it
-  trains on what it has rather than stalling.
+- DAPO dynamic sampling keeps only groups whose ACCURACY is mixed (some right, some wrong), as DAPO
+  specifies, whatever the shaped reward does; it draws up to `max_sampling_rounds` extra batches and, if
+  the batch is still not full, trains on what it has rather than stalling.
 - Prioritized sampling draws from a fixed pool of train-split problems with probability proportional to
   1 - success rate (Kimi k1.5 sec. 2.3.4), success rates starting at 0.5 and updated by moving average.
 - Curriculum raises the difficulty linearly from `curriculum_start` to the task's default over the run.
+  With prioritized sampling the pool holds `pool_size` problems per level and each step draws, by
+  priority, among the current level's problems.
 - MoE: expert loads of the training forward passes drive the auxiliary-loss-free bias update after every
-  optimizer step (on by default, `bias_update`); the balance loss is not used in RL.
+  optimizer step (on by default, `bias_update`); the balance loss is not used in RL. Rows whose advantage
+  is zero (beta == 0) skip the backward but still count in the loads (a no-grad forward).
+- torchrun: every sampling decision is global. Each rank holds the same sampler (same seed, same updates)
+  and draws the same problems; a round's groups are split over ranks in contiguous shares, each row is
+  sampled with its own seed (so a row's tokens do not depend on the rank or batch it lands in), and the
+  groups' scores are all-gathered so that every rank records the same success rates and keeps the same
+  groups. A rank may train zero groups; it still joins every collective. Two processes therefore compute
+  the same global batch and update as one (tests/test_grpo_runs.py).
+- Ctrl-C: a step's rollouts move only the sampler, which is restored when interrupted there; from the
+  policy update to the step's metrics and checkpoint an interrupt waits for the step to finish. On
+  KeyboardInterrupt the state of the last finished step is saved, unless that step already has a
+  checkpoint (an existing checkpoint is never overwritten); resuming continues exactly.
 """
 from __future__ import annotations
 
@@ -24,18 +45,22 @@ import dataclasses
 import json
 import random
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 
 from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
+from nanoseek.engine.sampling import SamplingParams, support_logprobs
 from nanoseek.io import atomic_write_text
 from nanoseek.tasks import get_task
-from nanoseek.tasks.base import RewardWeights
+from nanoseek.tasks.base import RewardWeights, Score, stable_hash
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import Dist, clip_grads, setup_distributed
@@ -53,10 +78,11 @@ class GRPOConfig:
     steps: int = 200
     minutes: float | None = None  # stop (and checkpoint) after this much wall time
     group_size: int = 8  # G (R1: 16)
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16  # groups per step over all processes
     max_new_tokens: int = 64
     temperature: float = 1.0  # rollout temperature (R1: 1.0)
-    top_p: float | None = None
+    top_p: float | None = None  # rollout nucleus; the ratio uses the same support (module docstring)
+    top_k: int | None = None
     lr: float = 1e-4  # 2e-4 collapsed a weak tiny base in the prototype; 1e-4 was stable
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -71,14 +97,14 @@ class GRPOConfig:
     beta: float = 0.0  # KL weight (R1: 0.001); 0 keeps no reference model
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
-    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, resample
+    dynamic_sampling: bool = False  # DAPO: drop groups whose accuracy is all 0 or all 1, resample
     max_sampling_rounds: int = 3
     overlong_cache: int = 0  # DAPO soft overlong punishment interval L_cache (0 = off)
     mask_truncated: bool = False  # DAPO: truncated samples contribute no loss
     length_weight: float = 0.0  # Kimi k1.5 length reward weight (0 = off)
     length_warmup_steps: int = 0  # length reward off during these first steps
     prioritized: bool = False  # Kimi: sample problems with p ~ 1 - success rate
-    pool_size: int = 2000
+    pool_size: int = 2000  # prioritized pool: problems per difficulty level
     curriculum: bool = False
     curriculum_start: int = 1
     bias_update: bool = True
@@ -99,13 +125,22 @@ class GRPOConfig:
         need(self.steps >= 1 and self.max_new_tokens >= 1 and self.mu >= 1, "steps, max_new_tokens and mu must be >= 1")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
         need(self.temperature > 0, "rollout temperature must be > 0 (log-probs of a greedy policy are undefined)")
+        need(self.top_p is None or 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        need(self.top_k is None or self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
         need(self.advantage in ("grpo", "dr_grpo"), f"advantage must be grpo or dr_grpo, got {self.advantage!r}")
         need(self.loss_agg in AGGREGATIONS, f"loss_agg must be one of {AGGREGATIONS}, got {self.loss_agg!r}")
         need(0 <= self.eps_low < 1 and self.eps_high >= 0, "need 0 <= eps_low < 1 and eps_high >= 0")
         need(self.beta >= 0, "beta must be >= 0")
         need(self.bias_gamma >= 0, f"bias_gamma must be >= 0, got {self.bias_gamma}")
         need(self.minutes is None or self.minutes > 0, "minutes must be positive")
+        need(self.max_sampling_rounds >= 0, f"max_sampling_rounds must be >= 0, got {self.max_sampling_rounds}")
+        need(not self.prioritized or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        need(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
         return self
+
+    def sampling(self) -> SamplingParams:
+        """The rollout distribution; the trainer's log-probs are taken under the same one."""
+        return SamplingParams(self.temperature, self.top_k, self.top_p).validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -114,33 +149,50 @@ class GRPOConfig:
 # ---- problem sampling -------------------------------------------------------------------------------
 class ProblemSampler:
     """Draws train-split problems: uniformly fresh ones, or from a pool by priority 1 - success rate;
-    optionally with a curriculum on difficulty. Its state round-trips through checkpoints."""
+    optionally with a curriculum on difficulty (composing with the pool: one sub-pool per level). Its state
+    round-trips through checkpoints. Deterministic in the seed and the recorded accuracies, so every rank
+    of a torchrun job holds the same sampler when it records the same (all-gathered) accuracies."""
 
     def __init__(self, cfg: GRPOConfig):
         self.cfg = cfg
         self.task = get_task(cfg.task, RewardWeights(cfg.accuracy_weight, cfg.format_weight))
         self.rng = random.Random(cfg.seed)
         self.target = self.task.check_difficulty(cfg.difficulty)
+        if cfg.curriculum:
+            self.task.check_difficulty(cfg.curriculum_start)
         self.pool = []
         self.success: list[float] = []
+        self.level_slice: dict[int, range] = {}  # difficulty -> the pool indices of that level
         if cfg.prioritized:
             prng = random.Random(cfg.seed + 1)
-            self.pool = [self.task.sample_split(prng, self.target, "train") for _ in range(cfg.pool_size)]
-            self.success = [0.5] * cfg.pool_size
+            for d in self.levels():
+                self.level_slice[d] = range(len(self.pool), len(self.pool) + cfg.pool_size)
+                self.pool += [self.task.sample_split(prng, d, "train") for _ in range(cfg.pool_size)]
+            self.success = [0.5] * len(self.pool)
+
+    def levels(self) -> list[int]:
+        """Every difficulty the run can draw at: the target, or the curriculum's range."""
+        if not self.cfg.curriculum:
+            return [self.target]
+        lo = min(self.cfg.curriculum_start, self.target)
+        return list(range(lo, self.target + 1))
 
     def difficulty(self, step: int) -> int:
+        """The level of (1-based) step `step`: curriculum_start at step 1, the target at the last step."""
         if not self.cfg.curriculum:
             return self.target
         lo = min(self.cfg.curriculum_start, self.target)
-        frac = min(step / max(self.cfg.steps - 1, 1), 1.0)
+        frac = min(max(step - 1, 0) / max(self.cfg.steps - 1, 1), 1.0)
         return int(round(lo + (self.target - lo) * frac))
 
     def draw(self, n: int, step: int) -> list[tuple[int, object]]:
-        if self.cfg.prioritized:
-            weights = [1.0 - s + 1e-3 for s in self.success]
-            idx = self.rng.choices(range(len(self.pool)), weights=weights, k=n)
-            return [(i, self.pool[i]) for i in idx]
+        """n (pool index or -1, problem) pairs."""
         d = self.difficulty(step)
+        if self.cfg.prioritized:
+            candidates = self.level_slice[d]
+            weights = [1.0 - self.success[i] + 1e-3 for i in candidates]
+            idx = self.rng.choices(candidates, weights=weights, k=n)
+            return [(i, self.pool[i]) for i in idx]
         return [(-1, self.task.sample_split(self.rng, d, "train")) for _ in range(n)]
 
     def record(self, idx: int, accuracy: float) -> None:
@@ -148,10 +200,14 @@ class ProblemSampler:
             self.success[idx] = 0.7 * self.success[idx] + 0.3 * accuracy
 
     def state(self) -> dict:
+        """A snapshot (copies, not views: later draws and records do not change it)."""
         s = self.rng.getstate()
-        return {"rng": [s[0], list(s[1]), s[2]], "success": self.success}
+        return {"rng": [s[0], list(s[1]), s[2]], "success": list(self.success)}
 
     def load(self, state: dict) -> None:
+        if len(state["success"]) != len(self.success):
+            raise ConfigError(f"sampler state holds {len(state['success'])} success rates but this config's pool "
+                              f"has {len(self.success)} problems (pool_size, curriculum or prioritized changed?)")
         s = state["rng"]
         self.rng.setstate((s[0], tuple(s[1]), s[2]))
         self.success = list(state["success"])
@@ -170,54 +226,124 @@ class Rollout:
     group: int
 
 
+@dataclass
+class GroupResult:
+    """One group's scores: all that every rank needs to record, keep or drop, and log the group the same way."""
+
+    rewards: list[float]  # shaped
+    correct: list[bool]
+    format_ok: list[bool]
+    lengths: list[int]
+    truncated: list[bool]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / len(self.correct)
+
+    @property
+    def uniform_accuracy(self) -> bool:
+        """All right or all wrong: what DAPO dynamic sampling drops."""
+        return all(self.correct) or not any(self.correct)
+
+    @property
+    def zero_spread(self) -> bool:
+        """All shaped rewards equal: every advantage of the group is zero."""
+        return max(self.rewards) - min(self.rewards) < 1e-9
+
+
+def shaped_rewards(scores: list[Score], lengths: list[int], cfg: GRPOConfig, step: int) -> list[float]:
+    """Task reward + DAPO overlong penalty + Kimi length reward (each when enabled), for one group."""
+    rewards = [s.reward for s in scores]
+    if cfg.overlong_cache > 0:
+        rewards = [x + overlong_penalty(n, cfg.max_new_tokens, cfg.overlong_cache) for x, n in zip(rewards, lengths)]
+    if cfg.length_weight > 0 and step >= cfg.length_warmup_steps:
+        lr_ = length_rewards(lengths, [s.correct for s in scores])
+        rewards = [x + cfg.length_weight * y for x, y in zip(rewards, lr_)]
+    return rewards
+
+
+def row_seed(seed: int, round_: int, group: int, sample: int) -> int:
+    """The sampling seed of one rollout row: a function of (step seed, sampling round, global group index,
+    sample index) only, so the row's tokens are the same whichever rank and batch generate it."""
+    return stable_hash(f"grpo-rollout|{seed}|{round_}|{group}|{sample}") >> 1
+
+
+def shard(n: int, rank: int, world: int) -> range:
+    """Rank `rank`'s contiguous share of n items (the first n % world ranks get one more)."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return range(lo, lo + base + (rank < extra))
+
+
+def gather_lists(dist: Dist, items: list) -> list:
+    """Concatenate every rank's list in rank order (identity with one process)."""
+    if not dist.active:
+        return list(items)
+    parts: list = [None] * dist.world
+    tdist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
 def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_prompts: int, step: int,
-                   seed: int, rank: int = 0, world: int = 1) -> tuple[list[Rollout], dict]:
-    """Generate, score and shape one batch of groups (with DAPO dynamic sampling when enabled)."""
+                   seed: int, dist: Dist | None = None) -> tuple[list[Rollout], dict]:
+    """Generate, score and shape one batch of `n_prompts` groups over all ranks (with DAPO dynamic sampling
+    when enabled). Returns this rank's kept rollouts (whole groups, consecutive) and the statistics of every
+    drawn group of every rank (identical on all ranks); stats["groups_kept"] is the global count."""
+    dist = dist or Dist()
     tok: Tokenizer = engine.tokenizer
+    params = cfg.sampling()
     G = cfg.group_size
     kept: list[Rollout] = []
-    stats = {"reward": [], "correct": [], "format": [], "len": [], "truncated": [], "zero_spread": [], "rounds": 0}
+    n_kept = 0
+    stats = {"reward": [], "correct": [], "format": [], "len": [], "truncated": [], "zero_spread": [],
+             "uniform_accuracy": [], "rounds": 0, "groups_kept": 0}
     rounds = 1 + (cfg.max_sampling_rounds if cfg.dynamic_sampling else 0)
     for r in range(rounds):
-        need = n_prompts - len(kept) // G
+        need = n_prompts - n_kept
         if need <= 0:
             break
-        drawn = sampler.draw(need * world, step)[rank * need:(rank + 1) * need]
+        drawn = sampler.draw(need, step)  # the same problems on every rank
         stats["rounds"] += 1
-        prompts = [tok.prompt_ids(p.prompt) for _, p in drawn for _ in range(G)]
-        outs = engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                               top_p=cfg.top_p, seed=seed * 1000 + r)
+        mine = shard(len(drawn), dist.rank, dist.world)
+        prompts = [tok.prompt_ids(drawn[g][1].prompt) for g in mine for _ in range(G)]
+        outs = []
+        if prompts:
+            seeds = [row_seed(seed, r, g, j) for g in mine for j in range(G)]
+            outs = engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=params.temperature,
+                                   top_k=params.top_k, top_p=params.top_p, seed=seeds)
+        local_results, local_rollouts = [], {}
+        truncated_all = [o.finish_reason == "length" for o in outs]
         t_verify = time.perf_counter()  # one batched (parallel, sandboxed where needed) check of the round
-        all_scores = sampler.task.score_batch([p for _, p in drawn for _ in range(G)], [o.text for o in outs],
-                                              [o.finish_reason == "length" for o in outs])
+        all_scores = sampler.task.score_batch([drawn[g][1] for g in mine for _ in range(G)],
+                                              [o.text for o in outs], truncated_all) if outs else []
         stats["verify_s"] = stats.get("verify_s", 0.0) + time.perf_counter() - t_verify
         stats["checks"] = stats.get("checks", 0) + len(outs)
-        for g, (idx, problem) in enumerate(drawn):
-            group = outs[g * G:(g + 1) * G]
-            scores = all_scores[g * G:(g + 1) * G]
-            rewards = [s.reward for s in scores]
+        for k, g in enumerate(mine):
+            group = outs[k * G:(k + 1) * G]
+            truncated = truncated_all[k * G:(k + 1) * G]
+            scores = all_scores[k * G:(k + 1) * G]
             lengths = [len(o.tokens) for o in group]
-            if cfg.overlong_cache > 0:
-                rewards = [x + overlong_penalty(n, cfg.max_new_tokens, cfg.overlong_cache) for x, n in zip(rewards, lengths)]
-            if cfg.length_weight > 0 and step >= cfg.length_warmup_steps:
-                lr_ = length_rewards(lengths, [s.correct for s in scores])
-                rewards = [x + cfg.length_weight * y for x, y in zip(rewards, lr_)]
-            acc = sum(s.correct for s in scores) / G
-            sampler.record(idx, acc)
-            spread_zero = max(rewards) - min(rewards) < 1e-9
-            stats["reward"] += rewards
-            stats["correct"] += [float(s.correct) for s in scores]
-            stats["format"] += [float(s.format_ok) for s in scores]
-            stats["len"] += lengths
-            stats["truncated"] += [float(o.finish_reason == "length") for o in group]
-            stats["zero_spread"].append(float(spread_zero))
-            if cfg.dynamic_sampling and spread_zero:
+            res = GroupResult(shaped_rewards(scores, lengths, cfg, step), [s.correct for s in scores],
+                              [s.format_ok for s in scores], lengths, truncated)
+            local_results.append(res)
+            local_rollouts[g] = [Rollout(prompts[k * G], o.tokens, o.logprobs, t, rew, s.correct, s.format_ok, -1)
+                                 for o, t, s, rew in zip(group, truncated, scores, res.rewards)]
+        results = gather_lists(dist, local_results)  # every group of the round, in draw order
+        for g, ((idx, _), res) in enumerate(zip(drawn, results)):
+            sampler.record(idx, res.accuracy)
+            stats["reward"] += res.rewards
+            stats["correct"] += [float(c) for c in res.correct]
+            stats["format"] += [float(f) for f in res.format_ok]
+            stats["len"] += res.lengths
+            stats["truncated"] += [float(t) for t in res.truncated]
+            stats["zero_spread"].append(float(res.zero_spread))
+            stats["uniform_accuracy"].append(float(res.uniform_accuracy))
+            if (cfg.dynamic_sampling and res.uniform_accuracy) or n_kept >= n_prompts:
                 continue
-            if len(kept) // G >= n_prompts:
-                continue
-            for o, s, rew in zip(group, scores, rewards):
-                kept.append(Rollout(prompts[g * G], o.tokens, o.logprobs, o.finish_reason == "length", rew,
-                                    s.correct, s.format_ok, len(kept) // G))
+            if g in local_rollouts:
+                kept += [dataclasses.replace(x, group=n_kept) for x in local_rollouts[g]]
+            n_kept += 1
+    stats["groups_kept"] = n_kept
     return kept, stats
 
 
@@ -239,64 +365,106 @@ def batch_tensors(rollouts: list[Rollout], device) -> tuple[torch.Tensor, torch.
     return ids.to(device), mask.to(device), old.to(device), ids[:, 1:].to(device)
 
 
-def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, temperature: float
+def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of targets (B, L-1) under the temperature-scaled policy, and per-token entropy."""
-    logits = model.logits(model.hidden(ids[:, :-1])) / temperature
-    logp_all = logits.log_softmax(dim=-1)
-    logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    """Log-probs of targets (B, L-1) under the rollout distribution (temperature, and the top-k / top-p
+    support renormalized: `support_logprobs`, the function the engine's log-probs agree with), and the
+    per-token entropy of the temperature-scaled, unfiltered distribution."""
+    logits = model.logits(model.hidden(ids[:, :-1]))
+    logp_all = (logits / sampling.temperature).log_softmax(dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if sampling.top_k is None and (sampling.top_p is None or sampling.top_p >= 1):
+        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    else:
+        logp = support_logprobs(logits, targets, sampling)
     return logp, entropy
 
 
-def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: torch.Tensor, cfg: GRPOConfig,
-                  dist: Dist, first: bool) -> dict:
-    """One optimizer step over the batch in micro-batches; returns metrics."""
-    device = next(model.parameters()).device
-    ids, mask, old, targets = batch_tensors(rollouts, device)
-    if cfg.mask_truncated:
-        keep = torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=device)
-        mask = mask * keep.unsqueeze(-1)
-    lengths = torch.tensor([len(r.prompt) + len(r.tokens) for r in rollouts], device=device)
-    n_seqs = dist.all_reduce_sum(torch.tensor([float(len(rollouts))], device=device)).item()
-    n_tokens = dist.all_reduce_sum(mask.sum().reshape(1).clone()).item()
-    if cfg.beta == 0:
-        # A zero-advantage row (its group's rewards all equal) adds exactly zero to the loss and its gradient;
-        # the normalizers above still count it, so skipping its forward/backward leaves the update unchanged
-        # (one row is kept so every rank runs a backward). Metrics below are over the trained rows.
-        rows = (adv != 0).nonzero().flatten()
-        rows = rows if rows.numel() else torch.zeros(1, dtype=torch.long)
-        ids, mask, old, targets, lengths, adv = (t[rows.to(t.device)] for t in (ids, mask, old, targets, lengths, adv))
-    n_rows = ids.size(0)
-    optimizer.zero_grad(set_to_none=True)
-    sums = {"clip": 0.0, "kl": 0.0, "entropy": 0.0, "logp_diff": 0.0, "loss": 0.0}
-    model.train()
-    for s in range(0, n_rows, cfg.micro_batch):
-        sl = slice(s, s + cfg.micro_batch)
-        # drop right padding beyond this micro-batch's longest sequence
+def _micro_batches(n_rows: int, mask: torch.Tensor, size: int):
+    """(slice, width) per micro-batch; width drops right padding beyond the micro-batch's longest sequence."""
+    for s in range(0, n_rows, size):
+        sl = slice(s, s + size)
         width = int(mask[sl].nonzero()[:, 1].max()) + 2 if mask[sl].any() else 2
-        mb_ids, mb_mask, mb_old, mb_t = ids[sl, :width], mask[sl, :width - 1], old[sl, :width - 1], targets[sl, :width - 1]
-        real = torch.arange(width - 1, device=device)[None, :] < lengths[sl, None]  # not right padding
+        yield sl, width
+
+
+@torch.no_grad()
+def count_expert_loads(model, ids: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, micro_batch: int) -> None:
+    """A no-grad training-mode forward over rows that the update skips, only so that their real tokens add to
+    the expert loads of this step's bias update (what a full forward/backward over them would have counted)."""
+    for sl, width in _micro_batches(ids.size(0), mask, micro_batch):
+        real = torch.arange(width - 1, device=ids.device)[None, :] < lengths[sl, None]
         model.set_load_mask(real)
         try:
-            logp, ent = token_logprobs(model, mb_ids, mb_t, cfg.temperature)
+            model.hidden(ids[sl, :width - 1])
         finally:
             model.set_load_mask(None)
-        per_tok, clipped = clipped_surrogate(logp, mb_old, adv[sl].to(device), cfg.eps_low, cfg.eps_high)
-        if cfg.beta > 0:
-            with torch.no_grad():
-                ref_logp, _ = token_logprobs(ref_model, mb_ids, mb_t, cfg.temperature)
-            kl = k3_kl(logp, ref_logp)
-            per_tok = per_tok + cfg.beta * kl
-            sums["kl"] += float((kl * mb_mask).sum())
-        loss = aggregate(per_tok, mb_mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs=n_seqs, n_tokens=n_tokens)
-        (loss * dist.world).backward()  # average_grads divides by world
-        sums["loss"] += float(loss.detach())
-        sums["clip"] += float((clipped * mb_mask).sum())
-        sums["entropy"] += float((ent.detach() * mb_mask).sum())
-        if first:
-            sums["logp_diff"] = max(sums["logp_diff"], float(((logp.detach() - mb_old).abs() * mb_mask).max()))
-    dist.average_grads(model)
+
+
+def _all_reduce_max(dist: Dist, x: float) -> float:
+    if not dist.active:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=dist.device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: torch.Tensor, cfg: GRPOConfig,
+                  dist: Dist, first: bool, skip_zero_advantage: bool = True) -> dict:
+    """One optimizer step over the global batch (this rank's `rollouts`, possibly none, in micro-batches);
+    returns metrics over the global batch (identical on every rank)."""
+    device = next(model.parameters()).device
+    sampling = cfg.sampling()
+    n_local = len(rollouts)
+    if n_local:
+        ids, mask, old, targets = batch_tensors(rollouts, device)
+        if cfg.mask_truncated:
+            keep = torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=device)
+            mask = mask * keep.unsqueeze(-1)
+        lengths = torch.tensor([len(r.prompt) + len(r.tokens) for r in rollouts], device=device)
+        adv = adv.to(device)
+    counts = torch.tensor([float(n_local), float(mask.sum()) if n_local else 0.0], device=device)
+    n_seqs, n_tokens = dist.all_reduce_sum(counts).tolist()
+    optimizer.zero_grad(set_to_none=True)
+    model.train()
+    sums = {"loss": 0.0, "clip": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "rows": 0.0}
+    logp_diff = 0.0
+    if n_local:
+        rows = torch.arange(n_local, device=device)
+        if cfg.beta == 0 and skip_zero_advantage:
+            # A zero-advantage row (its group's rewards all equal) adds exactly zero to the loss and its gradient;
+            # the normalizers above still count it, so skipping its backward leaves the update unchanged. Its
+            # tokens still count in the expert loads (a no-grad forward), as they would without skipping.
+            rows = (adv != 0).nonzero().flatten()
+            idle = (adv == 0).nonzero().flatten()
+            if idle.numel():
+                count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch)
+        ids, mask, old, targets, lengths, adv = (t[rows] for t in (ids, mask, old, targets, lengths, adv))
+        for sl, width in _micro_batches(ids.size(0), mask, cfg.micro_batch):
+            mb_ids, mb_mask, mb_old, mb_t = ids[sl, :width], mask[sl, :width - 1], old[sl, :width - 1], targets[sl, :width - 1]
+            real = torch.arange(width - 1, device=device)[None, :] < lengths[sl, None]  # not right padding
+            model.set_load_mask(real)
+            try:
+                logp, ent = token_logprobs(model, mb_ids, mb_t, sampling)
+            finally:
+                model.set_load_mask(None)
+            per_tok, clipped = clipped_surrogate(logp, mb_old, adv[sl], cfg.eps_low, cfg.eps_high)
+            if cfg.beta > 0:
+                with torch.no_grad():
+                    ref_logp, _ = token_logprobs(ref_model, mb_ids, mb_t, sampling)
+                kl = k3_kl(logp, ref_logp)
+                per_tok = per_tok + cfg.beta * kl
+                sums["kl"] += float((kl.detach() * mb_mask).sum())
+            loss = aggregate(per_tok, mb_mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs=n_seqs, n_tokens=n_tokens)
+            (loss * dist.world).backward()  # average_grads divides by world
+            sums["loss"] += float(loss.detach())
+            sums["clip"] += float((clipped * mb_mask).sum())
+            sums["entropy"] += float((ent.detach() * mb_mask).sum())
+            if first:
+                logp_diff = max(logp_diff, float(((logp.detach() - mb_old).abs() * mb_mask).max()))
+        sums["tokens"] = float(mask.sum())
+        sums["rows"] = float(ids.size(0))
+    dist.average_grads(model)  # ranks without rows contribute zeros
     grad_norm = clip_grads(model, cfg.grad_clip)
     optimizer.step()
     if any(True for _ in model.moe_layers()):
@@ -308,15 +476,42 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
                 m.load_accum.zero_()
     else:
         loads = torch.zeros(0, 0)
-    tok = max(float(mask.sum()), 1.0)
-    out = {"loss": sums["loss"], "clip_frac": sums["clip"] / tok, "entropy": sums["entropy"] / tok,
-           "grad_norm": grad_norm, "kl": sums["kl"] / tok, "rows_trained": n_rows}
+    keys = list(sums)
+    total = dict(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                                             device=device)).tolist()))
+    tok = max(total["tokens"], 1.0)
+    out = {"loss": total["loss"], "clip_frac": total["clip"] / tok, "entropy": total["entropy"] / tok,
+           "grad_norm": grad_norm, "kl": total["kl"] / tok, "rows_trained": int(total["rows"])}
     if first:
-        out["logp_diff_max"] = sums["logp_diff"]
+        out["logp_diff_max"] = _all_reduce_max(dist, logp_diff)
     if loads.numel():
         per_layer = loads / loads.mean(dim=1, keepdim=True).clamp(min=1e-9)
         out["expert_load_max_over_mean"] = [round(float(x), 3) for x in per_layer.max(dim=1).values]
     return out
+
+
+# ---- Ctrl-C -----------------------------------------------------------------------------------------
+class deferred_interrupt:
+    """Within the block a SIGINT is only recorded; it takes effect (the previous handler runs, by default
+    raising KeyboardInterrupt) when the block ends. For state changes that must finish once begun. A no-op
+    outside the main thread, where Python never delivers SIGINT anyway."""
+
+    def __enter__(self) -> "deferred_interrupt":
+        self.hit = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.hit = True
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            if self.hit and exc_type is None and callable(self.previous):
+                self.previous(signal.SIGINT, None)
+        return False
 
 
 # ---- the run ----------------------------------------------------------------------------------------
@@ -337,7 +532,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         if latest_checkpoint(ckpt_dir) is None:
             raise ConfigError(f"--resume: {out} has no checkpoint to resume from")
         saved = json.loads((out / "config.json").read_text())
-        cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes})
+        cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes}).validate()
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
@@ -369,48 +564,59 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     progress = ProgressLine(cfg.steps, start=start, enabled=dist.is_main and not quiet,
                             print_every=5, description="grpo")
     t_start = time.time()
-    n_local = max(cfg.prompts_per_step // dist.world, 1)
     last = {}
-    step = start
+    done = start  # the last step whose whole update (sampler, weights, optimizer, metrics) is in memory
+    sampler_at_done: dict | None = None  # while rollouts run: the sampler as it was at `done`
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_dir, step, model, optimizer, {"sampler": sampler.state()}, cfg.keep_last)
+
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.time()
-            rollouts, st = rollout_groups(engine, sampler, cfg, n_local, step, seed=cfg.seed * 100003 + step,
-                                          rank=dist.rank, world=dist.world)
+            sampler_at_done = sampler.state()
+            rollouts, st = rollout_groups(engine, sampler, cfg, cfg.prompts_per_step, step,
+                                          seed=cfg.seed * 100003 + step, dist=dist)
             t_gen = time.time() - t0
-            rec = {"step": step, "reward": _mean(st["reward"]), "accuracy": _mean(st["correct"]),
-                   "format_rate": _mean(st["format"]), "response_len_mean": _mean(st["len"]),
-                   "response_len_max": max(st["len"]) if st["len"] else 0, "truncated": _mean(st["truncated"]),
-                   "zero_spread_groups": _mean(st["zero_spread"]), "sampling_rounds": st["rounds"],
-                   "groups_trained": len(rollouts) // cfg.group_size, "verify_s": round(st.get("verify_s", 0.0), 3),
-                   "checks_per_s": round(st.get("checks", 0) / max(st.get("verify_s", 0.0), 1e-9), 1)}
-            t1 = time.time()
-            if rollouts:
-                rewards = torch.tensor([r.reward for r in rollouts])
-                adv = group_advantages(rewards, cfg.group_size, scale=cfg.advantage == "grpo")
-                for it in range(cfg.mu):
-                    rec.update(policy_update(model, ref_model, optimizer, rollouts, adv, cfg, dist, first=it == 0))
-            t_train = time.time() - t1
-            gen_tokens = sum(st["len"])
-            rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
-                        "tokens_per_s": gen_tokens / max(time.time() - t0, 1e-9), "lr": cfg.lr,
-                        "elapsed_s": round(time.time() - t_start, 1)})
-            metrics.log(rec)
-            last = rec
+            with deferred_interrupt():  # from the first weight change to the checkpoint, the step completes
+                sampler_at_done = None
+                rec = {"step": step, "reward": _mean(st["reward"]), "accuracy": _mean(st["correct"]),
+                       "format_rate": _mean(st["format"]), "response_len_mean": _mean(st["len"]),
+                       "response_len_max": max(st["len"]) if st["len"] else 0, "truncated": _mean(st["truncated"]),
+                       "zero_spread_groups": _mean(st["zero_spread"]),
+                       "uniform_accuracy_groups": _mean(st["uniform_accuracy"]), "sampling_rounds": st["rounds"],
+                       "groups_trained": st["groups_kept"], "verify_s": round(st.get("verify_s", 0.0), 3),
+                       "checks_per_s": round(st.get("checks", 0) / max(st.get("verify_s", 0.0), 1e-9), 1)}
+                t1 = time.time()
+                if st["groups_kept"]:  # global: every rank takes the same branch
+                    rewards = torch.tensor([r.reward for r in rollouts])
+                    adv = group_advantages(rewards, cfg.group_size, scale=cfg.advantage == "grpo")
+                    for it in range(cfg.mu):
+                        rec.update(policy_update(model, ref_model, optimizer, rollouts, adv, cfg, dist,
+                                                 first=it == 0))
+                t_train = time.time() - t1
+                gen_tokens = sum(st["len"])
+                rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
+                            "tokens_per_s": gen_tokens / max(time.time() - t0, 1e-9), "lr": cfg.lr,
+                            "elapsed_s": round(time.time() - t_start, 1)})
+                metrics.log(rec)
+                last = rec
+                done = step
+                timed_out = cfg.minutes is not None and dist.any_flag(time.time() - t_start > cfg.minutes * 60)
+                if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out):
+                    save(step)
             progress.update(step, rec.get("loss", 0.0), cfg.lr, rec["tokens_per_s"],
                             extra=f"reward {rec['reward']:.3f} acc {rec['accuracy']:.2f} fmt {rec['format_rate']:.2f} "
                                   f"len {rec['response_len_mean']:.0f} ent {rec.get('entropy', 0):.2f}")
-            timed_out = cfg.minutes is not None and dist.any_flag(time.time() - t_start > cfg.minutes * 60)
-            if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out):
-                save_checkpoint(ckpt_dir, step, model, optimizer, {"sampler": sampler.state()}, cfg.keep_last)
             if on_step is not None:
                 on_step(step)
             if timed_out:
                 break
     except KeyboardInterrupt:
-        if dist.is_main and step > start:
-            save_checkpoint(ckpt_dir, step - 1 if not last or last.get("step") != step else step, model, optimizer,
-                            {"sampler": sampler.state()}, cfg.keep_last)
+        if sampler_at_done is not None:  # interrupted during rollouts: that step never happened
+            sampler.load(sampler_at_done)
+        if dist.is_main and done > start and not (ckpt_dir / f"step_{done}").exists():
+            save(done)
         raise
     finally:
         progress.close()
