@@ -236,3 +236,16 @@ def test_logprobs_are_the_models_raw_log_softmax_and_its_top_k():
             top = ref[t].topk(3)
             assert [i for i, _ in lp.top] == top.indices.tolist()
             assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_cancelled_waiting_requests_leave_the_queue_at_the_next_step():
+    b = Batcher(make_model(seed=12), eos_id=-1, max_slots=1)
+    running = b.submit(Request(PROMPTS[0], 20))
+    waiting = [b.submit(Request(PROMPTS[1], 4, group="g")) for _ in range(5)]
+    b.step()
+    for r in waiting[:4]:
+        b.cancel(r)
+    b.step()  # no row is free, yet the cancelled ones no longer count as waiting
+    assert b.n_pending == 1 and all(r.finish_reason == "cancelled" for r in waiting[:4])
+    drain(b)
+    assert running.finish_reason == waiting[4].finish_reason == "length"

@@ -130,6 +130,16 @@ class FairQueue:
         self.n -= 1
         return req
 
+    def drop_cancelled(self) -> list[Request]:
+        """Remove every cancelled request (they would count against the queue bounds until their turn)."""
+        dropped = [r for r in self if r.cancelled]
+        if dropped:
+            keep = [r for r in self if not r.cancelled]
+            self.clients, self.n = {}, 0
+            for r in keep:  # the round-robin order of clients and groups survives (dicts keep insertion order)
+                self.append(r)
+        return dropped
+
     def waiting_groups(self, client: object) -> int:
         """How many groups (HTTP requests) of this client wait for a row (read from any thread: a snapshot)."""
         return len(self.clients.get(client, ()))
@@ -160,6 +170,7 @@ class Batcher:
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._purge = False  # some request was cancelled: drop the waiting ones at the next admission
 
     # ---- submission (any thread) ---------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -186,6 +197,7 @@ class Batcher:
         """Stop generating for `req`; its row is freed at the next step (a no-op once it has finished)."""
         req.cancelled = True
         with self._cv:
+            self._purge = True
             self._cv.notify()
 
     @property
@@ -223,6 +235,11 @@ class Batcher:
         new: list[Request] = []
         longest = 0
         with self._cv:
+            if self._purge:
+                self._purge = False
+                for req in self.pending.drop_cancelled():
+                    self._finish(req, "cancelled")
+                    self.stats.cancelled += 1
             while self.pending and len(self.rows) + len(new) < self.max_slots:
                 free = self.max_slots - len(self.rows) - len(new)
                 if free > self.reserve_slots:
