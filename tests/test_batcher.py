@@ -209,10 +209,13 @@ def test_round_robin_between_clients_before_their_requests():
 def test_reserved_rows_go_to_a_newcomer_while_a_big_request_holds_the_rest():
     model = make_model(seed=10)
     b = Batcher(model, eos_id=-1, max_slots=4, reserve_slots=1)
-    big = [b.submit(Request(PROMPTS[0], 40, group="big")) for _ in range(10)]
+    big = [b.submit(Request(PROMPTS[0], 40, client="a", group="big")) for _ in range(10)]
     b.step()
     assert b.n_active == 3 and b.n_pending == 7  # the last free row stays free for someone new
-    late = b.submit(Request(PROMPTS[3], 2, group="late"))
+    flood = b.submit(Request(PROMPTS[2], 2, client="a", group="a2"))  # a new request, but of the heavy client
+    b.step()
+    assert not flood.tokens and b.n_active == 3
+    late = b.submit(Request(PROMPTS[3], 2, client="b", group="late"))
     b.step()
     assert late.tokens  # admitted (and prefilled) at once, not after a big row finishes 40 tokens later
     drain(b)

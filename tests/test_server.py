@@ -502,9 +502,9 @@ def test_one_huge_request_is_refused_and_the_server_keeps_serving(server, client
 
 
 def test_a_small_request_is_not_queued_behind_a_big_one(server):
-    """64 choices x 100 tokens fill more than the 32 rows; a one-choice request sent after them must start at
-    once (round-robin + reserved rows), so it ends before the big one. First come, first served would run it
-    only after the big request's last row."""
+    """64 choices x 100 tokens need three rounds of rows; a one-choice request sent after them (from the same
+    address) gets the next free row, round-robin between requests, so it ends long before the big one. First
+    come, first served would run it only after the big request's last row."""
     wait_idle(server)
     big_body = {"model": "tiny", "prompt": ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 4, "n": 16,
                 "max_tokens": 100, "ignore_eos": True, "temperature": 0, "stream": True}
