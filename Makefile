@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 test test-slow bench bench-serve bench-grpo bench-distill bench-spec lint venv
+.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -32,6 +32,10 @@ bench: $(VENV_STAMP)
 
 bench-serve: $(VENV_STAMP)
 	$(PY) bench/serve_load.py
+
+# normal streaming clients vs abusive ones for 60 s (tiny preset, random weights)
+bench-soak: $(VENV_STAMP)
+	$(PY) bench/serve_soak.py
 
 # needs a pretrained run for a meaningful reward comparison: make bench-grpo INIT=runs/demo/base
 bench-grpo: $(VENV_STAMP)

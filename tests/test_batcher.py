@@ -209,10 +209,13 @@ def test_round_robin_between_clients_before_their_requests():
 def test_reserved_rows_go_to_a_newcomer_while_a_big_request_holds_the_rest():
     model = make_model(seed=10)
     b = Batcher(model, eos_id=-1, max_slots=4, reserve_slots=1)
-    big = [b.submit(Request(PROMPTS[0], 40, group="big")) for _ in range(10)]
+    big = [b.submit(Request(PROMPTS[0], 40, client="a", group="big")) for _ in range(10)]
     b.step()
     assert b.n_active == 3 and b.n_pending == 7  # the last free row stays free for someone new
-    late = b.submit(Request(PROMPTS[3], 2, group="late"))
+    flood = b.submit(Request(PROMPTS[2], 2, client="a", group="a2"))  # a new request, but of the heavy client
+    b.step()
+    assert not flood.tokens and b.n_active == 3
+    late = b.submit(Request(PROMPTS[3], 2, client="b", group="late"))
     b.step()
     assert late.tokens  # admitted (and prefilled) at once, not after a big row finishes 40 tokens later
     drain(b)
@@ -236,3 +239,16 @@ def test_logprobs_are_the_models_raw_log_softmax_and_its_top_k():
             top = ref[t].topk(3)
             assert [i for i, _ in lp.top] == top.indices.tolist()
             assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+
+
+def test_cancelled_waiting_requests_leave_the_queue_at_the_next_step():
+    b = Batcher(make_model(seed=12), eos_id=-1, max_slots=1)
+    running = b.submit(Request(PROMPTS[0], 20))
+    waiting = [b.submit(Request(PROMPTS[1], 4, group="g")) for _ in range(5)]
+    b.step()
+    for r in waiting[:4]:
+        b.cancel(r)
+    b.step()  # no row is free, yet the cancelled ones no longer count as waiting
+    assert b.n_pending == 1 and all(r.finish_reason == "cancelled" for r in waiting[:4])
+    drain(b)
+    assert running.finish_reason == waiting[4].finish_reason == "length"

@@ -368,6 +368,23 @@ def test_one_client_with_too_many_waiting_requests_gets_429(app_server):
     assert r.status_code == 429 and "your requests" in r.json()["error"]["message"], r.text
 
 
+def test_a_body_that_trickles_in_gets_408(app_server):
+    app_server.cfg.body_timeout_s = 0.3
+
+    async def go():
+        async def trickle():
+            yield b'{"messages": '
+            await asyncio.sleep(5)  # a slowloris body
+            yield b"[]}"
+
+        transport = httpx.ASGITransport(app=app_server.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return await asyncio.wait_for(c.post("/v1/chat/completions", content=trickle()), 3)
+
+    r = asyncio.run(go())
+    assert r.status_code == 408 and "did not arrive within 0.3 s" in r.json()["error"]["message"]
+
+
 def test_too_many_choices_in_one_request_is_refused_before_any_work(app_server):
     body = {"prompt": ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 5000, "n": 16, "max_tokens": 5}
     r = asgi_post(app_server.app, "/v1/completions", body)
@@ -502,9 +519,9 @@ def test_one_huge_request_is_refused_and_the_server_keeps_serving(server, client
 
 
 def test_a_small_request_is_not_queued_behind_a_big_one(server):
-    """64 choices x 100 tokens fill more than the 32 rows; a one-choice request sent after them must start at
-    once (round-robin + reserved rows), so it ends before the big one. First come, first served would run it
-    only after the big request's last row."""
+    """64 choices x 100 tokens need three rounds of rows; a one-choice request sent after them (from the same
+    address) gets the next free row, round-robin between requests, so it ends long before the big one. First
+    come, first served would run it only after the big request's last row."""
     wait_idle(server)
     big_body = {"model": "tiny", "prompt": ["<|bos|><|user|>Compute 1 + 2.<|assistant|>"] * 4, "n": 16,
                 "max_tokens": 100, "ignore_eos": True, "temperature": 0, "stream": True}

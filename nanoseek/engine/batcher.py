@@ -17,7 +17,9 @@ join and leave the running batch between decode steps instead of waiting for a w
 * Admission is fair: waiting requests are queued per client and, within a client, per group (all choices of
   one HTTP request share a group); free rows go round-robin over clients, then over each client's groups, so
   a request with many choices cannot starve a later one. The last `reserve_slots` free rows only go to
-  groups that hold no row yet: a newcomer starts at the next step even while a big request is running.
+  the first choice of a request whose client holds fewer than `reserve_slots` rows: a light client's
+  newcomer starts at the next step even while a big request, or a flood of requests from one client, holds
+  the rest.
 * Sampling is per row (each request has its own temperature / top-p / top-k and its own seeded generator),
   so a request's output does not depend on its neighbours; greedy equals `Engine.generate` on the same prompt.
 * `start()` runs the loop in one background thread (torch releases the GIL inside ops). Tokens leave through
@@ -111,11 +113,11 @@ class FairQueue:
         groups.setdefault(key, deque()).append(req)
         self.n += 1
 
-    def peek(self, eligible: Callable[[object], bool]) -> tuple[object, object] | None:
-        """(client, group) of the next request in turn whose group passes `eligible`, or None."""
+    def peek(self, eligible: Callable[[object, object], bool]) -> tuple[object, object] | None:
+        """(client, group) of the next request in turn for which `eligible(client, group)`, or None."""
         for client, groups in self.clients.items():
             for key in groups:
-                if eligible(key):
+                if eligible(client, key):
                     return client, key
         return None
 
@@ -129,6 +131,16 @@ class FairQueue:
             self.clients[client] = groups  # to the back of the clients
         self.n -= 1
         return req
+
+    def drop_cancelled(self) -> list[Request]:
+        """Remove every cancelled request (they would count against the queue bounds until their turn)."""
+        dropped = [r for r in self if r.cancelled]
+        if dropped:
+            keep = [r for r in self if not r.cancelled]
+            self.clients, self.n = {}, 0
+            for r in keep:  # the round-robin order of clients and groups survives (dicts keep insertion order)
+                self.append(r)
+        return dropped
 
     def waiting_groups(self, client: object) -> int:
         """How many groups (HTTP requests) of this client wait for a row (read from any thread: a snapshot)."""
@@ -156,10 +168,12 @@ class Batcher:
         self.rows: list[Request] = []  # row i of the cache belongs to rows[i]; touched by the loop thread only
         self.pending = FairQueue()
         self.group_rows: dict[object, int] = {}  # rows held per group (loop thread only)
+        self.client_rows: dict[object, int] = {}  # rows held per client (loop thread only)
         self.stats = BatcherStats()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._purge = False  # some request was cancelled: drop the waiting ones at the next admission
 
     # ---- submission (any thread) ---------------------------------------------------------------------
     def submit(self, req: Request) -> Request:
@@ -186,6 +200,7 @@ class Batcher:
         """Stop generating for `req`; its row is freed at the next step (a no-op once it has finished)."""
         req.cancelled = True
         with self._cv:
+            self._purge = True
             self._cv.notify()
 
     @property
@@ -223,12 +238,18 @@ class Batcher:
         new: list[Request] = []
         longest = 0
         with self._cv:
+            if self._purge:
+                self._purge = False
+                for req in self.pending.drop_cancelled():
+                    self._finish(req, "cancelled")
+                    self.stats.cancelled += 1
             while self.pending and len(self.rows) + len(new) < self.max_slots:
                 free = self.max_slots - len(self.rows) - len(new)
                 if free > self.reserve_slots:
-                    turn = self.pending.peek(lambda key: True)
-                else:  # the reserve: only for groups that hold no row yet
-                    turn = self.pending.peek(lambda key: self.group_rows.get(key, 0) == 0)
+                    turn = self.pending.peek(lambda client, key: True)
+                else:  # the reserve: a first row for a request of a client that holds few rows
+                    turn = self.pending.peek(lambda client, key: self.group_rows.get(key, 0) == 0
+                                             and self.client_rows.get(client, 0) < self.reserve_slots)
                 if turn is None:
                     break
                 req = self.pending.clients[turn[0]][turn[1]][0]
@@ -244,6 +265,7 @@ class Batcher:
                 new.append(self.pending.pop(*turn))
                 key = self._key(req)
                 self.group_rows[key] = self.group_rows.get(key, 0) + 1
+                self.client_rows[req.client] = self.client_rows.get(req.client, 0) + 1
         return new
 
     def _prefill(self, new: list[Request]) -> int:
@@ -321,6 +343,9 @@ class Batcher:
             self.group_rows[key] -= 1
             if not self.group_rows[key]:
                 del self.group_rows[key]
+            self.client_rows[r.client] -= 1
+            if not self.client_rows[r.client]:
+                del self.client_rows[r.client]
             last = len(self.rows) - 1
             if i != last:
                 moved = self.rows[last]
@@ -332,7 +357,7 @@ class Batcher:
         """After an exception inside a step: end every request with "error" and start clean."""
         with self._cv:
             victims = self.rows + list(self.pending)
-            self.rows, self.pending, self.group_rows = [], FairQueue(), {}
+            self.rows, self.pending, self.group_rows, self.client_rows = [], FairQueue(), {}, {}
         for r in victims:
             if r.finish_reason is None:
                 if r.on_token is not None and not r.cancelled:

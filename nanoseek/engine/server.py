@@ -10,8 +10,9 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
   their cache rows are free at the next step; a stop string hit also cancels right away.
 * Admission control (one client must not stall the others): a request may ask for at most `max_choices`
   choices (prompts x n, 400 beyond); when `max_waiting` choices already wait for a row, or one client
-  (peer address) already has `max_client_waiting` requests waiting, a new one gets 429 with `Retry-After`; the batcher gives free rows round-robin between clients and between requests and
-  keeps a few rows for newcomers (batcher.FairQueue). Prompts are tokenized off the event loop, and a body
+  (peer address) already has `max_client_waiting` requests waiting, a new one gets 429 with `Retry-After`;
+  the batcher gives free rows round-robin between clients and between requests and keeps a few rows for
+  light clients' newcomers (batcher.FairQueue). Prompts are tokenized off the event loop, and a body
   that does not arrive within `body_timeout_s` gets 408. Stop strings are capped and matched incrementally
   (protocol.py), so the event loop's work per token does not grow with them.
 * Binds 127.0.0.1 unless told otherwise. With an API key, every /v1 and /health request needs
@@ -294,8 +295,8 @@ class Server:
         waiting, limit = self.batcher.n_pending, self.cfg.waiting_limit
         mine, my_limit = self.batcher.pending.waiting_groups(client), self.cfg.client_waiting_limit
         if mine >= my_limit:
-            raise APIError(429, f"too many of your requests are waiting ({mine}, limit {my_limit}); retry in 1 s", type="rate_limit_error", code="rate_limit_exceeded",
-                           headers={"Retry-After": "1"})
+            raise APIError(429, f"too many of your requests are waiting ({mine}, limit {my_limit}); retry in 1 s",
+                           type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
         if waiting + n > limit:
             # a rough wait: the queue ahead drains max_slots choices per generation (~1 s each at this scale)
             retry = max(1, math.ceil(waiting / self.cfg.max_slots))
