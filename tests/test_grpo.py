@@ -476,6 +476,9 @@ class ScriptedTask:
         ok = text == "right" and not truncated
         return Score(correct=ok, format_ok=True, reward=float(ok), parsed=text)
 
+    def score_batch(self, problems, texts, truncated):
+        return [self.score(p, x, t) for p, x, t in zip(problems, texts, truncated)]
+
 
 class ScriptedEngine:
     """Returns, per call, the next groups of (text, length) completions from a script."""
