@@ -46,7 +46,7 @@ class Limits:
     wall_s: float = 5.0
     cpu_s: int = 5
     memory_mb: int = 512  # RLIMIT_AS (address space); CPython needs ~30 MB, coqtop with Lia ~400 MB
-    nproc: int = 16  # per sandbox uid (root only; see module docstring)
+    nproc: int = 64  # per sandbox uid (root only); bwrap itself needs headroom: 16 made clean starts fail
     fsize_mb: int = 4
     open_files: int = 64
     output_bytes: int = 1 << 20
@@ -312,6 +312,7 @@ def _feed(proc: subprocess.Popen, data: bytes) -> None:
 class Worker:
     """A long-lived sandboxed process answering requests on stdin/stdout (a warm coqtop or math worker).
 
+    Start (and call) it from a long-lived thread: bwrap's --die-with-parent follows the starting *thread*.
     `request(text, marker, wall_s)` writes text and reads until the marker bytes appear; on a timeout,
     overflow or exit the process is killed (None is returned) and the next request starts a fresh one.
     """
