@@ -191,7 +191,8 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
         all_scores = sampler.task.score_batch([p for _, p in drawn for _ in range(G)], [o.text for o in outs],
                                               [o.finish_reason == "length" for o in outs])
         stats["verify_s"] = stats.get("verify_s", 0.0) + time.perf_counter() - t_verify
-        stats["checks"] = stats.get("checks", 0) + len(outs)
+        stats["checks"] = stats.get("checks", 0) + sum(s.parsed is not None and o.finish_reason != "length"
+                                                       for s, o in zip(all_scores, outs))  # sent to the checker
         for g, (idx, problem) in enumerate(drawn):
             group = outs[g * G:(g + 1) * G]
             scores = all_scores[g * G:(g + 1) * G]
