@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from nanoseek import sandbox
+from nanoseek.config import ConfigError
 from nanoseek.tasks.base import BatchCheckedTask, Problem, format_completion
 
 SLIP_DELTAS = (-10, -2, -1, 1, 2, 10)
@@ -155,8 +156,11 @@ for line in sys.stdin:
 
 
 def _site_dirs() -> list[str]:
-    import math_verify
-    import sympy
+    try:
+        import math_verify
+        import sympy
+    except ImportError as e:
+        raise ConfigError("the math task needs math-verify: pip install math-verify") from e
     dirs = {os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (math_verify, sympy)}
     return sorted(dirs)
 

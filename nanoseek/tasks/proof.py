@@ -41,6 +41,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from nanoseek import sandbox
+from nanoseek.config import ConfigError
 from nanoseek.tasks.base import BatchCheckedTask, Problem, format_completion
 
 LIBRARIES = "Require Import Arith Lia List ZArith."
@@ -286,7 +287,7 @@ def family_linear(rng, level):
 
 
 def family_inequality(rng, level):
-    c, k, m = rng.randint(1, 6), rng.randint(0, 9), rng.randint(0, 9)
+    c, k, m = rng.randint(2, 6), rng.randint(1, 9), rng.randint(0, 9)
     return (f"forall a b : nat, a <= b -> {c} * a + {k} <= {c} * b + {k + m}.",
             "a linear inequality under a hypothesis: lia.", "intros. lia.",
             rng.choice(["intros. ring.", "intros. reflexivity.", "intros. assumption."]))
@@ -353,6 +354,8 @@ class ProofTask(BatchCheckedTask):
 
     @property
     def pool(self) -> CoqPool:
+        if self._pool is None and coq_missing():
+            raise ConfigError(f"the proof task needs Coq: {coq_missing()}")
         return self._pool or default_pool()
 
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
