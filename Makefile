@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec lint venv
+.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -53,6 +53,10 @@ bench-spec: $(VENV_STAMP)
 		--task arithmetic --difficulty 1 --fact-share 0 --steps 600 --batch-size 32 --seq-len 64 --lr 4e-3 \
 		--out $(SPEC_RUN)
 	$(PY) bench/generate.py --spec $(SPEC_RUN) --rounds 5
+
+# proof checks/s: warm Coq pool vs one coqc per proof; code / HumanEval / math checks/s (needs coq, bubblewrap)
+bench-verifiers: $(VENV_STAMP)
+	$(PY) bench/verifiers.py
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check nanoseek tests bench

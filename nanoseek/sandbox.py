@@ -19,7 +19,9 @@ Two ways to run: `run_once` (one fresh process per check, payload on stdin, one 
 (a long-lived process speaking a line protocol, for warm Coq and math-verify workers; a request that misses
 its deadline or overflows kills and restarts it).
 
-Simplifications: no seccomp filter and no cgroup (memory is bounded by RLIMIT_AS, processes by RLIMIT_NPROC
+Simplifications: the throw-away uids are derived from the parent's pid, so two parents whose pids collide
+modulo 4000 share uids (a sweep of one could kill the other's check, which then scores wrong); no seccomp filter
+and no cgroup (memory is bounded by RLIMIT_AS, processes by RLIMIT_NPROC
 per uid); the read-only root means a sandbox can *read* world-readable files that are not hidden.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Limits:
     wall_s: float = 5.0
     cpu_s: int = 5
     memory_mb: int = 512  # RLIMIT_AS (address space); CPython needs ~30 MB, coqtop with Lia ~400 MB
-    nproc: int = 16  # per sandbox uid (root only; see module docstring)
+    nproc: int = 64  # per sandbox uid (root only); bwrap itself needs headroom: 16 made clean starts fail
     fsize_mb: int = 4
     open_files: int = 64
     output_bytes: int = 1 << 20
@@ -259,10 +261,11 @@ def _read_capped(fd: int, deadline: float, cap: int, until: bytes | None = None,
 
 def run_once(argv: list[str], stdin: bytes, limits: Limits = Limits(), hide: tuple[str, ...] = ()) -> RunResult:
     """Run argv once in the sandbox with `stdin` as input; never raises for anything the child does.
-    A failure to start (OSError: the machine is out of processes) is retried twice before it counts."""
+    A run that failed to start (OSError, or bwrap's exit 1 without output, e.g. when the machine is briefly out
+    of processes) is retried twice before it counts; a candidate that exits 1 silently just costs three runs."""
     for attempt in range(3):
         r = _run_once(argv, stdin, limits, hide)
-        if r.returncode is not None or r.timed_out or r.overflow or r.stdout:
+        if r.returncode not in (None, 1) or r.timed_out or r.overflow or r.stdout:
             return r
         time.sleep(0.05 * (attempt + 1))
     return r
@@ -312,6 +315,7 @@ def _feed(proc: subprocess.Popen, data: bytes) -> None:
 class Worker:
     """A long-lived sandboxed process answering requests on stdin/stdout (a warm coqtop or math worker).
 
+    Start (and call) it from a long-lived thread: bwrap's --die-with-parent follows the starting *thread*.
     `request(text, marker, wall_s)` writes text and reads until the marker bytes appear; on a timeout,
     overflow or exit the process is killed (None is returned) and the next request starts a fresh one.
     """

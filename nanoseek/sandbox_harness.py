@@ -18,6 +18,7 @@ candidate's own fds 1 and 2 point at /dev/null):
             call's arguments and encoded output (HumanEval); the proxy hands the test a decoded *copy*.
 - "replay": no candidate code at all: run `check(candidate)` where `candidate` looks the arguments up in the
             recorded table, and report whether every assertion held.
+In "record" and "replay" a trusted `prelude` (the dataset's prompt: helpers some tests call) runs before the test.
 """
 from __future__ import annotations
 
@@ -114,7 +115,9 @@ def main() -> None:  # runs inside the sandbox
                 return decode(out_tree)
 
             tns = {"__name__": "__test__"}
+            exec(compile(payload.get("prelude", ""), "<prelude>", "exec"), tns)  # the dataset's helpers
             exec(compile(payload["test"], "<test>", "exec"), tns)
+            tns[payload["entry"]] = proxy  # some tests call the function by name (HumanEval/33)
             random.seed(0)  # tests that draw random inputs draw the same ones in record and replay
             try:
                 tns["check"](proxy)
@@ -128,7 +131,9 @@ def main() -> None:  # runs inside the sandbox
                 return decode(table[key_of(args)])
 
             tns = {"__name__": "__test__"}
+            exec(compile(payload.get("prelude", ""), "<prelude>", "exec"), tns)
             exec(compile(payload["test"], "<test>", "exec"), tns)
+            tns[payload["entry"]] = replay
             random.seed(0)
             tns["check"](replay)
             result = {"done": True, "passed": True}

@@ -197,6 +197,8 @@ class BatchCheckedTask(Task):
         if todo:
             try:
                 ok = self.check_batch([problems[i] for i in todo], [parsed[i] for i in todo])
+            except ConfigError:
+                raise  # a missing dependency is the user's to fix, not a wrong answer
             except Exception:  # noqa: BLE001 -- a checker bug must not crash an RL run; count it wrong
                 ok = [False] * len(todo)
             for i, v in zip(todo, ok):

@@ -35,7 +35,7 @@ from nanoseek.tasks.base import BatchCheckedTask, Problem, format_completion
 
 N_TESTS = 8
 HARNESS = Path(sandbox_harness.__file__).read_text()
-CODE_LIMITS = sandbox.Limits(wall_s=5.0, cpu_s=3, memory_mb=512, nproc=16, fsize_mb=1, output_bytes=1 << 20)
+CODE_LIMITS = sandbox.Limits(wall_s=5.0, cpu_s=3, memory_mb=512, nproc=64, fsize_mb=1, output_bytes=1 << 20)
 
 # stage kinds: (kind, parameter) -> (spec words, think words, source line)
 FILTERS = ("even", "odd", "gt", "lt")
@@ -101,6 +101,7 @@ def run_call(source: str, entry: str, inputs: list, limits: sandbox.Limits = COD
 
 
 def run_harness(payload: bytes, limits: sandbox.Limits) -> dict | None:
+    """One sandboxed harness run; its JSON reply, or None if it did not finish cleanly."""
     r = sandbox.run_once([sandbox.sandbox_python(), "-I", "-S", "-c", HARNESS], payload, limits,
                          hide=hidden_paths())
     if not r.ok:
@@ -135,6 +136,7 @@ class CodeTask(BatchCheckedTask):
     name = "code"
     sandboxed = True
     max_answer_chars = 4000
+    limits = CODE_LIMITS
 
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
         d = self.check_difficulty(difficulty)
@@ -168,7 +170,7 @@ class CodeTask(BatchCheckedTask):
     def check_batch(self, problems: list[Problem], answers: list[str]) -> list[bool]:
         def one(item) -> bool:
             p, source = item
-            outs = run_call(source, p.meta["entry"], p.meta["tests"])
+            outs = run_call(source, p.meta["entry"], p.meta["tests"], self.limits)
             return outs is not None and outs == [{"ok": e} for e in p.meta["expected"]]
         return parallel_map(one, list(zip(problems, answers)))
 

@@ -12,7 +12,8 @@ sandboxed runs (`nanoseek.sandbox`), so the dataset's `check(candidate)` never c
 
 Departures from the official harness: `random` is seeded (0) before `check` in both runs, so tests that draw
 random inputs draw the same ones; outputs must be plain data (no custom classes), which all 164 canonical
-solutions satisfy (tested). There is no train split: `sample_split(..., "train")` raises.
+solutions satisfy (tested); the dataset prompt runs before the test in both runs (some tests call its helpers).
+There is no train split: `sample_split(..., "train")` raises.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from nanoseek.config import ConfigError
 from nanoseek.tasks.base import BatchCheckedTask, Problem, format_completion
 from nanoseek.tasks.code import parallel_map, run_harness
 
-HUMANEVAL_LIMITS = sandbox.Limits(wall_s=10.0, cpu_s=8, memory_mb=1024, nproc=16, fsize_mb=1,
+HUMANEVAL_LIMITS = sandbox.Limits(wall_s=10.0, cpu_s=8, memory_mb=1024, nproc=64, fsize_mb=1,
                                   output_bytes=4 << 20)
 INSTRUCTION = "Complete this Python function. Answer with the whole function.\n\n"
 
@@ -39,12 +40,17 @@ def load_problems() -> tuple[dict, ...]:
     return tuple(read_problems().values())
 
 
-def check_humaneval(source: str, entry: str, test: str, limits: sandbox.Limits = HUMANEVAL_LIMITS) -> bool:
-    rec = run_harness(json.dumps({"mode": "record", "source": source, "entry": entry, "test": test}).encode(),
-                      limits)
+def check_humaneval(source: str, entry: str, test: str, prelude: str = "",
+                    limits: sandbox.Limits = HUMANEVAL_LIMITS) -> bool:
+    """Record the candidate's outputs on the dataset's test, then replay the test on them without the candidate.
+    `prelude` is the dataset prompt (trusted), whose helpers some tests call (e.g. HumanEval/32's `poly`)."""
+    rec = run_harness(json.dumps({"mode": "record", "source": source, "entry": entry, "test": test,
+                                  "prelude": prelude}).encode(), limits)
     if rec is None or rec.get("done") is not True or not isinstance(rec.get("calls"), list):
         return False
-    rep = run_harness(json.dumps({"mode": "replay", "test": test, "calls": rec["calls"]}).encode(), limits)
+    rep = run_harness(json.dumps({"mode": "replay", "test": test, "calls": rec["calls"], "prelude": prelude,
+                                  "entry": entry}).encode(),
+                      limits)
     return rep is not None and rep.get("done") is True and rep.get("passed") is True
 
 
@@ -53,6 +59,7 @@ class HumanEvalTask(BatchCheckedTask):
     sandboxed = True
     eval_only = True
     max_answer_chars = 8000
+    limits = HUMANEVAL_LIMITS
 
     def _problem(self, raw: dict) -> Problem:
         return Problem(prompt=INSTRUCTION + raw["prompt"], answer=raw["prompt"] + raw["canonical_solution"],
@@ -76,7 +83,8 @@ class HumanEvalTask(BatchCheckedTask):
         return self.sample(rng, difficulty)
 
     def check_batch(self, problems: list[Problem], answers: list[str]) -> list[bool]:
-        return parallel_map(lambda pa: check_humaneval(pa[1], pa[0].meta["entry"], pa[0].meta["test"]),
+        return parallel_map(lambda pa: check_humaneval(pa[1], pa[0].meta["entry"], pa[0].meta["test"],
+                                                    pa[0].meta["signature"], self.limits),
                             list(zip(problems, answers)))
 
     def solution(self, problem: Problem, rng: random.Random, flawed: bool = False) -> str:

@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from nanoseek import sandbox
+from nanoseek.config import ConfigError
 from nanoseek.tasks.base import BatchCheckedTask, Problem, format_completion
 
 SLIP_DELTAS = (-10, -2, -1, 1, 2, 10)
 CHECK_WALL_S = 5.0
-MATH_LIMITS = sandbox.Limits(wall_s=CHECK_WALL_S, cpu_s=3600, memory_mb=1536, nproc=8, fsize_mb=1,
+MATH_LIMITS = sandbox.Limits(wall_s=CHECK_WALL_S, cpu_s=3600, memory_mb=1536, nproc=64, fsize_mb=1,
                              output_bytes=1 << 16)
 _ANSWER_CHARS = re.compile(r"[0-9A-Za-z .,+\-*/^()$%{}\\]*")
 NAMES = [("Mia", "she"), ("Liam", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he")]
@@ -155,8 +156,11 @@ for line in sys.stdin:
 
 
 def _site_dirs() -> list[str]:
-    import math_verify
-    import sympy
+    try:
+        import math_verify
+        import sympy
+    except ImportError as e:
+        raise ConfigError("the math task needs math-verify: pip install math-verify") from e
     dirs = {os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (math_verify, sympy)}
     return sorted(dirs)
 
@@ -186,6 +190,8 @@ class MathPool:
         self.n = max(1, n or (os.cpu_count() or 1))
         self.workers = [MathWorker() for _ in range(self.n)]
         self.lock = threading.Lock()
+        # long-lived threads: bwrap's --die-with-parent fires when the *thread* that started a worker exits
+        self.executor = ThreadPoolExecutor(self.n, thread_name_prefix="nanoseek-verify")
 
     def check(self, pairs: list[tuple[str, str]]) -> list[bool]:
         chunks = [list(range(k, len(pairs), self.n)) for k in range(self.n)]
@@ -195,8 +201,8 @@ class MathPool:
             w, idx = wc
             for i in idx:
                 out[i] = w.check(*pairs[i])
-        with self.lock, ThreadPoolExecutor(self.n) as ex:
-            list(ex.map(run, zip(self.workers, chunks)))
+        with self.lock:
+            list(self.executor.map(run, zip(self.workers, chunks)))
         return out
 
     def close(self) -> None:

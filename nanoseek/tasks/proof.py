@@ -41,6 +41,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from nanoseek import sandbox
+from nanoseek.config import ConfigError
 from nanoseek.tasks.base import BatchCheckedTask, Problem, format_completion
 
 LIBRARIES = "Require Import Arith Lia List ZArith."
@@ -48,7 +49,7 @@ TACTIC_TIMEOUT_S = 5
 JOB_WALL_S = 15.0
 MAX_SCRIPT_CHARS = 2000
 MAX_SENTENCES = 60
-COQ_LIMITS = sandbox.Limits(wall_s=JOB_WALL_S, cpu_s=3600, memory_mb=2048, nproc=8, fsize_mb=1,
+COQ_LIMITS = sandbox.Limits(wall_s=JOB_WALL_S, cpu_s=3600, memory_mb=2048, nproc=64, fsize_mb=1,
                             output_bytes=4 << 20)
 
 TACTICS = frozenset("""
@@ -121,7 +122,8 @@ def _marker(name: str) -> str:
 class CoqWorker:
     """One warm `coqtop` in the sandbox: libraries loaded, reset between batches, restarted on trouble."""
 
-    def __init__(self, libraries: str = LIBRARIES, timeout_s: int = TACTIC_TIMEOUT_S):
+    def __init__(self, libraries: str = LIBRARIES, timeout_s: int = TACTIC_TIMEOUT_S, job_wall_s: float = JOB_WALL_S):
+        self.job_wall_s, self.timeout_s = job_wall_s, timeout_s
         ready = "nsk_ready_" + secrets.token_hex(6)
         startup = (f"{libraries}\nSet Default Timeout {timeout_s}.\nDefinition nanoseek_base := tt.\n"
                    f"Locate {ready}.\n")
@@ -139,7 +141,7 @@ class CoqWorker:
         name, a, z = f"nsk_{n}", f"nsk_a_{n}", f"nsk_z_{n}"
         text = (f"Theorem {name} : {statement}\nProof.\n{script}\nQed.\nLocate {a}.\nLocate {name}.\n"
                 f"Abort All.\nLocate {z}.\n")
-        out = self._send(text, z, JOB_WALL_S)
+        out = self._send(text, z, self.job_wall_s)
         if out is None or _marker(a) not in out:
             return None
         before, seg = out.split(_marker(a), 1)
@@ -152,7 +154,8 @@ class CoqWorker:
         n = secrets.token_hex(8)
         b, y = f"nsk_b_{n}", f"nsk_y_{n}"
         text = (f"Definition nsk_batch_{n} := ({', '.join(names)}).\nLocate {b}.\n"
-                f"Print Assumptions nsk_batch_{n}.\nLocate {y}.\n")
+                f"Unset Default Timeout.\nPrint Assumptions nsk_batch_{n}.\nSet Default Timeout {self.timeout_s}.\n"
+                f"Locate {y}.\n")
         out = self._send(text, y, 60.0)
         if out is None or _marker(b) not in out:
             return None
@@ -179,10 +182,12 @@ class CoqPool:
     """`n` warm Coq workers; `check(jobs)` splits a batch of (statement, script) jobs into one chunk per worker
     and checks the chunks in parallel."""
 
-    def __init__(self, n: int | None = None):
+    def __init__(self, n: int | None = None, timeout_s: int = TACTIC_TIMEOUT_S, job_wall_s: float = JOB_WALL_S):
         self.n = max(1, n or (os.cpu_count() or 1))
-        self.workers = [CoqWorker() for _ in range(self.n)]
+        self.workers = [CoqWorker(timeout_s=timeout_s, job_wall_s=job_wall_s) for _ in range(self.n)]
         self.lock = threading.Lock()
+        # long-lived threads: bwrap's --die-with-parent fires when the *thread* that started a worker exits
+        self.executor = ThreadPoolExecutor(self.n, thread_name_prefix="nanoseek-verify")
 
     def check(self, jobs: list[tuple[str, str]]) -> list[bool]:
         ok = [False] * len(jobs)
@@ -191,8 +196,8 @@ class CoqPool:
             if validate_script(script) is None:
                 todo.append(i)
         chunks = [todo[k::self.n] for k in range(self.n)]
-        with self.lock, ThreadPoolExecutor(self.n) as ex:
-            results = list(ex.map(lambda wc: self._chunk(wc[0], [jobs[i] for i in wc[1]]),
+        with self.lock:
+            results = list(self.executor.map(lambda wc: self._chunk(wc[0], [jobs[i] for i in wc[1]]),
                                   zip(self.workers, chunks)))
         for chunk, res in zip(chunks, results):
             for i, v in zip(chunk, res):
@@ -282,7 +287,7 @@ def family_linear(rng, level):
 
 
 def family_inequality(rng, level):
-    c, k, m = rng.randint(1, 6), rng.randint(0, 9), rng.randint(0, 9)
+    c, k, m = rng.randint(2, 6), rng.randint(1, 9), rng.randint(0, 9)
     return (f"forall a b : nat, a <= b -> {c} * a + {k} <= {c} * b + {k + m}.",
             "a linear inequality under a hypothesis: lia.", "intros. lia.",
             rng.choice(["intros. ring.", "intros. reflexivity.", "intros. assumption."]))
@@ -349,6 +354,8 @@ class ProofTask(BatchCheckedTask):
 
     @property
     def pool(self) -> CoqPool:
+        if self._pool is None and coq_missing():
+            raise ConfigError(f"the proof task needs Coq: {coq_missing()}")
         return self._pool or default_pool()
 
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:

@@ -317,7 +317,8 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
         all_scores = sampler.task.score_batch([drawn[g][1] for g in mine for _ in range(G)],
                                               [o.text for o in outs], truncated_all) if outs else []
         stats["verify_s"] = stats.get("verify_s", 0.0) + time.perf_counter() - t_verify
-        stats["checks"] = stats.get("checks", 0) + len(outs)
+        stats["checks"] = stats.get("checks", 0) + sum(s.parsed is not None and not t
+                                                       for s, t in zip(all_scores, truncated_all))  # sent to the checker
         for k, g in enumerate(mine):
             group = outs[k * G:(k + 1) * G]
             truncated = truncated_all[k * G:(k + 1) * G]
