@@ -492,12 +492,12 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
 
 
 # ---- Ctrl-C -----------------------------------------------------------------------------------------
-class deferred_interrupt:
+class DeferredInterrupt:
     """Within the block a SIGINT is only recorded; it takes effect (the previous handler runs, by default
     raising KeyboardInterrupt) when the block ends. For state changes that must finish once begun. A no-op
     outside the main thread, where Python never delivers SIGINT anyway."""
 
-    def __enter__(self) -> "deferred_interrupt":
+    def __enter__(self) -> "DeferredInterrupt":
         self.hit = False
         self.previous = None
         if threading.current_thread() is threading.main_thread():
@@ -579,7 +579,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
             rollouts, st = rollout_groups(engine, sampler, cfg, cfg.prompts_per_step, step,
                                           seed=cfg.seed * 100003 + step, dist=dist)
             t_gen = time.time() - t0
-            with deferred_interrupt():  # from the first weight change to the checkpoint, the step completes
+            with DeferredInterrupt():  # from the first weight change to the checkpoint, the step completes
                 sampler_at_done = None
                 rec = {"step": step, "reward": _mean(st["reward"]), "accuracy": _mean(st["correct"]),
                        "format_rate": _mean(st["format"]), "response_len_mean": _mean(st["len"]),
