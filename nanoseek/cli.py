@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("nanoseek.commands.chat", "interactive terminal chat that shows the model's thinking dimmed"),
     "serve": ("nanoseek.commands.serve", "OpenAI-compatible HTTP API with continuous batching + web chat page"),
     "tokenizer": ("nanoseek.commands.tokenizer", "train the byte-level BPE tokenizer on a task corpus"),
+    "eplb": ("nanoseek.commands.eplb", "expert-parallel GPU balance before/after EPLB from a run's recorded loads"),
 }
 
 
