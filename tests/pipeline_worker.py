@@ -55,7 +55,7 @@ def main() -> None:
         norm = pipe.clip(TCFG.grad_clip)
         norm_diff = max(norm_diff, abs(norm - ref_norm))
         if got is not None:
-            want = torch.stack([parts.main, parts.mtp, TCFG.balance_alpha * parts.balance]).detach()
+            want = torch.stack([parts.main, parts.mtp, parts.balance]).detach()
             loss_diff = max(loss_diff, (got - want).abs().max().item())
         if step == 0:
             grad_diff = max((p.grad - pairs[id(p)].grad).abs().max().item() for p in pipe.parameters())

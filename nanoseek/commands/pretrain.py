@@ -4,6 +4,7 @@
     nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded
+    torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/pp --pp 2 --pp-schedule dualpipev
 
 A fresh run trains a tokenizer on the task corpus when the run directory has none. On --resume the stored
 config.json is authoritative; only --steps and --minutes may change (changing --steps reshapes the lr schedule).
@@ -62,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "this many processes (torchrun; docs/parallel.md). Not stored: a resume may change it")
     p.add_argument("--ep-redundant", type=int, default=0, help="with --ep: extra physical experts per MoE layer, "
                    "replicas of the most loaded ones placed by EPLB from the run's recorded loads")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallelism over this many processes (torchrun; "
+                   "= the number of processes). Not stored: a resume may change it")
+    p.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "zbv", "dualpipev"],
+                   help="pipeline schedule (torch.distributed.pipelining); zbv and dualpipev put 2 stages per rank")
+    p.add_argument("--pp-microbatches", type=int, default=0, help="micro-batches per step (default: 2 per stage)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
 
 
@@ -97,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     dist = setup_distributed(args.device)
     try:
-        s = pretrain(args.out, cfg, resume=args.resume, dist=dist, ep=args.ep, ep_redundant=args.ep_redundant)
+        s = pretrain(args.out, cfg, resume=args.resume, dist=dist, ep=args.ep, ep_redundant=args.ep_redundant,
+                     pp=args.pp, pp_schedule=args.pp_schedule, pp_microbatches=args.pp_microbatches)
     finally:
         dist.close()
     if dist.is_main and s["loss"] is not None:

@@ -5,7 +5,7 @@ rank in a V: rank r holds stage r and stage 2P-1-r, so the first and the last st
 
 What crosses a stage boundary, per micro-batch: the hidden state (mb, T, dim), the token ids as float (the MTP
 modules on the last stage embed the future tokens; ids < 2^24 are exact in float32) and the running balance
-term alpha * sum of the sequence balance losses of the layers so far, as an (mb, 1) column, so the balance loss
+term, the sum of the sequence balance losses of the layers so far, as an (mb, 1) column, so the balance loss
 of every stage reaches the loss and its gradient returns to every stage's router. The last stage outputs the
 main logits, one logits tensor per MTP depth and that balance column; `pipeline_loss` makes the V3 loss of them.
 
@@ -40,9 +40,9 @@ SCHEDULES = ("1f1b", "zbv", "dualpipev")
 class Stage(nn.Module):
     """Layers [lo, hi) of `model` (+ the embedding if first, + norm / head / MTP / embedding if last)."""
 
-    def __init__(self, model: Transformer, lo: int, hi: int, first: bool, last: bool, alpha: float):
+    def __init__(self, model: Transformer, lo: int, hi: int, first: bool, last: bool):
         super().__init__()
-        self.first, self.last, self.alpha = first, last, alpha
+        self.first, self.last = first, last
         self.layers = nn.ModuleList(model.layers[lo:hi])
         # the last stage embeds the MTP tokens with its own copy of the embedding (see sync_grads)
         self.embed = model.embed if first else copy.deepcopy(model.embed) if last else None
@@ -68,7 +68,7 @@ class Stage(nn.Module):
             h = layer(h, cos, sin)
             b = self._balance(layer)
             if b is not None and self.training:
-                bal = bal + self.alpha * b
+                bal = bal + b
         if not self.last:
             return h, ids_f, bal
         # clamp: a no-op for real ids; the stage's shape inference runs forward on uninitialised tensors
@@ -82,12 +82,12 @@ class Stage(nn.Module):
             outs.append(self.head(module.norm(h)).float())
             b = self._balance(module.block)
             if b is not None and self.training:
-                bal = bal + self.alpha * b
+                bal = bal + b
         return (*outs, bal)
 
 
-def pipeline_loss(mtp_lambda: float, record: list | None = None):
-    """loss_fn(outputs, targets) for the schedules: CE + mtp_lambda * mean_k CE_k + the balance column."""
+def pipeline_loss(mtp_lambda: float, balance_alpha: float, record: list | None = None):
+    """loss_fn(outputs, targets) for the schedules: CE + mtp_lambda * mean_k CE_k + alpha * balance column."""
 
     def loss_fn(outputs, targets):
         logits, *mtp, bal = outputs
@@ -98,7 +98,7 @@ def pipeline_loss(mtp_lambda: float, record: list | None = None):
         balance = bal.mean()
         if record is not None:
             record.append(torch.stack([main, mtp_loss, balance]).detach())
-        return main + mtp_lambda * mtp_loss + balance
+        return main + mtp_lambda * mtp_loss + balance_alpha * balance
 
     return loss_fn
 
@@ -132,11 +132,13 @@ class Pipeline:
             raise ConfigError(f"{schedule} needs at least {n_stages} micro-batches, got {n_microbatches}")
         mine = [self.rank, n_stages - 1 - self.rank] if v_shape else [self.rank]
         bounds = stage_bounds(model.cfg.n_layers, n_stages)
-        self.modules = [Stage(model, *bounds[s], s == 0, s == n_stages - 1, balance_alpha) for s in mine]
+        self.modules = [Stage(model, *bounds[s], s == 0, s == n_stages - 1) for s in mine]
         self.stages = [pp.PipelineStage(m, s, n_stages, device) for m, s in zip(self.modules, mine)]
         self.record: list[torch.Tensor] = []
         cls = {"1f1b": pp.Schedule1F1B, "zbv": pp.ScheduleZBVZeroBubble, "dualpipev": pp.ScheduleDualPipeV}[schedule]
-        loss_fn = pipeline_loss(mtp_lambda, self.record)
+        loss_fn = pipeline_loss(mtp_lambda, balance_alpha, self.record)
+        self.mtp_lambda, self.balance_alpha, self.n_stages = mtp_lambda, balance_alpha, n_stages
+        self.schedule_name, self.n_microbatches = schedule, n_microbatches
         self.schedule = cls(self.stages[0] if not v_shape else self.stages, n_microbatches, loss_fn=loss_fn)
         self.has_first = any(m.first for m in self.modules)
         self.has_last = any(m.last for m in self.modules)
@@ -206,3 +208,102 @@ class Pipeline:
             for p in self.parameters():
                 p.grad.mul_(coef)
         return float(total)
+
+    # ---- the trainer's interface (as ExpertParallel's; train/pretrain.py) ----------------------------------
+    def setup_owners(self) -> None:
+        """owner[name]: the rank whose stages hold each parameter of the full model (collective)."""
+        mine = {id(p) for p in self.parameters()}
+        named = list(self.model.named_parameters())
+        owner = torch.tensor([self.rank + 1 if id(p) in mine else 0 for _, p in named])
+        dist.all_reduce(owner)
+        self.owner = {name: int(o) - 1 for (name, _), o in zip(named, owner)}
+
+    def shard(self, model: Transformer, optimizer: torch.optim.Optimizer, build_optimizer) -> torch.optim.Optimizer:
+        """An optimizer over this rank's stages, carrying over the loaded AdamW state (the embedding copy takes
+        the embedding's)."""
+        self.setup_owners()
+        new = build_optimizer(self.module)
+        for p in self.parameters():
+            src = model.embed.weight if p is self.embed_copy else p
+            if src in optimizer.state:
+                new.state[p] = {k: v.clone() for k, v in optimizer.state[src].items()}
+        for g_new, g_old in zip(new.param_groups, optimizer.param_groups):
+            g_new["lr"] = g_old["lr"]
+        return new
+
+    def forward_backward(self, model: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One batch through the schedule; [main, mtp, balance, total] on every rank (sent by the last stage)."""
+        parts = self.step(x, y)
+        out = torch.zeros(4)
+        if parts is not None:
+            main, mtp, bal = parts.tolist()
+            out = torch.tensor([main, mtp, bal, main + self.mtp_lambda * mtp + self.balance_alpha * bal])
+        dist.broadcast(out, src=self.stage_rank(self.n_stages - 1))
+        return out
+
+    def stage_rank(self, stage: int) -> int:
+        return stage if stage < self.world else self.n_stages - 1 - stage
+
+    def average_grads(self, model: Transformer) -> None:
+        self.sync_grads()
+
+    def clip_grads(self, model: Transformer, max_norm: float) -> float:
+        return self.clip(max_norm)
+
+    @torch.no_grad()
+    def prepare_eval(self, model: Transformer) -> None:
+        """Bring every rank's full model up to date (each parameter broadcast by its owner): evaluation then
+        runs the plain model, data-parallel over the ranks."""
+        for name, p in model.named_parameters():
+            dist.broadcast(p.data, src=self.owner[name])
+
+    def gather(self, model: Transformer, optimizer: torch.optim.Optimizer, build_full):
+        """(full model, full optimizer) in the single-model layout on rank 0, (None, None) elsewhere."""
+        self.prepare_eval(model)
+        step = next((s["step"] for s in optimizer.state.values()), None)
+        moments = {}
+        for name, p in model.named_parameters():
+            if step is None:
+                break
+            st = optimizer.state.get(p) if self.owner[name] == self.rank else None
+            buf = torch.stack([st["exp_avg"], st["exp_avg_sq"]]) if st else p.new_zeros(2, *p.shape)
+            dist.broadcast(buf, src=self.owner[name])
+            moments[name] = buf
+        if self.rank != 0:
+            return None, None
+        rng = torch.get_rng_state()
+        full, full_opt = build_full()
+        torch.set_rng_state(rng)
+        full.load_state_dict(model.state_dict())
+        for name, p in full.named_parameters():
+            if name in moments:
+                full_opt.state[p] = {"step": step.clone(), "exp_avg": moments[name][0].clone(),
+                                     "exp_avg_sq": moments[name][1].clone()}
+        for g_new, g_old in zip(full_opt.param_groups, optimizer.param_groups):
+            g_new["lr"] = g_old["lr"]
+        return full, full_opt
+
+    def describe(self) -> str:
+        return (f"pipeline parallel: {self.schedule_name}, {self.world} ranks x {len(self.modules)} stage(s), "
+                f"{self.n_microbatches} micro-batches per step")
+
+
+def setup_pipeline(model: Transformer, pp: int, schedule: str, n_microbatches: int, mtp_lambda: float,
+                   balance_alpha: float, device: torch.device) -> Pipeline:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_pp(pp, world, schedule, n_microbatches, None)
+    return Pipeline(model, schedule, n_microbatches, mtp_lambda, balance_alpha, device)
+
+
+def check_pp(pp: int, world: int, schedule: str, n_microbatches: int, batch_size: int | None) -> None:
+    """User-facing checks of --pp / --pp-schedule / --pp-microbatches, before any work starts."""
+    if pp < 2 or world != pp:
+        raise ConfigError(f"pipeline parallelism needs --pp >= 2 equal to the number of processes (torchrun "
+                          f"--nproc_per_node={max(pp, 2)}), got --pp {pp} with {world} process(es)")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    stages = pp * (1 if schedule == "1f1b" else 2)
+    if n_microbatches < stages:
+        raise ConfigError(f"{schedule} on {pp} ranks needs --pp-microbatches >= {stages}, got {n_microbatches}")
+    if batch_size is not None and batch_size % n_microbatches:
+        raise ConfigError(f"batch size {batch_size} must be a multiple of --pp-microbatches {n_microbatches}")
