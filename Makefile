@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test test-slow bench bench-serve bench-grpo bench-spec lint venv
+.PHONY: demo test test-slow bench bench-serve bench-grpo bench-spec bench-parallel lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -44,3 +44,7 @@ bench-spec: $(VENV_STAMP)
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check nanoseek tests bench
+
+# pipeline schedules, EP all-to-all bytes, EPLB table (optional RUN=runs/NAME with recorded expert loads)
+bench-parallel: $(VENV_STAMP)
+	$(PY) bench/parallel.py $(if $(RUN),--run $(RUN),)
