@@ -141,7 +141,8 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
                dist: Dist, parallel=None) -> dict:
     """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
     the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks. `parallel`: an
-    ExpertParallel (nanoseek.parallel) that syncs and clips the sharded experts' gradients instead of DDP."""
+    ExpertParallel or a Pipeline (nanoseek.parallel) that syncs and clips gradients instead of the DDP average
+    (a Pipeline also runs forward and backward through its schedule)."""
     model.train()
     parts_sum = torch.zeros(4, device=dist.device)
     for _ in range(cfg.grad_accum):
@@ -192,7 +193,7 @@ def load_summary(loads: torch.Tensor) -> dict:
 
 # ---- the run -------------------------------------------------------------------------------------------------
 def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device) -> tuple[Transformer, torch.optim.Optimizer]:
-    """A one-process model and optimizer that an expert-parallel run's checkpoint is assembled into."""
+    """A one-process model and optimizer that an EP or PP run's checkpoint is assembled into."""
     model = Transformer(model_cfg).to(device)
     return model, build_optimizer(model, tcfg)
 
