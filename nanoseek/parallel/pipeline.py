@@ -214,7 +214,7 @@ class Pipeline:
         """owner[name]: the rank whose stages hold each parameter of the full model (collective)."""
         mine = {id(p) for p in self.parameters()}
         named = list(self.model.named_parameters())
-        owner = torch.tensor([self.rank + 1 if id(p) in mine else 0 for _, p in named])
+        owner = torch.tensor([self.rank + 1 if id(p) in mine else 0 for _, p in named], device=named[0][1].device)
         dist.all_reduce(owner)
         self.owner = {name: int(o) - 1 for (name, _), o in zip(named, owner)}
 
@@ -234,10 +234,11 @@ class Pipeline:
     def forward_backward(self, model: Transformer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One batch through the schedule; [main, mtp, balance, total] on every rank (sent by the last stage)."""
         parts = self.step(x, y)
-        out = torch.zeros(4)
+        out = torch.zeros(4, device=x.device)  # on the device: nccl broadcasts only device tensors
         if parts is not None:
             main, mtp, bal = parts.tolist()
-            out = torch.tensor([main, mtp, bal, main + self.mtp_lambda * mtp + self.balance_alpha * bal])
+            out = torch.tensor([main, mtp, bal, main + self.mtp_lambda * mtp + self.balance_alpha * bal],
+                               device=x.device)
         dist.broadcast(out, src=self.stage_rank(self.n_stages - 1))
         return out
 
