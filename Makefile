@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers lint venv
+.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -60,3 +60,7 @@ bench-verifiers: $(VENV_STAMP)
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check nanoseek tests bench
+
+# pipeline schedules, EP all-to-all bytes, EPLB table (optional RUN=runs/NAME with recorded expert loads)
+bench-parallel: $(VENV_STAMP)
+	$(PY) bench/parallel.py $(if $(RUN),--run $(RUN),)

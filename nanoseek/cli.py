@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "traces": ("nanoseek.commands.traces", "rejection sampling: verified-correct traces of a run as SFT data"),
     "distill": ("nanoseek.commands.distill", "on-policy distillation: reverse KL to a teacher on the student's samples"),
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
+    "eplb": ("nanoseek.commands.eplb", "expert-parallel GPU balance before/after EPLB from a run's recorded loads"),
 }
 
 

@@ -112,3 +112,40 @@ def test_whole_plans_against_the_brute_force_optimum():
         assert got >= opt - 1e-6
         ratios.append(got / opt)
     assert min(ratios) == pytest.approx(1.0)  # often optimal
+
+
+# ---- recorded loads and `nanoseek eplb` ----------------------------------------------------------------------
+def fake_run(tmp_path, shares: list[list[list[float]]]):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"n_expert_groups": 1}}))
+    lines = [json.dumps({"step": i + 1, "loss": 1.0, "expert_load": s}) for i, s in enumerate(shares)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_recorded_loads_are_an_exponential_moving_average(tmp_path):
+    from nanoseek.parallel.loads import recorded_loads
+
+    a, b, c = [[0.5, 0.5]], [[1.0, 0.0]], [[0.0, 1.0]]
+    fake_run(tmp_path, [a, b, c])
+    got = recorded_loads(tmp_path, alpha=0.5)
+    # ((a/2 + b/2) / 2 + c/2)
+    assert torch.allclose(got, torch.tensor([[0.375, 0.625]]))
+
+
+def test_eplb_command_table(tmp_path, capsys):
+    from nanoseek import cli
+    from nanoseek.commands.eplb import balance_table
+
+    w = [[4.0, 1, 1, 1, 1, 1, 1, 1]]
+    fake_run(tmp_path, [w])
+    rows = balance_table(torch.tensor(w), 2, 1, 10, 1)
+    assert rows[0]["contiguous"] == pytest.approx(7 / 5.5)  # GPU 0 holds 4+1+1+1, GPU 1 holds 1+1+1+1
+    plan = rebalance_experts(torch.tensor(w), 10, 1, 1, 2)[0]
+    per_gpu = gpu_loads(torch.tensor(w), plan, 2)[0]
+    assert rows[0]["eplb"] == pytest.approx((per_gpu.max() / per_gpu.mean()).item())
+    assert rows[0]["eplb"] < rows[0]["contiguous"]  # replicating expert 0 helps here
+    assert cli.main(["eplb", "--run", str(tmp_path), "--gpus", "2", "--replicas", "10"]) == 0
+    assert "EPLB 10 replicas" in capsys.readouterr().out
+    assert cli.main(["eplb", "--run", str(tmp_path), "--gpus", "3", "--replicas", "10"]) == 2
+    assert "multiple of --gpus" in capsys.readouterr().err

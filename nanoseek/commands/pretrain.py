@@ -4,6 +4,7 @@
     nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded
+    torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/pp --pp 2 --pp-schedule dualpipev
 
 A fresh run trains a tokenizer on the task corpus when the run directory has none. On --resume the stored
 config.json is authoritative; only --steps, --minutes and --precision may change (changing --steps reshapes the
@@ -66,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "replicas of the most loaded ones placed by EPLB from the run's recorded loads")
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 (BF16 compute, FP32 master "
                    "weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments); on --resume the stored one")
+    p.add_argument("--pp", type=int, default=1, help="pipeline parallelism over this many processes (torchrun; "
+                   "= the number of processes). Not stored: a resume may change it")
+    p.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "zbv", "dualpipev"],
+                   help="pipeline schedule (torch.distributed.pipelining); zbv and dualpipev put 2 stages per rank")
+    p.add_argument("--pp-microbatches", type=int, default=0, help="micro-batches per step (default: 2 per stage)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
 
 
@@ -103,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
     dist = setup_distributed(args.device)
     try:
-        s = pretrain(args.out, cfg, resume=args.resume, dist=dist, ep=args.ep, ep_redundant=args.ep_redundant)
+        s = pretrain(args.out, cfg, resume=args.resume, dist=dist, ep=args.ep, ep_redundant=args.ep_redundant,
+                     pp=args.pp, pp_schedule=args.pp_schedule, pp_microbatches=args.pp_microbatches)
     finally:
         dist.close()
     if dist.is_main and s["loss"] is not None:

@@ -322,6 +322,9 @@ class ExpertParallel:
             g_new["lr"] = g_old["lr"]
         return full, full_opt
 
+    def prepare_eval(self, model) -> None:
+        """Nothing to do: evaluation runs the sharded model (its forward dispatches like training's)."""
+
     def describe(self) -> str:
         n_phy = self.plans.size(1)
         extra = n_phy - int(self.plans[0].max()) - 1

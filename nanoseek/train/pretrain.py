@@ -146,12 +146,16 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
                dist: Dist, parallel=None, precision: str = "fp32") -> dict:
     """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
     the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks. `parallel`: an
-    ExpertParallel (nanoseek.parallel) that syncs and clips the sharded experts' gradients instead of DDP."""
+    ExpertParallel or a Pipeline (nanoseek.parallel) that syncs and clips gradients instead of the DDP average
+    (a Pipeline also runs forward and backward through its schedule)."""
     model.train()
     parts_sum = torch.zeros(4, device=dist.device)
     for _ in range(cfg.grad_accum):
         x, y = (t.to(dist.device) for t in loader.next_batch())
         with prec.autocast(precision, dist.device):
+            if hasattr(parallel, "forward_backward"):  # pipeline: the schedule runs forward and backward
+                parts_sum += parallel.forward_backward(model, x, y).to(parts_sum) / cfg.grad_accum
+                continue
             _, parts = model(x, y)
         loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
         (loss / cfg.grad_accum).backward()
@@ -198,7 +202,7 @@ def load_summary(loads: torch.Tensor) -> dict:
 # ---- the run -------------------------------------------------------------------------------------------------
 def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device,
                precision: str) -> tuple[Transformer, torch.optim.Optimizer]:
-    """A one-process model and optimizer that an expert-parallel run's checkpoint is assembled into."""
+    """A one-process model and optimizer that an EP or PP run's checkpoint is assembled into."""
     model = prec.configure_model(Transformer(model_cfg).to(device), precision)
     return model, prec.build_optimizer(model, tcfg, precision)
 
@@ -211,7 +215,8 @@ def seed_everything(seed: int) -> None:
 
 def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, device: str = "auto",
              dist: Dist | None = None, init_from: str | Path | None = None,
-             pace: Callable[[], float] | None = None, ep: int = 1, ep_redundant: int = 0) -> dict:
+             pace: Callable[[], float] | None = None, ep: int = 1, ep_redundant: int = 0, pp: int = 1,
+             pp_schedule: str = "1f1b", pp_microbatches: int = 0) -> dict:
     """Train (or resume) the run in `run_dir`; returns a summary dict (final step, losses, tokens/s).
     `init_from`: a checkpoint step directory whose weights (not optimizer) start a new run, e.g. to continue
     pretraining a base with a fresh schedule.
@@ -219,7 +224,9 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     decays with it instead of with the step count and training stops (checkpointed) once it reaches 1, with
     cfg.train.steps only a cap. The demo's control uses it to train exactly as long as GRPO runs beside it.
     `ep` > 1: expert parallelism over groups of `ep` ranks, `ep_redundant` extra physical experts per MoE layer
-    placed by EPLB from the run's recorded loads (nanoseek.parallel); checkpoints keep the one-process layout."""
+    placed by EPLB from the run's recorded loads (nanoseek.parallel); `pp` > 1: pipeline parallelism over all
+    ranks with schedule `pp_schedule` and `pp_microbatches` micro-batches (0: two per stage). Checkpoints keep
+    the one-process layout either way."""
     run_dir = Path(run_dir)
     dist = dist or setup_distributed(device)
     tcfg = cfg.train.validate()
@@ -231,13 +238,20 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         raise ConfigError(f"{run_dir} already has checkpoints; pass --resume or choose another --out")
     if tcfg.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {cfg.model.max_seq_len}")
-    if tcfg.batch_size % dist.world:
+    if tcfg.batch_size % dist.world and pp == 1:
         raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
 
     if ep > 1 or ep_redundant:
         from nanoseek.parallel.expert_parallel import check_ep
 
         check_ep(ep, dist.world)
+    if pp > 1:
+        from nanoseek.parallel.pipeline import check_pp
+
+        if ep > 1 or tcfg.grad_accum > 1:
+            raise ConfigError("--pp does not combine with --ep or --grad-accum > 1 yet")
+        pp_microbatches = pp_microbatches or 2 * pp * (1 if pp_schedule == "1f1b" else 2)
+        check_pp(pp, dist.world, pp_schedule, pp_microbatches, tcfg.batch_size)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -254,7 +268,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         load_model_weights(init_from, model)
     dist.broadcast_module(model)
     optimizer = prec.build_optimizer(model, tcfg, cfg.precision)
-    loader = Loader(train_rows, tcfg.batch_size, tcfg.seed, dist.rank, dist.world)
+    # a pipeline feeds the whole global batch through the first stage (and its targets to the last)
+    loader = Loader(train_rows, tcfg.batch_size, tcfg.seed, *((0, 1) if pp > 1 else (dist.rank, dist.world)))
     metrics = MetricsLogger(run_dir / "metrics.jsonl", enabled=dist.is_main)
 
     step, elapsed0 = 0, 0.0
@@ -274,6 +289,12 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
         loads = recorded_loads(run_dir) if dist.is_main and ckpt is not None else None
         parallel = setup_expert_parallel(model, ep, ep_redundant, dist.device, loads)
+        optimizer = parallel.shard(model, optimizer, lambda m: prec.build_optimizer(m, tcfg, cfg.precision))
+    if pp > 1:
+        from nanoseek.parallel.pipeline import setup_pipeline
+
+        parallel = setup_pipeline(model, pp, pp_schedule, pp_microbatches, tcfg.mtp_lambda, tcfg.balance_alpha,
+                                  dist.device)
         optimizer = parallel.shard(model, optimizer, lambda m: prec.build_optimizer(m, tcfg, cfg.precision))
 
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len
@@ -311,6 +332,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                       "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
                       "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"])}
             if last or (tcfg.eval_interval and step % tcfg.eval_interval == 0):
+                if parallel is not None:
+                    parallel.prepare_eval(model)
                 eval_loss = evaluate(model, test_rows, tcfg, dist, cfg.precision)
                 record["eval_loss"] = eval_loss
             if last or step % tcfg.log_interval == 0 or "eval_loss" in record:
