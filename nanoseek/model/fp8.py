@@ -62,7 +62,7 @@ def quantize(x: torch.Tensor, rows: int, cols: int, per_tensor: bool = False) ->
     xp = F.pad(x, (0, nc * cols - c, 0, nr * rows - r)) if padded else x
     tiles = xp.reshape(nr, rows, nc, cols)
     if per_tensor:
-        scale = (x.abs().amax().clamp(min=1e-12) / E4M3_MAX).expand(nr, nc).contiguous()
+        scale = torch.full((nr, nc), float(x.abs().amax().clamp(min=1e-12)) / E4M3_MAX)
     else:
         scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
     q = (tiles / scale[:, None, :, None]).to(FP8).reshape(nr * rows, nc * cols)
