@@ -38,7 +38,7 @@ MID = {"dim": 256, "inter_dim": 512, "moe_inter_dim": 128, "n_layers": 4, "n_den
        "n_routed_experts": 16, "n_shared_experts": 1, "n_activated_experts": 4, "n_expert_groups": 4,
        "n_limited_groups": 2, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
        "v_head_dim": 32, "max_seq_len": 256, "original_seq_len": 256, "n_mtp": 1}
-REFERENCE = {"bf16": "fp32", "fp8": "bf16", "fp8-tensor": "bf16"}
+REFERENCE = {"bf16": ["fp32"], "fp8": ["bf16", "fp32"], "fp8-tensor": ["bf16", "fp32"]}
 
 
 def model_config(name: str) -> ModelConfig:
@@ -120,23 +120,8 @@ def report(args) -> None:
             train_final = statistics.fmean(mean[tail])
             ev = statistics.fmean(runs[name][p][s][1] for s in seeds)
             tps = statistics.median(runs[name][p][s][2] for s in seeds)
-            ref = REFERENCE.get(p)
-            common = [s for s in seeds if ref in runs[name] and s in runs[name][ref]]
-            gap_t = gap_e = "-"
-            if common:
-                gaps, egaps = [], []
-                for s in common:
-                    a, b = smooth(runs[name][p][s][0], args.window), smooth(runs[name][ref][s][0], args.window)
-                    m = min(len(a), len(b))
-                    rel = [(a[i] - b[i]) / b[i] for i in range(m)]
-                    gaps.append(statistics.fmean(rel[int(0.8 * m):]))
-                    egaps.append((runs[name][p][s][1] - runs[name][ref][s][1]) / runs[name][ref][s][1])
-                    if s == common[0]:
-                        axes[1][j].plot(range(1, m + 1), [100 * r for r in rel], label=f"{p} vs {ref}", lw=1)
-                gap_t = " / ".join(f"{100 * g:+.2f}%" for g in gaps)
-                gap_e = " / ".join(f"{100 * g:+.2f}%" for g in egaps)
-            print(f"| {name} | {p} | {ref or '-'} | {len(seeds)} | {n} | {train_final:.4f} | {gap_t} | {ev:.4f} | "
-                  f"{gap_e} | {tps:,.0f} |")
+            for ref in REFERENCE.get(p, [None]):
+                row(name, p, ref, seeds, n, train_final, ev, tps, runs, args, axes[1][j])
         axes[0][j].set_title(f"{name}: smoothed training loss (window {args.window}, mean of seeds)")
         axes[0][j].set_ylim(top=min(axes[0][j].get_ylim()[1], 3.0))
         axes[0][j].legend()
@@ -150,6 +135,61 @@ def report(args) -> None:
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=110)
     print(f"plot: {args.plot}")
+
+
+def row(name, p, ref, seeds, n, train_final, ev, tps, runs, args, ax) -> None:
+    """One table line: p against ref, per seed, and its gap curve (first common seed) on ax."""
+    common = [s for s in seeds if ref in runs[name] and s in runs[name][ref]]
+    gap_t = gap_e = "-"
+    if common:
+        gaps, egaps = [], []
+        for s in common:
+            a, b = smooth(runs[name][p][s][0], args.window), smooth(runs[name][ref][s][0], args.window)
+            m = min(len(a), len(b))
+            rel = [(a[i] - b[i]) / b[i] for i in range(m)]
+            gaps.append(statistics.fmean(rel[int(0.8 * m):]))
+            egaps.append((runs[name][p][s][1] - runs[name][ref][s][1]) / runs[name][ref][s][1])
+            if s == common[0]:
+                ax.plot(range(1, m + 1), [100 * r for r in rel], label=f"{p} vs {ref}", lw=1)
+        gap_t = " / ".join(f"{100 * g:+.2f}%" for g in gaps)
+        gap_e = " / ".join(f"{100 * g:+.2f}%" for g in egaps)
+    print(f"| {name} | {p} | {ref or '-'} | {len(seeds)} | {n} | {train_final:.4f} | {gap_t} | {ev:.4f} | "
+          f"{gap_e} | {tps:,.0f} |")
+
+
+def fixed(args) -> None:
+    """The precision's own error, without trajectory divergence: the final weights of each fp32 run, scored on
+    its held-out rows in every precision (relative held-out loss error against fp32) and one training batch's
+    gradient (cosine similarity and relative norm error against the fp32 gradient)."""
+    from nanoseek.data import eval_batches
+    from nanoseek.model import Transformer
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import latest_checkpoint, load_model_weights
+
+    print("| config | seed | precision | held-out CE | rel. error vs fp32 | grad cosine | grad norm rel. error |")
+    print("|---|---|---|---|---|---|---|")
+    for d in sorted(args.out.glob("*/fp32_seed*")):
+        if not (d / "report.md").exists():
+            continue
+        cfg = pt.PretrainConfig.load(d)
+        _, test_rows = pt.build_rows(Tokenizer.load(d / "tokenizer.json"), cfg.data, cfg.train.seq_len, cfg.train.seed)
+        batches = list(eval_batches(test_rows, cfg.train.batch_size, cfg.train.eval_batches, 0, 1))
+        ref = None
+        for p in prec.PRECISIONS:
+            model = prec.configure_model(Transformer(prec.model_config(cfg.model, p)), p).train()
+            load_model_weights(latest_checkpoint(d / "checkpoints"), model)
+            model.eval()
+            with torch.no_grad(), prec.autocast(p):
+                ce = statistics.fmean(model(x, y)[1].main.item() for x, y in batches)
+            model.train()
+            with prec.autocast(p):
+                loss = model(*batches[0])[1].main
+            loss.backward()
+            g = torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None]).double()
+            ref = ref or (ce, g)
+            cos = float(torch.nn.functional.cosine_similarity(g, ref[1], dim=0))
+            print(f"| {d.parent.name} | {d.name.rsplit('_seed', 1)[1]} | {p} | {ce:.4f} | {100 * (ce - ref[0]) / ref[0]:+.3f}% | "
+                  f"{cos:.5f} | {100 * (g.norm() / ref[1].norm() - 1):+.2f}% |")
 
 
 def memory(args) -> None:
@@ -193,7 +233,7 @@ def memory(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["train", "report", "memory"])
+    ap.add_argument("mode", choices=["train", "report", "memory", "fixed"])
     ap.add_argument("--config", default="tiny", choices=["tiny", "mid"])
     ap.add_argument("--precisions", default="fp32,bf16,fp8,fp8-tensor")
     ap.add_argument("--seeds", default="0")
@@ -206,7 +246,7 @@ def main() -> None:
     args = ap.parse_args()
     args.precisions = [prec.check(p) for p in args.precisions.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
-    {"train": train, "report": report, "memory": memory}[args.mode](args)
+    {"train": train, "report": report, "memory": memory, "fixed": fixed}[args.mode](args)
 
 
 if __name__ == "__main__":
