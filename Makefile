@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test test-slow bench bench-serve bench-grpo bench-spec lint venv
+.PHONY: demo test test-slow bench bench-serve bench-grpo bench-spec bench-precision lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -41,6 +41,14 @@ bench-spec: $(VENV_STAMP)
 		--task arithmetic --difficulty 1 --fact-share 0 --steps 600 --batch-size 32 --seq-len 64 --lr 4e-3 \
 		--out $(SPEC_RUN)
 	$(PY) bench/generate.py --spec $(SPEC_RUN) --rounds 5
+
+# fp32 / bf16 / fp8 / fp8-tensor pretraining gaps, fixed-weight errors, activation memory (docs/precision.md);
+# ~15 min per config and seed on 2 cores (FP8 runs ~10x slower than FP32 on a CPU)
+bench-precision: $(VENV_STAMP)
+	$(PY) bench/precision.py train --config tiny --steps 80 --seeds 0
+	$(PY) bench/precision.py report
+	$(PY) bench/precision.py fixed
+	$(PY) bench/precision.py memory
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check nanoseek tests bench
