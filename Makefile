@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel lint venv
+.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -57,6 +57,14 @@ bench-spec: $(VENV_STAMP)
 # proof checks/s: warm Coq pool vs one coqc per proof; code / HumanEval / math checks/s (needs coq, bubblewrap)
 bench-verifiers: $(VENV_STAMP)
 	$(PY) bench/verifiers.py
+
+# fp32 / bf16 / fp8 / fp8-tensor pretraining gaps, fixed-weight errors, activation memory (docs/precision.md);
+# ~15 min per config and seed on 2 cores (FP8 runs ~10x slower than FP32 on a CPU)
+bench-precision: $(VENV_STAMP)
+	$(PY) bench/precision.py train --config tiny --steps 80 --seeds 0
+	$(PY) bench/precision.py report
+	$(PY) bench/precision.py fixed
+	$(PY) bench/precision.py memory
 
 lint: $(VENV_STAMP)
 	$(PY) -m ruff check nanoseek tests bench

@@ -7,6 +7,12 @@ the logits: ours via `model.logits(model.hidden(ids))` (MTP off; transformers ha
 via `model(ids).logits`. Our MoE still computes its balance-loss statistics in training mode (not added to
 the loss), which is our cost, not theirs. Rounds alternate between the two (and which goes first); the
 median tokens/s of each is reported with the ratio ours / transformers.
+
+`--preset mid16` is a config nobody tuned for: 4 layers, dimension 256, 16 routed experts top-4 in 4 groups
+(2 kept, group-limited routing). MFU (model FLOPs utilization) = model FLOPs per token x tokens/s over this
+machine's peak matmul rate, measured here as the best of a few 1024^3 FP32 GEMMs on the same threads. Model
+FLOPs per token = 6 x (activated parameters without the embedding lookup) + the attention scores and
+values: 6 x layers x heads x (qk_head_dim + v_head_dim) x seq / 2 (causal), the usual forward + backward count.
 """
 from __future__ import annotations
 
@@ -25,6 +31,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanoseek.config import ModelConfig
 from nanoseek.hf import to_hf
 from nanoseek.model import Transformer
+
+
+MID16 = {"dim": 256, "inter_dim": 512, "moe_inter_dim": 128, "n_layers": 4, "n_dense_layers": 1, "n_heads": 4,
+         "n_routed_experts": 16, "n_shared_experts": 1, "n_activated_experts": 4, "n_expert_groups": 4,
+         "n_limited_groups": 2, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+         "v_head_dim": 32, "max_seq_len": 256, "original_seq_len": 256}
+
+
+def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    active = cfg.param_counts()["active"] - cfg.vocab_size * cfg.dim  # the embedding is a lookup
+    attn = 6 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq / 2
+    return 6 * active + attn
+
+
+def peak_matmul_flops(n: int = 1024, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
 
 
 def ours_loss(model: Transformer, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -67,7 +95,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="timed training steps per round and model")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help="a preset name, or mid16 (see the docstring)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table for each side")
     args = ap.parse_args()
@@ -80,7 +108,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(args.preset)
+    cfg = ModelConfig(**MID16) if args.preset == "mid16" else ModelConfig.preset(args.preset)
     if args.seq > cfg.max_seq_len:
         sys.exit(f"--seq {args.seq} exceeds the preset's max_seq_len {cfg.max_seq_len}")
     ours = Transformer(cfg).train()
@@ -111,12 +139,16 @@ def main() -> None:
     n_params = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("mtp."))
     print(f"\npreset {args.preset} ({n_params / 1e6:.2f}M params without MTP), batch {args.batch} x seq {args.seq}, "
           f"float32, CPU, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
-    print(f"{'model':<14}{'median tok/s':>14}{'min':>10}{'max':>10}{'ms/step':>10}")
+    peak = peak_matmul_flops()
+    flops = model_flops_per_token(cfg, args.seq)
+    print(f"model FLOPs/token {flops / 1e6:.2f}M, measured peak FP32 matmul {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'model':<14}{'median tok/s':>14}{'min':>10}{'max':>10}{'ms/step':>10}{'MFU':>8}")
     med = {}
     for name, xs in results.items():
         med[name] = statistics.median(xs)
         ms = args.batch * args.seq / med[name] * 1000
-        print(f"{name:<14}{med[name]:>14.0f}{min(xs):>10.0f}{max(xs):>10.0f}{ms:>10.1f}")
+        mfu = med[name] * flops / peak
+        print(f"{name:<14}{med[name]:>14.0f}{min(xs):>10.0f}{max(xs):>10.0f}{ms:>10.1f}{100 * mfu:>7.1f}%")
     print(f"ratio ours / transformers: {med['nanoseek'] / med['transformers']:.2f}x")
     if args.profile:
         for name, side in sides.items():

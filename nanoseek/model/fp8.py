@@ -58,17 +58,22 @@ def quantize(x: torch.Tensor, rows: int, cols: int, per_tensor: bool = False) ->
     x = x.float()
     r, c = x.shape
     nr, nc = -(-r // rows), -(-c // cols)
+    padded = nr * rows != r or nc * cols != c
+    xp = F.pad(x, (0, nc * cols - c, 0, nr * rows - r)) if padded else x
+    tiles = xp.reshape(nr, rows, nc, cols)
     if per_tensor:
-        scale = (x.abs().amax().clamp(min=1e-12) / E4M3_MAX).expand(nr, nc).contiguous()
+        scale = torch.full((nr, nc), float(x.abs().amax().clamp(min=1e-12)) / E4M3_MAX)
     else:
-        xp = F.pad(x, (0, nc * cols - c, 0, nr * rows - r))
-        scale = xp.reshape(nr, rows, nc, cols).abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
-    full = scale.repeat_interleave(rows, 0)[:r].repeat_interleave(cols, 1)[:, :c]
-    return (x / full).to(FP8), scale
+        scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / E4M3_MAX
+    q = (tiles / scale[:, None, :, None]).to(FP8).reshape(nr * rows, nc * cols)
+    return (q[:r, :c].contiguous() if padded else q), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     r, c = q.shape
+    nr, nc = scale.shape
+    if nr * rows == r and nc * cols == c:
+        return (q.float().reshape(nr, rows, nc, cols) * scale[:, None, :, None]).reshape(r, c)
     return q.float() * scale.repeat_interleave(rows, 0)[:r].repeat_interleave(cols, 1)[:, :c]
 
 
