@@ -73,3 +73,19 @@ def test_r1_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monkeyp
     report = (tmp_path / "r1" / "report.md").read_text()
     assert "on-policy distillation" in report and "plots/r1_accuracy_vs_time.png" in report
     assert (tmp_path / "r1" / "plots" / "r1_accuracy_vs_samples.png").stat().st_size > 1000
+
+
+def test_grpo_time_used_sums_the_segments_of_a_resumed_run(tmp_path):
+    """GRPO's elapsed_s restarts at each resume; an arm's used budget is the sum up to its last checkpoint."""
+    import json
+
+    from nanoseek.commands.r1 import _grpo_used_seconds
+
+    # checkpoint at 2, killed in step 3; the resume cut the file back to step 2 and restarted the clock;
+    # step 5 ran after the last checkpoint (step 4), so it is not yet paid for
+    rows = [(1, 5.0), (2, 10.0), (3, 6.0), (4, 11.0), (5, 16.0)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "elapsed_s": e}) + "\n" for s, e in rows))
+    ck = tmp_path / "checkpoints" / "step_4"
+    ck.mkdir(parents=True)
+    (ck / "state.json").write_text(json.dumps({"step": 4}))
+    assert _grpo_used_seconds(tmp_path) == 10.0 + 11.0

@@ -39,10 +39,11 @@ class R1Config:
     demo: str = "runs/demo"
     seed: int = 0
     student_preset: str = "tiny-dense"
-    # The student base gets 500 pretraining steps against the teacher base's 1400: a weaker base of about
+    # The student base gets 300 pretraining steps against the teacher base's 1400: a weaker base of about
     # the teacher's activated size, the situation of R1's small dense students (README "R1 pipeline").
-    student_base_steps: int = 500
-    arm_minutes: float = 3.0  # wall-clock budget of each arm
+    student_base_steps: int = 300
+    # 2 minutes per arm keeps `nanoseek r1` near 15 minutes on the shared 2-core machine (8 of them in the arms)
+    arm_minutes: float = 2.0
     # difficulty 1 has ~8,400 distinct train problems; 8000 draws x 2 samples covers most of them once or twice
     trace_problems: int = 8000
     trace_samples: int = 2
