@@ -26,7 +26,8 @@ Departures from the papers, all deliberate:
   priority, among the current level's problems.
 - MoE: expert loads of the training forward passes drive the auxiliary-loss-free bias update after every
   optimizer step (on by default, `bias_update`); the balance loss is not used in RL. Rows whose advantage
-  is zero (beta == 0) skip the backward but still count in the loads (a no-grad forward).
+  is zero (beta == 0) skip the backward but still count in the loads (a no-grad forward; skipped when the
+  bias is frozen, where the loads are only logged).
 - torchrun: every sampling decision is global. Each rank holds the same sampler (same seed, same updates)
   and draws the same problems; a round's groups are split over ranks in contiguous shares, each row is
   sampled with its own seed (so a row's tokens do not depend on the rank or batch it lands in), and the
@@ -434,11 +435,12 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
         rows = torch.arange(n_local, device=device)
         if cfg.beta == 0 and skip_zero_advantage:
             # A zero-advantage row (its group's rewards all equal) adds exactly zero to the loss and its gradient;
-            # the normalizers above still count it, so skipping its backward leaves the update unchanged. Its
-            # tokens still count in the expert loads (a no-grad forward), as they would without skipping.
+            # the normalizers above still count it, so skipping its backward leaves the update unchanged. When
+            # the loads drive a bias update, its tokens still count in them (a no-grad forward), as they would
+            # without skipping; with the bias frozen the logged loads cover the trained rows only.
             rows = (adv != 0).nonzero().flatten()
             idle = (adv == 0).nonzero().flatten()
-            if idle.numel():
+            if idle.numel() and cfg.bias_update and cfg.bias_gamma > 0:
                 count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch)
         ids, mask, old, targets, lengths, adv = (t[rows] for t in (ids, mask, old, targets, lengths, adv))
         for sl, width in _micro_batches(ids.size(0), mask, cfg.micro_batch):
