@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="*", default=[2, 4])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--run", help="a run directory for the EPLB table (nanoseek eplb)")
+    ap.add_argument("--schedules", nargs="*", default=["1f1b", "zbv", "dualpipev"])
+    ap.add_argument("--no-ep", action="store_true", help="skip the EP bytes table")
     a = ap.parse_args()
     if a.worker:
         kind, *rest = a.worker
@@ -200,7 +202,7 @@ def main() -> None:
           "| F / B / W per chunk (ms) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for P in a.procs:
-        for schedule in ("1f1b", "zbv", "dualpipev"):
+        for schedule in a.schedules:
             stages = P if schedule == "1f1b" else 2 * P
             n_mb = 2 * stages
             r = launch(P, ["pp", schedule, str(a.steps), str(n_mb)])
@@ -214,7 +216,7 @@ def main() -> None:
 
     print("\n| EP ranks | measured bytes sent / rank / step | formula (uniform routing) | ratio | step (s) |")
     print("|---|---|---|---|---|")
-    for P in a.procs:
+    for P in [] if a.no_ep else a.procs:
         r = launch(P, ["ep", str(a.steps)])
         print(f"| {P} | {r['bytes_per_rank']:,.0f} | {r['formula']:,.0f} | {r['bytes_per_rank'] / r['formula']:.3f} "
               f"| {r['step_s']:.3f} |", flush=True)

@@ -92,6 +92,7 @@ def pp_against_one_process(tmp_path: Path, schedules: list[str], resume_one: boo
             assert max_diff(ref, read_metrics(tmp_path / s / "metrics.jsonl")) < 1e-5, s
 
 
+@pytest.mark.slow  # the schedules' exactness is in the default suite above; this adds the trainer around them
 def test_pretrain_pp2_dualpipev_matches_one_process(tmp_path):
     pp_against_one_process(tmp_path, ["dualpipev"])
 
