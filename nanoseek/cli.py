@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("nanoseek.commands.distill", "on-policy distillation: reverse KL to a teacher on the student's samples"),
     "dpo": ("nanoseek.commands.dpo", "DPO on (chosen, rejected) pairs against a frozen reference (long2short)"),
     "merge": ("nanoseek.commands.merge", "average the weights of runs of one architecture into a new run"),
+    "aha": ("nanoseek.commands.aha", "long reasoning in miniature: reflection RL, then long2short compared"),
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
 }
 

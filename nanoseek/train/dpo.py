@@ -236,7 +236,7 @@ def train_dpo(out: str | Path, cfg: DPOConfig, resume: bool = False, quiet: bool
             for m in model.moe_layers():  # routing bias frozen: drop the loads counted in this step
                 m.load_accum.zero_()
             step += 1
-            last = {"step": step, "loss": float(loss), "reward_chosen": float(rew_c.mean()),
+            last = {"step": step, "loss": loss.item(), "reward_chosen": float(rew_c.mean()),
                     "reward_rejected": float(rew_r.mean()), "reward_accuracy": float((rew_c > rew_r).float().mean()),
                     "margin": float((rew_c - rew_r).mean()), "grad_norm": grad_norm, "lr": lr,
                     "step_s": round(time.perf_counter() - t0, 3)}

@@ -36,6 +36,7 @@ from nanoseek.engine import Engine
 from nanoseek.io import atomic_write_text
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import RewardWeights
+from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import Dist, clip_grads, setup_distributed
@@ -176,7 +177,8 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
     tok: Tokenizer = engine.tokenizer
     G = cfg.group_size
     kept: list[Rollout] = []
-    stats = {"reward": [], "correct": [], "format": [], "len": [], "truncated": [], "zero_spread": [], "rounds": 0}
+    stats = {"reward": [], "correct": [], "format": [], "len": [], "truncated": [], "zero_spread": [], "rounds": 0,
+             "texts": []}
     rounds = 1 + (cfg.max_sampling_rounds if cfg.dynamic_sampling else 0)
     for r in range(rounds):
         need = n_prompts - len(kept) // G
@@ -209,6 +211,7 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
             stats["correct"] += [float(s.correct) for s in scores]
             stats["format"] += [float(s.format_ok) for s in scores]
             stats["len"] += lengths
+            stats["texts"] += [o.text for o in group]  # for the reflection metrics (nanoseek.tasks.reflection)
             stats["truncated"] += [float(o.finish_reason == "length") for o in group]
             stats["zero_spread"].append(float(spread_zero))
             if cfg.dynamic_sampling and spread_zero:
@@ -384,6 +387,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                    "zero_spread_groups": _mean(st["zero_spread"]), "sampling_rounds": st["rounds"],
                    "groups_trained": len(rollouts) // cfg.group_size, "verify_s": round(st.get("verify_s", 0.0), 3),
                    "checks_per_s": round(st.get("checks", 0) / max(st.get("verify_s", 0.0), 1e-9), 1)}
+            rec.update(reflection_stats(st["texts"]))  # check rate, check-changed rate (issue 14)
             t1 = time.time()
             if rollouts:
                 rewards = torch.tensor([r.reward for r in rollouts])
