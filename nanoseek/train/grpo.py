@@ -41,6 +41,7 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import Dist, clip_grads, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
+from nanoseek.train.partial_rollouts import PartialRollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
                                     length_rewards, overlong_penalty)
 
@@ -89,6 +90,7 @@ class GRPOConfig:
     seed: int = 0
     ckpt_every: int = 50
     keep_last: int = 2
+    partial_rollout_tokens: int = 0  # Kimi k1.5 partial rollouts: new tokens per trajectory per step (0 = off)
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:
@@ -106,6 +108,8 @@ class GRPOConfig:
         need(self.beta >= 0, "beta must be >= 0")
         need(self.bias_gamma >= 0, f"bias_gamma must be >= 0, got {self.bias_gamma}")
         need(self.minutes is None or self.minutes > 0, "minutes must be positive")
+        need(self.partial_rollout_tokens >= 0 and not (self.partial_rollout_tokens and self.dynamic_sampling),
+             "partial_rollout_tokens must be >= 0 and cannot be combined with dynamic sampling")
         return self
 
     def to_dict(self) -> dict:
@@ -369,6 +373,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
         shutil.copyfile(tok_path, out / "tokenizer.json")
     engine = Engine(model, tokenizer)
+    partial = PartialRollouts(cfg.partial_rollout_tokens) if cfg.partial_rollout_tokens else None
     progress = ProgressLine(cfg.steps, start=start, enabled=dist.is_main and not quiet,
                             print_every=5, description="grpo")
     t_start = time.time()
@@ -378,8 +383,9 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.time()
-            rollouts, st = rollout_groups(engine, sampler, cfg, n_local, step, seed=cfg.seed * 100003 + step,
-                                          rank=dist.rank, world=dist.world)
+            gen = partial.step if partial is not None else rollout_groups  # partial: Kimi k1.5 sec. 2.6.2
+            rollouts, st = gen(engine, sampler, cfg, n_local, step, seed=cfg.seed * 100003 + step,
+                               rank=dist.rank, world=dist.world)
             t_gen = time.time() - t0
             rec = {"step": step, "reward": _mean(st["reward"]), "accuracy": _mean(st["correct"]),
                    "format_rate": _mean(st["format"]), "response_len_mean": _mean(st["len"]),
@@ -388,6 +394,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                    "groups_trained": len(rollouts) // cfg.group_size, "verify_s": round(st.get("verify_s", 0.0), 3),
                    "checks_per_s": round(st.get("checks", 0) / max(st.get("verify_s", 0.0), 1e-9), 1)}
             rec.update(reflection_stats(st["texts"]))  # check rate, check-changed rate (issue 14)
+            if partial is not None:
+                rec.update({"carried": st["carried"], "gen_tokens": st["gen_tokens"]})
             t1 = time.time()
             if rollouts:
                 rewards = torch.tensor([r.reward for r in rollouts])
