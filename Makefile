@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision lint venv
+.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision aha lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,6 +19,10 @@ demo: $(VENV_STAMP)
 # the R1 pipeline after the demo (reuses runs/demo, runs it first if missing): distillation vs RL on a dense student
 r1: $(VENV_STAMP)
 	$(PY) -m nanoseek.cli r1
+
+# long reasoning in miniature: reflection RL, then long2short compared (resumable; docs/long_reasoning.md)
+aha: $(VENV_STAMP)
+	$(PY) -m nanoseek.cli aha
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest tests

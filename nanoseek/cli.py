@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanoseek.commands.sft", "supervised fine-tuning on prompt/completion JSONL (completion-only loss)"),
     "traces": ("nanoseek.commands.traces", "rejection sampling: verified-correct traces of a run as SFT data"),
     "distill": ("nanoseek.commands.distill", "on-policy distillation: reverse KL to a teacher on the student's samples"),
+    "dpo": ("nanoseek.commands.dpo", "DPO on (chosen, rejected) pairs against a frozen reference (long2short)"),
+    "merge": ("nanoseek.commands.merge", "average the weights of runs of one architecture into a new run"),
+    "aha": ("nanoseek.commands.aha", "long reasoning in miniature: reflection RL, then long2short compared"),
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
     "eplb": ("nanoseek.commands.eplb", "expert-parallel GPU balance before/after EPLB from a run's recorded loads"),
 }

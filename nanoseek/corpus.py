@@ -10,6 +10,12 @@ Why facts: a share (`fact_share`, default 20%) of the documents are one-operatio
 format, and the `a*b=c.` fact is written exactly as a step inside a longer think block. Facts come from the
 arithmetic task's train split too, so no corpus document is ever a test problem of either task.
 
+Why reflection (`reflect_share`, default 0, arithmetic only): that share of the worked solutions carries one
+check line (nanoseek.tasks.reflection): a flawed one re-checks its slipped step and fixes it, a correct one
+re-checks a correct step. The base thus knows the move but rarely makes it; RL may learn to use it (issue 14,
+the R1-Zero "aha moment"). Reflection draws from its own RNG, so the problems and slips are the same as at
+reflect_share 0, and at 0 the corpus is byte-identical to one built without the option.
+
 Everything is deterministic in `seed`. The document order is shuffled.
 """
 from __future__ import annotations
@@ -39,18 +45,21 @@ def sample_fact(rng: random.Random, difficulty: int, split: str = "train") -> tu
 
 def build_corpus(task_name: str, n_docs: int, seed: int, flawed_share: float = 0.5,
                  difficulty: int | None = None, split: str = "train",
-                 fact_share: float = 0.2) -> list[tuple[str, str]]:
+                 fact_share: float = 0.2, reflect_share: float = 0.0) -> list[tuple[str, str]]:
     """`n_docs` (prompt, completion) pairs: round(fact_share*n) facts, the rest worked solutions of
-    `task_name` of which round(flawed_share*rest) carry one slip."""
+    `task_name` of which round(flawed_share*rest) carry one slip and round(reflect_share*rest) (drawn
+    independently) one check line."""
     task = get_task(task_name)
     d = task.check_difficulty(difficulty)
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if n_docs < 0:
         raise ConfigError(f"n_docs must be >= 0, got {n_docs}")
-    for name, share in (("flawed_share", flawed_share), ("fact_share", fact_share)):
+    for name, share in (("flawed_share", flawed_share), ("fact_share", fact_share), ("reflect_share", reflect_share)):
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {share}")
+    if reflect_share > 0 and not isinstance(task, ArithmeticTask):
+        raise ConfigError(f"reflect_share needs the arithmetic task (check lines re-compute a step), got {task_name!r}")
     rng = random.Random(seed)
     n_facts = round(fact_share * n_docs)
     n_solutions = n_docs - n_facts
@@ -59,9 +68,19 @@ def build_corpus(task_name: str, n_docs: int, seed: int, flawed_share: float = 0
     rng.shuffle(flawed_flags)
     fact_difficulty = min(d, max(LEVELS))
     docs: list[tuple[str, str]] = []
-    for flawed in flawed_flags:
+    reflect_flags = [False] * n_solutions
+    rrng = None
+    if reflect_share > 0:  # its own stream: the problems and slips stay those of reflect_share 0
+        rrng = random.Random(f"reflect-{seed}")
+        n_reflect = round(reflect_share * n_solutions)
+        reflect_flags = [True] * n_reflect + [False] * (n_solutions - n_reflect)
+        rrng.shuffle(reflect_flags)
+    for flawed, reflect in zip(flawed_flags, reflect_flags):
         problem = task.sample_split(rng, d, split)
-        docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed)))
+        if reflect:
+            docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed, reflect_rng=rrng)))
+        else:
+            docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed)))
     for _ in range(n_facts):
         docs.append(sample_fact(rng, fact_difficulty, split))
     rng.shuffle(docs)
@@ -69,7 +88,8 @@ def build_corpus(task_name: str, n_docs: int, seed: int, flawed_share: float = 0
 
 
 def corpus_texts(task_name: str, n_docs: int, seed: int, flawed_share: float = 0.5,
-                 difficulty: int | None = None, split: str = "train", fact_share: float = 0.2) -> list[str]:
+                 difficulty: int | None = None, split: str = "train", fact_share: float = 0.2,
+                 reflect_share: float = 0.0) -> list[str]:
     """The same documents as full chat-template strings (what the tokenizer is trained on)."""
     return [render_document(p, c) for p, c in
-            build_corpus(task_name, n_docs, seed, flawed_share, difficulty, split, fact_share)]
+            build_corpus(task_name, n_docs, seed, flawed_share, difficulty, split, fact_share, reflect_share)]

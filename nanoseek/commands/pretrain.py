@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of worked solutions with one deliberate slip")
     p.add_argument("--fact-share", type=float, default=DataConfig.fact_share,
                    help="share of documents that are one-operation arithmetic facts (always correct)")
+    p.add_argument("--reflect-share", type=float, default=DataConfig.reflect_share,
+                   help="share of worked solutions with one check line `a+b=r. check: a+b=r'.` (arithmetic only)")
     p.add_argument("--packing", default=DataConfig.packing, choices=list(PACKERS),
                    help="rows are cuts of one document stream (stream, default) or start at a document start "
                         "(aligned)")
@@ -93,11 +95,13 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     train = TrainConfig(**given).validate()
     data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs, difficulty=args.difficulty,
-                      flawed_share=args.flawed_share, fact_share=args.fact_share, packing=args.packing)
+                      flawed_share=args.flawed_share, fact_share=args.fact_share, packing=args.packing,
+                      reflect_share=args.reflect_share)
     from nanoseek.tasks import get_task
 
     get_task(data.task).check_difficulty(data.difficulty)  # bad task names / difficulties fail here, before any work
-    for name, share in (("--flawed-share", data.flawed_share), ("--fact-share", data.fact_share)):
+    for name, share in (("--flawed-share", data.flawed_share), ("--fact-share", data.fact_share),
+                        ("--reflect-share", data.reflect_share)):
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {share}")
     if data.n_docs < 1 or data.n_test_docs < 1:

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="raise difficulty over the run (with --prioritized: by priority within each level)")
     p.add_argument("--no-bias-update", action="store_true", help="freeze the MoE selection bias during RL")
     p.add_argument("--bias-gamma", type=float, default=d.bias_gamma, help="bias update speed per step")
+    p.add_argument("--partial-rollout-tokens", type=int, default=d.partial_rollout_tokens, metavar="N",
+                   help="Kimi k1.5 partial rollouts: at most N new tokens per trajectory per step; unfinished ones "
+                        "continue in the next step (0 = off)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -53,8 +56,9 @@ def config_from_args(a: argparse.Namespace) -> GRPOConfig:
         temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, lr=a.lr, mu=a.mu, advantage=a.advantage, loss_agg=a.loss_agg,
         eps_low=a.eps_low, eps_high=a.eps_high, beta=a.beta, dynamic_sampling=a.dynamic_sampling,
         overlong_cache=a.overlong_cache, mask_truncated=a.mask_truncated, length_weight=a.length_weight,
-        length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, pool_size=a.pool_size, curriculum=a.curriculum,
-        bias_update=not a.no_bias_update, bias_gamma=a.bias_gamma, seed=a.seed, ckpt_every=a.ckpt_every).validate()
+        length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, pool_size=a.pool_size,
+        curriculum=a.curriculum, bias_update=not a.no_bias_update, bias_gamma=a.bias_gamma, seed=a.seed,
+        ckpt_every=a.ckpt_every, partial_rollout_tokens=a.partial_rollout_tokens).validate()
 
 
 def run(args: argparse.Namespace) -> int:

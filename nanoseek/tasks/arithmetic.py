@@ -153,11 +153,20 @@ class ArithmeticTask(Task):
     def check(self, problem: Problem, answer: str) -> bool:
         return _INT.fullmatch(answer) is not None and int(answer) == int(problem.answer)
 
-    def solution(self, problem: Problem, rng: random.Random, flawed: bool = False) -> str:
+    def solution(self, problem: Problem, rng: random.Random, flawed: bool = False,
+                 reflect_rng: random.Random | None = None) -> str:
+        """The worked solution; with `reflect_rng` it carries one check line (nanoseek.tasks.reflection): a
+        flawed one then fixes its slip and reaches the right answer. The slip is drawn from `rng` either way."""
         tokens = self.tokens_of(problem)
         steps = evaluate_steps(tokens)
+        correct = steps
         if flawed:
             steps = self._flawed_steps(tokens, len(steps), int(problem.answer), rng)
+        if reflect_rng is not None:
+            from nanoseek.tasks.reflection import reflected_think
+
+            return format_completion(reflected_think(correct, steps if flawed else None, reflect_rng),
+                                     str(correct[-1].result))
         think = " ".join(s.text() for s in steps)
         return format_completion(think, str(steps[-1].result))
 

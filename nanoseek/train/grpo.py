@@ -62,10 +62,12 @@ from nanoseek.engine.sampling import SamplingParams, support_logprobs
 from nanoseek.io import atomic_write_text
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import RewardWeights, Score, stable_hash
+from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import Dist, clip_grads, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
+from nanoseek.train.partial_rollouts import PartialRollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
                                     length_rewards, overlong_penalty)
 
@@ -115,6 +117,7 @@ class GRPOConfig:
     seed: int = 0
     ckpt_every: int = 50
     keep_last: int = 2
+    partial_rollout_tokens: int = 0  # Kimi k1.5 partial rollouts: new tokens per trajectory per step (0 = off)
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:
@@ -137,6 +140,8 @@ class GRPOConfig:
         need(self.max_sampling_rounds >= 0, f"max_sampling_rounds must be >= 0, got {self.max_sampling_rounds}")
         need(not self.prioritized or self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
         need(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
+        need(self.partial_rollout_tokens >= 0 and not (self.partial_rollout_tokens and self.dynamic_sampling),
+             "partial_rollout_tokens must be >= 0 and cannot be combined with dynamic sampling")
         return self
 
     def sampling(self) -> SamplingParams:
@@ -236,6 +241,7 @@ class GroupResult:
     format_ok: list[bool]
     lengths: list[int]
     truncated: list[bool]
+    texts: list[str]
 
     @property
     def accuracy(self) -> float:
@@ -297,7 +303,7 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
     kept: list[Rollout] = []
     n_kept = 0
     stats = {"reward": [], "correct": [], "format": [], "len": [], "truncated": [], "zero_spread": [],
-             "uniform_accuracy": [], "rounds": 0, "groups_kept": 0}
+             "uniform_accuracy": [], "texts": [], "rounds": 0, "groups_kept": 0}
     rounds = 1 + (cfg.max_sampling_rounds if cfg.dynamic_sampling else 0)
     for r in range(rounds):
         need = n_prompts - n_kept
@@ -326,7 +332,7 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
             scores = all_scores[k * G:(k + 1) * G]
             lengths = [len(o.tokens) for o in group]
             res = GroupResult(shaped_rewards(scores, lengths, cfg, step), [s.correct for s in scores],
-                              [s.format_ok for s in scores], lengths, truncated)
+                              [s.format_ok for s in scores], lengths, truncated, [o.text for o in group])
             local_results.append(res)
             local_rollouts[g] = [Rollout(prompts[k * G], o.tokens, o.logprobs, t, rew, s.correct, s.format_ok, -1)
                                  for o, t, s, rew in zip(group, truncated, scores, res.rewards)]
@@ -337,6 +343,7 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
             stats["correct"] += [float(c) for c in res.correct]
             stats["format"] += [float(f) for f in res.format_ok]
             stats["len"] += res.lengths
+            stats["texts"] += res.texts  # for the reflection metrics (nanoseek.tasks.reflection)
             stats["truncated"] += [float(t) for t in res.truncated]
             stats["zero_spread"].append(float(res.zero_spread))
             stats["uniform_accuracy"].append(float(res.uniform_accuracy))
@@ -564,6 +571,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
         shutil.copyfile(tok_path, out / "tokenizer.json")
     engine = Engine(model, tokenizer)
+    partial = PartialRollouts(cfg.partial_rollout_tokens) if cfg.partial_rollout_tokens else None
     progress = ProgressLine(cfg.steps, start=start, enabled=dist.is_main and not quiet,
                             print_every=5, description="grpo")
     t_start = time.time()
@@ -578,8 +586,9 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.time()
             sampler_at_done = sampler.state()
-            rollouts, st = rollout_groups(engine, sampler, cfg, cfg.prompts_per_step, step,
-                                          seed=cfg.seed * 100003 + step, dist=dist)
+            gen = partial.step if partial is not None else rollout_groups  # partial: Kimi k1.5 sec. 2.6.2
+            rollouts, st = gen(engine, sampler, cfg, cfg.prompts_per_step, step, seed=cfg.seed * 100003 + step,
+                               dist=dist)
             t_gen = time.time() - t0
             with DeferredInterrupt():  # from the first weight change to the checkpoint, the step completes
                 sampler_at_done = None
@@ -590,6 +599,9 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                        "uniform_accuracy_groups": _mean(st["uniform_accuracy"]), "sampling_rounds": st["rounds"],
                        "groups_trained": st["groups_kept"], "verify_s": round(st.get("verify_s", 0.0), 3),
                        "checks_per_s": round(st.get("checks", 0) / max(st.get("verify_s", 0.0), 1e-9), 1)}
+                rec.update(reflection_stats(st["texts"]))  # check rate, check-changed rate (issue 14)
+                if partial is not None:
+                    rec.update({"carried": st["carried"], "gen_tokens": st["gen_tokens"]})
                 t1 = time.time()
                 if st["groups_kept"]:  # global: every rank takes the same branch
                     rewards = torch.tensor([r.reward for r in rollouts])

@@ -58,6 +58,7 @@ class DataConfig:
     flawed_share: float = 0.5
     difficulty: int | None = None
     fact_share: float = 0.2  # one-operation problems, always correct (nanoseek.corpus)
+    reflect_share: float = 0.0  # worked solutions with one check line (nanoseek.tasks.reflection; arithmetic)
     vocab_size: int = 512  # tokenizer target (a small corpus may give fewer)
     # "stream": GPT-2 style cuts of one long stream; "aligned": every row starts at a document start
     # (nanoseek.data.pack_aligned). Stream stays the default: on the demo's arithmetic at 1000 steps aligned
@@ -124,7 +125,7 @@ def prepare_tokenizer(run_dir: Path, data: DataConfig, seed: int, dist: Dist):
         from nanoseek.corpus import corpus_texts
 
         texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train",
-                             data.fact_share)
+                             data.fact_share, data.reflect_share)
         Tokenizer.train(texts, data.vocab_size).save(path)
     dist.barrier()  # unconditional: other ranks must not test for the file while rank 0 may be writing it
     return Tokenizer.load(path)  # every rank, fresh or resumed, encodes with the same saved file
@@ -135,7 +136,8 @@ def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[to
     from nanoseek.corpus import build_corpus
 
     def rows(n: int, split: str, s: int) -> torch.Tensor:
-        docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split, data.fact_share)
+        docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split, data.fact_share,
+                            data.reflect_share)
         return PACKERS[data.packing]([tokenizer.document_ids(p, c) for p, c in docs], seq_len, tokenizer.eos_id)
 
     return rows(data.n_docs, "train", seed), rows(data.n_test_docs, "test", seed + 1)

@@ -1,0 +1,426 @@
+"""`nanoseek aha` (= `make aha`): long reasoning in miniature (issue 14; docs/long_reasoning.md).
+
+Stages, each resumable (Ctrl-C or a timeout, then rerun the same command; `--until STAGE` stops after one):
+  1. pretrain_base: the tiny MoE on worked arithmetic where `reflect_share` of the solutions carry one check
+     line (`7+8=16. check: 7+8=15.`, nanoseek.tasks.reflection): the base knows the move but rarely makes it;
+  2. eval_base; 3. rl: GRPO with the rule-based reward and a long token budget (R1-Zero, arXiv 2501.12948
+     sec. 2.2.4): per step, response length, check rate, check-changed rate and accuracy are logged (metrics.jsonl)
+     and plotted like R1's fig. 3; 4. eval_rl;
+  5. long2short from the RL ("long") model, Kimi k1.5 (arXiv 2501.12599 sec. 2.4):
+     l2s_length  - more GRPO with the k1.5 length reward (GRPOConfig.length_weight);
+     l2s_shortest - shortest-correct rejection sampling (`nanoseek traces --keep shortest`) + SFT (`nanoseek sft`);
+     l2s_dpo     - DPO, shortest correct vs the longest wrong or longer correct sample (`nanoseek dpo`);
+     l2s_merge   - weight average of the long model and the short base it started from (`nanoseek merge`);
+     each then evaluated;
+  6. report: runs/aha/report.md, plots/, summary.json.
+
+Evaluation (held-out split, fixed problems): pass@1 = mean accuracy of `eval_samples` samples at T=0.6 (and
+T=1.0), greedy accuracy, and from the T=0.6 samples: mean response length, tokens per correct answer (mean
+length of the correct completions), check rate, check-changed rate.
+
+Simplifications: one seed per invocation; the cold start (R1 stage 2) comparison is not part of it; the
+merge partner is the base (the short-CoT model of the same architecture we have), not a separately trained one.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from nanoseek.commands.demo import Stages
+from nanoseek.config import ConfigError
+from nanoseek.io import atomic_write_text
+
+console = Console()
+METHODS = ("l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge")
+LABELS = {"l2s_length": "length-penalty RL", "l2s_shortest": "shortest rejection sampling + SFT",
+          "l2s_dpo": "DPO (short vs long)", "l2s_merge": "merge (long + base)"}
+
+
+@dataclass
+class AhaConfig:
+    out: str = "runs/aha"
+    seed: int = 0
+    task: str = "arithmetic"
+    difficulty: int = 1
+    # the demo's base recipe (docs in nanoseek/commands/demo.py), plus a small reflection share
+    base_steps: int = 1400
+    base_lr: float = 4e-3
+    batch_size: int = 32
+    seq_len: int = 64
+    n_docs: int = 50_000
+    flawed_share: float = 0.6
+    reflect_share: float = 0.1  # "small": the base can check, but rarely does
+    rl_steps: int = 200
+    rl_lr: float = 1e-4
+    rl_temperature: float = 0.7  # the demo's rollout temperature
+    group_size: int = 8
+    prompts_per_step: int = 16
+    max_new_tokens: int = 96  # room to grow: a plain level-1 solution is ~15-25 tokens, a check adds ~8
+    # long2short
+    length_steps: int = 60
+    length_weight: float = 0.5  # the k1.5 length reward at half the accuracy reward's weight
+    l2s_problems: int = 400  # train problems sampled for rejection sampling and for DPO pairs
+    l2s_samples: int = 4
+    sft_epochs: float = 2.0
+    sft_lr: float = 1e-4  # a fine-tune of the RL model: RL's lr, not pretraining's
+    dpo_steps: int = 60
+    dpo_beta: float = 0.1
+    dpo_lr: float = 1e-4
+    eval_n: int = 200
+    eval_samples: int = 4
+
+    def validate(self) -> "AhaConfig":
+        for name in ("base_steps", "rl_steps", "length_steps", "batch_size", "seq_len", "group_size",
+                     "prompts_per_step", "max_new_tokens", "l2s_problems", "dpo_steps", "eval_n", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.l2s_samples < 2:
+            raise ConfigError("l2s_samples must be >= 2 (pairs and shortest need several samples)")
+        for name in ("flawed_share", "reflect_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if min(self.base_lr, self.rl_lr, self.sft_lr, self.dpo_lr, self.dpo_beta, self.rl_temperature) <= 0:
+            raise ConfigError("learning rates, dpo_beta and rl_temperature must be positive")
+        return self
+
+    @classmethod
+    def smoke(cls, out: str, seed: int = 0) -> "AhaConfig":
+        """A seconds-long version of every stage (tests)."""
+        return cls(out=out, seed=seed, base_steps=6, batch_size=4, n_docs=300, reflect_share=0.3, rl_steps=2,
+                   group_size=4, prompts_per_step=2, max_new_tokens=24, length_steps=2, l2s_problems=6,
+                   l2s_samples=2, sft_epochs=1.0, dpo_steps=2, eval_n=4, eval_samples=1)
+
+
+STAGES = ("pretrain_base", "eval_base", "rl", "eval_rl", *[s for m in METHODS for s in (m, f"eval_{m}")],
+          "samples")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = AhaConfig()
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--seed", type=int, default=d.seed)
+    for name in ("base_steps", "rl_steps", "length_steps", "dpo_steps", "eval_n", "eval_samples", "max_new_tokens",
+                 "l2s_problems"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
+    for name in ("reflect_share", "flawed_share", "length_weight", "rl_temperature"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    p.add_argument("--until", choices=STAGES, help="stop after this stage (run long pipelines in pieces)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
+
+
+# ---- stages -------------------------------------------------------------------------------------------
+def _pretrain(run: Path, cfg: AhaConfig) -> dict:
+    from nanoseek.config import ModelConfig
+    from nanoseek.train.checkpoint import latest_checkpoint, read_state
+    from nanoseek.train.common import TrainConfig
+    from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
+
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is None or int(read_state(ckpt)["step"]) < cfg.base_steps:
+        steps = cfg.base_steps
+        train = TrainConfig(lr=cfg.base_lr, steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+                            warmup_steps=min(20, max(1, steps // 10)), eval_interval=max(steps // 4, 1),
+                            ckpt_interval=max(steps // 5, 1))
+        data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 50, 20),
+                          difficulty=cfg.difficulty, flawed_share=cfg.flawed_share, fact_share=0.0,
+                          reflect_share=cfg.reflect_share)
+        pretrain(run, PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data),
+                 resume=ckpt is not None, device="cpu")
+    state = read_state(latest_checkpoint(run / "checkpoints"))
+    return {"step": int(state["step"]), "elapsed_s": float(state.get("elapsed_s", 0.0))}
+
+
+def _grpo(init: Path, run: Path, cfg: AhaConfig, steps: int, length_weight: float = 0.0) -> dict:
+    from nanoseek.train.checkpoint import latest_checkpoint, read_state
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is not None and int(read_state(ckpt)["step"]) >= steps:
+        return {"step": steps}
+    rl = GRPOConfig(task=cfg.task, difficulty=cfg.difficulty, steps=steps, group_size=cfg.group_size,
+                    prompts_per_step=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr,
+                    seed=cfg.seed, ckpt_every=max(steps // 5, 1), bias_update=False, bias_gamma=0.0,
+                    temperature=cfg.rl_temperature, length_weight=length_weight)
+    last = train_grpo(init, run, rl, resume=ckpt is not None, device="cpu")
+    return {k: last.get(k) for k in ("step", "accuracy", "response_len_mean", "check_rate", "check_changed_rate")}
+
+
+def _shortest_sft(rl: Path, run: Path, cfg: AhaConfig) -> dict:
+    from nanoseek.train.checkpoint import latest_checkpoint
+    from nanoseek.train.common import TrainConfig
+    from nanoseek.train.sft import SFTConfig, train_sft
+    from nanoseek.train.traces import TracesConfig, rejection_sample
+
+    run.mkdir(parents=True, exist_ok=True)
+    data = run.parent / "l2s_shortest_traces.jsonl"
+    if not data.exists():
+        rejection_sample(TracesConfig(run=str(rl), task=cfg.task, problems=cfg.l2s_problems, samples=cfg.l2s_samples,
+                                      temperature=1.0, keep="shortest", difficulty=cfg.difficulty,
+                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out=str(data)),
+                         print_fn=console.print)
+    if not data.read_text().strip():  # e.g. a smoke run's untrained model: no correct sample at all
+        return {"skipped": "no correct sample to fine-tune on"}
+    seq_len = 128
+    train = TrainConfig(lr=cfg.sft_lr, steps=1, batch_size=32, seq_len=seq_len, seed=cfg.seed, warmup_steps=5,
+                        eval_interval=0, ckpt_interval=50, bias_gamma=0.0)
+    resume = latest_checkpoint(run / "checkpoints") is not None
+    s = train_sft(run, SFTConfig(data=str(data), init=str(rl), epochs=cfg.sft_epochs, train=train), resume=resume,
+                  device="cpu", quiet=False)
+    return {"step": s["step"], "examples": s["examples"]}
+
+
+def _dpo(rl: Path, run: Path, cfg: AhaConfig) -> dict:
+    from nanoseek.train.checkpoint import latest_checkpoint
+    from nanoseek.train.dpo import DPOConfig, preference_pairs, train_dpo, write_pairs
+
+    data = run.parent / "l2s_dpo_pairs.jsonl"
+    if not data.exists():
+        pairs = preference_pairs(rl, cfg.task, cfg.l2s_problems, cfg.l2s_samples, 1.0, cfg.max_new_tokens,
+                                 cfg.seed, cfg.difficulty)
+        write_pairs(pairs, data)
+    if not data.read_text().strip():  # no problem had both a short correct sample and a longer / wrong one
+        return {"skipped": "no preference pair"}
+    resume = latest_checkpoint(run / "checkpoints") is not None
+    s = train_dpo(run, DPOConfig(init=str(rl), data=str(data), beta=cfg.dpo_beta, lr=cfg.dpo_lr, steps=cfg.dpo_steps,
+                                 seq_len=160, seed=cfg.seed, ckpt_every=max(cfg.dpo_steps // 2, 1)), resume=resume)
+    return {k: s.get(k) for k in ("step", "loss", "margin", "reward_accuracy", "pairs")}
+
+
+def _merge(base: Path, rl: Path, run: Path) -> dict:
+    from nanoseek.train.merge import merge_runs
+
+    merge_runs([rl, base], run)
+    return {"runs": [str(rl), str(base)]}
+
+
+def evaluate_long(run: Path, cfg: AhaConfig) -> dict | None:
+    """pass@1 (T=0.6, T=1.0), greedy, and length / reflection statistics of the T=0.6 samples; None for a
+    method that was skipped (it has no checkpoint)."""
+    from nanoseek.engine import Engine
+    from nanoseek.evaluate import test_problems
+    from nanoseek.tasks import get_task
+    from nanoseek.tasks.reflection import check_changed, has_check
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_run_model
+
+    from nanoseek.train.checkpoint import latest_checkpoint
+
+    if latest_checkpoint(run / "checkpoints") is None:
+        console.print(f"{run.name}: skipped (no model)")
+        return None
+    task = get_task(cfg.task)
+    problems = test_problems(cfg.task, cfg.eval_n, seed=1234, difficulty=cfg.difficulty)
+    model, _, _ = load_run_model(run)
+    tok = Tokenizer.load(run / "tokenizer.json")
+    engine = Engine(model, tok)
+
+    def sample(repeats: int, temperature: float, top_p):
+        jobs = [p for p in problems for _ in range(repeats)]
+        outs = []
+        for i in range(0, len(jobs), 512):
+            outs += engine.generate([tok.prompt_ids(p.prompt) for p in jobs[i:i + 512]], cfg.max_new_tokens,
+                                    temperature=temperature, top_p=top_p, seed=1235 + i)
+        scores = task.score_batch(jobs, [o.text for o in outs], [o.finish_reason == "length" for o in outs])
+        return outs, [s.correct for s in scores]
+
+    g_outs, g_ok = sample(1, 0.0, None)
+    outs, ok = sample(cfg.eval_samples, 0.6, 0.95)
+    _, ok1 = sample(cfg.eval_samples, 1.0, None)
+    lens = [len(o.tokens) for o in outs]
+    right = [n for n, c in zip(lens, ok) if c]
+    checked = [has_check(o.text) for o in outs]
+    n = len(outs)
+    res = {"pass1": sum(ok) / n, "pass1_t1": sum(ok1) / len(ok1), "greedy": sum(g_ok) / len(g_ok),
+           "mean_len": sum(lens) / n, "tokens_per_correct": sum(right) / len(right) if right else None,
+           "check_rate": sum(checked) / n, "check_changed_rate": sum(check_changed(o.text) for o in outs) / n,
+           "pass1_when_checked": (sum(c for c, k in zip(ok, checked) if k) / sum(checked)) if any(checked) else None,
+           "pass1_when_not_checked": (sum(c for c, k in zip(ok, checked) if not k) / (n - sum(checked)))
+           if n > sum(checked) else None}
+    tpc = "-" if res["tokens_per_correct"] is None else f"{res['tokens_per_correct']:.1f}"
+    console.print(f"{run.name}: pass@1 T=0.6 {res['pass1']:.1%}  T=1.0 {res['pass1_t1']:.1%}  greedy {res['greedy']:.1%}"
+                  f"  len {res['mean_len']:.1f}  tokens/correct {tpc}  checks {res['check_rate']:.1%}"
+                  f"  check changed {res['check_changed_rate']:.1%}")
+    return res
+
+
+def _samples(runs: dict[str, Path], cfg: AhaConfig, k: int = 6) -> dict:
+    """Held-out problems with each model's T=0.6 completion (seeded)."""
+    from nanoseek.engine import Engine
+    from nanoseek.evaluate import test_problems
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_run_model
+
+    task = get_task(cfg.task)
+    problems = test_problems(cfg.task, k, seed=99, difficulty=cfg.difficulty)
+    out = {"problems": [p.prompt for p in problems]}
+    for name, run in runs.items():
+        model, _, _ = load_run_model(run)
+        tok = Tokenizer.load(run / "tokenizer.json")
+        gens = Engine(model, tok).generate([tok.prompt_ids(p.prompt) for p in problems], cfg.max_new_tokens,
+                                           temperature=0.6, top_p=0.95, seed=cfg.seed)
+        out[name] = [{"text": g.text, "correct": task.score(p, g.text, g.finish_reason == "length").correct}
+                     for p, g in zip(problems, gens)]
+    return out
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def plot_reflection(rl_runs: dict[str, Path], path: Path) -> Path | None:
+    """R1 fig. 3 in miniature: mean response length, check rate, check-changed rate and accuracy per RL step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.report import _ema, _save
+    from nanoseek.train.metrics import read_metrics
+
+    data = {k: read_metrics(r / "metrics.jsonl") for k, r in rl_runs.items()}
+    if not any(data.values()):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    panels = [("response_len_mean", "mean response length (tokens)"),
+              ("check_rate", "completions with a check / check changed a step"), ("accuracy", "rollout accuracy")]
+    for ax, (key, title) in zip(axes, panels):
+        for name, rows in data.items():
+            if not rows:
+                continue
+            steps = [r["step"] for r in rows]
+            ys = [r.get(key, 0.0) for r in rows]
+            ax.plot(steps, ys, lw=0.6, alpha=0.3)
+            ax.plot(steps, _ema(ys), lw=1.5, label=name, color=ax.lines[-1].get_color())
+            if key == "check_rate":
+                ax.plot(steps, _ema([r.get("check_changed_rate", 0.0) for r in rows]), lw=1.2, ls="--",
+                        label=f"{name}: check changed", color=ax.lines[-1].get_color())
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return path
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samples: dict) -> Path:
+    plot = plot_reflection({"R1-Zero-style RL": root / "rl", "length-penalty RL": root / "l2s_length"},
+                           root / "plots" / "aha_curves.png")
+    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS)}
+    lines = [f"# nanoseek aha: reflection RL and long2short on `{cfg.task}` (seed {cfg.seed})", "",
+             f"Total time {summary['seconds_total'] / 60:.1f} min. Held-out split, {cfg.eval_n} problems; pass@1 = "
+             f"mean accuracy of {cfg.eval_samples} samples; lengths and check rates from the T=0.6 samples. "
+             "All settings: aha_config.json.", "",
+             f"Base: {cfg.base_steps} pretraining steps, reflection share {cfg.reflect_share:g}, flawed share "
+             f"{cfg.flawed_share:g}. RL: {cfg.rl_steps} GRPO steps, G {cfg.group_size} x {cfg.prompts_per_step}, "
+             f"T {cfg.rl_temperature:g}, budget {cfg.max_new_tokens} new tokens.", "",
+             "| model | pass@1 T=0.6 | pass@1 T=1.0 | greedy | mean length | tokens / correct | check rate | "
+             "check changed | pass@1 checked / not |", "|---|---|---|---|---|---|---|---|---|"]
+    names = {"base": "base", "rl": "RL (long)", **LABELS}
+    for k, r in ev.items():
+        if r is None:
+            lines.append(f"| {names[k]} | skipped: {stages.done[k]['result'].get('skipped', '?')} |" + " |" * 7)
+            continue
+        lines.append(f"| {names[k]} | {_pct(r['pass1'])} | {_pct(r['pass1_t1'])} | {_pct(r['greedy'])} | "
+                     f"{_num(r['mean_len'])} | {_num(r['tokens_per_correct'])} | {_pct(r['check_rate'])} | "
+                     f"{_pct(r['check_changed_rate'])} | {_pct(r['pass1_when_checked'])} / "
+                     f"{_pct(r['pass1_when_not_checked'])} |")
+    lines += ["", "## long2short against the long model", "",
+              "| method | tokens / correct | vs long | pass@1 T=0.6 | vs long (points) |", "|---|---|---|---|---|"]
+    long_tpc = summary["long_tokens_per_correct"]
+    for m in METHODS:
+        r = summary["long2short"][m]
+        if r is None:
+            lines.append(f"| {LABELS[m]} | skipped | - | - | - |")
+            continue
+        rel = "-" if r["tokens_per_correct"] is None or not long_tpc else f"{r['tokens_per_correct'] / long_tpc - 1:+.0%}"
+        lines.append(f"| {LABELS[m]} | {_num(r['tokens_per_correct'])} | {rel} | {_pct(r['pass1'])} | "
+                     f"{100 * (r['pass1'] - summary['rl_pass1']):+.1f} |")
+    lines += ["", "## RL curves (R1-Zero fig. 3 in miniature)", ""]
+    if plot:
+        lines.append(f"![curves](plots/{plot.name})")
+    lines += ["", "## Sample completions (held-out problems, T=0.6)", ""]
+    for i, prob in enumerate(samples["problems"]):
+        lines += [f"**{prob}**", ""]
+        for name in ("base", "rl", "l2s_length"):
+            if name in samples:
+                s = samples[name][i]
+                lines.append(f"- {names[name]} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
+        lines.append("")
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
+    cfg.validate()
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    cfg_path = root / "aha_config.json"
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != dataclasses.asdict(cfg):
+        raise ConfigError(f"{root} holds an aha run with other settings ({cfg_path}); use another --out")
+    atomic_write_text(cfg_path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    stages = Stages(root / "stages.json")
+    base, rl = root / "base", root / "rl"
+    runs = {"base": base, "rl": rl, **{m: root / m for m in METHODS}}
+    work = {"pretrain_base": lambda: _pretrain(base, cfg),
+            "eval_base": lambda: evaluate_long(base, cfg),
+            "rl": lambda: _grpo(base, rl, cfg, cfg.rl_steps),
+            "eval_rl": lambda: evaluate_long(rl, cfg),
+            "l2s_length": lambda: _grpo(rl, runs["l2s_length"], cfg, cfg.length_steps, cfg.length_weight),
+            "l2s_shortest": lambda: _shortest_sft(rl, runs["l2s_shortest"], cfg),
+            "l2s_dpo": lambda: _dpo(rl, runs["l2s_dpo"], cfg),
+            "l2s_merge": lambda: _merge(base, rl, runs["l2s_merge"]),
+            "samples": lambda: _samples({k: runs[k] for k in ("base", "rl", "l2s_length")}, cfg)}
+    for m in METHODS:
+        work[f"eval_{m}"] = (lambda m=m: evaluate_long(runs[m], cfg))
+    for name in STAGES:
+        stages.run(name, work[name])
+        if name == until:
+            console.print(f"stopped after stage {name} (--until); rerun to continue")
+            return None
+    # a base pretrained outside this command (same settings, resumed here) counts with its own training time
+    seconds = {k: v["seconds"] for k, v in stages.done.items() if not k.startswith("_")}
+    seconds["pretrain_base"] = max(seconds["pretrain_base"], stages.done["pretrain_base"]["result"]["elapsed_s"])
+    total = sum(seconds.values())
+    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS)}
+    summary = {"task": cfg.task, "seed": cfg.seed,
+               "base_check_rate": ev["base"]["check_rate"], "rl_check_rate": ev["rl"]["check_rate"],
+               "base_check_changed_rate": ev["base"]["check_changed_rate"],
+               "rl_check_changed_rate": ev["rl"]["check_changed_rate"],
+               "base_len": ev["base"]["mean_len"], "rl_len": ev["rl"]["mean_len"],
+               "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
+               "base_pass1_t1": ev["base"]["pass1_t1"], "rl_pass1_t1": ev["rl"]["pass1_t1"],
+               "base_greedy": ev["base"]["greedy"], "rl_greedy": ev["rl"]["greedy"],
+               "long_tokens_per_correct": ev["rl"]["tokens_per_correct"],
+               "long2short": {m: None if ev[m] is None else
+                              {k: ev[m][k] for k in ("tokens_per_correct", "pass1", "pass1_t1", "greedy", "mean_len",
+                                                     "check_rate")} for m in METHODS},
+               "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
+               "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()}}
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    report = write_report(root, cfg, stages, summary, stages.done["samples"]["result"])
+    console.print(f"total {total / 60:.1f} min; report: {report}; summary: {root / 'summary.json'}")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.smoke:
+        cfg = AhaConfig.smoke(args.out, args.seed)
+    else:
+        cfg = AhaConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AhaConfig) if hasattr(args, f.name)})
+    t0 = time.time()
+    run_aha(cfg, args.until)
+    console.print(f"[dim]this invocation: {time.time() - t0:.0f} s[/dim]")
+    return 0

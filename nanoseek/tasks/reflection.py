@@ -1,0 +1,76 @@
+"""Reflection in worked arithmetic: check lines that re-compute a step (R1-Zero's "aha moment" in miniature).
+
+DeepSeek-R1 (arXiv 2501.12948 sec. 2.2.4, fig. 3) reports that during RL the model starts to re-examine its
+own steps. Here re-examination has one fixed, program-detectable form: right after a step `a op b = r.` the
+solution writes `check: a op b = r'.` and carries on with r'. When the step was a slip (r wrong), the check
+fixes it in place; when it was right, the check repeats it (it costs tokens and pays only sometimes):
+
+    7+8=16. check: 7+8=15. 15*2=30.     (a slip fixed: the check changed the answer)
+    7+8=15. check: 7+8=15. 15*2=30.     (a correct step re-checked)
+
+Simplifications: one check per pretraining solution, and the check itself is always right in the corpus
+(what the model writes after RL may of course be wrong; the detector only reads the text).
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from nanoseek.tasks.arithmetic import Step
+
+CHECK_MARK = "check:"
+_STEP = r"(-?\d{1,12})([+\-*/])(-?\d{1,12})=(-?\d{1,12})"
+# a step, then its check line (the same operands and operator are required to count as a check of that step)
+_CHECK = re.compile(_STEP + r"\.\s*" + re.escape(CHECK_MARK) + r"\s*" + _STEP + r"\.?")
+
+
+@dataclass(frozen=True)
+class Check:
+    step: str  # the checked step, e.g. "7+8=16"
+    check: str  # the check line's step, e.g. "7+8=15"
+    same_step: bool  # the check re-computes the same a op b (a well-formed check)
+    changed: bool  # ... and gives another result than the step did
+
+
+def find_checks(text: str) -> list[Check]:
+    """Every `step. check: step.` pair in a completion, in order."""
+    out = []
+    for m in _CHECK.finditer(text):
+        a, op, b, r, a2, op2, b2, r2 = m.groups()
+        same = (a, op, b) == (a2, op2, b2)
+        out.append(Check(f"{a}{op}{b}={r}", f"{a2}{op2}{b2}={r2}", same, same and r != r2))
+    return out
+
+
+def has_check(text: str) -> bool:
+    """The completion re-checks something (any `check:` mark, well formed or not)."""
+    return CHECK_MARK in text
+
+
+def check_changed(text: str) -> bool:
+    """A well-formed check of a step gave another result, so the solution continued from a changed value."""
+    return any(c.changed for c in find_checks(text))
+
+
+def reflection_stats(texts: list[str]) -> dict:
+    """Share of completions with a check, and with a check that changed a step's result."""
+    n = max(len(texts), 1)
+    return {"check_rate": sum(has_check(t) for t in texts) / n,
+            "check_changed_rate": sum(check_changed(t) for t in texts) / n}
+
+
+def reflected_think(correct: list[Step], flawed: list[Step] | None, rng: random.Random) -> str:
+    """The think text of a solution with one check line. With `flawed` (one slip, carried on), the slipped
+    step is written, then its check fixes it and the rest follows the correct chain (the answer is right).
+    Without it, one step drawn by `rng` is re-checked."""
+    if flawed is not None:
+        i = next((k for k, (c, f) in enumerate(zip(correct, flawed)) if c.result != f.result), None)
+        if i is not None:
+            parts = [s.text() for s in correct]
+            parts[i] = f"{flawed[i].text()} {CHECK_MARK} {correct[i].text()}"
+            return " ".join(parts)
+    j = rng.randrange(len(correct))
+    parts = [s.text() for s in correct]
+    parts[j] = f"{correct[j].text()} {CHECK_MARK} {correct[j].text()}"
+    return " ".join(parts)

@@ -1,0 +1,81 @@
+"""Partial rollouts (Kimi k1.5): with a budget no response reaches, GRPO is unchanged exactly; with a small one,
+carried trajectories are continued by the newer policy and every token keeps its own sampler's log-prob."""
+import json
+
+import pytest
+import torch
+
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.corpus import corpus_texts
+from nanoseek.engine import Engine
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.checkpoint import load_run_model, save_checkpoint
+from nanoseek.train.grpo import GRPOConfig, ProblemSampler, token_logprobs, train_grpo
+from nanoseek.train.metrics import read_metrics
+from nanoseek.train.partial_rollouts import PartialRollouts
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    run = tmp_path_factory.mktemp("pr_base")
+    tok = Tokenizer.train(corpus_texts("arithmetic", 300, seed=0), vocab_size=300)
+    tok.save(run / "tokenizer.json")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2,
+                                    n_dense_layers=1, n_heads=2, n_routed_experts=4, n_activated_experts=2,
+                                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                                    max_seq_len=128, original_seq_len=128))
+    (run / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}))
+    save_checkpoint(run / "checkpoints", 1, model, None, {})
+    return run
+
+
+def test_budget_above_every_response_equals_grpo(base, tmp_path):
+    kw = dict(steps=3, group_size=4, prompts_per_step=2, max_new_tokens=12, ckpt_every=3, bias_update=False)
+    train_grpo(base, tmp_path / "plain", GRPOConfig(**kw), device="cpu", quiet=True)
+    train_grpo(base, tmp_path / "partial", GRPOConfig(**kw, partial_rollout_tokens=12), device="cpu", quiet=True)
+    a, b = read_metrics(tmp_path / "plain" / "metrics.jsonl"), read_metrics(tmp_path / "partial" / "metrics.jsonl")
+    for ra, rb in zip(a, b):
+        for k in ("reward", "accuracy", "response_len_mean", "loss", "grad_norm", "check_rate"):
+            assert ra[k] == rb[k], k
+        assert rb["carried"] == 0
+    ma, mb = load_run_model(tmp_path / "plain")[0], load_run_model(tmp_path / "partial")[0]
+    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_carried_tokens_keep_their_own_policys_logprobs(base):
+    model, _, _ = load_run_model(base)
+    tok = Tokenizer.load(base / "tokenizer.json")
+    cfg = GRPOConfig(group_size=2, prompts_per_step=2, max_new_tokens=8, temperature=1.0)
+    engine = Engine(model, tok)
+    sampler = ProblemSampler(cfg)
+    pr = PartialRollouts(budget=4)
+    done1, st1 = pr.step(engine, sampler, cfg, 2, 1, seed=1)
+    old = {id(t): list(t.logprobs) for t in pr.carried}
+    assert st1["carried"] > 0 and all(len(t.tokens) <= 4 for t in pr.carried)
+    policy_1 = Transformer(model.cfg)
+    policy_1.load_state_dict(model.state_dict())
+    with torch.no_grad():  # a different policy for the second segment
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    done2, _ = pr.step(engine, sampler, cfg, 2, 2, seed=2)
+    mixed = [r for r in done2 if len(r.tokens) > 4]
+    assert mixed, "some step-1 trajectory must have been continued in step 2"
+    for r in mixed:
+        ids = torch.tensor([r.prompt + r.tokens])
+        with torch.no_grad():
+            lp1, _ = token_logprobs(policy_1.eval(), ids, ids[:, 1:], cfg.sampling())
+            lp2, _ = token_logprobs(model.eval(), ids, ids[:, 1:], cfg.sampling())
+        a = len(r.prompt) - 1
+        got = torch.tensor(r.logprobs)
+        torch.testing.assert_close(got[:4], lp1[0, a:a + 4], atol=1e-4, rtol=0)  # segment 1: the old policy
+        torch.testing.assert_close(got[4:], lp2[0, a + 4:a + len(r.tokens)], atol=1e-4, rtol=0)  # segment 2: new
+        assert (got[:4] - lp2[0, a:a + 4]).abs().max() > 1e-3  # the policies really differ there
+    assert any(list(r.logprobs[:4]) in old.values() for r in mixed)
+
+
+def test_partial_with_dynamic_sampling_is_refused():
+    with pytest.raises(ConfigError):
+        GRPOConfig(partial_rollout_tokens=8, dynamic_sampling=True).validate()
