@@ -108,15 +108,31 @@ def main() -> None:
         loss_diff = abs(GKDTrainer.generalized_jsd_loss(a, b, labels, beta=1.0).item() - reverse_kl(a, b).mean().item())
 
     # ---- TRL side --------------------------------------------------------------------------------
+    # TRL computes num_items_in_batch (its loss normalizer) from the collated labels BEFORE on-policy generation
+    # replaces the batch, so the collator carries an off-policy completion too (the task's worked solution):
+    # with all-masked labels the normalizer is 0 and the first update turns the student into NaN.
+    import random as _random
+
+    gold_rng = _random.Random(args.seed)
+    completion_ids = [tok.encode(task.solution(p, gold_rng)) + [tok.eos_id] for step in plan for p in step]
+
     def collate(rows):
         L = max(len(r["prompt_ids"]) for r in rows)
+        W = max(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in rows)
         prompts = torch.full((len(rows), L), tok.pad_id, dtype=torch.long)
         mask = torch.zeros(len(rows), L, dtype=torch.long)
+        ids = torch.full((len(rows), W), tok.pad_id, dtype=torch.long)
+        ids_mask = torch.zeros(len(rows), W, dtype=torch.long)
+        labels = torch.full((len(rows), W), -100, dtype=torch.long)
         for i, r in enumerate(rows):
-            prompts[i, L - len(r["prompt_ids"]):] = torch.tensor(r["prompt_ids"])
-            mask[i, L - len(r["prompt_ids"]):] = 1
-        return {"input_ids": prompts, "attention_mask": mask, "labels": torch.full_like(prompts, -100),
-                "prompts": prompts, "prompt_attention_mask": mask}
+            p, c = r["prompt_ids"], r["completion_ids"]
+            prompts[i, L - len(p):] = torch.tensor(p)
+            mask[i, L - len(p):] = 1
+            ids[i, W - len(p) - len(c):] = torch.tensor(p + c)
+            ids_mask[i, W - len(p) - len(c):] = 1
+            labels[i, W - len(c):] = torch.tensor(c)
+        return {"input_ids": ids, "attention_mask": ids_mask, "labels": labels, "prompts": prompts,
+                "prompt_attention_mask": mask}
 
     trl_cfg = GKDConfig(
         output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, seed=args.seed, lmbda=1.0, beta=1.0,
@@ -125,7 +141,7 @@ def main() -> None:
         adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=total,
         logging_strategy="no", save_strategy="no", report_to=[], push_to_hub=False, disable_tqdm=True,
         dataloader_num_workers=0, gradient_checkpointing=False)
-    dataset = Dataset.from_dict({"prompt_ids": prompt_ids})
+    dataset = Dataset.from_dict({"prompt_ids": prompt_ids, "completion_ids": completion_ids})
 
     # ---- nanoseek side, run from a callback after each TRL step ----------------------------------
     engine = Engine(student, tok)
@@ -163,6 +179,9 @@ def main() -> None:
 
         def on_step_end(self, a, state, control, **kw):
             trl_s.append(time.perf_counter() - self.mark)
+            bad = [n for n, p in hf_s.named_parameters() if not torch.isfinite(p).all()]
+            if bad:
+                raise SystemExit(f"TRL's student has non-finite weights after step {state.global_step}: {bad[:3]}")
             our_step(state.global_step - 1)
             self.mark = time.perf_counter()
 
