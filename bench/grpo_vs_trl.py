@@ -2,11 +2,12 @@
 
 The model (a run directory given with --init, or a fresh tiny preset) is exported with `to_hf` (tokenizer
 included) and loaded by transformers for TRL; nanoseek trains a separate copy of the same initial weights.
-Both sides see the same problems in the same order (arithmetic, train split), as identical prompt token ids
-(`<|bos|><|user|>...<|assistant|>`, checked), and are scored by the same task checker (accuracy 1.0 +
-format 0.1; a completion that hits the token budget earns no accuracy). Settings on both sides: G = 8
-completions per prompt, 16 prompts per step (128 completions), up to 64 new tokens, temperature 1.0 (no
-top-k / top-p), lr 1e-4 constant, AdamW (0.9, 0.95), no weight decay, grad clip 1.0, beta = 0 (no reference
+Both sides see the same problems in the same order (`--task` / `--difficulty`, train split; by default
+the demo's: `DemoConfig.task` and `DemoConfig.difficulty`, the operating point where RL is actually run), as
+identical prompt token ids (`<|bos|><|user|>...<|assistant|>`, checked), and are scored by the same task
+checker (accuracy 1.0 + format 0.1; a completion that hits the token budget earns no accuracy). Settings on
+both sides: G = 8 completions per prompt, 16 prompts per step (128 completions), up to 64 new tokens,
+temperature `--temperature` (default 1.0; no top-k / top-p), lr 1e-4 constant, AdamW (0.9, 0.95), no weight decay, grad clip 1.0, beta = 0 (no reference
 model), eps 0.2, per-sequence mean loss ("grpo"), group-std advantages, one policy update per batch, two
 training micro-batches of 64, float32 on CPU.
 
@@ -14,6 +15,11 @@ The two run alternately in one process: TRL's own training loop (`trainer.train(
 runs one nanoseek step after each TRL step. A TRL step is timed from the end of the previous callback to
 `on_step_end` (data, generation, reward, forward/backward, optimizer); a nanoseek step is rollout + scoring +
 advantages + update. The first `--warmup` steps of each are not counted; medians over the rest are reported.
+
+nanoseek skips the forward/backward of zero-advantage rows (exact: they add nothing to the gradient); TRL
+computes them. So that the ratio is not only that skip, a third copy of the same weights runs the same
+nanoseek step with skipping disabled (`policy_update(..., skip_zero_advantage=False)`, same rollout seeds)
+right after, and its ratio is printed as a second line (`--no-skip-off` drops it).
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nanoseek.commands.demo import DemoConfig
 from nanoseek.config import ModelConfig
 from nanoseek.corpus import corpus_texts
 from nanoseek.engine import Engine
@@ -45,12 +52,12 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def build_model(init: str | None, seed: int, tmp: Path) -> tuple[Transformer, Path, str]:
+def build_model(init: str | None, seed: int, tmp: Path, task: str) -> tuple[Transformer, Path, str]:
     """(float32 model, tokenizer.json path, description)."""
     if init:
         model, _, step_dir = load_run_model(init)
         return model.float(), Path(init) / "tokenizer.json", f"{init} ({step_dir.name})"
-    tok = Tokenizer.train(corpus_texts("arithmetic", 2000, seed=0))
+    tok = Tokenizer.train(corpus_texts(task, 2000, seed=0))
     tok_file = tok.save(tmp / "tokenizer.json")
     torch.manual_seed(seed)
     model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
@@ -68,6 +75,13 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=64, help="sequences per training forward, both sides")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
+    demo = DemoConfig()
+    ap.add_argument("--task", default=demo.task, help=f"task, both sides (default: the demo's, {demo.task})")
+    ap.add_argument("--difficulty", type=int, default=demo.difficulty,
+                    help=f"difficulty, both sides (default: the demo's, {demo.difficulty})")
+    ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, both sides")
+    ap.add_argument("--no-skip-off", dest="skip_off", action="store_false",
+                    help="do not also time nanoseek with zero-advantage skipping disabled")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,7 +102,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="grpo_vs_trl_"))
 
     # ---- one model, two copies -------------------------------------------------------------------
-    model, tok_file, desc = build_model(args.init, args.seed, tmp)
+    model, tok_file, desc = build_model(args.init, args.seed, tmp, args.task)
     tok = Tokenizer.load(tok_file)
     hf_dir = to_hf(model, tmp / "hf", include_mtp=False, tokenizer_file=tok_file)
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
@@ -97,7 +111,8 @@ def main() -> None:
 
     # ---- the same problems, in the order nanoseek's sampler draws them ---------------------------
     cfg = GRPOConfig(group_size=G, prompts_per_step=P, max_new_tokens=args.max_new_tokens, lr=args.lr, mu=1,
-                     micro_batch=args.micro_batch, steps=total, seed=args.seed).validate()
+                     micro_batch=args.micro_batch, steps=total, seed=args.seed, task=args.task,
+                     difficulty=args.difficulty, temperature=args.temperature).validate()
     plan = ProblemSampler(cfg)
     problems = [p for step in range(1, total + 1) for _, p in plan.draw(P, step)]
     task = plan.task
@@ -142,7 +157,7 @@ def main() -> None:
         output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, fp16=False, seed=args.seed,
         num_generations=G, per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=P * G // args.micro_batch,  # -> steps_per_generation = same: one generation per step
-        max_completion_length=args.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+        max_completion_length=args.max_new_tokens, temperature=args.temperature, top_p=1.0, top_k=0,
         beta=0.0, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.95,
         weight_decay=0.0, max_grad_norm=1.0, gradient_checkpointing=False, max_steps=total,
@@ -151,26 +166,41 @@ def main() -> None:
     assert trl_cfg.generation_batch_size == P * G and trl_cfg.steps_per_generation == trl_cfg.gradient_accumulation_steps
     dataset = Dataset.from_dict({"prompt": prompt_texts, "pid": list(range(len(problems)))})
 
-    # ---- nanoseek side, run from a callback after each TRL step ----------------------------------
-    engine = Engine(model, tok)
-    sampler = ProblemSampler(cfg)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    # ---- nanoseek side(s), run from a callback after each TRL step --------------------------------
+    import copy
+
     dist = Dist()
-    ours: list[dict] = []
-    served: list[list[str]] = []  # the prompts nanoseek's sampler drew per step
+
+    def nano_side(m: Transformer, skip: bool):
+        """One nanoseek GRPO step per call on its own model copy, sampler and optimizer."""
+        engine, sampler = Engine(m, tok), ProblemSampler(cfg)
+        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        rows: list[dict] = []
+        served: list[list[str]] = []  # the prompts the sampler drew per step
+
+        def step_fn(step: int) -> None:
+            t0 = time.perf_counter()
+            rollouts, st = rollout_groups(engine, sampler, cfg, P, step, seed=cfg.seed * 100003 + step)
+            t1 = time.perf_counter()
+            adv = group_advantages(torch.tensor([r.reward for r in rollouts]), G, scale=cfg.advantage == "grpo")
+            upd = policy_update(m, None, optimizer, rollouts, adv, cfg, dist, first=True, skip_zero_advantage=skip)
+            t2 = time.perf_counter()
+            served.append(sorted(tok.decode(r.prompt) for r in rollouts[::G]))
+            rows.append({"s": t2 - t0, "gen_s": t1 - t0, "reward": _mean(st["reward"]),
+                         "accuracy": _mean(st["correct"]), "format": _mean(st["format"]), "len": _mean(st["len"]),
+                         "truncated": _mean(st["truncated"]), "rows_trained": upd["rows_trained"],
+                         "rows": len(rollouts), "zero_adv": int((adv == 0).sum())})
+        return step_fn, rows, served
+
+    model_off = copy.deepcopy(model) if args.skip_off else None  # before any update: the same initial weights
+    step_on, ours, served = nano_side(model, True)
+    step_off, ours_off, served_off = nano_side(model_off, False) if args.skip_off else (None, [], [])
 
     def our_step(step: int) -> None:
-        t0 = time.perf_counter()
-        rollouts, st = rollout_groups(engine, sampler, cfg, P, step, seed=cfg.seed * 100003 + step)
-        t1 = time.perf_counter()
-        adv = group_advantages(torch.tensor([r.reward for r in rollouts]), G, scale=cfg.advantage == "grpo")
-        upd = policy_update(model, None, optimizer, rollouts, adv, cfg, dist, first=True)
-        t2 = time.perf_counter()
-        served.append(sorted(tok.decode(r.prompt) for r in rollouts[::G]))
-        ours.append({"s": t2 - t0, "gen_s": t1 - t0, "reward": _mean(st["reward"]), "accuracy": _mean(st["correct"]),
-                     "format": _mean(st["format"]), "len": _mean(st["len"]), "truncated": _mean(st["truncated"]),
-                     "rows_trained": upd["rows_trained"], "rows": len(rollouts)})
+        step_on(step)
+        if step_off:
+            step_off(step)
 
     trl_s: list[float] = []
 
@@ -197,7 +227,9 @@ def main() -> None:
     same_prompts = sum(ours_p == plan_p and trl_p == [j for j in range(i * P, (i + 1) * P) for _ in range(G)]
                        for i, (ours_p, plan_p, trl_p) in enumerate(zip(served, planned, trl_pids)))
     w = args.warmup
-    if len(trl_s) != total or len(trl_stats) != total or len(ours) != total:
+    if args.skip_off:
+        same_prompts = min(same_prompts, sum(a == b for a, b in zip(served_off, planned)))
+    if len(trl_s) != total or len(trl_stats) != total or len(ours) != total or (args.skip_off and len(ours_off) != total):
         raise SystemExit(f"expected {total} steps per side, got TRL {len(trl_s)} (rewards {len(trl_stats)}), ours {len(ours)}")
     m_trl, m_ours = statistics.median(trl_s[w:]), statistics.median([o["s"] for o in ours[w:]])
     g_trl, g_ours = statistics.median(trl_gen_s[w:]), statistics.median([o["gen_s"] for o in ours[w:]])
@@ -206,7 +238,7 @@ def main() -> None:
         return _mean([r[key] for r in rows[w:]])
 
     print(f"model: {desc}; {sum(p.numel() for p in hf_model.parameters()) / 1e6:.2f}M params (MTP not used)")
-    print(f"task arithmetic, {P} prompts x G {G} = {P * G} completions/step, <= {args.max_new_tokens} new tokens, "
+    print(f"task {args.task}, difficulty {args.difficulty}, temperature {args.temperature}, {P} prompts x G {G} = {P * G} completions/step, <= {args.max_new_tokens} new tokens, "
           f"lr {args.lr}, mu 1, beta 0, micro-batch {args.micro_batch}; float32 CPU, {torch.get_num_threads()} threads, "
           f"HF attention {hf_model.config._attn_implementation}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
@@ -215,13 +247,24 @@ def main() -> None:
           f"max |logit diff| nanoseek vs HF export {logit_diff:.1e}")
     print(f"{args.steps} measured steps each after {w} warm-up, alternating, medians:")
     print(f"{'':>10} {'s/step':>8} {'gen s':>7} {'rest s':>7} {'reward':>7} {'acc':>6} {'format':>7} {'len':>6} {'trunc':>6}")
-    for name, m, g, rows in (("TRL", m_trl, g_trl, trl_stats), ("nanoseek", m_ours, g_ours, ours)):
+    sides = [("TRL", m_trl, g_trl, trl_stats), ("nanoseek", m_ours, g_ours, ours)]
+    if args.skip_off:
+        m_off = statistics.median([o["s"] for o in ours_off[w:]])
+        sides.append(("skip off", m_off, statistics.median([o["gen_s"] for o in ours_off[w:]]), ours_off))
+    for name, m, g, rows in sides:
         print(f"{name:>10} {m:>8.2f} {g:>7.2f} {m - g:>7.2f} {avg(rows, 'reward'):>7.3f} {avg(rows, 'accuracy'):>6.3f} "
               f"{avg(rows, 'format'):>7.3f} {avg(rows, 'len'):>6.1f} {avg(rows, 'truncated'):>6.2f}")
     print("per step (s)  TRL:", " ".join(f"{x:.2f}" for x in trl_s))
     print("per step (s) ours:", " ".join(f"{o['s']:.2f}" for o in ours))
+    if args.skip_off:
+        print("per step (s)  off:", " ".join(f"{o['s']:.2f}" for o in ours_off))
+    zero = sum(o["zero_adv"] for o in ours[w:]) / max(sum(o["rows"] for o in ours[w:]), 1)
+    print(f"zero-advantage (skipped) rows: {100 * zero:.1f}% of nanoseek's rows over the measured steps")
     print(f"ratio TRL / nanoseek seconds per step: {m_trl / m_ours:.2f}x (target >= 3x: "
           f"{'met' if m_trl / m_ours >= 3 else 'NOT met'})")
+    if args.skip_off:
+        print(f"ratio TRL / nanoseek seconds per step, zero-advantage skipping disabled: {m_trl / m_off:.2f}x "
+              f"(target >= 2x: {'met' if m_trl / m_off >= 2 else 'NOT met'})")
     print("reward = mean over the measured steps of accuracy (1.0) + format (0.1) per completion")
     print(f"nanoseek's update trained {avg(ours, 'rows_trained'):.1f} of {avg(ours, 'rows'):.0f} rows per step: the rest "
           "had zero advantage (all rewards in their group equal), which adds nothing to the gradient, so their "

@@ -527,3 +527,44 @@ def test_dynamic_sampling_keeps_groups_of_mixed_accuracy_not_of_mixed_shaped_rew
     s2.task = ScriptedTask()
     kept2, st2 = rollout_groups(ScriptedEngine(tok, script, 4), s2, no_filter, 2, step=1, seed=0)
     assert st2["rounds"] == 1 and [r.correct for r in kept2][:4] == [False] * 4  # without it: kept as drawn
+
+
+def test_policy_update_groups_rows_by_length_and_keeps_the_full_batch_gradient(base_run, monkeypatch):
+    """Micro-batches hold rows sorted by length, each cut to its own longest row (less right padding), and the
+    gradient still equals the one-batch loss over every row computed by hand."""
+    from nanoseek.train import grpo
+    from nanoseek.train.grpo import batch_tensors, token_logprobs
+    from nanoseek.train.rl_math import aggregate, clipped_surrogate
+
+    torch.manual_seed(0)
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
+    seqs = [([0, 4, 30, 31, 5], [40, 41, 42, 1]), ([0, 4, 33, 5], [50, 51, 52, 1]),
+            ([0, 4, 30, 31, 5], [60, 61, 62, 63, 1]), ([0, 4, 33, 5], [70, 1])]  # lengths 9, 8, 10, 6
+    rewards = [1.0, 0.0, 0.6, 0.1]
+    rs = make_rollouts(model, seqs, rewards)
+    adv = group_advantages(torch.tensor(rewards), 2)
+    cfg = GRPOConfig(group_size=2, grad_clip=1e9, bias_update=False, micro_batch=2)
+    model.zero_grad()
+    ids, mask, old, targets = batch_tensors(rs, "cpu")
+    model.train()
+    logp, _ = token_logprobs(model, ids, targets, cfg.sampling())
+    per_tok, _ = clipped_surrogate(logp, old, adv, cfg.eps_low, cfg.eps_high)
+    aggregate(per_tok, mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs=4).backward()
+    want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    widths = []
+    real_logprobs = grpo.token_logprobs
+    monkeypatch.setattr(grpo, "token_logprobs", lambda m, i, t, s: widths.append(tuple(i.shape)) or real_logprobs(m, i, t, s))
+
+    class Recorder:
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+
+        def step(self):
+            self.grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+    rec = Recorder()
+    policy_update(model, None, rec, rs, adv, cfg, Dist(), first=True)
+    assert widths == [(2, 8), (2, 10)]  # (6, 8) then (9, 10); in draw order it would be (9, 8) -> 9, (10, 6) -> 10
+    for g, w in zip(rec.grads, want):
+        assert torch.allclose(g, w, atol=1e-7, rtol=1e-5)

@@ -448,7 +448,11 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             rows = (adv != 0).nonzero().flatten()
             idle = (adv == 0).nonzero().flatten()
             if idle.numel() and cfg.bias_update and cfg.bias_gamma > 0:
+                idle = idle[lengths[idle].argsort(stable=True)]
                 count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch)
+        # Rows sorted by length, so that each micro-batch is cut to its own longest row: less right padding
+        # through the forward/backward (the loss and its normalizers do not depend on how rows are grouped).
+        rows = rows[lengths[rows].argsort(stable=True)]
         ids, mask, old, targets, lengths, adv = (t[rows] for t in (ids, mask, old, targets, lengths, adv))
         for sl, width in _micro_batches(ids.size(0), mask, cfg.micro_batch):
             mb_ids, mb_mask, mb_old, mb_t = ids[sl, :width], mask[sl, :width - 1], old[sl, :width - 1], targets[sl, :width - 1]
