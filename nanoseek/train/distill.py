@@ -33,7 +33,7 @@ import torch
 from nanoseek.config import ConfigError
 from nanoseek.train.checkpoint import load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, set_lr
-from nanoseek.train.loop import RunClock, finish_run, open_run, write_run_files
+from nanoseek.train.loop import RunClock, finish_run, load_mask, open_run, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
 
@@ -128,13 +128,8 @@ def distill_step(student, teacher, optimizer, prompts, gens, cfg: DistillConfig)
         mb_ids, mb_mask = ids[sl, :width], mask[sl, :width - 1]
         with torch.no_grad():
             t_logits = teacher.logits(teacher.hidden(mb_ids[:, :-1]))
-        if moe:
-            student.set_load_mask(torch.arange(width - 1, device=device)[None] < lengths[sl, None] - 1)
-        try:
+        with load_mask(student, torch.arange(width - 1, device=device)[None] < lengths[sl, None] - 1):
             s_logits = student.logits(student.hidden(mb_ids[:, :-1]))
-        finally:
-            if moe:
-                student.set_load_mask(None)
         loss = distill_loss(s_logits, t_logits, mb_mask, n_tokens, cfg.temperature)
         loss.backward()
         total += float(loss.detach())

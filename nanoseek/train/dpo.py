@@ -33,7 +33,7 @@ from nanoseek.io import atomic_write_text
 from nanoseek.model.transformer import IGNORE
 from nanoseek.train.checkpoint import load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import clip_grads, set_lr
-from nanoseek.train.loop import open_run, read_jsonl_rows, write_run_files
+from nanoseek.train.loop import load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.sft import encode_examples, trim
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
@@ -52,13 +52,8 @@ def sequence_logps(model, ids: torch.Tensor, targets: torch.Tensor, pad_id: int 
     """Sum of log p(target) over the positions whose target is not IGNORE; ids (B, L + 1), targets (B, L)."""
     ids, targets = trim(ids, targets)
     mask = targets != IGNORE
-    if model.moe_layers():
-        model.set_load_mask(ids[:, :-1] != pad_id)
-    try:
+    with load_mask(model, ids[:, :-1] != pad_id):
         logits = model.logits(model.hidden(ids[:, :-1]))
-    finally:
-        if model.moe_layers():
-            model.set_load_mask(None)
     logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1)
 

@@ -8,6 +8,7 @@ only its batch, its loss and its logging.
   and the learning rate of a step (warmup + cosine over steps, or over the fraction of the budget used).
 - `read_jsonl_rows`: a bounded JSONL reader with one ConfigError per bad line.
 - `finish_run`: the report of a run that logged at least one step.
+- `load_mask`: count only the real (non-padding) tokens in the MoE expert loads of the forwards inside it.
 
 Ctrl-C needs no code here: every trainer checkpoints periodically, and the next run resumes from the last
 checkpoint (its elapsed time included).
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
@@ -103,3 +107,14 @@ def finish_run(out: Path, record: dict, is_main: bool = True) -> None:
         from nanoseek.report import write_report
 
         write_report(out)
+
+
+@contextmanager
+def load_mask(model, mask: torch.Tensor) -> Iterator[None]:
+    """Inside: the expert loads count only mask == True tokens (B, T); after (even on error): all tokens again.
+    A dense model has no loads, and this does nothing."""
+    model.set_load_mask(mask)
+    try:
+        yield
+    finally:
+        model.set_load_mask(None)

@@ -43,7 +43,7 @@ from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
 from nanoseek.train.common import Dist, TrainConfig, build_optimizer, clip_grads, set_lr, setup_distributed
-from nanoseek.train.loop import RunClock, finish_run, open_run, read_jsonl_rows, write_run_files
+from nanoseek.train.loop import RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
 KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
@@ -143,13 +143,8 @@ def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torc
         mine = idx[dist.rank::dist.world]
         ids, tgt = trim(ids_all[mine], tgt_all[mine])
         ids, tgt = ids.to(dist.device), tgt.to(dist.device)
-        if moe:
-            model.set_load_mask(ids[:, :-1] != pad_id)
-        try:
+        with load_mask(model, ids[:, :-1] != pad_id):
             loss = completion_loss(model, ids, tgt, n_tokens)
-        finally:
-            if moe:
-                model.set_load_mask(None)
         (loss * dist.world).backward()  # average_grads divides by world
         loss_sum += float(loss.detach()) * n_tokens
         n_total += n_tokens / tcfg.grad_accum
