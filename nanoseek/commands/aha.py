@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from nanoseek.commands.demo import Stages
+from nanoseek.commands.demo import Stages, sample_lines
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 
@@ -337,13 +337,7 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
     if plot:
         lines.append(f"![curves](plots/{plot.name})")
     lines += ["", "## Sample completions (held-out problems, T=0.6)", ""]
-    for i, prob in enumerate(samples["problems"]):
-        lines += [f"**{prob}**", ""]
-        for name in ("base", "rl", "l2s_length"):
-            if name in samples:
-                s = samples[name][i]
-                lines.append(f"- {names[name]} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
-        lines.append("")
+    lines += sample_lines(samples, names)
     path = root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -277,6 +277,21 @@ def _samples(runs: dict[str, Path], cfg, k: int = 4, temperature: float = 1.0, t
 
 
 # ---- report -------------------------------------------------------------------------------------------
+def sample_lines(samples: dict, labels: dict[str, str] | None = None) -> list[str]:
+    """Markdown of `_samples`' result: each problem in bold, then every model's completion (its label, else its
+    name) marked correct or wrong."""
+    lines = []
+    for i, prob in enumerate(samples["problems"]):
+        lines += [f"**{prob}**", ""]
+        for name in samples:
+            if name == "problems":
+                continue
+            s = samples[name][i]
+            lines.append(f"- {(labels or {}).get(name, name)} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
+        lines.append("")
+    return lines
+
+
 def write_report(root: Path, cfg: DemoConfig, stages: Stages, summary: dict, samples: dict) -> Path:
     from nanoseek.rl_report import plot_rl
 
@@ -303,13 +318,7 @@ def write_report(root: Path, cfg: DemoConfig, stages: Stages, summary: dict, sam
     lines += ["", "## RL curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "Pretraining report of the base: [base/report.md](base/report.md)", "",
               "## Sample completions (held-out problems, temperature 1.0)", ""]
-    for i, prob in enumerate(samples["problems"]):
-        lines.append(f"**{prob}**")
-        lines.append("")
-        for name in ("base", "rl"):
-            s = samples[name][i]
-            lines.append(f"- {name} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
-        lines.append("")
+    lines += sample_lines(samples)
     path = root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -311,6 +311,8 @@ def _samples(runs: dict[str, Path], dcfg) -> dict:
 
 
 def write_report(root: Path, cfg: R1Config, dcfg, summary: dict, plots: list[Path], samples: dict) -> Path:
+    from nanoseek.commands.demo import sample_lines
+
     ev = summary["_evals"]
     arm_s, arm_steps = summary["arm_seconds"], summary["arm_steps"]
     lines = [f"# nanoseek R1 pipeline: distillation vs RL on a dense student (`{dcfg.task}`, seed {cfg.seed})", "",
@@ -341,14 +343,7 @@ def write_report(root: Path, cfg: R1Config, dcfg, summary: dict, plots: list[Pat
               f"{cfg.curve_n} problems) of every kept checkpoint:", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "## Sample completions (held-out problems, temperature 1.0)", ""]
-    for i, prob in enumerate(samples["problems"]):
-        lines += [f"**{prob}**", ""]
-        for name in samples:
-            if name == "problems":
-                continue
-            s = samples[name][i]
-            lines.append(f"- {name} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
-        lines.append("")
+    lines += sample_lines(samples)
     path = root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
