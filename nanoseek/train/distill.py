@@ -33,7 +33,7 @@ import torch
 from nanoseek.config import ConfigError
 from nanoseek.train.checkpoint import load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, set_lr
-from nanoseek.train.loop import RunClock, finish_run, load_mask, open_run, write_run_files
+from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
 
@@ -63,7 +63,7 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher: str, student: str) -
 
 # ---- config ---------------------------------------------------------------------------------------------
 @dataclass
-class DistillConfig:
+class DistillConfig(HasTrainConfig):
     teacher: str = ""
     student: str = ""
     task: str = "arithmetic"
@@ -89,17 +89,6 @@ class DistillConfig:
             raise ConfigError("budget must be >= 0")
         self.train.validate()
         return self
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DistillConfig:
-        d = dict(d)
-        train = TrainConfig.from_dict(d.pop("train"))
-        return cls(**d, train=train)
 
 
 def _batch(prompts: list[list[int]], gens, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

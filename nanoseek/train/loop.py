@@ -1,6 +1,7 @@
 """The run plumbing the fine-tuning trainers (sft.py, distill.py, dpo.py) share, so each trainer file holds
 only its batch, its loss and its logging.
 
+- `HasTrainConfig`: to_dict / from_dict of a trainer config that nests a TrainConfig as `train`.
 - `open_run`: a run directory's checkpoint folder and latest checkpoint; refuses to resume a run without a
   checkpoint or to start over one that has checkpoints; on resume returns the stored config section.
 - `write_run_files`: a fresh run's config.json and tokenizer.json (atomic writes).
@@ -15,10 +16,12 @@ checkpoint (its elapsed time included).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Self
 from pathlib import Path
 
 import torch
@@ -27,6 +30,22 @@ from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 from nanoseek.train.checkpoint import latest_checkpoint
 from nanoseek.train.common import TrainConfig, lr_at, lr_at_fraction
+
+
+class HasTrainConfig:
+    """Mixin for a config dataclass with a `train: TrainConfig` field: a plain dict with `train` as its own dict,
+    and back (the TrainConfig part checked by TrainConfig.from_dict)."""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Self:
+        d = dict(d)
+        train = TrainConfig.from_dict(d.pop("train"))
+        return cls(**d, train=train)
 
 
 def open_run(out: str | Path, resume: bool, section: str) -> tuple[Path, Path, Path | None, dict | None]:

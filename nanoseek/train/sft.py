@@ -43,7 +43,7 @@ from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
 from nanoseek.train.common import Dist, TrainConfig, build_optimizer, clip_grads, set_lr, setup_distributed
-from nanoseek.train.loop import RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
+from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
 KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
@@ -51,7 +51,7 @@ MAX_ROWS = 2_000_000  # bound on the examples one run reads
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(HasTrainConfig):
     data: str = ""  # the JSONL file
     init: str | None = None  # a run directory whose latest checkpoint (and tokenizer) start the run
     preset: str | None = None  # or a fresh model of this preset, with `tokenizer`
@@ -73,17 +73,6 @@ class SFTConfig:
             raise ConfigError("epochs and budget must be >= 0")
         self.train.validate()
         return self
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SFTConfig:
-        d = dict(d)
-        train = TrainConfig.from_dict(d.pop("train"))
-        return cls(**d, train=train)
 
 
 # ---- data ----------------------------------------------------------------------------------------------
