@@ -3,31 +3,20 @@ the summary keys of issue 14, and resumability (a rerun skips every finished sta
 import json
 
 import pytest
-import torch
 
 from nanoseek.cli import main
-from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.config import ConfigError
 from nanoseek.corpus import corpus_texts
-from nanoseek.model import Transformer
 from nanoseek.tasks.reflection import reflection_stats
-from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpoint import save_checkpoint
 from nanoseek.train.grpo import GRPOConfig, train_grpo
 from nanoseek.train.metrics import read_metrics
+from tiny_runs import write_tiny_run
 
 
 def test_grpo_logs_check_metrics_per_step(tmp_path, monkeypatch):
     run = tmp_path / "base"
     run.mkdir()
-    tok = Tokenizer.train(corpus_texts("arithmetic", 300, seed=0, reflect_share=0.5), vocab_size=300)
-    tok.save(run / "tokenizer.json")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2,
-                                    n_dense_layers=1, n_heads=2, n_routed_experts=4, n_activated_experts=2,
-                                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                                    max_seq_len=128, original_seq_len=128))
-    (run / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}))
-    save_checkpoint(run / "checkpoints", 1, model, None, {})
+    write_tiny_run(run, corpus_texts("arithmetic", 300, seed=0, reflect_share=0.5))
     seen = []
     import nanoseek.train.grpo as grpo
 

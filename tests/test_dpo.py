@@ -7,13 +7,13 @@ import random
 import pytest
 import torch
 
-from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.config import ConfigError
 from nanoseek.corpus import corpus_texts
-from nanoseek.model import Transformer
 from nanoseek.tasks import get_task
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpoint import latest_checkpoint, load_run_model, save_checkpoint
+from nanoseek.train.checkpoint import latest_checkpoint, load_run_model
 from nanoseek.train.dpo import DPOConfig, dpo_loss, encode_pairs, read_pairs, sequence_logps, train_dpo
+from tiny_runs import write_tiny_run
 
 
 def test_dpo_loss_hand_computed():
@@ -31,17 +31,7 @@ def test_dpo_loss_hand_computed():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dpo_base")
-    tok = Tokenizer.train(corpus_texts("arithmetic", 300, seed=0), vocab_size=300)
-    tok.save(root / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
-                      n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=8,
-                      qk_rope_head_dim=8, v_head_dim=8, max_seq_len=128, original_seq_len=128)
-    model = Transformer(cfg)
-    (root / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}))
-    save_checkpoint(root / "checkpoints", 1, model, None, {})
-    return root
+    return write_tiny_run(tmp_path_factory.mktemp("dpo_base"), corpus_texts("arithmetic", 300, seed=0))
 
 
 def make_pairs(n: int) -> list[dict]:

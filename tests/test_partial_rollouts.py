@@ -1,34 +1,24 @@
 """Partial rollouts (Kimi k1.5): with a budget no response reaches, GRPO is unchanged exactly; with a small one,
 carried trajectories are continued by the newer policy and every token keeps its own sampler's log-prob."""
-import json
 
 import pytest
 import torch
 
-from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.config import ConfigError
 from nanoseek.corpus import corpus_texts
 from nanoseek.engine import Engine
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpoint import load_run_model, save_checkpoint
+from nanoseek.train.checkpoint import load_run_model
 from nanoseek.train.grpo import GRPOConfig, ProblemSampler, token_logprobs, train_grpo
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.partial_rollouts import PartialRollouts
+from tiny_runs import write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    run = tmp_path_factory.mktemp("pr_base")
-    tok = Tokenizer.train(corpus_texts("arithmetic", 300, seed=0), vocab_size=300)
-    tok.save(run / "tokenizer.json")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2,
-                                    n_dense_layers=1, n_heads=2, n_routed_experts=4, n_activated_experts=2,
-                                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                                    max_seq_len=128, original_seq_len=128))
-    (run / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}))
-    save_checkpoint(run / "checkpoints", 1, model, None, {})
-    return run
+    return write_tiny_run(tmp_path_factory.mktemp("pr_base"), corpus_texts("arithmetic", 300, seed=0))
 
 
 def test_budget_above_every_response_equals_grpo(base, tmp_path):

@@ -7,32 +7,19 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from nanoseek.config import ModelConfig
 from nanoseek.corpus import corpus_texts
-from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpoint import save_checkpoint
 from nanoseek.train.grpo import GRPOConfig, train_grpo
 from nanoseek.train.metrics import read_metrics
 from sandbox_util import need
+from tiny_runs import write_tiny_run
 
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("base")
     texts = corpus_texts("proof", 150, seed=0) + corpus_texts("code", 150, seed=0) + corpus_texts("math", 150, seed=0)
-    tok = Tokenizer.train(texts, vocab_size=400)
-    tok.save(run / "tokenizer.json")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
-                      n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=8,
-                      qk_rope_head_dim=8, v_head_dim=8, max_seq_len=1024, original_seq_len=1024)
-    model = Transformer(cfg)
-    (run / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}))
-    save_checkpoint(run / "checkpoints", 1, model, None, {})
-    return run
+    return write_tiny_run(tmp_path_factory.mktemp("base"), texts, vocab_size=400, max_seq_len=1024)
 
 
 def test_corpus_documents_round_trip_through_the_tokenizer(base_run):

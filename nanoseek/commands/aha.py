@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from nanoseek.commands.demo import Stages
+from nanoseek.commands.demo import Stages, sample_lines
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 
@@ -251,23 +251,9 @@ def evaluate_long(run: Path, cfg: AhaConfig) -> dict | None:
 
 def _samples(runs: dict[str, Path], cfg: AhaConfig, k: int = 6) -> dict:
     """Held-out problems with each model's T=0.6 completion (seeded)."""
-    from nanoseek.engine import Engine
-    from nanoseek.evaluate import test_problems
-    from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.checkpoint import load_run_model
+    from nanoseek.commands.demo import _samples as demo_samples
 
-    task = get_task(cfg.task)
-    problems = test_problems(cfg.task, k, seed=99, difficulty=cfg.difficulty)
-    out = {"problems": [p.prompt for p in problems]}
-    for name, run in runs.items():
-        model, _, _ = load_run_model(run)
-        tok = Tokenizer.load(run / "tokenizer.json")
-        gens = Engine(model, tok).generate([tok.prompt_ids(p.prompt) for p in problems], cfg.max_new_tokens,
-                                           temperature=0.6, top_p=0.95, seed=cfg.seed)
-        out[name] = [{"text": g.text, "correct": task.score(p, g.text, g.finish_reason == "length").correct}
-                     for p, g in zip(problems, gens)]
-    return out
+    return demo_samples(runs, cfg, k, temperature=0.6, top_p=0.95)
 
 
 # ---- report -------------------------------------------------------------------------------------------
@@ -351,13 +337,7 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
     if plot:
         lines.append(f"![curves](plots/{plot.name})")
     lines += ["", "## Sample completions (held-out problems, T=0.6)", ""]
-    for i, prob in enumerate(samples["problems"]):
-        lines += [f"**{prob}**", ""]
-        for name in ("base", "rl", "l2s_length"):
-            if name in samples:
-                s = samples[name][i]
-                lines.append(f"- {names[name]} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
-        lines.append("")
+    lines += sample_lines(samples, names)
     path = root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
@@ -391,7 +371,7 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
             console.print(f"stopped after stage {name} (--until); rerun to continue")
             return None
     # a base pretrained outside this command (same settings, resumed here) counts with its own training time
-    seconds = {k: v["seconds"] for k, v in stages.done.items() if not k.startswith("_")}
+    seconds = stages.seconds_by_stage()
     seconds["pretrain_base"] = max(seconds["pretrain_base"], stages.done["pretrain_base"]["result"]["elapsed_s"])
     total = sum(seconds.values())
     ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS)}

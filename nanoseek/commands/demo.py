@@ -139,6 +139,10 @@ class Stages:
     def seconds(self, name: str) -> float:
         return self.done[name]["seconds"]
 
+    def seconds_by_stage(self) -> dict[str, float]:
+        """Seconds of every finished stage (partial times of interrupted ones left out)."""
+        return {k: v["seconds"] for k, v in self.done.items() if not k.startswith("_")}
+
     def _save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.done, indent=2) + "\n")
 
@@ -250,8 +254,9 @@ def _eval(run: Path, cfg: DemoConfig) -> dict:
     return res
 
 
-def _samples(runs: dict[str, Path], cfg: DemoConfig, k: int = 4) -> dict:
-    """A few held-out problems with each model's completion at temperature 1.0 (seeded)."""
+def _samples(runs: dict[str, Path], cfg, k: int = 4, temperature: float = 1.0, top_p: float | None = None) -> dict:
+    """A few held-out problems with each model's completion at `temperature` (seeded); `cfg` is any config with
+    task, difficulty, max_new_tokens and seed (DemoConfig, AhaConfig)."""
     from nanoseek.engine import Engine
     from nanoseek.evaluate import test_problems
     from nanoseek.tasks import get_task
@@ -265,13 +270,28 @@ def _samples(runs: dict[str, Path], cfg: DemoConfig, k: int = 4) -> dict:
         model, _, _ = load_run_model(run)
         tok = Tokenizer.load(run / "tokenizer.json")
         gens = Engine(model, tok).generate([tok.prompt_ids(p.prompt) for p in problems], cfg.max_new_tokens,
-                                           temperature=1.0, seed=cfg.seed)
+                                           temperature=temperature, top_p=top_p, seed=cfg.seed)
         out[name] = [{"text": g.text, "correct": task.score(p, g.text, g.finish_reason == "length").correct}
                      for p, g in zip(problems, gens)]
     return out
 
 
 # ---- report -------------------------------------------------------------------------------------------
+def sample_lines(samples: dict, labels: dict[str, str] | None = None) -> list[str]:
+    """Markdown of `_samples`' result: each problem in bold, then every model's completion (its label, else its
+    name) marked correct or wrong."""
+    lines = []
+    for i, prob in enumerate(samples["problems"]):
+        lines += [f"**{prob}**", ""]
+        for name in samples:
+            if name == "problems":
+                continue
+            s = samples[name][i]
+            lines.append(f"- {(labels or {}).get(name, name)} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
+        lines.append("")
+    return lines
+
+
 def write_report(root: Path, cfg: DemoConfig, stages: Stages, summary: dict, samples: dict) -> Path:
     from nanoseek.rl_report import plot_rl
 
@@ -298,21 +318,25 @@ def write_report(root: Path, cfg: DemoConfig, stages: Stages, summary: dict, sam
     lines += ["", "## RL curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "Pretraining report of the base: [base/report.md](base/report.md)", "",
               "## Sample completions (held-out problems, temperature 1.0)", ""]
-    for i, prob in enumerate(samples["problems"]):
-        lines.append(f"**{prob}**")
-        lines.append("")
-        for name in ("base", "rl"):
-            s = samples[name][i]
-            lines.append(f"- {name} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
-        lines.append("")
+    lines += sample_lines(samples)
     path = root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def print_pass_table(title: str, ev: dict[str, dict], labels: dict[str, str] | None = None) -> None:
+    """One row per evaluated model (its label, else its key): pass@1 at T=0.6 and T=1.0, and greedy."""
     from rich.table import Table
 
+    table = Table(title=title)
+    for col in ("model", "pass@1 T=0.6", "pass@1 T=1.0", "greedy"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for k, r in ev.items():
+        table.add_row((labels or {}).get(k, k), f"{r['pass1']:.1%}", f"{r['pass1_t1']:.1%}", f"{r['greedy']:.1%}")
+    console.print(table)
+
+
+def run_demo(cfg: DemoConfig) -> dict:
     cfg.validate()
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -328,7 +352,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     stages.run("eval_control", lambda: _eval(control, cfg))
     samples = stages.run("samples", lambda: _samples({"base": base, "rl": rl}, cfg))
     ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", "control")}
-    total = sum(v["seconds"] for k, v in stages.done.items() if not k.startswith("_"))
+    seconds = stages.seconds_by_stage()
+    total = sum(seconds.values())
     summary = {"task": cfg.task, "seed": cfg.seed,
                "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
                "base_pass1_t1": ev["base"]["pass1_t1"], "rl_pass1_t1": ev["rl"]["pass1_t1"],
@@ -337,15 +362,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                "control_greedy": ev["control"]["greedy"], "control_steps": control_steps,
                "control_seconds": round(paired["control_seconds"], 1), "threads_rl_and_control": paired["threads"],
                "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
-               "seconds_by_stage": {k: round(v["seconds"], 1) for k, v in stages.done.items() if not k.startswith("_")}}
+               "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()}}
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     report = write_report(root, cfg, stages, summary, samples)
-    table = Table(title=f"before / after RL (held-out {cfg.task}, n={cfg.eval_n})")
-    for col in ("model", "pass@1 T=0.6", "pass@1 T=1.0", "greedy"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for k, r in ev.items():
-        table.add_row(k, f"{r['pass1']:.1%}", f"{r['pass1_t1']:.1%}", f"{r['greedy']:.1%}")
-    console.print(table)
+    print_pass_table(f"before / after RL (held-out {cfg.task}, n={cfg.eval_n})", ev)
     console.print(f"total {total / 60:.1f} min; report: {report}; summary: {root / 'summary.json'}")
     return summary
 

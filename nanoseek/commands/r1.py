@@ -311,6 +311,8 @@ def _samples(runs: dict[str, Path], dcfg) -> dict:
 
 
 def write_report(root: Path, cfg: R1Config, dcfg, summary: dict, plots: list[Path], samples: dict) -> Path:
+    from nanoseek.commands.demo import sample_lines
+
     ev = summary["_evals"]
     arm_s, arm_steps = summary["arm_seconds"], summary["arm_steps"]
     lines = [f"# nanoseek R1 pipeline: distillation vs RL on a dense student (`{dcfg.task}`, seed {cfg.seed})", "",
@@ -341,23 +343,14 @@ def write_report(root: Path, cfg: R1Config, dcfg, summary: dict, plots: list[Pat
               f"{cfg.curve_n} problems) of every kept checkpoint:", ""]
     lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
     lines += ["", "## Sample completions (held-out problems, temperature 1.0)", ""]
-    for i, prob in enumerate(samples["problems"]):
-        lines += [f"**{prob}**", ""]
-        for name in samples:
-            if name == "problems":
-                continue
-            s = samples[name][i]
-            lines.append(f"- {name} ({'correct' if s['correct'] else 'wrong'}): `{s['text']}`")
-        lines.append("")
+    lines += sample_lines(samples)
     path = root / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
 
 
 def run_r1(cfg: R1Config) -> dict:
-    from rich.table import Table
-
-    from nanoseek.commands.demo import Stages
+    from nanoseek.commands.demo import Stages, print_pass_table
     from nanoseek.config import ModelConfig
 
     cfg.validate()
@@ -403,7 +396,8 @@ def run_r1(cfg: R1Config) -> dict:
         summary[f"{name}_pass1"] = ev[k]["pass1"]
         summary[f"{name}_pass1_t1"] = ev[k]["pass1_t1"]
         summary[f"{name}_greedy"] = ev[k]["greedy"]
-    total = sum(v["seconds"] for k, v in stages.done.items() if not k.startswith("_"))
+    seconds = stages.seconds_by_stage()
+    total = sum(seconds.values())
     summary.update({
         "arm_budget_s": budget,
         "arm_seconds": {"rl": res["rl"]["seconds"], "sft": res["sft"]["seconds"], "onpolicy": res["onpolicy"]["seconds"],
@@ -416,17 +410,13 @@ def run_r1(cfg: R1Config) -> dict:
         "traces_mean_tokens": traces["mean_tokens"], "sft_minus_rl_pass1": summary["student_sft_pass1"] - summary["student_rl_pass1"],
         "eval_n": dcfg.eval_n, "eval_samples": dcfg.eval_samples, "demo_seconds_this_run": round(demo_s, 1),
         "seconds_total": round(total, 1),
-        "seconds_by_stage": {k: round(v["seconds"], 1) for k, v in stages.done.items() if not k.startswith("_")},
+        "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
         "curves": curves})
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     plots = plot_curves(curves, root / "plots")
     report = write_report(root, cfg, dcfg, {**summary, "_evals": ev}, plots, samples)
-    table = Table(title=f"R1 pipeline on a {cfg.student_preset} student (held-out {dcfg.task}, n={dcfg.eval_n})")
-    for col in ("model", "pass@1 T=0.6", "pass@1 T=1.0", "greedy"):
-        table.add_column(col, justify="left" if col == "model" else "right")
-    for k in ev:
-        table.add_row(ARM_TITLES.get(k, k), f"{ev[k]['pass1']:.1%}", f"{ev[k]['pass1_t1']:.1%}", f"{ev[k]['greedy']:.1%}")
-    console.print(table)
+    print_pass_table(f"R1 pipeline on a {cfg.student_preset} student (held-out {dcfg.task}, n={dcfg.eval_n})", ev,
+                     ARM_TITLES)
     console.print(f"total {total / 60:.1f} min (demo excluded); report: {report}; summary: {root / 'summary.json'}")
     return summary
 

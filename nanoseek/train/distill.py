@@ -23,7 +23,6 @@ samples is only logged).
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,9 +31,9 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ConfigError
-from nanoseek.io import atomic_write_text
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
-from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, lr_at, lr_at_fraction, set_lr
+from nanoseek.train.checkpoint import load_checkpoint, load_run_model, save_checkpoint
+from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, set_lr
+from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
 
@@ -64,7 +63,7 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher: str, student: str) -
 
 # ---- config ---------------------------------------------------------------------------------------------
 @dataclass
-class DistillConfig:
+class DistillConfig(HasTrainConfig):
     teacher: str = ""
     student: str = ""
     task: str = "arithmetic"
@@ -90,17 +89,6 @@ class DistillConfig:
             raise ConfigError("budget must be >= 0")
         self.train.validate()
         return self
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DistillConfig:
-        d = dict(d)
-        train = TrainConfig.from_dict(d.pop("train"))
-        return cls(**d, train=train)
 
 
 def _batch(prompts: list[list[int]], gens, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,13 +117,8 @@ def distill_step(student, teacher, optimizer, prompts, gens, cfg: DistillConfig)
         mb_ids, mb_mask = ids[sl, :width], mask[sl, :width - 1]
         with torch.no_grad():
             t_logits = teacher.logits(teacher.hidden(mb_ids[:, :-1]))
-        if moe:
-            student.set_load_mask(torch.arange(width - 1, device=device)[None] < lengths[sl, None] - 1)
-        try:
+        with load_mask(student, torch.arange(width - 1, device=device)[None] < lengths[sl, None] - 1):
             s_logits = student.logits(student.hidden(mb_ids[:, :-1]))
-        finally:
-            if moe:
-                student.set_load_mask(None)
         loss = distill_loss(s_logits, t_logits, mb_mask, n_tokens, cfg.temperature)
         loss.backward()
         total += float(loss.detach())
@@ -163,15 +146,9 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
     from nanoseek.tasks import get_task
     from nanoseek.tokenizer import Tokenizer
 
-    out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_dir)
-    if resume:
-        if ckpt is None:
-            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
-        cfg = DistillConfig.from_dict(json.loads((out / "config.json").read_text())["distill"])
-    elif ckpt is not None:
-        raise ConfigError(f"{out} already has checkpoints; pass --resume or choose another --out")
+    out, ckpt_dir, ckpt, saved = open_run(out, resume, "distill")
+    if saved is not None:
+        cfg = DistillConfig.from_dict(saved)
     if cfg is None:
         raise ConfigError("train_distill needs a config for a fresh run")
     cfg = dataclasses.replace(cfg, budget_s=cfg.budget_s if budget_s is None else budget_s,
@@ -198,29 +175,20 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
         step, elapsed0, seen = int(state["step"]), float(state["elapsed_s"]), int(state["samples_seen"])
         metrics.truncate_after(step)
     else:
-        out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"model": student.cfg.to_dict(), "distill": cfg.to_dict(), "train": tcfg.to_dict(),
                    "teacher_checkpoint": str(teacher_step), "init_checkpoint": str(student_step),
                    "data": {"task": cfg.task}, "dense": not student.moe_layers(), "stage": "distill"}
-        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
-        atomic_write_text(out / "tokenizer.json", (Path(cfg.student) / "tokenizer.json").read_text())
+        write_run_files(out, run_cfg, Path(cfg.student) / "tokenizer.json")
     engine = Engine(student, s_tok)
     progress = ProgressLine(tcfg.steps, start=step, enabled=not quiet, print_every=max(1, tcfg.steps // 20),
                             description="distill")
-    loop_start = time.perf_counter()
+    clock = RunClock(elapsed0, cfg.budget_s)
     record: dict = {}
-
-    def elapsed() -> float:
-        return elapsed0 + time.perf_counter() - loop_start
-
     try:
         while step < tcfg.steps:
-            if cfg.budget_s > 0:
-                if elapsed() >= cfg.budget_s:
-                    break
-                lr = lr_at_fraction(step, elapsed() / cfg.budget_s, tcfg)
-            else:
-                lr = lr_at(step, tcfg)
+            if clock.spent():
+                break
+            lr = clock.lr(step, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
             problems = step_problems(task, cfg, difficulty, step)
@@ -233,7 +201,7 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
             step += 1
             seen += len(problems)
             dt = time.perf_counter() - t0
-            out_of_time = cfg.budget_s > 0 and elapsed() >= cfg.budget_s
+            out_of_time = clock.spent()
             last = step == tcfg.steps or out_of_time
             record = {"step": step, "loss": res["loss"], "main": res["loss"], "mtp": 0.0, "balance": 0.0,
                       "reverse_kl": res["loss"], "lr": lr, "grad_norm": res["grad_norm"],
@@ -241,7 +209,7 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
                       "format_rate": sum(s.format_ok for s in scores) / len(scores),
                       "response_len_mean": sum(len(g.tokens) for g in gens) / len(gens), "samples_seen": seen,
                       "tokens_per_s": res["tokens"] / dt, "gen_s": round(t_gen, 3), "train_s": round(dt - t_gen, 3),
-                      "elapsed_s": elapsed()}
+                      "elapsed_s": clock.elapsed()}
             metrics.log(record)
             if last or step % cfg.ckpt_every == 0:
                 save_checkpoint(ckpt_dir, step, student, optimizer,
@@ -253,9 +221,6 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
                 break
     finally:  # Ctrl-C: the next run resumes from the last periodic checkpoint
         progress.close()
-    if record:
-        from nanoseek.report import write_report
-
-        write_report(out)
+    finish_run(out, record)
     return {"step": step, "loss": record.get("loss"), "samples_seen": seen,
             "elapsed_s": record.get("elapsed_s", elapsed0), "run_dir": str(out)}

@@ -31,8 +31,10 @@ import torch.nn.functional as F
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 from nanoseek.model.transformer import IGNORE
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
-from nanoseek.train.common import clip_grads
+from nanoseek.train.checkpoint import load_checkpoint, load_run_model, save_checkpoint
+from nanoseek.train.common import clip_grads, set_lr
+from nanoseek.train.loop import load_mask, open_run, read_jsonl_rows, write_run_files
+from nanoseek.train.sft import encode_examples, trim
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
 MAX_PAIRS = 1_000_000
@@ -48,17 +50,10 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
 def sequence_logps(model, ids: torch.Tensor, targets: torch.Tensor, pad_id: int = 2) -> torch.Tensor:
     """Sum of log p(target) over the positions whose target is not IGNORE; ids (B, L + 1), targets (B, L)."""
-    live = (targets != IGNORE).any(dim=0).nonzero()
-    width = int(live.max()) + 1 if live.numel() else 1
-    ids, targets = ids[:, :width + 1], targets[:, :width]
+    ids, targets = trim(ids, targets)
     mask = targets != IGNORE
-    if model.moe_layers():
-        model.set_load_mask(ids[:, :-1] != pad_id)
-    try:
+    with load_mask(model, ids[:, :-1] != pad_id):
         logits = model.logits(model.hidden(ids[:, :-1]))
-    finally:
-        if model.moe_layers():
-            model.set_load_mask(None)
     logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1)
 
@@ -89,33 +84,15 @@ class DPOConfig:
 
 
 def read_pairs(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"DPO data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if len(rows) >= MAX_PAIRS:
-                raise ConfigError(f"{path} holds more than {MAX_PAIRS:,} pairs")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} line {n} is not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")):
-                raise ConfigError(f'{path} line {n}: expected {{"prompt": str, "chosen": str, "rejected": str}}')
-            rows.append(row)
-    if not rows:
-        raise ConfigError(f"{path} holds no pairs")
-    return rows
+    return read_jsonl_rows(path, MAX_PAIRS, "DPO", "pairs",
+                           lambda row: isinstance(row, dict)
+                           and all(isinstance(row.get(k), str) for k in ("prompt", "chosen", "rejected")),
+                           '{"prompt": str, "chosen": str, "rejected": str}')
 
 
 def encode_pairs(pairs: list[dict], tokenizer, seq_len: int):
     """(chosen ids, chosen targets, rejected ids, rejected targets, skipped): both sides of a pair are kept
     or skipped together."""
-    from nanoseek.train.sft import encode_examples
-
     fits = [p for p in pairs if max(len(tokenizer.document_ids(p["prompt"], p[k])) for k in ("chosen", "rejected"))
             <= seq_len + 1]
     cw, ct, _ = encode_examples([{"prompt": p["prompt"], "completion": p["chosen"]} for p in fits], tokenizer, seq_len)
@@ -178,16 +155,9 @@ def train_dpo(out: str | Path, cfg: DPOConfig, resume: bool = False, quiet: bool
     """Train (or resume) the DPO run in `out` on CPU; returns the last metrics."""
     from nanoseek.tokenizer import Tokenizer
 
-    out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_dir)
-    if resume:
-        if ckpt is None:
-            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
-        saved = json.loads((out / "config.json").read_text())["dpo"]
+    out, ckpt_dir, ckpt, saved = open_run(out, resume, "dpo")
+    if saved is not None:
         cfg = DPOConfig(**{**saved, "steps": cfg.steps})
-    elif ckpt is not None:
-        raise ConfigError(f"{out} already has checkpoints; pass --resume or choose another --out")
     cfg.validate()
     init = Path(cfg.init)
     model, _, _ = load_run_model(init)
@@ -207,11 +177,9 @@ def train_dpo(out: str | Path, cfg: DPOConfig, resume: bool = False, quiet: bool
     if ckpt is not None:
         step = int(load_checkpoint(ckpt, model, optimizer)["step"])
     else:
-        out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"model": model.cfg.to_dict(), "dpo": dataclasses.asdict(cfg), "init": str(init), "stage": "dpo",
                    "data": {"pairs": len(pairs), "kept": n, "skipped_too_long": skipped}}
-        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
-        atomic_write_text(out / "tokenizer.json", (init / "tokenizer.json").read_text())
+        write_run_files(out, run_cfg, init / "tokenizer.json")
     metrics = MetricsLogger(out / "metrics.jsonl")
     metrics.truncate_after(step)
     progress = ProgressLine(cfg.steps, start=step, enabled=not quiet, print_every=max(1, cfg.steps // 10),
@@ -221,8 +189,7 @@ def train_dpo(out: str | Path, cfg: DPOConfig, resume: bool = False, quiet: bool
         while step < cfg.steps:
             t0 = time.perf_counter()
             lr = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr)
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
             model.train()

@@ -27,7 +27,6 @@ that use SFT evaluate task accuracy instead).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -40,12 +39,11 @@ import torch.nn.functional as F
 
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import Loader
-from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from nanoseek.train.common import Dist, TrainConfig, build_optimizer, clip_grads, lr_at, lr_at_fraction, set_lr
-from nanoseek.train.common import setup_distributed
+from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
+from nanoseek.train.common import Dist, TrainConfig, build_optimizer, clip_grads, set_lr, setup_distributed
+from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
 KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
@@ -53,7 +51,7 @@ MAX_ROWS = 2_000_000  # bound on the examples one run reads
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(HasTrainConfig):
     data: str = ""  # the JSONL file
     init: str | None = None  # a run directory whose latest checkpoint (and tokenizer) start the run
     preset: str | None = None  # or a fresh model of this preset, with `tokenizer`
@@ -76,42 +74,14 @@ class SFTConfig:
         self.train.validate()
         return self
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SFTConfig:
-        d = dict(d)
-        train = TrainConfig.from_dict(d.pop("train"))
-        return cls(**d, train=train)
-
 
 # ---- data ----------------------------------------------------------------------------------------------
 def read_examples(path: str | Path) -> list[dict]:
     """The JSONL rows; a bad line is one ConfigError naming its line number."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"SFT data file not found: {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if len(rows) >= MAX_ROWS:
-                raise ConfigError(f"{path} holds more than {MAX_ROWS:,} examples")
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} line {n} is not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                    or not isinstance(row.get("completion"), str):
-                raise ConfigError(f'{path} line {n}: expected {{"prompt": str, "completion": str, ...}}')
-            rows.append(row)
-    if not rows:
-        raise ConfigError(f"{path} holds no examples")
-    return rows
+    return read_jsonl_rows(path, MAX_ROWS, "SFT", "examples",
+                           lambda row: isinstance(row, dict) and isinstance(row.get("prompt"), str)
+                           and isinstance(row.get("completion"), str),
+                           '{"prompt": str, "completion": str, ...}')
 
 
 def encode_examples(examples: list[dict], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -162,13 +132,8 @@ def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torc
         mine = idx[dist.rank::dist.world]
         ids, tgt = trim(ids_all[mine], tgt_all[mine])
         ids, tgt = ids.to(dist.device), tgt.to(dist.device)
-        if moe:
-            model.set_load_mask(ids[:, :-1] != pad_id)
-        try:
+        with load_mask(model, ids[:, :-1] != pad_id):
             loss = completion_loss(model, ids, tgt, n_tokens)
-        finally:
-            if moe:
-                model.set_load_mask(None)
         (loss * dist.world).backward()  # average_grads divides by world
         loss_sum += float(loss.detach()) * n_tokens
         n_total += n_tokens / tcfg.grad_accum
@@ -196,15 +161,9 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     """Train (or resume) the SFT run in `out`; returns a summary (step, loss, examples, skipped, elapsed_s).
     On resume the stored config is authoritative (`cfg` may be None); `steps`, `minutes` and `budget_s`
     override it when given."""
-    out = Path(out)
-    ckpt_dir = out / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_dir)
-    if resume:
-        if ckpt is None:
-            raise ConfigError(f"nothing to resume: {ckpt_dir} holds no checkpoint")
-        cfg = SFTConfig.from_dict(json.loads((out / "config.json").read_text())["sft"])
-    elif ckpt is not None:
-        raise ConfigError(f"{out} already has checkpoints; pass --resume or choose another --out")
+    out, ckpt_dir, ckpt, saved = open_run(out, resume, "sft")
+    if saved is not None:
+        cfg = SFTConfig.from_dict(saved)
     if cfg is None:
         raise ConfigError("train_sft needs a config for a fresh run")
     changes = {k: v for k, v in (("steps", steps), ("minutes", minutes)) if v is not None}
@@ -254,14 +213,12 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
         step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
         metrics.truncate_after(step)
     elif dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"model": model.cfg.to_dict(), "sft": cfg.to_dict(), "train": tcfg.to_dict(),
                    "init": cfg.init, "init_checkpoint": str(init_step) if init_step else None,
                    "data": {"task": "sft", "file": str(cfg.data), "examples": len(examples),
                             "kept": int(ids_all.size(0)), "skipped_too_long": skipped},
                    "dense": not model.moe_layers(), "stage": "sft"}
-        atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
-        atomic_write_text(out / "tokenizer.json", tok_path.read_text())
+        write_run_files(out, run_cfg, tok_path)
     dist.barrier()
 
     progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main and not quiet,
@@ -271,34 +228,26 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     if ckpt is not None:
         progress.message(f"resumed from {ckpt} (step {step})")
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
-    loop_start = time.perf_counter()
+    clock = RunClock(elapsed0, cfg.budget_s)
     record: dict = {}
     seen = step * tcfg.batch_size * tcfg.grad_accum
-
-    def elapsed() -> float:
-        return elapsed0 + time.perf_counter() - loop_start
-
     try:
         while step < tcfg.steps:
-            if cfg.budget_s > 0:
-                if dist.any_flag(elapsed() >= cfg.budget_s):
-                    break
-                lr = lr_at_fraction(step, elapsed() / cfg.budget_s, tcfg)
-            else:
-                lr = lr_at(step, tcfg)
+            if cfg.budget_s > 0 and dist.any_flag(clock.spent()):
+                break
+            lr = clock.lr(step, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
             res = sft_step(model, optimizer, ids_all, tgt_all, loader, tcfg, dist, tokenizer.pad_id)
             dt = time.perf_counter() - t0
             step += 1
             seen += tcfg.batch_size * tcfg.grad_accum
-            out_of_time = (tcfg.minutes > 0 and time.perf_counter() - loop_start >= tcfg.minutes * 60) or \
-                          (cfg.budget_s > 0 and elapsed() >= cfg.budget_s)
+            out_of_time = (tcfg.minutes > 0 and clock.since_start() >= tcfg.minutes * 60) or clock.spent()
             stop = dist.any_flag(out_of_time)
             last = step == tcfg.steps or stop
             record = {"step": step, "loss": res["loss"], "main": res["loss"], "mtp": 0.0, "balance": 0.0, "lr": lr,
                       "grad_norm": res["grad_norm"], "completion_tokens": res["tokens"], "examples_seen": seen,
-                      "epoch": seen / ids_all.size(0), "tokens_per_s": res["tokens"] / dt, "elapsed_s": elapsed()}
+                      "epoch": seen / ids_all.size(0), "tokens_per_s": res["tokens"] / dt, "elapsed_s": clock.elapsed()}
             if last or step % tcfg.log_interval == 0:
                 metrics.log(record)
             if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
@@ -314,10 +263,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
                 break
     finally:  # Ctrl-C: the next run resumes from the last periodic checkpoint (its elapsed time included)
         progress.close()
-    if dist.is_main and record:
-        from nanoseek.report import write_report
-
-        write_report(out)
+    finish_run(out, record, dist.is_main)
     dist.barrier()
     return {"step": step, "loss": record.get("loss"), "examples": int(ids_all.size(0)), "skipped": skipped,
             "elapsed_s": record.get("elapsed_s", elapsed0), "examples_seen": seen, "run_dir": str(out)}
