@@ -68,14 +68,55 @@ def _as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _bwrap_args(hide: tuple[str, ...] = ()) -> list[str]:
+def _bwrap_args(hide: tuple[str, ...] = (), binds: tuple[str, ...] = ()) -> list[str]:
     args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--unshare-all", "--die-with-parent", "--new-session", "--chdir", "/tmp", "--clearenv",
             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp"]
     for path in hide:
         if os.path.isdir(path):
             args += ["--tmpfs", path]
+    for path in binds:  # after the tmpfs mounts, so a bound path under /tmp or a hidden folder stays visible
+        args += ["--ro-bind", path, path]
     return args
+
+
+_packages_lock = threading.Lock()
+_packages: dict[tuple[str, ...], str] = {}
+
+
+def readable_packages(*names: str) -> str:
+    """A folder holding the installed top-level packages `names` (hard links, or copies across file
+    systems), world-readable, made once per process and removed at exit. A sandboxed interpreter puts it on
+    sys.path (and a Worker binds it with `binds=`): the environment's own site-packages may sit below a folder
+    the throw-away uid cannot enter (/root/...) or below /tmp, which the sandbox replaces."""
+    import atexit
+    import importlib.util
+
+    key = tuple(sorted(names))
+    with _packages_lock:
+        if key in _packages:
+            return _packages[key]
+        root = tempfile.mkdtemp(prefix="nanoseek-pkgs-")
+        os.chmod(root, 0o755)
+        atexit.register(shutil.rmtree, root, True)
+
+        def link_or_copy(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        for name in key:
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.submodule_search_locations:
+                raise ImportError(f"package {name} is not installed")
+            src = list(spec.submodule_search_locations)[0]
+            shutil.copytree(src, os.path.join(root, name), copy_function=link_or_copy,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, _, _ in os.walk(root):
+            os.chmod(dirpath, 0o755)
+        _packages[key] = root
+        return root
 
 
 def _try(cmd: list[str], uid: int | None) -> bool:
@@ -196,11 +237,11 @@ def _slot_uid(slot: int) -> int | None:
 
 
 def _spawn(argv: list[str], limits: Limits, slot: int, hide: tuple[str, ...], cwd: str | None,
-           merge_stderr: bool = False) -> tuple[subprocess.Popen, int | None]:
+           merge_stderr: bool = False, binds: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int | None]:
     uid = _slot_uid(slot)
     prefix = limits.prlimit_args() if shutil.which("prlimit") else []
     if sandbox_mode() == "bwrap":
-        cmd = prefix + _bwrap_args(hide) + argv
+        cmd = prefix + _bwrap_args(hide, binds) + argv
         env = None
     else:
         cmd = prefix + argv
@@ -321,8 +362,10 @@ class Worker:
     """
 
     def __init__(self, argv: list[str], limits: Limits, startup: str = "", startup_marker: bytes | None = None,
-                 startup_wall_s: float = 60.0, hide: tuple[str, ...] = (), merge_stderr: bool = False):
+                 startup_wall_s: float = 60.0, hide: tuple[str, ...] = (), merge_stderr: bool = False,
+                 binds: tuple[str, ...] = ()):
         self.argv, self.limits, self.hide, self.merge_stderr = argv, replace(limits), hide, merge_stderr
+        self.binds = binds
         self.startup, self.startup_marker, self.startup_wall_s = startup, startup_marker, startup_wall_s
         self.proc: subprocess.Popen | None = None
         self.uid: int | None = None
@@ -335,7 +378,8 @@ class Worker:
         self.slot = _slots.take()
         uid = _slot_uid(self.slot)
         self.cwd = _private_dir(uid)
-        self.proc, self.uid = _spawn(self.argv, self.limits, self.slot, self.hide, self.cwd, self.merge_stderr)
+        self.proc, self.uid = _spawn(self.argv, self.limits, self.slot, self.hide, self.cwd, self.merge_stderr,
+                                     self.binds)
         if self.startup:
             return self._exchange(self.startup, self.startup_marker, self.startup_wall_s) is not None
         return True

@@ -171,6 +171,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
                               budget_s=cfg.budget_s if budget_s is None else budget_s)
     cfg.validate()
     tcfg = cfg.train
+    own_dist = dist is None  # a process group made here is torn down here (gloo aborts at exit otherwise)
     dist = dist or setup_distributed(device)
     if tcfg.batch_size % dist.world:
         raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
@@ -265,5 +266,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
         progress.close()
     finish_run(out, record, dist.is_main)
     dist.barrier()
+    if own_dist:
+        dist.close()
     return {"step": step, "loss": record.get("loss"), "examples": int(ids_all.size(0)), "skipped": skipped,
             "elapsed_s": record.get("elapsed_s", elapsed0), "examples_seen": seen, "run_dir": str(out)}
