@@ -85,11 +85,12 @@ _packages: dict[tuple[str, ...], str] = {}
 
 
 def readable_packages(*names: str) -> str:
-    """A folder holding the installed top-level packages `names` (hard links, or copies across file
-    systems), world-readable, made once per process and removed at exit. A sandboxed interpreter puts it on
+    """A folder holding the installed top-level packages `names` and their dist-info metadata (hard links, or
+    copies across file systems), world-readable, made once per process and removed at exit. A sandboxed interpreter puts it on
     sys.path (and a Worker binds it with `binds=`): the environment's own site-packages may sit below a folder
     the throw-away uid cannot enter (/root/...) or below /tmp, which the sandbox replaces."""
     import atexit
+    import importlib.metadata
     import importlib.util
 
     key = tuple(sorted(names))
@@ -113,6 +114,11 @@ def readable_packages(*names: str) -> str:
             src = list(spec.submodule_search_locations)[0]
             shutil.copytree(src, os.path.join(root, name), copy_function=link_or_copy,
                             ignore=shutil.ignore_patterns("__pycache__"))
+            for dist_name in importlib.metadata.packages_distributions().get(name, []):  # metadata: versions
+                meta = getattr(importlib.metadata.distribution(dist_name), "_path", None)
+                if meta is not None and os.path.isdir(meta):
+                    shutil.copytree(meta, os.path.join(root, os.path.basename(meta)), copy_function=link_or_copy,
+                                    dirs_exist_ok=True)
         for dirpath, _, _ in os.walk(root):
             os.chmod(dirpath, 0o755)
         _packages[key] = root
