@@ -208,7 +208,7 @@ def test_round_robin_between_clients_before_their_requests():
 
 def test_reserved_rows_go_to_a_newcomer_while_a_big_request_holds_the_rest():
     model = make_model(seed=10)
-    b = Batcher(model, eos_id=-1, max_slots=4, reserve_slots=1)
+    b = Batcher(model, eos_id=-1, max_slots=4, reserve_slots=1, express_tokens=0)  # express lane off here
     big = [b.submit(Request(PROMPTS[0], 40, client="a", group="big")) for _ in range(10)]
     b.step()
     assert b.n_active == 3 and b.n_pending == 7  # the last free row stays free for someone new
@@ -221,6 +221,23 @@ def test_reserved_rows_go_to_a_newcomer_while_a_big_request_holds_the_rest():
     drain(b)
     assert late.tokens == alone(model, PROMPTS[3], 2)
     assert all(r.finish_reason == "length" for r in big)
+
+
+def test_a_short_request_of_the_heavy_client_takes_the_express_reserve_and_a_long_one_does_not():
+    model = make_model(seed=10)
+    b = Batcher(model, eos_id=-1, max_slots=4, reserve_slots=1, express_tokens=8)
+    big = [b.submit(Request(PROMPTS[0], 40, client="a", group="big")) for _ in range(10)]
+    b.step()
+    assert b.n_active == 3  # the last free row stays free
+    long_one = b.submit(Request(PROMPTS[1], 9, client="a", group="long"))  # one address, budget over the lane
+    b.step()
+    assert not long_one.tokens and b.n_active == 3
+    short = b.submit(Request(PROMPTS[2], 8, client="a", group="short"))  # same address, short: express
+    b.step()
+    assert short.tokens and b.n_active == 4  # admitted at once, not after a big row's 40 tokens
+    drain(b)
+    assert short.tokens == alone(model, PROMPTS[2], 8)
+    assert all(r.finish_reason == "length" for r in big + [long_one])
 
 
 def test_logprobs_are_the_models_raw_log_softmax_and_its_top_k():

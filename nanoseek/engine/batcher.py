@@ -17,9 +17,10 @@ join and leave the running batch between decode steps instead of waiting for a w
 * Admission is fair: waiting requests are queued per client and, within a client, per group (all choices of
   one HTTP request share a group); free rows go round-robin over clients, then over each client's groups, so
   a request with many choices cannot starve a later one. The last `reserve_slots` free rows only go to
-  the first choice of a request whose client holds fewer than `reserve_slots` rows: a light client's
-  newcomer starts at the next step even while a big request, or a flood of requests from one client, holds
-  the rest.
+  the first choice of a request whose client holds fewer than `reserve_slots` rows, or whose token budget is
+  at most `express_tokens` (an express lane: a short request leaves its row soon, so the reserve turns over
+  even when every request comes from one address): a light client's newcomer, or any short request, starts
+  at the next step even while a big request, or a flood of long requests from one client, holds the rest.
 * Sampling is per row (each request has its own temperature / top-p / top-k and its own seeded generator),
   so a request's output does not depend on its neighbours; greedy equals `Engine.generate` on the same prompt.
 * `start()` runs the loop in one background thread (torch releases the GIL inside ops). Tokens leave through
@@ -149,10 +150,12 @@ class FairQueue:
 
 class Batcher:
     def __init__(self, model: Transformer, eos_id: int, max_slots: int = 32, max_seq_len: int | None = None,
-                 cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096, reserve_slots: int | None = None):
+                 cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096, reserve_slots: int | None = None,
+                 express_tokens: int = 256):
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         self.reserve_slots = max_slots // 4 if reserve_slots is None else reserve_slots
+        self.express_tokens = express_tokens
         self.model = model.eval()
         self.cfg = model.cfg
         self.eos_id = eos_id
@@ -247,9 +250,10 @@ class Batcher:
                 free = self.max_slots - len(self.rows) - len(new)
                 if free > self.reserve_slots:
                     turn = self.pending.peek(lambda client, key: True)
-                else:  # the reserve: a first row for a request of a client that holds few rows
-                    turn = self.pending.peek(lambda client, key: self.group_rows.get(key, 0) == 0
-                                             and self.client_rows.get(client, 0) < self.reserve_slots)
+                else:  # the reserve: a first row for a request of a client that holds few rows, or a short one
+                    turn = self.pending.peek(lambda client, key: self.group_rows.get(key, 0) == 0 and (
+                        self.client_rows.get(client, 0) < self.reserve_slots
+                        or self.pending.clients[client][key][0].max_new_tokens <= self.express_tokens))
                 if turn is None:
                     break
                 req = self.pending.clients[turn[0]][turn[1]][0]
