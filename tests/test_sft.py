@@ -1,9 +1,6 @@
 """SFT: completion-only masking against a hand-masked loss (prompt positions get exactly zero gradient), rows that
 do not fit are counted and skipped, eos is learned, exact resume after SIGKILL, 2-process DDP == 1 process."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.metrics import read_metrics
 from nanoseek.train.sft import completion_loss, encode_examples, read_examples
+from test_train import finish, spawn  # the same subprocess helpers as pretraining's run tests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,12 +95,6 @@ def test_rows_that_do_not_fit_are_counted_and_skipped(tok, tmp_path):
 
 
 # ---- whole runs ------------------------------------------------------------------------------------------
-def env() -> dict:
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    e.pop("NANOSEEK_TEST_KILL_AFTER_STEP", None)
-    return e
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("sftdata")
@@ -117,20 +109,6 @@ def sft_args(data: Path, out: Path, steps: int = 8) -> list[str]:
     return ["sft", "--preset", "tiny-dense", "--tokenizer", str(data / "tokenizer.json"), "--data",
             str(data / "train.jsonl"), "--out", str(out), "--steps", str(steps), "--batch-size", "8", "--seq-len",
             "48", "--warmup", "2", "--ckpt-interval", "2", "--device", "cpu"]
-
-
-def spawn(args: list[str], extra_env: dict | None = None, torchrun: int = 0) -> subprocess.Popen:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-                "-m", "nanoseek.cli"] if torchrun else [sys.executable, "-m", "nanoseek.cli"]
-    return subprocess.Popen(launcher + args, cwd=REPO, env={**env(), **(extra_env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(p: subprocess.Popen, ok: bool = True) -> tuple[int, str, str]:
-    out, err = p.communicate(timeout=240)
-    if ok:
-        assert p.returncode == 0, f"exit {p.returncode}\n{out}\n{err}"
-    return p.returncode, out, err
 
 
 def test_sft_kill_and_resume_is_exact(data, tmp_path):
