@@ -207,7 +207,7 @@ def test_policy_update_counts_expert_loads_over_real_tokens_only(base_run, monke
     policy_update(model, None, torch.optim.AdamW(model.parameters(), lr=1e-4), rs, torch.tensor([1.0, -1.0]),
                   cfg, Dist(), first=True)
     width = max(len(p) + len(t) for p, t in seqs) - 1  # training inputs: ids[:, :-1]
-    real = sum(min(len(p) + len(t), width) for p, t in seqs)
+    real = sum(len(p) + len(t) - 1 for p, t in seqs)  # inputs whose next token is real: L - 1 per row
     assert real < 2 * width  # the batch really has padding
     (loads,) = seen
     k = model.cfg.n_activated_experts
@@ -356,8 +356,7 @@ def test_skipping_zero_advantage_rows_keeps_the_expert_loads_of_the_bias_update(
         assert out["rows_trained"] == (2 if skip else 4)
         results.append((seen[0], [m.gate.bias.clone() for m in model.moe_layers()]))
     (loads_skip, bias_skip), (loads_full, bias_full) = results
-    width = max(len(p) + len(t) for p, t in SEQS) - 1  # training inputs: ids[:, :-1]
-    real_tokens = sum(min(len(p) + len(t), width) for p, t in SEQS)
+    real_tokens = sum(len(p) + len(t) - 1 for p, t in SEQS)  # inputs whose next token is real: L - 1 per row
     assert float(loads_full[0].sum()) == 2 * real_tokens  # top-2 routing over every real token
     assert torch.equal(loads_skip, loads_full)
     assert all(torch.equal(a, b) for a, b in zip(bias_skip, bias_full))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
 from nanoseek.data import PACKERS
+from nanoseek.parallel.training import add_ep_arguments
 from nanoseek.train.common import TrainConfig, setup_distributed
 from nanoseek.train.precision import PUBLIC as PRECISIONS
 from nanoseek.train.pretrain import DataConfig, PretrainConfig, dense_equivalent, pretrain
@@ -63,10 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-interval", type=int, default=d.log_interval)
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--ep", type=int, default=1, help="expert parallelism: shard routed experts over groups of "
-                   "this many processes (torchrun; docs/parallel.md). Not stored: a resume may change it")
-    p.add_argument("--ep-redundant", type=int, default=0, help="with --ep: extra physical experts per MoE layer, "
-                   "replicas of the most loaded ones placed by EPLB from the run's recorded loads")
+    add_ep_arguments(p)
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 (BF16 compute, FP32 master "
                    "weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments); on --resume the stored one")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallelism over this many processes (torchrun; "

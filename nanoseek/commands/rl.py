@@ -1,9 +1,14 @@
-"""`nanoseek rl`: GRPO-family RL from verifiable rewards on top of a pretrained run."""
+"""`nanoseek rl`: GRPO-family RL from verifiable rewards on top of a pretrained run.
+
+    nanoseek rl --init runs/demo/base --out runs/rl --task arithmetic
+    torchrun --nproc_per_node=2 -m nanoseek.cli rl --init runs/demo/base --out runs/rl_ep --ep 2
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 
+from nanoseek.parallel.training import add_ep_arguments
 from nanoseek.train.grpo import GRPOConfig, train_grpo
 
 
@@ -47,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true")
+    add_ep_arguments(p)
 
 
 def config_from_args(a: argparse.Namespace) -> GRPOConfig:
@@ -62,7 +68,8 @@ def config_from_args(a: argparse.Namespace) -> GRPOConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    last = train_grpo(args.init, args.out, config_from_args(args), resume=args.resume, device=args.device)
+    last = train_grpo(args.init, args.out, config_from_args(args), resume=args.resume, device=args.device,
+                      ep=args.ep, ep_redundant=args.ep_redundant)
     if last:
         print(f"done: step {last['step']}, reward {last['reward']:.3f}, accuracy {last['accuracy']:.2f}; "
               f"metrics: {args.out}/metrics.jsonl")

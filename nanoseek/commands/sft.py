@@ -4,12 +4,14 @@
     nanoseek sft --preset tiny-dense --tokenizer runs/demo/base --data traces.jsonl --out runs/sft_student
     nanoseek sft --out runs/sft --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli sft ...
+    torchrun --nproc_per_node=2 -m nanoseek.cli sft ... --ep 2    # routed experts sharded over the 2 ranks
 """
 from __future__ import annotations
 
 import argparse
 
 from nanoseek.config import PRESETS
+from nanoseek.parallel.training import add_ep_arguments
 from nanoseek.train.common import TrainConfig
 from nanoseek.train.sft import SFTConfig, train_sft
 
@@ -34,11 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    add_ep_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.resume:
-        summary = train_sft(args.out, None, resume=True, device=args.device, steps=args.steps, minutes=args.minutes)
+        summary = train_sft(args.out, None, resume=True, device=args.device, steps=args.steps, minutes=args.minutes,
+                            ep=args.ep, ep_redundant=args.ep_redundant)
     else:
         d = SFTConfig().train
         train = TrainConfig(**{**d.to_dict(), "lr": args.lr, "warmup_steps": args.warmup,
@@ -48,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                                "minutes": args.minutes or 0.0})
         cfg = SFTConfig(data=args.data or "", init=args.init, preset=args.preset, tokenizer=args.tokenizer,
                         epochs=args.epochs, train=train)
-        summary = train_sft(args.out, cfg, device=args.device)
+        summary = train_sft(args.out, cfg, device=args.device, ep=args.ep, ep_redundant=args.ep_redundant)
     print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['examples']} examples "
           f"({summary['skipped']} skipped as too long); run: {summary['run_dir']}")
     return 0

@@ -28,7 +28,7 @@ model at start and, on rank 0, at save time: torch.distributed.checkpoint would 
 sum uses one all_reduce of an (experts x expert-size) buffer per layer over the world instead of a reduction
 restricted to the ranks that hold each expert; computation and communication are not overlapped (DualPipe's
 trick); tokens are not deduplicated per node (DeepEP sends one copy per node, V3's node-limited routing);
-the engine (inference) runs without EP.
+the engine (inference) runs without EP: RL rollouts use a full copy refreshed by `full_experts` (training.py).
 """
 from __future__ import annotations
 
@@ -265,28 +265,33 @@ class ExpertParallel:
         return float(total)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
-    def gather(self, model, optimizer: torch.optim.Optimizer, build_full):
-        """(full model, full optimizer) in the single-model layout on rank 0, (None, None) elsewhere. Collective:
-        every rank calls it. `build_full()` returns a fresh one-process (model, optimizer) pair to fill."""
-        m = self.mesh
-        moes = model.moe_layers()
-        keys = ("param", "exp_avg", "exp_avg_sq")
+    def full_experts(self, model, optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
+        """Per MoE layer a (1 or 3, n_logical, expert size) buffer of every logical expert's flat weights (and,
+        with `optimizer`, its AdamW exp_avg and exp_avg_sq), on every rank of the EP group. Collective over
+        the EP group: one all_reduce per layer, each logical expert contributed by its first replica."""
+        keys = ("param", "exp_avg", "exp_avg_sq")[:3 if optimizer is not None else 1]
         gathered = []
-        for moe, layer in zip(moes, self.layers):
+        for moe, layer in zip(model.moe_layers(), self.layers):
             size = sum(p.numel() for p in moe.experts[0].parameters())
             buf = torch.zeros(len(keys), moe.n_experts, size, device=next(model.parameters()).device)
-            start = m.ep_rank * layer.per_rank
+            start = self.mesh.ep_rank * layer.per_rank
             for s, module in enumerate(moe.experts):
                 e = int(layer.phy2log[start + s])
                 if int(layer.log2phy[e, 0]) != start + s:
                     continue  # only the first replica of each expert contributes
                 params = list(module.parameters())
                 buf[0, e] = torch.cat([p.detach().reshape(-1) for p in params])
-                if all(p in optimizer.state for p in params):
+                if optimizer is not None and all(p in optimizer.state for p in params):
                     for k in (1, 2):
                         buf[k, e] = torch.cat([optimizer.state[p][keys[k]].reshape(-1) for p in params])
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=m.ep_group)
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.mesh.ep_group)
             gathered.append(buf)
+        return gathered
+
+    def gather(self, model, optimizer: torch.optim.Optimizer, build_full):
+        """(full model, full optimizer) in the single-model layout on rank 0, (None, None) elsewhere. Collective:
+        every rank calls it. `build_full()` returns a fresh one-process (model, optimizer) pair to fill."""
+        gathered = self.full_experts(model, optimizer)
         if dist.get_rank() != 0:
             return None, None
         rng = torch.get_rng_state()  # building the full model runs its initialiser: keep the run's RNG stream

@@ -60,12 +60,15 @@ from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
 from nanoseek.engine.sampling import SamplingParams, support_logprobs
 from nanoseek.io import atomic_write_text
+from nanoseek.model import Transformer
+from nanoseek.parallel.training import (RolloutCopy, check_ep_flags, checkpoint_pair, idle_pass, lockstep, setup_ep,
+                                       sync_and_clip)
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import RewardWeights, Score, stable_hash
 from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
-from nanoseek.train.common import Dist, clip_grads, setup_distributed
+from nanoseek.train.common import Dist, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 from nanoseek.train.partial_rollouts import PartialRollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
@@ -398,11 +401,16 @@ def _micro_batches(n_rows: int, mask: torch.Tensor, size: int):
 
 
 @torch.no_grad()
-def count_expert_loads(model, ids: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, micro_batch: int) -> None:
+def count_expert_loads(model, ids: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, micro_batch: int,
+                       parallel=None) -> None:
     """A no-grad training-mode forward over rows that the update skips, only so that their real tokens add to
-    the expert loads of this step's bias update (what a full forward/backward over them would have counted)."""
-    for sl, width in _micro_batches(ids.size(0), mask, micro_batch):
-        real = torch.arange(width - 1, device=ids.device)[None, :] < lengths[sl, None]
+    the expert loads of this step's bias update (what a full forward/backward over them would have counted).
+    Under --ep every rank runs as many forwards as the busiest (idle passes: nanoseek.parallel.training)."""
+    batches = list(_micro_batches(ids.size(0), mask, micro_batch)) if ids.size(0) else []
+    for _ in range(lockstep(parallel, [len(batches)])[0] - len(batches)):
+        idle_pass(model, grad=False)
+    for sl, width in batches:
+        real = torch.arange(width - 1, device=ids.device)[None, :] < lengths[sl, None] - 1  # as policy_update
         model.set_load_mask(real)
         try:
             model.hidden(ids[sl, :width - 1])
@@ -419,9 +427,10 @@ def _all_reduce_max(dist: Dist, x: float) -> float:
 
 
 def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: torch.Tensor, cfg: GRPOConfig,
-                  dist: Dist, first: bool, skip_zero_advantage: bool = True) -> dict:
+                  dist: Dist, first: bool, skip_zero_advantage: bool = True, parallel=None) -> dict:
     """One optimizer step over the global batch (this rank's `rollouts`, possibly none, in micro-batches);
-    returns metrics over the global batch (identical on every rank)."""
+    returns metrics over the global batch (identical on every rank). `parallel`: an ExpertParallel; then every
+    rank runs as many forward/backward passes as the busiest (idle passes) and syncs gradients the EP way."""
     device = next(model.parameters()).device
     sampling = cfg.sampling()
     n_local = len(rollouts)
@@ -438,6 +447,7 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
     model.train()
     sums = {"loss": 0.0, "clip": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "rows": 0.0}
     logp_diff = 0.0
+    counts_idle = bool(cfg.beta == 0 and skip_zero_advantage and cfg.bias_update and cfg.bias_gamma > 0)
     if n_local:
         rows = torch.arange(n_local, device=device)
         if cfg.beta == 0 and skip_zero_advantage:
@@ -447,16 +457,21 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             # without skipping; with the bias frozen the logged loads cover the trained rows only.
             rows = (adv != 0).nonzero().flatten()
             idle = (adv == 0).nonzero().flatten()
-            if idle.numel() and cfg.bias_update and cfg.bias_gamma > 0:
+            if counts_idle:  # (under --ep also with no idle row: this rank joins the others' forwards)
                 idle = idle[lengths[idle].argsort(stable=True)]
-                count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch)
+                count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch, parallel)
         # Rows sorted by length, so that each micro-batch is cut to its own longest row: less right padding
         # through the forward/backward (the loss and its normalizers do not depend on how rows are grouped).
         rows = rows[lengths[rows].argsort(stable=True)]
         ids, mask, old, targets, lengths, adv = (t[rows] for t in (ids, mask, old, targets, lengths, adv))
-        for sl, width in _micro_batches(ids.size(0), mask, cfg.micro_batch):
+        batches = list(_micro_batches(ids.size(0), mask, cfg.micro_batch)) if ids.size(0) else []
+        n_idle = lockstep(parallel, [len(batches)])[0] - len(batches)  # agreed before any pass starts
+        for sl, width in batches:
             mb_ids, mb_mask, mb_old, mb_t = ids[sl, :width], mask[sl, :width - 1], old[sl, :width - 1], targets[sl, :width - 1]
-            real = torch.arange(width - 1, device=device)[None, :] < lengths[sl, None]  # not right padding
+            # the inputs whose next token is real (not right padding): L - 1 per row, whichever micro-batch
+            # the row lands in (`< L` also counted a shorter row's last token, fed only when a longer row
+            # widened its micro-batch, so the loads depended on the grouping: one process != torchrun)
+            real = torch.arange(width - 1, device=device)[None, :] < lengths[sl, None] - 1
             model.set_load_mask(real)
             try:
                 logp, ent = token_logprobs(model, mb_ids, mb_t, sampling)
@@ -478,8 +493,13 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
                 logp_diff = max(logp_diff, float(((logp.detach() - mb_old).abs() * mb_mask).max()))
         sums["tokens"] = float(mask.sum())
         sums["rows"] = float(ids.size(0))
-    dist.average_grads(model)  # ranks without rows contribute zeros
-    grad_norm = clip_grads(model, cfg.grad_clip)
+    else:  # under --ep this rank still joins every forward/backward of the others (exact zeros from it)
+        if parallel is not None and counts_idle:
+            count_expert_loads(model, torch.zeros(0, 1, dtype=torch.long), None, None, cfg.micro_batch, parallel)
+        n_idle = lockstep(parallel, [0])[0]
+    for _ in range(n_idle):
+        idle_pass(model, grad=True)
+    grad_norm = sync_and_clip(model, cfg.grad_clip, dist, parallel)  # ranks without rows contribute zeros
     optimizer.step()
     if any(True for _ in model.moe_layers()):
         loads = dist.all_reduce_sum(model.accumulated_loads().clone())
@@ -534,11 +554,15 @@ def _mean(xs):
 
 
 def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool = False, device: str = "auto",
-               quiet: bool = False, on_step: Callable[[int], None] | None = None) -> dict:
+               quiet: bool = False, on_step: Callable[[int], None] | None = None, ep: int = 1,
+               ep_redundant: int = 0) -> dict:
     """Run GRPO from the model in run directory `init`, writing run directory `out`. Returns the last metrics.
-    `on_step(step)` is called after every finished (and, when due, checkpointed) step."""
+    `on_step(step)` is called after every finished (and, when due, checkpointed) step. `ep` > 1: the update
+    runs with expert parallelism over groups of `ep` ranks (`ep_redundant` extra experts placed by the init
+    run's recorded loads) and rollouts run on a full copy of the weights (nanoseek.parallel.training)."""
     cfg.validate()
     dist = setup_distributed(device)
+    use_ep = check_ep_flags(ep, ep_redundant, dist.world)
     out = Path(out)
     init = Path(init)
     ckpt_dir = out / "checkpoints"
@@ -558,8 +582,11 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         ref_model = copy.deepcopy(model).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    def build_optimizer(m) -> torch.optim.AdamW:
+        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
+                                 betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+    optimizer = build_optimizer(model)
     sampler = ProblemSampler(cfg)
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=dist.is_main)
     start = 0
@@ -574,7 +601,13 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         run_cfg = {"model": model.cfg.to_dict(), "rl": cfg.to_dict(), "init": str(init), "stage": "grpo"}
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
         shutil.copyfile(tok_path, out / "tokenizer.json")
-    engine = Engine(model, tokenizer)
+    parallel = rollout_copy = None
+    if use_ep:  # the update shards the experts; rollouts run on a full copy refreshed before each step
+        parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device, build_optimizer,
+                                       [out if resume else None, init], dist.is_main)
+        rollout_copy = RolloutCopy(parallel, lambda: Transformer(model.cfg).to(dist.device))
+        progress_note = parallel.describe() + "; rollouts on a full copy of the weights"
+    engine = Engine(model if rollout_copy is None else rollout_copy.model, tokenizer)
     partial = PartialRollouts(cfg.partial_rollout_tokens) if cfg.partial_rollout_tokens else None
     progress = ProgressLine(cfg.steps, start=start, enabled=dist.is_main and not quiet,
                             print_every=5, description="grpo")
@@ -583,12 +616,20 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     done = start  # the last step whose whole update (sampler, weights, optimizer, metrics) is in memory
     sampler_at_done: dict | None = None  # while rollouts run: the sampler as it was at `done`
 
-    def save(step: int) -> None:
-        save_checkpoint(ckpt_dir, step, model, optimizer, {"sampler": sampler.state()}, cfg.keep_last)
+    if parallel is not None:
+        progress.message(progress_note)
+
+    def save(step: int) -> None:  # collective under --ep (the single-model layout is gathered on rank 0)
+        to_save = checkpoint_pair(model, optimizer, parallel, lambda: (lambda m: (m, build_optimizer(m)))(
+            Transformer(model.cfg).to(dist.device)))
+        if dist.is_main:
+            save_checkpoint(ckpt_dir, step, *to_save, {"sampler": sampler.state()}, cfg.keep_last)
 
     try:
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.time()
+            if rollout_copy is not None:
+                rollout_copy.refresh(model)
             sampler_at_done = sampler.state()
             gen = partial.step if partial is not None else rollout_groups  # partial: Kimi k1.5 sec. 2.6.2
             rollouts, st = gen(engine, sampler, cfg, cfg.prompts_per_step, step, seed=cfg.seed * 100003 + step,
@@ -612,7 +653,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                     adv = group_advantages(rewards, cfg.group_size, scale=cfg.advantage == "grpo")
                     for it in range(cfg.mu):
                         rec.update(policy_update(model, ref_model, optimizer, rollouts, adv, cfg, dist,
-                                                 first=it == 0))
+                                                 first=it == 0, parallel=parallel))
                 t_train = time.time() - t1
                 gen_tokens = sum(st["len"])
                 rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
@@ -622,7 +663,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                 last = rec
                 done = step
                 timed_out = cfg.minutes is not None and dist.any_flag(time.time() - t_start > cfg.minutes * 60)
-                if dist.is_main and (step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out):
+                if step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out:
                     save(step)
             progress.update(step, rec.get("loss", 0.0), cfg.lr, rec["tokens_per_s"],
                             extra=f"reward {rec['reward']:.3f} acc {rec['accuracy']:.2f} fmt {rec['format_rate']:.2f} "
@@ -634,7 +675,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     except KeyboardInterrupt:
         if sampler_at_done is not None:  # interrupted during rollouts: that step never happened
             sampler.load(sampler_at_done)
-        if dist.is_main and done > start and not (ckpt_dir / f"step_{done}").exists():
+        # (not under --ep: the gather is a collective the other ranks may not reach; the periodic one stands)
+        if dist.is_main and parallel is None and done > start and not (ckpt_dir / f"step_{done}").exists():
             save(done)
         raise
     finally:

@@ -32,12 +32,12 @@ from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import PACKERS, Loader, eval_batches
 from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
+from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
 from nanoseek.train import precision as prec
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoseek.train.common import (
     Dist,
     TrainConfig,
-    clip_grads,
     lr_at,
     lr_at_fraction,
     set_lr,
@@ -162,12 +162,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
         loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
         (loss / cfg.grad_accum).backward()
         parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, loss]).detach() / cfg.grad_accum
-    if parallel is None:
-        dist.average_grads(model)
-        grad_norm = clip_grads(model, cfg.grad_clip)
-    else:
-        parallel.average_grads(model)
-        grad_norm = parallel.clip_grads(model, cfg.grad_clip)
+    grad_norm = sync_and_clip(model, cfg.grad_clip, dist, parallel)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loads = dist.all_reduce_sum(model.accumulated_loads().clone())
@@ -243,10 +238,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     if tcfg.batch_size % dist.world and pp == 1:
         raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
 
-    if ep > 1 or ep_redundant:
-        from nanoseek.parallel.expert_parallel import check_ep
-
-        check_ep(ep, dist.world)
+    use_ep = check_ep_flags(ep, ep_redundant, dist.world)
     if pp > 1:
         from nanoseek.parallel.pipeline import check_pp
 
@@ -285,13 +277,10 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     elif dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     parallel = None
-    if ep > 1 or ep_redundant:
-        from nanoseek.parallel.expert_parallel import setup_expert_parallel
-        from nanoseek.parallel.loads import recorded_loads
-
-        loads = recorded_loads(run_dir) if dist.is_main and ckpt is not None else None
-        parallel = setup_expert_parallel(model, ep, ep_redundant, dist.device, loads)
-        optimizer = parallel.shard(model, optimizer, lambda m: prec.build_optimizer(m, tcfg, cfg.precision))
+    if use_ep:  # redundant experts placed by this run's recorded loads when resuming
+        parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device,
+                                       lambda m: prec.build_optimizer(m, tcfg, cfg.precision),
+                                       [run_dir] if ckpt is not None else [], dist.is_main)
     if pp > 1:
         from nanoseek.parallel.pipeline import setup_pipeline
 
@@ -341,8 +330,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             if last or step % tcfg.log_interval == 0 or "eval_loss" in record:
                 metrics.log(record)
             if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
-                to_save = (model, optimizer) if parallel is None else parallel.gather(
-                    model, optimizer, lambda: _full_pair(cfg.model, tcfg, dist.device, cfg.precision))
+                to_save = checkpoint_pair(model, optimizer, parallel,
+                                          lambda: _full_pair(cfg.model, tcfg, dist.device, cfg.precision))
                 if dist.is_main:
                     save_checkpoint(ckpt_dir, step, *to_save,
                                     {"loader": loader.state_dict(), "elapsed_s": record["elapsed_s"]},

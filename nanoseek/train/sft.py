@@ -42,7 +42,8 @@ from nanoseek.data import Loader
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
-from nanoseek.train.common import Dist, TrainConfig, build_optimizer, clip_grads, set_lr, setup_distributed
+from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
+from nanoseek.train.common import Dist, TrainConfig, build_optimizer, set_lr, setup_distributed
 from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
@@ -121,8 +122,9 @@ def trim(ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torch.Tensor, loader: Loader,
-             tcfg: TrainConfig, dist: Dist, pad_id: int = 2) -> dict:
-    """One optimizer step over cfg.grad_accum global batches; returns loss (per completion token) and grad norm."""
+             tcfg: TrainConfig, dist: Dist, pad_id: int = 2, parallel=None) -> dict:
+    """One optimizer step over cfg.grad_accum global batches; returns loss (per completion token) and grad norm.
+    `parallel`: an ExpertParallel (nanoseek.parallel) whose gradient sync replaces the DDP average."""
     model.train()
     loss_sum, n_total = 0.0, 0.0
     moe = bool(model.moe_layers())
@@ -137,8 +139,7 @@ def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torc
         (loss * dist.world).backward()  # average_grads divides by world
         loss_sum += float(loss.detach()) * n_tokens
         n_total += n_tokens / tcfg.grad_accum
-    dist.average_grads(model)
-    grad_norm = clip_grads(model, tcfg.grad_clip)
+    grad_norm = sync_and_clip(model, tcfg.grad_clip, dist, parallel)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if moe:
@@ -149,6 +150,12 @@ def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torc
 
 
 # ---- the run -------------------------------------------------------------------------------------------
+def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device) -> tuple[Transformer, torch.optim.Optimizer]:
+    """A one-process model and optimizer that an --ep run's checkpoint is assembled into."""
+    model = Transformer(model_cfg).to(device)
+    return model, build_optimizer(model, tcfg)
+
+
 def _load_tokenizer(path: str | Path):
     from nanoseek.tokenizer import Tokenizer
 
@@ -157,10 +164,13 @@ def _load_tokenizer(path: str | Path):
 
 def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, device: str = "auto",
               dist: Dist | None = None, quiet: bool = False, steps: int | None = None,
-              minutes: float | None = None, budget_s: float | None = None) -> dict:
+              minutes: float | None = None, budget_s: float | None = None, ep: int = 1,
+              ep_redundant: int = 0) -> dict:
     """Train (or resume) the SFT run in `out`; returns a summary (step, loss, examples, skipped, elapsed_s).
     On resume the stored config is authoritative (`cfg` may be None); `steps`, `minutes` and `budget_s`
-    override it when given."""
+    override it when given. `ep` > 1: expert parallelism over groups of `ep` ranks with `ep_redundant` extra
+    experts per MoE layer placed by the recorded loads of this run or of the init run (nanoseek.parallel);
+    checkpoints keep the one-process layout, so any --ep resumes any other."""
     out, ckpt_dir, ckpt, saved = open_run(out, resume, "sft")
     if saved is not None:
         cfg = SFTConfig.from_dict(saved)
@@ -175,6 +185,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     dist = dist or setup_distributed(device)
     if tcfg.batch_size % dist.world:
         raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
+    use_ep = check_ep_flags(ep, ep_redundant, dist.world)
 
     if cfg.init is not None:
         init = Path(cfg.init)
@@ -213,7 +224,12 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
         loader.load_state_dict(state["loader"])
         step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
         metrics.truncate_after(step)
-    elif dist.is_main:
+    parallel = None
+    if use_ep:
+        parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device,
+                                       lambda m: build_optimizer(m, tcfg), [out if ckpt else None, cfg.init],
+                                       dist.is_main)
+    if ckpt is None and dist.is_main:
         run_cfg = {"model": model.cfg.to_dict(), "sft": cfg.to_dict(), "train": tcfg.to_dict(),
                    "init": cfg.init, "init_checkpoint": str(init_step) if init_step else None,
                    "data": {"task": "sft", "file": str(cfg.data), "examples": len(examples),
@@ -228,6 +244,8 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
                      f"(longer than --seq-len {tcfg.seq_len}); {dist.world} process(es) on {dist.device}")
     if ckpt is not None:
         progress.message(f"resumed from {ckpt} (step {step})")
+    if parallel is not None:
+        progress.message(parallel.describe())
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
     clock = RunClock(elapsed0, cfg.budget_s)
     record: dict = {}
@@ -239,7 +257,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
             lr = clock.lr(step, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
-            res = sft_step(model, optimizer, ids_all, tgt_all, loader, tcfg, dist, tokenizer.pad_id)
+            res = sft_step(model, optimizer, ids_all, tgt_all, loader, tcfg, dist, tokenizer.pad_id, parallel)
             dt = time.perf_counter() - t0
             step += 1
             seen += tcfg.batch_size * tcfg.grad_accum
@@ -252,8 +270,9 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
             if last or step % tcfg.log_interval == 0:
                 metrics.log(record)
             if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
+                to_save = checkpoint_pair(model, optimizer, parallel, lambda: _full_pair(model.cfg, tcfg, dist.device))
                 if dist.is_main:
-                    save_checkpoint(ckpt_dir, step, model, optimizer,
+                    save_checkpoint(ckpt_dir, step, *to_save,
                                     {"loader": loader.state_dict(), "elapsed_s": record["elapsed_s"]}, tcfg.keep_last)
                 dist.barrier()
             progress.update(step, res["loss"], lr, record["tokens_per_s"], f"epoch {record['epoch']:.2f}")
