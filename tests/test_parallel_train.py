@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanoseek import cli
 from nanoseek.corpus import corpus_texts
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint
@@ -99,3 +100,25 @@ def test_rl_ep2_with_redundant_experts_matches_one_process_and_resumes_with_ep1(
     shutil.rmtree(tmp_path / "to_one" / "checkpoints" / "step_3")
     train_grpo(warm_base, tmp_path / "to_one", cfg, resume=True, quiet=True, device="cpu")
     assert_same_run(tmp_path / "one", tmp_path / "to_one", atol=TOL)
+
+
+@pytest.mark.slow
+def test_sft_dp2_times_ep2_matches_one_process(sft_data, tmp_path):
+    """4 processes: two EP groups of 2 (dp 2 x ep 2); expert gradients summed over the groups as well."""
+    ep = spawn(sft_args(sft_data, tmp_path / "ep") + ["--ep", "2"], torchrun=4)
+    one = spawn(sft_args(sft_data, tmp_path / "one"))
+    finish(one)
+    _, out, _ = finish(ep)
+    assert "expert parallel: ep 2 x dp 2" in out
+    for a, b in zip(read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "ep" / "metrics.jsonl")):
+        assert abs(a["loss"] - b["loss"]) < TOL and abs(a["grad_norm"] - b["grad_norm"]) < TOL, (a, b)
+    assert max_weight_diff(weights(tmp_path / "one"), weights(tmp_path / "ep")) < WEIGHT_TOL
+
+
+def test_ep_flags_without_torchrun_are_one_line_errors(sft_data, warm_base, tmp_path, capsys):
+    assert cli.main(sft_args(sft_data, tmp_path / "s") + ["--ep", "2"]) == 2
+    assert cli.main(["rl", "--init", str(warm_base), "--out", str(tmp_path / "r"), "--steps", "1", "--ep", "2",
+                     "--device", "cpu"]) == 2
+    assert cli.main(sft_args(sft_data, tmp_path / "s") + ["--ep-redundant", "2"]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 3 and all(e.startswith("error: ") and "torchrun" in e for e in errs), errs
