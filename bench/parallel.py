@@ -1,15 +1,20 @@
-"""Parallelism bench (docs/parallel.md): pipeline schedules' per-step time and bubble against the DualPipe README's
-bubble formulas, EP all-to-all bytes per step against the formula, and EPLB's before/after GPU balance of a run.
+"""Parallelism bench (docs/parallel.md): pipeline schedules' bubble against the DualPipe README's bubble formulas,
+EP all-to-all bytes per step against the formula, and EPLB's before/after GPU balance of a run.
 
-    flock /tmp/nanoseek-heavy.lock python bench/parallel.py [--procs 2 4] [--run runs/base]
+    flock /tmp/nanoseek-bench.lock python bench/parallel.py [--procs 2 4] [--steps 30] [--run runs/base]
 
-Pipeline: per (processes P, schedule) one torchrun job trains a small MoE model for `--steps` steps of M
-micro-batches; every rank times its own stage chunks alone on one micro-batch (F: forward; B: full backward;
-W: B minus the input-only backward), busy = M x sum over its chunks of (F + B), and bubble = step - busy (the
-rank's idle time, communication included). Predicted bubbles (DualPipe README, PP = number of stages, no
-computation/communication overlap on CPU so F&B = F + B): 1F1B (PP-1)(F+B); ZB-V and DualPipeV
-(PP/2-1)(F&B+B-3W). With P processes on a 2-core machine, P = 4 is oversubscribed: its times are shown but
-measure time-sharing more than the schedule.
+Pipeline: per process count P one torchrun job builds a small MoE model three times, one Pipeline per schedule
+(1F1B: P stages; ZB-V and DualPipeV: 2P stages, two per rank in a V), M = 2 micro-batches per stage, and runs
+the three schedules interleaved step by step (the order rotates every step), so that all three see the same
+machine load. Every compute action is timed inside the action (`ActionTimer`: the stage's forward, full or
+input-only backward, weight backward, and the loss); per rank and step, busy = the sum of those durations,
+bubble = step wall time - busy (waiting on a neighbour, gloo send/recv and schedule bookkeeping), and the table
+shows medians over steps, averaged over ranks. A loaded machine stretches busy and step time alike, so the
+bubble FRACTION is the robust figure; "CPU / wall in actions" (thread CPU time over wall time inside the
+actions) shows how much of a core the ranks got while computing. The README's bubbles use the measured
+per-chunk F, B (full backward; for the split schedules input + weight part) and W: 1F1B (PP-1)(F+B) with PP = P;
+DualPipeV, DualPipe cut in half, (PP/2-1)(F&B+B-3W) with PP = 2P stages and F&B = F + B (nothing overlaps on
+CPU); ZB-V has no row in that table. With P = 4 on a 2-core machine the processes time-share cores.
 EP: bytes each rank sends to other ranks per step (dispatch + combine, forward + backward) as counted from the
 real splits, against 4 x sum over MoE layers of (tokens x top-k x (ep-1)/ep) x dim x 4 bytes (uniform routing).
 """
@@ -41,90 +46,109 @@ SEQ, MB_ROWS = 64, 4
 TCFG = TrainConfig(lr=1e-3)
 
 
-def median_time(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+class ActionTimer:
+    """Wall and thread-CPU seconds of every compute action a pipeline schedule runs on this rank, measured inside
+    the action: the stage's forward_one_chunk (F), backward_one_chunk (B: full backward; I: input-only, the
+    zero-bubble schedules' split), backward_weight_one_chunk (W) and the schedule's loss (L, last stage).
+    Everything else in a step (waiting on a neighbour, gloo send/recv, schedule bookkeeping) is bubble."""
+
+    def __init__(self, pipe):
+        self.events: list[tuple[str, float, float]] = []
+        for st in pipe.stages:
+            st.forward_one_chunk = self._wrap(st.forward_one_chunk, lambda a, k: "F")
+            st.backward_one_chunk = self._wrap(st.backward_one_chunk,
+                                               lambda a, k: "B" if k.get("full_backward", True) else "I")
+            st.backward_weight_one_chunk = self._wrap(st.backward_weight_one_chunk, lambda a, k: "W")
+        pipe.schedule._maybe_compute_loss = self._wrap(pipe.schedule._maybe_compute_loss, lambda a, k: "L")
+
+    def _wrap(self, fn, kind):
+        def timed(*args, **kwargs):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            out = fn(*args, **kwargs)
+            self.events.append((kind(args, kwargs), time.perf_counter() - t0, time.thread_time() - c0))
+            return out
+        return timed
+
+    def take(self) -> list[tuple[str, float, float]]:
+        ev, self.events = self.events, []
+        return ev
 
 
-def chunk_times(module, args) -> tuple[float, float, float]:
-    """(F, B, W) seconds of one stage chunk on one micro-batch, alone (no communication)."""
-    def inputs():
-        return [a.detach().requires_grad_(a.is_floating_point()) for a in args]
-
-    def fwd():
-        with torch.no_grad():
-            module(*inputs())
-
-    def out_sum(outs):
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        return sum(o.float().sum() for o in outs if o.requires_grad)
-
-    def full():
-        module.zero_grad(set_to_none=True)
-        out_sum(module(*inputs())).backward()
-
-    def input_only():
-        xs = inputs()
-        need = [x for x in xs if x.requires_grad]
-        loss = out_sum(module(*xs))
-        if need:
-            torch.autograd.grad(loss, need, allow_unused=True)
-        else:  # the first stage has no float input: its B is all weight gradient
-            loss.detach()
-
-    t_f = median_time(fwd)
-    t_fb = median_time(full)
-    t_fi = median_time(input_only)
-    return t_f, t_fb - t_f, max(0.0, t_fb - t_fi)
-
-
-def pp_worker(schedule: str, steps: int, n_mb: int, out: str) -> None:
+def pp_worker(steps: int, out: str) -> None:
+    """All three schedules in one job, interleaved step by step (the order rotates every step), so that each
+    sees the same machine load. Per step and rank: wall time of the schedule's step, busy = sum of its compute
+    actions' wall times, the actions' own durations (F, B, I, W) and their thread-CPU times."""
     import torch.distributed as dist
 
-    from nanoseek.parallel.pipeline import Pipeline
+    from nanoseek.parallel.pipeline import SCHEDULES, Pipeline
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**MODEL).validate())
-    pipe = Pipeline(model, schedule, n_mb, TCFG.mtp_lambda, TCFG.balance_alpha, torch.device("cpu"))
-    opt = build_optimizer(pipe.module, TCFG)
+    P = dist.get_world_size()
+    pipes = {}
+    for schedule in SCHEDULES:
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**MODEL).validate())
+        n_mb = 2 * (P if schedule == "1f1b" else 2 * P)
+        pipe = Pipeline(model, schedule, n_mb, TCFG.mtp_lambda, TCFG.balance_alpha, torch.device("cpu"))
+        pipes[schedule] = (pipe, ActionTimer(pipe), n_mb)
     g = torch.Generator().manual_seed(1)
-    times = []
-    for step in range(steps + 1):  # step 0: warm-up (shape inference), not timed
-        ids = torch.randint(0, MODEL["vocab_size"], (MB_ROWS * n_mb, SEQ + 1), generator=g)
-        dist.barrier()
-        t0 = time.perf_counter()
-        pipe.step(ids[:, :-1], ids[:, 1:])
-        pipe.sync_grads()
-        pipe.clip(1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        dist.barrier()
-        if step:
-            times.append(time.perf_counter() - t0)
-    # this rank's chunks alone: the inputs they see (first: ids; later: hidden, ids, balance column)
-    ids = torch.randint(0, MODEL["vocab_size"], (MB_ROWS, SEQ), generator=g)
-    chunks = []
-    for m in pipe.modules:
-        m_copy = m  # after training: its grads and load counters are no longer needed
-        args = (ids,) if m.first else (torch.randn(MB_ROWS, SEQ, MODEL["dim"]), ids.float(),
-                                       torch.zeros(MB_ROWS, 1))
-        chunks.append(chunk_times(m_copy, args))
-    busy = n_mb * sum(f + b for f, b, _ in chunks)
-    res = torch.tensor([statistics.median(times), busy] + [sum(c[i] for c in chunks) / len(chunks)
-                                                           for i in range(3)])
-    allres = [torch.zeros_like(res) for _ in range(dist.get_world_size())]
-    dist.all_gather(allres, res)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"per_rank": [r.tolist() for r in allres], "chunks": len(pipe.modules)}))
+    rec: dict[str, list] = {s: [] for s in pipes}
+    for step in range(steps + 1):  # step 0: warm-up (shape inference), not recorded
+        order = list(SCHEDULES[step % 3:] + SCHEDULES[:step % 3])
+        for schedule in order:
+            pipe, timer, n_mb = pipes[schedule]
+            ids = torch.randint(0, MODEL["vocab_size"], (MB_ROWS * n_mb, SEQ + 1), generator=g)
+            dist.barrier()
+            timer.take()
+            t0 = time.perf_counter()
+            pipe.step(ids[:, :-1], ids[:, 1:])
+            wall = time.perf_counter() - t0
+            ev = timer.take()
+            for p in pipe.parameters():
+                p.grad = None  # timing only: no optimizer step, the weights stay the same
+            if step:
+                rec[schedule].append({"wall": wall, "busy": sum(e[1] for e in ev), "busy_cpu": sum(e[2] for e in ev),
+                                      **{k: [e[1] for e in ev if e[0] == k] for k in "FBIWL"}})
+    parts = [None] * P
+    dist.all_gather_object(parts, rec)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps({"per_rank": parts, "n_mb": {s: pipes[s][2] for s in pipes}}))
     dist.destroy_process_group()
+
+
+def bubble_rows(r: dict, P: int) -> list[dict]:
+    """Per schedule: medians over steps (then the mean over ranks) of step wall time, busy time, bubble and
+    bubble fraction; F / B / W per chunk (medians over all actions of all ranks); the README bubble."""
+    rows = []
+    for schedule, n_mb in r["n_mb"].items():
+        steps = [st for rank in r["per_rank"] for st in rank[schedule]]
+        per_rank = r["per_rank"]
+
+        def rank_median(fn):
+            return statistics.mean(statistics.median(fn(st) for st in rank[schedule]) for rank in per_rank)
+
+        wall = rank_median(lambda st: st["wall"])
+        busy = rank_median(lambda st: st["busy"])
+        frac = rank_median(lambda st: 1 - st["busy"] / st["wall"])
+        cpu_share = rank_median(lambda st: st["busy_cpu"] / st["busy"])
+
+        def med(k):
+            xs = [x for st in steps for x in st[k]]
+            return statistics.median(xs) if xs else 0.0
+
+        F, W = med("F"), med("W")
+        B = med("B") if schedule == "1f1b" else med("I") + W  # full backward = input + weight parts
+        if schedule == "1f1b":
+            pred, formula = (P - 1) * (F + B), "(PP-1)(F+B)"
+        elif schedule == "dualpipev":  # DualPipeV on P ranks = DualPipe cut in half: PP = 2P, F&B = F + B on CPU
+            pred, formula = (2 * P / 2 - 1) * (F + B + B - 3 * W), "(PP/2-1)(F&B+B-3W)"
+        else:
+            pred, formula = None, "no README row"
+        rows.append({"schedule": schedule, "n_mb": n_mb, "wall": wall, "busy": busy, "bubble": wall - busy,
+                     "frac": frac, "pred": pred, "pred_frac": None if pred is None else pred / (pred + busy),
+                     "formula": formula, "F": F, "B": B, "W": W, "cpu_share": cpu_share, "n_steps": len(steps) // P})
+    return rows
 
 
 def ep_worker(steps: int, out: str) -> None:
@@ -182,37 +206,34 @@ def main() -> None:
     ap.add_argument("--worker", nargs="*")
     ap.add_argument("--out")
     ap.add_argument("--procs", type=int, nargs="*", default=[2, 4])
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--run", help="a run directory for the EPLB table (nanoseek eplb)")
-    ap.add_argument("--schedules", nargs="*", default=["1f1b", "zbv", "dualpipev"])
     ap.add_argument("--no-ep", action="store_true", help="skip the EP bytes table")
+    ap.add_argument("--no-pp", action="store_true", help="skip the pipeline table")
     a = ap.parse_args()
     if a.worker:
         kind, *rest = a.worker
         if kind == "pp":
-            pp_worker(rest[0], int(rest[1]), int(rest[2]), a.out)
+            pp_worker(int(rest[0]), a.out)
         else:
             ep_worker(int(rest[0]), a.out)
         return
 
     print(f"model: {MODEL['n_layers']} layers, dim {MODEL['dim']}, {MODEL['n_routed_experts']} experts top-"
           f"{MODEL['n_activated_experts']}, micro-batch {MB_ROWS} x {SEQ} tokens, gloo on CPU, "
-          f"{os.cpu_count()} cores; medians of {a.steps} steps")
-    print("\n| P | schedule | stages | M | step (s) | busy (s) | bubble (s) | bubble % | predicted bubble (s) "
-          "| F / B / W per chunk (ms) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for P in a.procs:
-        for schedule in a.schedules:
-            stages = P if schedule == "1f1b" else 2 * P
-            n_mb = 2 * stages
-            r = launch(P, ["pp", schedule, str(a.steps), str(n_mb)])
-            step = max(x[0] for x in r["per_rank"])
-            busy = max(x[1] for x in r["per_rank"])  # the busiest rank
-            F, B, W = (statistics.mean(x[i] for x in r["per_rank"]) for i in (2, 3, 4))
-            pred = (stages - 1) * (F + B) if schedule == "1f1b" else (stages / 2 - 1) * (F + B + B - 3 * W)
-            print(f"| {P} | {schedule} | {stages} | {n_mb} | {step:.3f} | {busy:.3f} | {step - busy:.3f} | "
-                  f"{100 * (step - busy) / step:.0f}% | {pred:.3f} | {1e3 * F:.1f} / {1e3 * B:.1f} / {1e3 * W:.1f} |",
-                  flush=True)
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; medians of {a.steps} steps")
+    names = {"1f1b": "1F1B", "zbv": "ZB-V", "dualpipev": "DualPipeV"}
+    print("\n| P | schedule | M | steps | step (s) | busy (s) | bubble (s) | bubble % | README bubble (s) "
+          "| README % | F / B / W per chunk (ms) | CPU / wall in actions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for P in [] if a.no_pp else a.procs:
+        r = launch(P, ["pp", str(a.steps)])
+        for x in bubble_rows(r, P):
+            pred = "n/a" if x["pred"] is None else f"{x['pred']:.3f} {x['formula']}"
+            pfrac = "n/a" if x["pred_frac"] is None else f"{100 * x['pred_frac']:.0f}%"
+            print(f"| {P} | {names[x['schedule']]} | {x['n_mb']} | {x['n_steps']} | {x['wall']:.3f} | {x['busy']:.3f} "
+                  f"| {x['bubble']:.3f} | {100 * x['frac']:.0f}% | {pred} | {pfrac} | {1e3 * x['F']:.1f} / "
+                  f"{1e3 * x['B']:.1f} / {1e3 * x['W']:.1f} | {x['cpu_share']:.2f} |", flush=True)
 
     print("\n| EP ranks | measured bytes sent / rank / step | formula (uniform routing) | ratio | step (s) |")
     print("|---|---|---|---|---|")
@@ -221,6 +242,7 @@ def main() -> None:
         print(f"| {P} | {r['bytes_per_rank']:,.0f} | {r['formula']:,.0f} | {r['bytes_per_rank'] / r['formula']:.3f} "
               f"| {r['step_s']:.3f} |", flush=True)
 
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     if a.run:
         from nanoseek import cli
 
