@@ -33,7 +33,9 @@ Departures from the papers, all deliberate:
   sampled with its own seed (so a row's tokens do not depend on the rank or batch it lands in), and the
   groups' scores are all-gathered so that every rank records the same success rates and keeps the same
   groups. A rank may train zero groups; it still joins every collective. Two processes therefore compute
-  the same global batch and update as one (tests/test_grpo_runs.py).
+  the same global batch and update as one (tests/test_grpo_runs.py). With --ep the update shards the routed
+  experts, every rank runs as many forward/backward passes as the busiest one, and rollouts run on a full
+  copy of the weights refreshed before each step (nanoseek.parallel.training; tests/test_parallel_train.py).
 - Ctrl-C: a step's rollouts move only the sampler, which is restored when interrupted there; from the
   policy update to the step's metrics and checkpoint an interrupt waits for the step to finish. On
   KeyboardInterrupt the state of the last finished step is saved, unless that step already has a

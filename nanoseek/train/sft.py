@@ -9,7 +9,8 @@ Loss: next-token cross-entropy over the completion tokens and the eos only; prom
 target IGNORE and therefore exactly zero gradient. Over one optimizer step the loss is the SUM over every
 completion token of the GLOBAL batch divided by that batch's completion-token count (each token weighs the
 same whichever row or rank holds it), so W data-parallel processes reproduce one process with the same
-global batch (gradients averaged by common.Dist.average_grads).
+global batch (gradients averaged by common.Dist.average_grads; with --ep the routed experts are sharded over
+the ranks instead and nanoseek.parallel.training syncs them).
 
 Rows: one example per row, right-padded to `seq_len + 1` (no packing: a completion is never cut and never
 sees another example's tokens); each micro-batch is trimmed to its longest row, which changes nothing (the
