@@ -12,7 +12,9 @@ bubble = step wall time - busy (waiting on a neighbour, gloo send/recv and sched
 shows medians over steps, averaged over ranks. A loaded machine stretches busy and step time alike, so the
 bubble FRACTION is the robust figure; "CPU / wall in actions" (thread CPU time over wall time inside the
 actions) shows how much of a core the ranks got while computing. The README's bubbles use the measured
-per-chunk F, B (full backward; for the split schedules input + weight part) and W: 1F1B (PP-1)(F+B) with PP = P;
+per-chunk F, B (a full backward chunk; ZB-V splits every backward, so there input + weight part) and W (B
+times the weight share W / (I + W) of the split actions: a split backward costs more than a full one here,
+"split I+W / full B"): 1F1B (PP-1)(F+B) with PP = P;
 DualPipeV, DualPipe cut in half, (PP/2-1)(F&B+B-3W) with PP = 2P stages and F&B = F + B (nothing overlaps on
 CPU); ZB-V has no row in that table. With P = 4 on a 2-core machine the processes time-share cores.
 EP: bytes each rank sends to other ranks per step (dispatch + combine, forward + backward) as counted from the
@@ -137,17 +139,24 @@ def bubble_rows(r: dict, P: int) -> list[dict]:
             xs = [x for st in steps for x in st[k]]
             return statistics.median(xs) if xs else 0.0
 
-        F, W = med("F"), med("W")
-        B = med("B") if schedule == "1f1b" else med("I") + W  # full backward = input + weight parts
+        # B: a full backward chunk (the README's B); ZB-V splits every backward, so there it is I + W. W: the
+        # weight share W / (I + W) of the split actions times B (on CPU a split backward costs more than a
+        # full one, so the raw W of a split action overstates the README's W, which assumes I + W = B)
+        F, B_in, W_split = med("F"), med("I"), med("W")
+        full = any(st["B"] for st in steps)
+        B = med("B") if full else B_in + W_split
+        W = B * W_split / (B_in + W_split) if B_in + W_split > 0 else 0.0
+        split_cost = (B_in + W_split) / B if full and B_in + W_split > 0 else None
         if schedule == "1f1b":
             pred, formula = (P - 1) * (F + B), "(PP-1)(F+B)"
         elif schedule == "dualpipev":  # DualPipeV on P ranks = DualPipe cut in half: PP = 2P, F&B = F + B on CPU
             pred, formula = (2 * P / 2 - 1) * (F + B + B - 3 * W), "(PP/2-1)(F&B+B-3W)"
         else:
             pred, formula = None, "no README row"
-        rows.append({"schedule": schedule, "n_mb": n_mb, "wall": wall, "busy": busy, "bubble": wall - busy,
+        counts = "/".join(str(round(statistics.mean(len(st[k]) for st in steps))) for k in "FBIW")
+        rows.append({"counts": counts, "schedule": schedule, "n_mb": n_mb, "wall": wall, "busy": busy, "bubble": wall - busy,
                      "frac": frac, "pred": pred, "pred_frac": None if pred is None else pred / (pred + busy),
-                     "formula": formula, "F": F, "B": B, "W": W, "cpu_share": cpu_share, "n_steps": len(steps) // P})
+                     "formula": formula, "F": F, "B": B, "W": W, "split_cost": split_cost, "cpu_share": cpu_share, "n_steps": len(steps) // P})
     return rows
 
 
@@ -210,6 +219,7 @@ def main() -> None:
     ap.add_argument("--run", help="a run directory for the EPLB table (nanoseek eplb)")
     ap.add_argument("--no-ep", action="store_true", help="skip the EP bytes table")
     ap.add_argument("--no-pp", action="store_true", help="skip the pipeline table")
+    ap.add_argument("--save", help="write the raw per-rank pipeline timings to SAVE_p<P>.json")
     a = ap.parse_args()
     if a.worker:
         kind, *rest = a.worker
@@ -224,16 +234,20 @@ def main() -> None:
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; medians of {a.steps} steps")
     names = {"1f1b": "1F1B", "zbv": "ZB-V", "dualpipev": "DualPipeV"}
     print("\n| P | schedule | M | steps | step (s) | busy (s) | bubble (s) | bubble % | README bubble (s) "
-          "| README % | F / B / W per chunk (ms) | CPU / wall in actions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| README % | F / B / W per chunk (ms) | actions F/B/I/W per rank | split I+W / full B "
+          "| CPU / wall in actions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for P in [] if a.no_pp else a.procs:
         r = launch(P, ["pp", str(a.steps)])
+        if a.save:
+            Path(f"{a.save}_p{P}.json").write_text(json.dumps(r))
         for x in bubble_rows(r, P):
             pred = "n/a" if x["pred"] is None else f"{x['pred']:.3f} {x['formula']}"
             pfrac = "n/a" if x["pred_frac"] is None else f"{100 * x['pred_frac']:.0f}%"
+            split = "n/a" if x["split_cost"] is None else f"{x['split_cost']:.2f}"
             print(f"| {P} | {names[x['schedule']]} | {x['n_mb']} | {x['n_steps']} | {x['wall']:.3f} | {x['busy']:.3f} "
                   f"| {x['bubble']:.3f} | {100 * x['frac']:.0f}% | {pred} | {pfrac} | {1e3 * x['F']:.1f} / "
-                  f"{1e3 * x['B']:.1f} / {1e3 * x['W']:.1f} | {x['cpu_share']:.2f} |", flush=True)
+                  f"{1e3 * x['B']:.1f} / {1e3 * x['W']:.1f} | {x['counts']} | {split} | {x['cpu_share']:.2f} |", flush=True)
 
     print("\n| EP ranks | measured bytes sent / rank / step | formula (uniform routing) | ratio | step (s) |")
     print("|---|---|---|---|---|")

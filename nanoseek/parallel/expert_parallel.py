@@ -73,6 +73,7 @@ class Mesh:
     ep_rank: int
     ep_group: object  # torch ProcessGroup of this rank's EP group
     world: int
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (nccl takes device tensors only)
 
 
 def check_ep(ep: int, world: int) -> None:
@@ -92,7 +93,7 @@ def make_mesh(ep: int, device: torch.device) -> Mesh:
 
     mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
     return Mesh(dp=world // ep, ep=ep, ep_rank=mesh.get_local_rank("ep"), ep_group=mesh.get_group("ep"),
-                world=world)
+                world=world, device=device)
 
 
 class ExpertDispatch:

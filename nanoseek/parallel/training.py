@@ -92,7 +92,7 @@ def lockstep(parallel: ExpertParallel | None, counts: list[int]) -> list[int]:
     """The largest of each count over the EP group (the counts themselves without EP)."""
     if parallel is None:
         return list(counts)
-    t = torch.tensor(counts, dtype=torch.int64)
+    t = torch.tensor(counts, dtype=torch.int64, device=parallel.mesh.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=parallel.mesh.ep_group)
     return t.tolist()
 
