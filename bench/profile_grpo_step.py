@@ -22,7 +22,7 @@ from nanoseek.engine import Engine
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import load_run_model
 from nanoseek.train.common import Dist
-from nanoseek.train.grpo import GRPOConfig, ProblemSampler, policy_update, rollout_groups
+from nanoseek.train.grpo import GRPOConfig, ProblemSampler, make_optimizer, policy_update, rollout_groups
 from nanoseek.train.rl_math import group_advantages
 
 
@@ -44,8 +44,7 @@ def main() -> None:
                      task=args.task, difficulty=args.difficulty, temperature=args.temperature,
                      steps=args.warmup + 1).validate()
     engine, sampler, dist = Engine(model, tok), ProblemSampler(cfg), Dist()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
 
     def step(i: int) -> dict:
         with record_function("## rollout (generate + score)"):

@@ -593,3 +593,25 @@ def test_shared_prompt_update_equals_the_per_row_forward(base_run, agg, top_k, m
     assert out["rows_trained"] == 6 and out["loss"] == pytest.approx(float(want_loss.detach()), abs=1e-6)
     for g, w in zip(rec.grads, want):
         assert torch.allclose(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_optimizer_steps_refresh_the_engines_fused_weights(base_run):
+    """make_optimizer's fused AdamW writes weights without bumping their version counters; its post-step hook
+    must, or prepare_inference would reuse the previous step's fused decode weights for the next rollout."""
+    from nanoseek.train.grpo import make_optimizer
+
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
+    opt = make_optimizer(model, GRPOConfig(lr=1e-2))
+    assert opt.defaults.get("fused")
+    attn = model.layers[0].attn
+    model.prepare_inference(True)
+    before = attn.fused[0].clone()
+    model.prepare_inference(False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    model.prepare_inference(True)
+    reused = attn.fused[0].clone()
+    attn.fuse_absorbed(True)  # rebuilt from the current weights
+    assert not torch.equal(before, attn.fused[0])
+    assert torch.equal(reused, attn.fused[0])

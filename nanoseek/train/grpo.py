@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from torch.autograd.graph import increment_version
 
 from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
@@ -507,6 +508,23 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
     return out
 
 
+def make_optimizer(model, cfg: GRPOConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights, with torch's fused kernel where the device has one (one pass over all
+    tensors: ~4x faster than the per-tensor loop on CPU, the same update to float rounding; what transformers'
+    Trainer uses by default too). The fused kernel writes the weights without bumping their autograd version
+    counters, which `Transformer.prepare_inference` keys its reuse of the fused inference weights on; a post-step
+    hook bumps them, or the next rollout would decode with the previous step's weights (tested)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    try:
+        opt = torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, **kw)
+    opt.register_step_post_hook(lambda o, args, kwargs: increment_version(
+        [p for g in o.param_groups for p in g["params"]]))
+    return opt
+
+
 # ---- Ctrl-C -----------------------------------------------------------------------------------------
 class DeferredInterrupt:
     """Within the block a SIGINT is only recorded; it takes effect (the previous handler runs, by default
@@ -561,8 +579,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         ref_model = copy.deepcopy(model).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
     sampler = ProblemSampler(cfg)
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=dist.is_main)
     start = 0
