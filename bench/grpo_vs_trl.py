@@ -44,7 +44,7 @@ from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import load_run_model
 from nanoseek.train.common import Dist
-from nanoseek.train.grpo import GRPOConfig, ProblemSampler, policy_update, rollout_groups
+from nanoseek.train.grpo import GRPOConfig, ProblemSampler, make_optimizer, policy_update, rollout_groups
 from nanoseek.train.rl_math import group_advantages
 
 
@@ -174,8 +174,7 @@ def main() -> None:
     def nano_side(m: Transformer, skip: bool):
         """One nanoseek GRPO step per call on its own model copy, sampler and optimizer."""
         engine, sampler = Engine(m, tok), ProblemSampler(cfg)
-        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
-                                      betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(m, cfg)
         rows: list[dict] = []
         served: list[list[str]] = []  # the prompts the sampler drew per step
 

@@ -4,7 +4,9 @@ The demo base (`--init`), the demo's task and difficulty (`DemoConfig`), G 8, 16
 the bench's other settings (bench/grpo_vs_trl.py: lr 1e-4, beta 0, micro-batch 64, float32 CPU). Runs
 `--warmup` unprofiled steps, then one step under `torch.profiler` and prints (1) a Python-level breakdown of
 that step (rollout split into generation and scoring, update with its backward and optimizer step; the
-rest of the update is the forward and the no-grad expert-load forward of skipped rows) from `record_function` ranges, and (2) the top ops by self CPU time. Used by docs/grpo_bench.md.
+rest of the update is the forward and the no-grad expert-load forward of skipped rows) from `record_function` ranges,
+(2) the update's work counted both ways (`update_work`: per-row forward vs shared-prompt packs) and (3) the top
+ops by self CPU time. Used by docs/grpo_bench.md.
 """
 from __future__ import annotations
 
@@ -22,8 +24,46 @@ from nanoseek.engine import Engine
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import load_run_model
 from nanoseek.train.common import Dist
-from nanoseek.train.grpo import GRPOConfig, ProblemSampler, policy_update, rollout_groups
+from nanoseek.train.grpo import GRPOConfig, ProblemSampler, make_optimizer, policy_update, rollout_groups
 from nanoseek.train.rl_math import group_advantages
+
+
+def update_work(rollouts, micro_batch: int, cfg) -> dict:
+    """Forward multiply-adds of one update over `rollouts`, two ways: per row (before issue 20's packing: rows
+    sorted by length, micro-batches of `micro_batch` rows each cut to its longest row, causal attention over
+    each row, the head over every position) and packed (now: shared_prefix.py, one prompt per group, dense
+    masked attention over each pack, the head only where a completion token is predicted)."""
+    from nanoseek.train.shared_prefix import pack, plan_micro_batches
+
+    m = cfg
+    attn = m.dim * m.n_heads * m.qk_head_dim + m.dim * (m.kv_lora_rank + m.qk_rope_head_dim) \
+        + m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim + m.v_head_dim) + m.n_heads * m.v_head_dim * m.dim
+    dense = 3 * m.dim * m.inter_dim
+    moe = m.n_routed_experts * m.dim + 3 * m.dim * m.moe_inter_dim * (m.n_shared_experts + m.n_activated_experts)
+    n_moe = m.n_layers - m.n_dense_layers if m.n_routed_experts else 0
+    per_token = m.n_layers * attn + (m.n_layers - n_moe) * dense + n_moe * moe  # trunk MACs per input token
+    per_score = m.n_layers * m.n_heads * (m.qk_head_dim + m.v_head_dim)  # q.k and p.v per attended entry
+    head = m.vocab_size * m.dim
+    lens = sorted(len(r.prompt) + len(r.tokens) for r in rollouts)
+    old = {"tokens": 0, "head": 0, "scores": 0}
+    for s in range(0, len(lens), micro_batch):
+        chunk = lens[s:s + micro_batch]
+        w = max(chunk) - 1
+        old["tokens"] += len(chunk) * w
+        old["head"] += len(chunk) * w
+        old["scores"] += len(chunk) * w * (w + 1) // 2
+    prompts, comps = [r.prompt for r in rollouts], [r.tokens for r in rollouts]
+    new = {"tokens": 0, "head": 0, "scores": 0}
+    for mb in plan_micro_batches(list(range(len(rollouts))), prompts, comps, micro_batch):
+        p = pack(mb, prompts, comps, "cpu")
+        R, N = p.ids.shape
+        new["tokens"] += R * N
+        new["head"] += int(p.src.numel())
+        new["scores"] += R * N * N
+    for d in (old, new):
+        d["macs"] = d["tokens"] * per_token + d["head"] * head + d["scores"] * per_score
+    return {"per_row": old, "packed": new,
+            "real_tokens": sum(lens) - len(lens), "completion_tokens": sum(len(c) for c in comps)}
 
 
 def main() -> None:
@@ -44,8 +84,7 @@ def main() -> None:
                      task=args.task, difficulty=args.difficulty, temperature=args.temperature,
                      steps=args.warmup + 1).validate()
     engine, sampler, dist = Engine(model, tok), ProblemSampler(cfg), Dist()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
 
     def step(i: int) -> dict:
         with record_function("## rollout (generate + score)"):
@@ -55,6 +94,7 @@ def main() -> None:
             upd = policy_update(model, None, optimizer, rollouts, adv, cfg, dist, first=True,
                                 skip_zero_advantage=args.skip)
         return {"zero_adv": int((adv == 0).sum()), "rows": len(rollouts), "rows_trained": upd["rows_trained"],
+                "work": update_work(rollouts, cfg.micro_batch, model.cfg),
                 "len": sum(st["len"]) / len(st["len"]), "reward": sum(st["reward"]) / len(st["reward"])}
 
     for i in range(1, args.warmup + 1):
@@ -76,6 +116,14 @@ def main() -> None:
     print(f"one step: {wall:.2f} s under the profiler; {torch.get_num_threads()} threads; task {args.task} difficulty "
           f"{args.difficulty} T {args.temperature}; zero-advantage rows {info['zero_adv']}/{info['rows']} "
           f"(trained {info['rows_trained']}); mean completion {info['len']:.1f} tokens; reward {info['reward']:.3f}")
+    w = info["work"]
+    print(f"update work over all {info['rows']} rows ({w['real_tokens']} real input tokens, {w['completion_tokens']} "
+          f"predicted): forward multiply-adds per row (padded, causal) -> packed (shared prompt, dense mask)")
+    for k in ("tokens", "head", "scores", "macs"):
+        a, b = w["per_row"][k], w["packed"][k]
+        label = {"tokens": "trunk token positions", "head": "LM-head positions", "scores": "attention entries",
+                 "macs": "forward MACs (all)"}[k]
+        print(f"  {label:<24} {a:>12,} -> {b:>12,}  ({100 * (b - a) / max(a, 1):+.0f}%)")
     events = {e.key: e for e in prof.key_averages() if e.key.startswith("##")}
     total = sum(events[k].cpu_time_total for k in events if k in ("## rollout (generate + score)", "## update"))
     print("Python-level breakdown (CPU time inside each range, profiler on):")

@@ -195,24 +195,32 @@ def test_eval_cli_uses_the_difficulty_the_run_trained_on(base_run, tmp_path):
 
 
 def test_policy_update_counts_expert_loads_over_real_tokens_only(base_run, monkeypatch):
-    """The bias update during RL sees the routed (token, expert) pairs of real tokens only: right padding of
-    the shorter sequences would otherwise pile onto a few experts and drag the routing bias."""
+    """The bias update during RL sees the routed (token, expert) pairs of every row's own input tokens (its
+    prompt and its completion but the last token), per expert exactly what unpadded one-row forwards route:
+    no padding (it would pile onto a few experts and drag the routing bias), and a prompt packed once for the
+    rows that share it still counts once per row."""
     torch.manual_seed(0)
     model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
-    seqs = [([0, 4, 30, 31, 5], [40, 41, 42, 43, 44, 45, 1]), ([0, 4, 30, 5], [50, 1])]
+    seqs = [([0, 4, 30, 31, 5], [40, 41, 42, 43, 44, 45, 1]), ([0, 4, 30, 5], [50, 1]),
+            ([0, 4, 30, 31, 5], [60, 61, 1]), ([0, 4, 30, 31, 5], [62, 1])]
     rs = [Rollout(p, t, [-1.0] * len(t), False, float(i), i == 0, True, 0) for i, (p, t) in enumerate(seqs)]
+    with torch.no_grad():  # the reference: each row alone, no padding, no packing
+        model.train()
+        want = 0
+        for p, t in seqs:
+            model.hidden(torch.tensor([(p + t)[:-1]]))
+            want = want + model.expert_loads()
+        for m in model.moe_layers():
+            m.load_accum.zero_()
     seen = []
     monkeypatch.setattr(model, "update_expert_bias", lambda gamma, loads: seen.append(loads.clone()))
-    cfg = GRPOConfig(group_size=2)
-    policy_update(model, None, torch.optim.AdamW(model.parameters(), lr=1e-4), rs, torch.tensor([1.0, -1.0]),
+    cfg = GRPOConfig(group_size=2, micro_batch=2)  # the 3-row prompt is split over two micro-batches
+    policy_update(model, None, torch.optim.AdamW(model.parameters(), lr=1e-4), rs, torch.tensor([1.0, -1.0, 1.0, -1.0]),
                   cfg, Dist(), first=True)
-    width = max(len(p) + len(t) for p, t in seqs) - 1  # training inputs: ids[:, :-1]
-    real = sum(len(p) + len(t) - 1 for p, t in seqs)  # inputs whose next token is real: L - 1 per row
-    assert real < 2 * width  # the batch really has padding
     (loads,) = seen
     k = model.cfg.n_activated_experts
-    main_layers = loads[:model.cfg.n_layers - model.cfg.n_dense_layers]
-    assert main_layers.sum(dim=1).tolist() == [float(k * real)] * main_layers.size(0)
+    assert float(loads[0].sum()) == k * sum(len(p) + len(t) - 1 for p, t in seqs)
+    assert torch.equal(loads, want)
 
 
 def test_policy_update_skips_zero_advantage_rows_without_changing_the_gradient(base_run):
@@ -356,7 +364,7 @@ def test_skipping_zero_advantage_rows_keeps_the_expert_loads_of_the_bias_update(
         assert out["rows_trained"] == (2 if skip else 4)
         results.append((seen[0], [m.gate.bias.clone() for m in model.moe_layers()]))
     (loads_skip, bias_skip), (loads_full, bias_full) = results
-    real_tokens = sum(len(p) + len(t) - 1 for p, t in SEQS)  # inputs whose next token is real: L - 1 per row
+    real_tokens = sum(len(p) + len(t) - 1 for p, t in SEQS)  # each row's inputs: all but its last token
     assert float(loads_full[0].sum()) == 2 * real_tokens  # top-2 routing over every real token
     assert torch.equal(loads_skip, loads_full)
     assert all(torch.equal(a, b) for a, b in zip(bias_skip, bias_full))
@@ -528,32 +536,50 @@ def test_dynamic_sampling_keeps_groups_of_mixed_accuracy_not_of_mixed_shaped_rew
     assert st2["rounds"] == 1 and [r.correct for r in kept2][:4] == [False] * 4  # without it: kept as drawn
 
 
-def test_policy_update_groups_rows_by_length_and_keeps_the_full_batch_gradient(base_run, monkeypatch):
-    """Micro-batches hold rows sorted by length, each cut to its own longest row (less right padding), and the
-    gradient still equals the one-batch loss over every row computed by hand."""
-    from nanoseek.train import grpo
-    from nanoseek.train.grpo import batch_tensors, token_logprobs
+@pytest.mark.parametrize("agg,top_k,mask_truncated", [("grpo", None, False), ("dapo", 20, True), ("dr_grpo", None, True)])
+def test_shared_prompt_update_equals_the_per_row_forward(base_run, agg, top_k, mask_truncated):
+    """The update runs each prompt once for the rows that share it (shared_prefix.py). Its per-token log-probs
+    equal one-row forwards of prompt + completion, and its gradient equals the padded per-row batch loss,
+    with shared and unshared prompts, completions of 1 to 7 tokens, a prompt split over micro-batches,
+    top-k support and truncated rows masked out."""
+    from nanoseek.train.grpo import batch_tensors, packed_logprobs, token_logprobs
     from nanoseek.train.rl_math import aggregate, clipped_surrogate
+    from nanoseek.train.shared_prefix import pack, plan_micro_batches
 
     torch.manual_seed(0)
     model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
     seqs = [([0, 4, 30, 31, 5], [40, 41, 42, 1]), ([0, 4, 33, 5], [50, 51, 52, 1]),
-            ([0, 4, 30, 31, 5], [60, 61, 62, 63, 1]), ([0, 4, 33, 5], [70, 1])]  # lengths 9, 8, 10, 6
-    rewards = [1.0, 0.0, 0.6, 0.1]
+            ([0, 4, 30, 31, 5], [60, 61, 62, 63, 64, 65, 1]), ([0, 4, 33, 5], [70]),
+            ([0, 4, 30, 31, 5], [80, 1]), ([0, 9, 5], [90, 91, 1])]
+    rewards = [1.0, 0.0, 0.6, 0.1, 0.3, 0.5]
     rs = make_rollouts(model, seqs, rewards)
-    adv = group_advantages(torch.tensor(rewards), 2)
-    cfg = GRPOConfig(group_size=2, grad_clip=1e9, bias_update=False, micro_batch=2)
+    rs[2] = dataclasses.replace(rs[2], truncated=True)
+    adv = torch.tensor([1.0, -0.5, 0.7, -1.2, 0.4, 0.9])
+    cfg = GRPOConfig(group_size=2, grad_clip=1e9, bias_update=False, micro_batch=2, loss_agg=agg, top_k=top_k,
+                     mask_truncated=mask_truncated)
+    model.train()
+    prompts, comps = [r.prompt for r in rs], [r.tokens for r in rs]
+    plan = plan_micro_batches(list(range(6)), prompts, comps, cfg.micro_batch)
+    assert sorted(i for mb in plan for pk in mb for i in pk) == list(range(6)) and max(map(len, plan)) <= 2
+    with torch.no_grad():
+        for mb in plan:
+            p = pack(mb, prompts, comps, "cpu")
+            got, _ = packed_logprobs(model, p, cfg.sampling())
+            for r, i in enumerate(p.rows):
+                ids = torch.tensor([prompts[i] + comps[i]])
+                ref, _ = token_logprobs(model, ids, ids[:, 1:], cfg.sampling())
+                n = len(comps[i])
+                assert torch.allclose(got[r, :n], ref[0, len(prompts[i]) - 1:], atol=1e-6, rtol=0)
+                assert float(got[r, n:].abs().sum()) == 0.0
     model.zero_grad()
     ids, mask, old, targets = batch_tensors(rs, "cpu")
-    model.train()
+    if mask_truncated:
+        mask = mask * torch.tensor([0.0 if r.truncated else 1.0 for r in rs])[:, None]
     logp, _ = token_logprobs(model, ids, targets, cfg.sampling())
     per_tok, _ = clipped_surrogate(logp, old, adv, cfg.eps_low, cfg.eps_high)
-    aggregate(per_tok, mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs=4).backward()
+    want_loss = aggregate(per_tok, mask, agg, cfg.max_new_tokens, n_seqs=6, n_tokens=float(mask.sum()))
+    want_loss.backward()
     want = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-
-    widths = []
-    real_logprobs = grpo.token_logprobs
-    monkeypatch.setattr(grpo, "token_logprobs", lambda m, i, t, s: widths.append(tuple(i.shape)) or real_logprobs(m, i, t, s))
 
     class Recorder:
         def zero_grad(self, set_to_none=True):
@@ -563,7 +589,29 @@ def test_policy_update_groups_rows_by_length_and_keeps_the_full_batch_gradient(b
             self.grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
 
     rec = Recorder()
-    policy_update(model, None, rec, rs, adv, cfg, Dist(), first=True)
-    assert widths == [(2, 8), (2, 10)]  # (6, 8) then (9, 10); in draw order it would be (9, 8) -> 9, (10, 6) -> 10
+    out = policy_update(model, None, rec, rs, adv, cfg, Dist(), first=True)
+    assert out["rows_trained"] == 6 and out["loss"] == pytest.approx(float(want_loss.detach()), abs=1e-6)
     for g, w in zip(rec.grads, want):
-        assert torch.allclose(g, w, atol=1e-7, rtol=1e-5)
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_optimizer_steps_refresh_the_engines_fused_weights(base_run):
+    """make_optimizer's fused AdamW writes weights without bumping their version counters; its post-step hook
+    must, or prepare_inference would reuse the previous step's fused decode weights for the next rollout."""
+    from nanoseek.train.grpo import make_optimizer
+
+    model = Transformer(tiny_cfg(Tokenizer.load(base_run / "tokenizer.json").vocab_size))
+    opt = make_optimizer(model, GRPOConfig(lr=1e-2))
+    assert opt.defaults.get("fused")
+    attn = model.layers[0].attn
+    model.prepare_inference(True)
+    before = attn.fused[0].clone()
+    model.prepare_inference(False)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    model.prepare_inference(True)
+    reused = attn.fused[0].clone()
+    attn.fuse_absorbed(True)  # rebuilt from the current weights
+    assert not torch.equal(before, attn.fused[0])
+    assert torch.equal(reused, attn.fused[0])

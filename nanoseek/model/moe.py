@@ -92,7 +92,8 @@ class MoE(nn.Module):
         self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
         # (B, T) bool, set by a trainer whose batch has padding: only True tokens count toward the expert
-        # loads that drive the bias update (padding would otherwise pile onto a few experts)
+        # loads that drive the bias update (padding would otherwise pile onto a few experts); or (B, T)
+        # float: each token counts with its weight (RL's shared prompts stand for several rows)
         self.load_mask: torch.Tensor | None = None
         self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only fused weights
         # expert parallelism (nanoseek.parallel.expert_parallel.ExpertDispatch): set when `experts` holds only
@@ -136,7 +137,10 @@ class MoE(nn.Module):
         self.last_load.copy_(counts)
         load = self.last_load
         if self.training:
-            if self.load_mask is not None:
+            if self.load_mask is not None and self.load_mask.dtype != torch.bool:  # per-token weights
+                w = self.load_mask.reshape(-1, 1).expand_as(indices).to(load.dtype)
+                load = torch.bincount(indices.flatten(), weights=w.flatten(), minlength=self.n_experts)
+            elif self.load_mask is not None:
                 real = indices[self.load_mask.reshape(-1)]
                 load = torch.bincount(real.flatten(), minlength=self.n_experts).to(load.dtype)
             self.load_accum += load

@@ -195,7 +195,8 @@ class Transformer(nn.Module):
 
     def set_load_mask(self, mask: torch.Tensor | None) -> None:
         """Count only mask==True tokens (B, T) in the expert loads of the following training forwards (None:
-        all tokens). For padded batches (RL), where pad tokens would skew the bias update."""
+        all tokens). For padded batches (RL), where pad tokens would skew the bias update. A float mask
+        weighs each token instead (a packed prompt shared by m rows counts m times; 0 = padding)."""
         for m in self.moe_layers():
             m.load_mask = mask
 

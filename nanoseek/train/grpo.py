@@ -57,6 +57,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as tdist
+from torch.autograd.graph import increment_version
 
 from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
@@ -75,6 +76,7 @@ from nanoseek.train.metrics import MetricsLogger, ProgressLine
 from nanoseek.train.partial_rollouts import PartialRollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
                                     length_rewards, overlong_penalty)
+from nanoseek.train.shared_prefix import Packed, pack, packed_hidden, plan_micro_batches
 
 
 @dataclass
@@ -379,12 +381,11 @@ def batch_tensors(rollouts: list[Rollout], device) -> tuple[torch.Tensor, torch.
     return ids.to(device), mask.to(device), old.to(device), ids[:, 1:].to(device)
 
 
-def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of targets (B, L-1) under the rollout distribution (temperature, and the top-k / top-p
-    support renormalized: `support_logprobs`, the function the engine's log-probs agree with), and the
-    per-token entropy of the temperature-scaled, unfiltered distribution."""
-    logits = model.logits(model.hidden(ids[:, :-1]))
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """From logits (..., V): log-probs of targets (...) under the rollout distribution (temperature, and the
+    top-k / top-p support renormalized: `support_logprobs`, the function the engine's log-probs agree with), and
+    the per-token entropy of the temperature-scaled, unfiltered distribution."""
     logp_all = (logits / sampling.temperature).log_softmax(dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     if sampling.top_k is None and (sampling.top_p is None or sampling.top_p >= 1):
@@ -394,28 +395,34 @@ def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: Sa
     return logp, entropy
 
 
-def _micro_batches(n_rows: int, mask: torch.Tensor, size: int):
-    """(slice, width) per micro-batch; width drops right padding beyond the micro-batch's longest sequence."""
-    for s in range(0, n_rows, size):
-        sl = slice(s, s + size)
-        width = int(mask[sl].nonzero()[:, 1].max()) + 2 if mask[sl].any() else 2
-        yield sl, width
+def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_logprobs` of targets (B, L-1) over a plain per-row forward of ids (B, L): the reference the
+    packed update (`packed_logprobs`) is tested against, and what the partial-rollout tests score with."""
+    return target_logprobs(model.logits(model.hidden(ids[:, :-1])), targets, sampling)
+
+
+def packed_logprobs(model, p: Packed, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """`target_logprobs` of every completion token of micro-batch `p`, one forward over the shared-prompt
+    packs (nanoseek/train/shared_prefix.py); returned as (n rows, Lc) matrices, zero past each row's end."""
+    logp, ent = target_logprobs(model.logits(packed_hidden(model, p)), p.targets, sampling)
+    return p.to_rows(logp), p.to_rows(ent)
 
 
 @torch.no_grad()
-def count_expert_loads(model, ids: torch.Tensor, lengths: torch.Tensor, mask: torch.Tensor, micro_batch: int,
-                       parallel=None) -> None:
-    """A no-grad training-mode forward over rows that the update skips, only so that their real tokens add to
+def count_expert_loads(model, rows: list[int], prompts: list[list[int]], completions: list[list[int]],
+                       micro_batch: int, device, parallel=None) -> None:
+    """A no-grad training-mode forward over rows that the update skips, only so that their input tokens add to
     the expert loads of this step's bias update (what a full forward/backward over them would have counted).
     Under --ep every rank runs as many forwards as the busiest (idle passes: nanoseek.parallel.training)."""
-    batches = list(_micro_batches(ids.size(0), mask, micro_batch)) if ids.size(0) else []
+    batches = plan_micro_batches(rows, prompts, completions, micro_batch) if rows else []
     for _ in range(lockstep(parallel, [len(batches)])[0] - len(batches)):
         idle_pass(model, grad=False)
-    for sl, width in batches:
-        real = torch.arange(width - 1, device=ids.device)[None, :] < lengths[sl, None] - 1  # as policy_update
-        model.set_load_mask(real)
+    for mb in batches:
+        p = pack(mb, prompts, completions, device)
+        model.set_load_mask(p.load_weight)
         try:
-            model.hidden(ids[sl, :width - 1])
+            model.hidden(p.ids, p.positions, p.mask)
         finally:
             model.set_load_mask(None)
 
@@ -430,20 +437,18 @@ def _all_reduce_max(dist: Dist, x: float) -> float:
 
 def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: torch.Tensor, cfg: GRPOConfig,
                   dist: Dist, first: bool, skip_zero_advantage: bool = True, parallel=None) -> dict:
-    """One optimizer step over the global batch (this rank's `rollouts`, possibly none, in micro-batches);
-    returns metrics over the global batch (identical on every rank). `parallel`: an ExpertParallel; then every
+    """One optimizer step over the global batch (this rank's `rollouts`, possibly none, in micro-batches of at
+    most `micro_batch` rows, each row group sharing one forward of its prompt: shared_prefix.py); returns
+    metrics over the global batch (identical on every rank). `parallel`: an ExpertParallel; then every
     rank runs as many forward/backward passes as the busiest (idle passes) and syncs gradients the EP way."""
     device = next(model.parameters()).device
     sampling = cfg.sampling()
     n_local = len(rollouts)
-    if n_local:
-        ids, mask, old, targets = batch_tensors(rollouts, device)
-        if cfg.mask_truncated:
-            keep = torch.tensor([0.0 if r.truncated else 1.0 for r in rollouts], device=device)
-            mask = mask * keep.unsqueeze(-1)
-        lengths = torch.tensor([len(r.prompt) + len(r.tokens) for r in rollouts], device=device)
-        adv = adv.to(device)
-    counts = torch.tensor([float(n_local), float(mask.sum()) if n_local else 0.0], device=device)
+    prompts = [r.prompt for r in rollouts]
+    comps = [r.tokens for r in rollouts]
+    keep = [0.0 if cfg.mask_truncated and r.truncated else 1.0 for r in rollouts]
+    n_tok_local = sum(len(c) * k for c, k in zip(comps, keep))
+    counts = torch.tensor([float(n_local), float(n_tok_local)], device=device)
     n_seqs, n_tokens = dist.all_reduce_sum(counts).tolist()
     optimizer.zero_grad(set_to_none=True)
     model.train()
@@ -451,38 +456,33 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
     logp_diff = 0.0
     counts_idle = bool(cfg.beta == 0 and skip_zero_advantage and cfg.bias_update and cfg.bias_gamma > 0)
     if n_local:
-        rows = torch.arange(n_local, device=device)
+        adv = adv.to(device)
+        rows = list(range(n_local))
         if cfg.beta == 0 and skip_zero_advantage:
             # A zero-advantage row (its group's rewards all equal) adds exactly zero to the loss and its gradient;
             # the normalizers above still count it, so skipping its backward leaves the update unchanged. When
             # the loads drive a bias update, its tokens still count in them (a no-grad forward), as they would
             # without skipping; with the bias frozen the logged loads cover the trained rows only.
-            rows = (adv != 0).nonzero().flatten()
-            idle = (adv == 0).nonzero().flatten()
+            nonzero = (adv != 0).tolist()
+            rows = [i for i in range(n_local) if nonzero[i]]
+            idle = [i for i in range(n_local) if not nonzero[i]]
             if counts_idle:  # (under --ep also with no idle row: this rank joins the others' forwards)
-                idle = idle[lengths[idle].argsort(stable=True)]
-                count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch, parallel)
-        # Rows sorted by length, so that each micro-batch is cut to its own longest row: less right padding
-        # through the forward/backward (the loss and its normalizers do not depend on how rows are grouped).
-        rows = rows[lengths[rows].argsort(stable=True)]
-        ids, mask, old, targets, lengths, adv = (t[rows] for t in (ids, mask, old, targets, lengths, adv))
-        batches = list(_micro_batches(ids.size(0), mask, cfg.micro_batch)) if ids.size(0) else []
+                count_expert_loads(model, idle, prompts, comps, cfg.micro_batch, device, parallel)
+        # The loss and its normalizers (global n_seqs / n_tokens) do not depend on how rows are grouped into
+        # micro-batches, so the gradient is the one-batch gradient whatever the packing.
+        batches = plan_micro_batches(rows, prompts, comps, cfg.micro_batch)
         n_idle = lockstep(parallel, [len(batches)])[0] - len(batches)  # agreed before any pass starts
-        for sl, width in batches:
-            mb_ids, mb_mask, mb_old, mb_t = ids[sl, :width], mask[sl, :width - 1], old[sl, :width - 1], targets[sl, :width - 1]
-            # the inputs whose next token is real (not right padding): L - 1 per row, whichever micro-batch
-            # the row lands in (`< L` also counted a shorter row's last token, fed only when a longer row
-            # widened its micro-batch, so the loads depended on the grouping: one process != torchrun)
-            real = torch.arange(width - 1, device=device)[None, :] < lengths[sl, None] - 1
-            model.set_load_mask(real)
-            try:
-                logp, ent = token_logprobs(model, mb_ids, mb_t, sampling)
-            finally:
-                model.set_load_mask(None)
-            per_tok, clipped = clipped_surrogate(logp, mb_old, adv[sl], cfg.eps_low, cfg.eps_high)
+        for mb in batches:
+            p = pack(mb, prompts, comps, device)
+            idx = torch.tensor(p.rows, device=device)
+            flat_old = torch.tensor([x for i in p.rows for x in rollouts[i].logprobs], device=device)
+            mb_old = p.to_rows(flat_old)
+            mb_mask = p.to_rows(torch.ones_like(flat_old)) * torch.tensor([keep[i] for i in p.rows], device=device)[:, None]
+            logp, ent = packed_logprobs(model, p, sampling)
+            per_tok, clipped = clipped_surrogate(logp, mb_old, adv[idx], cfg.eps_low, cfg.eps_high)
             if cfg.beta > 0:
                 with torch.no_grad():
-                    ref_logp, _ = token_logprobs(ref_model, mb_ids, mb_t, sampling)
+                    ref_logp, _ = packed_logprobs(ref_model, p, sampling)
                 kl = k3_kl(logp, ref_logp)
                 per_tok = per_tok + cfg.beta * kl
                 sums["kl"] += float((kl.detach() * mb_mask).sum())
@@ -491,13 +491,13 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             sums["loss"] += float(loss.detach())
             sums["clip"] += float((clipped * mb_mask).sum())
             sums["entropy"] += float((ent.detach() * mb_mask).sum())
+            sums["tokens"] += float(mb_mask.sum())
             if first:
                 logp_diff = max(logp_diff, float(((logp.detach() - mb_old).abs() * mb_mask).max()))
-        sums["tokens"] = float(mask.sum())
-        sums["rows"] = float(ids.size(0))
+        sums["rows"] = float(len(rows))
     else:  # under --ep this rank still joins every forward/backward of the others (exact zeros from it)
         if parallel is not None and counts_idle:
-            count_expert_loads(model, torch.zeros(0, 1, dtype=torch.long), None, None, cfg.micro_batch, parallel)
+            count_expert_loads(model, [], prompts, comps, cfg.micro_batch, device, parallel)
         n_idle = lockstep(parallel, [0])[0]
     for _ in range(n_idle):
         idle_pass(model, grad=True)
@@ -524,6 +524,23 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
         per_layer = loads / loads.mean(dim=1, keepdim=True).clamp(min=1e-9)
         out["expert_load_max_over_mean"] = [round(float(x), 3) for x in per_layer.max(dim=1).values]
     return out
+
+
+def make_optimizer(model, cfg: GRPOConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights, with torch's fused kernel where the device has one (one pass over all
+    tensors: ~4x faster than the per-tensor loop on CPU, the same update to float rounding; what transformers'
+    Trainer uses by default too). The fused kernel writes the weights without bumping their autograd version
+    counters, which `Transformer.prepare_inference` keys its reuse of the fused inference weights on; a post-step
+    hook bumps them, or the next rollout would decode with the previous step's weights (tested)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    try:
+        opt = torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, **kw)
+    opt.register_step_post_hook(lambda o, args, kwargs: increment_version(
+        [p for g in o.param_groups for p in g["params"]]))
+    return opt
 
 
 # ---- Ctrl-C -----------------------------------------------------------------------------------------
@@ -585,8 +602,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         for p in ref_model.parameters():
             p.requires_grad_(False)
     def build_optimizer(m) -> torch.optim.AdamW:
-        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
-                                 betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+        return make_optimizer(m, cfg)
 
     optimizer = build_optimizer(model)
     sampler = ProblemSampler(cfg)
