@@ -3,6 +3,7 @@ the autograd loop over per-expert modules (outputs and every gradient) and again
 (gradcheck, float64); model FLOPs per token against a hand count."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nanoseek.config import ModelConfig
@@ -94,3 +95,42 @@ def test_routed_experts_function_used_only_where_exact(monkeypatch):
         MoE(moe_cfg()).train()(x)
     MoE(moe_cfg(fp8=True)).train()(x)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
+@pytest.mark.parametrize("mtp", [False, True])
+def test_model_flops_per_token_hand_count(q_lora_rank, mtp):
+    """6 x (matmul weights a token passes through, counted on the instantiated modules: routed experts weighted
+    K / E) + attention's 6 L H (d_qk + d_v) (T + 1) / 2, written out by hand for this config."""
+    from nanoseek.model import Transformer
+    from nanoseek.model.moe import Gate
+    from nanoseek.train.metrics import model_flops_per_token
+
+    cfg = ModelConfig(vocab_size=50, dim=32, inter_dim=40, moe_inter_dim=8, n_layers=3, n_dense_layers=1,
+                      n_heads=2, n_routed_experts=8, n_shared_experts=1, n_activated_experts=3,
+                      q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                      v_head_dim=6, n_mtp=1)
+    model = Transformer(cfg)
+    K_over_E = 3 / 8
+    weights = 0.0
+    for name, m in model.named_modules():
+        if name.startswith("mtp.") and not mtp:
+            continue
+        if isinstance(m, torch.nn.Linear) and name != "head":
+            weights += m.weight.numel() * (K_over_E if ".experts." in name else 1)
+        elif isinstance(m, Gate):
+            weights += m.weight.numel()
+    weights += cfg.vocab_size * cfg.dim * (2 if mtp else 1)  # the shared head, once per depth
+    T = 16
+    layers = 4 if mtp else 3
+    attn = 6 * layers * 2 * (12 + 6) * (T + 1) / 2
+    assert model_flops_per_token(cfg, T, mtp=mtp) == pytest.approx(6 * weights + attn, rel=1e-12)
+
+
+def test_peak_matmul_is_measured_once_and_mfu_divides_by_it(monkeypatch):
+    from nanoseek.train import metrics
+
+    peak = metrics.peak_matmul_flops(n=128, reps=2)
+    assert 1e6 < peak < 1e14 and metrics.peak_matmul_flops(n=128, reps=2) == peak  # cached
+    monkeypatch.setattr(metrics, "peak_matmul_flops", lambda: 2e9)
+    assert metrics.mfu(1000.0, 1e6) == pytest.approx(0.5)
