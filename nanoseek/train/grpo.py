@@ -65,6 +65,7 @@ from nanoseek.tasks.base import RewardWeights, Score, stable_hash
 from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
+from nanoseek.train import precision as prec
 from nanoseek.train.common import Dist, clip_grads, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 from nanoseek.train.partial_rollouts import PartialRollouts
@@ -118,6 +119,9 @@ class GRPOConfig:
     ckpt_every: int = 50
     keep_last: int = 2
     partial_rollout_tokens: int = 0  # Kimi k1.5 partial rollouts: new tokens per trajectory per step (0 = off)
+    # fp32 | bf16 | fp8 (nanoseek.train.precision): the training forwards run under its autocast, fp8 turns the
+    # model's FP8 linears on (rollouts use them too) and keeps AdamW's moments in BF16; rollouts run unautocast
+    precision: str = "fp32"
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:
@@ -142,6 +146,7 @@ class GRPOConfig:
         need(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
         need(self.partial_rollout_tokens >= 0 and not (self.partial_rollout_tokens and self.dynamic_sampling),
              "partial_rollout_tokens must be >= 0 and cannot be combined with dynamic sampling")
+        prec.check(self.precision)
         return self
 
     def sampling(self) -> SamplingParams:
@@ -449,7 +454,8 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             idle = (adv == 0).nonzero().flatten()
             if idle.numel() and cfg.bias_update and cfg.bias_gamma > 0:
                 idle = idle[lengths[idle].argsort(stable=True)]
-                count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch)
+                with prec.autocast(cfg.precision, device):
+                    count_expert_loads(model, ids[idle], lengths[idle], mask[idle], cfg.micro_batch)
         # Rows sorted by length, so that each micro-batch is cut to its own longest row: less right padding
         # through the forward/backward (the loss and its normalizers do not depend on how rows are grouped).
         rows = rows[lengths[rows].argsort(stable=True)]
@@ -459,12 +465,13 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             real = torch.arange(width - 1, device=device)[None, :] < lengths[sl, None]  # not right padding
             model.set_load_mask(real)
             try:
-                logp, ent = token_logprobs(model, mb_ids, mb_t, sampling)
+                with prec.autocast(cfg.precision, device):
+                    logp, ent = token_logprobs(model, mb_ids, mb_t, sampling)
             finally:
                 model.set_load_mask(None)
             per_tok, clipped = clipped_surrogate(logp, mb_old, adv[sl], cfg.eps_low, cfg.eps_high)
             if cfg.beta > 0:
-                with torch.no_grad():
+                with torch.no_grad(), prec.autocast(cfg.precision, device):
                     ref_logp, _ = token_logprobs(ref_model, mb_ids, mb_t, sampling)
                 kl = k3_kl(logp, ref_logp)
                 per_tok = per_tok + cfg.beta * kl
@@ -534,9 +541,10 @@ def _mean(xs):
 
 
 def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool = False, device: str = "auto",
-               quiet: bool = False, on_step: Callable[[int], None] | None = None) -> dict:
+               quiet: bool = False, on_step: Callable[[int], None] | None = None, precision: str | None = None) -> dict:
     """Run GRPO from the model in run directory `init`, writing run directory `out`. Returns the last metrics.
-    `on_step(step)` is called after every finished (and, when due, checkpointed) step."""
+    `on_step(step)` is called after every finished (and, when due, checkpointed) step. On resume the stored
+    config holds (steps and minutes from `cfg`); `precision`, when given, overrides its precision."""
     cfg.validate()
     dist = setup_distributed(device)
     out = Path(out)
@@ -546,11 +554,14 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         if latest_checkpoint(ckpt_dir) is None:
             raise ConfigError(f"--resume: {out} has no checkpoint to resume from")
         saved = json.loads((out / "config.json").read_text())
-        cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes}).validate()
+        stored = saved["rl"].get("precision", "fp32")
+        cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes,
+                            "precision": precision or stored}).validate()
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
     model, init_cfg, _ = load_run_model(init, device=dist.device)
+    model = prec.apply(model, cfg.precision)
     tok_path = init / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path)
     ref_model = None
@@ -558,8 +569,9 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         ref_model = copy.deepcopy(model).eval()
         for p in ref_model.parameters():
             p.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    adamw = prec.AdamW if prec.uses_fp8(cfg.precision) else torch.optim.AdamW  # fp8: BF16 moments
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                      betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     sampler = ProblemSampler(cfg)
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=dist.is_main)
     start = 0
@@ -569,6 +581,9 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         sampler.load(state["sampler"])
         start = int(state["step"])
         metrics.truncate_after(start)
+        if dist.is_main and stored != cfg.precision:  # resumed in another precision: the run's is now this one
+            saved["rl"]["precision"], saved["model"] = cfg.precision, model.cfg.to_dict()
+            atomic_write_text(out / "config.json", json.dumps(saved, indent=2) + "\n")
     elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"model": model.cfg.to_dict(), "rl": cfg.to_dict(), "init": str(init), "stage": "grpo"}
