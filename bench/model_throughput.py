@@ -1,18 +1,23 @@
-"""Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on the same config and weights.
+"""Training throughput: nanoseek vs transformers' DeepseekV3ForCausalLM on the same configs and weights.
 
-The `tiny` preset is exported with `to_hf` and loaded by transformers (attn_implementation="sdpa"). One
-training step = forward + backward + AdamW step, float32, on the CPU, batch x seq random tokens. For
-fairness both sides optimize the same loss, the main next-token cross-entropy computed the same way from
-the logits: ours via `model.logits(model.hidden(ids))` (MTP off; transformers has no MTP training), theirs
-via `model(ids).logits`. Our MoE still computes its balance-loss statistics in training mode (not added to
-the loss), which is our cost, not theirs. Rounds alternate between the two (and which goes first); the
-median tokens/s of each is reported with the ratio ours / transformers.
+Each config is exported with `to_hf` and loaded by transformers (attn_implementation="sdpa" and its default
+experts implementation, printed: `grouped_mm` in transformers 5.x, sort-based grouped GEMMs over stacked expert
+weights). One training step = forward + backward + AdamW step (torch.optim.AdamW, the same settings on both
+sides), float32, on the CPU, batch x seq random tokens. Both sides optimize the same loss, the main next-token
+cross-entropy from the logits: ours via `model.logits(model.hidden(ids))` (MTP off and frozen; transformers has
+no MTP training), theirs via `model(ids).logits`. Our MoE still computes its balance-loss statistics in
+training mode (not added to the loss), which is our cost, not theirs.
 
-`--preset mid16` is a config nobody tuned for: 4 layers, dimension 256, 16 routed experts top-4 in 4 groups
-(2 kept, group-limited routing). MFU (model FLOPs utilization) = model FLOPs per token x tokens/s over this
-machine's peak matmul rate, measured here as the best of a few 1024^3 FP32 GEMMs on the same threads. Model
-FLOPs per token = 6 x (activated parameters without the embedding lookup) + the attention scores and
-values: 6 x layers x heads x (qk_head_dim + v_head_dim) x seq / 2 (causal), the usual forward + backward count.
+Configs (`--configs`, default all): `tiny` and `small` (presets); `mid192`: 4 layers, dim 192, 16 routed
+experts top-4 in 4 groups (2 kept); `mid256`: the same at dim 256; `wide32`: 6 layers, dim 256, 32 experts
+top-6 in 8 groups (3 kept), 2 shared, a q LoRA -- added after the speed work, never tuned for.
+
+Rounds alternate between the two sides (and which goes first); the median over rounds of each side's
+tokens/s is reported with the ratio ours / transformers, from wall-clock time and, beside it, from this
+process's CPU time (`time.process_time`: less sensitive to other processes on a shared machine, though not to
+their use of the memory bus). MFU = model FLOPs per token (nanoseek.train.metrics.model_flops_per_token, closed
+form) x tokens/s over this machine's peak FP32 matmul rate measured in the same process (best of a few 1024^3
+GEMMs on the same threads).
 """
 from __future__ import annotations
 
@@ -31,28 +36,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanoseek.config import ModelConfig
 from nanoseek.hf import to_hf
 from nanoseek.model import Transformer
+from nanoseek.train.metrics import model_flops_per_token, peak_matmul_flops
 
-
-MID16 = {"dim": 256, "inter_dim": 512, "moe_inter_dim": 128, "n_layers": 4, "n_dense_layers": 1, "n_heads": 4,
-         "n_routed_experts": 16, "n_shared_experts": 1, "n_activated_experts": 4, "n_expert_groups": 4,
-         "n_limited_groups": 2, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
-         "v_head_dim": 32, "max_seq_len": 256, "original_seq_len": 256}
-
-
-def model_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    active = cfg.param_counts()["active"] - cfg.vocab_size * cfg.dim  # the embedding is a lookup
-    attn = 6 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq / 2
-    return 6 * active + attn
-
-
-def peak_matmul_flops(n: int = 1024, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+_MID = {"dim": 256, "inter_dim": 512, "moe_inter_dim": 128, "n_layers": 4, "n_dense_layers": 1, "n_heads": 4,
+        "n_routed_experts": 16, "n_shared_experts": 1, "n_activated_experts": 4, "n_expert_groups": 4,
+        "n_limited_groups": 2, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
+        "v_head_dim": 32, "max_seq_len": 256, "original_seq_len": 256}
+CONFIGS = {
+    "tiny": lambda: ModelConfig.preset("tiny"),
+    "small": lambda: ModelConfig.preset("small"),
+    "mid192": lambda: ModelConfig(**{**_MID, "dim": 192, "inter_dim": 384, "moe_inter_dim": 96, "n_heads": 3}),
+    "mid256": lambda: ModelConfig(**_MID),
+    "wide32": lambda: ModelConfig(**{**_MID, "n_layers": 6, "n_routed_experts": 32, "n_activated_experts": 6,
+                                     "n_expert_groups": 8, "n_limited_groups": 3, "n_shared_experts": 2,
+                                     "moe_inter_dim": 64, "q_lora_rank": 96}),
+}
 
 
 def ours_loss(model: Transformer, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,17 +63,18 @@ def hf_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def run_steps(loss_fn, model, opt, batches, steps: int) -> float:
-    """Run `steps` training steps, return tokens/s."""
-    t0 = time.perf_counter()
+def run_steps(loss_fn, model, opt, batches, steps: int) -> tuple[float, float]:
+    """Run `steps` training steps; return (tokens/s by wall clock, tokens/s by this process's CPU time)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(steps):
         ids, targets = batches[i % len(batches)]
         loss = loss_fn(model, ids, targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    dt = time.perf_counter() - t0
-    return steps * batches[0][0].numel() / dt
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    tokens = steps * batches[0][0].numel()
+    return tokens / dt, tokens / dc
 
 
 def profile(name, loss_fn, model, opt, batches, steps: int = 3) -> None:
@@ -88,71 +87,84 @@ def profile(name, loss_fn, model, opt, batches, steps: int = 3) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def build(name: str, batch: int, seq: int):
+    """(config, {side: (loss_fn, model, optimizer)}, batches, transformers' experts implementation)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = CONFIGS[name]()
+    if seq > cfg.max_seq_len:
+        sys.exit(f"--seq {seq} exceeds {name}'s max_seq_len {cfg.max_seq_len}")
+    ours = Transformer(cfg).train()
+    with tempfile.TemporaryDirectory() as d:
+        to_hf(ours, d, include_mtp=False)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
+    for n, p in ours.named_parameters():
+        if n.startswith("mtp."):
+            p.requires_grad_(False)  # untrained here either way (no gradient); keeps AdamW's work equal
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(4):
+        stream = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g)
+        batches.append((stream[:, :-1], stream[:, 1:]))
+    with torch.no_grad():
+        a, b = ours_loss(ours, *batches[0]).item(), hf_loss(hf, *batches[0]).item()
+    assert abs(a - b) < 1e-4 * abs(b), f"{name}: the two models disagree ({a} vs {b}); the comparison is meaningless"
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    sides = {"nanoseek": (ours_loss, ours, torch.optim.AdamW(trainable, lr=1e-3)),
+             "transformers": (hf_loss, hf, torch.optim.AdamW(hf.parameters(), lr=1e-3))}
+    return cfg, sides, batches, getattr(hf.config, "_experts_implementation", "?")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=10, help="timed training steps per round and model")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per round and side")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--preset", default="tiny", help="a preset name, or mid16 (see the docstring)")
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table for each side")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    cfg = ModelConfig(**MID16) if args.preset == "mid16" else ModelConfig.preset(args.preset)
-    if args.seq > cfg.max_seq_len:
-        sys.exit(f"--seq {args.seq} exceeds the preset's max_seq_len {cfg.max_seq_len}")
-    ours = Transformer(cfg).train()
-    with tempfile.TemporaryDirectory() as d:
-        to_hf(ours, d, include_mtp=False)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
-
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(4):
-        stream = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
-        batches.append((stream[:, :-1], stream[:, 1:]))
-    with torch.no_grad():
-        a, b = ours_loss(ours, *batches[0]).item(), hf_loss(hf, *batches[0]).item()
-    print(f"same weights, same loss before training: ours {a:.6f}  transformers {b:.6f}")
-    assert abs(a - b) < 1e-4 * abs(b), "the two models disagree; the comparison would be meaningless"
-
-    sides = {"nanoseek": (ours_loss, ours, torch.optim.AdamW(ours.parameters(), lr=1e-3)),
-             "transformers": (hf_loss, hf, torch.optim.AdamW(hf.parameters(), lr=1e-3))}
-    for fn, model, opt in sides.values():
-        run_steps(fn, model, opt, batches, args.warmup)
-    results = {name: [] for name in sides}
-    for r in range(args.rounds):
-        order = list(sides) if r % 2 == 0 else list(reversed(sides))
-        for name in order:
-            results[name].append(run_steps(*sides[name], batches, args.steps))
-
-    n_params = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("mtp."))
-    print(f"\npreset {args.preset} ({n_params / 1e6:.2f}M params without MTP), batch {args.batch} x seq {args.seq}, "
-          f"float32, CPU, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps")
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     peak = peak_matmul_flops()
-    flops = model_flops_per_token(cfg, args.seq)
-    print(f"model FLOPs/token {flops / 1e6:.2f}M, measured peak FP32 matmul {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'model':<14}{'median tok/s':>14}{'min':>10}{'max':>10}{'ms/step':>10}{'MFU':>8}")
-    med = {}
-    for name, xs in results.items():
-        med[name] = statistics.median(xs)
-        ms = args.batch * args.seq / med[name] * 1000
-        mfu = med[name] * flops / peak
-        print(f"{name:<14}{med[name]:>14.0f}{min(xs):>10.0f}{max(xs):>10.0f}{ms:>10.1f}{100 * mfu:>7.1f}%")
-    print(f"ratio ours / transformers: {med['nanoseek'] / med['transformers']:.2f}x")
-    if args.profile:
-        for name, side in sides.items():
-            profile(name, *side, batches)
+    print(f"float32, CPU, {torch.get_num_threads()} thread(s), batch {args.batch} x seq {args.seq}, {args.rounds} "
+          f"rounds x {args.steps} steps per side (medians), measured peak FP32 matmul {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'config':<8}{'params':>8}{'MFLOP/tok':>10}{'ours tok/s':>11}{'hf tok/s':>10}{'ratio':>7}"
+          f"{'cpu ratio':>10}{'ours MFU':>9}{'hf MFU':>8}  range ours | hf (tok/s)")
+    for name in names:
+        cfg, sides, batches, impl = build(name, args.batch, args.seq)
+        for side in sides.values():
+            run_steps(*side, batches, args.warmup)
+        wall: dict[str, list[float]] = {k: [] for k in sides}
+        cpu: dict[str, list[float]] = {k: [] for k in sides}
+        for r in range(args.rounds):
+            for k in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+                w, c = run_steps(*sides[k], batches, args.steps)
+                wall[k].append(w)
+                cpu[k].append(c)
+        flops = model_flops_per_token(cfg, args.seq)
+        n_params = sum(p.numel() for p in sides["nanoseek"][1].parameters() if p.requires_grad)
+        mo, mh = statistics.median(wall["nanoseek"]), statistics.median(wall["transformers"])
+        co, ch = statistics.median(cpu["nanoseek"]), statistics.median(cpu["transformers"])
+        print(f"{name:<8}{n_params / 1e6:>7.2f}M{flops / 1e6:>10.2f}{mo:>11.0f}{mh:>10.0f}{mo / mh:>6.2f}x"
+              f"{co / ch:>9.2f}x{100 * mo * flops / peak:>8.1f}%{100 * mh * flops / peak:>7.1f}%  "
+              f"{min(wall['nanoseek']):.0f}-{max(wall['nanoseek']):.0f} | "
+              f"{min(wall['transformers']):.0f}-{max(wall['transformers']):.0f}  (hf experts: {impl})", flush=True)
+        if args.profile:
+            for k, side in sides.items():
+                profile(f"{name} {k}", *side, batches)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def test_save_and_resume_are_exact_in_each_precision(tmp_path, monkeypatch, prec
     resumed = pt.pretrain(tmp_path / "cut", cfg, resume=True, device="cpu")
     assert resumed["step"] == full["step"] == 5
     assert read_metrics(tmp_path / "full" / "metrics.jsonl") == [
-        {**r, "elapsed_s": a["elapsed_s"], "tokens_per_s": a["tokens_per_s"]}
+        {**r, "elapsed_s": a["elapsed_s"], "tokens_per_s": a["tokens_per_s"], "mfu": a["mfu"]}
         for r, a in zip(read_metrics(tmp_path / "cut" / "metrics.jsonl"), read_metrics(tmp_path / "full" / "metrics.jsonl"))]
     models, opts = [], []
     for run in ("full", "cut"):

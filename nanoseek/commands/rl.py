@@ -10,6 +10,7 @@ import dataclasses
 
 from nanoseek.parallel.training import add_ep_arguments
 from nanoseek.train.grpo import GRPOConfig, train_grpo
+from nanoseek.train.precision import PUBLIC as PRECISIONS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 or fp8 training forwards "
+                   "(docs/precision.md); on --resume the run's own precision unless given")
     p.add_argument("--resume", action="store_true")
     add_ep_arguments(p)
 
@@ -64,12 +67,14 @@ def config_from_args(a: argparse.Namespace) -> GRPOConfig:
         overlong_cache=a.overlong_cache, mask_truncated=a.mask_truncated, length_weight=a.length_weight,
         length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, pool_size=a.pool_size,
         curriculum=a.curriculum, bias_update=not a.no_bias_update, bias_gamma=a.bias_gamma, seed=a.seed,
-        ckpt_every=a.ckpt_every, partial_rollout_tokens=a.partial_rollout_tokens).validate()
+        ckpt_every=a.ckpt_every, partial_rollout_tokens=a.partial_rollout_tokens,
+        precision=a.precision or "fp32").validate()
 
 
 def run(args: argparse.Namespace) -> int:
     last = train_grpo(args.init, args.out, config_from_args(args), resume=args.resume, device=args.device,
-                      ep=args.ep, ep_redundant=args.ep_redundant)
+                      ep=args.ep, ep_redundant=args.ep_redundant,
+                      precision=args.precision)
     if last:
         print(f"done: step {last['step']}, reward {last['reward']:.3f}, accuracy {last['accuracy']:.2f}; "
               f"metrics: {args.out}/metrics.jsonl")

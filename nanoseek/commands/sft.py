@@ -12,6 +12,7 @@ import argparse
 
 from nanoseek.config import PRESETS
 from nanoseek.parallel.training import add_ep_arguments
+from nanoseek.train.precision import PUBLIC as PRECISIONS
 from nanoseek.train.common import TrainConfig
 from nanoseek.train.sft import SFTConfig, train_sft
 
@@ -35,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-interval", type=int, default=d.ckpt_interval)
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 or fp8 (see docs/precision.md); "
+                   "on --resume the run's own precision unless given")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add_ep_arguments(p)
 
@@ -42,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.resume:
         summary = train_sft(args.out, None, resume=True, device=args.device, steps=args.steps, minutes=args.minutes,
-                            ep=args.ep, ep_redundant=args.ep_redundant)
+                            ep=args.ep, ep_redundant=args.ep_redundant,
+                            precision=args.precision)
     else:
         d = SFTConfig().train
         train = TrainConfig(**{**d.to_dict(), "lr": args.lr, "warmup_steps": args.warmup,
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                                "keep_last": args.keep_last, "steps": args.steps or d.steps,
                                "minutes": args.minutes or 0.0})
         cfg = SFTConfig(data=args.data or "", init=args.init, preset=args.preset, tokenizer=args.tokenizer,
-                        epochs=args.epochs, train=train)
+                        epochs=args.epochs, train=train, precision=args.precision or "fp32")
         summary = train_sft(args.out, cfg, device=args.device, ep=args.ep, ep_redundant=args.ep_redundant)
     print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['examples']} examples "
           f"({summary['skipped']} skipped as too long); run: {summary['run_dir']}")

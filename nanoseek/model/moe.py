@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.experts import routed_experts
 from nanoseek.model.fp8 import Linear
 
 
@@ -148,21 +149,21 @@ class MoE(nn.Module):
         return y.view(B, T, D)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Sum_k w_k * expert_{i_k}(x), with tokens gathered per expert."""
+        """Sum_k w_k * expert_{i_k}(x), with the (token, expert) pairs sorted by expert so that each expert
+        multiplies one contiguous slice (a loop over experts, never over tokens). Plain (non-FP8, no autocast)
+        experts run as one autograd function with a hand-written backward (nanoseek.model.experts: the same
+        sum, a fraction of the memory traffic); otherwise autograd loops over `split` slices (a slice's
+        backward would fill a zero gradient of all N*K rows per expert; split's is one concatenation)."""
+        if not self.fp8 and not torch.is_autocast_enabled(x.device.type) and x.dtype == weights.dtype:
+            return routed_experts(x, weights, indices, counts.tolist(), self.experts)
         flat_idx = indices.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = counts.tolist()
         token_of = order // self.topk
-        xs = x[token_of]
-        outs = []
-        pos = 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts[e](xs[pos:pos + n]))
-            pos += n
-        out = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1)
+        xs = x.index_select(0, token_of)  # backward: one index_add, not a scatter per expert
+        parts = xs.split(counts.tolist())
+        ys = torch.cat([self.experts[e](part) for e, part in enumerate(parts) if part.size(0)])
+        out = ys * weights.flatten()[order].unsqueeze(-1)
         return torch.zeros_like(x).index_add_(0, token_of, out)
-
 
     def routed_stacked(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                        counts: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,7 @@ from nanoseek.tasks.base import RewardWeights, Score, stable_hash
 from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
+from nanoseek.train import precision as prec
 from nanoseek.train.common import Dist, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 from nanoseek.train.partial_rollouts import PartialRollouts
@@ -125,6 +126,9 @@ class GRPOConfig:
     ckpt_every: int = 50
     keep_last: int = 2
     partial_rollout_tokens: int = 0  # Kimi k1.5 partial rollouts: new tokens per trajectory per step (0 = off)
+    # fp32 | bf16 | fp8 (nanoseek.train.precision): the training forwards run under its autocast, fp8 turns the
+    # model's FP8 linears on (rollouts use them too) and keeps AdamW's moments in BF16; rollouts run unautocast
+    precision: str = "fp32"
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:
@@ -149,6 +153,7 @@ class GRPOConfig:
         need(self.ckpt_every >= 1 and self.keep_last >= 1, "ckpt_every and keep_last must be >= 1")
         need(self.partial_rollout_tokens >= 0 and not (self.partial_rollout_tokens and self.dynamic_sampling),
              "partial_rollout_tokens must be >= 0 and cannot be combined with dynamic sampling")
+        prec.check(self.precision)
         return self
 
     def sampling(self) -> SamplingParams:
@@ -467,7 +472,8 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             rows = [i for i in range(n_local) if nonzero[i]]
             idle = [i for i in range(n_local) if not nonzero[i]]
             if counts_idle:  # (under --ep also with no idle row: this rank joins the others' forwards)
-                count_expert_loads(model, idle, prompts, comps, cfg.micro_batch, device, parallel)
+                with prec.autocast(cfg.precision, device):
+                    count_expert_loads(model, idle, prompts, comps, cfg.micro_batch, device, parallel)
         # The loss and its normalizers (global n_seqs / n_tokens) do not depend on how rows are grouped into
         # micro-batches, so the gradient is the one-batch gradient whatever the packing.
         batches = plan_micro_batches(rows, prompts, comps, cfg.micro_batch)
@@ -478,10 +484,11 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             flat_old = torch.tensor([x for i in p.rows for x in rollouts[i].logprobs], device=device)
             mb_old = p.to_rows(flat_old)
             mb_mask = p.to_rows(torch.ones_like(flat_old)) * torch.tensor([keep[i] for i in p.rows], device=device)[:, None]
-            logp, ent = packed_logprobs(model, p, sampling)
+            with prec.autocast(cfg.precision, device):
+                logp, ent = packed_logprobs(model, p, sampling)
             per_tok, clipped = clipped_surrogate(logp, mb_old, adv[idx], cfg.eps_low, cfg.eps_high)
             if cfg.beta > 0:
-                with torch.no_grad():
+                with torch.no_grad(), prec.autocast(cfg.precision, device):
                     ref_logp, _ = packed_logprobs(ref_model, p, sampling)
                 kl = k3_kl(logp, ref_logp)
                 per_tok = per_tok + cfg.beta * kl
@@ -534,6 +541,8 @@ def make_optimizer(model, cfg: GRPOConfig) -> torch.optim.AdamW:
     hook bumps them, or the next rollout would decode with the previous step's weights (tested)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if prec.uses_fp8(cfg.precision):  # fp8: BF16 moments (nanoseek.train.precision), no fused kernel
+        return prec.AdamW(params, **kw)
     try:
         opt = torch.optim.AdamW(params, fused=True, **kw)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
@@ -574,10 +583,11 @@ def _mean(xs):
 
 def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool = False, device: str = "auto",
                quiet: bool = False, on_step: Callable[[int], None] | None = None, ep: int = 1,
-               ep_redundant: int = 0) -> dict:
+               ep_redundant: int = 0, precision: str | None = None) -> dict:
     """Run GRPO from the model in run directory `init`, writing run directory `out`. Returns the last metrics.
-    `on_step(step)` is called after every finished (and, when due, checkpointed) step. `ep` > 1: the update
-    runs with expert parallelism over groups of `ep` ranks (`ep_redundant` extra experts placed by the init
+    `on_step(step)` is called after every finished (and, when due, checkpointed) step. On resume the stored
+    config holds (steps and minutes from `cfg`); `precision`, when given, overrides its precision. `ep` > 1: the
+    update runs with expert parallelism over groups of `ep` ranks (`ep_redundant` extra experts placed by the init
     run's recorded loads) and rollouts run on a full copy of the weights (nanoseek.parallel.training)."""
     cfg.validate()
     dist = setup_distributed(device)
@@ -589,11 +599,14 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         if latest_checkpoint(ckpt_dir) is None:
             raise ConfigError(f"--resume: {out} has no checkpoint to resume from")
         saved = json.loads((out / "config.json").read_text())
-        cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes}).validate()
+        stored = saved["rl"].get("precision", "fp32")
+        cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes,
+                            "precision": precision or stored}).validate()
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
     model, init_cfg, _ = load_run_model(init, device=dist.device)
+    model = prec.apply(model, cfg.precision)
     tok_path = init / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path)
     ref_model = None
@@ -614,6 +627,9 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         sampler.load(state["sampler"])
         start = int(state["step"])
         metrics.truncate_after(start)
+        if dist.is_main and stored != cfg.precision:  # resumed in another precision: the run's is now this one
+            saved["rl"]["precision"], saved["model"] = cfg.precision, model.cfg.to_dict()
+            atomic_write_text(out / "config.json", json.dumps(saved, indent=2) + "\n")
     elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"model": model.cfg.to_dict(), "rl": cfg.to_dict(), "init": str(init), "stage": "grpo"}

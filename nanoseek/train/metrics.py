@@ -7,19 +7,83 @@ recomputed), so the file of a killed-and-resumed run reads exactly like an unint
 
 The progress line uses rich: a bar with step/total, loss, lr, tokens/s and ETA on a terminal; when stdout is
 not a terminal (CI, pipes) it prints a plain line every `print_every` steps instead of redrawing.
+
+Model FLOPs utilization (MFU, PaLM appendix B; docs/speed.md): model FLOPs per token (`model_flops_per_token`,
+a closed form of the configuration) x tokens/s, over this process's measured peak FP32 matmul rate
+(`peak_matmul_flops`: the best of a few n x n GEMMs on torch's current threads, measured once per process). The
+peak is a measured rate of this machine, not a datasheet figure, so MFU says how far a training step is from
+what the same BLAS achieves on one large square GEMM.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from nanoseek.io import atomic_write_text
+
+
+def matmul_params_per_token(cfg, mtp: bool = False) -> int:
+    """Weights of the matmuls one token passes through in a forward: every attention projection, the dense FFN
+    or the MoE gate + shared experts + the K activated routed experts, the output head (not the embedding,
+    a row lookup, nor the norms' gains, elementwise). mtp: also each MTP module (eh_proj, its block, the head
+    again), as pretraining with n_mtp > 0 runs them."""
+    c = cfg.param_counts()
+    norm_gains = cfg.kv_lora_rank + (cfg.q_lora_rank if cfg.q_lora_rank > 0 else 0)
+    attn = c["attention_per_layer"] - norm_gains
+    expert = c["expert"]
+    moe = (cfg.n_activated_experts + cfg.n_shared_experts) * expert + cfg.n_routed_experts * cfg.dim
+    n_moe = cfg.n_moe_layers
+    ffn = moe if n_moe else c["dense_ffn_per_layer"]
+    main = cfg.n_layers * attn + (cfg.n_layers - n_moe) * c["dense_ffn_per_layer"] + n_moe * moe + c["head"]
+    extra = cfg.n_mtp * (2 * cfg.dim * cfg.dim + attn + ffn + c["head"]) if mtp else 0
+    return main + extra
+
+
+def model_flops_per_token(cfg, seq_len: int, mtp: bool = False) -> float:
+    """Training FLOPs (forward + backward) per token of a sequence of seq_len tokens:
+
+        6 * P  +  6 * L * H * (d_qk + d_v) * (seq_len + 1) / 2
+
+    P = matmul_params_per_token (2 FLOPs per weight per token forward, twice that backward: activation and
+    weight gradients); the second term is attention's scores (d_qk = nope + rope head dim) and values (d_v) per
+    head, 2 FLOPs per multiply-add, over the (seq_len + 1) / 2 keys a causal query sees on average, times 3
+    for forward + backward; L = layers (+ MTP modules when mtp). Not counted: elementwise ops, softmax, norms,
+    the router's top-k (as in PaLM's and nanoGPT's MFU)."""
+    layers = cfg.n_layers + (cfg.n_mtp if mtp else 0)
+    attn = 6 * layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * (seq_len + 1) / 2
+    return 6 * matmul_params_per_token(cfg, mtp) + attn
+
+
+@functools.cache
+def _peak(threads: int, n: int, reps: int) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up (allocator, BLAS dispatch)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def peak_matmul_flops(n: int = 1024, reps: int = 8) -> float:
+    """This process's peak FP32 matmul rate (FLOP/s): the fastest of `reps` n x n x n GEMMs on torch's current
+    number of threads; measured once per process and thread count (~0.2 s), then cached."""
+    return _peak(torch.get_num_threads(), n, reps)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float) -> float:
+    """Model FLOPs utilization of this process: tokens/s x model FLOPs per token / measured peak."""
+    return tokens_per_s * flops_per_token / peak_matmul_flops()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -57,6 +57,22 @@ def configure_model(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
+def apply(model: nn.Module, precision: str) -> nn.Module:
+    """A loaded model in `precision`: the same weights and buffers (gate biases), rebuilt when its config's fp8
+    flag differs (a fine-tuning run's precision is its own, not its init run's), with configure_model applied.
+    For sft and rl, whose model comes from a run directory."""
+    from nanoseek.model import Transformer
+
+    cfg = model_config(model.cfg, precision)
+    if cfg.fp8 != model.cfg.fp8:
+        device = next(model.parameters()).device
+        rebuilt = Transformer(cfg).to(device)
+        rebuilt.load_state_dict(model.state_dict())
+        rebuilt.train(model.training)
+        model = rebuilt
+    return configure_model(model, precision)
+
+
 def autocast(precision: str, device: torch.device | str = "cpu"):
     """The context every training/eval forward of a run in `precision` runs under."""
     if check(precision) == "fp32":

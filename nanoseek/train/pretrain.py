@@ -43,7 +43,7 @@ from nanoseek.train.common import (
     set_lr,
     setup_distributed,
 )
-from nanoseek.train.metrics import MetricsLogger, ProgressLine
+from nanoseek.train.metrics import MetricsLogger, ProgressLine, mfu, model_flops_per_token, peak_matmul_flops
 
 KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
 
@@ -298,6 +298,12 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                      f"precision {cfg.precision}")
     if parallel is not None:
         progress.message(parallel.describe())
+    # MFU (train/metrics.py): this process's model FLOPs/s over its measured peak FP32 matmul rate; under
+    # --ep / --pp a process computes only part of each token, so it is left out there
+    flops_per_token = model_flops_per_token(cfg.model, tcfg.seq_len, mtp=cfg.model.n_mtp > 0)
+    if parallel is None and dist.is_main:
+        progress.message(f"model FLOPs/token {flops_per_token / 1e6:.2f}M (train/metrics.py), measured peak FP32 "
+                         f"matmul {peak_matmul_flops() / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} thread(s)")
     kill_after = int(os.environ.get(KILL_ENV, "-1"))
     loop_start = time.perf_counter()
     tok_rate_ema = None
@@ -321,6 +327,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             record = {"step": step, "loss": out["loss"], "main": out["main"], "mtp": out["mtp"],
                       "balance": out["balance"], "lr": lr, "grad_norm": out["grad_norm"],
                       "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
+                      **({"mfu": mfu(tok_rate, flops_per_token)} if parallel is None else {}),
                       "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"])}
             if last or (tcfg.eval_interval and step % tcfg.eval_interval == 0):
                 if parallel is not None:
@@ -338,6 +345,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                                     tcfg.keep_last)
                 dist.barrier()
             extra = f"eval {eval_loss:.4f}" if eval_loss is not None else ""
+            if parallel is None:
+                extra = f"MFU {mfu(tok_rate_ema, flops_per_token):.1%}" + (f"  {extra}" if extra else "")
             progress.update(step, out["loss"], lr, tok_rate_ema, extra)
             if step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)

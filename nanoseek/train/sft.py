@@ -21,6 +21,10 @@ Schedule: the shared warmup + cosine (train/common.py) over `steps`, or, with `b
 time: the cosine follows the fraction of the budget used (checkpointed elapsed time included, so a resumed
 run keeps the same budget) and training stops, checkpointed, when the budget is spent.
 
+Precision (`precision`: fp32 | bf16 | fp8, nanoseek.train.precision): the forward and loss run under that
+mode's autocast, fp8 turns the model's FP8 linears on and keeps AdamW's moments in BF16; recorded in
+config.json, and a resumed run keeps it unless `precision` is passed again (then config.json is rewritten).
+
 Simplifications: no MTP loss and no balance loss during SFT (the MoE routing bias still moves by the
 auxiliary-loss-free rule, on non-padding tokens, when the model has experts); no held-out loss (the stages
 that use SFT evaluate task accuracy instead).
@@ -44,7 +48,8 @@ from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
 from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
-from nanoseek.train.common import Dist, TrainConfig, build_optimizer, set_lr, setup_distributed
+from nanoseek.train import precision as prec
+from nanoseek.train.common import Dist, TrainConfig, set_lr, setup_distributed
 from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
@@ -60,6 +65,7 @@ class SFTConfig(HasTrainConfig):
     tokenizer: str | None = None
     epochs: float = 0.0  # > 0: steps = ceil(epochs * examples / batch_size)
     budget_s: float = 0.0  # > 0: wall-clock budget (lr cosine over time, stop at the end); steps is a cap
+    precision: str = "fp32"  # fp32 | bf16 | fp8 (nanoseek.train.precision)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, steps=200, batch_size=32, seq_len=64,
                                                                   warmup_steps=10, eval_interval=0,
                                                                   ckpt_interval=50, bias_gamma=0.0))
@@ -73,6 +79,7 @@ class SFTConfig(HasTrainConfig):
             raise ConfigError("--preset needs --tokenizer (a tokenizer.json or a run directory holding one)")
         if self.epochs < 0 or self.budget_s < 0:
             raise ConfigError("epochs and budget must be >= 0")
+        prec.check(self.precision)
         self.train.validate()
         return self
 
@@ -123,7 +130,7 @@ def trim(ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torch.Tensor, loader: Loader,
-             tcfg: TrainConfig, dist: Dist, pad_id: int = 2, parallel=None) -> dict:
+             tcfg: TrainConfig, dist: Dist, pad_id: int = 2, parallel=None, precision: str = "fp32") -> dict:
     """One optimizer step over cfg.grad_accum global batches; returns loss (per completion token) and grad norm.
     `parallel`: an ExpertParallel (nanoseek.parallel) whose gradient sync replaces the DDP average."""
     model.train()
@@ -135,7 +142,7 @@ def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torc
         mine = idx[dist.rank::dist.world]
         ids, tgt = trim(ids_all[mine], tgt_all[mine])
         ids, tgt = ids.to(dist.device), tgt.to(dist.device)
-        with load_mask(model, ids[:, :-1] != pad_id):
+        with load_mask(model, ids[:, :-1] != pad_id), prec.autocast(precision, dist.device):
             loss = completion_loss(model, ids, tgt, n_tokens)
         (loss * dist.world).backward()  # average_grads divides by world
         loss_sum += float(loss.detach()) * n_tokens
@@ -151,10 +158,11 @@ def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torc
 
 
 # ---- the run -------------------------------------------------------------------------------------------
-def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device) -> tuple[Transformer, torch.optim.Optimizer]:
+def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device,
+               precision: str) -> tuple[Transformer, torch.optim.Optimizer]:
     """A one-process model and optimizer that an --ep run's checkpoint is assembled into."""
-    model = Transformer(model_cfg).to(device)
-    return model, build_optimizer(model, tcfg)
+    model = prec.apply(Transformer(model_cfg).to(device), precision)
+    return model, prec.build_optimizer(model, tcfg, precision)
 
 
 def _load_tokenizer(path: str | Path):
@@ -163,13 +171,25 @@ def _load_tokenizer(path: str | Path):
     return Tokenizer.load(path)
 
 
+def _record_precision(out: Path, precision: str, model: Transformer) -> None:
+    """Rewrite config.json with the precision a resumed run continues in (and the model's fp8 flag)."""
+    import json
+
+    from nanoseek.io import atomic_write_text
+
+    run_cfg = json.loads((out / "config.json").read_text())
+    run_cfg["sft"]["precision"] = precision
+    run_cfg["model"] = model.cfg.to_dict()
+    atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
+
+
 def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, device: str = "auto",
               dist: Dist | None = None, quiet: bool = False, steps: int | None = None,
               minutes: float | None = None, budget_s: float | None = None, ep: int = 1,
-              ep_redundant: int = 0) -> dict:
+              ep_redundant: int = 0, precision: str | None = None) -> dict:
     """Train (or resume) the SFT run in `out`; returns a summary (step, loss, examples, skipped, elapsed_s).
-    On resume the stored config is authoritative (`cfg` may be None); `steps`, `minutes` and `budget_s`
-    override it when given. `ep` > 1: expert parallelism over groups of `ep` ranks with `ep_redundant` extra
+    On resume the stored config is authoritative (`cfg` may be None); `steps`, `minutes`, `budget_s` and
+    `precision` override it when given. `ep` > 1: expert parallelism over groups of `ep` ranks with `ep_redundant` extra
     experts per MoE layer placed by the recorded loads of this run or of the init run (nanoseek.parallel);
     checkpoints keep the one-process layout, so any --ep resumes any other."""
     out, ckpt_dir, ckpt, saved = open_run(out, resume, "sft")
@@ -179,7 +199,8 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
         raise ConfigError("train_sft needs a config for a fresh run")
     changes = {k: v for k, v in (("steps", steps), ("minutes", minutes)) if v is not None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes),
-                              budget_s=cfg.budget_s if budget_s is None else budget_s)
+                              budget_s=cfg.budget_s if budget_s is None else budget_s,
+                              precision=cfg.precision if precision is None else precision)
     cfg.validate()
     tcfg = cfg.train
     own_dist = dist is None  # a process group made here is torn down here (gloo aborts at exit otherwise)
@@ -207,6 +228,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
                           f"{model.cfg.vocab_size}")
     if tcfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
+    model = prec.apply(model, cfg.precision)
     dist.broadcast_module(model)
 
     examples = read_examples(cfg.data)
@@ -216,7 +238,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     if cfg.epochs > 0 and not resume and steps is None:
         tcfg = cfg.train = dataclasses.replace(tcfg, steps=max(1, math.ceil(cfg.epochs * ids_all.size(0)
                                                                              / (tcfg.batch_size * tcfg.grad_accum))))
-    optimizer = build_optimizer(model, tcfg)
+    optimizer = prec.build_optimizer(model, tcfg, cfg.precision)
     loader = Loader(ids_all, tcfg.batch_size, tcfg.seed, 0, 1)  # global indices; ranks slice them
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=dist.is_main)
     step, elapsed0 = 0, 0.0
@@ -225,11 +247,13 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
         loader.load_state_dict(state["loader"])
         step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
         metrics.truncate_after(step)
+        if dist.is_main and saved.get("precision", "fp32") != cfg.precision:  # resumed in another precision
+            _record_precision(out, cfg.precision, model)
     parallel = None
     if use_ep:
         parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device,
-                                       lambda m: build_optimizer(m, tcfg), [out if ckpt else None, cfg.init],
-                                       dist.is_main)
+                                       lambda m: prec.build_optimizer(m, tcfg, cfg.precision),
+                                       [out if ckpt else None, cfg.init], dist.is_main)
     if ckpt is None and dist.is_main:
         run_cfg = {"model": model.cfg.to_dict(), "sft": cfg.to_dict(), "train": tcfg.to_dict(),
                    "init": cfg.init, "init_checkpoint": str(init_step) if init_step else None,
@@ -242,7 +266,8 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main and not quiet,
                             print_every=max(1, tcfg.steps // 20), description="sft")
     progress.message(f"{model.num_params():,} parameters; {ids_all.size(0):,} examples kept, {skipped:,} skipped "
-                     f"(longer than --seq-len {tcfg.seq_len}); {dist.world} process(es) on {dist.device}")
+                     f"(longer than --seq-len {tcfg.seq_len}); {dist.world} process(es) on {dist.device}, "
+                     f"precision {cfg.precision}")
     if ckpt is not None:
         progress.message(f"resumed from {ckpt} (step {step})")
     if parallel is not None:
@@ -258,7 +283,8 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
             lr = clock.lr(step, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
-            res = sft_step(model, optimizer, ids_all, tgt_all, loader, tcfg, dist, tokenizer.pad_id, parallel)
+            res = sft_step(model, optimizer, ids_all, tgt_all, loader, tcfg, dist, tokenizer.pad_id, parallel,
+                           cfg.precision)
             dt = time.perf_counter() - t0
             step += 1
             seen += tcfg.batch_size * tcfg.grad_accum
@@ -271,7 +297,8 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
             if last or step % tcfg.log_interval == 0:
                 metrics.log(record)
             if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
-                to_save = checkpoint_pair(model, optimizer, parallel, lambda: _full_pair(model.cfg, tcfg, dist.device))
+                to_save = checkpoint_pair(model, optimizer, parallel, lambda: _full_pair(model.cfg, tcfg, dist.device,
+                                                                                    cfg.precision))
                 if dist.is_main:
                     save_checkpoint(ckpt_dir, step, *to_save,
                                     {"loader": loader.state_dict(), "elapsed_s": record["elapsed_s"]}, tcfg.keep_last)
