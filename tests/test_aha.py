@@ -1,5 +1,6 @@
 """`nanoseek aha`: GRPO logs the reflection metrics per step; the whole pipeline end to end (smoke, slow) with
 the summary keys of issue 14, and resumability (a rerun skips every finished stage)."""
+import dataclasses
 import json
 
 import pytest
@@ -45,6 +46,29 @@ def test_aha_rejects_bad_settings(tmp_path):
     assert main(["aha", "--out", str(tmp_path), "--rl-steps", "0"]) == 2
 
 
+def test_first_reach_uses_the_trailing_mean():
+    from nanoseek.commands.aha import first_reach
+
+    curve = [(s, 10.0 * s, a) for s, a in enumerate([0.1, 0.9, 0.1, 0.6, 0.6, 0.7], start=1)]
+    assert first_reach(curve, 0.6, 1) == (2, 20.0)  # a single step at 0.9
+    assert first_reach(curve, 0.6, 2) == (5, 50.0)  # (0.1 + 0.9) / 2 = 0.5 < 0.6, (0.6 + 0.6) / 2 >= 0.6
+    assert first_reach(curve, 0.8, 2) is None
+    assert first_reach([], 0.1, 1) is None
+
+
+def test_runs_from_before_the_cold_start_stages_resume_into_them():
+    from nanoseek.commands.aha import AhaConfig, same_settings
+
+    cfg = AhaConfig(out="x", seed=1)
+    saved = dataclasses.asdict(cfg)
+    assert same_settings(saved, cfg)
+    old = {k: v for k, v in saved.items() if k != "cold_traces"}  # written before the field existed
+    assert same_settings(old, cfg)
+    assert not same_settings(old, dataclasses.replace(cfg, cold_traces=5))  # a new setting off its default
+    assert not same_settings({**saved, "rl_steps": 7}, cfg)
+    assert not same_settings({**saved, "gone": 1}, cfg)
+
+
 @pytest.mark.slow
 def test_aha_smoke_end_to_end_and_resume(tmp_path):
     out = tmp_path / "aha"
@@ -56,6 +80,12 @@ def test_aha_smoke_end_to_end_and_resume(tmp_path):
                 "long_tokens_per_correct", "seconds_total"):
         assert key in s
     assert set(s["long2short"]) == {"l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge"}
+    cs = s["cold_start"]
+    assert cs["traces"] == 20 and cs["sft_steps"] >= 1 and cs["rl_steps"] >= 1
+    assert cs["r1zero_rl_steps"] == 2 and 0 <= cs["r1zero_final_rollout_acc"] <= 1
+    for key in ("cold_pass1", "cold_sft_pass1", "r1zero_pass1", "cold_check_rate", "cold_len"):
+        assert key in cs
+    assert (out / "cold_rl" / "metrics.jsonl").exists() and "## Cold start" in (out / "report.md").read_text()
     assert (out / "report.md").read_text().startswith("# nanoseek aha")
     rows = read_metrics(out / "rl" / "metrics.jsonl")
     assert rows and all("check_rate" in r for r in rows)

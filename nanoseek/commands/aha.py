@@ -12,13 +12,21 @@ Stages, each resumable (Ctrl-C or a timeout, then rerun the same command; `--unt
      l2s_dpo     - DPO, shortest correct vs the longest wrong or longer correct sample (`nanoseek dpo`);
      l2s_merge   - weight average of the long model and the short base it started from (`nanoseek merge`);
      each then evaluated;
-  6. report: runs/aha/report.md, plots/, summary.json.
+  6. cold start (R1 arXiv 2501.12948 sec. 2.3.1), after every stage above so that seeds stay comparable:
+     cold_traces - `cold_traces` readable, verified traces with a check line, written by the reflection corpus's
+                   generator (every solution carries a check; the flawed ones fix their slip): the stand-in for
+                   R1's curated long chains of thought. They do not come from the RL model, so the comparison
+                   costs the cold-start arm nothing that the R1-Zero arm did not also pay;
+     cold_sft    - `nanoseek sft` of the same base on them; cold_rl - the same GRPO, for the R1-Zero run's
+                   training seconds minus the SFT's (equal total time); each then evaluated;
+  7. report: runs/aha/report.md, plots/, summary.json.
 
 Evaluation (held-out split, fixed problems): pass@1 = mean accuracy of `eval_samples` samples at T=0.6 (and
 T=1.0), greedy accuracy, and from the T=0.6 samples: mean response length, tokens per correct answer (mean
 length of the correct completions), check rate, check-changed rate.
 
-Simplifications: one seed per invocation; the cold start (R1 stage 2) comparison is not part of it; the
+Simplifications: one seed per invocation; the cold-start traces are program-written (no readability
+filter or human post-processing is needed: the corpus form is readable by construction); the
 merge partner is the base (the short-CoT model of the same architecture we have), not a separately trained one.
 """
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pathlib import Path
 from rich.console import Console
 
 from nanoseek.commands.demo import Stages, sample_lines
+from nanoseek.commands.r1 import _grpo_used_seconds
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 
@@ -74,10 +83,14 @@ class AhaConfig:
     dpo_lr: float = 1e-4
     eval_n: int = 200
     eval_samples: int = 4
+    # cold start: R1 uses "thousands" of cold-start traces; ours are drawn with the corpus's flawed share,
+    # fine-tuned with sft_epochs / sft_lr above
+    cold_traces: int = 1000
 
     def validate(self) -> "AhaConfig":
         for name in ("base_steps", "rl_steps", "length_steps", "batch_size", "seq_len", "group_size",
-                     "prompts_per_step", "max_new_tokens", "l2s_problems", "dpo_steps", "eval_n", "eval_samples"):
+                     "prompts_per_step", "max_new_tokens", "l2s_problems", "dpo_steps", "eval_n", "eval_samples",
+                     "cold_traces"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.l2s_samples < 2:
@@ -94,11 +107,11 @@ class AhaConfig:
         """A seconds-long version of every stage (tests)."""
         return cls(out=out, seed=seed, base_steps=6, batch_size=4, n_docs=300, reflect_share=0.3, rl_steps=2,
                    group_size=4, prompts_per_step=2, max_new_tokens=24, length_steps=2, l2s_problems=6,
-                   l2s_samples=2, sft_epochs=1.0, dpo_steps=2, eval_n=4, eval_samples=1)
+                   l2s_samples=2, sft_epochs=1.0, dpo_steps=2, eval_n=4, eval_samples=1, cold_traces=20)
 
 
 STAGES = ("pretrain_base", "eval_base", "rl", "eval_rl", *[s for m in METHODS for s in (m, f"eval_{m}")],
-          "samples")
+          "samples", "cold_traces", "cold_sft", "eval_cold_sft", "cold_rl", "eval_cold_rl")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,7 +119,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=d.out)
     p.add_argument("--seed", type=int, default=d.seed)
     for name in ("base_steps", "rl_steps", "length_steps", "dpo_steps", "eval_n", "eval_samples", "max_new_tokens",
-                 "l2s_problems"):
+                 "l2s_problems", "cold_traces"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("reflect_share", "flawed_share", "length_weight", "rl_temperature"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
@@ -190,6 +203,97 @@ def _dpo(rl: Path, run: Path, cfg: AhaConfig) -> dict:
     s = train_dpo(run, DPOConfig(init=str(rl), data=str(data), beta=cfg.dpo_beta, lr=cfg.dpo_lr, steps=cfg.dpo_steps,
                                  seq_len=160, seed=cfg.seed, ckpt_every=max(cfg.dpo_steps // 2, 1)), resume=resume)
     return {k: s.get(k) for k in ("step", "loss", "margin", "reward_accuracy", "pairs")}
+
+
+def _cold_traces(path: Path, cfg: AhaConfig) -> dict:
+    """The cold-start SFT data: verified corpus solutions with a check line (nanoseek.tasks.reflection)."""
+    from nanoseek.tasks.reflection import reflection_traces
+
+    rows = reflection_traces(cfg.cold_traces, seed=10_000 + cfg.seed, difficulty=cfg.difficulty,
+                             flawed_share=cfg.flawed_share)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    fixed = sum(r["fixed_slip"] for r in rows)
+    console.print(f"{len(rows)} cold-start traces ({fixed} fix a slip, {len(rows) - fixed} re-check a correct step)")
+    return {"traces": len(rows), "fixed_slip": fixed, "path": str(path)}
+
+
+def _cold_sft(base: Path, run: Path, data: Path, cfg: AhaConfig) -> dict:
+    from nanoseek.train.checkpoint import latest_checkpoint
+    from nanoseek.train.common import TrainConfig
+    from nanoseek.train.sft import SFTConfig, train_sft
+
+    n = len(data.read_text().splitlines())
+    train = TrainConfig(lr=cfg.sft_lr, steps=1, batch_size=min(32, n), seq_len=128, seed=cfg.seed, warmup_steps=5,
+                        eval_interval=0, ckpt_interval=50, bias_gamma=0.0)
+    resume = latest_checkpoint(run / "checkpoints") is not None
+    s = train_sft(run, SFTConfig(data=str(data), init=str(base), epochs=cfg.sft_epochs, train=train), resume=resume,
+                  device="cpu", quiet=False)
+    return {"step": s["step"], "examples": s["examples"], "seconds": round(s["elapsed_s"], 1)}
+
+
+def _cold_rl(init: Path, run: Path, cfg: AhaConfig, budget_s: float) -> dict:
+    """The R1-Zero stage's GRPO from the cold-start model, for `budget_s` training seconds (summed over resumes)."""
+    from nanoseek.train.checkpoint import latest_checkpoint, read_state
+    from nanoseek.train.grpo import GRPOConfig, train_grpo
+
+    used = _grpo_used_seconds(run)
+    fresh = latest_checkpoint(run / "checkpoints") is None
+    if used < budget_s or fresh:  # at least one step, even when the SFT alone took the whole budget
+        rl = GRPOConfig(task=cfg.task, difficulty=cfg.difficulty, steps=1_000_000, group_size=cfg.group_size,
+                        prompts_per_step=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr,
+                        seed=cfg.seed, ckpt_every=max(cfg.rl_steps // 5, 1), bias_update=False, bias_gamma=0.0,
+                        temperature=cfg.rl_temperature, minutes=max(budget_s - used, 1e-3) / 60)
+        train_grpo(init, run, rl, resume=not fresh, device="cpu")
+    return {"step": int(read_state(latest_checkpoint(run / "checkpoints"))["step"]),
+            "seconds": round(_grpo_used_seconds(run), 1), "budget_s": round(budget_s, 1)}
+
+
+def rollout_accuracy_curve(run: Path) -> list[tuple[int, float, float]]:
+    """(step, training seconds summed over resumes, rollout accuracy) of a GRPO run's metrics."""
+    from nanoseek.train.metrics import read_metrics
+
+    out, total, prev = [], 0.0, 0.0
+    for r in read_metrics(run / "metrics.jsonl"):
+        if r["elapsed_s"] < prev:
+            total += prev
+        prev = r["elapsed_s"]
+        out.append((int(r["step"]), total + prev, float(r["accuracy"])))
+    return out
+
+
+def first_reach(curve: list[tuple[int, float, float]], target: float, window: int) -> tuple[int, float] | None:
+    """(step, seconds) of the first step whose trailing `window`-step mean rollout accuracy is >= `target`."""
+    for i in range(window - 1, len(curve)):
+        if sum(c[2] for c in curve[i - window + 1:i + 1]) / window >= target:
+            return curve[i][0], curve[i][1]
+    return None
+
+
+def cold_start_summary(root: Path, stages: Stages) -> dict:
+    """R1-Zero vs cold start at equal total time: the R1-Zero run's final rollout accuracy (mean of its last
+    10% of steps), the step and seconds (SFT included) at which each run's trailing mean first reaches it, and
+    the final accuracies (rollout and held-out)."""
+    zero, cold = rollout_accuracy_curve(root / "rl"), rollout_accuracy_curve(root / "cold_rl")
+    window = max(len(zero) // 10, 1)
+    target = sum(c[2] for c in zero[-window:]) / window
+    sft = stages.done["cold_sft"]["result"]
+    reach_zero, reach_cold = first_reach(zero, target, window), first_reach(cold, target, window)
+    ev_zero, ev_cold, ev_sft = (stages.done[k]["result"] for k in ("eval_rl", "eval_cold_rl", "eval_cold_sft"))
+    return {"traces": stages.done["cold_traces"]["result"]["traces"],
+            "traces_fixing_a_slip": stages.done["cold_traces"]["result"]["fixed_slip"],
+            "sft_steps": sft["step"], "sft_seconds": sft["seconds"],
+            "rl_steps": stages.done["cold_rl"]["result"]["step"], "rl_seconds": stages.done["cold_rl"]["result"]["seconds"],
+            "r1zero_rl_steps": zero[-1][0] if zero else 0, "r1zero_rl_seconds": round(zero[-1][1], 1) if zero else 0.0,
+            "window_steps": window, "r1zero_final_rollout_acc": target,
+            "cold_final_rollout_acc": sum(c[2] for c in cold[-window:]) / min(window, len(cold)) if cold else None,
+            "r1zero_steps_to_final": reach_zero[0] if reach_zero else None,
+            "cold_steps_to_r1zero_final": reach_cold[0] if reach_cold else None,
+            "cold_seconds_to_r1zero_final": round(reach_cold[1] + sft["seconds"], 1) if reach_cold else None,
+            "r1zero_seconds_to_final": round(reach_zero[1], 1) if reach_zero else None,
+            "r1zero_pass1": ev_zero["pass1"], "cold_pass1": ev_cold["pass1"], "cold_sft_pass1": ev_sft["pass1"],
+            "r1zero_check_rate": ev_zero["check_rate"], "cold_check_rate": ev_cold["check_rate"],
+            "cold_sft_check_rate": ev_sft["check_rate"], "r1zero_len": ev_zero["mean_len"],
+            "cold_len": ev_cold["mean_len"], "cold_sft_len": ev_sft["mean_len"]}
 
 
 def _merge(base: Path, rl: Path, run: Path) -> dict:
@@ -292,6 +396,33 @@ def plot_reflection(rl_runs: dict[str, Path], path: Path) -> Path | None:
     return path
 
 
+def plot_cold_start(root: Path, sft_seconds: float, path: Path) -> Path | None:
+    """Rollout accuracy against training seconds: R1-Zero (RL from the base) vs cold start (SFT, then RL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.report import _ema, _save
+
+    zero, cold = rollout_accuracy_curve(root / "rl"), rollout_accuracy_curve(root / "cold_rl")
+    if not zero or not cold:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for name, curve, offset in (("R1-Zero: RL from the base", zero, 0.0),
+                                (f"cold start: SFT ({sft_seconds:.0f} s), then RL", cold, sft_seconds)):
+        xs, ys = [offset + c[1] for c in curve], [c[2] for c in curve]
+        ax.plot(xs, ys, lw=0.6, alpha=0.3)
+        ax.plot(xs, _ema(ys), lw=1.5, label=name, color=ax.lines[-1].get_color())
+    ax.set_xlabel("training seconds (SFT included)")
+    ax.set_ylabel("rollout accuracy")
+    ax.set_title("R1-Zero vs cold start at equal total time", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return path
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{x:.1%}"
 
@@ -301,9 +432,11 @@ def _num(x) -> str:
 
 
 def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samples: dict) -> Path:
-    plot = plot_reflection({"R1-Zero-style RL": root / "rl", "length-penalty RL": root / "l2s_length"},
-                           root / "plots" / "aha_curves.png")
-    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS)}
+    plot = plot_reflection({"R1-Zero-style RL": root / "rl", "length-penalty RL": root / "l2s_length",
+                            "cold start + RL": root / "cold_rl"}, root / "plots" / "aha_curves.png")
+    cs = summary["cold_start"]
+    cold_plot = plot_cold_start(root, cs["sft_seconds"], root / "plots" / "cold_start.png")
+    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS, "cold_sft", "cold_rl")}
     lines = [f"# nanoseek aha: reflection RL and long2short on `{cfg.task}` (seed {cfg.seed})", "",
              f"Total time {summary['seconds_total'] / 60:.1f} min. Held-out split, {cfg.eval_n} problems; pass@1 = "
              f"mean accuracy of {cfg.eval_samples} samples; lengths and check rates from the T=0.6 samples. "
@@ -313,7 +446,7 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
              f"T {cfg.rl_temperature:g}, budget {cfg.max_new_tokens} new tokens.", "",
              "| model | pass@1 T=0.6 | pass@1 T=1.0 | greedy | mean length | tokens / correct | check rate | "
              "check changed | pass@1 checked / not |", "|---|---|---|---|---|---|---|---|---|"]
-    names = {"base": "base", "rl": "RL (long)", **LABELS}
+    names = {"base": "base", "rl": "RL (long)", **LABELS, "cold_sft": "cold-start SFT", "cold_rl": "cold start + RL"}
     for k, r in ev.items():
         if r is None:
             lines.append(f"| {names[k]} | skipped: {stages.done[k]['result'].get('skipped', '?')} |" + " |" * 7)
@@ -336,6 +469,29 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
     lines += ["", "## RL curves (R1-Zero fig. 3 in miniature)", ""]
     if plot:
         lines.append(f"![curves](plots/{plot.name})")
+
+    def reach(step, seconds) -> str:
+        return "never" if step is None else f"step {step} ({seconds:.0f} s)"
+
+    lines += ["", "## Cold start (R1 stage 2) vs R1-Zero, equal total time", "",
+              f"{cs['traces']} verified corpus traces with a check line ({cs['traces_fixing_a_slip']} fix a slip); SFT "
+              f"{cs['sft_steps']} steps ({cs['sft_seconds']:.0f} s), then GRPO {cs['rl_steps']} steps "
+              f"({cs['rl_seconds']:.0f} s) against R1-Zero's {cs['r1zero_rl_steps']} steps ({cs['r1zero_rl_seconds']:.0f} s). "
+              f"Target: R1-Zero's final rollout accuracy {cs['r1zero_final_rollout_acc']:.1%} (mean of its last "
+              f"{cs['window_steps']} steps); reached = the first step whose trailing {cs['window_steps']}-step mean is at "
+              "least that.", "",
+              "| run | reaches R1-Zero's final accuracy | final rollout accuracy | held-out pass@1 T=0.6 | check rate | "
+              "mean length |", "|---|---|---|---|---|---|",
+              f"| R1-Zero (RL from the base) | {reach(cs['r1zero_steps_to_final'], cs['r1zero_seconds_to_final'])} | "
+              f"{_pct(cs['r1zero_final_rollout_acc'])} | {_pct(cs['r1zero_pass1'])} | {_pct(cs['r1zero_check_rate'])} | "
+              f"{_num(cs['r1zero_len'])} |",
+              f"| cold-start SFT only | - | - | {_pct(cs['cold_sft_pass1'])} | {_pct(cs['cold_sft_check_rate'])} | "
+              f"{_num(cs['cold_sft_len'])} |",
+              f"| cold start + RL | {reach(cs['cold_steps_to_r1zero_final'], cs['cold_seconds_to_r1zero_final'])} | "
+              f"{_pct(cs['cold_final_rollout_acc'])} | {_pct(cs['cold_pass1'])} | {_pct(cs['cold_check_rate'])} | "
+              f"{_num(cs['cold_len'])} |"]
+    if cold_plot:
+        lines += ["", f"![cold start](plots/{cold_plot.name})"]
     lines += ["", "## Sample completions (held-out problems, T=0.6)", ""]
     lines += sample_lines(samples, names)
     path = root / "report.md"
@@ -343,12 +499,20 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
     return path
 
 
+def same_settings(saved: dict, cfg: AhaConfig) -> bool:
+    """The stored run's settings equal `cfg`'s; a setting added since (absent from `saved`) must be at its
+    default, so a run started before the cold-start stages existed resumes into them."""
+    now, default = dataclasses.asdict(cfg), dataclasses.asdict(AhaConfig(out=cfg.out, seed=cfg.seed))
+    return (set(saved) <= set(now) and all(saved[k] == now[k] for k in saved)
+            and all(now[k] == default[k] for k in set(now) - set(saved)))
+
+
 def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
     cfg.validate()
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
     cfg_path = root / "aha_config.json"
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != dataclasses.asdict(cfg):
+    if cfg_path.exists() and not same_settings(json.loads(cfg_path.read_text()), cfg):
         raise ConfigError(f"{root} holds an aha run with other settings ({cfg_path}); use another --out")
     atomic_write_text(cfg_path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     stages = Stages(root / "stages.json")
@@ -362,7 +526,14 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
             "l2s_shortest": lambda: _shortest_sft(rl, runs["l2s_shortest"], cfg),
             "l2s_dpo": lambda: _dpo(rl, runs["l2s_dpo"], cfg),
             "l2s_merge": lambda: _merge(base, rl, runs["l2s_merge"]),
-            "samples": lambda: _samples({k: runs[k] for k in ("base", "rl", "l2s_length")}, cfg)}
+            "samples": lambda: _samples({k: runs[k] for k in ("base", "rl", "l2s_length")}, cfg),
+            "cold_traces": lambda: _cold_traces(root / "cold_traces.jsonl", cfg),
+            "cold_sft": lambda: _cold_sft(base, root / "cold_sft", root / "cold_traces.jsonl", cfg),
+            "eval_cold_sft": lambda: evaluate_long(root / "cold_sft", cfg),
+            # equal total time: the R1-Zero stage's training seconds, less the SFT's
+            "cold_rl": lambda: _cold_rl(root / "cold_sft", root / "cold_rl", cfg,
+                                        _grpo_used_seconds(rl) - stages.done["cold_sft"]["result"]["seconds"]),
+            "eval_cold_rl": lambda: evaluate_long(root / "cold_rl", cfg)}
     for m in METHODS:
         work[f"eval_{m}"] = (lambda m=m: evaluate_long(runs[m], cfg))
     for name in STAGES:
@@ -374,6 +545,7 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
     seconds = stages.seconds_by_stage()
     seconds["pretrain_base"] = max(seconds["pretrain_base"], stages.done["pretrain_base"]["result"]["elapsed_s"])
     total = sum(seconds.values())
+    cold_s = sum(v for k, v in seconds.items() if k.startswith(("cold_", "eval_cold_")))
     ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS)}
     summary = {"task": cfg.task, "seed": cfg.seed,
                "base_check_rate": ev["base"]["check_rate"], "rl_check_rate": ev["rl"]["check_rate"],
@@ -388,7 +560,9 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
                               {k: ev[m][k] for k in ("tokens_per_correct", "pass1", "pass1_t1", "greedy", "mean_len",
                                                      "check_rate")} for m in METHODS},
                "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
-               "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()}}
+               "seconds_without_cold_start": round(total - cold_s, 1),
+               "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
+               "cold_start": cold_start_summary(root, stages)}
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     report = write_report(root, cfg, stages, summary, stages.done["samples"]["result"])
     console.print(f"total {total / 60:.1f} min; report: {report}; summary: {root / 'summary.json'}")
