@@ -74,6 +74,9 @@ def test_aha_smoke_end_to_end_and_resume(tmp_path):
     out = tmp_path / "aha"
     assert main(["aha", "--smoke", "--out", str(out), "--until", "eval_rl"]) == 0
     assert not (out / "summary.json").exists()
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "samples"]) == 0  # the pipeline, no cold start
+    assert json.loads((out / "summary.json").read_text())["cold_start"] is None
+    assert "Not run yet" in (out / "report.md").read_text()
     assert main(["aha", "--smoke", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     for key in ("base_check_rate", "rl_check_rate", "base_len", "rl_len", "base_pass1", "rl_pass1",

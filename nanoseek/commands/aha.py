@@ -432,11 +432,12 @@ def _num(x) -> str:
 
 
 def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samples: dict) -> Path:
-    plot = plot_reflection({"R1-Zero-style RL": root / "rl", "length-penalty RL": root / "l2s_length",
-                            "cold start + RL": root / "cold_rl"}, root / "plots" / "aha_curves.png")
     cs = summary["cold_start"]
-    cold_plot = plot_cold_start(root, cs["sft_seconds"], root / "plots" / "cold_start.png")
-    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS, "cold_sft", "cold_rl")}
+    plot = plot_reflection({"R1-Zero-style RL": root / "rl", "length-penalty RL": root / "l2s_length",
+                            **({"cold start + RL": root / "cold_rl"} if cs else {})}, root / "plots" / "aha_curves.png")
+    cold_plot = plot_cold_start(root, cs["sft_seconds"], root / "plots" / "cold_start.png") if cs else None
+    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS, "cold_sft", "cold_rl")
+          if f"eval_{k}" in stages.done}
     lines = [f"# nanoseek aha: reflection RL and long2short on `{cfg.task}` (seed {cfg.seed})", "",
              f"Total time {summary['seconds_total'] / 60:.1f} min. Held-out split, {cfg.eval_n} problems; pass@1 = "
              f"mean accuracy of {cfg.eval_samples} samples; lengths and check rates from the T=0.6 samples. "
@@ -473,23 +474,27 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
     def reach(step, seconds) -> str:
         return "never" if step is None else f"step {step} ({seconds:.0f} s)"
 
-    lines += ["", "## Cold start (R1 stage 2) vs R1-Zero, equal total time", "",
-              f"{cs['traces']} verified corpus traces with a check line ({cs['traces_fixing_a_slip']} fix a slip); SFT "
-              f"{cs['sft_steps']} steps ({cs['sft_seconds']:.0f} s), then GRPO {cs['rl_steps']} steps "
-              f"({cs['rl_seconds']:.0f} s) against R1-Zero's {cs['r1zero_rl_steps']} steps ({cs['r1zero_rl_seconds']:.0f} s). "
-              f"Target: R1-Zero's final rollout accuracy {cs['r1zero_final_rollout_acc']:.1%} (mean of its last "
-              f"{cs['window_steps']} steps); reached = the first step whose trailing {cs['window_steps']}-step mean is at "
-              "least that.", "",
-              "| run | reaches R1-Zero's final accuracy | final rollout accuracy | held-out pass@1 T=0.6 | check rate | "
-              "mean length |", "|---|---|---|---|---|---|",
-              f"| R1-Zero (RL from the base) | {reach(cs['r1zero_steps_to_final'], cs['r1zero_seconds_to_final'])} | "
-              f"{_pct(cs['r1zero_final_rollout_acc'])} | {_pct(cs['r1zero_pass1'])} | {_pct(cs['r1zero_check_rate'])} | "
-              f"{_num(cs['r1zero_len'])} |",
-              f"| cold-start SFT only | - | - | {_pct(cs['cold_sft_pass1'])} | {_pct(cs['cold_sft_check_rate'])} | "
-              f"{_num(cs['cold_sft_len'])} |",
-              f"| cold start + RL | {reach(cs['cold_steps_to_r1zero_final'], cs['cold_seconds_to_r1zero_final'])} | "
-              f"{_pct(cs['cold_final_rollout_acc'])} | {_pct(cs['cold_pass1'])} | {_pct(cs['cold_check_rate'])} | "
-              f"{_num(cs['cold_len'])} |"]
+    lines += ["", "## Cold start (R1 stage 2) vs R1-Zero, equal total time", ""]
+    if cs is None:
+        lines += ["Not run yet (its stages come after every other one: rerun without `--until` to add it)."]
+    else:
+        lines += [
+                  f"{cs['traces']} verified corpus traces with a check line ({cs['traces_fixing_a_slip']} fix a slip); SFT "
+                  f"{cs['sft_steps']} steps ({cs['sft_seconds']:.0f} s), then GRPO {cs['rl_steps']} steps "
+                  f"({cs['rl_seconds']:.0f} s) against R1-Zero's {cs['r1zero_rl_steps']} steps ({cs['r1zero_rl_seconds']:.0f} s). "
+                  f"Target: R1-Zero's final rollout accuracy {cs['r1zero_final_rollout_acc']:.1%} (mean of its last "
+                  f"{cs['window_steps']} steps); reached = the first step whose trailing {cs['window_steps']}-step mean is at "
+                  "least that.", "",
+                  "| run | reaches R1-Zero's final accuracy | final rollout accuracy | held-out pass@1 T=0.6 | check rate | "
+                  "mean length |", "|---|---|---|---|---|---|",
+                  f"| R1-Zero (RL from the base) | {reach(cs['r1zero_steps_to_final'], cs['r1zero_seconds_to_final'])} | "
+                  f"{_pct(cs['r1zero_final_rollout_acc'])} | {_pct(cs['r1zero_pass1'])} | {_pct(cs['r1zero_check_rate'])} | "
+                  f"{_num(cs['r1zero_len'])} |",
+                  f"| cold-start SFT only | - | - | {_pct(cs['cold_sft_pass1'])} | {_pct(cs['cold_sft_check_rate'])} | "
+                  f"{_num(cs['cold_sft_len'])} |",
+                  f"| cold start + RL | {reach(cs['cold_steps_to_r1zero_final'], cs['cold_seconds_to_r1zero_final'])} | "
+                  f"{_pct(cs['cold_final_rollout_acc'])} | {_pct(cs['cold_pass1'])} | {_pct(cs['cold_check_rate'])} | "
+                  f"{_num(cs['cold_len'])} |"]
     if cold_plot:
         lines += ["", f"![cold start](plots/{cold_plot.name})"]
     lines += ["", "## Sample completions (held-out problems, T=0.6)", ""]
@@ -540,7 +545,15 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
         stages.run(name, work[name])
         if name == until:
             console.print(f"stopped after stage {name} (--until); rerun to continue")
-            return None
+            break
+    if "samples" not in stages.done:
+        return None
+    return finish(root, cfg, stages)
+
+
+def finish(root: Path, cfg: AhaConfig, stages: Stages) -> dict:
+    """summary.json and report.md from the finished stages: every stage up to `samples` is needed; the
+    cold-start part (summary key `cold_start`, a report section) is there once its stages are done too."""
     # a base pretrained outside this command (same settings, resumed here) counts with its own training time
     seconds = stages.seconds_by_stage()
     seconds["pretrain_base"] = max(seconds["pretrain_base"], stages.done["pretrain_base"]["result"]["elapsed_s"])
@@ -562,7 +575,7 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
                "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
                "seconds_without_cold_start": round(total - cold_s, 1),
                "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
-               "cold_start": cold_start_summary(root, stages)}
+               "cold_start": cold_start_summary(root, stages) if "eval_cold_rl" in stages.done else None}
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     report = write_report(root, cfg, stages, summary, stages.done["samples"]["result"])
     console.print(f"total {total / 60:.1f} min; report: {report}; summary: {root / 'summary.json'}")
