@@ -95,3 +95,18 @@ def test_aha_smoke_end_to_end_and_resume(tmp_path):
     before = (out / "stages.json").read_text()
     assert main(["aha", "--smoke", "--out", str(out)]) == 0  # everything done: only the report is rewritten
     assert (out / "stages.json").read_text() == before
+
+
+def test_targets_on_a_hand_written_summary():
+    from nanoseek.commands.aha import targets
+
+    s = {"base_check_rate": 0.1, "rl_check_rate": 0.2, "base_len": 20.0, "rl_len": 19.0, "base_pass1": 0.5,
+         "rl_pass1": 0.61, "long_tokens_per_correct": 30.0,
+         "long2short": {"a": {"tokens_per_correct": 21.0, "pass1": 0.59},  # -30%, -2 points: meets it
+                        "b": {"tokens_per_correct": 21.1, "pass1": 0.61},  # only -29.7%
+                        "c": {"tokens_per_correct": 10.0, "pass1": 0.58},  # -3 points
+                        "d": None}}
+    t = targets(s)
+    assert (t["check_rate_doubles"], t["length_rises"], t["pass1_plus_10"]) == (True, False, True)
+    assert t["long2short_methods_meeting_target"] == ["a"]
+    assert not targets({**s, "rl_check_rate": 0.19})["check_rate_doubles"]

@@ -125,6 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
     p.add_argument("--until", choices=STAGES, help="stop after this stage (run long pipelines in pieces)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
+    p.add_argument("--seeds-report", nargs="+", metavar="RUN", help="only write --out/seeds.md: tables over these "
+                   "finished aha runs (one per seed) and their RL curves")
 
 
 # ---- stages -------------------------------------------------------------------------------------------
@@ -504,6 +506,78 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
     return path
 
 
+# ---- several seeds -------------------------------------------------------------------------------------
+def targets(s: dict) -> dict:
+    """Issue 14's targets on one seed's summary: the R1-Zero dynamics, and long2short (best method)."""
+    out = {"check_rate_doubles": s["rl_check_rate"] >= 2 * s["base_check_rate"] and s["rl_check_rate"] > 0,
+           "length_rises": s["rl_len"] > s["base_len"], "pass1_plus_10": s["rl_pass1"] - s["base_pass1"] >= 0.10}
+    long_tpc, ok = s["long_tokens_per_correct"], []
+    for m, r in s["long2short"].items():
+        if r and r["tokens_per_correct"] is not None and long_tpc:
+            if r["tokens_per_correct"] <= 0.7 * long_tpc and r["pass1"] >= s["rl_pass1"] - 0.02:
+                ok.append(m)
+    out["long2short_methods_meeting_target"] = ok
+    return out
+
+
+def seeds_report(roots: list[Path], out: Path) -> Path:
+    """docs-ready tables over several seeds' summary.json (one row per seed) and the seeds' RL curves."""
+    sums = [json.loads((r / "summary.json").read_text()) for r in roots]
+    lines = ["# nanoseek aha over seeds", "", f"Runs: {', '.join(str(r) for r in roots)}.", "",
+             "## R1-Zero dynamics (held-out, T=0.6)", "",
+             "| seed | check rate base -> RL | check changed base -> RL | mean length base -> RL | pass@1 base -> RL | "
+             "greedy base -> RL | targets (check x2 / length up / +10 pt) | minutes |", "|---|---|---|---|---|---|---|---|"]
+    yes = {True: "yes", False: "no"}
+    for s in sums:
+        t = targets(s)
+        lines.append(f"| {s['seed']} | {_pct(s['base_check_rate'])} -> {_pct(s['rl_check_rate'])} | "
+                     f"{_pct(s['base_check_changed_rate'])} -> {_pct(s['rl_check_changed_rate'])} | "
+                     f"{_num(s['base_len'])} -> {_num(s['rl_len'])} | {_pct(s['base_pass1'])} -> {_pct(s['rl_pass1'])} | "
+                     f"{_pct(s['base_greedy'])} -> {_pct(s['rl_greedy'])} | {yes[t['check_rate_doubles']]} / "
+                     f"{yes[t['length_rises']]} / {yes[t['pass1_plus_10']]} | "
+                     f"{s.get('seconds_without_cold_start', s['seconds_total']) / 60:.1f} |")
+    lines += ["", "## long2short against the long (RL) model: tokens per correct answer, pass@1 T=0.6 (T=1.0, greedy)",
+              "", "| seed | long model | " + " | ".join(LABELS[m] for m in METHODS) + " |",
+              "|---|---|" + "---|" * len(METHODS)]
+    for s in sums:
+        long_tpc = s["long_tokens_per_correct"]
+        cells = [f"{_num(long_tpc)} tok, {_pct(s['rl_pass1'])} ({_pct(s['rl_pass1_t1'])}, {_pct(s['rl_greedy'])})"]
+        for m in METHODS:
+            r = s["long2short"][m]
+            if r is None:
+                cells.append("skipped")
+                continue
+            rel = "" if r["tokens_per_correct"] is None or not long_tpc else f" ({r['tokens_per_correct'] / long_tpc - 1:+.0%})"
+            cells.append(f"{_num(r['tokens_per_correct'])} tok{rel}, {_pct(r['pass1'])} "
+                         f"({100 * (r['pass1'] - s['rl_pass1']):+.1f} pt; {_pct(r['pass1_t1'])}, {_pct(r['greedy'])})")
+        lines.append(f"| {s['seed']} | " + " | ".join(cells) + " |")
+    lines += ["", "Target (>= 30% fewer tokens per correct answer at <= 2 points lower pass@1): "
+              + "; ".join(f"seed {s['seed']}: {', '.join(targets(s)['long2short_methods_meeting_target']) or 'none'}"
+                          for s in sums)]
+    cold = [s for s in sums if s.get("cold_start")]
+    if cold:
+        lines += ["", "## Cold start vs R1-Zero at equal total time", "",
+                  "| seed | SFT steps (s) | RL steps (s) vs R1-Zero's | R1-Zero final rollout acc | cold start reaches it at "
+                  "| cold final rollout acc | held-out pass@1 R1-Zero / SFT only / cold+RL | check rate R1-Zero / SFT only / "
+                  "cold+RL |", "|---|---|---|---|---|---|---|---|"]
+        for s in cold:
+            c = s["cold_start"]
+            at = "never" if c["cold_steps_to_r1zero_final"] is None else \
+                f"step {c['cold_steps_to_r1zero_final']} ({c['cold_seconds_to_r1zero_final']:.0f} s)"
+            lines.append(f"| {s['seed']} | {c['sft_steps']} ({c['sft_seconds']:.0f}) | {c['rl_steps']} ({c['rl_seconds']:.0f}) vs "
+                         f"{c['r1zero_rl_steps']} ({c['r1zero_rl_seconds']:.0f}) | {_pct(c['r1zero_final_rollout_acc'])} | "
+                         f"{at} | {_pct(c['cold_final_rollout_acc'])} | {_pct(c['r1zero_pass1'])} / "
+                         f"{_pct(c['cold_sft_pass1'])} / {_pct(c['cold_pass1'])} | {_pct(c['r1zero_check_rate'])} / "
+                         f"{_pct(c['cold_sft_check_rate'])} / {_pct(c['cold_check_rate'])} |")
+    out.mkdir(parents=True, exist_ok=True)
+    plot = plot_reflection({f"seed {s['seed']}": r / "rl" for s, r in zip(sums, roots)}, out / "aha_curves_seeds.png")
+    if plot:
+        lines += ["", f"![RL curves, every seed]({plot.name})"]
+    path = out / "seeds.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
 def same_settings(saved: dict, cfg: AhaConfig) -> bool:
     """The stored run's settings equal `cfg`'s; a setting added since (absent from `saved`) must be at its
     default, so a run started before the cold-start stages existed resumes into them."""
@@ -588,6 +662,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = AhaConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AhaConfig) if hasattr(args, f.name)})
     t0 = time.time()
+    if args.seeds_report:
+        missing = [r for r in args.seeds_report if not (Path(r) / "summary.json").exists()]
+        if missing:
+            raise ConfigError(f"no finished aha run (summary.json) in {', '.join(missing)}")
+        console.print(f"wrote {seeds_report([Path(r) for r in args.seeds_report], Path(args.out))}")
+        return 0
     run_aha(cfg, args.until)
     console.print(f"[dim]this invocation: {time.time() - t0:.0f} s[/dim]")
     return 0
