@@ -514,7 +514,7 @@ def targets(s: dict) -> dict:
     long_tpc, ok = s["long_tokens_per_correct"], []
     for m, r in s["long2short"].items():
         if r and r["tokens_per_correct"] is not None and long_tpc:
-            if r["tokens_per_correct"] <= 0.7 * long_tpc and r["pass1"] >= s["rl_pass1"] - 0.02:
+            if r["tokens_per_correct"] <= 0.7 * long_tpc + 1e-9 and r["pass1"] >= s["rl_pass1"] - 0.02 - 1e-9:
                 ok.append(m)
     out["long2short_methods_meeting_target"] = ok
     return out
