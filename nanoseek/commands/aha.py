@@ -126,7 +126,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until", choices=STAGES, help="stop after this stage (run long pipelines in pieces)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
     p.add_argument("--seeds-report", nargs="+", metavar="RUN", help="only write --out/seeds.md: tables over these "
-                   "finished aha runs (one per seed) and their RL curves")
+                   "aha runs (one per seed, through eval_rl at least) and their RL curves")
 
 
 # ---- stages -------------------------------------------------------------------------------------------
@@ -522,11 +522,14 @@ def targets(s: dict) -> dict:
 
 def seeds_report(roots: list[Path], out: Path) -> Path:
     """docs-ready tables over several seeds' summary.json (one row per seed) and the seeds' RL curves."""
-    sums = [json.loads((r / "summary.json").read_text()) for r in roots]
+    sums = [load_summary(r) for r in roots]
     lines = ["# nanoseek aha over seeds", "", f"Runs: {', '.join(str(r) for r in roots)}.", "",
              "## R1-Zero dynamics (held-out, T=0.6)", "",
              "| seed | check rate base -> RL | check changed base -> RL | mean length base -> RL | pass@1 base -> RL | "
              "greedy base -> RL | targets (check x2 / length up / +10 pt) | minutes |", "|---|---|---|---|---|---|---|---|"]
+    trend = ["", "## During RL: the rollouts of the first vs the last 10% of the steps (rollout temperature)", "",
+        "| seed | check rate | check changed | mean length | accuracy | pass@1 of RL completions with / without a check |",
+        "|---|---|---|---|---|---|"]
     yes = {True: "yes", False: "no"}
     for s in sums:
         t = targets(s)
@@ -536,6 +539,14 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
                      f"{_pct(s['base_greedy'])} -> {_pct(s['rl_greedy'])} | {yes[t['check_rate_doubles']]} / "
                      f"{yes[t['length_rises']]} / {yes[t['pass1_plus_10']]} | "
                      f"{s.get('seconds_without_cold_start', s['seconds_total']) / 60:.1f} |")
+        r = s["rl_rollouts"]
+        if r:
+            trend.append(f"| {s['seed']} | {_pct(r['check_rate_first'])} -> {_pct(r['check_rate_last'])} | "
+                         f"{_pct(r['check_changed_rate_first'])} -> {_pct(r['check_changed_rate_last'])} | "
+                         f"{_num(r['response_len_mean_first'])} -> {_num(r['response_len_mean_last'])} | "
+                         f"{_pct(r['accuracy_first'])} -> {_pct(r['accuracy_last'])} | "
+                         f"{_pct(s['rl_pass1_when_checked'])} / {_pct(s['rl_pass1_when_not_checked'])} |")
+    lines += trend
     lines += ["", "## long2short against the long (RL) model: tokens per correct answer, pass@1 T=0.6 (T=1.0, greedy)",
               "", "| seed | long model | " + " | ".join(LABELS[m] for m in METHODS) + " |",
               "|---|---|" + "---|" * len(METHODS)]
@@ -545,7 +556,7 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
         for m in METHODS:
             r = s["long2short"][m]
             if r is None:
-                cells.append("skipped")
+                cells.append("not run")
                 continue
             rel = "" if r["tokens_per_correct"] is None or not long_tpc else f" ({r['tokens_per_correct'] / long_tpc - 1:+.0%})"
             cells.append(f"{_num(r['tokens_per_correct'])} tok{rel}, {_pct(r['pass1'])} "
@@ -625,35 +636,69 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
     return finish(root, cfg, stages)
 
 
-def finish(root: Path, cfg: AhaConfig, stages: Stages) -> dict:
-    """summary.json and report.md from the finished stages: every stage up to `samples` is needed; the
-    cold-start part (summary key `cold_start`, a report section) is there once its stages are done too."""
-    # a base pretrained outside this command (same settings, resumed here) counts with its own training time
+def rollout_trend(run: Path) -> dict | None:
+    """Means over the first and the last 10% of a GRPO run's steps of the rollouts' check rate,
+    check-changed rate, mean length and accuracy (the training-time view of R1 fig. 3, at the rollout
+    temperature)."""
+    from nanoseek.train.metrics import read_metrics
+
+    rows = read_metrics(run / "metrics.jsonl")
+    if not rows:
+        return None
+    w = max(len(rows) // 10, 1)
+    keys = ("check_rate", "check_changed_rate", "response_len_mean", "accuracy")
+    return {f"{k}_{part}": sum(r.get(k, 0.0) for r in chunk) / len(chunk)
+            for part, chunk in (("first", rows[:w]), ("last", rows[-w:])) for k in keys} | {"window_steps": w}
+
+
+def build_summary(root: Path, cfg: AhaConfig, stages: Stages) -> dict:
+    """The summary from the finished stages (eval_base and eval_rl needed); a long2short method or the cold
+    start whose stages have not run yet is None."""
     seconds = stages.seconds_by_stage()
+    # a base pretrained outside this command (same settings, resumed here) counts with its own training time
     seconds["pretrain_base"] = max(seconds["pretrain_base"], stages.done["pretrain_base"]["result"]["elapsed_s"])
     total = sum(seconds.values())
     cold_s = sum(v for k, v in seconds.items() if k.startswith(("cold_", "eval_cold_")))
-    ev = {k: stages.done[f"eval_{k}"]["result"] for k in ("base", "rl", *METHODS)}
-    summary = {"task": cfg.task, "seed": cfg.seed,
-               "base_check_rate": ev["base"]["check_rate"], "rl_check_rate": ev["rl"]["check_rate"],
-               "base_check_changed_rate": ev["base"]["check_changed_rate"],
-               "rl_check_changed_rate": ev["rl"]["check_changed_rate"],
-               "base_len": ev["base"]["mean_len"], "rl_len": ev["rl"]["mean_len"],
-               "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
-               "base_pass1_t1": ev["base"]["pass1_t1"], "rl_pass1_t1": ev["rl"]["pass1_t1"],
-               "base_greedy": ev["base"]["greedy"], "rl_greedy": ev["rl"]["greedy"],
-               "long_tokens_per_correct": ev["rl"]["tokens_per_correct"],
-               "long2short": {m: None if ev[m] is None else
-                              {k: ev[m][k] for k in ("tokens_per_correct", "pass1", "pass1_t1", "greedy", "mean_len",
-                                                     "check_rate")} for m in METHODS},
-               "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
-               "seconds_without_cold_start": round(total - cold_s, 1),
-               "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
-               "cold_start": cold_start_summary(root, stages) if "eval_cold_rl" in stages.done else None}
+    ev = {k: stages.done.get(f"eval_{k}", {}).get("result") for k in ("base", "rl", *METHODS)}
+    return {"task": cfg.task, "seed": cfg.seed,
+            "base_check_rate": ev["base"]["check_rate"], "rl_check_rate": ev["rl"]["check_rate"],
+            "base_check_changed_rate": ev["base"]["check_changed_rate"],
+            "rl_check_changed_rate": ev["rl"]["check_changed_rate"],
+            "base_len": ev["base"]["mean_len"], "rl_len": ev["rl"]["mean_len"],
+            "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
+            "base_pass1_t1": ev["base"]["pass1_t1"], "rl_pass1_t1": ev["rl"]["pass1_t1"],
+            "base_greedy": ev["base"]["greedy"], "rl_greedy": ev["rl"]["greedy"],
+            "base_pass1_when_checked": ev["base"]["pass1_when_checked"],
+            "rl_pass1_when_checked": ev["rl"]["pass1_when_checked"],
+            "rl_pass1_when_not_checked": ev["rl"]["pass1_when_not_checked"],
+            "rl_rollouts": rollout_trend(root / "rl"),
+            "long_tokens_per_correct": ev["rl"]["tokens_per_correct"],
+            "long2short": {m: None if ev[m] is None else
+                           {k: ev[m][k] for k in ("tokens_per_correct", "pass1", "pass1_t1", "greedy", "mean_len",
+                                                  "check_rate")} for m in METHODS},
+            "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
+            "seconds_without_cold_start": round(total - cold_s, 1),
+            "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
+            "cold_start": cold_start_summary(root, stages) if "eval_cold_rl" in stages.done else None}
+
+
+def finish(root: Path, cfg: AhaConfig, stages: Stages) -> dict:
+    """summary.json and report.md from the finished stages: every stage up to `samples` is needed; the
+    cold-start part (summary key `cold_start`, a report section) is there once its stages are done too."""
+    summary = build_summary(root, cfg, stages)
     atomic_write_text(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     report = write_report(root, cfg, stages, summary, stages.done["samples"]["result"])
-    console.print(f"total {total / 60:.1f} min; report: {report}; summary: {root / 'summary.json'}")
+    console.print(f"total {summary['seconds_total'] / 60:.1f} min; report: {report}; summary: {root / 'summary.json'}")
     return summary
+
+
+def load_summary(root: Path) -> dict:
+    """A run's summary from its stages (it may still lack long2short methods or the cold start)."""
+    stages = Stages(root / "stages.json")
+    if "eval_rl" not in stages.done:
+        raise ConfigError(f"{root} has no finished eval_rl stage (stages.json): nothing to report yet")
+    cfg = AhaConfig(**json.loads((root / "aha_config.json").read_text()))
+    return build_summary(root, cfg, stages)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -663,9 +708,6 @@ def run(args: argparse.Namespace) -> int:
         cfg = AhaConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AhaConfig) if hasattr(args, f.name)})
     t0 = time.time()
     if args.seeds_report:
-        missing = [r for r in args.seeds_report if not (Path(r) / "summary.json").exists()]
-        if missing:
-            raise ConfigError(f"no finished aha run (summary.json) in {', '.join(missing)}")
         console.print(f"wrote {seeds_report([Path(r) for r in args.seeds_report], Path(args.out))}")
         return 0
     run_aha(cfg, args.until)
