@@ -83,6 +83,8 @@ def test_aha_smoke_end_to_end_and_resume(tmp_path):
                 "long_tokens_per_correct", "seconds_total"):
         assert key in s
     assert set(s["long2short"]) == {"l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge"}
+    cc = s["check_credit"]
+    assert set(cc) == {"base", "rl"} and cc["base"]["samples"] == 20 * 4  # 5 x eval_n problems x G
     cs = s["cold_start"]
     assert cs["traces"] == 20 and cs["sft_steps"] >= 1 and cs["rl_steps"] >= 1
     assert cs["r1zero_rl_steps"] == 2 and 0 <= cs["r1zero_final_rollout_acc"] <= 1

@@ -111,7 +111,7 @@ class AhaConfig:
 
 
 STAGES = ("pretrain_base", "eval_base", "rl", "eval_rl", *[s for m in METHODS for s in (m, f"eval_{m}")],
-          "samples", "cold_traces", "cold_sft", "eval_cold_sft", "cold_rl", "eval_cold_rl")
+          "samples", "check_credit", "cold_traces", "cold_sft", "eval_cold_sft", "cold_rl", "eval_cold_rl")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -355,6 +355,67 @@ def evaluate_long(run: Path, cfg: AhaConfig) -> dict | None:
     return res
 
 
+def check_credit(run: Path, cfg: AhaConfig) -> dict:
+    """Does GRPO reward a check here? 5 x eval_n train-split problems x G rollouts at the RL temperature and
+    budget, scored with the RL reward (accuracy + format) and given GRPO's group advantages: the accuracy of
+    completions with and without a check, how often a check changed a step and what that did, and the mean
+    advantage of the checked completions in groups whose rewards differ (> 0: RL pushes checks up)."""
+    import random
+
+    import torch
+
+    from nanoseek.engine import Engine
+    from nanoseek.tasks import get_task
+    from nanoseek.tasks.reflection import check_changed, has_check
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_run_model
+    from nanoseek.train.rl_math import group_advantages
+
+    task, G = get_task(cfg.task), cfg.group_size
+    rng = random.Random(4321 + cfg.seed)
+    probs = [task.sample_split(rng, cfg.difficulty, "train") for _ in range(5 * cfg.eval_n)]
+    model, _, _ = load_run_model(run)
+    tok = Tokenizer.load(run / "tokenizer.json")
+    engine = Engine(model, tok)
+    jobs = [p for p in probs for _ in range(G)]
+    outs = []
+    for i in range(0, len(jobs), 512):
+        outs += engine.generate([tok.prompt_ids(p.prompt) for p in jobs[i:i + 512]], cfg.max_new_tokens,
+                                temperature=cfg.rl_temperature, seed=777 + i)
+    scores = task.score_batch(jobs, [o.text for o in outs], [o.finish_reason == "length" for o in outs])
+    adv = group_advantages(torch.tensor([s.reward for s in scores]), G).tolist()
+    chk = [has_check(o.text) for o in outs]
+    chg = [check_changed(o.text) for o in outs]
+    ok = [s.correct for s in scores]
+    spread = [adv[(i // G) * G:(i // G + 1) * G] for i in range(len(outs))]
+    live = [i for i in range(len(outs)) if any(a != 0 for a in spread[i])]
+
+    def mean(xs):
+        xs = list(xs)
+        return sum(xs) / len(xs) if xs else None
+
+    res = {"samples": len(outs), "temperature": cfg.rl_temperature, "check_rate": mean(chk),
+           "pass1_checked": mean(o for o, c in zip(ok, chk) if c),
+           "pass1_not_checked": mean(o for o, c in zip(ok, chk) if not c),
+           "check_changed_share_of_checks": mean(g for g, c in zip(chg, chk) if c),
+           "pass1_check_changed": mean(o for o, g in zip(ok, chg) if g),
+           "pass1_check_unchanged": mean(o for o, c, g in zip(ok, chk, chg) if c and not g),
+           "checked_in_mixed_groups": sum(chk[i] for i in live),
+           "mean_advantage_checked": mean(adv[i] for i in live if chk[i]),
+           "mean_advantage_not_checked": mean(adv[i] for i in live if not chk[i]),
+           "len_checked": mean(len(o.tokens) for o, c in zip(outs, chk) if c),
+           "len_not_checked": mean(len(o.tokens) for o, c in zip(outs, chk) if not c)}
+    console.print(f"{run.name}: T={cfg.rl_temperature:g} checks {res['check_rate']:.1%}; pass@1 checked "
+                  f"{_pct(res['pass1_checked'])} vs not {_pct(res['pass1_not_checked'])}; mean GRPO advantage of "
+                  f"checked completions {_num2(res['mean_advantage_checked'])} (not checked "
+                  f"{_num2(res['mean_advantage_not_checked'])})")
+    return res
+
+
+def _num2(x) -> str:
+    return "-" if x is None else f"{x:+.2f}"
+
+
 def _samples(runs: dict[str, Path], cfg: AhaConfig, k: int = 6) -> dict:
     """Held-out problems with each model's T=0.6 completion (seeded)."""
     from nanoseek.commands.demo import _samples as demo_samples
@@ -499,6 +560,21 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
                   f"{_num(cs['cold_len'])} |"]
     if cold_plot:
         lines += ["", f"![cold start](plots/{cold_plot.name})"]
+    cc = summary.get("check_credit")
+    if cc:
+        lines += ["", "## Does RL reward a check here?", "",
+                  f"{cc['base']['samples']} rollouts (train problems x G {cfg.group_size}, T {cfg.rl_temperature:g}, "
+                  "the RL reward and GRPO's group advantages; advantages over groups whose rewards differ).", "",
+                  "| model | check rate | pass@1 checked / not | checks that changed a step | pass@1 when the check "
+                  "changed / did not | mean advantage checked / not | length checked / not |",
+                  "|---|---|---|---|---|---|---|"]
+        for k in ("base", "rl"):
+            c = cc[k]
+            lines.append(f"| {names[k]} | {_pct(c['check_rate'])} | {_pct(c['pass1_checked'])} / "
+                         f"{_pct(c['pass1_not_checked'])} | {_pct(c['check_changed_share_of_checks'])} | "
+                         f"{_pct(c['pass1_check_changed'])} / {_pct(c['pass1_check_unchanged'])} | "
+                         f"{_num2(c['mean_advantage_checked'])} / {_num2(c['mean_advantage_not_checked'])} | "
+                         f"{_num(c['len_checked'])} / {_num(c['len_not_checked'])} |")
     lines += ["", "## Sample completions (held-out problems, T=0.6)", ""]
     lines += sample_lines(samples, names)
     path = root / "report.md"
@@ -547,6 +623,17 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
                          f"{_pct(r['accuracy_first'])} -> {_pct(r['accuracy_last'])} | "
                          f"{_pct(s['rl_pass1_when_checked'])} / {_pct(s['rl_pass1_when_not_checked'])} |")
     lines += trend
+    credit = [s for s in sums if s.get("check_credit")]
+    if credit:
+        lines += ["", "## Does RL reward a check? (train problems x G at the rollout temperature, base -> RL model)", "",
+                  "| seed | check rate | pass@1 checked / not (base) | pass@1 when the check changed / did not (base) | "
+                  "mean GRPO advantage checked / not (base) |", "|---|---|---|---|---|"]
+        for s in credit:
+            b, r = s["check_credit"]["base"], s["check_credit"]["rl"]
+            lines.append(f"| {s['seed']} | {_pct(b['check_rate'])} -> {_pct(r['check_rate'])} | "
+                         f"{_pct(b['pass1_checked'])} / {_pct(b['pass1_not_checked'])} | "
+                         f"{_pct(b['pass1_check_changed'])} / {_pct(b['pass1_check_unchanged'])} | "
+                         f"{_num2(b['mean_advantage_checked'])} / {_num2(b['mean_advantage_not_checked'])} |")
     lines += ["", "## long2short against the long (RL) model: tokens per correct answer, pass@1 T=0.6 (T=1.0, greedy)",
               "", "| seed | long model | " + " | ".join(LABELS[m] for m in METHODS) + " |",
               "|---|---|" + "---|" * len(METHODS)]
@@ -617,6 +704,7 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
             "l2s_dpo": lambda: _dpo(rl, runs["l2s_dpo"], cfg),
             "l2s_merge": lambda: _merge(base, rl, runs["l2s_merge"]),
             "samples": lambda: _samples({k: runs[k] for k in ("base", "rl", "l2s_length")}, cfg),
+            "check_credit": lambda: {k: check_credit(runs[k], cfg) for k in ("base", "rl")},
             "cold_traces": lambda: _cold_traces(root / "cold_traces.jsonl", cfg),
             "cold_sft": lambda: _cold_sft(base, root / "cold_sft", root / "cold_traces.jsonl", cfg),
             "eval_cold_sft": lambda: evaluate_long(root / "cold_sft", cfg),
@@ -679,6 +767,7 @@ def build_summary(root: Path, cfg: AhaConfig, stages: Stages) -> dict:
             "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples, "seconds_total": round(total, 1),
             "seconds_without_cold_start": round(total - cold_s, 1),
             "seconds_by_stage": {k: round(v, 1) for k, v in seconds.items()},
+            "check_credit": stages.done.get("check_credit", {}).get("result"),
             "cold_start": cold_start_summary(root, stages) if "eval_cold_rl" in stages.done else None}
 
 
