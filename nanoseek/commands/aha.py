@@ -271,6 +271,12 @@ def first_reach(curve: list[tuple[int, float, float]], target: float, window: in
     return None
 
 
+def _window_mean(curve: list[tuple[int, float, float]], step: int, window: int) -> float | None:
+    """Mean rollout accuracy of the `window` steps ending at `step` (None if the run did not get there)."""
+    xs = [c[2] for c in curve if step - window < c[0] <= step]
+    return sum(xs) / len(xs) if len(xs) == window else None
+
+
 def cold_start_summary(root: Path, stages: Stages) -> dict:
     """R1-Zero vs cold start at equal total time: the R1-Zero run's final rollout accuracy (mean of its last
     10% of steps), the step and seconds (SFT included) at which each run's trailing mean first reaches it, and
@@ -288,6 +294,8 @@ def cold_start_summary(root: Path, stages: Stages) -> dict:
             "r1zero_rl_steps": zero[-1][0] if zero else 0, "r1zero_rl_seconds": round(zero[-1][1], 1) if zero else 0.0,
             "window_steps": window, "r1zero_final_rollout_acc": target,
             "cold_final_rollout_acc": sum(c[2] for c in cold[-window:]) / min(window, len(cold)) if cold else None,
+            # load-independent: the cold-start run's rollout accuracy over the same window at R1-Zero's step count
+            "cold_rollout_acc_at_r1zero_steps": _window_mean(cold, zero[-1][0], window) if zero else None,
             "r1zero_steps_to_final": reach_zero[0] if reach_zero else None,
             "cold_steps_to_r1zero_final": reach_cold[0] if reach_cold else None,
             "cold_seconds_to_r1zero_final": round(reach_cold[1] + sft["seconds"], 1) if reach_cold else None,
@@ -547,7 +555,9 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
                   f"({cs['rl_seconds']:.0f} s) against R1-Zero's {cs['r1zero_rl_steps']} steps ({cs['r1zero_rl_seconds']:.0f} s). "
                   f"Target: R1-Zero's final rollout accuracy {cs['r1zero_final_rollout_acc']:.1%} (mean of its last "
                   f"{cs['window_steps']} steps); reached = the first step whose trailing {cs['window_steps']}-step mean is at "
-                  "least that.", "",
+                  "least that. At R1-Zero's step count the cold-start run's rollout accuracy was "
+                  f"{_pct(cs.get('cold_rollout_acc_at_r1zero_steps'))} (steps do not depend on the machine's load; "
+                  "seconds do).", "",
                   "| run | reaches R1-Zero's final accuracy | final rollout accuracy | held-out pass@1 T=0.6 | check rate | "
                   "mean length |", "|---|---|---|---|---|---|",
                   f"| R1-Zero (RL from the base) | {reach(cs['r1zero_steps_to_final'], cs['r1zero_seconds_to_final'])} | "
@@ -656,15 +666,16 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
     if cold:
         lines += ["", "## Cold start vs R1-Zero at equal total time", "",
                   "| seed | SFT steps (s) | RL steps (s) vs R1-Zero's | R1-Zero final rollout acc | cold start reaches it at "
-                  "| cold final rollout acc | held-out pass@1 R1-Zero / SFT only / cold+RL | check rate R1-Zero / SFT only / "
-                  "cold+RL |", "|---|---|---|---|---|---|---|---|"]
+                  "| cold rollout acc at R1-Zero's step count / at its end | held-out pass@1 R1-Zero / SFT only / cold+RL | "
+                  "check rate R1-Zero / SFT only / cold+RL |", "|---|---|---|---|---|---|---|---|"]
         for s in cold:
             c = s["cold_start"]
             at = "never" if c["cold_steps_to_r1zero_final"] is None else \
                 f"step {c['cold_steps_to_r1zero_final']} ({c['cold_seconds_to_r1zero_final']:.0f} s)"
             lines.append(f"| {s['seed']} | {c['sft_steps']} ({c['sft_seconds']:.0f}) | {c['rl_steps']} ({c['rl_seconds']:.0f}) vs "
                          f"{c['r1zero_rl_steps']} ({c['r1zero_rl_seconds']:.0f}) | {_pct(c['r1zero_final_rollout_acc'])} | "
-                         f"{at} | {_pct(c['cold_final_rollout_acc'])} | {_pct(c['r1zero_pass1'])} / "
+                         f"{at} | {_pct(c.get('cold_rollout_acc_at_r1zero_steps'))} / {_pct(c['cold_final_rollout_acc'])} | "
+                         f"{_pct(c['r1zero_pass1'])} / "
                          f"{_pct(c['cold_sft_pass1'])} / {_pct(c['cold_pass1'])} | {_pct(c['r1zero_check_rate'])} / "
                          f"{_pct(c['cold_sft_check_rate'])} / {_pct(c['cold_check_rate'])} |")
     out.mkdir(parents=True, exist_ok=True)
