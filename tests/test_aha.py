@@ -112,3 +112,40 @@ def test_targets_on_a_hand_written_summary():
     assert (t["check_rate_doubles"], t["length_rises"], t["pass1_plus_10"]) == (True, False, True)
     assert t["long2short_methods_meeting_target"] == ["a"]
     assert not targets({**s, "rl_check_rate": 0.19})["check_rate_doubles"]
+
+
+def test_check_credit_on_scripted_rollouts(monkeypatch, tmp_path):
+    """Every group: one checked, right completion whose check changed a step, one plain wrong one. GRPO's
+    advantages are then +-0.5 / std([1.1, 0.1]) = +-1/sqrt(2) (closed form)."""
+    import math
+    from types import SimpleNamespace
+
+    import nanoseek.engine
+    import nanoseek.tokenizer
+    import nanoseek.train.checkpoint
+    from nanoseek.commands.aha import AhaConfig, check_credit
+
+    class FakeEngine:
+        def __init__(self, model, tok):
+            pass
+
+        def generate(self, prompts, max_new_tokens, temperature, seed):
+            outs = []
+            for i, p in enumerate(prompts):
+                ans = eval(p[len("Compute "):-1].replace("/", "//"))
+                text = (f"<think>1+1=3. check: 1+1=2.</think><answer>{ans}</answer>" if i % 2 == 0
+                        else f"<think></think><answer>{ans + 1}</answer>")
+                outs.append(SimpleNamespace(text=text, tokens=[0] * (12 if i % 2 == 0 else 5), finish_reason="stop"))
+            return outs
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", FakeEngine)
+    monkeypatch.setattr(nanoseek.train.checkpoint, "load_run_model", lambda run: (None, None, None))
+    monkeypatch.setattr(nanoseek.tokenizer.Tokenizer, "load",
+                        staticmethod(lambda path: SimpleNamespace(prompt_ids=lambda prompt: prompt)))
+    c = check_credit(tmp_path, AhaConfig(out=str(tmp_path), group_size=2, eval_n=3))
+    assert c["samples"] == 5 * 3 * 2 and c["check_rate"] == 0.5
+    assert (c["pass1_checked"], c["pass1_not_checked"], c["check_changed_share_of_checks"]) == (1.0, 0.0, 1.0)
+    assert c["pass1_check_changed"] == 1.0 and c["pass1_check_unchanged"] is None
+    assert math.isclose(c["mean_advantage_checked"], 1 / math.sqrt(2), rel_tol=1e-3)
+    assert math.isclose(c["mean_advantage_not_checked"], -1 / math.sqrt(2), rel_tol=1e-3)
+    assert (c["len_checked"], c["len_not_checked"]) == (12, 5)
