@@ -12,14 +12,17 @@ Stages, each resumable (Ctrl-C or a timeout, then rerun the same command; `--unt
      l2s_dpo     - DPO, shortest correct vs the longest wrong or longer correct sample (`nanoseek dpo`);
      l2s_merge   - weight average of the long model and the short base it started from (`nanoseek merge`);
      each then evaluated;
-  6. cold start (R1 arXiv 2501.12948 sec. 2.3.1), after every stage above so that seeds stay comparable:
+  6. check_credit: does GRPO reward a check here? Rollouts of the base and of the RL model at the RL
+     temperature: accuracy with / without a check, and the checked completions' mean group advantage;
+  7. cold start (R1 arXiv 2501.12948 sec. 2.3.1), after every stage above so that seeds stay comparable:
      cold_traces - `cold_traces` readable, verified traces with a check line, written by the reflection corpus's
                    generator (every solution carries a check; the flawed ones fix their slip): the stand-in for
                    R1's curated long chains of thought. They do not come from the RL model, so the comparison
                    costs the cold-start arm nothing that the R1-Zero arm did not also pay;
      cold_sft    - `nanoseek sft` of the same base on them; cold_rl - the same GRPO, for the R1-Zero run's
                    training seconds minus the SFT's (equal total time); each then evaluated;
-  7. report: runs/aha/report.md, plots/, summary.json.
+  8. report: runs/aha/report.md, plots/, summary.json (written once `samples` is done, with the cold start
+     once its stages are); `--seeds-report RUN...` tabulates several seeds.
 
 Evaluation (held-out split, fixed problems): pass@1 = mean accuracy of `eval_samples` samples at T=0.6 (and
 T=1.0), greedy accuracy, and from the T=0.6 samples: mean response length, tokens per correct answer (mean
