@@ -112,6 +112,7 @@ def test_targets_on_a_hand_written_summary():
     assert (t["check_rate_doubles"], t["length_rises"], t["pass1_plus_10"]) == (True, False, True)
     assert t["long2short_methods_meeting_target"] == ["a"]
     assert not targets({**s, "rl_check_rate": 0.19})["check_rate_doubles"]
+    assert not targets({**s, "rl_len": 20.9})["length_rises"] and targets({**s, "rl_len": 21.0})["length_rises"]
 
 
 def test_check_credit_on_scripted_rollouts(monkeypatch, tmp_path):

@@ -599,7 +599,8 @@ def write_report(root: Path, cfg: AhaConfig, stages: Stages, summary: dict, samp
 def targets(s: dict) -> dict:
     """Issue 14's targets on one seed's summary: the R1-Zero dynamics, and long2short (best method)."""
     out = {"check_rate_doubles": s["rl_check_rate"] >= 2 * s["base_check_rate"] and s["rl_check_rate"] > 0,
-           "length_rises": s["rl_len"] > s["base_len"], "pass1_plus_10": s["rl_pass1"] - s["base_pass1"] >= 0.10}
+           # "rises": by at least 5% (a 19.18 -> 19.21 token change is sampling noise, not R1's growth)
+           "length_rises": s["rl_len"] >= 1.05 * s["base_len"], "pass1_plus_10": s["rl_pass1"] - s["base_pass1"] >= 0.10}
     long_tpc, ok = s["long_tokens_per_correct"], []
     for m, r in s["long2short"].items():
         if r and r["tokens_per_correct"] is not None and long_tpc:
@@ -615,7 +616,7 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
     lines = ["# nanoseek aha over seeds", "", f"Runs: {', '.join(str(r) for r in roots)}.", "",
              "## R1-Zero dynamics (held-out, T=0.6)", "",
              "| seed | check rate base -> RL | check changed base -> RL | mean length base -> RL | pass@1 base -> RL | "
-             "greedy base -> RL | targets (check x2 / length up / +10 pt) | minutes |", "|---|---|---|---|---|---|---|---|"]
+             "greedy base -> RL | targets (check x2 / length +5% / +10 pt) | minutes |", "|---|---|---|---|---|---|---|---|"]
     trend = ["", "## During RL: the rollouts of the first vs the last 10% of the steps (rollout temperature)", "",
         "| seed | check rate | check changed | mean length | accuracy | pass@1 of RL completions with / without a check |",
         "|---|---|---|---|---|---|"]
@@ -624,7 +625,8 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
         t = targets(s)
         lines.append(f"| {s['seed']} | {_pct(s['base_check_rate'])} -> {_pct(s['rl_check_rate'])} | "
                      f"{_pct(s['base_check_changed_rate'])} -> {_pct(s['rl_check_changed_rate'])} | "
-                     f"{_num(s['base_len'])} -> {_num(s['rl_len'])} | {_pct(s['base_pass1'])} -> {_pct(s['rl_pass1'])} | "
+                     f"{_num(s['base_len'])} -> {_num(s['rl_len'])} ({s['rl_len'] / s['base_len'] - 1:+.1%}) | "
+                     f"{_pct(s['base_pass1'])} -> {_pct(s['rl_pass1'])} | "
                      f"{_pct(s['base_greedy'])} -> {_pct(s['rl_greedy'])} | {yes[t['check_rate_doubles']]} / "
                      f"{yes[t['length_rises']]} / {yes[t['pass1_plus_10']]} | "
                      f"{s.get('seconds_without_cold_start', s['seconds_total']) / 60:.1f} |")
