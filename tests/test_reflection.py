@@ -4,7 +4,7 @@ import pytest
 from nanoseek.config import ConfigError
 from nanoseek.corpus import build_corpus
 from nanoseek.tasks.base import extract_answer
-from nanoseek.tasks.reflection import check_changed, find_checks, has_check, reflection_stats
+from nanoseek.tasks.reflection import check_changed, find_checks, has_check, reflection_stats, reflection_traces
 
 
 def test_detection_on_hand_written_completions():
@@ -60,3 +60,23 @@ def test_reflect_share_validation():
         build_corpus("arithmetic", 10, 0, reflect_share=1.5)
     with pytest.raises(ConfigError):
         build_corpus("countdown", 10, 0, reflect_share=0.2)
+
+
+def test_cold_start_traces_are_verified_distinct_train_problems_with_a_check():
+    from nanoseek.tasks import get_task
+
+    task = get_task("arithmetic")
+    rows = reflection_traces(300, seed=4, difficulty=1, flawed_share=0.5)
+    assert len(rows) == 300 and len({r["prompt"] for r in rows}) == 300
+    for r in rows:
+        # the answer from an independent evaluation of the expression, not from the generator
+        assert r["answer"] == str(eval(r["prompt"][len("Compute "):-1].replace("/", "//")))
+        assert extract_answer(r["completion"]) == r["answer"] and has_check(r["completion"])
+        (c,) = find_checks(r["completion"])
+        assert c.same_step and c.changed == r["fixed_slip"]
+        expr = r["prompt"][len("Compute "):-1]
+        problem = task.from_tokens([t if t in "+-*/" else int(t) for t in expr.split(" ")], 1)
+        assert task.split(problem) == "train"  # never a test-split problem in SFT data
+    assert 0.35 <= sum(r["fixed_slip"] for r in rows) / 300 <= 0.65  # about flawed_share of them fix a slip
+    assert reflection_traces(300, seed=4, difficulty=1, flawed_share=0.5) == rows  # seeded
+    assert not any(r["fixed_slip"] for r in reflection_traces(50, seed=4, difficulty=1, flawed_share=0.0))

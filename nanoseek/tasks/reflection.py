@@ -74,3 +74,34 @@ def reflected_think(correct: list[Step], flawed: list[Step] | None, rng: random.
     parts = [s.text() for s in correct]
     parts[j] = f"{correct[j].text()} {CHECK_MARK} {correct[j].text()}"
     return " ".join(parts)
+
+
+def reflection_traces(n: int, seed: int, difficulty: int | None = None, flawed_share: float = 0.6) -> list[dict]:
+    """Readable, verified SFT traces with a check line (the cold start of R1 arXiv 2501.12948 sec. 2.3.1):
+    up to `n` rows of distinct train-split arithmetic problems, each solved by the corpus's generator with one
+    check line (a share `flawed_share` slips and fixes the slip in place, the rest re-check a correct step). A
+    row is kept only if the task's checker verifies it (well formed, correct answer) and it carries a check; a
+    problem drawn twice is kept once; at most 20 n draws (a level has a few thousand distinct problems). Rows have the fields `nanoseek traces` writes (prompt, completion, answer, provenance)."""
+    from nanoseek.tasks import get_task
+
+    if n < 0 or not 0 <= flawed_share <= 1:
+        raise ValueError(f"need n >= 0 and flawed_share in [0, 1], got {n}, {flawed_share}")
+    task = get_task("arithmetic")
+    d = task.check_difficulty(difficulty)
+    rng, rrng = random.Random(seed), random.Random(f"reflection-traces-{seed}")
+    rows, seen = [], set()
+    for i in range(20 * n):
+        if len(rows) >= n:
+            break
+        problem = task.sample_split(rng, d, "train")
+        text = task.solution(problem, rng, flawed=rng.random() < flawed_share, reflect_rng=rrng)
+        score = task.score(problem, text)
+        if problem.prompt in seen or not (score.correct and score.format_ok and has_check(text)):
+            continue
+        if task.split(problem) != "train":  # never a test-split problem in SFT data
+            raise RuntimeError(f"test-split problem reached the traces: {problem.prompt!r}")
+        seen.add(problem.prompt)
+        rows.append({"prompt": problem.prompt, "completion": text, "answer": problem.answer, "problem_id": i,
+                     "reward": score.reward, "fixed_slip": check_changed(text), "source": "reflection corpus",
+                     "task": "arithmetic", "difficulty": d, "split": "train"})
+    return rows
