@@ -97,7 +97,8 @@ class _Spy:
         self.model.zero_grad(set_to_none=set_to_none)
 
 
-def test_packed_step_equals_per_sequence_hand_computed_reverse_kl():
+@pytest.mark.parametrize("gen_lens,rows", [((9, 2, 13, 0, 5), 4), ((6, 7, 6, 8, 7), 5)])  # packed / one per row
+def test_packed_step_equals_per_sequence_hand_computed_reverse_kl(gen_lens, rows):
     torch.manual_seed(0)
     kw = dict(vocab_size=40, dim=32, n_heads=2, max_seq_len=64, original_seq_len=64)
     teacher = Transformer(ModelConfig.preset("tiny", n_layers=2, n_dense_layers=1, n_mtp=0, **kw)).eval()
@@ -106,7 +107,8 @@ def test_packed_step_equals_per_sequence_hand_computed_reverse_kl():
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 40, (n,), generator=g).tolist() for n in (5, 7, 4, 6, 5)]
-    gens = [Generation(torch.randint(3, 40, (n,), generator=g).tolist() + [1], [], "stop") for n in (9, 2, 13, 0, 5)]
+    gens = [Generation(torch.randint(3, 40, (n,), generator=g).tolist() + [1], [], "stop") for n in gen_lens]
+    assert pack([p + x.tokens for p, x in zip(prompts, gens)], [len(p) for p in prompts]).ids.size(0) == rows
     cfg = DistillConfig(teacher="-", student="-", temperature=0.8, micro_batch=2,
                         train=TrainConfig(grad_clip=0.0, weight_decay=0.0))
     spy = _Spy(student)
