@@ -1,5 +1,5 @@
 """Why on-policy distillation learns little in `nanoseek r1`'s 2-minute arm: throughput and learning rate at
-equal wall-clock time.
+equal wall-clock time (--seconds) or, where the machine's load varies between runs, equal steps (--steps).
 
 For each learning rate given, runs `train_distill` (r1's on-policy arm settings: 32 prompts x 1 sample per step,
 T = 1.0, warmup 10, no weight decay, the r1 arm's cosine over the time budget) from the same student base with
@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--student", required=True)
     ap.add_argument("--lrs", default="5e-4,2e-3,5e-3", help="comma-separated learning rates")
     ap.add_argument("--seconds", type=float, default=120.0, help="wall-clock budget of each run")
+    ap.add_argument("--steps", type=int, default=0, help="> 0: a fixed step count per run instead of the budget "
+                    "(equal steps ~ equal time at one machine load; use it when the load varies between runs)")
     ap.add_argument("--difficulty", type=int, default=1)
     ap.add_argument("--eval-n", type=int, default=200)
     ap.add_argument("--eval-samples", type=int, default=4)
@@ -46,10 +48,10 @@ def main() -> None:
     tok = Tokenizer.load(Path(args.student) / "tokenizer.json")
     rows = []
     for lr in [float(x) for x in args.lrs.split(",")]:
-        train = TrainConfig(lr=lr, steps=1_000_000, warmup_steps=10, weight_decay=0.0, seed=args.seed,
+        train = TrainConfig(lr=lr, steps=args.steps or 1_000_000, warmup_steps=10, weight_decay=0.0, seed=args.seed,
                             keep_last=1, bias_gamma=0.0)
         cfg = DistillConfig(teacher=args.teacher, student=args.student, task="arithmetic", difficulty=args.difficulty,
-                            prompts_per_step=32, max_new_tokens=64, temperature=1.0, budget_s=args.seconds,
+                            prompts_per_step=32, max_new_tokens=64, temperature=1.0, budget_s=0.0 if args.steps else args.seconds,
                             ckpt_every=1000, train=train)
         t0 = time.time()
         res = train_distill(root / f"lr{lr:g}", cfg, quiet=True)
