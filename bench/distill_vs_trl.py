@@ -9,15 +9,19 @@ copies of the same initial weights. Both sides see the same train-split arithmet
 for the KL, lr 5e-4 constant, AdamW (0.9, 0.95), no weight decay, grad clip 1.0, one optimizer step per batch,
 float32 on CPU. The loss functions are checked equal on one batch of logits.
 
-The two run alternately in one process: TRL's `trainer.train()` drives and a callback runs one nanoseek step
+The sides run alternately in one process: TRL's `trainer.train()` drives and a callback runs one nanoseek step
 after each TRL step. A TRL step is timed from the end of the previous callback to `on_step_end` (collate,
 student generation, teacher and student forwards, backward, optimizer); a nanoseek step is problem drawing +
-engine sampling + scoring + the update. The first `--warmup` steps of each are not counted; medians over the
+engine sampling + the update. A third side, `padded`, is nanoseek's previous update (every sample in its own
+right-padded row, teacher and student heads and an autograd KL over every position; kept here as
+`padded_distill_step`) on the same student samples as ours, with its own copy of the student, so the gain of
+the packed step is measured beside it. The first `--warmup` steps of each are not counted; medians over the
 rest are reported.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -37,8 +41,30 @@ from nanoseek.model import Transformer
 from nanoseek.tasks import get_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import load_run_model
-from nanoseek.train.common import TrainConfig, build_optimizer, set_lr
-from nanoseek.train.distill import DistillConfig, distill_step, reverse_kl, step_problems
+from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, set_lr
+from nanoseek.train.distill import DistillConfig, distill_loss, distill_step, pack, reverse_kl, step_problems
+
+
+def padded_distill_step(student, teacher, optimizer, prompts, gens, cfg: DistillConfig) -> dict:
+    """nanoseek's distill step before packing (commit 608e177): one right-padded row per sample, both heads
+    over every position, the autograd reverse KL masked to completion positions. Dense students only."""
+    seqs = [p + g.tokens for p, g in zip(prompts, gens)]
+    L = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), L), 2, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L - 1)
+    for i, (p, x) in enumerate(zip(prompts, seqs)):
+        ids[i, :len(x)] = torch.tensor(x)
+        mask[i, len(p) - 1:len(x) - 1] = 1.0
+    n_tokens = max(float(mask.sum()), 1.0)
+    student.train()
+    with torch.no_grad():
+        t_logits = teacher.logits(teacher.hidden(ids[:, :-1]))
+    loss = distill_loss(student.logits(student.hidden(ids[:, :-1])), t_logits, mask, n_tokens, cfg.temperature)
+    loss.backward()
+    clip_grads(student, cfg.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": float(loss.detach())}
 
 
 def build_models(teacher: str | None, student: str | None, seed: int, tmp: Path):
@@ -144,10 +170,14 @@ def main() -> None:
     dataset = Dataset.from_dict({"prompt_ids": prompt_ids, "completion_ids": completion_ids})
 
     # ---- nanoseek side, run from a callback after each TRL step ----------------------------------
+    padded_student = copy.deepcopy(student)
+    padded_opt = build_optimizer(padded_student, train)
+    set_lr(padded_opt, args.lr)
     engine = Engine(student, tok)
     optimizer = build_optimizer(student, train)
     set_lr(optimizer, args.lr)
     ours: list[dict] = []
+    padded: list[dict] = []
 
     def our_step(step: int) -> None:
         t0 = time.perf_counter()
@@ -155,9 +185,21 @@ def main() -> None:
         prompts = [tok.prompt_ids(p.prompt) for p in problems]
         gens = engine.generate(prompts, cfg.max_new_tokens, temperature=1.0, seed=args.seed * 1_000_003 + step)
         t1 = time.perf_counter()
-        res = distill_step(student, teacher, optimizer, prompts, gens, cfg)
-        ours.append({"s": time.perf_counter() - t0, "gen_s": t1 - t0, "loss": res["loss"],
+        timed = {}
+        for name in (("ours", "padded") if step % 2 == 0 else ("padded", "ours")):  # alternate the order
+            t2 = time.perf_counter()
+            if name == "ours":
+                res = distill_step(student, teacher, optimizer, prompts, gens, cfg)
+            else:
+                old = padded_distill_step(padded_student, teacher, padded_opt, prompts, gens, cfg)
+            timed[name] = time.perf_counter() - t2
+        ours.append({"s": t1 - t0 + timed["ours"], "gen_s": t1 - t0, "loss": res["loss"],
                      "len": sum(len(g.tokens) for g in gens) / len(gens)})
+        padded.append({"s": t1 - t0 + timed["padded"], "gen_s": t1 - t0, "loss": old["loss"]})
+        seqs = [p + g.tokens for p, g in zip(prompts, gens)]
+        pk = pack(seqs, [len(p) for p in prompts])
+        ours[-1].update(rows=pk.ids.size(0), slots=pk.ids.numel(), real=int(pk.real.sum()),
+                        padded_slots=len(seqs) * (max(len(x) for x in seqs) - 1))
 
     trl_s: list[float] = []
     trl_gen_s: list[float] = []
@@ -197,6 +239,7 @@ def main() -> None:
     if len(trl_s) != total or len(ours) != total:
         raise SystemExit(f"expected {total} steps per side, got TRL {len(trl_s)}, ours {len(ours)}")
     m_trl, m_ours = statistics.median(trl_s[w:]), statistics.median([o["s"] for o in ours[w:]])
+    m_pad = statistics.median([o["s"] for o in padded[w:]])
     g_trl, g_ours = statistics.median(trl_gen_s[w:]), statistics.median([o["gen_s"] for o in ours[w:]])
     print(f"models: {desc}; teacher {sum(p.numel() for p in hf_t.parameters()) / 1e6:.2f}M, student "
           f"{sum(p.numel() for p in hf_s.parameters()) / 1e6:.2f}M params")
@@ -208,10 +251,17 @@ def main() -> None:
           f"|TRL generalized_jsd_loss(beta=1) - nanoseek reverse_kl| {loss_diff:.1e}")
     print(f"{args.steps} measured steps each after {w} warm-up, alternating, medians:")
     print(f"{'':>10} {'s/step':>8} {'gen s':>7} {'rest s':>7}")
-    for name, m, g in (("TRL GKD", m_trl, g_trl), ("nanoseek", m_ours, g_ours)):
+    for name, m, g in (("TRL GKD", m_trl, g_trl), ("padded", m_pad, g_ours), ("nanoseek", m_ours, g_ours)):
         print(f"{name:>10} {m:>8.2f} {g:>7.2f} {m - g:>7.2f}")
+    print(f"packing: {statistics.median(o['rows'] for o in ours)} rows for {P} samples (median); input tokens / slots "
+          f"{sum(o['real'] for o in ours) / sum(o['slots'] for o in ours):.0%} packed vs "
+          f"{sum(o['real'] for o in ours) / sum(o['padded_slots'] for o in ours):.0%} padded; mean completion "
+          f"{statistics.mean(o['len'] for o in ours):.1f} tokens")
     print("per step (s)  TRL:", " ".join(f"{x:.2f}" for x in trl_s))
     print("per step (s) ours:", " ".join(f"{o['s']:.2f}" for o in ours))
+    print("per step (s) padded (same samples, gen counted once for both):", " ".join(f"{o['s']:.2f}" for o in padded))
+    print(f"loss of the first step: ours {ours[0]['loss']:.6f}, padded {padded[0]['loss']:.6f} (same weights, same "
+          f"samples); update time padded / ours: {(m_pad - g_ours) / (m_ours - g_ours):.2f}x")
     print(f"ratio TRL / nanoseek seconds per step: {m_trl / m_ours:.2f}x (target >= 2x: "
           f"{'met' if m_trl / m_ours >= 2 else 'NOT met'})")
 

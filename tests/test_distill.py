@@ -1,5 +1,6 @@
 """On-policy distillation: the reverse KL against hand-computed values and its closed-form gradient, the masked
-token mean, one clear error for a tokenizer mismatch, and a short run that lowers the KL and resumes exactly."""
+token mean, the packed training step's loss and gradient against per-sequence forwards and a hand-written KL,
+one clear error for a tokenizer mismatch, and a short run that lowers the KL and resumes exactly."""
 import json
 import math
 
@@ -12,7 +13,9 @@ from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import save_checkpoint
 from nanoseek.train.common import TrainConfig
-from nanoseek.train.distill import DistillConfig, distill_loss, reverse_kl, train_distill
+from nanoseek.engine import Generation
+from nanoseek.train.distill import (DistillConfig, distill_loss, distill_step, fused_reverse_kl, pack, reverse_kl,
+                                     train_distill)
 from nanoseek.train.metrics import read_metrics
 
 
@@ -49,6 +52,81 @@ def test_distill_loss_is_the_masked_token_mean():
     mask = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     kl = reverse_kl(s, t)
     assert distill_loss(s, t, mask, 3.0).item() == pytest.approx((kl[0, 1] + kl[0, 2] + kl[1, 0]).item() / 3)
+
+
+def test_fused_reverse_kl_value_and_gradient_equal_the_reference():
+    torch.manual_seed(0)
+    z = torch.randn(6, 13, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(6, 13, dtype=torch.float64)
+    w = torch.rand(6, dtype=torch.float64)  # an upstream gradient that is not all ones
+    for temperature in (1.0, 0.7):
+        ref = reverse_kl(z, t, temperature)
+        (g_ref,) = torch.autograd.grad((ref * w).sum(), z)
+        got = fused_reverse_kl(z, (t / temperature).log_softmax(-1), temperature)
+        (g_got,) = torch.autograd.grad((got * w).sum(), z)
+        torch.testing.assert_close(got, ref.detach())
+        torch.testing.assert_close(g_got, g_ref)
+
+
+def test_pack_fits_sequences_into_rows_without_splitting_any():
+    seqs = [[5] * 9, [6] * 4, [7] * 5, [8] * 3, [9] * 2]  # inputs of 8, 3, 4, 2, 1 tokens in rows of width 8
+    pk = pack(seqs, [2, 2, 2, 1, 1])
+    assert pk.ids.shape == (3, 8)  # 18 input tokens: [8], [3 4 1], [2] (best fit, longest first)
+    assert int(pk.real.sum()) == 18
+    for row, pos, real in zip(pk.ids.tolist(), pk.positions.tolist(), pk.real.tolist()):
+        toks = [t for t, r in zip(row, real) if r]
+        starts = [j for j, r in enumerate(real) if r and pos[j] == 0]
+        assert all(len({t for t in toks[a:b]}) == 1 for a, b in zip(starts, starts[1:] + [len(toks)]))
+    # targets: the inputs predicting a completion token: len - prompt_len per sequence
+    assert pk.targets.numel() == sum(len(s) - p for s, p in zip(seqs, [2, 2, 2, 1, 1]))
+    m = pk.mask[:, 0]
+    assert pk.ids[1].tolist() == [6, 6, 6, 7, 7, 7, 7, 9] and pk.positions[1].tolist() == [0, 1, 2, 0, 1, 2, 3, 0]
+    assert not m[1, 3, 2] and m[1, 3, 3] and not m[1, 2, 3] and m[1, 6, 3]  # causal within a sequence only
+
+
+class _Spy:
+    """Optimizer stand-in that records the gradients distill_step hands it."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+@pytest.mark.parametrize("gen_lens,rows", [((9, 2, 13, 0, 5), 4), ((6, 7, 6, 8, 7), 5)])  # packed / one per row
+def test_packed_step_equals_per_sequence_hand_computed_reverse_kl(gen_lens, rows):
+    torch.manual_seed(0)
+    kw = dict(vocab_size=40, dim=32, n_heads=2, max_seq_len=64, original_seq_len=64)
+    teacher = Transformer(ModelConfig.preset("tiny", n_layers=2, n_dense_layers=1, n_mtp=0, **kw)).eval()
+    student = Transformer(ModelConfig.preset("tiny-dense", inter_dim=48, n_layers=2, n_dense_layers=2, **kw))
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 40, (n,), generator=g).tolist() for n in (5, 7, 4, 6, 5)]
+    gens = [Generation(torch.randint(3, 40, (n,), generator=g).tolist() + [1], [], "stop") for n in gen_lens]
+    assert pack([p + x.tokens for p, x in zip(prompts, gens)], [len(p) for p in prompts]).ids.size(0) == rows
+    cfg = DistillConfig(teacher="-", student="-", temperature=0.8, micro_batch=2,
+                        train=TrainConfig(grad_clip=0.0, weight_decay=0.0))
+    spy = _Spy(student)
+    got = distill_step(student, teacher, spy, prompts, gens, cfg)
+    # reference: each sequence alone, float64 softmaxes, sum_v p log(p / q) written out
+    ref_model = Transformer(student.cfg)
+    ref_model.load_state_dict(student.state_dict())
+    total, n = 0.0, sum(len(x.tokens) for x in gens)
+    for pr, ge in zip(prompts, gens):
+        ids = torch.tensor([pr + ge.tokens])[:, :-1]
+        with torch.no_grad():
+            q = (teacher(ids)[0, len(pr) - 1:].double() / 0.8).softmax(-1)
+        p = (ref_model(ids)[0, len(pr) - 1:].double() / 0.8).softmax(-1)
+        total = total + (p * (p.log() - q.log())).sum() / n
+    total.backward()
+    assert got["tokens"] == n and got["loss"] == pytest.approx(total.item(), rel=1e-5)
+    for name, p in ref_model.named_parameters():
+        torch.testing.assert_close(spy.grads[name], p.grad.float(), rtol=1e-4, atol=1e-6)
 
 
 def make_run(path, tok, seed, n_layers=1):
