@@ -65,19 +65,24 @@ def model_flops_per_token(cfg, seq_len: int, mtp: bool = False) -> float:
 
 @functools.cache
 def _peak(threads: int, n: int, reps: int) -> float:
+    # one thread: the calling thread's CPU time, so that time the OS gives other processes is not counted
+    # (on a loaded machine wall-clock GEMMs can read 10x slow); more threads: wall clock
+    clock = time.thread_time if threads == 1 else time.perf_counter
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm up (allocator, BLAS dispatch)
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         a @ b
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return 2 * n ** 3 / best
 
 
 def peak_matmul_flops(n: int = 1024, reps: int = 8) -> float:
     """This process's peak FP32 matmul rate (FLOP/s): the fastest of `reps` n x n x n GEMMs on torch's current
-    number of threads; measured once per process and thread count (~0.2 s), then cached."""
+    number of threads (timed by thread CPU time on one thread, by wall clock on more); measured once per
+    process and thread count (~0.2 s), then cached. MFU over it uses wall-clock tokens/s, so time lost to
+    other processes lowers MFU, as it lowers the work done."""
     return _peak(torch.get_num_threads(), n, reps)
 
 
