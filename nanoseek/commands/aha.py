@@ -677,6 +677,7 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
             c = s["cold_start"]
             at = "never" if c["cold_steps_to_r1zero_final"] is None else \
                 f"step {c['cold_steps_to_r1zero_final']} ({c['cold_seconds_to_r1zero_final']:.0f} s)"
+            at += f" vs R1-Zero's step {c['r1zero_steps_to_final']}"
             lines.append(f"| {s['seed']} | {c['sft_steps']} ({c['sft_seconds']:.0f}) | {c['rl_steps']} ({c['rl_seconds']:.0f}) vs "
                          f"{c['r1zero_rl_steps']} ({c['r1zero_rl_seconds']:.0f}) | {_pct(c['r1zero_final_rollout_acc'])} | "
                          f"{at} | {_pct(c.get('cold_rollout_acc_at_r1zero_steps'))} / {_pct(c['cold_final_rollout_acc'])} | "
