@@ -290,6 +290,11 @@ def cold_start_summary(root: Path, stages: Stages) -> dict:
     sft = stages.done["cold_sft"]["result"]
     reach_zero, reach_cold = first_reach(zero, target, window), first_reach(cold, target, window)
     ev_zero, ev_cold, ev_sft = (stages.done[k]["result"] for k in ("eval_rl", "eval_cold_rl", "eval_cold_sft"))
+    # both runs draw the same problems at every step (same seed): the per-step difference is a paired comparison
+    n = min(len(zero), len(cold))
+    diff = [cold[i][2] - zero[i][2] for i in range(n)]
+    paired = {f"{a + 1}-{min(b, n)}": sum(diff[a:b]) / len(diff[a:b])
+              for a, b in ((0, 25), (25, 50), (50, 100), (100, n)) if a < n and diff[a:b]}
     return {"traces": stages.done["cold_traces"]["result"]["traces"],
             "traces_fixing_a_slip": stages.done["cold_traces"]["result"]["fixed_slip"],
             "sft_steps": sft["step"], "sft_seconds": sft["seconds"],
@@ -300,6 +305,7 @@ def cold_start_summary(root: Path, stages: Stages) -> dict:
             # load-independent: the cold-start run's rollout accuracy over the same window at R1-Zero's step count
             "cold_rollout_acc_at_r1zero_steps": _window_mean(cold, zero[-1][0], window) if zero else None,
             "r1zero_steps_to_final": reach_zero[0] if reach_zero else None,
+            "paired_rollout_acc_diff": paired, "paired_steps": n,
             "cold_steps_to_r1zero_final": reach_cold[0] if reach_cold else None,
             "cold_seconds_to_r1zero_final": round(reach_cold[1] + sft["seconds"], 1) if reach_cold else None,
             "r1zero_seconds_to_final": round(reach_zero[1], 1) if reach_zero else None,
@@ -673,16 +679,22 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
                   "| seed | SFT steps (s) | RL steps (s) vs R1-Zero's | R1-Zero final rollout acc | cold start reaches it at "
                   "| cold rollout acc at R1-Zero's step count / at its end | held-out pass@1 R1-Zero / SFT only / cold+RL | "
                   "check rate R1-Zero / SFT only / cold+RL |", "|---|---|---|---|---|---|---|---|"]
+        paired = ["", "Cold start minus R1-Zero rollout accuracy, step by step on the same problems (both runs draw the "
+                  "same problems at each step), in points:", "", "| seed | mean difference |", "|---|---|"]
         for s in cold:
             c = s["cold_start"]
             at = "never" if c["cold_steps_to_r1zero_final"] is None else \
                 f"step {c['cold_steps_to_r1zero_final']} ({c['cold_seconds_to_r1zero_final']:.0f} s)"
+            at += f" vs R1-Zero's step {c['r1zero_steps_to_final']}"
+            paired.append(f"| {s['seed']} | " + ", ".join(f"steps {k}: {100 * v:+.1f}" for k, v in
+                                                         c.get("paired_rollout_acc_diff", {}).items()) + " |")
             lines.append(f"| {s['seed']} | {c['sft_steps']} ({c['sft_seconds']:.0f}) | {c['rl_steps']} ({c['rl_seconds']:.0f}) vs "
                          f"{c['r1zero_rl_steps']} ({c['r1zero_rl_seconds']:.0f}) | {_pct(c['r1zero_final_rollout_acc'])} | "
                          f"{at} | {_pct(c.get('cold_rollout_acc_at_r1zero_steps'))} / {_pct(c['cold_final_rollout_acc'])} | "
                          f"{_pct(c['r1zero_pass1'])} / "
                          f"{_pct(c['cold_sft_pass1'])} / {_pct(c['cold_pass1'])} | {_pct(c['r1zero_check_rate'])} / "
                          f"{_pct(c['cold_sft_check_rate'])} / {_pct(c['cold_check_rate'])} |")
+        lines += paired
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_reflection({f"seed {s['seed']}": r / "rl" for s, r in zip(sums, roots)}, out / "aha_curves_seeds.png")
     if plot:
