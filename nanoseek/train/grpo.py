@@ -639,7 +639,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     if use_ep:  # the update shards the experts; rollouts run on a full copy refreshed before each step
         parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device, build_optimizer,
                                        [out if resume else None, init], dist.is_main)
-        rollout_copy = RolloutCopy(parallel, lambda: Transformer(model.cfg).to(dist.device))
+        rollout_copy = RolloutCopy(parallel, lambda: prec.configure_model(Transformer(model.cfg).to(dist.device),
+                                                                          cfg.precision))
         progress_note = parallel.describe() + "; rollouts on a full copy of the weights"
     engine = Engine(model if rollout_copy is None else rollout_copy.model, tokenizer)
     partial = PartialRollouts(cfg.partial_rollout_tokens) if cfg.partial_rollout_tokens else None
