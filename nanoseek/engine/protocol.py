@@ -326,7 +326,10 @@ class ChoiceStream:
             self.lp_offsets.append(0 if f is None else f.n_released + len(f.held))
             self.lp_tokens.append(self.token_text(token))
             self.lp_values.append(logprob.logprob)
-            self.lp_top.append({self.token_text(t): v for t, v in logprob.top})
+            top: dict[str, float] = {}
+            for t, v in logprob.top:  # highest first: tokens that read alike (hidden specials, split UTF-8) keep the best
+                top.setdefault(self.token_text(t), v)
+            self.lp_top.append(top)
         out: dict[str, str] = {}
         if touched is not None:
             delta, hit = self._push(touched, touched.decoder.step(token))
