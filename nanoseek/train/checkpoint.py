@@ -188,6 +188,16 @@ def load_checkpoint(step_dir: str | Path, model: nn.Module, optimizer: torch.opt
     return state
 
 
+
+def resume_run(step_dir: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, loader, metrics) -> tuple[int, float]:
+    """Resume a data-loader run (pretrain, sft) from a step directory: weights, optimizer, RNG, the loader's
+    position, and metrics.jsonl cut back to that step; returns (step, elapsed seconds)."""
+    state = load_checkpoint(step_dir, model, optimizer)
+    loader.load_state_dict(state["loader"])
+    step = int(state["step"])
+    metrics.truncate_after(step)
+    return step, float(state.get("elapsed_s", 0.0))
+
 def load_run_model(run_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu"):
     """(model in eval mode, run config dict, step directory) from a run directory's config.json and its
     latest (or given) checkpoint: what sampling, evaluation and the next training stage start from."""

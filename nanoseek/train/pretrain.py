@@ -34,7 +34,7 @@ from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
 from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
 from nanoseek.train import precision as prec
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import latest_checkpoint, resume_run, save_checkpoint
 from nanoseek.train.common import (
     Dist,
     TrainConfig,
@@ -268,10 +268,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
     step, elapsed0 = 0, 0.0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        loader.load_state_dict(state["loader"])
-        step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
-        metrics.truncate_after(step)
+        step, elapsed0 = resume_run(ckpt, model, optimizer, loader, metrics)
         if dist.is_main and PretrainConfig.load(run_dir).precision != cfg.precision:  # resumed in another one
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     elif dist.is_main:

@@ -46,7 +46,7 @@ from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import Loader
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE
-from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
+from nanoseek.train.checkpoint import resume_run, save_checkpoint
 from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
 from nanoseek.train import precision as prec
 from nanoseek.train.common import Dist, TrainConfig, set_lr, setup_distributed
@@ -243,10 +243,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     metrics = MetricsLogger(out / "metrics.jsonl", enabled=dist.is_main)
     step, elapsed0 = 0, 0.0
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
-        loader.load_state_dict(state["loader"])
-        step, elapsed0 = int(state["step"]), float(state.get("elapsed_s", 0.0))
-        metrics.truncate_after(step)
+        step, elapsed0 = resume_run(ckpt, model, optimizer, loader, metrics)
         if dist.is_main and saved.get("precision", "fp32") != cfg.precision:  # resumed in another precision
             _record_precision(out, cfg.precision, model)
     parallel = None
