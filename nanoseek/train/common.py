@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -219,7 +220,13 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
+        """Destroy the process group. On a normal exit (no exception propagating) the ranks first meet at a
+        barrier, so no rank tears its gloo connections down while a peer still finishes its last collective
+        (the peer then aborted at exit: "terminate called without an active exception"); while an exception
+        propagates there is no barrier, since the other ranks may never come."""
         if self.active and dist.is_initialized():
+            if sys.exc_info()[0] is None:
+                dist.barrier()
             dist.destroy_process_group()
 
 
