@@ -18,6 +18,7 @@ seed: runs already on disk are skipped).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import statistics
 import sys
@@ -38,7 +39,11 @@ MID = {"dim": 256, "inter_dim": 512, "moe_inter_dim": 128, "n_layers": 4, "n_den
        "n_routed_experts": 16, "n_shared_experts": 1, "n_activated_experts": 4, "n_expert_groups": 4,
        "n_limited_groups": 2, "kv_lora_rank": 128, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16,
        "v_head_dim": 32, "max_seq_len": 256, "original_seq_len": 256, "n_mtp": 1}
-REFERENCE = {"bf16": ["fp32"], "fp8": ["bf16", "fp32"], "fp8-tensor": ["bf16", "fp32"]}
+REFERENCE = {"bf16": ["fp32"], "fp8": ["bf16", "fp32"], "fp8-tensor": ["bf16", "fp32"], "fp32-ulp": ["fp32"]}
+# the control: fp32 training from initial weights each moved by one ulp (a random half up, the rest down), so its
+# gap to fp32 is what trajectory divergence alone produces from the smallest perturbation there is
+CONTROL = "fp32-ulp"
+VARIANTS = (*prec.PRECISIONS, CONTROL)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -66,11 +71,38 @@ def train(args) -> None:
             run.mkdir(parents=True)
             if tok.exists():
                 shutil.copy(tok, run / "tokenizer.json")
-            s = pt.pretrain(run, run_config(args.config, p, seed, args.steps, args.batch, args.seq_len), dist=dist)
+            precision = "fp32" if p == CONTROL else p
+            with one_ulp_init(seed, enable=p == CONTROL):
+                s = pt.pretrain(run, run_config(args.config, precision, seed, args.steps, args.batch, args.seq_len),
+                                dist=dist)
             if not tok.exists():
                 shutil.copy(run / "tokenizer.json", tok)
             print(f"{args.config} {p} seed {seed}: loss {s['loss']:.4f} eval {s['eval_loss']:.4f} "
                   f"{s['tokens_per_s']:,.0f} tok/s", flush=True)
+
+
+@contextlib.contextmanager
+def one_ulp_init(seed: int, enable: bool):
+    """While active, every model pretrain() builds has each initial weight moved by one ulp (nextafter towards
+    +inf or -inf, a seeded coin per element) before the optimizer sees it: relative change ~6e-8."""
+    if not enable:
+        yield
+        return
+    configure = pt.prec.configure_model
+
+    def nudged(model, precision):
+        g = torch.Generator().manual_seed(10_000 + seed)
+        with torch.no_grad():
+            for q in model.parameters():
+                up = torch.rand(q.shape, generator=g) < 0.5
+                q.copy_(torch.nextafter(q, torch.where(up, torch.inf, -torch.inf)))
+        return configure(model, precision)
+
+    pt.prec.configure_model = nudged
+    try:
+        yield
+    finally:
+        pt.prec.configure_model = configure
 
 
 def smooth(xs: list[float], w: int) -> list[float]:
@@ -108,7 +140,7 @@ def report(args) -> None:
     print("| config | precision | vs | seeds | steps | smoothed train loss | gap (last 20%) | held-out | gap | tok/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for j, name in enumerate(configs):
-        for p in prec.PRECISIONS:
+        for p in VARIANTS:
             if p not in runs[name]:
                 continue
             seeds = sorted(runs[name][p])
@@ -244,7 +276,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--plot", type=Path, default=Path("docs/img/precision.png"))
     args = ap.parse_args()
-    args.precisions = [prec.check(p) for p in args.precisions.split(",")]
+    args.precisions = [p if p == CONTROL else prec.check(p) for p in args.precisions.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]
     {"train": train, "report": report, "memory": memory, "fixed": fixed}[args.mode](args)
 
