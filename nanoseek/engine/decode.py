@@ -1,0 +1,199 @@
+"""A lean batched decode step: one new token per row through the whole model with the fewest CPU kernels.
+
+The same arithmetic as `Transformer.hidden(..., absorb=True)` + `Transformer.logits` on the weights that
+`Transformer.prepare_inference` fuses (absorbed MLA, DeepSeek-V2 sec. 2.1.2; DeepSeekMoE, V3 report sec.
+2.1.2), rearranged for a decode batch that is bound by per-op cost (batch ~128, dim 128: each kernel is a
+few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
+
+* Attention. The absorbed input projection's rows are regrouped per head as [q_lat_h ; q_rope_h] followed by
+  the new latent [c_KV ; k_rope], so one matmul gives a (B, H + 1, r + d_rope) block whose rope parts are
+  rotated together by one in-place complex multiply, whose first H rows *are* the queries (no concatenation)
+  and whose last row is the new cache entry. The rotations of a step are built once for all layers.
+* Two cache layouts per layer: the latent (B, L, S, r + d_rope) as before (values = its first r numbers),
+  and its transpose (B, L, r + d_rope, S) for the keys, each written one column per step. Both score and
+  value products then run on strided views; the shared path instead copied the keys into a contiguous
+  transposed tensor in every layer of every step (the largest single op of a decode step). Rows come first
+  in both layouts, so dropping finished rows copies whole contiguous blocks.
+* Ragged prompts: one additive key bias (B, 1, S) of 0 / -inf built once and added by `baddbmm` to the
+  scores (no per-step mask tensors); equal-length prompts skip it.
+* MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
+  shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
+  the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`.
+
+Simplifications: float32 non-FP8 models with q_lora_rank = 0 (the tiny and demo presets) and no expert
+parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
+decode steps are not recorded (`last_load` describes training forwards). The results equal the shared path up
+to float rounding (summation order), which tests/test_decode_fast.py holds to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import Transformer
+from nanoseek.model.moe import MoE
+
+
+def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
+    """Whether `LeanDecoder` can run this model (else the engine decodes through `Transformer.hidden`)."""
+    cfg = model.cfg
+    dtype = next(model.parameters()).dtype
+    return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank == 0
+            and cache_dtype == dtype == torch.float32
+            and all(m.ep is None and m.stacked is not None for m in model.moe_layers())
+            and all(layer.attn.fused is not None for layer in model.layers))
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    w_in: torch.Tensor  # (H * (r + d) + r + d, dim): per head [q_lat_h ; q_rope_h], then [c_KV ; k_rope]
+    kv_norm: torch.Tensor
+    w_ov: torch.Tensor  # (dim, H * r)
+    ffn_norm: torch.Tensor
+    moe: MoE | None
+    w13: torch.Tensor  # dense: (2I, dim); MoE: (E [+1 shared], dim, 2I)
+    w2: torch.Tensor  # dense: (dim, I); MoE: (E [+1 shared], I, dim)
+    shared_apart: bool  # MoE whose shared experts are wider than one routed expert: run them on their own
+
+
+def build_layers(model: Transformer) -> list[_Layer]:
+    """The per-layer tensors of the lean step, from the fused inference weights of `prepare_inference`."""
+    cfg = model.cfg
+    H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    out = []
+    for layer in model.layers:
+        attn = layer.attn
+        wq, w_ov = attn.fused  # wq rows: [q_lat (H*r); c_KV (r); q_rope (H*d); k_rope (d)]
+        q_lat, c_kv, q_rope, k_rope = wq.split([H * r, r, H * d, d])
+        per_head = torch.cat([q_lat.view(H, r, -1), q_rope.view(H, d, -1)], dim=1).flatten(0, 1)
+        w_in = torch.cat([per_head, c_kv, k_rope]).contiguous()
+        ffn = layer.ffn
+        if isinstance(ffn, MoE):
+            w13, w2 = ffn.stacked
+            sh = ffn.shared_experts
+            shared_apart = sh is not None and sh.w2.weight.size(1) != w2.size(1)
+            if sh is not None and not shared_apart:
+                w13 = torch.cat([w13, sh.w13.t()[None]])
+                w2 = torch.cat([w2, sh.w2.weight.t()[None]])
+            out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, ffn,
+                              w13.contiguous(), w2.contiguous(), shared_apart))
+        else:
+            w13 = ffn.w13 if ffn.w13 is not None else torch.cat([ffn.w1.weight, ffn.w3.weight])
+            out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, None,
+                              w13, ffn.w2.weight, False))
+    return out
+
+
+class LeanDecoder:
+    """Decode state of one batch: both cache layouts, the key bias, the rope rotations; `step` runs one token."""
+
+    def __init__(self, model: Transformer, layers: list[_Layer], prefill_cache: torch.Tensor, row_of: torch.Tensor | None,
+                 length: int, key_valid: torch.Tensor | None, positions: torch.Tensor | None):
+        """prefill_cache (L, U, P, latent) of the U distinct prompts; row_of (B,) the prompt of each row (None:
+        one row per prompt); length: the cache length (prompt + new tokens); key_valid (B, length) bool and
+        positions (B, length) long for ragged prompts (None: no padding, positions = slots)."""
+        cfg = model.cfg
+        self.model, self.layers, self.cfg = model, layers, cfg
+        self.eps = cfg.norm_eps
+        L, U, P, C = prefill_cache.shape
+        lat = prefill_cache.transpose(0, 1).contiguous()  # (U, L, P, C): transposed per distinct prompt, not per row
+        keys = lat.transpose(2, 3).contiguous()
+        if row_of is not None:
+            lat, keys = lat.index_select(0, row_of), keys.index_select(0, row_of)
+        B = lat.size(0)
+        # two buffers of each layout: dropping finished rows copies into the idle one (no fresh allocation,
+        # whose first touch costs more than the copy) and swaps
+        self._lat = [prefill_cache.new_empty(B, L, length, C) for _ in range(2)]
+        self._keys = [prefill_cache.new_empty(B, L, C, length) for _ in range(2)]  # transposed: keys of the scores
+        self.lat, self.keys = self._lat[0], self._keys[0]
+        self.lat[:, :, :P] = lat
+        self.keys[:, :, :, :P] = keys
+        self.bias = None
+        if key_valid is not None:
+            self.bias = torch.zeros(B, 1, length, dtype=torch.float32, device=lat.device).masked_fill_(
+                ~key_valid[:, None], float("-inf"))
+        self.positions = positions
+        self.rot = torch.complex(model.rope_cos, model.rope_sin)  # (max_seq_len, d/2): e^{i theta} per position
+        self._moe_ids: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def compact(self, sel: torch.Tensor) -> None:
+        """Keep only rows `sel` (long, increasing) of the batch."""
+        n = sel.numel()
+        self._lat.reverse()
+        self._keys.reverse()
+        self.lat = torch.index_select(self.lat, 0, sel, out=self._lat[0][:n])
+        self.keys = torch.index_select(self.keys, 0, sel, out=self._keys[0][:n])
+        if self.bias is not None:
+            self.bias = self.bias.index_select(0, sel)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, sel)
+
+    def _pair_ids(self, N: int, K: int, E: int, shared: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token id of each (token, expert) pair in the flat order [routed pairs (N*K, row-major); shared (N)],
+        and the expert id of the shared pairs; built once per batch size."""
+        if self._moe_ids is None or self._moe_ids[0] != N:
+            tokens = torch.arange(N, device=device)
+            ids = tokens.repeat_interleave(K)
+            if shared:
+                ids = torch.cat([ids, tokens])
+            self._moe_ids = (N, ids, torch.full((N,), E, dtype=torch.long, device=device))
+        return self._moe_ids[1], self._moe_ids[2]
+
+    def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x + MoE(h) for h (N, dim), added into x in place."""
+        moe = lay.moe
+        N = h.size(0)
+        weights, indices, _ = moe.gate(h)
+        E, K = moe.n_experts, moe.topk
+        shared = moe.shared_experts is not None and not lay.shared_apart
+        token_ids, shared_ids = self._pair_ids(N, K, E, shared, h.device)
+        expert = indices.flatten()
+        w = weights.flatten()
+        if shared:
+            expert = torch.cat([expert, shared_ids])
+            w = torch.cat([w, w.new_ones(N)])
+        order = expert.argsort(stable=True)
+        offs = torch.bincount(expert, minlength=lay.w13.size(0)).cumsum(0, dtype=torch.int32)
+        token_of = token_ids.index_select(0, order)
+        gu = torch._grouped_mm(h.index_select(0, token_of), lay.w13, offs=offs)
+        inter = lay.w2.size(1)
+        act = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w.index_select(0, order).unsqueeze(-1))
+        x.index_add_(0, token_of, torch._grouped_mm(act, lay.w2, offs=offs))
+        if lay.shared_apart:
+            x += moe.shared_experts(h)
+        return x
+
+    def step(self, tok: torch.Tensor, s: int) -> torch.Tensor:
+        """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32."""
+        model, cfg, eps = self.model, self.cfg, self.eps
+        H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        C = r + d
+        B = tok.size(0)
+        x = model.embed(tok)  # (B, dim)
+        rot = (self.rot[s] if self.positions is None else self.rot.index_select(0, self.positions[:, s]).unsqueeze(1))
+        bias = None if self.bias is None else self.bias[:, :, :s + 1]
+        for i, lay in enumerate(self.layers):
+            h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
+            qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
+            torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
+            new = qkv[:, H]
+            new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
+            self.lat[:, i, s] = new
+            self.keys[:, i, :, s] = new
+            q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
+            keys = self.keys[:, i, :, :s + 1]
+            scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
+            probs = scores.softmax(dim=-1)
+            o = torch.bmm(probs, self.lat[:, i, :s + 1, :r])  # (B, H, r)
+            x = x + F.linear(o.view(B, H * r), lay.w_ov)
+            h = F.rms_norm(x, (x.size(-1),), lay.ffn_norm, eps)
+            if lay.moe is None:
+                gate, up = F.linear(h, lay.w13).chunk(2, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, lay.w2)
+            else:
+                x = self._moe(lay, x, h)
+        return model.logits(x)
