@@ -123,3 +123,14 @@ def test_unsupported_models_fall_back_to_the_shared_path(monkeypatch):
         out = Engine(model, eos_id=-1).generate(RAGGED[:3], max_new_tokens=6)
         assert not steps
         assert [o.tokens for o in out] == [naive_greedy(model, p, 6) for p in RAGGED[:3]]
+
+
+def test_cache_workspace_reused_across_calls_of_other_shapes():
+    """One engine, calls of growing and shrinking batch and length (the workspace is reused, grown, viewed):
+    each equals the shared path."""
+    model = make_model(seed=6)
+    eng, ref = Engine(model, eos_id=-1), Engine(model, eos_id=-1, lean_decode=False)
+    for prompts, n in ((RAGGED[:2], 6), (RAGGED, 14), (RAGGED[2:4], 4), (RAGGED * 2, 10)):
+        kw = dict(max_new_tokens=n, temperature=1.0, seed=list(range(len(prompts))))
+        assert_same(eng.generate(prompts, **kw), ref.generate(prompts, **kw))
+    assert eng._workspace.buffers[0].size(0) == 2 * len(RAGGED)

@@ -12,8 +12,9 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
 * Two cache layouts per layer: the latent (B, L, S, r + d_rope) as before (values = its first r numbers),
   and its transpose (B, L, r + d_rope, S) for the keys, each written one column per step. Both score and
   value products then run on strided views; the shared path instead copied the keys into a contiguous
-  transposed tensor in every layer of every step (the largest single op of a decode step). Rows come first
-  in both layouts, so dropping finished rows copies whole contiguous blocks.
+  transposed tensor in every layer of every step (the largest single op of a decode step). The buffers are
+  reused across generate calls (`Workspace`: no page faults on fresh memory), and dropping finished rows
+  moves only the filled slots of the kept rows, in place.
 * Ragged prompts: one additive key bias (B, 1, S) of 0 / -inf built once and added by `baddbmm` to the
   scores (no per-step mask tensors); equal-length prompts skip it.
 * MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
@@ -88,14 +89,40 @@ def build_layers(model: Transformer) -> list[_Layer]:
     return out
 
 
+class Workspace:
+    """Cache memory reused across generate calls: a fresh 10-30 MB buffer per call pays a page fault on first touch
+    of every 4 KiB page, which at RL batch sizes costs more than the copies into it. Grows to the largest batch
+    and length seen (up to `max_bytes`; beyond it every call gets fresh memory)."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def views(self, B: int, L: int, S: int, C: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, S, C) latent and (B, L, C, S) key views; contents undefined (every slot is written before it
+        is read)."""
+        buf = self.buffers
+        if buf is None or buf[0].dtype != dtype or buf[0].device != device or buf[0].size(1) != L \
+                or buf[0].size(3) != C or buf[0].size(0) < B or buf[0].size(2) < S:
+            Bc, Sc = (B, S) if buf is None else (max(B, buf[0].size(0)), max(S, buf[0].size(2)))
+            if 2 * Bc * L * Sc * C * torch.finfo(dtype).bits // 8 > self.max_bytes:
+                return (torch.empty(B, L, S, C, dtype=dtype, device=device),
+                        torch.empty(B, L, C, S, dtype=dtype, device=device))
+            buf = self.buffers = (torch.empty(Bc, L, Sc, C, dtype=dtype, device=device),
+                                  torch.empty(Bc, L, C, Sc, dtype=dtype, device=device))
+        return buf[0][:B, :, :S], buf[1][:B, :, :, :S]
+
+
 class LeanDecoder:
     """Decode state of one batch: both cache layouts, the key bias, the rope rotations; `step` runs one token."""
 
     def __init__(self, model: Transformer, layers: list[_Layer], prefill_cache: torch.Tensor, row_of: torch.Tensor | None,
-                 length: int, key_valid: torch.Tensor | None, positions: torch.Tensor | None):
+                 length: int, key_valid: torch.Tensor | None, positions: torch.Tensor | None,
+                 workspace: "Workspace | None" = None):
         """prefill_cache (L, U, P, latent) of the U distinct prompts; row_of (B,) the prompt of each row (None:
         one row per prompt); length: the cache length (prompt + new tokens); key_valid (B, length) bool and
-        positions (B, length) long for ragged prompts (None: no padding, positions = slots)."""
+        positions (B, length) long for ragged prompts (None: no padding, positions = slots); workspace: where the
+        caches live (kept by the engine across calls; None: fresh memory)."""
         cfg = model.cfg
         self.model, self.layers, self.cfg = model, layers, cfg
         self.eps = cfg.norm_eps
@@ -105,11 +132,8 @@ class LeanDecoder:
         if row_of is not None:
             lat, keys = lat.index_select(0, row_of), keys.index_select(0, row_of)
         B = lat.size(0)
-        # two buffers of each layout: dropping finished rows copies into the idle one (no fresh allocation,
-        # whose first touch costs more than the copy) and swaps
-        self._lat = [prefill_cache.new_empty(B, L, length, C) for _ in range(2)]
-        self._keys = [prefill_cache.new_empty(B, L, C, length) for _ in range(2)]  # transposed: keys of the scores
-        self.lat, self.keys = self._lat[0], self._keys[0]
+        ws = workspace if workspace is not None else Workspace()
+        self.lat, self.keys = ws.views(B, L, length, C, lat.dtype, lat.device)  # keys: the transposed layout
         self.lat[:, :, :P] = lat
         self.keys[:, :, :, :P] = keys
         self.bias = None
@@ -120,13 +144,13 @@ class LeanDecoder:
         self.rot = torch.complex(model.rope_cos, model.rope_sin)  # (max_seq_len, d/2): e^{i theta} per position
         self._moe_ids: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
-    def compact(self, sel: torch.Tensor) -> None:
-        """Keep only rows `sel` (long, increasing) of the batch."""
+    def compact(self, sel: torch.Tensor, filled: int) -> None:
+        """Keep only rows `sel` (long, increasing) of the batch; cache slots [0, filled) hold data. In place: the
+        kept rows' filled slots move to the front of the same buffers."""
         n = sel.numel()
-        self._lat.reverse()
-        self._keys.reverse()
-        self.lat = torch.index_select(self.lat, 0, sel, out=self._lat[0][:n])
-        self.keys = torch.index_select(self.keys, 0, sel, out=self._keys[0][:n])
+        self.lat[:n, :, :filled] = self.lat[:, :, :filled].index_select(0, sel)
+        self.keys[:n, :, :, :filled] = self.keys[:, :, :, :filled].index_select(0, sel)
+        self.lat, self.keys = self.lat[:n], self.keys[:n]
         if self.bias is not None:
             self.bias = self.bias.index_select(0, sel)
         if self.positions is not None:

@@ -65,6 +65,7 @@ class Engine:
             self.eos_id = getattr(self.tokenizer, "eos_id", 1)
         self.cfg = self.model.cfg
         self._lean: tuple | None = None  # (the model's fused-weights set, LeanDecoder layers built from it)
+        self._workspace = decode.Workspace()  # the lean decoder's cache memory, reused across calls
 
     def _lean_layers(self) -> list:
         """The lean decoder's per-layer tensors, rebuilt only when prepare_inference rebuilt the fused weights."""
@@ -140,7 +141,12 @@ class Engine:
                 outs = [self._generate_speculative(p, max_new_tokens, params, gen[i] if isinstance(gen, list) else gen,
                                                    stop) for i, p in enumerate(ids)]
             else:
-                outs = self._generate_batch(ids, max_new_tokens, params, gen, stop)
+                # claim the cache workspace (a concurrent call on the same engine finds None: fresh memory)
+                ws, self._workspace = self._workspace, None
+                try:
+                    outs = self._generate_batch(ids, max_new_tokens, params, gen, stop, ws)
+                finally:
+                    self._workspace = ws
         finally:
             self.model.prepare_inference(False)
             self.model.train(was_training)
@@ -177,7 +183,8 @@ class Engine:
 
     # ---- plain batched decoding ------------------------------------------------------------------
     def _generate_batch(self, ids: list[list[int]], max_new: int, params: SamplingParams,
-                        gen: torch.Generator | list[torch.Generator] | None, stop: list[str] | None) -> list[Generation]:
+                        gen: torch.Generator | list[torch.Generator] | None, stop: list[str] | None,
+                        workspace: decode.Workspace | None = None) -> list[Generation]:
         model = self.model
         device = next(model.parameters()).device
         B, P = len(ids), max(len(p) for p in ids)
@@ -208,7 +215,7 @@ class Engine:
         shared = len(first_row) < B
         if lean:
             dec = decode.LeanDecoder(model, self._lean_layers(), cache, row_of if shared else None, S,
-                                     key_valid if ragged else None, positions if ragged else None)
+                                     key_valid if ragged else None, positions if ragged else None, workspace)
             if shared:
                 logits = logits.index_select(0, row_of)
         elif shared:  # index_select: ~2x faster than advanced indexing on the cache's dim 1
@@ -242,7 +249,7 @@ class Engine:
                 sel = torch.tensor(keep, device=device)
                 tok = tok.index_select(0, sel)
                 if lean:
-                    dec.compact(sel)
+                    dec.compact(sel, P + step)
                 else:
                     cache, key_valid, positions = (cache.index_select(1, sel), key_valid.index_select(0, sel),
                                                    positions.index_select(0, sel))
