@@ -156,16 +156,16 @@ class LeanDecoder:
         if self.positions is not None:
             self.positions = self.positions.index_select(0, sel)
 
-    def _pair_ids(self, N: int, K: int, E: int, shared: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pair_ids(self, N: int, K: int, E: int, shared: bool, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Token id of each (token, expert) pair in the flat order [routed pairs (N*K, row-major); shared (N)],
-        and the expert id of the shared pairs; built once per batch size."""
+        the expert id and the weight (1) of the shared pairs; built once per batch size."""
         if self._moe_ids is None or self._moe_ids[0] != N:
-            tokens = torch.arange(N, device=device)
+            tokens = torch.arange(N, device=h.device)
             ids = tokens.repeat_interleave(K)
             if shared:
                 ids = torch.cat([ids, tokens])
-            self._moe_ids = (N, ids, torch.full((N,), E, dtype=torch.long, device=device))
-        return self._moe_ids[1], self._moe_ids[2]
+            self._moe_ids = (N, ids, torch.full((N,), E, dtype=torch.long, device=h.device), h.new_ones(N))
+        return self._moe_ids[1:]
 
     def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x + MoE(h) for h (N, dim), added into x in place."""
@@ -174,12 +174,12 @@ class LeanDecoder:
         weights, indices, _ = moe.gate(h)
         E, K = moe.n_experts, moe.topk
         shared = moe.shared_experts is not None and not lay.shared_apart
-        token_ids, shared_ids = self._pair_ids(N, K, E, shared, h.device)
+        token_ids, shared_ids, shared_w = self._pair_ids(N, K, E, shared, h)
         expert = indices.flatten()
         w = weights.flatten()
         if shared:
             expert = torch.cat([expert, shared_ids])
-            w = torch.cat([w, w.new_ones(N)])
+            w = torch.cat([w, shared_w])
         order = expert.argsort(stable=True)
         offs = torch.bincount(expert, minlength=lay.w13.size(0)).cumsum(0, dtype=torch.int32)
         token_of = token_ids.index_select(0, order)
@@ -200,19 +200,22 @@ class LeanDecoder:
         x = model.embed(tok)  # (B, dim)
         rot = (self.rot[s] if self.positions is None else self.rot.index_select(0, self.positions[:, s]).unsqueeze(1))
         bias = None if self.bias is None else self.bias[:, :, :s + 1]
+        # this step's views: new entries at slot s, keys and values over slots [0, s]
+        lat_new, key_new = self.lat[:, :, s], self.keys[:, :, :, s]
+        keys_all, values_all = self.keys[..., :s + 1], self.lat[:, :, :s + 1, :r]
         for i, lay in enumerate(self.layers):
             h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
             qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
             torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
             new = qkv[:, H]
             new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
-            self.lat[:, i, s] = new
-            self.keys[:, i, :, s] = new
+            lat_new[:, i] = new
+            key_new[:, i] = new
             q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
-            keys = self.keys[:, i, :, :s + 1]
+            keys = keys_all[:, i]
             scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
             probs = scores.softmax(dim=-1)
-            o = torch.bmm(probs, self.lat[:, i, :s + 1, :r])  # (B, H, r)
+            o = torch.bmm(probs, values_all[:, i])  # (B, H, r)
             x = x + F.linear(o.view(B, H * r), lay.w_ov)
             h = F.rms_norm(x, (x.size(-1),), lay.ffn_norm, eps)
             if lay.moe is None:
