@@ -20,7 +20,9 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
 * MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
   shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
   the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
-  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`.
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. One
+  zero-weight pair per expert keeps every expert matmul above one row (a one-row matmul rounds differently),
+  so a row's result does not depend on its batch neighbours beyond what the shared path already allows.
 
 Simplifications: float32 non-FP8 models with q_lora_rank = 0 (the tiny and demo presets) and no expert
 parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
@@ -42,7 +44,9 @@ def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
     """Whether `LeanDecoder` can run this model (else the engine decodes through `Transformer.hidden`)."""
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
+    # _grouped_mm wants 16-byte strides: dim and the expert width in multiples of 4 float32s
     return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank == 0
+            and cfg.dim % 4 == 0 and cfg.moe_inter_dim % 4 == 0
             and cache_dtype == dtype == torch.float32
             and all(m.ep is None and m.stacked is not None for m in model.moe_layers())
             and all(layer.attn.fused is not None for layer in model.layers))
@@ -156,15 +160,24 @@ class LeanDecoder:
         if self.positions is not None:
             self.positions = self.positions.index_select(0, sel)
 
-    def _pair_ids(self, N: int, K: int, E: int, shared: bool, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Token id of each (token, expert) pair in the flat order [routed pairs (N*K, row-major); shared (N)],
-        the expert id and the weight (1) of the shared pairs; built once per batch size."""
+    def _pair_ids(self, N: int, K: int, groups: int, shared: bool, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The constant parts of the (token, expert) pair list, built once per batch size. Flat order: routed
+        pairs (N*K, row-major), then the shared-expert pairs (N, expert id E, weight 1) when folded in, then one
+        zero-weight pair per expert group (token 0): no group ever runs a one-row matmul, whose kernel rounds
+        differently from the many-row one, so a row's result does not depend on how many rows share its
+        experts (what keeps a rollout the same however its batch is split over processes). Returns the token
+        ids of all pairs, and the expert ids and weights of the appended pairs."""
         if self._moe_ids is None or self._moe_ids[0] != N:
             tokens = torch.arange(N, device=h.device)
-            ids = tokens.repeat_interleave(K)
+            ids, experts, weights = [tokens.repeat_interleave(K)], [], []
             if shared:
-                ids = torch.cat([ids, tokens])
-            self._moe_ids = (N, ids, torch.full((N,), E, dtype=torch.long, device=h.device), h.new_ones(N))
+                ids.append(tokens)
+                experts.append(torch.full((N,), groups - 1, dtype=torch.long, device=h.device))
+                weights.append(h.new_ones(N))
+            ids.append(tokens.new_zeros(groups))
+            experts.append(torch.arange(groups, device=h.device))
+            weights.append(h.new_zeros(groups))
+            self._moe_ids = (N, torch.cat(ids), torch.cat(experts), torch.cat(weights))
         return self._moe_ids[1:]
 
     def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -172,16 +185,13 @@ class LeanDecoder:
         moe = lay.moe
         N = h.size(0)
         weights, indices, _ = moe.gate(h)
-        E, K = moe.n_experts, moe.topk
+        groups = lay.w13.size(0)  # routed experts (+ 1 for the folded shared expert)
         shared = moe.shared_experts is not None and not lay.shared_apart
-        token_ids, shared_ids, shared_w = self._pair_ids(N, K, E, shared, h)
-        expert = indices.flatten()
-        w = weights.flatten()
-        if shared:
-            expert = torch.cat([expert, shared_ids])
-            w = torch.cat([w, shared_w])
+        token_ids, tail_experts, tail_w = self._pair_ids(N, moe.topk, groups, shared, h)
+        expert = torch.cat([indices.flatten(), tail_experts])
+        w = torch.cat([weights.flatten(), tail_w])
         order = expert.argsort(stable=True)
-        offs = torch.bincount(expert, minlength=lay.w13.size(0)).cumsum(0, dtype=torch.int32)
+        offs = torch.bincount(expert, minlength=groups).cumsum(0, dtype=torch.int32)
         token_of = token_ids.index_select(0, order)
         gu = torch._grouped_mm(h.index_select(0, token_of), lay.w13, offs=offs)
         inter = lay.w2.size(1)
