@@ -113,8 +113,9 @@ def test_weights_changed_between_calls_rebuild_the_lean_weights():
 
 
 def test_unsupported_models_fall_back_to_the_shared_path(monkeypatch):
-    """FP8 (per-weight quantized linears) and q_lora_rank > 0 decode through Transformer.hidden."""
-    for kw in (dict(fp8=True), dict(q_lora_rank=12)):
+    """FP8 (per-weight quantized linears), q_lora_rank > 0 and an expert width _grouped_mm cannot stride (not a
+    multiple of 4 floats) decode through Transformer.hidden."""
+    for kw in (dict(fp8=True), dict(q_lora_rank=12), dict(moe_inter_dim=18)):
         model = make_model(seed=5, **kw)
         model.prepare_inference(True)
         assert not decode.supported(model, torch.float32)
