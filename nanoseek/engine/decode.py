@@ -24,7 +24,7 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
   zero-weight pair per expert keeps every expert matmul above one row (a one-row matmul rounds differently),
   so a row's result does not depend on its batch neighbours beyond what the shared path already allows.
 
-Simplifications: float32 non-FP8 models with q_lora_rank = 0 (the tiny and demo presets) and no expert
+Simplifications: float32 non-FP8 models on CPU with q_lora_rank = 0 (the tiny and demo presets) and no expert
 parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
 decode steps are not recorded (`last_load` describes training forwards). The results equal the shared path up
 to float rounding (summation order), which tests/test_decode_fast.py holds to.
@@ -45,7 +45,9 @@ def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
     cfg = model.cfg
     dtype = next(model.parameters()).dtype
     # _grouped_mm wants 16-byte strides: dim and the expert width in multiples of 4 float32s
+    # CPU only: CUDA's _grouped_mm takes bfloat16 on recent GPUs, and GPU decode is not launch-bound the same way
     return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank == 0
+            and next(model.parameters()).device.type == "cpu"
             and cfg.dim % 4 == 0 and cfg.moe_inter_dim % 4 == 0
             and cache_dtype == dtype == torch.float32
             and all(m.ep is None and m.stacked is not None for m in model.moe_layers())
