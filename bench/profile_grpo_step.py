@@ -6,7 +6,8 @@ the bench's other settings (bench/grpo_vs_trl.py: lr 1e-4, beta 0, micro-batch 6
 that step (rollout split into generation and scoring, update with its backward and optimizer step; the
 rest of the update is the forward and the no-grad expert-load forward of skipped rows) from `record_function` ranges,
 (2) the update's work counted both ways (`update_work`: per-row forward vs shared-prompt packs) and (3) the top
-ops by self CPU time. Used by docs/grpo_bench.md.
+ops by self CPU time. `--decode-step`: one batched decode step of that batch, main's path vs engine/decode.py's lean
+step (ops per step, time per step, top ops). Used by docs/grpo_bench.md.
 """
 from __future__ import annotations
 
@@ -66,6 +67,60 @@ def update_work(rollouts, micro_batch: int, cfg) -> dict:
             "real_tokens": sum(lens) - len(lens), "completion_tokens": sum(len(c) for c in comps)}
 
 
+def profile_decode_step(model, tok, cfg, top: int, reps: int = 50) -> None:
+    """One batched decode step of a real GRPO batch (16 prompts x G 8, prefilled; slot = longest prompt + 10, all
+    128 rows live) two ways: `Transformer.hidden(absorb=True)` + logits (main's step, still the fallback path)
+    and engine/decode.py's `LeanDecoder.step`. Prints top-level ops per step, median wall time per step
+    (`reps` steps each, alternating) and the top ops by self CPU time."""
+    import statistics
+    from collections import Counter
+
+    from nanoseek.engine import decode
+
+    sampler = ProblemSampler(cfg)
+    prompts = [tok.prompt_ids(p.prompt) for _, p in sampler.draw(cfg.prompts_per_step, 1) for _ in range(cfg.group_size)]
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = P + cfg.max_new_tokens
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    pad = torch.tensor([P - len(p) for p in prompts])
+    slots = torch.arange(S)
+    key_valid, positions = slots[None] >= pad[:, None], (slots[None] - pad[:, None]).clamp(min=0)
+    s = P + 10
+    model.eval()
+    model.prepare_inference(True)
+    with torch.no_grad():
+        cache = torch.zeros(model.cfg.n_layers, B, S, model.cfg.kv_cache_numbers_per_token_layer)
+        mask = (torch.ones(P, P, dtype=torch.bool).tril()[None] & key_valid[:, None, :P]) | torch.eye(P, dtype=torch.bool)
+        model.hidden(ids, positions[:, :P], mask[:, None], cache, 0)
+        cache[:, :, P:s + 1] = cache[:, :, P - 1:P]  # stand-in history for the decoded slots: same shapes, real values
+        dec = decode.LeanDecoder(model, decode.build_layers(model), cache[:, :, :s], None, S, key_valid, positions)
+        step_tok = torch.tensor([p[-1] for p in prompts])
+        paths = {"main: Transformer.hidden": lambda: model.logits(model.hidden(
+                     step_tok[:, None], positions[:, s:s + 1], key_valid[:, None, None, :s + 1], cache, s, absorb=True)[:, -1]),
+                 "lean: LeanDecoder.step": lambda: dec.step(step_tok, s)}
+        times = {k: [] for k in paths}
+        for _ in range(reps):
+            for k, fn in paths.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        print(f"one decode step: batch {B}, slot {s} (prompts {P} wide, ragged), {torch.get_num_threads()} threads, "
+              f"median of {reps} alternating steps")
+        for k, fn in paths.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    fn()
+            n_top = sum(1 for e in prof.events() if e.cpu_parent is None) // 10
+            ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            print(f"  {k:<26} {1e3 * statistics.median(times[k]):6.2f} ms/step   {n_top} top-level ops")
+            common = Counter(e.name for e in prof.events() if e.cpu_parent is None).most_common(6)
+            print("      most frequent: " + ", ".join(f"{n.replace('aten::', '')} x{c // 10}" for n, c in common))
+            print("      top self CPU per step (profiler on): " + ", ".join(
+                f"{e.key.replace('aten::', '')} {e.self_cpu_time_total / 1e4:.2f} ms"
+                for e in ev[:top]))
+    model.prepare_inference(False)
+
+
 def main() -> None:
     demo = DemoConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,6 +131,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-skip", dest="skip", action="store_false", help="disable zero-advantage skipping")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--decode-step", action="store_true", help="instead: profile one batched decode step, main's "
+                                                                  "path vs the lean decoder (issue 20)")
     args = ap.parse_args()
     model, _, _ = load_run_model(args.init)
     model = model.float()
@@ -83,6 +140,8 @@ def main() -> None:
     cfg = GRPOConfig(group_size=8, prompts_per_step=16, max_new_tokens=64, lr=1e-4, mu=1, micro_batch=64,
                      task=args.task, difficulty=args.difficulty, temperature=args.temperature,
                      steps=args.warmup + 1).validate()
+    if args.decode_step:
+        return profile_decode_step(model, tok, cfg, min(args.top, 8))
     engine, sampler, dist = Engine(model, tok), ProblemSampler(cfg), Dist()
     optimizer = make_optimizer(model, cfg)
 

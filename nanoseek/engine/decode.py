@@ -1,0 +1,238 @@
+"""A lean batched decode step: one new token per row through the whole model with the fewest CPU kernels.
+
+The same arithmetic as `Transformer.hidden(..., absorb=True)` + `Transformer.logits` on the weights that
+`Transformer.prepare_inference` fuses (absorbed MLA, DeepSeek-V2 sec. 2.1.2; DeepSeekMoE, V3 report sec.
+2.1.2), rearranged for a decode batch that is bound by per-op cost (batch ~128, dim 128: each kernel is a
+few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
+
+* Attention. The absorbed input projection's rows are regrouped per head as [q_lat_h ; q_rope_h] followed by
+  the new latent [c_KV ; k_rope], so one matmul gives a (B, H + 1, r + d_rope) block whose rope parts are
+  rotated together by one in-place complex multiply, whose first H rows *are* the queries (no concatenation)
+  and whose last row is the new cache entry. The rotations of a step are built once for all layers.
+* Two cache layouts per layer: the latent (B, L, S, r + d_rope) as before (values = its first r numbers),
+  and its transpose (B, L, r + d_rope, S) for the keys, each written one column per step. Both score and
+  value products then run on strided views; the shared path instead copied the keys into a contiguous
+  transposed tensor in every layer of every step (the largest single op of a decode step). The buffers are
+  reused across generate calls (`Workspace`: no page faults on fresh memory), and dropping finished rows
+  moves only the filled slots of the kept rows, in place.
+* Ragged prompts: one additive key bias (B, 1, S) of 0 / -inf built once and added by `baddbmm` to the
+  scores (no per-step mask tensors); equal-length prompts skip it.
+* MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
+  shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
+  the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. One
+  zero-weight pair per expert keeps every expert matmul above one row (a one-row matmul rounds differently),
+  so a row's result does not depend on its batch neighbours beyond what the shared path already allows.
+
+Simplifications: float32 non-FP8 models on CPU with q_lora_rank = 0 (the tiny and demo presets) and no expert
+parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
+decode steps are not recorded (`last_load` describes training forwards). The results equal the shared path up
+to float rounding (summation order), which tests/test_decode_fast.py holds to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import Transformer
+from nanoseek.model.moe import MoE
+
+
+def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
+    """Whether `LeanDecoder` can run this model (else the engine decodes through `Transformer.hidden`)."""
+    cfg = model.cfg
+    dtype = next(model.parameters()).dtype
+    # _grouped_mm wants 16-byte strides: dim and the expert width in multiples of 4 float32s
+    # CPU only: CUDA's _grouped_mm takes bfloat16 on recent GPUs, and GPU decode is not launch-bound the same way
+    return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank == 0
+            and next(model.parameters()).device.type == "cpu"
+            and cfg.dim % 4 == 0 and cfg.moe_inter_dim % 4 == 0
+            and cache_dtype == dtype == torch.float32
+            and all(m.ep is None and m.stacked is not None for m in model.moe_layers())
+            and all(layer.attn.fused is not None for layer in model.layers))
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor
+    w_in: torch.Tensor  # (H * (r + d) + r + d, dim): per head [q_lat_h ; q_rope_h], then [c_KV ; k_rope]
+    kv_norm: torch.Tensor
+    w_ov: torch.Tensor  # (dim, H * r)
+    ffn_norm: torch.Tensor
+    moe: MoE | None
+    w13: torch.Tensor  # dense: (2I, dim); MoE: (E [+1 shared], dim, 2I)
+    w2: torch.Tensor  # dense: (dim, I); MoE: (E [+1 shared], I, dim)
+    shared_apart: bool  # MoE whose shared experts are wider than one routed expert: run them on their own
+
+
+def build_layers(model: Transformer) -> list[_Layer]:
+    """The per-layer tensors of the lean step, from the fused inference weights of `prepare_inference`."""
+    cfg = model.cfg
+    H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    out = []
+    for layer in model.layers:
+        attn = layer.attn
+        wq, w_ov = attn.fused  # wq rows: [q_lat (H*r); c_KV (r); q_rope (H*d); k_rope (d)]
+        q_lat, c_kv, q_rope, k_rope = wq.split([H * r, r, H * d, d])
+        per_head = torch.cat([q_lat.view(H, r, -1), q_rope.view(H, d, -1)], dim=1).flatten(0, 1)
+        w_in = torch.cat([per_head, c_kv, k_rope]).contiguous()
+        ffn = layer.ffn
+        if isinstance(ffn, MoE):
+            w13, w2 = ffn.stacked
+            sh = ffn.shared_experts
+            shared_apart = sh is not None and sh.w2.weight.size(1) != w2.size(1)
+            if sh is not None and not shared_apart:
+                w13 = torch.cat([w13, sh.w13.t()[None]])
+                w2 = torch.cat([w2, sh.w2.weight.t()[None]])
+            out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, ffn,
+                              w13.contiguous(), w2.contiguous(), shared_apart))
+        else:
+            w13 = ffn.w13 if ffn.w13 is not None else torch.cat([ffn.w1.weight, ffn.w3.weight])
+            out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, None,
+                              w13, ffn.w2.weight, False))
+    return out
+
+
+class Workspace:
+    """Cache memory reused across generate calls: a fresh 10-30 MB buffer per call pays a page fault on first touch
+    of every 4 KiB page, which at RL batch sizes costs more than the copies into it. Grows to the largest batch
+    and length seen (up to `max_bytes`; beyond it every call gets fresh memory)."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def views(self, B: int, L: int, S: int, C: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, S, C) latent and (B, L, C, S) key views; contents undefined (every slot is written before it
+        is read)."""
+        buf = self.buffers
+        if buf is None or buf[0].dtype != dtype or buf[0].device != device or buf[0].size(1) != L \
+                or buf[0].size(3) != C or buf[0].size(0) < B or buf[0].size(2) < S:
+            Bc, Sc = (B, S) if buf is None else (max(B, buf[0].size(0)), max(S, buf[0].size(2)))
+            if 2 * Bc * L * Sc * C * torch.finfo(dtype).bits // 8 > self.max_bytes:
+                return (torch.empty(B, L, S, C, dtype=dtype, device=device),
+                        torch.empty(B, L, C, S, dtype=dtype, device=device))
+            buf = self.buffers = (torch.empty(Bc, L, Sc, C, dtype=dtype, device=device),
+                                  torch.empty(Bc, L, C, Sc, dtype=dtype, device=device))
+        return buf[0][:B, :, :S], buf[1][:B, :, :, :S]
+
+
+class LeanDecoder:
+    """Decode state of one batch: both cache layouts, the key bias, the rope rotations; `step` runs one token."""
+
+    def __init__(self, model: Transformer, layers: list[_Layer], prefill_cache: torch.Tensor, row_of: torch.Tensor | None,
+                 length: int, key_valid: torch.Tensor | None, positions: torch.Tensor | None,
+                 workspace: "Workspace | None" = None):
+        """prefill_cache (L, U, P, latent) of the U distinct prompts; row_of (B,) the prompt of each row (None:
+        one row per prompt); length: the cache length (prompt + new tokens); key_valid (B, length) bool and
+        positions (B, length) long for ragged prompts (None: no padding, positions = slots); workspace: where the
+        caches live (kept by the engine across calls; None: fresh memory)."""
+        cfg = model.cfg
+        self.model, self.layers, self.cfg = model, layers, cfg
+        self.eps = cfg.norm_eps
+        L, U, P, C = prefill_cache.shape
+        lat = prefill_cache.transpose(0, 1).contiguous()  # (U, L, P, C): transposed per distinct prompt, not per row
+        keys = lat.transpose(2, 3).contiguous()
+        if row_of is not None:
+            lat, keys = lat.index_select(0, row_of), keys.index_select(0, row_of)
+        B = lat.size(0)
+        ws = workspace if workspace is not None else Workspace()
+        self.lat, self.keys = ws.views(B, L, length, C, lat.dtype, lat.device)  # keys: the transposed layout
+        self.lat[:, :, :P] = lat
+        self.keys[:, :, :, :P] = keys
+        self.bias = None
+        if key_valid is not None:
+            self.bias = torch.zeros(B, 1, length, dtype=torch.float32, device=lat.device).masked_fill_(
+                ~key_valid[:, None], float("-inf"))
+        self.positions = positions
+        self.rot = torch.complex(model.rope_cos, model.rope_sin)  # (max_seq_len, d/2): e^{i theta} per position
+        self._moe_ids: tuple[int, torch.Tensor, torch.Tensor] | None = None
+
+    def compact(self, sel: torch.Tensor, filled: int) -> None:
+        """Keep only rows `sel` (long, increasing) of the batch; cache slots [0, filled) hold data. In place: the
+        kept rows' filled slots move to the front of the same buffers."""
+        n = sel.numel()
+        self.lat[:n, :, :filled] = self.lat[:, :, :filled].index_select(0, sel)
+        self.keys[:n, :, :, :filled] = self.keys[:, :, :, :filled].index_select(0, sel)
+        self.lat, self.keys = self.lat[:n], self.keys[:n]
+        if self.bias is not None:
+            self.bias = self.bias.index_select(0, sel)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, sel)
+
+    def _pair_ids(self, N: int, K: int, groups: int, shared: bool, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The constant parts of the (token, expert) pair list, built once per batch size. Flat order: routed
+        pairs (N*K, row-major), then the shared-expert pairs (N, expert id E, weight 1) when folded in, then one
+        zero-weight pair per expert group (token 0): no group ever runs a one-row matmul, whose kernel rounds
+        differently from the many-row one, so a row's result does not depend on how many rows share its
+        experts (what keeps a rollout the same however its batch is split over processes). Returns the token
+        ids of all pairs, and the expert ids and weights of the appended pairs."""
+        if self._moe_ids is None or self._moe_ids[0] != N:
+            tokens = torch.arange(N, device=h.device)
+            ids, experts, weights = [tokens.repeat_interleave(K)], [], []
+            if shared:
+                ids.append(tokens)
+                experts.append(torch.full((N,), groups - 1, dtype=torch.long, device=h.device))
+                weights.append(h.new_ones(N))
+            ids.append(tokens.new_zeros(groups))
+            experts.append(torch.arange(groups, device=h.device))
+            weights.append(h.new_zeros(groups))
+            self._moe_ids = (N, torch.cat(ids), torch.cat(experts), torch.cat(weights))
+        return self._moe_ids[1:]
+
+    def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """x + MoE(h) for h (N, dim), added into x in place."""
+        moe = lay.moe
+        N = h.size(0)
+        weights, indices, _ = moe.gate(h)
+        groups = lay.w13.size(0)  # routed experts (+ 1 for the folded shared expert)
+        shared = moe.shared_experts is not None and not lay.shared_apart
+        token_ids, tail_experts, tail_w = self._pair_ids(N, moe.topk, groups, shared, h)
+        expert = torch.cat([indices.flatten(), tail_experts])
+        w = torch.cat([weights.flatten(), tail_w])
+        order = expert.argsort(stable=True)
+        offs = torch.bincount(expert, minlength=groups).cumsum(0, dtype=torch.int32)
+        token_of = token_ids.index_select(0, order)
+        gu = torch._grouped_mm(h.index_select(0, token_of), lay.w13, offs=offs)
+        inter = lay.w2.size(1)
+        act = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w.index_select(0, order).unsqueeze(-1))
+        x.index_add_(0, token_of, torch._grouped_mm(act, lay.w2, offs=offs))
+        if lay.shared_apart:
+            x += moe.shared_experts(h)
+        return x
+
+    def step(self, tok: torch.Tensor, s: int) -> torch.Tensor:
+        """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32."""
+        model, cfg, eps = self.model, self.cfg, self.eps
+        H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        C = r + d
+        B = tok.size(0)
+        x = model.embed(tok)  # (B, dim)
+        rot = (self.rot[s] if self.positions is None else self.rot.index_select(0, self.positions[:, s]).unsqueeze(1))
+        bias = None if self.bias is None else self.bias[:, :, :s + 1]
+        # this step's views: new entries at slot s, keys and values over slots [0, s]
+        lat_new, key_new = self.lat[:, :, s], self.keys[:, :, :, s]
+        keys_all, values_all = self.keys[..., :s + 1], self.lat[:, :, :s + 1, :r]
+        for i, lay in enumerate(self.layers):
+            h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
+            qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
+            torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
+            new = qkv[:, H]
+            new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
+            lat_new[:, i] = new
+            key_new[:, i] = new
+            q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
+            keys = keys_all[:, i]
+            scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
+            probs = scores.softmax(dim=-1)
+            o = torch.bmm(probs, values_all[:, i])  # (B, H, r)
+            x = x + F.linear(o.view(B, H * r), lay.w_ov)
+            h = F.rms_norm(x, (x.size(-1),), lay.ffn_norm, eps)
+            if lay.moe is None:
+                gate, up = F.linear(h, lay.w13).chunk(2, dim=-1)
+                x = x + F.linear(F.silu(gate) * up, lay.w2)
+            else:
+                x = self._moe(lay, x, h)
+        return model.logits(x)

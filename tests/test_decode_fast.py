@@ -1,0 +1,137 @@
+"""The lean decode step (engine/decode.py) against the shared decode path (`Transformer.hidden(absorb=True)`,
+`Engine(lean_decode=False)`) and against naive full recompute: same tokens, log-probs within 1e-5, on ragged,
+shared (GRPO-style) and finishing rows, with top-k / top-p, per-row and batch seeds, MoE and dense models, wide
+shared experts, group-limited and softmax routing; models it cannot run (FP8) fall back to the shared path."""
+import pytest
+import torch
+
+from nanoseek.config import ModelConfig
+from nanoseek.engine import Engine, decode
+from nanoseek.model import Transformer
+
+
+def make_model(vocab=48, seed=0, std=0.3, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=vocab, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=2,
+                n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                v_head_dim=8, max_seq_len=64, original_seq_len=64)
+    base.update(kw)
+    m = Transformer(ModelConfig(**base))
+    for p in m.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0, std)
+    return m.eval()
+
+
+def count_lean_steps(monkeypatch) -> list[int]:
+    calls = []
+    real = decode.LeanDecoder.step
+    monkeypatch.setattr(decode.LeanDecoder, "step", lambda self, tok, s: calls.append(tok.numel()) or real(self, tok, s))
+    return calls
+
+
+def assert_same(a, b):
+    assert [o.tokens for o in a] == [o.tokens for o in b]
+    assert [o.finish_reason for o in a] == [o.finish_reason for o in b]
+    for x, y in zip(a, b):
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+RAGGED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3] * 12, [40], [5, 6, 7, 8, 9, 10, 11], [12, 13]]
+
+
+@pytest.mark.parametrize("model_kw", [
+    dict(),  # MoE (shared expert folded into the grouped experts) after one dense layer
+    dict(n_routed_experts=0),  # dense
+    dict(n_shared_experts=2),  # shared experts wider than a routed one: run on their own
+    dict(n_shared_experts=0, n_routed_experts=6, n_expert_groups=3, n_limited_groups=2),  # group-limited
+    dict(score_func="softmax"),  # V2 gate
+])
+@pytest.mark.parametrize("sampling", [
+    dict(temperature=0.0),
+    dict(temperature=1.0, seed=[11, 12, 13, 14, 15, 16]),  # per-row seeds (what RL rollouts use)
+    dict(temperature=0.8, top_k=5, seed=3),
+    dict(temperature=1.2, top_p=0.8, top_k=10, seed=[1, 2, 3, 4, 5, 6]),
+])
+def test_lean_decode_equals_shared_path(model_kw, sampling, monkeypatch):
+    """Ragged prompts, two of them repeated (prefilled once), a sampled eos that ends rows at different steps
+    (the batch is compacted as they finish): the lean step gives the shared path's tokens and log-probs."""
+    model = make_model(seed=1, **model_kw)
+    ref = Engine(model, eos_id=-1, lean_decode=False).generate(RAGGED, max_new_tokens=16, **sampling)
+    # an eos that several rows produce early and others never: rows finish at different steps
+    eos = max(range(3, 48), key=lambda t: sum(t in o.tokens[:10] for o in ref))
+    ref = Engine(model, eos_id=eos, lean_decode=False).generate(RAGGED, max_new_tokens=16, **sampling)
+    steps = count_lean_steps(monkeypatch)
+    out = Engine(model, eos_id=eos).generate(RAGGED, max_new_tokens=16, **sampling)
+    assert_same(out, ref)
+    assert steps, "the lean decoder did not run"
+    if len({len(o.tokens) for o in ref}) > 1 and min(len(o.tokens) for o in ref) < 8:
+        assert min(steps) < len(RAGGED)  # rows really left the decode batch
+
+
+def naive_greedy(model, prompt, n):
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def test_lean_greedy_equals_naive_recompute_grpo_batch(monkeypatch):
+    """A GRPO-shaped batch (3 prompts x G 4, equal and unequal lengths) against full recompute per sequence;
+    log-probs against the full forward's log_softmax."""
+    model = make_model(seed=2)
+    prompts = [p for p in ([4, 5, 6], [7, 8, 9, 10, 11], [12, 13, 14]) for _ in range(4)]
+    steps = count_lean_steps(monkeypatch)
+    out = Engine(model, eos_id=-1).generate(prompts, max_new_tokens=10)
+    assert steps
+    for p, o in zip(prompts, out):
+        assert o.tokens == naive_greedy(model, p, 10)
+        with torch.no_grad():
+            logp = model(torch.tensor([p + o.tokens]))[0].log_softmax(-1)
+        ref = [float(logp[len(p) - 1 + i, t]) for i, t in enumerate(o.tokens)]
+        assert o.logprobs == pytest.approx(ref, abs=1e-5)
+
+
+def test_equal_length_prompts_need_no_mask():
+    model = make_model(seed=3)
+    prompts = [[4, 5, 6, 7], [8, 9, 10, 11], [4, 5, 6, 7]]
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=[7, 8, 9])
+    assert_same(Engine(model, eos_id=-1).generate(prompts, **kw),
+                Engine(model, eos_id=-1, lean_decode=False).generate(prompts, **kw))
+
+
+def test_weights_changed_between_calls_rebuild_the_lean_weights():
+    """The lean per-layer tensors are reused while the weights stay the same and rebuilt after an update."""
+    model = make_model(seed=4)
+    eng, ref = Engine(model, eos_id=-1), Engine(model, eos_id=-1, lean_decode=False)
+    assert_same(eng.generate(RAGGED, max_new_tokens=8), ref.generate(RAGGED, max_new_tokens=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.3)
+    assert_same(eng.generate(RAGGED, max_new_tokens=8), ref.generate(RAGGED, max_new_tokens=8))
+
+
+def test_unsupported_models_fall_back_to_the_shared_path(monkeypatch):
+    """FP8 (per-weight quantized linears), q_lora_rank > 0 and an expert width _grouped_mm cannot stride (not a
+    multiple of 4 floats) decode through Transformer.hidden."""
+    for kw in (dict(fp8=True), dict(q_lora_rank=12), dict(moe_inter_dim=18)):
+        model = make_model(seed=5, **kw)
+        model.prepare_inference(True)
+        assert not decode.supported(model, torch.float32)
+        model.prepare_inference(False)
+        steps = count_lean_steps(monkeypatch)
+        out = Engine(model, eos_id=-1).generate(RAGGED[:3], max_new_tokens=6)
+        assert not steps
+        assert [o.tokens for o in out] == [naive_greedy(model, p, 6) for p in RAGGED[:3]]
+
+
+def test_cache_workspace_reused_across_calls_of_other_shapes():
+    """One engine, calls of growing and shrinking batch and length (the workspace is reused, grown, viewed):
+    each equals the shared path."""
+    model = make_model(seed=6)
+    eng, ref = Engine(model, eos_id=-1), Engine(model, eos_id=-1, lean_decode=False)
+    for prompts, n in ((RAGGED[:2], 6), (RAGGED, 14), (RAGGED[2:4], 4), (RAGGED * 2, 10)):
+        kw = dict(max_new_tokens=n, temperature=1.0, seed=list(range(len(prompts))))
+        assert_same(eng.generate(prompts, **kw), ref.generate(prompts, **kw))
+    assert eng._workspace.buffers[0].size(0) == 2 * len(RAGGED)
