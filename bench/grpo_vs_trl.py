@@ -20,6 +20,10 @@ nanoseek skips the forward/backward of zero-advantage rows (exact: they add noth
 computes them. So that the ratio is not only that skip, a third copy of the same weights runs the same
 nanoseek step with skipping disabled (`policy_update(..., skip_zero_advantage=False)`, same rollout seeds)
 right after, and its ratio is printed as a second line (`--no-skip-off` drops it).
+
+`--compile`: nanoseek's update runs its training forwards under torch.compile (`GRPOConfig.compile`,
+`Transformer.compile_training`; rollouts unchanged, eager). The compile happens in the warm-up step (its seconds are
+printed); use --warmup 2 or more so that the one recompile a new shape class may need is not measured either.
 """
 from __future__ import annotations
 
@@ -82,6 +86,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0, help="rollout temperature, both sides")
     ap.add_argument("--no-skip-off", dest="skip_off", action="store_false",
                     help="do not also time nanoseek with zero-advantage skipping disabled")
+    ap.add_argument("--compile", action="store_true", help="nanoseek's update under torch.compile (rollouts eager)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -112,7 +117,7 @@ def main() -> None:
     # ---- the same problems, in the order nanoseek's sampler draws them ---------------------------
     cfg = GRPOConfig(group_size=G, prompts_per_step=P, max_new_tokens=args.max_new_tokens, lr=args.lr, mu=1,
                      micro_batch=args.micro_batch, steps=total, seed=args.seed, task=args.task,
-                     difficulty=args.difficulty, temperature=args.temperature).validate()
+                     difficulty=args.difficulty, temperature=args.temperature, compile=args.compile).validate()
     plan = ProblemSampler(cfg)
     problems = [p for step in range(1, total + 1) for _, p in plan.draw(P, step)]
     task = plan.task
@@ -192,6 +197,8 @@ def main() -> None:
                          "rows": len(rollouts), "zero_adv": int((adv == 0).sum())})
         return step_fn, rows, served
 
+    if cfg.compile:
+        model.compile_training()
     model_off = copy.deepcopy(model) if args.skip_off else None  # before any update: the same initial weights
     step_on, ours, served = nano_side(model, True)
     step_off, ours_off, served_off = nano_side(model_off, False) if args.skip_off else (None, [], [])
@@ -244,6 +251,9 @@ def main() -> None:
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after ({os.cpu_count()} CPUs)")
     print(f"checks: prompt token ids identical; same problems per step on both sides {same_prompts}/{total}; "
           f"max |logit diff| nanoseek vs HF export {logit_diff:.1e}")
+    if cfg.compile:
+        print("nanoseek's update under torch.compile; warm-up step(s) (including the compile): "
+              + " ".join(f"{o['s']:.1f} s" for o in ours[:w]))
     print(f"{args.steps} measured steps each after {w} warm-up, alternating, medians:")
     print(f"{'':>10} {'s/step':>8} {'gen s':>7} {'rest s':>7} {'reward':>7} {'acc':>6} {'format':>7} {'len':>6} {'trunc':>6}")
     sides = [("TRL", m_trl, g_trl, trl_stats), ("nanoseek", m_ours, g_ours, ours)]

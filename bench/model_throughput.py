@@ -18,10 +18,17 @@ process's CPU time (`time.process_time`: less sensitive to other processes on a 
 their use of the memory bus). MFU = model FLOPs per token (nanoseek.train.metrics.model_flops_per_token, closed
 form) x tokens/s over this machine's peak FP32 matmul rate measured in the same process (best of a few 1024^3
 GEMMs on the same threads).
+
+`--compile` adds a third side, `compiled`: a copy of ours (same weights) with `Transformer.compile_training()`
+(regional torch.compile of the blocks, dynamic shapes, the MoE dispatch eager); its warm-up step includes the
+compile, printed as `compile s` (the first step's seconds minus an eager step's; with a warm inductor cache in
+/tmp it is much shorter than cold). transformers is not compiled here (not tried: its MoE forward loops over
+experts with data-dependent shapes, and a whole-model compile of it would not be the regional one we use).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -87,7 +94,7 @@ def profile(name, loss_fn, model, opt, batches, steps: int = 3) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
-def build(name: str, batch: int, seq: int):
+def build(name: str, batch: int, seq: int, compiled: bool = False):
     """(config, {side: (loss_fn, model, optimizer)}, batches, transformers' experts implementation)."""
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +120,11 @@ def build(name: str, batch: int, seq: int):
     trainable = [p for p in ours.parameters() if p.requires_grad]
     sides = {"nanoseek": (ours_loss, ours, torch.optim.AdamW(trainable, lr=1e-3)),
              "transformers": (hf_loss, hf, torch.optim.AdamW(hf.parameters(), lr=1e-3))}
+    if compiled:
+        comp = copy.deepcopy(ours)
+        comp.compile_training()
+        sides["compiled"] = (ours_loss, comp, torch.optim.AdamW([p for p in comp.parameters() if p.requires_grad],
+                                                                lr=1e-3))
     return cfg, sides, batches, getattr(hf.config, "_experts_implementation", "?")
 
 
@@ -126,6 +138,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table for each side")
+    ap.add_argument("--compile", action="store_true", help="also time ours under torch.compile (a third side)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
@@ -143,9 +156,15 @@ def main() -> None:
           f"rounds x {args.steps} steps per side (medians), measured peak FP32 matmul {peak / 1e9:.1f} GFLOP/s")
     print(f"{'config':<8}{'params':>8}{'MFLOP/tok':>10}{'ours tok/s':>11}{'hf tok/s':>10}{'ratio':>7}"
           f"{'cpu ratio':>10}{'ours MFU':>9}{'hf MFU':>8}  range ours | hf (tok/s)")
+    if args.compile:
+        print("compiled: nanoseek under torch.compile (tok/s, ratio to transformers, MFU, compile s)")
     for name in names:
-        cfg, sides, batches, impl = build(name, args.batch, args.seq)
-        for side in sides.values():
+        cfg, sides, batches, impl = build(name, args.batch, args.seq, args.compile)
+        first: dict[str, float] = {}
+        for k, side in sides.items():
+            t0 = time.perf_counter()
+            run_steps(*side, batches, 1)
+            first[k] = time.perf_counter() - t0
             run_steps(*side, batches, args.warmup)
         wall: dict[str, list[float]] = {k: [] for k in sides}
         cpu: dict[str, list[float]] = {k: [] for k in sides}
@@ -162,6 +181,14 @@ def main() -> None:
               f"{co / ch:>9.2f}x{100 * mo * flops / peak:>8.1f}%{100 * mh * flops / peak:>7.1f}%  "
               f"{min(wall['nanoseek']):.0f}-{max(wall['nanoseek']):.0f} | "
               f"{min(wall['transformers']):.0f}-{max(wall['transformers']):.0f}  (hf experts: {impl})", flush=True)
+        if args.compile:
+            mc = statistics.median(wall["compiled"])
+            cc = statistics.median(cpu["compiled"])
+            eager_step = batches[0][0].numel() / mo
+            print(f"{'':<8}compiled {mc:>7.0f} tok/s  {mc / mh:.2f}x transformers ({cc / ch:.2f}x cpu), "
+                  f"{mc / mo:.2f}x eager ours, MFU {100 * mc * flops / peak:.1f}%, compile "
+                  f"{first['compiled'] - eager_step:.0f} s, range {min(wall['compiled']):.0f}-"
+                  f"{max(wall['compiled']):.0f}", flush=True)
         if args.profile:
             for k, side in sides.items():
                 profile(f"{name} {k}", *side, batches)

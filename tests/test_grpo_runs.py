@@ -241,3 +241,14 @@ def test_top_p_top_k_rollouts_ratio_is_one_at_the_first_update(warm_base, tmp_pa
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r.get("rows_trained", 0) > 0]
     assert rows  # some rows were trained (the check below is over their tokens)
     assert max(r["logp_diff_max"] for r in rows) < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_update_equals_the_eager_run_and_resumes(full_run, warm_base, tmp_path):
+    """rl --compile: the update's training forwards under torch.compile (rollouts eager). Two compiled steps, then
+    a resume for the last two (the stored choice holds), equal the eager reference run to float rounding."""
+    out = tmp_path / "compiled"
+    train_grpo(warm_base, out, rl_cfg(steps=2, compile=True), quiet=True, device="cpu")
+    assert json.loads((out / "config.json").read_text())["rl"]["compile"] is True
+    train_grpo(warm_base, out, rl_cfg(steps=4), resume=True, quiet=True, device="cpu")
+    assert_same_run(full_run, out, atol=1e-5)

@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "zbv", "dualpipev"],
                    help="pipeline schedule (torch.distributed.pipelining); zbv and dualpipev put 2 stages per rank")
     p.add_argument("--pp-microbatches", type=int, default=0, help="micro-batches per step (default: 2 per stage)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the blocks' training forward (docs/speed.md: ~1 min of compiling first); "
+                        "on --resume the stored choice unless given")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
 
 
@@ -82,7 +85,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         if not run_dir.is_dir():
             raise ConfigError(f"run directory {run_dir} does not exist; nothing to resume")
         cfg = PretrainConfig.load(run_dir)
-        changes = {k: v for k, v in (("steps", args.steps), ("minutes", args.minutes)) if v is not None}
+        changes = {k: v for k, v in (("steps", args.steps), ("minutes", args.minutes), ("compile", args.compile))
+                   if v is not None}
         cfg.train = dataclasses.replace(cfg.train, **changes).validate()
         if args.precision is not None:
             cfg.precision = args.precision
@@ -91,6 +95,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     if args.dense:
         model = dense_equivalent(model)
     given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    given["compile"] = bool(args.compile)
     train = TrainConfig(**given).validate()
     data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs, difficulty=args.difficulty,
                       flawed_share=args.flawed_share, fact_share=args.fact_share, packing=args.packing,

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 or fp8 training forwards "
                    "(docs/precision.md); on --resume the run's own precision unless given")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the update's training forwards (docs/grpo_bench.md); rollouts stay eager; on "
+                        "--resume the stored choice unless given")
     p.add_argument("--resume", action="store_true")
     add_ep_arguments(p)
 
@@ -68,13 +71,13 @@ def config_from_args(a: argparse.Namespace) -> GRPOConfig:
         length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, pool_size=a.pool_size,
         curriculum=a.curriculum, bias_update=not a.no_bias_update, bias_gamma=a.bias_gamma, seed=a.seed,
         ckpt_every=a.ckpt_every, partial_rollout_tokens=a.partial_rollout_tokens,
-        precision=a.precision or "fp32").validate()
+        precision=a.precision or "fp32", compile=bool(a.compile)).validate()
 
 
 def run(args: argparse.Namespace) -> int:
     last = train_grpo(args.init, args.out, config_from_args(args), resume=args.resume, device=args.device,
                       ep=args.ep, ep_redundant=args.ep_redundant,
-                      precision=args.precision)
+                      precision=args.precision, compile=args.compile)
     if last:
         print(f"done: step {last['step']}, reward {last['reward']:.3f}, accuracy {last['accuracy']:.2f}; "
               f"metrics: {args.out}/metrics.jsonl")

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 or fp8 (see docs/precision.md); "
                    "on --resume the run's own precision unless given")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the blocks' training forward (docs/speed.md); on --resume the stored choice "
+                        "unless given")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     add_ep_arguments(p)
 
@@ -46,14 +49,14 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         summary = train_sft(args.out, None, resume=True, device=args.device, steps=args.steps, minutes=args.minutes,
                             ep=args.ep, ep_redundant=args.ep_redundant,
-                            precision=args.precision)
+                            precision=args.precision, compile=args.compile)
     else:
         d = SFTConfig().train
         train = TrainConfig(**{**d.to_dict(), "lr": args.lr, "warmup_steps": args.warmup,
                                "batch_size": args.batch_size, "grad_accum": args.grad_accum,
                                "seq_len": args.seq_len, "seed": args.seed, "ckpt_interval": args.ckpt_interval,
                                "keep_last": args.keep_last, "steps": args.steps or d.steps,
-                               "minutes": args.minutes or 0.0})
+                               "minutes": args.minutes or 0.0, "compile": bool(args.compile)})
         cfg = SFTConfig(data=args.data or "", init=args.init, preset=args.preset, tokenizer=args.tokenizer,
                         epochs=args.epochs, train=train, precision=args.precision or "fp32")
         summary = train_sft(args.out, cfg, device=args.device, ep=args.ep, ep_redundant=args.ep_redundant)

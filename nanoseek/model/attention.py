@@ -99,7 +99,9 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin)
         lat = self._cached_latent(self.latent(x, cos, sin), cache, start, write_pos, x.dtype)
         kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        causal = mask is None and T > 1
+        # causal over x itself (for T == 1 without a prefix this is the same as no mask); a plain bool, never a
+        # condition on T, so that it stays a Python bool when T is symbolic under torch.compile
+        causal = mask is None and not (cache is not None and start > 0)
         if mask is None and cache is not None and start > 0 and T > 1:  # causal over a prefix-filled cache
             S = start + T
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(start)[None, None]

@@ -121,6 +121,17 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, indices, scores = self.gate(flat)
+        y = self.dispatch(flat, weights, indices, scores.view(B, T, -1))
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, D)
+
+    @torch.compiler.disable
+    def dispatch(self, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                 scores: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum (N, D) and the load / balance-loss bookkeeping. Data-dependent (tokens per
+        expert as Python ints, a loop over experts), so it always runs eagerly: under `torch.compile` the
+        graph breaks here, around the gate and the shared experts (which compile)."""
         inference = self.stacked is not None and not torch.is_grad_enabled()
         counts = None
         if self.ep is not None:
@@ -131,10 +142,8 @@ class MoE(nn.Module):
         else:
             counts = torch.bincount(indices.flatten(), minlength=self.n_experts)
             y = (self.routed_stacked if inference else self.routed)(flat, weights, indices, counts)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
         if counts is None:
-            return y.view(B, T, D)
+            return y
         self.last_load.copy_(counts)
         load = self.last_load
         if self.training:
@@ -145,8 +154,9 @@ class MoE(nn.Module):
                 real = indices[self.load_mask.reshape(-1)]
                 load = torch.bincount(real.flatten(), minlength=self.n_experts).to(load.dtype)
             self.load_accum += load
-            self.balance_loss = sequence_balance_loss(scores.view(B, T, -1), indices.view(B, T, -1))
-        return y.view(B, T, D)
+            B, T = scores.shape[:2]
+            self.balance_loss = sequence_balance_loss(scores, indices.view(B, T, -1))
+        return y
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Sum_k w_k * expert_{i_k}(x), with the (token, expert) pairs sorted by expert so that each expert

@@ -1,8 +1,14 @@
 """RMSNorm and rotary position embedding with YaRN (DeepSeek-V3 report sec. 4.3, SPEC 1.2).
 
 RoPE is applied in the interleaved layout of the DeepSeek-V3 reference code: consecutive pairs
-(x0, x1), (x2, x3), ... are rotated as complex numbers. transformers' DeepseekV3 with
+(x0, x1), (x2, x3), ... are rotated by the position's angle. transformers' DeepseekV3 with
 `rope_interleave=True` (the default) uses the same layout, so weights map across unchanged.
+
+Two equal implementations of the rotation: `apply_rope_complex` (each pair one complex number times e^{i theta},
+as the V3 reference does: three kernels, what eager decode wants, where every op is launch-bound) and
+`apply_rope_real` (out0 = x0 cos - x1 sin, out1 = x0 sin + x1 cos on real tensors: what `torch.compile`'s
+inductor can fuse into one kernel; it generates no code for complex tensors and graph-breaks there).
+`apply_rope` picks the real one while being compiled and the complex one in eager mode.
 """
 from __future__ import annotations
 
@@ -62,8 +68,27 @@ def rope_cos_sin(cfg: ModelConfig, seq_len: int | None = None) -> tuple[torch.Te
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs of the last dim. x: (B, T, H, d) or (B, T, d); cos/sin: (B or 1, T, d/2).
-    Each pair is one complex number times e^{i theta} (as the V3 reference does): three kernels instead of
-    a dozen elementwise ones, which matters in decode where every op is launch-bound."""
+    Real-valued under torch.compile (inductor fuses it), complex in eager mode (fewer kernels)."""
+    if torch.compiler.is_compiling():
+        return apply_rope_real(x, cos, sin)
+    return apply_rope_complex(x, cos, sin)
+
+
+def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` on real tensors: (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos) per interleaved pair,
+    computed in FP32 and returned in x's dtype (as the complex version)."""
+    dtype = x.dtype
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    if x.dim() == 4:  # heads dimension
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with each pair one complex number times e^{i theta} (as the V3 reference does): three
+    kernels instead of a dozen elementwise ones, which matters in decode where every op is launch-bound."""
     dtype = x.dtype
     pairs = x.float().unflatten(-1, (-1, 2))
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):

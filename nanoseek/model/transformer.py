@@ -8,6 +8,7 @@ one the released V3 weights use (the paper writes the hidden state first); inter
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,10 +40,28 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         use_moe = cfg.n_routed_experts > 0 and layer_id >= cfg.n_dense_layers
         self.ffn = MoE(cfg) if use_moe else SwiGLU(cfg.dim, cfg.inter_dim, cfg.fp8)
+        # training/scoring forwards (autograd on, no cache) through torch.compile: Transformer.compile_training
+        self.compiled = False
 
     def forward(self, x, cos, sin, mask=None, cache=None, start=0, absorb=False, write_pos=None):
+        if self.compiled and cache is None and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _compiled_block()(self, x, cos, sin, mask)
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start, absorb, write_pos)
         return x + self.ffn(self.ffn_norm(x))
+
+
+def _block_train_forward(block: Block, x, cos, sin, mask):
+    return block(x, cos, sin, mask)
+
+
+@functools.cache
+def _compiled_block():
+    """One compiled training forward shared by every Block of every model (regional compilation: the blocks'
+    weights are graph inputs, so all layers of one kind reuse one graph; a dense and a MoE block are two).
+    Shapes start static and turn dynamic on the first change (torch.compile's automatic dynamic shapes), so
+    varying batch sizes and packed lengths cost one recompile, not one per shape. Inside the trace
+    `compiled` is ignored (is_compiling), and the MoE dispatch graph-breaks (MoE.dispatch is compiler-disabled)."""
+    return torch.compile(_block_train_forward, dynamic=True)
 
 
 # inference-only fused tensors per module type (see Transformer.prepare_inference)
@@ -144,6 +163,14 @@ class Transformer(nn.Module):
             elif isinstance(m, Block) and isinstance(m.ffn, SwiGLU):
                 m.ffn.fuse(True)
         self._fused_cache = (key, [getattr(m, name) for m, name in fused_attrs])
+
+    def compile_training(self, enable: bool = True) -> None:
+        """Run the blocks' training forwards (autograd on, no KV cache: pretrain, SFT, the GRPO update) through
+        torch.compile, one region per block kind (`_compiled_block`); decode, prefill and no-grad scoring stay
+        eager. Numerics: the same ops up to inductor's fusion and reduction order (float rounding)."""
+        for m in self.modules():
+            if isinstance(m, Block):
+                m.compiled = enable
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -61,6 +61,9 @@ class TrainConfig:
     eval_batches: int = 8  # held-out batches per evaluation
     ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0 = only at the end
     keep_last: int = 2  # checkpoints kept on disk
+    # torch.compile the blocks' training forward (nanoseek.train.common.enable_compile); a speed knob like
+    # `minutes`: results equal to float rounding, and a resume may switch it either way
+    compile: bool = False
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -97,6 +100,20 @@ class TrainConfig:
 
 
 # ---- learning rate ---------------------------------------------------------------------------------------
+def enable_compile(model: nn.Module, enabled: bool, ep: int = 1, pp: int = 1, precision: str = "fp32") -> None:
+    """--compile: regional torch.compile of the training forward (Transformer.compile_training: each block kind
+    compiled once, dynamic shapes, the MoE dispatch eager). Checked combinations only: fp32 and bf16, one
+    process or DDP; --ep / --pp (their dispatch and stage code are not traced) and fp8 (its quantizing
+    autograd functions are not traced) raise a ConfigError naming the fix."""
+    if not enabled:
+        return
+    if ep > 1 or pp > 1:
+        raise ConfigError("--compile does not combine with --ep or --pp yet; drop --compile or the parallelism")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--compile supports precision fp32 and bf16, not {precision}; drop --compile")
+    model.compile_training(True)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr at the last step."""
     warmup = min(cfg.warmup_steps, cfg.steps)

@@ -72,7 +72,7 @@ from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train import precision as prec
-from nanoseek.train.common import Dist, setup_distributed
+from nanoseek.train.common import Dist, enable_compile, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 from nanoseek.train.partial_rollouts import PartialRollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
@@ -129,6 +129,9 @@ class GRPOConfig:
     # fp32 | bf16 | fp8 (nanoseek.train.precision): the training forwards run under its autocast, fp8 turns the
     # model's FP8 linears on (rollouts use them too) and keeps AdamW's moments in BF16; rollouts run unautocast
     precision: str = "fp32"
+    # torch.compile the update's training forwards (nanoseek.train.common.enable_compile); rollouts stay eager.
+    # A speed knob: the same update to float rounding; a resume may switch it
+    compile: bool = False
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:
@@ -583,10 +586,10 @@ def _mean(xs):
 
 def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool = False, device: str = "auto",
                quiet: bool = False, on_step: Callable[[int], None] | None = None, ep: int = 1,
-               ep_redundant: int = 0, precision: str | None = None) -> dict:
+               ep_redundant: int = 0, precision: str | None = None, compile: bool | None = None) -> dict:
     """Run GRPO from the model in run directory `init`, writing run directory `out`. Returns the last metrics.
     `on_step(step)` is called after every finished (and, when due, checkpointed) step. On resume the stored
-    config holds (steps and minutes from `cfg`); `precision`, when given, overrides its precision. `ep` > 1: the
+    config holds (steps and minutes from `cfg`); `precision` / `compile`, when given, override its own. `ep` > 1: the
     update runs with expert parallelism over groups of `ep` ranks (`ep_redundant` extra experts placed by the init
     run's recorded loads) and rollouts run on a full copy of the weights (nanoseek.parallel.training)."""
     cfg.validate()
@@ -601,7 +604,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         saved = json.loads((out / "config.json").read_text())
         stored = saved["rl"].get("precision", "fp32")
         cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes,
-                            "precision": precision or stored}).validate()
+                            "precision": precision or stored,
+                            "compile": saved["rl"].get("compile", False) if compile is None else compile}).validate()
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
@@ -642,6 +646,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         rollout_copy = RolloutCopy(parallel, lambda: prec.configure_model(Transformer(model.cfg).to(dist.device),
                                                                           cfg.precision))
         progress_note = parallel.describe() + "; rollouts on a full copy of the weights"
+    enable_compile(model, cfg.compile, ep, 1, cfg.precision)
     engine = Engine(model if rollout_copy is None else rollout_copy.model, tokenizer)
     partial = PartialRollouts(cfg.partial_rollout_tokens) if cfg.partial_rollout_tokens else None
     progress = ProgressLine(cfg.steps, start=start, enabled=dist.is_main and not quiet,

@@ -38,6 +38,7 @@ from nanoseek.train.checkpoint import latest_checkpoint, resume_run, save_checkp
 from nanoseek.train.common import (
     Dist,
     TrainConfig,
+    enable_compile,
     lr_at,
     lr_at_fraction,
     set_lr,
@@ -269,7 +270,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     step, elapsed0 = 0, 0.0
     if ckpt is not None:
         step, elapsed0 = resume_run(ckpt, model, optimizer, loader, metrics)
-        if dist.is_main and PretrainConfig.load(run_dir).precision != cfg.precision:  # resumed in another one
+        stored = PretrainConfig.load(run_dir)
+        if dist.is_main and (stored.precision, stored.train.compile) != (cfg.precision, tcfg.compile):
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     elif dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -285,6 +287,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                                   dist.device)
         optimizer = parallel.shard(model, optimizer, lambda m: prec.build_optimizer(m, tcfg, cfg.precision))
 
+    enable_compile(model, tcfg.compile, ep, pp, cfg.precision)
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len
     progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main,
                             print_every=max(1, tcfg.steps // 20) if pace is None else 50)
@@ -292,7 +295,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         progress.message(f"resumed from {ckpt} (step {step})")
     progress.message(f"{model.num_params():,} parameters, {train_rows.size(0):,} train / {test_rows.size(0):,} "
                      f"held-out sequences of {tcfg.seq_len} tokens, {dist.world} process(es) on {dist.device}, "
-                     f"precision {cfg.precision}")
+                     f"precision {cfg.precision}" + (", torch.compile on (first steps compile)" if tcfg.compile else ""))
     if parallel is not None:
         progress.message(parallel.describe())
     # MFU (train/metrics.py): this process's model FLOPs/s over its measured peak FP32 matmul rate; under

@@ -49,7 +49,7 @@ from nanoseek.model.transformer import IGNORE
 from nanoseek.train.checkpoint import resume_run, save_checkpoint
 from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
 from nanoseek.train import precision as prec
-from nanoseek.train.common import Dist, TrainConfig, set_lr, setup_distributed
+from nanoseek.train.common import Dist, TrainConfig, enable_compile, set_lr, setup_distributed
 from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
@@ -186,10 +186,10 @@ def _record_precision(out: Path, precision: str, model: Transformer) -> None:
 def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, device: str = "auto",
               dist: Dist | None = None, quiet: bool = False, steps: int | None = None,
               minutes: float | None = None, budget_s: float | None = None, ep: int = 1,
-              ep_redundant: int = 0, precision: str | None = None) -> dict:
+              ep_redundant: int = 0, precision: str | None = None, compile: bool | None = None) -> dict:
     """Train (or resume) the SFT run in `out`; returns a summary (step, loss, examples, skipped, elapsed_s).
     On resume the stored config is authoritative (`cfg` may be None); `steps`, `minutes`, `budget_s` and
-    `precision` override it when given. `ep` > 1: expert parallelism over groups of `ep` ranks with `ep_redundant` extra
+    `precision` (and `compile`, the torch.compile switch: nanoseek.train.common.enable_compile) override it when given. `ep` > 1: expert parallelism over groups of `ep` ranks with `ep_redundant` extra
     experts per MoE layer placed by the recorded loads of this run or of the init run (nanoseek.parallel);
     checkpoints keep the one-process layout, so any --ep resumes any other."""
     out, ckpt_dir, ckpt, saved = open_run(out, resume, "sft")
@@ -197,7 +197,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
         cfg = SFTConfig.from_dict(saved)
     if cfg is None:
         raise ConfigError("train_sft needs a config for a fresh run")
-    changes = {k: v for k, v in (("steps", steps), ("minutes", minutes)) if v is not None}
+    changes = {k: v for k, v in (("steps", steps), ("minutes", minutes), ("compile", compile)) if v is not None}
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes),
                               budget_s=cfg.budget_s if budget_s is None else budget_s,
                               precision=cfg.precision if precision is None else precision)
@@ -247,6 +247,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
         if dist.is_main and saved.get("precision", "fp32") != cfg.precision:  # resumed in another precision
             _record_precision(out, cfg.precision, model)
     parallel = None
+    enable_compile(model, tcfg.compile, ep, 1, cfg.precision)
     if use_ep:
         parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device,
                                        lambda m: prec.build_optimizer(m, tcfg, cfg.precision),
