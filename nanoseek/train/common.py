@@ -99,7 +99,7 @@ class TrainConfig:
         return cls(**d).validate()
 
 
-# ---- learning rate ---------------------------------------------------------------------------------------
+# ---- torch.compile ---------------------------------------------------------------------------------------
 def enable_compile(model: nn.Module, enabled: bool, ep: int = 1, pp: int = 1, precision: str = "fp32") -> None:
     """--compile: regional torch.compile of the training forward (Transformer.compile_training: each block kind
     compiled once, dynamic shapes, the MoE dispatch eager). Checked combinations only: fp32 and bf16, one
@@ -114,6 +114,7 @@ def enable_compile(model: nn.Module, enabled: bool, ep: int = 1, pp: int = 1, pr
     model.compile_training(True)
 
 
+# ---- learning rate ---------------------------------------------------------------------------------------
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr at the last step."""
     warmup = min(cfg.warmup_steps, cfg.steps)
