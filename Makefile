@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision aha lint venv
+.PHONY: demo r1 lm test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision aha lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -23,6 +23,11 @@ r1: $(VENV_STAMP)
 # long reasoning in miniature: reflection RL, then long2short compared (resumable; docs/long_reasoning.md)
 aha: $(VENV_STAMP)
 	$(PY) -m nanoseek.cli aha
+
+# a language model of real text every machine has (the Python standard library's sources), ~15 min on 2 cores;
+# resumable; report in runs/lm/report.md (docs/lm.md)
+lm: $(VENV_STAMP)
+	$(PY) -m nanoseek.cli lm
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest tests

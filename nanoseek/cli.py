@@ -15,7 +15,7 @@ from nanoseek.config import ConfigError
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.commands.info", "parameter table and forward/backward timing of a model preset"),
     "demo": ("nanoseek.commands.demo", "the main job: build a model end to end on this machine"),
-    "pretrain": ("nanoseek.commands.pretrain", "pretrain a model on a task corpus (resumable, torchrun-ready)"),
+    "pretrain": ("nanoseek.commands.pretrain", "pretrain a model on a task corpus or your text (--data; resumable, torchrun-ready)"),
     "sample": ("nanoseek.commands.sample", "continue a prompt with a trained run's model"),
     "cost": ("nanoseek.commands.cost", "serving cost: memory, roofline tokens/s and USD per million tokens"),
     "rl": ("nanoseek.commands.rl", "GRPO-family RL from verifiable rewards on a pretrained run"),
@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("nanoseek.commands.merge", "average the weights of runs of one architecture into a new run"),
     "aha": ("nanoseek.commands.aha", "long reasoning in miniature: reflection RL, then long2short compared"),
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
+    "lm": ("nanoseek.commands.lm", "a language model of real text (default: the Python stdlib): bits per byte"),
     "eplb": ("nanoseek.commands.eplb", "expert-parallel GPU balance before/after EPLB from a run's recorded loads"),
 }
 

@@ -154,3 +154,33 @@ def eval_batches(rows: torch.Tensor, batch_size: int, max_batches: int, rank: in
         return
     for j in range(min(rows.size(0) // batch_size, max_batches)):
         yield split_rows(rows[j * batch_size:(j + 1) * batch_size][rank::world])
+
+
+class TokenRows:
+    """The rows of `pack_documents` over a token stream on disk, read on demand: row i is
+    stream[i*L : i*L + L + 1] (int64). Indexable like the (N, L + 1) tensor the Loader and eval_batches use, so
+    a memory-mapped corpus of any size trains through the same Loader (same order, same exact resume)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int):
+        if seq_len < 1:
+            raise ConfigError(f"seq_len must be positive, got {seq_len}")
+        self.stream, self.seq_len = stream, seq_len
+        self.n = max(0, (len(stream) - 1) // seq_len)
+        self._cols = np.arange(seq_len + 1)
+
+    def size(self, dim: int = 0) -> int:
+        return self.n if dim == 0 else self.seq_len + 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, slice):
+            index = np.arange(*index.indices(self.n))
+        elif isinstance(index, torch.Tensor):
+            index = index.numpy()
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= self.n):
+            raise IndexError(f"row index out of range for {self.n} rows")
+        rows = self.stream[(index * self.seq_len)[:, None] + self._cols]
+        return torch.from_numpy(rows.astype(np.int64))

@@ -3,6 +3,9 @@
 Pre-tokenization splits every digit into its own piece before byte-level BPE (as DeepSeek-V3's
 tokenizer and most math-capable models do), so numbers are read digit by digit and arithmetic never
 depends on which digit groups happened to be merged. No normalizer: decode(encode(text)) == text exactly.
+Two pre-tokenizer styles: "task" (digits, then GPT-2's byte-level regex; the task corpora) and "text" (the
+GPT-4 `cl100k` split of letters, punctuation runs, newlines and whitespace, with single digits instead of
+groups of three; user text, `pretrain --data`). The style is stored in tokenizer.json, so loading needs no flag.
 
 Ten special tokens are single tokens with fixed ids 0..9 (bos=0, eos=1, pad=2):
 `<|bos|> <|eos|> <|pad|> <|system|> <|user|> <|assistant|> <think> </think> <answer> </answer>`.
@@ -26,6 +29,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 
+# GPT-4's cl100k pre-tokenizer pattern with \p{N} (one digit) in place of \p{N}{1,3}
+TEXT_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                      r"\s*[\r\n]+|\s+(?!\S)|\s+")
+STYLES = ("task", "text")
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>",
                   "<think>", "</think>", "<answer>", "</answer>"]
 _SPECIAL_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
@@ -62,23 +69,33 @@ class Tokenizer:
 
     # ---- construction --------------------------------------------------------------------
     @staticmethod
-    def _empty() -> HFTokenizer:
+    def _empty(style: str = "task") -> HFTokenizer:
+        if style not in STYLES:
+            raise ConfigError(f"tokenizer style must be one of {', '.join(STYLES)}, got {style!r}")
         tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
+        if style == "task":
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ])
+        else:
+            from tokenizers import Regex
+
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(TEXT_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ])
         tok.decoder = decoders.ByteLevel()
         return tok
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
+    def train(cls, texts: Iterable[str], vocab_size: int = 512, style: str = "task") -> Tokenizer:
         """Train BPE on `texts`. The vocabulary may come out smaller than asked for on a tiny corpus."""
         min_size = len(SPECIAL_TOKENS) + 256
         if vocab_size < min_size:
             raise ConfigError(f"vocab_size must be at least {min_size} (10 special tokens + 256 bytes), "
                               f"got {vocab_size}")
-        tok = cls._empty()
+        tok = cls._empty(style)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                       show_progress=False)
@@ -134,3 +151,53 @@ class Tokenizer:
 
     def document_ids(self, user_text: str, completion: str) -> list[int]:
         return self.prompt_ids(user_text) + self.encode(completion) + [self.eos_id]
+
+    # ---- conversations -------------------------------------------------------------------
+    def chat_document(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+        """A conversation in the chat template, with a mask of the tokens a model is trained on.
+
+        `<|bos|>`, then each message as its role token and its content; an assistant turn is followed by
+        `<|eos|>` (the model learns to end its turn). `mask[i]` is True for the content and the eos of every
+        assistant turn, False for everything else (bos, role tokens, system and user text). For one user and
+        one assistant message the ids equal `document_ids(user, assistant)` and the mask covers exactly the
+        completion and eos, as single-turn SFT does. `add_generation_prompt` appends `<|assistant|>`: the prompt
+        a model continues. `<think>...</think>` in assistant content stays (the tags are special tokens)."""
+        ids, mask = [self.bos_id], [False]
+        for i, m in enumerate(messages):
+            role, content = message_role_content(m, i)
+            ids.append(self.id_of(ROLE_TOKENS[role]))
+            mask.append(False)
+            body = self.encode(content)
+            ids.extend(body)
+            mask.extend([role == "assistant"] * len(body))
+            if role == "assistant":
+                ids.append(self.eos_id)
+                mask.append(True)
+        if add_generation_prompt:
+            ids.append(self.id_of("<|assistant|>"))
+            mask.append(False)
+        return ids, mask
+
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of a conversation rendered with the chat template (see chat_document)."""
+        return self.chat_document(messages, add_generation_prompt)[0]
+
+
+ROLE_TOKENS = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+
+
+def message_role_content(message: object, index: int = 0) -> tuple[str, str]:
+    """(role, text) of an OpenAI-format message `{"role": ..., "content": str | [{"type": "text", "text": ...}]}`;
+    a developer message counts as system. Anything else is one ConfigError naming the message."""
+    if not isinstance(message, dict):
+        raise ConfigError(f"message {index} is not an object")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLE_TOKENS:
+        raise ConfigError(f"message {index}: role must be one of {', '.join(ROLE_TOKENS)}, got {role!r}")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise ConfigError(f"message {index}: content parts must be {{'type': 'text', 'text': str}}")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise ConfigError(f"message {index}: content must be a string")
+    return ("system" if role == "developer" else role), content

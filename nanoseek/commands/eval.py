@@ -1,4 +1,8 @@
-"""`nanoseek eval`: held-out pass@1 (T=0.6/top-p 0.95 and T=1.0, mean over K samples) and greedy accuracy."""
+"""`nanoseek eval`: held-out pass@1 (T=0.6/top-p 0.95 and T=1.0, mean over K samples) and greedy accuracy on a
+task, or with `--data PATH` bits per byte on text (nanoseek.text.evaluate):
+
+    nanoseek eval --run runs/lm --data ~/held_out_texts --max-bytes 2000000 --json
+"""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="K samples per problem for pass@1")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--out", help="JSON file to write (default RUN/eval_TASK.json)")
+    p.add_argument("--out", help="JSON file to write (default RUN/eval_TASK.json; with --data none unless given)")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="bits per byte on this text instead of a task (file, directory or glob; repeatable)")
+    p.add_argument("--text-field", default="text", help="JSONL / parquet field holding the text (--data)")
+    p.add_argument("--max-bytes", type=int, default=10_000_000, help="UTF-8 bytes of --data read at most")
+    p.add_argument("--json", action="store_true", help="print one JSON object (--data) instead of a table")
 
 
 def results_table(rows: dict[str, dict]) -> Table:
@@ -50,7 +59,27 @@ def trained_difficulty(run_dir: str | Path, task: str) -> int | None:
     return None
 
 
+def run_text(args: argparse.Namespace) -> int:
+    from nanoseek.text.evaluate import evaluate_text
+
+    model, _, step_dir = load_run_model(args.run)
+    tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    res = evaluate_text(model, tokenizer, args.data, args.max_bytes, args.text_field)
+    res["run"], res["checkpoint"] = str(args.run), str(step_dir)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{res['bits_per_byte']:.4f} bits per byte on {res['bytes']:,} bytes ({res['tokens']:,} tokens, "
+              f"{res['bytes_per_token']:.2f} bytes/token); byte-unigram entropy {res['byte_unigram_entropy']:.3f} "
+              f"bits (ratio {res['bpb_over_entropy']:.3f})")
+    if args.out:
+        atomic_write_text(Path(args.out), json.dumps(res, indent=2) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.data:
+        return run_text(args)
     if args.n < 1 or args.samples < 1:
         raise ValueError("--n and --samples must be >= 1")
     model, _, step_dir = load_run_model(args.run)

@@ -1,12 +1,15 @@
 """`nanoseek pretrain`: pretrain a model on a task corpus into a run directory (one process or torchrun).
 
     nanoseek pretrain --preset tiny --task arithmetic --steps 600 --out runs/base --minutes 5
+    nanoseek pretrain --data ~/texts --preset tiny --minutes 10 --out runs/text   # your own text (nanoseek.text)
     nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/pp --pp 2 --pp-schedule dualpipev
 
-A fresh run trains a tokenizer on the task corpus when the run directory has none. On --resume the stored
+A fresh run trains a tokenizer on the task corpus (or on the --data text) when the run directory has none.
+With --data, --minutes and no --steps, the lr schedule follows the time budget (steps only a cap), and the
+sequence length defaults to the model's max_seq_len. On --resume the stored
 config.json is authoritative; only --steps, --minutes and --precision may change (changing --steps reshapes the
 lr schedule; a run resumes in the precision it started with unless --precision says otherwise).
 """
@@ -23,6 +26,8 @@ from nanoseek.train.common import TrainConfig, setup_distributed
 from nanoseek.train.precision import PUBLIC as PRECISIONS
 from nanoseek.train.pretrain import DataConfig, PretrainConfig, dense_equivalent, pretrain
 
+TIME_SCHEDULE_STEP_CAP = 10_000_000  # --data --minutes without --steps: the time budget ends the run
+
 # flag -> TrainConfig field, for the knobs exposed on the command line
 TRAIN_FLAGS = {"steps": "steps", "minutes": "minutes", "seed": "seed", "batch_size": "batch_size", "lr": "lr",
                "seq_len": "seq_len", "grad_accum": "grad_accum", "warmup": "warmup_steps",
@@ -36,6 +41,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
     p.add_argument("--config", help="a model config JSON instead of --preset (vocab_size comes from the tokenizer)")
     p.add_argument("--dense", action="store_true", help="dense model with the preset's activated parameter count")
+    p.add_argument("--data", action="append", default=None, metavar="PATH",
+                   help="train on your own text instead of --task: a file, directory (recursive) or glob; repeatable. "
+                        "Plain UTF-8 files are one document each, .jsonl/.json rows and .parquet columns take "
+                        "--text-field")
+    p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
+                   help="leave out --data files whose path matches this fnmatch pattern (repeatable)")
+    p.add_argument("--text-field", default=DataConfig.text_field, help="JSONL / parquet field holding the text")
+    p.add_argument("--val-share", type=float, default=DataConfig.val_share,
+                   help="share of --data units (rows, ~8 KB pieces of text files) held out, chosen by a stable hash")
+    p.add_argument("--shard-dir", default="", help="where --data token shards are kept (default RUN/shards; "
+                   "reused while the files and tokenizer are unchanged)")
+    p.add_argument("--tokenizer", default="", help="an existing tokenizer.json for --data (default: train one)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="tokenizer vocabulary to train (default 512 for --task, 4096 for --data)")
     p.add_argument("--task", default=DataConfig.task)
     p.add_argument("--n-docs", type=int, default=DataConfig.n_docs, help="training documents")
     p.add_argument("--n-test-docs", type=int, default=DataConfig.n_test_docs, help="held-out documents")
@@ -55,7 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global sequences per micro-batch")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per training row (default {d.seq_len}; with --data the model's max_seq_len)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup", type=int, default=d.warmup_steps)
     p.add_argument("--eval-interval", type=int, default=d.eval_interval)
@@ -96,10 +116,25 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         model = dense_equivalent(model)
     given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     given["compile"] = bool(args.compile)
+    text = bool(args.data)
+    time_schedule = text and args.minutes is not None and args.minutes > 0 and args.steps is None
+    if time_schedule:
+        given["steps"] = TIME_SCHEDULE_STEP_CAP
+    if text and args.seq_len is None:
+        given["seq_len"] = model.max_seq_len
     train = TrainConfig(**given).validate()
     data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs, difficulty=args.difficulty,
                       flawed_share=args.flawed_share, fact_share=args.fact_share, packing=args.packing,
-                      reflect_share=args.reflect_share)
+                      reflect_share=args.reflect_share, vocab_size=args.vocab_size, data=list(args.data or []),
+                      text_field=args.text_field, exclude=list(args.exclude or []), val_share=args.val_share, shard_dir=args.shard_dir,
+                      tokenizer=args.tokenizer)
+    if text:
+        from nanoseek.text.sources import discover
+
+        data.split_settings()
+        discover(data.data, data.exclude)  # a missing path or an empty directory fails here, before any file is written
+        return PretrainConfig(model=model, train=train, data=data, dense=args.dense,
+                              precision=args.precision or "fp32", time_schedule=time_schedule)
     from nanoseek.tasks import get_task
 
     get_task(data.task).check_difficulty(data.difficulty)  # bad task names / difficulties fail here, before any work

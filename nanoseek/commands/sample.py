@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--raw", action=argparse.BooleanOptionalAction, default=None,
+                   help="continue the prompt as plain text, not as a chat message (default: on for a model "
+                        "pretrained with --data, off otherwise)")
 
 
 @torch.no_grad()
@@ -44,6 +47,16 @@ def generate(model: Transformer, ids: list[int], max_new_tokens: int, temperatur
     return out
 
 
+def is_text_run(run_dir: str | Path) -> bool:
+    """Whether a run was pretrained on user text (`pretrain --data`) rather than on a task corpus."""
+    import json
+
+    try:
+        return bool(json.loads((Path(run_dir) / "config.json").read_text()).get("data", {}).get("data"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoseek.tokenizer import Tokenizer
 
@@ -53,10 +66,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
     model, _, _ = load_run_model(args.run, args.step)
     tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
-    prompt = tokenizer.prompt_ids(args.prompt)
+    raw = args.raw if args.raw is not None else is_text_run(args.run)
+    # a text model saw each document after a boundary token: open the prompt with one
+    prompt = [tokenizer.eos_id, *tokenizer.encode(args.prompt)] if raw else tokenizer.prompt_ids(args.prompt)
     if len(prompt) >= model.cfg.max_seq_len:
         raise ConfigError(f"prompt is {len(prompt)} tokens; the model's context is {model.cfg.max_seq_len}")
     gen = torch.Generator().manual_seed(args.seed)
     tokens = generate(model, prompt, args.max_new_tokens, args.temperature, tokenizer.eos_id, gen)
-    print(tokenizer.decode(tokens, skip_special=False).removesuffix("<|eos|>"))
+    text = tokenizer.decode(tokens, skip_special=False).removesuffix("<|eos|>")
+    print(args.prompt + text if raw else text)
     return 0

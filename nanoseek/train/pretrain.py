@@ -51,8 +51,17 @@ KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process r
 
 @dataclass
 class DataConfig:
-    """Which corpus to pretrain on (nanoseek.corpus.build_corpus) and the tokenizer trained from it."""
+    """Which corpus to pretrain on and the tokenizer trained from it: a task corpus (nanoseek.corpus.build_corpus)
+    or, when `data` names files, the user's text (nanoseek.text: memory-mapped token shards)."""
 
+    # user text: files, directories or globs (nanoseek.text.sources); empty = the task corpus
+    data: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of --data paths left out
+    text_field: str = "text"  # the JSONL / parquet field holding a document's text
+    val_share: float = 0.02  # share of units (rows, ~8 KB pieces of text files) held out by a stable hash
+    shard_dir: str = ""  # where token shards live; "" = <run>/shards
+    tokenizer: str = ""  # an existing tokenizer.json for a text run; "" = train one on the corpus
+    fingerprint: str = ""  # set by the run: the tokenizer's sha256 the shards were built with
     task: str = "arithmetic"
     n_docs: int = 50_000  # training documents (~42 tokens each for arithmetic: ~2M tokens)
     n_test_docs: int = 1_000  # held-out documents from the task's test split
@@ -60,7 +69,7 @@ class DataConfig:
     difficulty: int | None = None
     fact_share: float = 0.2  # one-operation problems, always correct (nanoseek.corpus)
     reflect_share: float = 0.0  # worked solutions with one check line (nanoseek.tasks.reflection; arithmetic)
-    vocab_size: int = 512  # tokenizer target (a small corpus may give fewer)
+    vocab_size: int | None = None  # tokenizer target (a small corpus may give fewer); None = 512 task / 4096 text
     # "stream": GPT-2 style cuts of one long stream; "aligned": every row starts at a document start
     # (nanoseek.data.pack_aligned). Stream stays the default: on the demo's arithmetic at 1000 steps aligned
     # rows gave 50.0% / 37.0% greedy (seeds 0 / 1) against 69.0% / 45.5% (docs/pretrain.md).
@@ -69,6 +78,17 @@ class DataConfig:
     def __post_init__(self):
         if self.packing not in PACKERS:
             raise ConfigError(f"packing must be one of {', '.join(PACKERS)}, got {self.packing!r}")
+        if self.data and self.packing != "stream":
+            raise ConfigError("--data trains on stream-packed rows; --packing aligned is for task corpora")
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.data)
+
+    def split_settings(self):
+        from nanoseek.text.shards import SplitSettings
+
+        return SplitSettings(text_field=self.text_field, val_share=self.val_share).check()
 
 
 @dataclass
@@ -78,20 +98,24 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dense: bool = False  # `model` was derived with dense_equivalent()
     precision: str = "fp32"  # fp32 | bf16 | fp8 (nanoseek.train.precision); sets model.fp8
+    # the lr cosine follows the used fraction of train.minutes (steps only a cap): `--minutes` without `--steps`
+    time_schedule: bool = False
 
     def __post_init__(self):
         prec.check(self.precision)
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": self.train.to_dict(),
-                "data": dataclasses.asdict(self.data), "dense": self.dense, "precision": self.precision}
+                "data": dataclasses.asdict(self.data), "dense": self.dense, "precision": self.precision,
+                "time_schedule": self.time_schedule}
 
     @classmethod
     def from_dict(cls, d: dict) -> PretrainConfig:
         try:
             model = ModelConfig.from_dict(d["model"])
             return cls(model=model, train=TrainConfig.from_dict(d["train"]), data=DataConfig(**d["data"]),
-                       dense=bool(d.get("dense", False)), precision=d.get("precision", "fp8" if model.fp8 else "fp32"))
+                       dense=bool(d.get("dense", False)), precision=d.get("precision", "fp8" if model.fp8 else "fp32"),
+                       time_schedule=bool(d.get("time_schedule", False)))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"run config is missing or has a bad section: {e}") from None
 
@@ -122,14 +146,42 @@ def prepare_tokenizer(run_dir: Path, data: DataConfig, seed: int, dist: Dist):
     from nanoseek.tokenizer import Tokenizer
 
     path = run_dir / "tokenizer.json"
-    if dist.is_main and not path.exists():
+    if dist.is_main and not path.exists() and data.is_text:
+        from nanoseek.text.prepare import prepare_run_tokenizer
+
+        prepare_run_tokenizer(run_dir, data.data, data.vocab_size, data.split_settings(), data.tokenizer or None,
+                              exclude=data.exclude)
+    elif dist.is_main and not path.exists():
         from nanoseek.corpus import corpus_texts
 
         texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train",
                              data.fact_share, data.reflect_share)
-        Tokenizer.train(texts, data.vocab_size).save(path)
+        Tokenizer.train(texts, data.vocab_size or 512).save(path)
     dist.barrier()  # unconditional: other ranks must not test for the file while rank 0 may be writing it
     return Tokenizer.load(path)  # every rank, fresh or resumed, encodes with the same saved file
+
+
+def text_rows(run_dir: Path, tokenizer, data: DataConfig, seq_len: int, dist: Dist, resume: bool):
+    """(train TokenRows, held-out TokenRows, manifest) over the run's token shards, built by rank 0 (reusing
+    what is still valid) while the other ranks wait; on resume the tokenizer must be the one the run began with."""
+    from nanoseek.data import TokenRows
+    from nanoseek.text.prepare import check_tokenizer_matches
+    from nanoseek.text.shards import Shards, build_shards
+    from nanoseek.text.sources import read_json_safely
+
+    tok_file = run_dir / "tokenizer.json"
+    if resume:
+        check_tokenizer_matches(tok_file, data.fingerprint)
+    root = Path(data.shard_dir) if data.shard_dir else run_dir / "shards"
+    if dist.is_main:
+        build_shards(data.data, tok_file, root, tokenizer.vocab_size, data.split_settings(), exclude=data.exclude)
+    dist.barrier()
+    shards = Shards(root, read_json_safely(root / "manifest.json"))
+    train, val = TokenRows(shards.stream("train"), seq_len), TokenRows(shards.stream("val"), seq_len)
+    if val.size(0) == 0:
+        raise ConfigError(f"the held-out text ({shards.manifest['split']['val']['tokens']} tokens) is shorter than "
+                          f"one row of {seq_len + 1} tokens: raise --val-share, lower --seq-len or add text")
+    return train, val, shards.manifest
 
 
 def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +237,22 @@ def evaluate(model: Transformer, rows: torch.Tensor, cfg: TrainConfig, dist: Dis
     model.train()
     dist.all_reduce_sum(total)
     return (total[0] / total[1]).item() if total[1] > 0 else None
+
+
+@torch.no_grad()
+def evaluate_bpb(model: Transformer, rows, token_bytes: torch.Tensor, cfg: TrainConfig, dist: Dist,
+                 precision: str = "fp32") -> float | None:
+    """Held-out bits per byte (nanoseek.text.bpb) over the same batches `evaluate` reads."""
+    from nanoseek.text.bpb import bits_per_byte, bpb_sums
+
+    model.eval()
+    total = torch.zeros(3, dtype=torch.float64, device=dist.device)
+    for x, y in eval_batches(rows, cfg.batch_size, cfg.eval_batches, dist.rank, dist.world):
+        with prec.autocast(precision, dist.device):
+            total += bpb_sums(model, x.to(dist.device), y.to(dist.device), token_bytes)
+    model.train()
+    dist.all_reduce_sum(total)
+    return bits_per_byte(total[0].item(), total[1].item()) if total[1] > 0 else None
 
 
 def load_summary(loads: torch.Tensor) -> dict:
@@ -253,7 +321,16 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     tokenizer = prepare_tokenizer(run_dir, cfg.data, tcfg.seed, dist)
     cfg.model = prec.model_config(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size), cfg.precision)
     cfg.model.validate()
-    train_rows, test_rows = build_rows(tokenizer, cfg.data, tcfg.seq_len, tcfg.seed)
+    token_bytes = None
+    if cfg.data.is_text:
+        from nanoseek.text.bpb import token_byte_lengths
+        from nanoseek.text.shards import tokenizer_digest
+
+        train_rows, test_rows, manifest = text_rows(run_dir, tokenizer, cfg.data, tcfg.seq_len, dist, ckpt is not None)
+        cfg.data.fingerprint = tokenizer_digest(run_dir / "tokenizer.json")
+        token_bytes = token_byte_lengths(tokenizer).to(dist.device)
+    else:
+        train_rows, test_rows = build_rows(tokenizer, cfg.data, tcfg.seq_len, tcfg.seed)
 
     seed_everything(tcfg.seed)
     model = prec.configure_model(Transformer(cfg.model).to(dist.device), cfg.precision)
@@ -275,6 +352,11 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
     elif dist.is_main:
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if pace is None and cfg.time_schedule and tcfg.minutes > 0:  # the cosine follows the time budget
+        budget_start = time.perf_counter() - elapsed0
+
+        def pace() -> float:
+            return (time.perf_counter() - budget_start) / (tcfg.minutes * 60)
     parallel = None
     if use_ep:  # redundant experts placed by this run's recorded loads when resuming
         parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device,
@@ -308,10 +390,12 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     loop_start = time.perf_counter()
     tok_rate_ema = None
     record: dict = {}
-    eval_loss = None
+    eval_loss = val_bpb = None
     try:
         while step < tcfg.steps:
             fraction = pace() if pace is not None else None
+            if fraction is not None and dist.world > 1:  # one lr on every rank: the mean of their clocks
+                fraction = dist.all_reduce_mean(torch.tensor([fraction], device=dist.device)).item()
             lr = lr_at(step, tcfg) if fraction is None else lr_at_fraction(step, fraction, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
@@ -334,6 +418,9 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                     parallel.prepare_eval(model)
                 eval_loss = evaluate(model, test_rows, tcfg, dist, cfg.precision)
                 record["eval_loss"] = eval_loss
+                if token_bytes is not None:
+                    val_bpb = evaluate_bpb(model, test_rows, token_bytes, tcfg, dist, cfg.precision)
+                    record["val_bpb"] = val_bpb
             if last or step % tcfg.log_interval == 0 or "eval_loss" in record:
                 metrics.log(record)
             if last or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
@@ -345,6 +432,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                                     tcfg.keep_last)
                 dist.barrier()
             extra = f"eval {eval_loss:.4f}" if eval_loss is not None else ""
+            if val_bpb is not None:
+                extra += f"  bpb {val_bpb:.3f}"
             if parallel is None:
                 extra = f"MFU {mfu(tok_rate_ema, flops_per_token):.1%}" + (f"  {extra}" if extra else "")
             progress.update(step, out["loss"], lr, tok_rate_ema, extra)
@@ -358,7 +447,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         progress.close()
 
     summary = {"step": step, "loss": record.get("loss"), "eval_loss": eval_loss, "tokens_per_s": tok_rate_ema,
-               "run_dir": str(run_dir)}
+               "run_dir": str(run_dir), **({"val_bpb": val_bpb} if token_bytes is not None else {})}
     if dist.is_main and record:
         from nanoseek.report import write_report
 

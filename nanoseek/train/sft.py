@@ -2,10 +2,13 @@
 2.3.3 SFT on rejection-sampled traces, 2.4 distillation by plain SFT).
 
 Data: a JSONL file, one `{"prompt": str, "completion": str, ...}` per line (other keys are metadata and are
-ignored here). A row is rendered with the chat template as `prompt_ids(prompt) + encode(completion) + [eos]`
-(tokenizer.document_ids), so the model learns to end its answer.
+ignored here), or OpenAI-format conversations `{"messages": [{"role": "system"|"user"|"assistant", "content":
+str}, ...]}`, multi-turn; both kinds may share a file. A prompt/completion row is rendered with the chat
+template as `prompt_ids(prompt) + encode(completion) + [eos]` (tokenizer.document_ids), so the model learns to
+end its answer; a conversation is `tokenizer.chat_document(messages)`, every assistant turn followed by eos.
 
-Loss: next-token cross-entropy over the completion tokens and the eos only; prompt tokens and padding get
+Loss: next-token cross-entropy over the completion tokens and the eos only (for a conversation: the content and
+eos of EVERY assistant turn, not only the last); prompt, system and user tokens, role tokens and padding get
 target IGNORE and therefore exactly zero gradient. Over one optimizer step the loss is the SUM over every
 completion token of the GLOBAL batch divided by that batch's completion-token count (each token weighs the
 same whichever row or rank holds it), so W data-parallel processes reproduce one process with the same
@@ -87,10 +90,32 @@ class SFTConfig(HasTrainConfig):
 # ---- data ----------------------------------------------------------------------------------------------
 def read_examples(path: str | Path) -> list[dict]:
     """The JSONL rows; a bad line is one ConfigError naming its line number."""
-    return read_jsonl_rows(path, MAX_ROWS, "SFT", "examples",
-                           lambda row: isinstance(row, dict) and isinstance(row.get("prompt"), str)
-                           and isinstance(row.get("completion"), str),
-                           '{"prompt": str, "completion": str, ...}')
+    return read_jsonl_rows(path, MAX_ROWS, "SFT", "examples", _valid_example,
+                           '{"prompt": str, "completion": str} or {"messages": [{"role", "content"}, ...]} '
+                           "with at least one assistant turn")
+
+
+def _valid_example(row: object) -> bool:
+    from nanoseek.tokenizer import message_role_content
+
+    if not isinstance(row, dict):
+        return False
+    if isinstance(row.get("messages"), list):
+        try:
+            roles = [message_role_content(m, i)[0] for i, m in enumerate(row["messages"])]
+        except ConfigError:
+            return False
+        return "assistant" in roles
+    return isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
+
+
+def example_ids(ex: dict, tokenizer) -> tuple[list[int], list[bool]]:
+    """(ids, trained-token mask) of one example row (see the module docstring)."""
+    if "messages" in ex and isinstance(ex["messages"], list):
+        return tokenizer.chat_document(ex["messages"])
+    prompt = tokenizer.prompt_ids(ex["prompt"])
+    seq = tokenizer.document_ids(ex["prompt"], ex["completion"])
+    return seq, [i >= len(prompt) for i in range(len(seq))]
 
 
 def encode_examples(examples: list[dict], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -99,14 +124,13 @@ def encode_examples(examples: list[dict], tokenizer, seq_len: int) -> tuple[torc
     width = seq_len + 1
     ids_rows, tgt_rows, skipped = [], [], 0
     for ex in examples:
-        prompt = tokenizer.prompt_ids(ex["prompt"])
-        seq = tokenizer.document_ids(ex["prompt"], ex["completion"])
+        seq, mask = example_ids(ex, tokenizer)
         if len(seq) > width:
             skipped += 1
             continue
         ids = seq + [tokenizer.pad_id] * (width - len(seq))
-        # position t predicts ids[t + 1]: a completion token (or the eos) iff t + 1 >= len(prompt)
-        tgt = [ids[t + 1] if len(prompt) <= t + 1 < len(seq) else IGNORE for t in range(seq_len)]
+        # position t predicts ids[t + 1]: trained iff that token is assistant content or its eos
+        tgt = [ids[t + 1] if t + 1 < len(seq) and mask[t + 1] else IGNORE for t in range(seq_len)]
         ids_rows.append(ids)
         tgt_rows.append(tgt)
     if not ids_rows:

@@ -1,0 +1,80 @@
+"""A small stage runner for recipes: named stages, resume by stage, per-stage seconds, `--until STAGE`.
+
+`<root>/stages.json` holds every finished stage's result and duration and the settings the recipe ran with.
+A rerun skips finished stages (their result is read back); a rerun with different settings is refused with one
+line naming the differing keys, since finished stages would no longer match the new ones (unless the recipe
+lists a key as free to change, e.g. a time budget). Interrupting a stage (Ctrl-C) keeps its partial seconds,
+so the per-stage time counts every attempt. Written atomically after every stage.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from nanoseek.config import ConfigError
+from nanoseek.io import atomic_write_text
+
+console = Console()
+
+
+class StopAfter(Exception):
+    """Raised after the stage named by `until` finished: the recipe stops there (resumable later)."""
+
+
+class StageRunner:
+    def __init__(self, root: Path, settings: dict, free: tuple[str, ...] = (), until: str | None = None,
+                 names: tuple[str, ...] = ()):
+        self.path = root / "stages.json"
+        self.until = until
+        if until is not None and names and until not in names:
+            raise ConfigError(f"--until must be one of {', '.join(names)}, got {until!r}")
+        try:
+            self.state: dict = json.loads(self.path.read_text()) if self.path.exists() else {}
+        except (OSError, json.JSONDecodeError):
+            raise ConfigError(f"{self.path} is corrupt; delete it to start the recipe over") from None
+        old = self.state.get("settings")
+        if old is not None:
+            differ = sorted(k for k in set(old) | set(settings) if k not in free and old.get(k) != settings.get(k))
+            if differ:
+                raise ConfigError(f"{root} was started with other settings ({', '.join(differ)}); "
+                                  "rerun with the same ones or choose another --out")
+        self.state["settings"] = settings
+        self.state.setdefault("done", {})
+        self.state.setdefault("partial_s", {})
+        root.mkdir(parents=True, exist_ok=True)
+        self._save()
+
+    @property
+    def done(self) -> dict:
+        return self.state["done"]
+
+    def run(self, name: str, fn: Callable[[], object]):
+        if name in self.done:
+            console.print(f"[dim]stage {name}: already done, skipped[/dim]")
+            result = self.done[name]["result"]
+        else:
+            console.rule(f"[bold]{name}")
+            prior = self.state["partial_s"].get(name, 0.0)
+            t0 = time.time()
+            try:
+                result = fn()
+            except BaseException:
+                self.state["partial_s"][name] = prior + time.time() - t0
+                self._save()
+                raise
+            self.done[name] = {"result": result, "seconds": round(prior + time.time() - t0, 2)}
+            self.state["partial_s"].pop(name, None)
+            self._save()
+        if name == self.until:
+            raise StopAfter(name)
+        return result
+
+    def seconds_by_stage(self) -> dict[str, float]:
+        return {k: v["seconds"] for k, v in self.done.items()}
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.state, indent=2) + "\n")

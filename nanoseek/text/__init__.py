@@ -1,0 +1,1 @@
+"""User text: reading a corpus (sources), token shards (shards), bits per byte (bpb)."""
