@@ -358,3 +358,15 @@ def test_per_client_429_counts_per_key(model, tok):
     assert keyed["a_extra"] == 429 and keyed["b"] == "queued", keyed  # A is at its limit, B is not
     plain = flood_then_one(make_server(model, tok), None, None, client_limit=6)
     assert plain["a_extra"] == 429 and plain["b"] == 429, plain  # one address: B pays for A's flood
+
+
+def test_serve_binds_the_configured_address_and_ignores_forwarded_for(model, tok, monkeypatch):
+    """uvicorn trusts X-Forwarded-For from 127.0.0.1 unless told not to: a local flooder could then be a new
+    client (a fresh fair share and 429 budget) with every request."""
+    import uvicorn
+
+    from nanoseek.engine.server import serve
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
+    serve(make_server(model, tok, host="::1", port=8123))
+    assert seen["host"] == "::1" and seen["port"] == 8123 and seen["proxy_headers"] is False

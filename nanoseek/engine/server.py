@@ -663,9 +663,11 @@ def load_server(run_dir: str | Path, cfg: ServeConfig | None = None, device: str
 
 
 def serve(server: Server, log_level: str = "info") -> None:
-    """Run the server on its config's host and port (which its Host / Origin checks name as its own)."""
+    """Run the server on its config's host and port (which its Host / Origin checks name as its own).
+    uvicorn's proxy headers are off: by default it believes `X-Forwarded-For` from 127.0.0.1, so any local
+    client could name its own address and take a fresh fair share (and 429 budget) per request."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     uvicorn.run(server.app, host=server.cfg.host, port=server.cfg.port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, proxy_headers=False)
