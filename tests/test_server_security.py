@@ -370,3 +370,39 @@ def test_serve_binds_the_configured_address_and_ignores_forwarded_for(model, tok
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(kw))
     serve(make_server(model, tok, host="::1", port=8123))
     assert seen["host"] == "::1" and seen["port"] == 8123 and seen["proxy_headers"] is False
+
+
+def test_the_reserve_rows_stay_free_for_another_key_even_when_the_flood_is_short(model, tok):
+    """4 rows, 1 in reserve. Key A sends 4 short requests (within the express lane's budget); with keys the
+    reserve row is kept for a client that holds few rows, and key B's later request gets it at once. The
+    control, one address and no keys: the express lane gives the reserve to A's short requests too."""
+    def admitted(server, key_a, key_b) -> tuple[int, bool]:
+        b = server.batcher
+
+        async def go():
+            transport = httpx.ASGITransport(app=server.app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url=URL, timeout=30) as c:
+                def post(key, tokens):
+                    h = {"Authorization": f"Bearer {key}"} if key else {}
+                    return asyncio.ensure_future(c.post("/v1/chat/completions", headers=h,
+                                                        json={**CHAT, "max_tokens": tokens, "ignore_eos": True}))
+                tasks = [post(key_a, 40) for _ in range(4)]  # 4: the per-client waiting limit
+                await wait_for(lambda: b.n_pending == 4, "A's requests")
+                b.step()
+                a_rows = b.n_active
+                tasks.append(post(key_b, 3))
+                await wait_for(lambda: b.n_pending == 4 - a_rows + 1, "B's request")
+                b.step()
+                b_in = any(r.max_new_tokens == 3 for r in b.rows)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return a_rows, b_in
+        return asyncio.run(go())
+
+    keyed = make_server(model, tok, api_keys=(KEY_A, KEY_B))
+    assert keyed.batcher.reserve_slots == 1
+    assert admitted(keyed, KEY_A, KEY_B) == (3, True)
+    plain = make_server(model, tok)
+    assert 40 <= plain.batcher.express_tokens  # A's requests are express-sized: the control means something
+    assert admitted(plain, None, None) == (4, False)

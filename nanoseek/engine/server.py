@@ -18,7 +18,9 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
 * Binds 127.0.0.1 unless told otherwise. With API keys (one or several), every /v1 and /health request needs
   `Authorization: Bearer KEY` with one of them (401 otherwise); the static page itself holds no data and asks
   for the key. With keys, a request's client (for the fair shares and the per-client 429 above) is its key,
-  not its address: clients behind one proxy address, each with its own key, are told apart.
+  not its address: clients behind one proxy address, each with its own key, are told apart; and the
+  batcher's reserve rows then go to clients (keys) that hold few rows, with no express lane for short
+  requests (which serves clients that share an address, and would let one key's flood of short streams in).
 * Browser attacks on a local server (CSRF, DNS rebinding; `_RequestGuard`, checked before anything else):
   a POST must be `Content-Type: application/json` (415: a cross-site form or `text/plain` fetch cannot send
   that without a CORS preflight, which this server never grants); a request whose `Host` is not one of
@@ -369,7 +371,11 @@ class Server:
     def __init__(self, model, tokenizer, cfg: ServeConfig | None = None):
         self.cfg = cfg or ServeConfig()
         self.tokenizer = tokenizer
-        self.batcher = Batcher(model, tokenizer.eos_id, max_slots=self.cfg.max_slots)
+        # with keys a client is its key, so the reserve rows go by identity alone: the express lane (any short
+        # request may take a reserve row) exists for clients that share one address, and on a short context it
+        # would let one key's flood of short streams take the reserve as well
+        self.batcher = Batcher(model, tokenizer.eos_id, max_slots=self.cfg.max_slots,
+                               **({"express_tokens": 0} if self.cfg.keys else {}))
         token_bytes(tokenizer)  # build the detokenizer's table now, not during the first request
         self.context = self.batcher.max_seq_len
         self.created = int(time.time())
