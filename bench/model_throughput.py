@@ -5,8 +5,9 @@ experts implementation, printed: `grouped_mm` in transformers 5.x, sort-based gr
 weights). One training step = forward + backward + AdamW step (torch.optim.AdamW, the same settings on both
 sides), float32, on the CPU, batch x seq random tokens. Both sides optimize the same loss, the main next-token
 cross-entropy from the logits: ours via `model.logits(model.hidden(ids))` (MTP off and frozen; transformers has
-no MTP training), theirs via `model(ids).logits`. Our MoE still computes its balance-loss statistics in
-training mode (not added to the loss), which is our cost, not theirs.
+no MTP training), theirs via `model(ids, use_cache=False).logits` (its default would fill a KV cache in every
+training forward, which ours does not). Our MoE still computes its balance-loss statistics in training mode
+(not added to the loss), which is our cost, not theirs.
 
 Configs (`--configs`, default all): `tiny` and `small` (presets); `mid192`: 4 layers, dim 192, 16 routed
 experts top-4 in 4 groups (2 kept); `mid256`: the same at dim 256; `wide32`: 6 layers, dim 256, 32 experts
@@ -66,7 +67,9 @@ def ours_loss(model: Transformer, ids: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def hf_loss(model, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids).logits
+    # use_cache=False: the config's default (True) makes every training forward fill a DynamicCache with each
+    # layer's keys and values, work that nanoseek's training forward does not do
+    logits = model(input_ids=ids, use_cache=False).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 

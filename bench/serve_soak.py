@@ -16,9 +16,15 @@ another) alongside the abusive kinds chosen with --abuse:
 Every loop is bounded (a short pause after each answer, 0.5 s after a 429) and everything stays on
 loopback. Each abusive kind connects from its own loopback address (127.0.0.2, .3, ...: different clients,
 as on a real network) unless --same-address puts everyone on 127.0.0.1, where the server cannot tell the
-abuser from the normal clients. Reports the normal clients' p50/p99/max latency against the bound
+abuser from the normal clients. Reports the normal clients' p50/p95/p99/max latency against the bound
 max(5 s, 20 x quiet latency), how many missed it or never finished, the status codes of each abusive kind,
 and whether the server is still up.
+
+--compare-keys: every client on 127.0.0.1 (as behind one proxy), two servers of the same model started
+side by side, one without API keys and one with two (`--api-key` twice): there the abusive kinds send one
+key and the normal clients the other, so the server tells them apart by key. The soak alternates between
+the two (--rounds phases each, --duration seconds per server in all, the next phase only once the last
+server is idle again; the order flips every round) and reports the normal clients' figures per server.
 """
 from __future__ import annotations
 
@@ -51,16 +57,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, run: Path, port: int, log) -> subprocess.Popen:
+def start_server(args, run: Path, port: int, log, extra: list[str] = (), keys: dict[str, str] | None = None
+                 ) -> subprocess.Popen:
     root = Path(args.server_root).resolve() if args.server_root else Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(args.threads)}
+    env.pop("NANOSEEK_API_KEY", None)
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--run", str(run), "--port", str(port),
                              "--model-name", "soak", "--max-batch", str(args.max_batch), "--threads",
-                             str(args.threads)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             str(args.threads), *extra], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {keys['normal']}"} if keys else {}
     for _ in range(600):
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=1, headers=headers).status_code == 200:
                 return proc
         except httpx.TransportError:
             pass
@@ -72,8 +81,10 @@ def start_server(args, run: Path, port: int, log) -> subprocess.Popen:
 
 
 class Soak:
-    def __init__(self, args, url: str):
-        self.args, self.url = args, url
+    def __init__(self, args, url: str, keys: dict[str, str] | None = None):
+        """`keys`: the API key each kind sends ("normal", and "abuse" for every abusive kind), or None."""
+        self.args, self.url, self.keys = args, url, keys
+        self.duration = args.duration
         self.codes: dict[str, Counter] = {k: Counter() for k in ABUSES}
         self.latencies: list[float] = []
         self.ttft: list[float] = []
@@ -87,13 +98,18 @@ class Soak:
     def address(self, kind: str) -> str:
         return "127.0.0.1" if self.args.same_address or kind == "normal" else f"127.0.0.{2 + ABUSES.index(kind)}"
 
+    def auth(self, kind: str) -> dict[str, str]:
+        if self.keys is None:
+            return {}
+        return {"Authorization": f"Bearer {self.keys['normal' if kind == 'normal' else 'abuse']}"}
+
     def client(self, kind: str) -> httpx.AsyncClient:
         """One connection pool per kind (making a client costs ~50 ms of CPU: one each would starve the loop)."""
         if kind not in self.pools:
             transport = httpx.AsyncHTTPTransport(local_address=self.address(kind),
                                                  limits=httpx.Limits(max_connections=200))
-            self.pools[kind] = httpx.AsyncClient(base_url=self.url, transport=transport,
-                                                 timeout=self.args.duration + 120)
+            self.pools[kind] = httpx.AsyncClient(base_url=self.url, transport=transport, headers=self.auth(kind),
+                                                 timeout=self.duration + 120)
         return self.pools[kind]
 
     def normal_body(self) -> dict:
@@ -115,7 +131,7 @@ class Soak:
         return 200, time.perf_counter() - t0, first or 0.0
 
     async def quiet(self, k: int = 5) -> float:
-        async with httpx.AsyncClient(base_url=self.url, timeout=120) as c:
+        async with httpx.AsyncClient(base_url=self.url, timeout=120, headers=self.auth("normal")) as c:
             await self.normal_once(c)  # warm-up
             lat = []
             for _ in range(k):
@@ -185,8 +201,9 @@ class Soak:
 
     async def slowloris(self, n_headers: int = 60, n_bodies: int = 4) -> None:
         loop = asyncio.get_running_loop()
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: 400\r\n\r\n")
+        auth = "".join(f"{k}: {v}\r\n" for k, v in self.auth("slowloris").items())
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n{auth}"
+                "Content-Type: application/json\r\nContent-Length: 400\r\n\r\n").encode()
         socks = []
         for i in range(n_headers + n_bodies):
             s = socket.socket()
@@ -226,11 +243,11 @@ class Soak:
             s.close()
 
     async def run(self, bound: float) -> None:
-        self.deadline = time.perf_counter() + self.args.duration
+        self.deadline = time.perf_counter() + self.duration
         kinds = [k for k in self.args.abuse.split(",") if k]
         for kind in ["normal", *kinds]:
             self.client(kind)
-        self.deadline = time.perf_counter() + self.args.duration
+        self.deadline = time.perf_counter() + self.duration
         tasks = [asyncio.ensure_future(self.normal_loop(bound)) for _ in range(self.args.normal)]
         for kind in kinds:
             if kind == "stop":
@@ -261,18 +278,94 @@ class Soak:
                           for _ in range(2)]
             else:
                 raise SystemExit(f"unknown abuse kind {kind!r}; choose from {', '.join(ABUSES)}")
-        await asyncio.sleep(self.args.duration)
+        await asyncio.sleep(self.duration)
         await asyncio.wait(tasks[:self.args.normal], timeout=bound + 5)  # the normal ones finish or give up
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for c in self.pools.values():
             await c.aclose()
+        self.pools = {}  # the next run (--compare-keys) makes its own in its own event loop
 
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def wait_idle(url: str, headers: dict[str, str], timeout: float = 60.0) -> None:
+    """Until the server has no active or waiting request (cancelled streams free their rows at its next step)."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            h = httpx.get(f"{url}/health", headers=headers, timeout=10).json()
+            if h["active"] == 0 and h["pending"] == 0:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+def compare_keys(args) -> None:
+    """The same soak against a keyless server and a two-key one (abusers one key, normal clients the other),
+    every client on 127.0.0.1, phases alternating; the normal clients' figures per server."""
+    args.same_address = True
+    keys = {"normal": "sk-soak-normal", "abuse": "sk-soak-abuse"}
+    tmp = tempfile.TemporaryDirectory()
+    run = Path(args.run) if args.run else make_run(Path(tmp.name))
+    sides = {"no keys": None, "keys": keys}
+    procs, logs, soaks, quiet, bounds = {}, [], {}, {}, {}
+    try:
+        for name, k in sides.items():
+            port = free_port()
+            logs.append((Path(tmp.name) / f"serve-{len(logs)}.log").open("w"))
+            extra = [] if k is None else ["--api-key", k["normal"], "--api-key", k["abuse"]]
+            procs[name] = start_server(args, run, port, logs[-1], extra, k)
+            soaks[name] = Soak(args, f"http://127.0.0.1:{port}", k)
+            soaks[name].duration = args.duration / args.rounds
+        for name, soak in soaks.items():
+            quiet[name] = asyncio.run(soak.quiet())
+            bounds[name] = max(5.0, 20 * quiet[name])
+        t0 = time.perf_counter()
+        for r in range(args.rounds):
+            for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
+                asyncio.run(soaks[name].run(bounds[name]))
+                wait_idle(soaks[name].url, soaks[name].auth("normal"))
+        wall = time.perf_counter() - t0
+    finally:
+        for p in procs.values():
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs:
+            f.close()
+    print(f"tiny preset (random weights); {args.max_batch} slots, {args.threads} torch thread(s) per server; every "
+          f"client on 127.0.0.1; {args.normal} normal clients ({args.normal_tokens}-token streamed answers) against "
+          f"[{args.abuse}]; {args.rounds} alternating phases of {args.duration / args.rounds:.0f} s per server "
+          f"({wall:.0f} s wall)")
+    out = {}
+    for name, soak in soaks.items():
+        lat = soak.latencies
+        over = sum(t > bounds[name] for t in lat) + len(soak.unfinished)
+        who = ("abusers and normal clients both keyless (one client: the address)" if sides[name] is None else
+               "abusers send one key, normal clients another")
+        print(f"{name:<8} ({who}): quiet {quiet[name]:.3f} s; normal requests finished {len(lat)}, p50 "
+              f"{pct(lat, 0.5):.3f} s, p95 {pct(lat, 0.95):.3f} s, p99 {pct(lat, 0.99):.3f} s, max "
+              f"{max(lat, default=float('nan')):.3f} s; first token p50 {pct(soak.ttft, 0.5):.3f} s; over the "
+              f"{bounds[name]:.2f} s bound {over} (never finished {len(soak.unfinished)}); refused "
+              f"{dict(soak.normal_fail) or 0}")
+        for kind in args.abuse.split(","):
+            if kind:
+                print(f"  abusive {kind:<10} {dict(soak.codes[kind])}")
+        out[name] = {"quiet_s": quiet[name], "bound_s": bounds[name], "normal_finished": len(lat),
+                     "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "p99_s": pct(lat, 0.99),
+                     "max_s": max(lat, default=None), "over_bound": over, "unfinished": len(soak.unfinished),
+                     "normal_refused": dict(soak.normal_fail),
+                     "abusive": {k: dict(v) for k, v in soak.codes.items() if v}}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
 
 
 def main() -> None:
@@ -287,7 +380,14 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--compare-keys", action="store_true",
+                    help="one address for all; a keyless server against one where abusers and normal clients "
+                         "send different API keys, alternating (--duration per server in all)")
+    ap.add_argument("--rounds", type=int, default=2, help="--compare-keys: phases per server")
     args = ap.parse_args()
+    if args.compare_keys:
+        compare_keys(args)
+        return
     tmp = tempfile.TemporaryDirectory()
     run = Path(args.run) if args.run else make_run(Path(tmp.name))
     port = free_port()
@@ -327,7 +427,8 @@ def main() -> None:
     print(f"quiet latency of a normal request ({args.normal_tokens} tokens, streamed, alone): median {quiet:.3f} s"
           f" -> bound max(5 s, 20x) = {bound:.2f} s")
     print(f"soak: {args.duration:.0f} s of [{args.abuse}] with {args.normal} normal clients ({wall:.0f} s wall)")
-    print(f"normal requests finished: {len(lat)}; latency p50 {pct(lat, 0.5):.3f} s, p99 {pct(lat, 0.99):.3f} s, "
+    print(f"normal requests finished: {len(lat)}; latency p50 {pct(lat, 0.5):.3f} s, p95 {pct(lat, 0.95):.3f} s, "
+          f"p99 {pct(lat, 0.99):.3f} s, "
           f"max {max(lat, default=float('nan')):.3f} s; time to first token p50 {pct(soak.ttft, 0.5):.3f} s, "
           f"p99 {pct(soak.ttft, 0.99):.3f} s")
     print(f"normal requests over the bound: {over} (of them never finished: {len(soak.unfinished)}"
@@ -343,7 +444,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "quiet_s": quiet, "bound_s": bound, "normal_finished": len(lat), "p50_s": pct(lat, 0.5),
-            "p99_s": pct(lat, 0.99), "max_s": max(lat, default=None), "over_bound": over,
+            "p95_s": pct(lat, 0.95), "p99_s": pct(lat, 0.99), "max_s": max(lat, default=None), "over_bound": over,
             "unfinished": len(soak.unfinished), "normal_refused": dict(soak.normal_fail),
             "abusive": {k: dict(v) for k, v in soak.codes.items() if v}, "up": up, "after_quiet_s": after,
             "met": verdict}, indent=2, default=str) + "\n")

@@ -2,7 +2,7 @@
 localhost port, with an API key) over a tiny model trained here for a few seconds to write
 <think>..</think><answer>..</answer>; the error shapes; disconnects and slow clients; admission control
 (choice cap, 429, fair share); logprobs; 32 concurrent streaming clients against the same requests run one
-after another; the chat page in headless Chromium. Unit tests of the text side (template, thinking split,
+after another; the chat page in headless Chromium; the CSRF / DNS-rebinding guard on the live socket. Unit tests of the text side (template, thinking split,
 incremental detokenization and stop strings against naive re-decoding references) and in-process tests of
 the app (5xx, 429, --insecure) come first. Throughput figures live in bench/serve_load.py and
 bench/serve_soak.py, not here."""
@@ -327,7 +327,7 @@ def app_server(tok):
 def asgi_post(app, path: str, body: dict, timeout: float = 10) -> httpx.Response:
     async def go():
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
             return await asyncio.wait_for(c.post(path, json=body), timeout)
     return asyncio.run(go())
 
@@ -378,8 +378,9 @@ def test_a_body_that_trickles_in_gets_408(app_server):
             yield b"[]}"
 
         transport = httpx.ASGITransport(app=app_server.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            return await asyncio.wait_for(c.post("/v1/chat/completions", content=trickle()), 3)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
+            return await asyncio.wait_for(c.post("/v1/chat/completions", content=trickle(),
+                                                 headers={"Content-Type": "application/json"}), 3)
 
     r = asyncio.run(go())
     assert r.status_code == 408 and "did not arrive within 0.3 s" in r.json()["error"]["message"]
@@ -596,6 +597,21 @@ def test_oversized_body_auth_and_routes(server):
     assert health(server)["status"] == "ok"  # still serving
 
 
+def test_browser_attacks_are_refused_on_the_live_socket(server):
+    """CSRF and DNS rebinding through uvicorn (the cases one by one: tests/test_server_security.py)."""
+    port = server.rsplit(":", 1)[1]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    before = health(server)["prefill_tokens"]
+    assert raw_post(server, body, headers={**auth(), "Content-Type": "text/plain"}).status_code == 415
+    assert raw_post(server, body, headers={**auth(), "Origin": "http://evil.example"}).status_code == 403
+    rebound = {**auth(), "Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    assert raw_post(server, body, headers=rebound).status_code == 421
+    assert httpx.get(f"{server}/", headers={"Host": f"evil.example:{port}"}).status_code == 421
+    assert health(server)["prefill_tokens"] == before  # none of them reached the model
+    for headers in ({"Origin": server}, {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}, {}):
+        assert raw_post(server, body, headers={**auth(), **headers}).status_code == 200, headers
+
+
 def test_official_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}])
@@ -640,7 +656,7 @@ def test_abandoned_non_streaming_request_frees_its_slots(server):
                        "temperature": 0}).encode()
     host, port = server.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:  # a raw socket we can hang up on at will
-        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
                      f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.time() + 30
         while health(server)["active"] < 24:  # the first 24 choices are decoding

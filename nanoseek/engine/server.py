@@ -15,8 +15,21 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
   light clients' newcomers (batcher.FairQueue). Prompts are tokenized off the event loop, and a body
   that does not arrive within `body_timeout_s` gets 408. Stop strings are capped and matched incrementally
   (protocol.py), so the event loop's work per token does not grow with them.
-* Binds 127.0.0.1 unless told otherwise. With an API key, every /v1 and /health request needs
-  `Authorization: Bearer KEY` (401 otherwise); the static page itself holds no data and asks for the key.
+* Binds 127.0.0.1 unless told otherwise. With API keys (one or several), every /v1 and /health request needs
+  `Authorization: Bearer KEY` with one of them (401 otherwise); the static page itself holds no data and asks
+  for the key. With keys, a request's client (for the fair shares and the per-client 429 above) is its key,
+  not its address: clients behind one proxy address, each with its own key, are told apart; and the
+  batcher's reserve rows then go to clients (keys) that hold few rows, with no express lane for short
+  requests (which serves clients that share an address, and would let one key's flood of short streams in).
+* Browser attacks on a local server (CSRF, DNS rebinding; `_RequestGuard`, checked before anything else):
+  a POST must be `Content-Type: application/json` (415: a cross-site form or `text/plain` fetch cannot send
+  that without a CORS preflight, which this server never grants); a request whose `Host` is not one of
+  localhost / 127.0.0.1 / [::1] / the bound host on the server's port, nor on the `allowed_hosts` list,
+  gets 421 (a rebinding page's requests carry its own domain name as Host; an IP literal cannot be rebound,
+  so with a wildcard bind (0.0.0.0, ::) any IP literal on the port is accepted); an `Origin` header, when
+  present, must be one of those loopback names or the bound host on the port, the request's own (allowed)
+  Host, or on `allowed_origins` (403 otherwise; "null" is foreign). `*` in either list turns that check
+  off. Requests without Origin (non-browser clients) or without Host (HTTP/1.0) pass those two checks.
 * Bad input gets a 4xx JSON body in OpenAI's error shape: invalid JSON (400), failed field validation (400,
   `param` names the field), unknown model (404, model_not_found), prompt + max_tokens over the context
   (400, context_length_exceeded), body over `max_body_bytes` (413), unknown route (404), wrong method (405).
@@ -27,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -37,6 +51,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -44,6 +59,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanoseek.config import ConfigError
 from nanoseek.engine.batcher import Batcher, Request
 from nanoseek.engine.protocol import (
     APIError,
@@ -64,7 +80,12 @@ log = logging.getLogger("nanoseek.serve")
 @dataclass
 class ServeConfig:
     model_name: str = "nanoseek"
-    api_key: str | None = None
+    api_key: str | None = None  # one key (kept for callers that pass one); api_keys adds more
+    api_keys: tuple[str, ...] = ()  # each request's client (fair shares, 429 per client) is the key it sent
+    host: str = "127.0.0.1"  # the bound address and port: Host / Origin headers naming them are ours
+    port: int = 8000
+    allowed_hosts: tuple[str, ...] = ()  # extra Host values: "name" (any port) or "name:port"; "*": no check
+    allowed_origins: tuple[str, ...] = ()  # extra Origins: "scheme://name[:port]"; "*": no check
     max_slots: int = 32
     max_body_bytes: int = 1 << 20
     default_temperature: float = 1.0  # OpenAI's default
@@ -80,6 +101,12 @@ class ServeConfig:
     @property
     def client_waiting_limit(self) -> int:
         return self.max_slots if self.max_client_waiting is None else self.max_client_waiting
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key, each once, in the order given (empty: no authentication)."""
+        given = ((self.api_key,) if self.api_key else ()) + tuple(self.api_keys)
+        return tuple(dict.fromkeys(k for k in given if k))
 
 
 @dataclass(eq=False)
@@ -162,22 +189,181 @@ class _Mailbox:
             queue.put_nowait(item)
 
 
+CLIENT_SCOPE_KEY = "nanoseek.client"  # set by _BearerAuth: the identity of the key a request authenticated with
+
+
 class _BearerAuth:
     """Pure ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from the app): /v1/* and
-    /health need `Authorization: Bearer KEY`."""
+    /health need `Authorization: Bearer KEY` with one of the keys; the request's scope then records which
+    key (`key-<i>`, its position: the key itself never leaves this class) as its client."""
 
-    def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app, self.expected = app, [f"Bearer {k}".encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
         if scope["type"] == "http" and (path.startswith("/v1") or path == "/health"):
             given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            match = None
+            for i, expected in enumerate(self.expected):  # compare with every key: the time says nothing
+                if hmac.compare_digest(given, expected):
+                    match = i
+            if match is None:
                 err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
                                code="invalid_api_key")
                 await JSONResponse(err.body(), status_code=401)(scope, receive, send)
                 return
+            scope[CLIENT_SCOPE_KEY] = f"key-{match}"
+        await self.app(scope, receive, send)
+
+
+# ---- Host / Origin / Content-Type: what a browser page on another site could abuse ---------------------------
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _name(host: str) -> str:
+    """A host name or address as it appears in Host / Origin: lower case, IPv6 literals in brackets."""
+    host = host.strip().lower()
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """'name[:port]' (a Host header or an allow-list entry) -> (name as `_name` writes it, port or None).
+    Raises ValueError on anything else (a path, an unbracketed IPv6 address, a bad port)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        name, rest = value[:end + 1], value[end + 1:]
+        if end < 0 or not _is_ip(name) or (rest and not rest.startswith(":")):
+            raise ValueError(value)
+        port = rest[1:] if rest else None
+    else:
+        name, _, port = value.partition(":")
+        port = port if ":" in value else None
+    if not name or any(c in name for c in "/?#@ \t") or (port is not None and not (port.isdigit() and
+                                                                                   0 < int(port) < 65536)):
+        raise ValueError(value)
+    return name, None if port is None else int(port)
+
+
+def split_origin(value: str) -> tuple[str, str, int]:
+    """'scheme://name[:port]' -> (scheme, name, port with the scheme's default filled in). Raises ValueError
+    on anything else, "null" (what sandboxed frames and file:// pages send) included."""
+    parts = urlsplit(value.strip().lower())
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") or parts.query \
+            or parts.fragment or parts.username is not None:
+        raise ValueError(value)
+    return parts.scheme, _name(parts.hostname), parts.port or DEFAULT_PORTS[parts.scheme]
+
+
+@dataclass(frozen=True)
+class RequestPolicy:
+    """Which Host and Origin headers a server bound to `host:port` accepts (see the module docstring)."""
+
+    port: int
+    names: frozenset[str]  # ours on `port`: the loopback names and the bound host
+    any_ip: bool  # bound to a wildcard address: reachable at every address of the machine
+    hosts: frozenset[tuple[str, int | None]]  # the allow-list: (name, port or None for any port)
+    origins: frozenset[tuple[str, str, int]]
+    any_host: bool
+    any_origin: bool
+
+    @classmethod
+    def of(cls, cfg: ServeConfig) -> RequestPolicy:
+        """From a ServeConfig; a malformed allow-list entry is a ConfigError naming it."""
+        hosts, origins = set(), set()
+        for h in cfg.allowed_hosts:
+            if h != "*":
+                try:
+                    hosts.add(split_host(h))
+                except ValueError:
+                    raise ConfigError(f"--allowed-host {h!r} is not a host name or address with an optional "
+                                      "port (e.g. chat.example.com or 192.168.1.5:8000), or *") from None
+        for o in cfg.allowed_origins:
+            if o != "*":
+                try:
+                    origins.add(split_origin(o))
+                except ValueError:
+                    raise ConfigError(f"--allowed-origin {o!r} is not an origin (scheme://host[:port], e.g. "
+                                      "https://chat.example.com), or *") from None
+        bound = _name(cfg.host)
+        wildcard = bound in ("0.0.0.0", "[::]", "")
+        return cls(cfg.port, LOOPBACK_NAMES | ({bound} if not wildcard else set()), wildcard, frozenset(hosts),
+                   frozenset(origins), "*" in cfg.allowed_hosts, "*" in cfg.allowed_origins)
+
+    def ours(self, name: str, port: int | None) -> bool:
+        return (name in self.names or (self.any_ip and _is_ip(name))) and port in (None, self.port)
+
+    def host_ok(self, host: str | None) -> bool:
+        if self.any_host or host is None:
+            return True
+        try:
+            name, port = split_host(host)
+        except ValueError:
+            return False
+        return self.ours(name, port) or (name, None) in self.hosts or (name, port or 80) in self.hosts
+
+    def origin_ok(self, origin: str, host: str | None) -> bool:
+        if self.any_origin:
+            return True
+        try:
+            scheme, name, port = split_origin(origin)
+        except ValueError:
+            return False
+        if (scheme, name, port) in self.origins or self.ours(name, port):
+            return True
+        if self.any_host or host is None:  # without a Host check, "same as Host" would admit a rebinding page
+            return False
+        try:  # the page was served under the Host this request carries (and that Host passed its check)
+            h_name, h_port = split_host(host)
+        except ValueError:
+            return False
+        return (name, port) == (h_name, h_port or DEFAULT_PORTS[scheme]) and self.host_ok(host)
+
+
+class _RequestGuard:
+    """Pure ASGI middleware, outermost: refuses a foreign Host (421), a foreign Origin (403), and a POST whose
+    body is not declared as JSON (415), each in OpenAI's error shape, before authentication or routing."""
+
+    def __init__(self, app, policy: RequestPolicy):
+        self.app, self.policy = app, policy
+
+    def _refusal(self, scope) -> APIError | None:
+        headers: dict[bytes, list[bytes]] = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.lower(), []).append(v)
+        hosts, origins = headers.get(b"host", []), headers.get(b"origin", [])
+        if len(hosts) > 1 or len(origins) > 1:
+            return APIError(400, "a request carries one Host and at most one Origin header")
+        host = hosts[0].decode("latin-1") if hosts else None
+        raw_origin = origins[0] if origins else None
+        if not self.policy.host_ok(host):
+            return APIError(421, f"this server does not answer to Host {host!r} (a DNS-rebinding guard); start "
+                                 "it with --allowed-host NAME to accept it", code="host_not_allowed")
+        if raw_origin is not None and not self.policy.origin_ok(origin := raw_origin.decode("latin-1"), host):
+            return APIError(403, f"requests from Origin {origin!r} are not allowed (a cross-site request guard); "
+                                 "start the server with --allowed-origin ORIGIN to accept it",
+                            code="origin_not_allowed")
+        if scope["method"] == "POST":
+            ctype = b",".join(headers.get(b"content-type", [])).decode("latin-1")
+            if ctype.split(";")[0].strip().lower() != "application/json":
+                return APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
+                                code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and (err := self._refusal(scope)) is not None:
+            await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
@@ -185,10 +371,15 @@ class Server:
     def __init__(self, model, tokenizer, cfg: ServeConfig | None = None):
         self.cfg = cfg or ServeConfig()
         self.tokenizer = tokenizer
-        self.batcher = Batcher(model, tokenizer.eos_id, max_slots=self.cfg.max_slots)
+        # with keys a client is its key, so the reserve rows go by identity alone: the express lane (any short
+        # request may take a reserve row) exists for clients that share one address, and on a short context it
+        # would let one key's flood of short streams take the reserve as well
+        self.batcher = Batcher(model, tokenizer.eos_id, max_slots=self.cfg.max_slots,
+                               **({"express_tokens": 0} if self.cfg.keys else {}))
         token_bytes(tokenizer)  # build the detokenizer's table now, not during the first request
         self.context = self.batcher.max_seq_len
         self.created = int(time.time())
+        self.policy = RequestPolicy.of(self.cfg)
         self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
         self.app = self._build_app()
 
@@ -204,8 +395,9 @@ class Server:
 
         app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-        if self.cfg.api_key:
-            app.add_middleware(_BearerAuth, key=self.cfg.api_key)
+        if self.cfg.keys:
+            app.add_middleware(_BearerAuth, keys=self.cfg.keys)
+        app.add_middleware(_RequestGuard, policy=self.policy)  # added last: runs first
 
         @app.exception_handler(APIError)
         async def api_error(_, e: APIError):
@@ -273,7 +465,11 @@ class Server:
 
     @staticmethod
     def _client(request: HTTPRequest) -> object:
-        """Who asks, for fair shares: the peer address (behind a proxy that is the proxy)."""
+        """Who asks, for fair shares: the API key it authenticated with when the server has keys, otherwise
+        the peer address (behind a proxy that is the proxy)."""
+        key = request.scope.get(CLIENT_SCOPE_KEY)
+        if key is not None:
+            return key
         return request.client.host if request.client else None
 
     def _model_card(self) -> dict:
@@ -472,8 +668,12 @@ def load_server(run_dir: str | Path, cfg: ServeConfig | None = None, device: str
     return Server(model, tokenizer, cfg)
 
 
-def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(server: Server, log_level: str = "info") -> None:
+    """Run the server on its config's host and port (which its Host / Origin checks name as its own).
+    uvicorn's proxy headers are off: by default it believes `X-Forwarded-For` from 127.0.0.1, so any local
+    client could name its own address and take a fresh fair share (and 429 budget) per request."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    uvicorn.run(server.app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(server.app, host=server.cfg.host, port=server.cfg.port, log_level=log_level,
+                timeout_graceful_shutdown=5, proxy_headers=False)
