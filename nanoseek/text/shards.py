@@ -41,6 +41,7 @@ from nanoseek.text.sources import ReadStats, discover, kind_of, read_documents, 
 
 BOUNDARY_ID = 1  # nanoseek's <|eos|>: the document separator, as pack_documents uses it
 PART_VERSION = 1  # bump when the part format or the split rule changes (old parts are then rebuilt)
+KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_PARTS"  # tests only: SIGKILL this process after that many parts
 INLINE_BYTES = 4 << 20  # below this much new text, tokenize in this process (no worker start-up cost)
 ENCODE_BATCH = 256  # pieces per encode_batch call
 
@@ -260,9 +261,14 @@ def _run_jobs(jobs: list[dict], todo_bytes: int, workers: int | None, progress) 
             bar.update(task, advance=1, rate=f"{rate:.1f} MB/s")
 
         if inline:
-            for job in jobs:
+            kill_after = int(os.environ.get(KILL_ENV, "-1"))
+            for n, job in enumerate(jobs, 1):
                 build_part(job)
                 advance(job)
+                if n == kill_after:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 futures = {pool.submit(build_part, job): job for job in sorted(jobs, key=lambda j: -j["size"])}
