@@ -303,3 +303,20 @@ def test_a_100_mb_file_with_no_newline_tokenizes_in_bounded_pieces(tmp_path, tok
     shards = build_shards([str(big)], tokenizer_file, tmp_path / "shards", 400, progress=None)
     assert shards.manifest["bytes"] == 100_000_000
     assert shards.manifest["split"]["train"]["tokens"] + shards.manifest["split"]["val"]["tokens"] > 10_000_000
+
+
+def test_two_process_ddp_on_text_matches_one_process(tmp_path, corpus):
+    one = run_cli(text_args(tmp_path, corpus, "one", steps=3))
+    assert one.returncode == 0, one.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "nanoseek.cli", *text_args(tmp_path, corpus, "ddp", steps=3)], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr
+    ref = read_metrics(tmp_path / "one" / "metrics.jsonl")
+    got = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3]
+    for a, b in zip(ref, got):
+        for k in ("loss", "eval_loss", "val_bpb"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5), (a["step"], k)
+    assert (tmp_path / "ddp" / "shards" / "manifest.json").exists()  # rank 0 built them, rank 1 waited
