@@ -347,8 +347,10 @@ def _assemble(out_dir: Path, sources: list[dict], metas: list[dict], tok_digest:
         _concat(out_dir / "val.bin", val)
     atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     if progress:
+        val = totals["val"]
+        bpt = val["bytes"] / max(1, val["tokens"] - val["documents"])
         progress(f"corpus: {stats.documents:,} documents, {stats.bytes / 1e6:.1f} MB; train {totals['train']['tokens']:,} "
-                 f"/ held-out {totals['val']['tokens']:,} tokens; skipped: {stats.skip_line()}")
+                 f"/ held-out {val['tokens']:,} tokens ({bpt:.2f} bytes/token); skipped: {stats.skip_line()}")
     return Shards(out_dir, manifest)
 
 
