@@ -69,3 +69,28 @@ def test_carried_tokens_keep_their_own_policys_logprobs(base):
 def test_partial_with_dynamic_sampling_is_refused():
     with pytest.raises(ConfigError):
         GRPOConfig(partial_rollout_tokens=8, dynamic_sampling=True).validate()
+
+
+def test_resume_and_torchrun_are_refused_before_any_work(base, tmp_path, monkeypatch, capsys):
+    """The carried trajectories are neither checkpointed nor shared between processes: resuming a run with
+    partial rollouts, or starting one under torchrun, is one clear line before anything is written."""
+    from nanoseek import cli
+    from nanoseek.train import grpo
+    from nanoseek.train.common import Dist
+
+    kw = dict(steps=1, group_size=2, prompts_per_step=1, max_new_tokens=8, ckpt_every=1,
+              partial_rollout_tokens=4)
+    out = tmp_path / "partial"
+    train_grpo(base, out, GRPOConfig(**kw), device="cpu", quiet=True)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="cannot be resumed"):
+        train_grpo(base, out, GRPOConfig(**{**kw, "steps": 2}), resume=True, device="cpu", quiet=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written or dropped
+    assert cli.main(["rl", "--init", str(base), "--out", str(out), "--resume", "--steps", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "partial-rollout-tokens" in err and len(err.splitlines()) == 1
+    # two processes (torchrun): refused before the model loads or the run directory exists
+    monkeypatch.setattr(grpo, "setup_distributed", lambda device: Dist(rank=0, world=2))
+    with pytest.raises(ConfigError, match="one process"):
+        train_grpo(base, tmp_path / "two", GRPOConfig(**kw), device="cpu", quiet=True)
+    assert not (tmp_path / "two").exists()

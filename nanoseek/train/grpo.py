@@ -74,7 +74,7 @@ from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_r
 from nanoseek.train import precision as prec
 from nanoseek.train.common import Dist, enable_compile, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
-from nanoseek.train.partial_rollouts import PartialRollouts
+from nanoseek.train.partial_rollouts import PartialRollouts, check_partial_rollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
                                     length_rewards, overlong_penalty)
 from nanoseek.train.shared_prefix import Packed, pack, packed_hidden, plan_micro_batches
@@ -609,6 +609,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
+    check_partial_rollouts(cfg.partial_rollout_tokens, resume, dist.world)
     model, init_cfg, _ = load_run_model(init, device=dist.device)
     model = prec.apply(model, cfg.precision)
     tok_path = init / "tokenizer.json"

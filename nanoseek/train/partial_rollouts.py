@@ -9,8 +9,9 @@ finished; its members that finished earlier wait for it. With `budget >= max_new
 carried and an iteration is exactly grpo.rollout_groups (same engine call, same seeds, same shaping).
 
 Simplifications: one process only (torchrun is refused: the carried state is per process); no DAPO dynamic
-sampling with partial rollouts; the carried trajectories are not
-checkpointed (a resumed run drops them and draws fresh groups); no repeat detection (k1.5 also penalises
+sampling with partial rollouts; the carried trajectories are not checkpointed, so resuming such a run is
+refused (`check_partial_rollouts`, before any work) rather than silently dropping them and drawing fresh
+groups (a resumed run would differ from an uninterrupted one); no repeat detection (k1.5 also penalises
 repeated segments); the continuation of all carried trajectories is one batched engine call with the budget
 cut per trajectory after generation (a prefix of a sample is a sample).
 """
@@ -19,6 +20,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from nanoseek.config import ConfigError
+
+
+
+def check_partial_rollouts(budget: int, resume: bool, world: int) -> None:
+    """Refuse, with one line, what partial rollouts do not support: torchrun (world > 1) and --resume."""
+    if not budget:
+        return
+    if world > 1:
+        raise ConfigError(f"--partial-rollout-tokens runs in one process (the carried trajectories are per "
+                          f"process), got {world} processes: run it without torchrun")
+    if resume:
+        raise ConfigError("this run uses --partial-rollout-tokens, whose unfinished trajectories are not "
+                          "checkpointed: it cannot be resumed exactly (start a new run in another --out)")
 
 
 @dataclass
