@@ -47,6 +47,42 @@ def test_compile_flag_refuses_unsupported_combinations():
     assert not any(getattr(m, "compiled", False) for m in model.modules())
 
 
+def test_compile_refusals_come_before_any_write(tmp_path, monkeypatch, capsys):
+    """--compile with fp8 / --ep / --pp is one clear line before the run directory exists (it used to come after
+    config.json and tokenizer.json were written); an SFT resume in fp8 leaves config.json as it was."""
+    from nanoseek import cli
+    from nanoseek.commands import pretrain as pretrain_cmd
+    from nanoseek.corpus import corpus_texts
+    from nanoseek.train.common import Dist
+    from tests.tiny_runs import write_tiny_run
+
+    def refused(argv: list[str], out) -> None:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "--compile" in err and len(err.splitlines()) == 1, err
+        assert not out.exists(), sorted(out.rglob("*"))
+
+    refused(pretrain_args(tmp_path, "fp8") + ["--precision", "fp8", "--compile"], tmp_path / "fp8")
+    base = write_tiny_run(tmp_path / "base", corpus_texts("arithmetic", 100, seed=0))
+    refused(["rl", "--init", str(base), "--out", str(tmp_path / "rl"), "--precision", "fp8", "--compile"],
+            tmp_path / "rl")
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    sft = ["sft", "--init", str(base), "--data", str(data), "--out", str(tmp_path / "sft"), "--steps", "1",
+           "--batch-size", "1", "--seq-len", "32"]
+    refused(sft + ["--precision", "fp8", "--compile"], tmp_path / "sft")
+    assert cli.main(sft) == 0
+    stored = (tmp_path / "sft" / "config.json").read_bytes()
+    assert cli.main(["sft", "--out", str(tmp_path / "sft"), "--resume", "--steps", "2", "--precision", "fp8",
+                     "--compile"]) == 2
+    assert "--compile" in capsys.readouterr().err
+    assert (tmp_path / "sft" / "config.json").read_bytes() == stored
+    # two processes (as under torchrun): --ep 2 / --pp 2 with --compile
+    monkeypatch.setattr(pretrain_cmd, "setup_distributed", lambda device: Dist(rank=0, world=2))
+    for flags in (["--ep", "2"], ["--pp", "2"]):
+        refused(pretrain_args(tmp_path, "par") + flags + ["--compile"], tmp_path / "par")
+
+
 def _loss_and_grads(model, ids, targets=None, positions=None, mask=None):
     model.zero_grad(set_to_none=True)
     if mask is None:

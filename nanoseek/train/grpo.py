@@ -72,7 +72,7 @@ from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train import precision as prec
-from nanoseek.train.common import Dist, enable_compile, setup_distributed
+from nanoseek.train.common import Dist, check_compile, enable_compile, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 from nanoseek.train.partial_rollouts import PartialRollouts, check_partial_rollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
@@ -610,6 +610,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
     check_partial_rollouts(cfg.partial_rollout_tokens, resume, dist.world)
+    check_compile(cfg.compile, ep, 1, cfg.precision)  # before any work or write
     model, init_cfg, _ = load_run_model(init, device=dist.device)
     model = prec.apply(model, cfg.precision)
     tok_path = init / "tokenizer.json"
