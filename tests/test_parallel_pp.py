@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.parallel.pipeline import stage_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from diffs import small  # noqa: E402
+from diffs import small, worst  # noqa: E402
 from test_train import env, finish  # noqa: E402
 
 SCHEDULES = ("1f1b", "zbv", "dualpipev")
@@ -114,3 +115,12 @@ def test_pp_config_errors(tmp_path, capsys):
     assert cli.main(pretrain_args(tmp_path, "bad") + ["--pp", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "torchrun" in err and len(err.splitlines()) == 1
+
+
+def test_difference_reductions_keep_nan():
+    """The equivalence workers reduce differences with diffs.worst: a NaN among them fails the tolerance, where
+    Python's max (what they used) drops it when it comes after a number."""
+    nan = float("nan")
+    assert max(0.0, nan) == 0.0 and max([1e-9, nan]) < 1e-5  # the pitfall
+    assert not small(worst([1e-9, nan, 2e-9]), 1e-5) and not small(worst([float("inf")]), 1e-5)
+    assert worst([1e-9, torch.tensor([3e-9, 2e-9], dtype=torch.float64)]) == 3e-9 and small(3e-9, 1e-5)

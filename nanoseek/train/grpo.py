@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import shutil
 import signal
@@ -438,7 +439,7 @@ def count_expert_loads(model, rows: list[int], prompts: list[list[int]], complet
 def _all_reduce_max(dist: Dist, x: float) -> float:
     if not dist.active:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=dist.device)
+    t = torch.tensor([x], dtype=torch.float64, device=dist.device).nan_to_num(nan=math.inf)  # MAX may drop NaN
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return float(t.item())
 
@@ -503,7 +504,9 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             sums["entropy"] += float((ent.detach() * mb_mask).sum())
             sums["tokens"] += float(mb_mask.sum())
             if first:
-                logp_diff = max(logp_diff, float(((logp.detach() - mb_old).abs() * mb_mask).max()))
+                # NaN-propagating (Python's max(0.0, nan) is 0.0): a NaN log-prob must show in the metric
+                d = float(torch.where(mb_mask > 0, (logp.detach() - mb_old).abs(), 0.0).max())
+                logp_diff = math.nan if math.isnan(d) or math.isnan(logp_diff) else max(logp_diff, d)
         sums["rows"] = float(len(rows))
     else:  # under --ep this rank still joins every forward/backward of the others (exact zeros from it)
         if parallel is not None and counts_idle:
