@@ -1,5 +1,8 @@
 """Partial rollouts (Kimi k1.5): with a budget no response reaches, GRPO is unchanged exactly; with a small one,
-carried trajectories are continued by the newer policy and every token keeps its own sampler's log-prob."""
+carried trajectories are continued by the newer policy and every token keeps its own sampler's log-prob; a
+resumed run continues the checkpointed trajectories exactly; torchrun is refused."""
+
+import json
 
 import pytest
 import torch
@@ -71,26 +74,58 @@ def test_partial_with_dynamic_sampling_is_refused():
         GRPOConfig(partial_rollout_tokens=8, dynamic_sampling=True).validate()
 
 
-def test_resume_and_torchrun_are_refused_before_any_work(base, tmp_path, monkeypatch, capsys):
-    """The carried trajectories are neither checkpointed nor shared between processes: resuming a run with
-    partial rollouts, or starting one under torchrun, is one clear line before anything is written."""
-    from nanoseek import cli
+def test_resume_continues_the_carried_trajectories_exactly(base, tmp_path):
+    """The carried trajectories are part of the checkpoint: 2 steps, then --resume to 4, equals 4 steps in one
+    go (every metric but timings, and the final weights bit for bit), with trajectories really carried over the
+    cut (a resume that dropped them would draw fresh groups: other rewards, lengths and weights)."""
+    kw = dict(group_size=2, prompts_per_step=2, max_new_tokens=8, ckpt_every=1, partial_rollout_tokens=3,
+              bias_update=False)
+    train_grpo(base, tmp_path / "full", GRPOConfig(steps=4, **kw), device="cpu", quiet=True)
+    train_grpo(base, tmp_path / "cut", GRPOConfig(steps=2, **kw), device="cpu", quiet=True)
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step_2" / "state.json").read_text())
+    assert any(t["finish"] is None for t in state["partial"]["carried"])  # unfinished trajectories at the cut
+    train_grpo(base, tmp_path / "cut", GRPOConfig(steps=4, **kw), resume=True, device="cpu", quiet=True)
+    a, b = read_metrics(tmp_path / "full" / "metrics.jsonl"), read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    timing = {"gen_s", "train_s", "tokens_per_s", "elapsed_s", "verify_s", "checks_per_s", "step_s"}
+    for ra, rb in zip(a, b):
+        assert {k: v for k, v in ra.items() if k not in timing} == {k: v for k, v in rb.items() if k not in timing}
+    assert a[1]["carried"] > 0 and a[2]["groups_trained"] > 0
+    ma, mb = load_run_model(tmp_path / "full")[0], load_run_model(tmp_path / "cut")[0]
+    for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+@pytest.mark.parametrize("task_name", ["arithmetic", "countdown", "math"])
+def test_carried_problems_survive_the_json_checkpoint(task_name):
+    """A carried trajectory's Problem goes through state.json: after the round trip its reference solution
+    scores the same (right) and its flawed one the same (wrong)."""
+    import random
+
+    from nanoseek.tasks import get_task
+    from nanoseek.train.partial_rollouts import Trajectory
+
+    task, rng = get_task(task_name), random.Random(0)
+    pr = PartialRollouts(budget=4)
+    pr.carried = [Trajectory([1, 2], task.sample(rng), -1, g, [5, 6], [-0.25, -1.5], [1, 1]) for g in range(4)]
+    pr.next_group = 4
+    back = PartialRollouts(budget=4)
+    back.load(json.loads(json.dumps(pr.state())))
+    assert json.dumps(back.state()) == json.dumps(pr.state()) and back.next_group == 4  # (tuples come back lists)
+    for t, u in zip(pr.carried, back.carried):
+        for flawed in (False, True):
+            texts = [task.solution(x.problem, random.Random(1), flawed=flawed) for x in (t, u)]
+            assert texts[0] == texts[1]
+            assert task.score_batch([u.problem], texts[1:], [False])[0].correct == (not flawed)
+
+
+def test_torchrun_is_refused_before_any_work(base, tmp_path, monkeypatch):
+    """The carried trajectories are per process: under torchrun (world > 1) the run is one clear line before
+    the model loads or the run directory exists."""
     from nanoseek.train import grpo
     from nanoseek.train.common import Dist
 
-    kw = dict(steps=1, group_size=2, prompts_per_step=1, max_new_tokens=8, ckpt_every=1,
-              partial_rollout_tokens=4)
-    out = tmp_path / "partial"
-    train_grpo(base, out, GRPOConfig(**kw), device="cpu", quiet=True)
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    with pytest.raises(ConfigError, match="cannot be resumed"):
-        train_grpo(base, out, GRPOConfig(**{**kw, "steps": 2}), resume=True, device="cpu", quiet=True)
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written or dropped
-    assert cli.main(["rl", "--init", str(base), "--out", str(out), "--resume", "--steps", "2"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "partial-rollout-tokens" in err and len(err.splitlines()) == 1
-    # two processes (torchrun): refused before the model loads or the run directory exists
     monkeypatch.setattr(grpo, "setup_distributed", lambda device: Dist(rank=0, world=2))
     with pytest.raises(ConfigError, match="one process"):
-        train_grpo(base, tmp_path / "two", GRPOConfig(**kw), device="cpu", quiet=True)
+        train_grpo(base, tmp_path / "two", GRPOConfig(steps=1, partial_rollout_tokens=4), device="cpu", quiet=True)
     assert not (tmp_path / "two").exists()
