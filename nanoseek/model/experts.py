@@ -24,9 +24,11 @@ An expert that receives no token is not an input of the function at all (`routed
 busy experts' weights), so it is not in the autograd graph, as with the autograd loop, and its gradient stays
 None (the trainers fill zeros). Were its weights inputs with a None gradient, plain backward would be fine but
 torch.distributed.pipelining's split weight backward (ZB-V, DualPipeV), which asks autograd for the gradient of
-every parameter it finds in the graph, fails ("appears to not have been used in the graph"). Used for FP32 training and
-FP32 no-grad forwards; FP8 experts (per-weight quantization) and autocast (BF16) keep the autograd loop.
-Tested against that loop (outputs and every gradient) and by `torch.autograd.gradcheck` in float64.
+every parameter it finds in the graph, fails ("appears to not have been used in the graph").
+
+Used for FP32 training and FP32 no-grad forwards; FP8 experts (per-weight quantization) and autocast (BF16)
+keep the autograd loop. Tested against that loop (outputs and every gradient) and by `torch.autograd.gradcheck`
+in float64.
 """
 from __future__ import annotations
 
