@@ -1,22 +1,27 @@
 """Run under torchrun by tests/test_parallel_ep.py: one training step of a micro MoE model with expert
 parallelism against the same step in one process on the whole global batch (computed by every rank itself,
 no communication), for a given expert plan. Writes the largest differences (over ranks) to argv[1] as JSON: gradients, parameters and
-the clip norm absolute, the gathered checkpoint (weights and AdamW moments) relative to each tensor's scale.
+the clip norm absolute, the gathered checkpoint (weights and AdamW moments) relative to each tensor's scale;
+a NaN anywhere comes out as +inf (tests/diffs.py), which fails every tolerance.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/parallel_worker.py OUT.json EP [redundant]
 """
 import copy
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from nanoseek.config import ModelConfig
-from nanoseek.model import Transformer
-from nanoseek.parallel.eplb import rebalance_experts
-from nanoseek.parallel.expert_parallel import ExpertParallel, make_mesh
-from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, fill_missing_grads
+sys.path.insert(0, str(Path(__file__).parent))
+from diffs import worst, worst_over_ranks  # noqa: E402
+
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.model import Transformer  # noqa: E402
+from nanoseek.parallel.eplb import rebalance_experts  # noqa: E402
+from nanoseek.parallel.expert_parallel import ExpertParallel, make_mesh  # noqa: E402
+from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, fill_missing_grads  # noqa: E402
 
 MICRO = {"vocab_size": 64, "dim": 32, "inter_dim": 64, "moe_inter_dim": 32, "n_layers": 3, "n_dense_layers": 1,
          "n_heads": 2, "n_routed_experts": 8, "n_shared_experts": 1, "n_activated_experts": 2, "kv_lora_rank": 16,
@@ -74,31 +79,27 @@ def main() -> None:
         return name
 
     prefixes = {n + ".": m.ep for n, m in model.named_modules() if getattr(m, "ep", None) is not None}
-    grad_diff = max((p.grad - ref_grads[logical_name(n, prefixes)]).abs().max().item()
-                    for n, p in model.named_parameters())
+    grad_diff = worst((p.grad - ref_grads[logical_name(n, prefixes)]).abs() for n, p in model.named_parameters())
     opt.step()
     ref_params = dict(ref.named_parameters())
-    param_diff = max((p - ref_params[logical_name(n, prefixes)]).abs().max().item()
-                     for n, p in model.named_parameters())
+    param_diff = worst((p - ref_params[logical_name(n, prefixes)]).abs() for n, p in model.named_parameters())
     # the gathered single-model layout equals the one-process model after the step
     full, full_opt = par.gather(model, opt, _fresh_pair)
     gather_diff = 0.0
     if rank == 0:
         sd, rsd = full.state_dict(), ref.state_dict()
         assert sorted(sd) == sorted(rsd)
-        gather_diff = max(rel(sd[k], rsd[k]) for k in sd)
+        gather_diff = worst(rel(sd[k], rsd[k]) for k in sd)
         ro, go = ref_opt.state_dict(), full_opt.state_dict()
         assert ro["param_groups"] == go["param_groups"]
-        gather_diff = max(gather_diff, max(rel(go["state"][i][k], ro["state"][i][k])
-                                           for i in ro["state"] for k in ("exp_avg", "exp_avg_sq")))
-    result = torch.tensor([grad_diff, param_diff, abs(norm - ref_norm), gather_diff])
-    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+        gather_diff = worst([gather_diff] + [rel(go["state"][i][k], ro["state"][i][k])
+                                             for i in ro["state"] for k in ("exp_avg", "exp_avg_sq")])
+    result = worst_over_ranks([grad_diff, param_diff, abs(norm - ref_norm), gather_diff])  # NaN -> +inf
     n_local = torch.tensor([len(m.experts) for m in model.moe_layers()])
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump({"grad": result[0].item(), "param": result[1].item(), "norm": result[2].item(),
-                       "gathered": result[3].item(), "ref_norm": ref_norm, "local_experts": n_local.tolist(),
-                       "sent_bytes": par.sent_bytes()}, f)
+            json.dump({"grad": result[0], "param": result[1], "norm": result[2], "gathered": result[3],
+                       "ref_norm": ref_norm, "local_experts": n_local.tolist(), "sent_bytes": par.sent_bytes()}, f)
     dist.destroy_process_group()
 
 

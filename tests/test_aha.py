@@ -150,3 +150,44 @@ def test_check_credit_on_scripted_rollouts(monkeypatch, tmp_path):
     assert math.isclose(c["mean_advantage_checked"], 1 / math.sqrt(2), rel_tol=1e-3)
     assert math.isclose(c["mean_advantage_not_checked"], -1 / math.sqrt(2), rel_tol=1e-3)
     assert (c["len_checked"], c["len_not_checked"]) == (12, 5)
+
+
+def test_evaluate_long_on_scripted_samples(monkeypatch, tmp_path):
+    """The held-out figures behind the summary (base_/rl_ pass1, len, check_rate, long_tokens_per_correct) on
+    scripted samples, against values counted by hand. Each problem at T=0.6 gets three samples: a checked right
+    one (12 tokens), a plain wrong one (5) and a plain right one (8); T=1.0 is always wrong, greedy always
+    right. Swapping right and checked, averaging lengths over the wrong samples or mixing the temperatures
+    changes some figure below."""
+    from types import SimpleNamespace
+
+    import nanoseek.engine
+    import nanoseek.tokenizer
+    import nanoseek.train.checkpoint
+    from nanoseek.commands.aha import AhaConfig, evaluate_long
+
+    class FakeEngine:
+        def __init__(self, model, tok):
+            pass
+
+        def generate(self, prompts, max_new_tokens, temperature, top_p, seed):
+            outs = []
+            for i, p in enumerate(prompts):
+                ans = eval(p[len("Compute "):-1].replace("/", "//"))
+                kind = "right" if temperature == 0.0 else "wrong" if temperature == 1.0 else \
+                    ("checked", "wrong", "right")[i % 3]
+                text, n = {"checked": (f"<think>1+1=3. check: 1+1=2.</think><answer>{ans}</answer>", 12),
+                           "wrong": (f"<think></think><answer>{ans + 1}</answer>", 5),
+                           "right": (f"<think></think><answer>{ans}</answer>", 8)}[kind]
+                outs.append(SimpleNamespace(text=text, tokens=[0] * n, finish_reason="stop"))
+            return outs
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", FakeEngine)
+    monkeypatch.setattr(nanoseek.train.checkpoint, "load_run_model", lambda run: (None, None, None))
+    monkeypatch.setattr(nanoseek.train.checkpoint, "latest_checkpoint", lambda path: path / "step_1")
+    monkeypatch.setattr(nanoseek.tokenizer.Tokenizer, "load",
+                        staticmethod(lambda path: SimpleNamespace(prompt_ids=lambda prompt: prompt)))
+    r = evaluate_long(tmp_path, AhaConfig(out=str(tmp_path), eval_n=4, eval_samples=3))
+    assert (r["pass1"], r["pass1_t1"], r["greedy"]) == (pytest.approx(2 / 3), 0.0, 1.0)
+    assert r["mean_len"] == pytest.approx((12 + 5 + 8) / 3) and r["tokens_per_correct"] == pytest.approx(10.0)
+    assert r["check_rate"] == pytest.approx(1 / 3) and r["check_changed_rate"] == pytest.approx(1 / 3)
+    assert r["pass1_when_checked"] == 1.0 and r["pass1_when_not_checked"] == pytest.approx(0.5)

@@ -1,7 +1,8 @@
 """torch.compile of the training path (Transformer.compile_training, --compile): equal to eager to float rounding.
 
 The compiled tests trace and build C++ kernels (tens of seconds on 2 cores, more with a cold inductor cache), so
-they are marked slow; the real-valued RoPE and the flag checks are default tests."""
+they are marked slow; the real-valued RoPE, the flag checks and one traced (dynamo, "eager" backend) forward +
+backward against eager are default tests."""
 from __future__ import annotations
 
 import copy
@@ -47,6 +48,42 @@ def test_compile_flag_refuses_unsupported_combinations():
     assert not any(getattr(m, "compiled", False) for m in model.modules())
 
 
+def test_compile_refusals_come_before_any_write(tmp_path, monkeypatch, capsys):
+    """--compile with fp8 / --ep / --pp is one clear line before the run directory exists (it used to come after
+    config.json and tokenizer.json were written); an SFT resume in fp8 leaves config.json as it was."""
+    from nanoseek import cli
+    from nanoseek.commands import pretrain as pretrain_cmd
+    from nanoseek.corpus import corpus_texts
+    from nanoseek.train.common import Dist
+    from tests.tiny_runs import write_tiny_run
+
+    def refused(argv: list[str], out) -> None:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "--compile" in err and len(err.splitlines()) == 1, err
+        assert not out.exists(), sorted(out.rglob("*"))
+
+    refused(pretrain_args(tmp_path, "fp8") + ["--precision", "fp8", "--compile"], tmp_path / "fp8")
+    base = write_tiny_run(tmp_path / "base", corpus_texts("arithmetic", 100, seed=0))
+    refused(["rl", "--init", str(base), "--out", str(tmp_path / "rl"), "--precision", "fp8", "--compile"],
+            tmp_path / "rl")
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    sft = ["sft", "--init", str(base), "--data", str(data), "--out", str(tmp_path / "sft"), "--steps", "1",
+           "--batch-size", "1", "--seq-len", "32"]
+    refused(sft + ["--precision", "fp8", "--compile"], tmp_path / "sft")
+    assert cli.main(sft) == 0
+    stored = (tmp_path / "sft" / "config.json").read_bytes()
+    assert cli.main(["sft", "--out", str(tmp_path / "sft"), "--resume", "--steps", "2", "--precision", "fp8",
+                     "--compile"]) == 2
+    assert "--compile" in capsys.readouterr().err
+    assert (tmp_path / "sft" / "config.json").read_bytes() == stored
+    # two processes (as under torchrun): --ep 2 / --pp 2 with --compile
+    monkeypatch.setattr(pretrain_cmd, "setup_distributed", lambda device: Dist(rank=0, world=2))
+    for flags in (["--ep", "2"], ["--pp", "2"]):
+        refused(pretrain_args(tmp_path, "par") + flags + ["--compile"], tmp_path / "par")
+
+
 def _loss_and_grads(model, ids, targets=None, positions=None, mask=None):
     model.zero_grad(set_to_none=True)
     if mask is None:
@@ -56,6 +93,40 @@ def _loss_and_grads(model, ids, targets=None, positions=None, mask=None):
         loss = model.logits(model.hidden(ids, positions, mask)).logsumexp(-1).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_compiled_trace_equals_eager_fast(monkeypatch):
+    """The default suite's compiled-vs-eager check (the inductor ones below are slow: minutes of C++ builds on
+    2 cores): one forward + backward of a dense and a MoE block through torch.compile's trace with the "eager"
+    backend (dynamo captures the graphs, breaking at the MoE dispatch, and runs them as captured), so the
+    code paths that exist only under compile (`is_compiling()` branches such as the real-valued RoPE, guards on
+    dynamic shapes) must give eager's loss and gradients. Inductor's own kernels are the slow tests' part."""
+    import torch._dynamo
+
+    from nanoseek.model import transformer
+
+    torch._dynamo.reset()
+    traced = torch.compile(transformer._block_train_forward, dynamic=True, backend="eager")
+    monkeypatch.setattr(transformer, "_compiled_block", lambda: traced)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_dense_layers=1,
+                      n_heads=2, n_routed_experts=4, n_activated_experts=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                      qk_rope_head_dim=8, v_head_dim=8, max_seq_len=64, original_seq_len=64, n_mtp=0).validate()
+    eager = Transformer(cfg).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_training()
+    torch._dynamo.utils.counters.clear()
+    s = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    try:
+        la, ga = _loss_and_grads(eager, s[:, :-1], s[:, 1:])
+        lb, gb = _loss_and_grads(compiled, s[:, :-1], s[:, 1:])
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the traced path really ran
+    finally:
+        torch._dynamo.reset()
+    assert set(ga) == set(gb) and len(ga) > 10
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-6)
+    for k in ga:
+        torch.testing.assert_close(gb[k], ga[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 @pytest.mark.slow

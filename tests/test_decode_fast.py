@@ -135,3 +135,17 @@ def test_cache_workspace_reused_across_calls_of_other_shapes():
         kw = dict(max_new_tokens=n, temperature=1.0, seed=list(range(len(prompts))))
         assert_same(eng.generate(prompts, **kw), ref.generate(prompts, **kw))
     assert eng._workspace.buffers[0].size(0) == 2 * len(RAGGED)
+
+
+@pytest.mark.parametrize("rank", [15, 16])
+def test_odd_kv_lora_rank_falls_back_and_decodes_like_naive_recompute(rank, monkeypatch):
+    """An odd kv_lora_rank (which ModelConfig accepts) is refused by the lean decoder (its in-place rope views
+    rows of r + d floats as complex pairs) and runs on the shared path, whose rope copes with the odd offset of
+    the rope part at batch 1 and batch > 1: greedy tokens equal naive recompute."""
+    model = make_model(seed=2, kv_lora_rank=rank)
+    engine = Engine(model, eos_id=-1)
+    steps = count_lean_steps(monkeypatch)
+    for batch in ([RAGGED[0]], RAGGED[:3]):
+        out = engine.generate(batch, max_new_tokens=6, temperature=0.0)
+        assert [o.tokens for o in out] == [naive_greedy(model, p, 6) for p in batch]
+    assert bool(steps) == (rank % 2 == 0)  # the lean decoder ran for the even rank only

@@ -71,10 +71,30 @@ def test_trainer_prefers_chosen_and_resumes(run, tmp_path):
     assert rows[-1]["loss"] < 0.6 and rows[-1]["margin"] > 0
     assert latest_checkpoint(out / "checkpoints").name == "step_8"
     load_run_model(out)  # a run directory the next stage can load
-    s2 = train_dpo(out, DPOConfig(steps=10), resume=True, quiet=True)
+    s2 = train_dpo(out, None, resume=True, quiet=True, steps=10)
     assert s2["step"] == 10
     with pytest.raises(ConfigError):
         train_dpo(out, cfg, quiet=True)  # checkpoints present without --resume
+
+
+def test_cli_resume_keeps_the_stored_step_count(run, tmp_path, capsys):
+    """`dpo --resume` without --steps continues to the run's own total (here 3, done: no new step), not the
+    default of 100; --steps extends it."""
+    from nanoseek import cli
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in make_pairs(8)))
+    out = tmp_path / "dpo"
+    assert cli.main(["dpo", "--init", str(run), "--data", str(data), "--out", str(out), "--steps", "3",
+                     "--batch-size", "4"]) == 0
+    capsys.readouterr()
+    assert cli.main(["dpo", "--out", str(out), "--resume"]) == 0
+    assert "done: step 3," in capsys.readouterr().out
+    assert latest_checkpoint(out / "checkpoints").name == "step_3"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "config.json").read_text())["dpo"]["steps"] == 3
+    assert cli.main(["dpo", "--out", str(out), "--resume", "--steps", "4"]) == 0
+    assert latest_checkpoint(out / "checkpoints").name == "step_4"
 
 
 def test_bad_pair_files(tmp_path):

@@ -2,10 +2,13 @@
 distributions, MTP speculative decoding against plain decoding (greedy: identical tokens; sampling: the exact
 law of the outputs, by enumerating every random draw)."""
 import math
+import time
 from collections import Counter
 
 import pytest
 import torch
+from diffs import small
+from diffs import worst as nanmax
 
 from nanoseek.config import ModelConfig
 from nanoseek.engine import Engine, SamplingParams
@@ -273,8 +276,8 @@ def test_speculative_sampling_law_is_exactly_the_target_distribution(t, k, monke
     assert n_paths > 50 and sum(law.values()) == pytest.approx(1.0, abs=1e-9)
     assert accepted_mass > 0.1 and rejected_mass > 0.1  # both branches exercised with real probability
     assert set(law) <= set(exact)
-    worst = max(abs(law.get(key, 0.0) - v) for key, v in exact.items())
-    assert worst < 1e-5, f"largest joint-probability error {worst:.2e}"
+    err = nanmax(abs(law.get(key, 0.0) - v) for key, v in exact.items())  # Python's max would drop a NaN
+    assert small(err, 1e-5), f"largest joint-probability error {err:.2e}"
 
 
 def test_rows_finishing_at_different_steps_match_naive_decoding():
@@ -363,3 +366,57 @@ def test_per_row_inverse_cdf_sampling_is_exactly_the_filtered_distribution(t, k,
     for i, r in enumerate(ref):
         assert abs(freq[i] - n * r) <= 1.0 + 1e-6 * n, (i, freq[i], n * r)
     assert logp.tolist() == pytest.approx([math.log(ref[x]) for x in tok.tolist()], abs=1e-5)
+
+
+class SlowReadEngine(Engine):
+    """An Engine whose workspace slot takes 1 ms to read (the GIL is released meanwhile): a read-then-clear that
+    is not atomic lets a second thread read the same workspace in that window, as it can on any interpreter
+    that switches threads between the two bytecodes (CPython 3.11 happens not to, so the window is made here)."""
+
+    @property
+    def _workspace(self):
+        ws = self.__dict__.get("_slot")
+        time.sleep(1e-3)
+        return ws
+
+    @_workspace.setter
+    def _workspace(self, ws) -> None:
+        self.__dict__["_slot"] = ws
+
+
+def test_workspace_claim_is_atomic_across_threads():
+    """The engine's cache workspace is claimed (read and cleared) by each generate call: threads claiming at once
+    never hold the same workspace, and it is not lost when a thread whose claim found None returns."""
+    import threading
+
+    engine = SlowReadEngine(make_model(), eos_id=-1)
+    first = engine._workspace
+    assert first is not None
+    held: dict[int, int] = {}  # id(workspace) -> number of threads holding it now
+    guard = threading.Lock()
+    shared: list[int] = []
+    got = [0]
+    start = threading.Barrier(6)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(15):
+            ws = engine._claim_workspace()
+            if ws is not None:
+                with guard:
+                    got[0] += 1
+                    held[id(ws)] = held.get(id(ws), 0) + 1
+                    if held[id(ws)] > 1:
+                        shared.append(id(ws))
+                time.sleep(1e-4)
+                with guard:
+                    held[id(ws)] -= 1
+            engine._return_workspace(ws)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not shared, f"{len(shared)} claims of a workspace another thread held"
+    assert got[0] > 0 and engine._workspace is first  # claimed and given back, never dropped

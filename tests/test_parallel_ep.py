@@ -18,6 +18,7 @@ from nanoseek.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+from diffs import small, worst  # noqa: E402
 from test_train import env, finish, spawn  # noqa: E402
 
 TOL = 1e-5  # the bound on loss differences; gradients are held to the same
@@ -35,7 +36,7 @@ def worker(out: Path, nproc: int, ep: int, redundant: int = 0) -> subprocess.Pop
 def check_worker(p: subprocess.Popen, out: Path) -> dict:
     finish(p)
     r = json.loads(out.read_text())
-    assert r["grad"] < TOL and r["param"] < TOL and r["norm"] < TOL and r["gathered"] < TOL, r
+    assert all(small(r[k], TOL) for k in ("grad", "param", "norm", "gathered")), r  # NaN / inf fail
     return r
 
 
@@ -69,7 +70,7 @@ KEYS = ("loss", "main", "mtp", "balance", "grad_norm", "eval_loss")
 
 def max_diff(a: list[dict], b: list[dict]) -> float:
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    return max(abs(ra[k] - rb[k]) for ra, rb in zip(a, b) for k in KEYS if k in ra)
+    return worst(abs(ra[k] - rb[k]) for ra, rb in zip(a, b) for k in KEYS if k in ra)  # NaN propagates
 
 
 def run_one_and_ep(tmp_path: Path, ep_flags: list[str]) -> tuple[list[dict], str]:

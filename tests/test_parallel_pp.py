@@ -1,19 +1,22 @@
 """Pipeline parallelism (nanoseek.parallel.pipeline) under torchrun with gloo: 10 AdamW steps through each
 torch.distributed.pipelining schedule (1F1B, ZB-V, DualPipeV) against the same steps in one process on the whole
 batch: losses (main, MTP, balance), the first step's gradients, the clip norm, the final parameters (the last
-stage's embedding copy included) and the aux-loss-free gate biases."""
+stage's embedding copy included) and the aux-loss-free gate biases; once with every expert busy and once with
+micro-batches so small that some experts get no token (their weights need a zero gradient, not a crash)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.parallel.pipeline import stage_bounds
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
+from diffs import small, worst  # noqa: E402
 from test_train import env, finish  # noqa: E402
 
 SCHEDULES = ("1f1b", "zbv", "dualpipev")
@@ -28,10 +31,14 @@ def worker(out: Path, nproc: int, schedule: str) -> subprocess.Popen:
 def check(results: dict[str, Path], procs: dict[str, subprocess.Popen], stages: int) -> None:
     for name, p in procs.items():
         finish(p)
-        r = json.loads(results[name].read_text())
-        assert r["steps"] == 10 and r["stages"] == (1 if name == "1f1b" else stages)
-        for key in ("loss", "grad", "norm", "param", "bias"):
-            assert r[key] < 1e-5, (name, key, r)
+        cases = json.loads(results[name].read_text())
+        assert sorted(cases) == ["busy", "idle"]
+        # the idle case: fewer (token, expert) pairs per micro-batch than experts, so some expert is idle
+        assert cases["idle"]["tokens_per_microbatch"] * 2 < cases["idle"]["experts"]
+        for case, r in cases.items():
+            assert r["steps"] == 10 and r["stages"] == (1 if name == "1f1b" else stages)
+            for key in ("loss", "grad", "norm", "param", "bias"):
+                assert small(r[key], 1e-5), (name, case, key, r)  # NaN / inf fail
 
 
 def test_two_processes_every_schedule_matches_one_process(tmp_path):
@@ -108,3 +115,12 @@ def test_pp_config_errors(tmp_path, capsys):
     assert cli.main(pretrain_args(tmp_path, "bad") + ["--pp", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "torchrun" in err and len(err.splitlines()) == 1
+
+
+def test_difference_reductions_keep_nan():
+    """The equivalence workers reduce differences with diffs.worst: a NaN among them fails the tolerance, where
+    Python's max (what they used) drops it when it comes after a number."""
+    nan = float("nan")
+    assert max(0.0, nan) == 0.0 and max([1e-9, nan]) < 1e-5  # the pitfall
+    assert not small(worst([1e-9, nan, 2e-9]), 1e-5) and not small(worst([float("inf")]), 1e-5)
+    assert worst([1e-9, torch.tensor([3e-9, 2e-9], dtype=torch.float64)]) == 3e-9 and small(3e-9, 1e-5)

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from diffs import worst
 
 from nanoseek.commands import pretrain as pretrain_cmd
 from nanoseek.config import ConfigError, ModelConfig
@@ -43,7 +44,7 @@ def test_adamw_with_fp32_moments_equals_torch_adamw_and_bf16_moments_are_bf16():
             o.zero_grad()
     for (n, a), b, c in zip(ref.named_parameters(), ours.parameters(), bf16.parameters()):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), n
-    diff = max((a - c).abs().max().item() for a, c in zip(ref.parameters(), bf16.parameters()))
+    diff = worst((a - c).abs() for a, c in zip(ref.parameters(), bf16.parameters()))  # NaN propagates
     assert 0 < diff < 3e-3 * 4  # BF16 moments round, but each step still moves by about lr
     st = next(iter(opts[2].state.values()))
     assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16

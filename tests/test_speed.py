@@ -64,6 +64,31 @@ def test_routed_experts_function_matches_autograd_loop_outputs_and_gradients():
     assert ours["gate.weight"].abs().sum() > 0  # the routing weights' gradient reaches the gate
 
 
+def graph_leaves(t: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) reachable from t's autograd graph."""
+    seen, stack, leaves = set(), [t.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        stack.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+def test_idle_expert_is_not_in_the_graph():
+    """An expert with no token is no input of the function: torch.distributed.pipelining's split weight
+    backward (ZB-V, DualPipeV) asks for the gradient of every parameter in the graph and fails on one whose
+    gradient is None (tests/test_parallel_pp.py runs that end to end)."""
+    moe = MoE(moe_cfg()).train()
+    moe.gate.bias[3] = -10.0  # expert 3 is never selected
+    leaves = graph_leaves(moe(torch.randn(2, 12, 32)))
+    for e, expert in enumerate(moe.experts):
+        assert (id(expert.w1.weight) in leaves) == (e != 3) == (id(expert.w2.weight) in leaves), e
+
+
 def test_routed_experts_function_gradcheck_float64():
     """Finite differences of the hand-written backward: x, routing weights and all expert weights, with an
     unused expert."""

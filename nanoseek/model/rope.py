@@ -92,7 +92,9 @@ def apply_rope_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     dtype = x.dtype
     pairs = x.float().unflatten(-1, (-1, 2))
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-1]):
-        pairs = pairs.contiguous()
+        # clone, not .contiguous(): a view that counts as contiguous (size-1 dims, e.g. one decode row) is
+        # returned as is by .contiguous(), odd offset and all (the rope part of an odd kv_lora_rank's latent)
+        pairs = pairs.clone(memory_format=torch.contiguous_format)
     rot = torch.complex(cos, sin)
     if pairs.dim() == 5:  # heads dimension
         rot = rot.unsqueeze(2)

@@ -16,7 +16,10 @@ module shared by two stages of a rank would be wrong under ZB-V / DualPipeV: the
 each stage's weight gradients on its own, and the shared embedding's gradient came out wrong (measured: max
 difference 0.03 against one process), hence the copy there too. Gradients of a stage's parameters otherwise never leave its rank; the global grad norm for clipping is
 all-reduced over the pipeline. The schedules scale gradients by 1 / n_microbatches, so the step equals one
-process on the whole batch when every micro-batch has the same number of target tokens.
+process on the whole batch when every micro-batch has the same number of target tokens. A routed expert that
+no token of a micro-batch chose is not in that micro-batch's graph (nanoseek.model.experts), so the split
+weight backward of ZB-V / DualPipeV never asks for its gradient; `sync_grads` gives every parameter left
+without a gradient a zero one (tested with micro-batches of 4 tokens and 16 experts).
 
 Simplifications: no data or expert parallelism combined with it here (world = pp); checkpoints are written by
 `gather_state` on rank 0 in the single-model layout; no overlap of the EP all-to-all with computation inside a

@@ -104,14 +104,23 @@ def enable_compile(model: nn.Module, enabled: bool, ep: int = 1, pp: int = 1, pr
     """--compile: regional torch.compile of the training forward (Transformer.compile_training: each block kind
     compiled once, dynamic shapes, the MoE dispatch eager). Checked combinations only: fp32 and bf16, one
     process or DDP; --ep / --pp (their dispatch and stage code are not traced) and fp8 (its quantizing
-    autograd functions are not traced) raise a ConfigError naming the fix."""
+    autograd functions are not traced) raise a ConfigError naming the fix; the trainers call `check_compile`
+    first, before they write anything."""
+    if not enabled:
+        return
+    check_compile(enabled, ep, pp, precision)
+    model.compile_training(True)
+
+
+def check_compile(enabled: bool, ep: int = 1, pp: int = 1, precision: str = "fp32") -> None:
+    """The combinations `enable_compile` refuses, as one ConfigError; cheap, so a trainer calls it before it
+    creates or writes its run directory."""
     if not enabled:
         return
     if ep > 1 or pp > 1:
         raise ConfigError("--compile does not combine with --ep or --pp yet; drop --compile or the parallelism")
     if precision not in ("fp32", "bf16"):
         raise ConfigError(f"--compile supports precision fp32 and bf16, not {precision}; drop --compile")
-    model.compile_training(True)
 
 
 # ---- learning rate ---------------------------------------------------------------------------------------

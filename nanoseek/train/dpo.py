@@ -151,13 +151,19 @@ def _batched_logps(model, ids, tgt, chunk: int = 64) -> torch.Tensor:
     return torch.cat([sequence_logps(model, ids[i:i + chunk], tgt[i:i + chunk]) for i in range(0, ids.size(0), chunk)])
 
 
-def train_dpo(out: str | Path, cfg: DPOConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Train (or resume) the DPO run in `out` on CPU; returns the last metrics."""
+def train_dpo(out: str | Path, cfg: DPOConfig | None, resume: bool = False, quiet: bool = False,
+              steps: int | None = None) -> dict:
+    """Train (or resume) the DPO run in `out` on CPU; returns the last metrics. On resume the stored config is
+    authoritative (`cfg` may be None and is ignored); `steps`, when given, changes the total (to extend a run)."""
     from nanoseek.tokenizer import Tokenizer
 
     out, ckpt_dir, ckpt, saved = open_run(out, resume, "dpo")
     if saved is not None:
-        cfg = DPOConfig(**{**saved, "steps": cfg.steps})
+        cfg = DPOConfig(**{**saved, **({"steps": steps} if steps is not None else {})})
+    elif cfg is None:
+        raise ConfigError(f"{out} holds no dpo run to resume; start one with --init and --data")
+    elif steps is not None:
+        cfg = dataclasses.replace(cfg, steps=steps)
     cfg.validate()
     init = Path(cfg.init)
     model, _, _ = load_run_model(init)
@@ -213,4 +219,4 @@ def train_dpo(out: str | Path, cfg: DPOConfig, resume: bool = False, quiet: bool
             progress.update(step, last["loss"], lr, 0.0, f"margin {last['margin']:.3f} acc {last['reward_accuracy']:.2f}")
     finally:
         progress.close()
-    return {**last, "pairs": n, "skipped": skipped}
+    return {**last, "step": step, "pairs": n, "skipped": skipped}

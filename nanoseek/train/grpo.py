@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import shutil
 import signal
@@ -72,9 +73,9 @@ from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train import precision as prec
-from nanoseek.train.common import Dist, enable_compile, setup_distributed
+from nanoseek.train.common import Dist, check_compile, enable_compile, setup_distributed
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
-from nanoseek.train.partial_rollouts import PartialRollouts
+from nanoseek.train.partial_rollouts import PartialRollouts, check_partial_rollouts
 from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
                                     length_rewards, overlong_penalty)
 from nanoseek.train.shared_prefix import Packed, pack, packed_hidden, plan_micro_batches
@@ -438,7 +439,7 @@ def count_expert_loads(model, rows: list[int], prompts: list[list[int]], complet
 def _all_reduce_max(dist: Dist, x: float) -> float:
     if not dist.active:
         return x
-    t = torch.tensor([x], dtype=torch.float64, device=dist.device)
+    t = torch.tensor([x], dtype=torch.float64, device=dist.device).nan_to_num(nan=math.inf)  # MAX may drop NaN
     tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return float(t.item())
 
@@ -503,7 +504,9 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             sums["entropy"] += float((ent.detach() * mb_mask).sum())
             sums["tokens"] += float(mb_mask.sum())
             if first:
-                logp_diff = max(logp_diff, float(((logp.detach() - mb_old).abs() * mb_mask).max()))
+                # NaN-propagating (Python's max(0.0, nan) is 0.0): a NaN log-prob must show in the metric
+                d = float(torch.where(mb_mask > 0, (logp.detach() - mb_old).abs(), 0.0).max())
+                logp_diff = math.nan if math.isnan(d) or math.isnan(logp_diff) else max(logp_diff, d)
         sums["rows"] = float(len(rows))
     else:  # under --ep this rank still joins every forward/backward of the others (exact zeros from it)
         if parallel is not None and counts_idle:
@@ -609,6 +612,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
+    check_partial_rollouts(cfg.partial_rollout_tokens, dist.world)
+    check_compile(cfg.compile, ep, 1, cfg.precision)  # before any work or write
     model, init_cfg, _ = load_run_model(init, device=dist.device)
     model = prec.apply(model, cfg.precision)
     tok_path = init / "tokenizer.json"
@@ -629,6 +634,10 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         step_dir = latest_checkpoint(ckpt_dir)
         state = load_checkpoint(step_dir, model, optimizer)
         sampler.load(state["sampler"])
+        carried = state.get("partial")
+        if cfg.partial_rollout_tokens and carried is None:
+            raise ConfigError(f"{step_dir} holds no partial-rollout state (a checkpoint from before it was saved):"
+                              " it cannot be resumed exactly; start a new run in another --out")
         start = int(state["step"])
         metrics.truncate_after(start)
         if dist.is_main and stored != cfg.precision:  # resumed in another precision: the run's is now this one
@@ -649,12 +658,15 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     enable_compile(model, cfg.compile, ep, 1, cfg.precision)
     engine = Engine(model if rollout_copy is None else rollout_copy.model, tokenizer)
     partial = PartialRollouts(cfg.partial_rollout_tokens) if cfg.partial_rollout_tokens else None
+    if partial is not None and resume:  # the unfinished trajectories continue where they stopped
+        partial.load(carried)
     progress = ProgressLine(cfg.steps, start=start, enabled=dist.is_main and not quiet,
                             print_every=5, description="grpo")
     t_start = time.time()
     last = {}
     done = start  # the last step whose whole update (sampler, weights, optimizer, metrics) is in memory
     sampler_at_done: dict | None = None  # while rollouts run: the sampler as it was at `done`
+    partial_at_done: dict | None = None  # ... and the carried partial rollouts
 
     if parallel is not None:
         progress.message(progress_note)
@@ -663,7 +675,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         to_save = checkpoint_pair(model, optimizer, parallel, lambda: (lambda m: (m, build_optimizer(m)))(
             Transformer(model.cfg).to(dist.device)))
         if dist.is_main:
-            save_checkpoint(ckpt_dir, step, *to_save, {"sampler": sampler.state()}, cfg.keep_last)
+            state = {"sampler": sampler.state(), **({"partial": partial.state()} if partial is not None else {})}
+            save_checkpoint(ckpt_dir, step, *to_save, state, cfg.keep_last)
 
     try:
         for step in range(start + 1, cfg.steps + 1):
@@ -671,12 +684,13 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
             if rollout_copy is not None:
                 rollout_copy.refresh(model)
             sampler_at_done = sampler.state()
+            partial_at_done = partial.state() if partial is not None else None
             gen = partial.step if partial is not None else rollout_groups  # partial: Kimi k1.5 sec. 2.6.2
             rollouts, st = gen(engine, sampler, cfg, cfg.prompts_per_step, step, seed=cfg.seed * 100003 + step,
                                dist=dist)
             t_gen = time.time() - t0
             with DeferredInterrupt():  # from the first weight change to the checkpoint, the step completes
-                sampler_at_done = None
+                sampler_at_done = partial_at_done = None
                 rec = {"step": step, "reward": _mean(st["reward"]), "accuracy": _mean(st["correct"]),
                        "format_rate": _mean(st["format"]), "response_len_mean": _mean(st["len"]),
                        "response_len_max": max(st["len"]) if st["len"] else 0, "truncated": _mean(st["truncated"]),
@@ -715,6 +729,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     except KeyboardInterrupt:
         if sampler_at_done is not None:  # interrupted during rollouts: that step never happened
             sampler.load(sampler_at_done)
+        if partial_at_done is not None:
+            partial.load(partial_at_done)
         # (not under --ep: the gather is a collective the other ranks may not reach; the periodic one stands)
         if dist.is_main and parallel is None and done > start and not (ckpt_dir / f"step_{done}").exists():
             save(done)

@@ -8,23 +8,37 @@ segment. A group enters the batch (is scored, shaped and trained on) once all of
 finished; its members that finished earlier wait for it. With `budget >= max_new_tokens` nothing is ever
 carried and an iteration is exactly grpo.rollout_groups (same engine call, same seeds, same shaping).
 
-Simplifications: one process only (torchrun is refused: the carried state is per process); no DAPO dynamic
-sampling with partial rollouts; the carried trajectories are not
-checkpointed (a resumed run drops them and draws fresh groups); no repeat detection (k1.5 also penalises
+The carried state (unfinished trajectories, the finished members of their groups, the next group id) is part
+of every checkpoint (`state` / `load`, JSON in state.json: a Problem's meta is plain data by design), so a
+resumed run continues them and equals the uninterrupted run.
+
+Simplifications: one process only (torchrun is refused before any work: the carried state is per process);
+no DAPO dynamic sampling with partial rollouts; no repeat detection (k1.5 also penalises
 repeated segments); the continuation of all carried trajectories is one batched engine call with the budget
 cut per trajectory after generation (a prefix of a sample is a sample).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from nanoseek.config import ConfigError
+from nanoseek.tasks.base import Problem
+
+
+
+def check_partial_rollouts(budget: int, world: int) -> None:
+    """Refuse, with one line, what partial rollouts do not support: torchrun (world > 1)."""
+    if budget and world > 1:
+        raise ConfigError(f"--partial-rollout-tokens runs in one process (the carried trajectories are per "
+                          f"process), got {world} processes: run it without torchrun")
 
 
 @dataclass
 class Trajectory:
     prompt: list[int]
-    problem: object
+    problem: Problem
     pool_index: int
     group: int  # id of its group (unique over the run)
     tokens: list[int] = field(default_factory=list)
@@ -42,6 +56,21 @@ class PartialRollouts:
         self.budget = budget
         self.carried: list[Trajectory] = []
         self.next_group = 0
+
+    def state(self) -> dict:
+        """A JSON-safe snapshot (copies: later steps do not change it) of everything carried between steps."""
+        return {"next_group": self.next_group,
+                "carried": [{"prompt": list(t.prompt), "problem": dataclasses.asdict(t.problem),
+                             "pool_index": t.pool_index, "group": t.group, "tokens": list(t.tokens),
+                             "logprobs": list(t.logprobs), "segments": list(t.segments), "finish": t.finish}
+                            for t in self.carried]}
+
+    def load(self, state: dict) -> None:
+        """Restore a `state()` snapshot (from a checkpoint: the JSON round trip keeps ints and floats exact)."""
+        self.next_group = int(state["next_group"])
+        self.carried = [Trajectory(list(c["prompt"]), Problem(**c["problem"]), int(c["pool_index"]), int(c["group"]),
+                                   list(c["tokens"]), list(c["logprobs"]), list(c["segments"]), c["finish"])
+                        for c in state["carried"]]
 
     def _extend(self, engine, trajs: list[Trajectory], step: int, cfg, seeds: list[int]) -> int:
         """Generate one segment for `trajs` (in place, one seed per trajectory); returns the tokens generated."""

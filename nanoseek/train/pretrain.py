@@ -38,6 +38,7 @@ from nanoseek.train.checkpoint import latest_checkpoint, resume_run, save_checkp
 from nanoseek.train.common import (
     Dist,
     TrainConfig,
+    check_compile,
     enable_compile,
     lr_at,
     lr_at_fraction,
@@ -315,6 +316,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             raise ConfigError("--pp does not combine with --ep or --grad-accum > 1 yet")
         pp_microbatches = pp_microbatches or 2 * pp * (1 if pp_schedule == "1f1b" else 2)
         check_pp(pp, dist.world, pp_schedule, pp_microbatches, tcfg.batch_size)
+    check_compile(tcfg.compile, ep, pp, cfg.precision)  # before the run directory is made or written
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()

@@ -52,7 +52,7 @@ from nanoseek.model.transformer import IGNORE
 from nanoseek.train.checkpoint import resume_run, save_checkpoint
 from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
 from nanoseek.train import precision as prec
-from nanoseek.train.common import Dist, TrainConfig, enable_compile, set_lr, setup_distributed
+from nanoseek.train.common import Dist, TrainConfig, check_compile, enable_compile, set_lr, setup_distributed
 from nanoseek.train.loop import HasTrainConfig, RunClock, finish_run, load_mask, open_run, read_jsonl_rows, write_run_files
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 
@@ -232,6 +232,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     if tcfg.batch_size % dist.world:
         raise ConfigError(f"batch size {tcfg.batch_size} must be a multiple of the number of processes ({dist.world})")
     use_ep = check_ep_flags(ep, ep_redundant, dist.world)
+    check_compile(tcfg.compile, ep, 1, cfg.precision)  # before any work or write
 
     if cfg.init is not None:
         init = Path(cfg.init)
