@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import PACKERS, Loader, eval_batches
 from nanoseek.io import atomic_write_text
@@ -53,18 +54,22 @@ KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process r
 class DataConfig:
     """Which corpus to pretrain on (nanoseek.corpus.build_corpus) and the tokenizer trained from it."""
 
-    task: str = "arithmetic"
-    n_docs: int = 50_000  # training documents (~42 tokens each for arithmetic: ~2M tokens)
-    n_test_docs: int = 1_000  # held-out documents from the task's test split
-    flawed_share: float = 0.5
-    difficulty: int | None = None
-    fact_share: float = 0.2  # one-operation problems, always correct (nanoseek.corpus)
-    reflect_share: float = 0.0  # worked solutions with one check line (nanoseek.tasks.reflection; arithmetic)
+    task: str = knob("arithmetic", help="task whose corpus is generated (nanoseek.tasks)")
+    # ~42 tokens each for arithmetic: ~2M tokens
+    n_docs: int = knob(50_000, help="training documents")
+    n_test_docs: int = knob(1_000, help="held-out documents (from the task's test split)")
+    flawed_share: float = knob(0.5, help="share of worked solutions with one deliberate slip")
+    difficulty: int | None = knob(None, help="task difficulty (none = the task's default)")
+    fact_share: float = knob(0.2, help="share of documents that are one-operation arithmetic facts (always "
+                             "correct; nanoseek.corpus)")
+    reflect_share: float = knob(0.0, help="share of worked solutions with one check line `a+b=r. check: a+b=r'.` "
+                                "(nanoseek.tasks.reflection; arithmetic only)")
     vocab_size: int = 512  # tokenizer target (a small corpus may give fewer)
     # "stream": GPT-2 style cuts of one long stream; "aligned": every row starts at a document start
     # (nanoseek.data.pack_aligned). Stream stays the default: on the demo's arithmetic at 1000 steps aligned
     # rows gave 50.0% / 37.0% greedy (seeds 0 / 1) against 69.0% / 45.5% (docs/pretrain.md).
-    packing: str = "stream"
+    packing: str = knob("stream", choices=PACKERS, help="rows are cuts of one document stream (stream) or start "
+                        "at a document start (aligned)")
 
     def __post_init__(self):
         if self.packing not in PACKERS:
@@ -76,8 +81,11 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    dense: bool = False  # `model` was derived with dense_equivalent()
-    precision: str = "fp32"  # fp32 | bf16 | fp8 (nanoseek.train.precision); sets model.fp8
+    # `model` was derived with dense_equivalent()
+    dense: bool = knob(False, help="dense model with the preset's activated parameter count")
+    # sets model.fp8
+    precision: str = knob("fp32", choices=prec.PUBLIC, resume="override", help="fp32, bf16 (BF16 compute, FP32 "
+                          "master weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments)")
 
     def __post_init__(self):
         prec.check(self.precision)
