@@ -196,3 +196,36 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys):
 def test_knob_rejects_an_unknown_resume_rule():
     with pytest.raises(ValueError, match="resume"):
         knob(1, help="x", resume="sometimes")
+
+
+@dataclasses.dataclass
+class _Inner:
+    rate: float = knob(0.5, help="a rate")
+    hidden: int = 3  # no knob: not an option
+
+
+@dataclasses.dataclass
+class _Toy:
+    paths: list[str] = knob(default_factory=list, help="input files")
+    limit: int | None = knob(None, help="optional cap")
+    on: bool = knob(True, help="a switch")
+    budget_s: float = knob(0.0, flag="--minutes", scale=60.0, resume="override", help="budget")
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(rate=0.25))
+
+
+def test_generated_options_on_a_hand_made_dataclass():
+    from nanoseek.cli_config import ConfigCLI
+
+    cli = ConfigCLI(_Toy)
+    assert [(o.path, o.flag) for o in cli.options] == [("paths", "--paths"), ("limit", "--limit"), ("on", "--on"),
+                                                       ("budget_s", "--minutes"), ("inner.rate", "--rate")]
+    p = argparse.ArgumentParser(exit_on_error=False)
+    cli.add_arguments(p)
+    helps = {a.dest: a.help for a in p._actions}
+    assert "(default: 0.25)" in helps["inner.rate"]  # the enclosing default instance's value, not _Inner's 0.5
+    cfg = cli.resolve(p.parse_args(["--paths", "a.txt", "b.txt", "--limit", "4", "--no-on", "--minutes", "1.5",
+                                    "--rate", "0.1"]))
+    assert cfg == _Toy(paths=["a.txt", "b.txt"], limit=4, on=False, budget_s=90.0, inner=_Inner(rate=0.1))
+    assert cli.resolve(p.parse_args([])) == _Toy()
+    stored = _Toy(paths=["s"], budget_s=30.0)
+    assert cli.resolve(p.parse_args(["--paths", "x", "--minutes", "2"]), stored) == _Toy(paths=["s"], budget_s=120.0)
