@@ -6,7 +6,7 @@ in --help), the help text, the flag (`--field-name`, or metadata `flag`, e.g. Tr
 `--warmup`), choices, a metavar, a unit `scale` (DistillConfig.budget_s is `--minutes`, x60), and the resume
 rule: "keep" (a resumed run keeps its stored value; the flag is ignored on --resume, as before) or
 "override" (the stored value unless the flag is given). Types come from the annotation (`int | None` -> int);
-`list[X]` takes one or more values; a bool is a `--flag/--no-flag` pair (argparse.BooleanOptionalAction), so `--compile`, `--no-compile`,
+`list[X]` takes one or more values and may repeat; a bool is a `--flag/--no-flag` pair (argparse.BooleanOptionalAction), so `--compile`, `--no-compile`,
 `--dynamic-sampling` and `--no-bias-update` (bias_update defaults to True) all keep working. Nested
 dataclass fields (SFTConfig.train: TrainConfig) contribute their knobs with the defaults of the enclosing
 default instance (SFT's lr 1e-3, not TrainConfig's 4e-3). A command may `skip` knobs it does not use
@@ -178,8 +178,8 @@ class ConfigCLI:
                 kw["action"] = argparse.BooleanOptionalAction
             else:
                 kw["type"] = float if k.scale is not None else o.type
-                if typing.get_origin(o.type) is list:  # list[X]: --flag A B ...
-                    kw["type"], kw["nargs"] = typing.get_args(o.type)[0], "+"
+                if typing.get_origin(o.type) is list:  # list[X]: --flag A B, repeatable (--flag A --flag B)
+                    kw.update(type=typing.get_args(o.type)[0], nargs="+", action="extend")
                 kw["metavar"] = k.metavar or o.flag.lstrip("-").replace("-", "_").upper()
                 if k.choices is not None:
                     kw["choices"], kw["metavar"] = k.choices, None

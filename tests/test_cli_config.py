@@ -223,9 +223,10 @@ def test_generated_options_on_a_hand_made_dataclass():
     cli.add_arguments(p)
     helps = {a.dest: a.help for a in p._actions}
     assert "(default: 0.25)" in helps["inner.rate"]  # the enclosing default instance's value, not _Inner's 0.5
-    cfg = cli.resolve(p.parse_args(["--paths", "a.txt", "b.txt", "--limit", "4", "--no-on", "--minutes", "1.5",
+    cfg = cli.resolve(p.parse_args(["--paths", "a.txt", "--paths", "b.txt", "--limit", "4", "--no-on", "--minutes", "1.5",
                                     "--rate", "0.1"]))
     assert cfg == _Toy(paths=["a.txt", "b.txt"], limit=4, on=False, budget_s=90.0, inner=_Inner(rate=0.1))
+    assert cli.resolve(p.parse_args(["--paths", "a", "b"])).paths == ["a", "b"]
     assert cli.resolve(p.parse_args([])) == _Toy()
     stored = _Toy(paths=["s"], budget_s=30.0)
     assert cli.resolve(p.parse_args(["--paths", "x", "--minutes", "2"]), stored) == _Toy(paths=["s"], budget_s=120.0)
