@@ -146,12 +146,14 @@ def read_config(path: str | Path, cls: type, section: str | None = None) -> Any:
         raise ConfigError(f"config file {path} does not exist") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} must hold a JSON object (a {cls.__name__})")
     if section is not None and isinstance(d.get(section), dict):
         d = d[section]
     try:
         return from_dict(cls, d)
-    except TypeError as e:
-        raise ConfigError(f"{path} is not a {cls.__name__}: {e}") from None
+    except (TypeError, KeyError) as e:
+        raise ConfigError(f"{path} is not a {cls.__name__}: {e!r}") from None
 
 
 def stored_config(run_dir: str | Path, cls: type, section: str) -> Any | None:

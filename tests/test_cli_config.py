@@ -187,6 +187,11 @@ def test_bad_config_files_are_one_line_errors(tmp_path, capsys):
     assert "learning_rate" in capsys.readouterr().err
     assert main(["sft", "--out", "y", "--config-file", str(tmp_path / "none.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for text in ("[1, 2]", json.dumps({"data": "x.jsonl"})):  # not an object; an SFTConfig without its train part
+        bad.write_text(text)
+        assert main(["sft", "--out", "y", "--config-file", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and str(bad) in err
     (tmp_path / "config.json").write_text(json.dumps({"dpo": dataclasses.asdict(DPOConfig())}))
     with pytest.raises(ConfigError, match="--resume"):
         dpo.CLI.resolve(parser_of(dpo).parse_args(["--out", "y", "--resume", "--config-file", str(bad)]),
