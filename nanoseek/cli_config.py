@@ -206,9 +206,13 @@ class ConfigCLI:
         if stored is not None and file:
             raise ConfigError("--config-file does not combine with --resume (the run's own config.json holds)")
         cfg = stored if stored is not None else read_config(file, self.cls, self.section) if file else self.cls()
+        return self.apply(args, cfg, resume=stored is not None)
+
+    def apply(self, args: argparse.Namespace, cfg: Any, resume: bool = False) -> Any:
+        """`cfg` with the given options on top (with `resume`, only the "override" ones)."""
         rules = {o.path: o.knob.resume for o in self.options}
         for path, value in self.given(args).items():
-            if stored is None or rules[path] == "override":
+            if not resume or rules[path] == "override":
                 cfg = _replace(cfg, path, value)
         return cfg
 

@@ -13,7 +13,10 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.cli_config import knob
-from nanoseek.commands import distill, dpo, pretrain, rl, sft
+from nanoseek.commands import aha, demo, distill, dpo, pretrain, r1, rl, sft
+from nanoseek.commands.aha import AhaConfig
+from nanoseek.commands.demo import DemoConfig
+from nanoseek.commands.r1 import R1Config
 from nanoseek.config import ConfigError
 from nanoseek.train.distill import DistillConfig
 from nanoseek.train.dpo import DPOConfig
@@ -23,7 +26,8 @@ from nanoseek.train.sft import SFTConfig
 
 COMMANDS = {"rl": (rl, GRPOConfig, ["--init", "x", "--out", "y"]), "sft": (sft, SFTConfig, ["--out", "y"]),
             "distill": (distill, DistillConfig, ["--out", "y"]), "dpo": (dpo, DPOConfig, ["--out", "y"]),
-            "pretrain": (pretrain, PretrainConfig, ["--out", "y"])}
+            "pretrain": (pretrain, PretrainConfig, ["--out", "y"]), "demo": (demo, DemoConfig, []),
+            "aha": (aha, AhaConfig, []), "r1": (r1, R1Config, [])}
 
 # every flag of each command before the conversion (from its hand-written add_arguments): all must still parse
 OLD_FLAGS = {
@@ -42,6 +46,13 @@ OLD_FLAGS = {
                 "--fact-share --reflect-share --packing --steps --minutes --seed --batch-size --grad-accum --seq-len "
                 "--lr --warmup --eval-interval --eval-batches --ckpt-interval --log-interval --keep-last --device "
                 "--precision --pp --pp-schedule --pp-microbatches --compile --resume",
+    "demo": "--out --seed --base-steps --rl-steps --eval-n --eval-samples --difficulty --base-lr --flawed-share --rl-lr "
+            "--rl-bias-gamma --prompts-per-step --rl-temperature --smoke",
+    "aha": "--out --seed --base-steps --rl-steps --length-steps --dpo-steps --eval-n --eval-samples --max-new-tokens "
+           "--l2s-problems --cold-traces --reflect-share --flawed-share --length-weight --rl-temperature --until "
+           "--smoke --seeds-report",
+    "r1": "--out --demo --seed --student-preset --student-base-steps --arm-minutes --trace-problems --trace-samples "
+          "--smoke",
 }
 
 
@@ -122,6 +133,14 @@ def test_flag_names_types_and_scales_map_to_their_fields():
     assert (cfg.budget_s, cfg.train.warmup_steps, cfg.train.minutes) == (120.0, 4, 0.0)
     with pytest.raises(argparse.ArgumentError):
         parser_of(rl).parse_args(["--init", "x", "--out", "y", "--loss-agg", "mean"])
+
+
+def test_smoke_recipes_take_options_on_top(capsys):
+    assert main(["demo", "--smoke", "--out", "d", "--rl-steps", "3", "--print-config"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == dataclasses.asdict(dataclasses.replace(DemoConfig.smoke("d"), rl_steps=3))
+    assert main(["r1", "--smoke", "--seed", "2", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == dataclasses.asdict(R1Config.smoke_config("runs/r1", "runs/demo", 2))
 
 
 def test_resume_keeps_stored_values_unless_an_override_is_given(tmp_path):
