@@ -37,7 +37,7 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
@@ -199,14 +199,17 @@ class ConfigCLI:
                 out[o.path] = v * o.knob.scale if o.knob.scale is not None else v
         return out
 
-    def resolve(self, args: argparse.Namespace, stored: Any = None) -> Any:
+    def resolve(self, args: argparse.Namespace, stored: Any = None, rebase: Callable[[Any], Any] | None = None) -> Any:
         """The run's config: the dataclass defaults (or --config-file) with the given options on top; on a
-        resume (`stored` is the run's config) the stored values, with only the "override" options given."""
+        resume (`stored` is the run's config) the stored values, with only the "override" options given.
+        `rebase` (a recipe's --smoke) makes a new starting point from that config, and the given options are
+        applied again on top of it."""
         file = getattr(args, "config_file", None)
         if stored is not None and file:
             raise ConfigError("--config-file does not combine with --resume (the run's own config.json holds)")
         cfg = stored if stored is not None else read_config(file, self.cls, self.section) if file else self.cls()
-        return self.apply(args, cfg, resume=stored is not None)
+        cfg = self.apply(args, cfg, resume=stored is not None)
+        return cfg if rebase is None else self.apply(args, rebase(cfg))
 
     def apply(self, args: argparse.Namespace, cfg: Any, resume: bool = False) -> Any:
         """`cfg` with the given options on top (with `resume`, only the "override" ones)."""

@@ -820,9 +820,7 @@ def load_summary(root: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = CLI.resolve(args)
-    if args.smoke:
-        cfg = CLI.apply(args, AhaConfig.smoke(cfg.out, cfg.seed))
+    cfg = CLI.resolve(args, rebase=(lambda c: AhaConfig.smoke(c.out, c.seed)) if args.smoke else None)
     if CLI.print_config(args, cfg):
         return 0
     t0 = time.time()

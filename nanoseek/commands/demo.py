@@ -361,9 +361,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = CLI.resolve(args)
-    if args.smoke:
-        cfg = CLI.apply(args, DemoConfig.smoke(cfg.out, cfg.seed))
+    cfg = CLI.resolve(args, rebase=(lambda c: DemoConfig.smoke(c.out, c.seed)) if args.smoke else None)
     if CLI.print_config(args, cfg):
         return 0
     run_demo(cfg)

@@ -417,9 +417,7 @@ def run_r1(cfg: R1Config) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = CLI.resolve(args)
-    if cfg.smoke:
-        cfg = CLI.apply(args, R1Config.smoke_config(cfg.out, cfg.demo, cfg.seed))
+    cfg = CLI.resolve(args, rebase=(lambda c: R1Config.smoke_config(c.out, c.demo, c.seed)) if args.smoke else None)
     if CLI.print_config(args, cfg):
         return 0
     run_r1(cfg)
