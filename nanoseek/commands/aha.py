@@ -45,6 +45,7 @@ from rich.console import Console
 
 from nanoseek.commands.demo import Stages, sample_lines
 from nanoseek.commands.r1 import _grpo_used_seconds
+from nanoseek.cli_config import ConfigCLI, knob
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 
@@ -56,39 +57,42 @@ LABELS = {"l2s_length": "length-penalty RL", "l2s_shortest": "shortest rejection
 
 @dataclass
 class AhaConfig:
-    out: str = "runs/aha"
-    seed: int = 0
+    out: str = knob("runs/aha", help="the pipeline's root directory (one run directory per stage inside)")
+    seed: int = knob(0, help="seed of every stage")
     task: str = "arithmetic"
     difficulty: int = 1
     # the demo's base recipe (docs in nanoseek/commands/demo.py), plus a small reflection share
-    base_steps: int = 1400
+    base_steps: int = knob(1400, help="pretraining steps of the base model")
     base_lr: float = 4e-3
     batch_size: int = 32
     seq_len: int = 64
     n_docs: int = 50_000
-    flawed_share: float = 0.6
-    reflect_share: float = 0.1  # "small": the base can check, but rarely does
-    rl_steps: int = 200
+    flawed_share: float = knob(0.6, help="share of pretraining solutions with one arithmetic slip")
+    # "small": the base can check, but rarely does
+    reflect_share: float = knob(0.1, help="share of pretraining solutions with one check line")
+    rl_steps: int = knob(200, help="GRPO steps of the long-reasoning RL run")
     rl_lr: float = 1e-4
-    rl_temperature: float = 0.7  # the demo's rollout temperature
+    rl_temperature: float = knob(0.7, help="GRPO rollout temperature (the demo's)")
     group_size: int = 8
     prompts_per_step: int = 16
-    max_new_tokens: int = 96  # room to grow: a plain level-1 solution is ~15-25 tokens, a check adds ~8
+    # room to grow: a plain level-1 solution is ~15-25 tokens, a check adds ~8
+    max_new_tokens: int = knob(96, help="longest completion in tokens")
     # long2short
-    length_steps: int = 60
-    length_weight: float = 0.5  # the k1.5 length reward at half the accuracy reward's weight
-    l2s_problems: int = 400  # train problems sampled for rejection sampling and for DPO pairs
+    length_steps: int = knob(60, help="GRPO steps with the k1.5 length reward (l2s_length)")
+    # the k1.5 length reward at half the accuracy reward's weight
+    length_weight: float = knob(0.5, help="k1.5 length reward weight (l2s_length)")
+    l2s_problems: int = knob(400, help="train problems sampled for rejection sampling and for DPO pairs")
     l2s_samples: int = 4
     sft_epochs: float = 2.0
     sft_lr: float = 1e-4  # a fine-tune of the RL model: RL's lr, not pretraining's
-    dpo_steps: int = 60
+    dpo_steps: int = knob(60, help="DPO steps (l2s_dpo)")
     dpo_beta: float = 0.1
     dpo_lr: float = 1e-4
-    eval_n: int = 200
-    eval_samples: int = 4
+    eval_n: int = knob(200, help="held-out problems per evaluation")
+    eval_samples: int = knob(4, help="samples per problem for pass@1")
     # cold start: R1 uses "thousands" of cold-start traces; ours are drawn with the corpus's flawed share,
     # fine-tuned with sft_epochs / sft_lr above
-    cold_traces: int = 1000
+    cold_traces: int = knob(1000, help="program-written cold-start traces")
 
     def validate(self) -> "AhaConfig":
         for name in ("base_steps", "rl_steps", "length_steps", "batch_size", "seq_len", "group_size",
@@ -117,17 +121,14 @@ STAGES = ("pretrain_base", "eval_base", "rl", "eval_rl", *[s for m in METHODS fo
           "samples", "check_credit", "cold_traces", "cold_sft", "eval_cold_sft", "cold_rl", "eval_cold_rl")
 
 
+CLI = ConfigCLI(AhaConfig)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = AhaConfig()
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--seed", type=int, default=d.seed)
-    for name in ("base_steps", "rl_steps", "length_steps", "dpo_steps", "eval_n", "eval_samples", "max_new_tokens",
-                 "l2s_problems", "cold_traces"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    for name in ("reflect_share", "flawed_share", "length_weight", "rl_temperature"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
+    CLI.add_arguments(p)
     p.add_argument("--until", choices=STAGES, help="stop after this stage (run long pipelines in pieces)")
-    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests); options "
+                   "given apply on top")
     p.add_argument("--seeds-report", nargs="+", metavar="RUN", help="only write --out/seeds.md: tables over these "
                    "aha runs (one per seed, through eval_rl at least) and their RL curves")
 
@@ -820,13 +821,12 @@ def load_summary(root: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.smoke:
-        cfg = AhaConfig.smoke(args.out, args.seed)
-    else:
-        cfg = AhaConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AhaConfig) if hasattr(args, f.name)})
+    cfg = CLI.resolve(args, rebase=(lambda c: AhaConfig.smoke(c.out, c.seed)) if args.smoke else None)
+    if CLI.print_config(args, cfg):
+        return 0
     t0 = time.time()
     if args.seeds_report:
-        console.print(f"wrote {seeds_report([Path(r) for r in args.seeds_report], Path(args.out))}")
+        console.print(f"wrote {seeds_report([Path(r) for r in args.seeds_report], Path(cfg.out))}")
         return 0
     run_aha(cfg, args.until)
     console.print(f"[dim]this invocation: {time.time() - t0:.0f} s[/dim]")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from nanoseek.cli_config import ConfigCLI, knob
 from nanoseek.io import atomic_write_text
 
 console = Console()
@@ -29,15 +30,15 @@ console = Console()
 
 @dataclass
 class DemoConfig:
-    out: str = "runs/demo"
-    seed: int = 0
+    out: str = knob("runs/demo", help="the demo's root directory (one run directory per stage inside)")
+    seed: int = knob(0, help="seed of every stage")
     task: str = "arithmetic"
-    difficulty: int = 1
+    difficulty: int = knob(1, help="task difficulty (arithmetic: 1-5)")
     # 1400 steps (the control now runs beside GRPO instead of after it, which freed the time): at 1000 steps
     # some seeds had not yet learned to copy the right operand (seed 1: 73 of 109 greedy misses), and RL
     # cannot add what the base does not know
-    base_steps: int = 1400
-    base_lr: float = 4e-3
+    base_steps: int = knob(1400, help="pretraining steps of the base model")
+    base_lr: float = knob(4e-3, help="pretraining learning rate")
     # 32 rows of 64 tokens (about two worked problems per row) per step: the same 2048 tokens as 16 x 128,
     # but cheaper attention and fewer problems seen through an unrelated one; 1000 steps reached 67.5%
     # greedy instead of 54.5% (seed 0)
@@ -47,23 +48,23 @@ class DemoConfig:
     # worked solutions carrying one slip: what RL has to remove. 0.6 rather than 0.5: a 1400-step base at 0.5
     # already samples close to its greedy accuracy on some seeds (seed 1: 73.0% at T=0.6, 88.0% greedy), which
     # leaves RL little to sharpen (+11.5); at 0.6 seeds 1 / 2 went 38.2 -> 57.5 and 59.9 -> 86.1
-    flawed_share: float = 0.6
+    flawed_share: float = knob(0.6, help="share of pretraining solutions with one arithmetic slip")
     fact_share: float = 0.0  # no always-correct one-operation drills: every problem type keeps its slips
-    rl_steps: int = 200  # rollout accuracy levels off by ~160 steps (pilots); 200 keeps the demo under 15 min
-    rl_lr: float = 1e-4
+    rl_steps: int = knob(200, help="GRPO steps")  # accuracy levels off by ~160 steps (pilots); 200: under 15 min
+    rl_lr: float = knob(1e-4, help="GRPO learning rate")
     # The routing bias stays frozen during RL (V3 also froze it, gamma = 0, for its last 500B pretraining
     # tokens): at RL's 40x lower learning rate the per-step sign update moved the routing more than the
     # weights did and cost the policy 6-8 greedy points (README, R1-Zero demo).
-    rl_bias_gamma: float = 0.0
+    rl_bias_gamma: float = knob(0.0, help="MoE routing-bias update speed during RL (0 = frozen)")
     # Rollouts (and the policy ratio) at 0.7 rather than R1-Zero's 1.0: the samples then carry the mistakes
     # the model still makes when it is sampled at evaluation temperatures (0.6), not mostly the slips that
     # 1.0 adds; seed-0 pilot, 160 steps: pass@1 T=0.6 62.5% vs 60.5% at 1.0, T=1.0 46.2% vs 48.0%.
-    rl_temperature: float = 0.7
+    rl_temperature: float = knob(0.7, help="GRPO rollout temperature")
     group_size: int = 8
-    prompts_per_step: int = 16
+    prompts_per_step: int = knob(16, help="GRPO groups per step")
     max_new_tokens: int = 64
-    eval_n: int = 200
-    eval_samples: int = 4
+    eval_n: int = knob(200, help="held-out problems per evaluation")
+    eval_samples: int = knob(4, help="samples per problem for pass@1")
 
     def validate(self) -> "DemoConfig":
         """Fail in the first second, not after minutes of pretraining."""
@@ -90,24 +91,13 @@ class DemoConfig:
                    prompts_per_step=2, max_new_tokens=16, eval_n=4, eval_samples=1)
 
 
+CLI = ConfigCLI(DemoConfig)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DemoConfig()
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--base-steps", type=int, default=d.base_steps)
-    p.add_argument("--rl-steps", type=int, default=d.rl_steps)
-    p.add_argument("--eval-n", type=int, default=d.eval_n)
-    p.add_argument("--eval-samples", type=int, default=d.eval_samples)
-    p.add_argument("--difficulty", type=int, default=d.difficulty, help="task difficulty (arithmetic: 1-5)")
-    p.add_argument("--base-lr", type=float, default=d.base_lr)
-    p.add_argument("--flawed-share", type=float, default=d.flawed_share,
-                   help="share of pretraining solutions with one arithmetic slip")
-    p.add_argument("--rl-lr", type=float, default=d.rl_lr)
-    p.add_argument("--rl-bias-gamma", type=float, default=d.rl_bias_gamma,
-                   help="MoE routing-bias update speed during RL (0 = frozen)")
-    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step)
-    p.add_argument("--rl-temperature", type=float, default=d.rl_temperature, help="GRPO rollout temperature")
-    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
+    CLI.add_arguments(p)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests); options "
+                   "given apply on top")
 
 
 # ---- stage bookkeeping --------------------------------------------------------------------------------
@@ -371,10 +361,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.smoke:
-        cfg = DemoConfig.smoke(args.out, args.seed)
-    else:
-        # every flag is named after its DemoConfig field
-        cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig) if hasattr(args, f.name)})
+    cfg = CLI.resolve(args, rebase=(lambda c: DemoConfig.smoke(c.out, c.seed)) if args.smoke else None)
+    if CLI.print_config(args, cfg):
+        return 0
     run_demo(cfg)
     return 0

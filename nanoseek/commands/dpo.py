@@ -3,43 +3,42 @@
     nanoseek dpo --init runs/aha/rl --data pairs.jsonl --out runs/dpo --steps 100 --beta 0.1
     nanoseek dpo --init runs/aha/rl --make-pairs 500 --data pairs.jsonl --out runs/dpo   # pairs from the run's samples
     nanoseek dpo --out runs/dpo --resume
+
+The training options are DPOConfig's fields (nanoseek.cli_config): on --resume the run's stored config
+holds, except --steps when given. --make-pairs and its options only write the data file first.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from nanoseek.cli_config import ConfigCLI, stored_config
 from nanoseek.train.dpo import DPOConfig, preference_pairs, train_dpo, write_pairs
+
+CLI = ConfigCLI(DPOConfig, section="dpo")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = DPOConfig()
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--init", default="", help="the run to fine-tune; also the frozen reference")
-    p.add_argument("--data", default="", help='JSONL of {"prompt", "chosen", "rejected"}')
+    CLI.add_arguments(p)
     p.add_argument("--make-pairs", type=int, default=0, metavar="N",
                    help="first write --data from N train problems: shortest correct vs longest (or wrong) sample")
     p.add_argument("--task", default="arithmetic", help="with --make-pairs")
     p.add_argument("--samples", type=int, default=4, help="with --make-pairs: samples per problem")
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --make-pairs")
-    p.add_argument("--beta", type=float, default=d.beta)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {d.steps}; on --resume the stored value)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = DPOConfig(init=args.init, data=args.data, beta=args.beta, lr=args.lr,
-                    batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+    cfg = CLI.resolve(args, stored_config(args.out, DPOConfig, "dpo") if args.resume else None)
+    if CLI.print_config(args, cfg):
+        return 0
     if args.make_pairs and not args.resume:
-        pairs = preference_pairs(args.init, args.task, args.make_pairs, args.samples, 1.0, args.max_new_tokens,
-                                 args.seed)
-        write_pairs(pairs, Path(args.data))
-        print(f"{len(pairs)} pairs from {args.make_pairs} problems -> {args.data}")
-    s = train_dpo(args.out, None if args.resume else cfg, resume=args.resume, steps=args.steps)
+        pairs = preference_pairs(cfg.init, args.task, args.make_pairs, args.samples, 1.0, args.max_new_tokens,
+                                 cfg.seed)
+        write_pairs(pairs, Path(cfg.data))
+        print(f"{len(pairs)} pairs from {args.make_pairs} problems -> {cfg.data}")
+    s = train_dpo(args.out, cfg, resume=args.resume, steps=cfg.steps)
     print(f"done: step {s.get('step')}, loss {s.get('loss', float('nan')):.4f}, margin {s.get('margin', 0):.3f}, "
           f"{s['pairs']} pairs ({s['skipped']} skipped); run: {args.out}")
     return 0

@@ -9,8 +9,9 @@
 
 A fresh run trains a tokenizer on the task corpus (or on the --data text) when the run directory has none.
 With --data, --minutes and no --steps, the lr schedule follows the time budget (steps only a cap), and the
-sequence length defaults to the model's max_seq_len. On --resume the stored
-config.json is authoritative; only --steps, --minutes and --precision may change (changing --steps reshapes the
+sequence length defaults to the model's max_seq_len. The run options are PretrainConfig's fields (its
+TrainConfig and DataConfig included; nanoseek.cli_config). On --resume the stored config.json is
+authoritative; only --steps, --minutes, --precision and --compile may change (changing --steps reshapes the
 lr schedule; a run resumes in the precision it started with unless --precision says otherwise).
 """
 from __future__ import annotations
@@ -19,122 +20,59 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from nanoseek.cli_config import ConfigCLI
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
-from nanoseek.data import PACKERS
 from nanoseek.parallel.training import add_ep_arguments
-from nanoseek.train.common import TrainConfig, setup_distributed
-from nanoseek.train.precision import PUBLIC as PRECISIONS
-from nanoseek.train.pretrain import DataConfig, PretrainConfig, dense_equivalent, pretrain
+from nanoseek.train.common import setup_distributed
+from nanoseek.train.pretrain import PretrainConfig, dense_equivalent, pretrain
 
 TIME_SCHEDULE_STEP_CAP = 10_000_000  # --data --minutes without --steps: the time budget ends the run
 
-# flag -> TrainConfig field, for the knobs exposed on the command line
-TRAIN_FLAGS = {"steps": "steps", "minutes": "minutes", "seed": "seed", "batch_size": "batch_size", "lr": "lr",
-               "seq_len": "seq_len", "grad_accum": "grad_accum", "warmup": "warmup_steps",
-               "eval_interval": "eval_interval", "eval_batches": "eval_batches", "ckpt_interval": "ckpt_interval",
-               "log_interval": "log_interval", "keep_last": "keep_last"}
+CLI = ConfigCLI(PretrainConfig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
     p.add_argument("--out", required=True, help="run directory (runs/NAME)")
-    p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: tiny)")
     p.add_argument("--config", help="a model config JSON instead of --preset (vocab_size comes from the tokenizer)")
-    p.add_argument("--dense", action="store_true", help="dense model with the preset's activated parameter count")
-    p.add_argument("--data", action="append", default=None, metavar="PATH",
-                   help="train on your own text instead of --task: a file, directory (recursive) or glob; repeatable. "
-                        "Plain UTF-8 files are one document each, .jsonl/.json rows and .parquet columns take "
-                        "--text-field")
-    p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
-                   help="leave out --data files whose path matches this fnmatch pattern (repeatable)")
-    p.add_argument("--text-field", default=DataConfig.text_field, help="JSONL / parquet field holding the text")
-    p.add_argument("--val-share", type=float, default=DataConfig.val_share,
-                   help="share of --data units (rows, ~8 KB pieces of text files) held out, chosen by a stable hash")
-    p.add_argument("--shard-dir", default="", help="where --data token shards are kept (default RUN/shards; "
-                   "reused while the files and tokenizer are unchanged)")
-    p.add_argument("--tokenizer", default="", help="an existing tokenizer.json for --data (default: train one)")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="tokenizer vocabulary to train (default 512 for --task, 4096 for --data)")
-    p.add_argument("--task", default=DataConfig.task)
-    p.add_argument("--n-docs", type=int, default=DataConfig.n_docs, help="training documents")
-    p.add_argument("--n-test-docs", type=int, default=DataConfig.n_test_docs, help="held-out documents")
-    p.add_argument("--difficulty", type=int, default=None, help="task difficulty (default: the task's)")
-    p.add_argument("--flawed-share", type=float, default=DataConfig.flawed_share,
-                   help="share of worked solutions with one deliberate slip")
-    p.add_argument("--fact-share", type=float, default=DataConfig.fact_share,
-                   help="share of documents that are one-operation arithmetic facts (always correct)")
-    p.add_argument("--reflect-share", type=float, default=DataConfig.reflect_share,
-                   help="share of worked solutions with one check line `a+b=r. check: a+b=r'.` (arithmetic only)")
-    p.add_argument("--packing", default=DataConfig.packing, choices=list(PACKERS),
-                   help="rows are cuts of one document stream (stream, default) or start at a document start "
-                        "(aligned)")
-    p.add_argument("--steps", type=int, help=f"optimizer steps, the lr schedule's length (default {d.steps}; "
-                   "on --resume the stored value)")
-    p.add_argument("--minutes", type=float, help="wall-clock limit of this process; 0 = none (default 0)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--seq-len", type=int, default=None,
-                   help=f"tokens per training row (default {d.seq_len}; with --data the model's max_seq_len)")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup", type=int, default=d.warmup_steps)
-    p.add_argument("--eval-interval", type=int, default=d.eval_interval)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    p.add_argument("--ckpt-interval", type=int, default=d.ckpt_interval)
-    p.add_argument("--log-interval", type=int, default=d.log_interval)
-    p.add_argument("--keep-last", type=int, default=d.keep_last)
+    CLI.add_arguments(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_ep_arguments(p)
-    p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 (BF16 compute, FP32 master "
-                   "weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments); on --resume the stored one")
     p.add_argument("--pp", type=int, default=1, help="pipeline parallelism over this many processes (torchrun; "
                    "= the number of processes). Not stored: a resume may change it")
     p.add_argument("--pp-schedule", default="1f1b", choices=["1f1b", "zbv", "dualpipev"],
                    help="pipeline schedule (torch.distributed.pipelining); zbv and dualpipev put 2 stages per rank")
     p.add_argument("--pp-microbatches", type=int, default=0, help="micro-batches per step (default: 2 per stage)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the blocks' training forward (docs/speed.md: ~1 min of compiling first); "
-                        "on --resume the stored choice unless given")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
 
 
 def resolve_config(args: argparse.Namespace) -> PretrainConfig:
-    """The run's full config: from the flags for a fresh run, from config.json (plus --steps/--minutes) on resume."""
+    """The run's full config: from the flags for a fresh run (on top of --config-file when given), from
+    config.json (plus --steps / --minutes / --precision / --compile when given) on resume."""
     run_dir = Path(args.out)
     if args.resume:
         if not run_dir.is_dir():
             raise ConfigError(f"run directory {run_dir} does not exist; nothing to resume")
-        cfg = PretrainConfig.load(run_dir)
-        changes = {k: v for k, v in (("steps", args.steps), ("minutes", args.minutes), ("compile", args.compile))
-                   if v is not None}
-        cfg.train = dataclasses.replace(cfg.train, **changes).validate()
-        if args.precision is not None:
-            cfg.precision = args.precision
+        cfg = CLI.resolve(args, PretrainConfig.load(run_dir))
+        cfg.train.validate()
         return cfg
-    model = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
-    if args.dense:
-        model = dense_equivalent(model)
-    given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
-    given["compile"] = bool(args.compile)
-    text = bool(args.data)
-    time_schedule = text and args.minutes is not None and args.minutes > 0 and args.steps is None
-    if time_schedule:
-        given["steps"] = TIME_SCHEDULE_STEP_CAP
-    if text and args.seq_len is None:
-        given["seq_len"] = model.max_seq_len
-    train = TrainConfig(**given).validate()
-    data = DataConfig(task=args.task, n_docs=args.n_docs, n_test_docs=args.n_test_docs, difficulty=args.difficulty,
-                      flawed_share=args.flawed_share, fact_share=args.fact_share, packing=args.packing,
-                      reflect_share=args.reflect_share, vocab_size=args.vocab_size, data=list(args.data or []),
-                      text_field=args.text_field, exclude=list(args.exclude or []), val_share=args.val_share, shard_dir=args.shard_dir,
-                      tokenizer=args.tokenizer)
-    if text:
+    cfg, given = CLI.resolve(args), CLI.given(args)
+    if args.config or args.preset or not args.config_file:  # a --config-file's model holds unless replaced
+        model = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset or "tiny")
+        cfg.model = dense_equivalent(model) if cfg.dense else model
+    data = cfg.data
+    if data.is_text and not args.config_file:  # text defaults, unless given (a --config-file holds its own)
+        if "train.seq_len" not in given:
+            cfg.train = dataclasses.replace(cfg.train, seq_len=cfg.model.max_seq_len)
+        if cfg.train.minutes > 0 and "train.steps" not in given:
+            cfg.train, cfg.time_schedule = dataclasses.replace(cfg.train, steps=TIME_SCHEDULE_STEP_CAP), True
+    cfg.train.validate()
+    if data.is_text:
         from nanoseek.text.sources import discover
 
         data.split_settings()
         discover(data.data, data.exclude)  # a missing path or an empty directory fails here, before any file is written
-        return PretrainConfig(model=model, train=train, data=data, dense=args.dense,
-                              precision=args.precision or "fp32", time_schedule=time_schedule)
+        return cfg
     from nanoseek.tasks import get_task
 
     get_task(data.task).check_difficulty(data.difficulty)  # bad task names / difficulties fail here, before any work
@@ -144,11 +82,13 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
             raise ConfigError(f"{name} must be in [0, 1], got {share}")
     if data.n_docs < 1 or data.n_test_docs < 1:
         raise ConfigError("--n-docs and --n-test-docs must be >= 1")
-    return PretrainConfig(model=model, train=train, data=data, dense=args.dense, precision=args.precision or "fp32")
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args)
+    if CLI.print_config(args, cfg):
+        return 0
     dist = setup_distributed(args.device)
     try:
         s = pretrain(args.out, cfg, resume=args.resume, dist=dist, ep=args.ep, ep_redundant=args.ep_redundant,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from nanoseek.cli_config import ConfigCLI, knob
 from nanoseek.io import atomic_write_text
 
 console = Console()
@@ -35,25 +36,25 @@ ARM_TITLES = {"rl": "(a) student + GRPO", "sft": "(b) student + SFT on teacher t
 
 @dataclass
 class R1Config:
-    out: str = "runs/r1"
-    demo: str = "runs/demo"
-    seed: int = 0
-    student_preset: str = "tiny-dense"
+    out: str = knob("runs/r1", help="the pipeline's root directory (one run directory per stage inside)")
+    demo: str = knob("runs/demo", help="the R1-Zero demo whose RL model is the teacher (run if missing)")
+    seed: int = knob(0, help="seed of every stage")
+    student_preset: str = knob("tiny-dense", help="model preset of the dense student")
     # The student base gets 300 pretraining steps against the teacher base's 1400: a weaker base of about
     # the teacher's activated size, the situation of R1's small dense students (README "R1 pipeline").
-    student_base_steps: int = 300
+    student_base_steps: int = knob(300, help="pretraining steps of the student base")
     # 2 minutes per arm keeps `nanoseek r1` near 15 minutes on the shared 2-core machine (8 of them in the arms)
-    arm_minutes: float = 2.0
+    arm_minutes: float = knob(2.0, help="wall-clock budget of each arm")
     # difficulty 1 has ~8,400 distinct train problems; 8000 draws x 2 samples covers most of them once or twice
-    trace_problems: int = 8000
-    trace_samples: int = 2
+    trace_problems: int = knob(8000, help="train problems the teacher samples for rejection-sampled traces")
+    trace_samples: int = knob(2, help="teacher samples per trace problem")
     trace_temperature: float = 0.7  # the demo's rollout temperature
     sft_lr: float = 1e-3
     sft_batch_size: int = 32
     distill_lr: float = 5e-4
     distill_prompts_per_step: int = 32
     curve_n: int = 100  # held-out problems per checkpoint on the curves (one T=0.6 sample each)
-    smoke: bool = False
+    smoke: bool = knob(False, help="a seconds-long run of every stage (for tests); options given apply on top")
 
     def validate(self) -> R1Config:
         from nanoseek.config import PRESETS, ConfigError
@@ -74,17 +75,11 @@ class R1Config:
                    trace_samples=2, sft_batch_size=4, distill_prompts_per_step=4, curve_n=4, smoke=True)
 
 
+CLI = ConfigCLI(R1Config)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = R1Config()
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--demo", default=d.demo, help="the R1-Zero demo whose RL model is the teacher (run if missing)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--student-preset", default=d.student_preset)
-    p.add_argument("--student-base-steps", type=int, default=d.student_base_steps)
-    p.add_argument("--arm-minutes", type=float, default=d.arm_minutes, help="wall-clock budget of each arm")
-    p.add_argument("--trace-problems", type=int, default=d.trace_problems)
-    p.add_argument("--trace-samples", type=int, default=d.trace_samples)
-    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests)")
+    CLI.add_arguments(p)
 
 
 # ---- stages ------------------------------------------------------------------------------------------
@@ -422,11 +417,8 @@ def run_r1(cfg: R1Config) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.smoke:
-        cfg = R1Config.smoke_config(args.out, args.demo, args.seed)
-    else:
-        cfg = R1Config(out=args.out, demo=args.demo, seed=args.seed, student_preset=args.student_preset,
-                       student_base_steps=args.student_base_steps, arm_minutes=args.arm_minutes,
-                       trace_problems=args.trace_problems, trace_samples=args.trace_samples)
+    cfg = CLI.resolve(args, rebase=(lambda c: R1Config.smoke_config(c.out, c.demo, c.seed)) if args.smoke else None)
+    if CLI.print_config(args, cfg):
+        return 0
     run_r1(cfg)
     return 0

@@ -19,6 +19,7 @@ from nanoseek.tokenomics.roofline import (
     GPUSpec,
     MemoryPlan,
     Scenario,
+    StepTimes,
     TCOInputs,
     attention_flops_per_position,
     check_batch_fits,
@@ -40,6 +41,7 @@ from nanoseek.tokenomics.roofline import (
     plot_sweep,
     prefill_time,
     resolve_gpu,
+    step_times,
     sweep,
     tco_per_gpu_hour,
     usd_per_mtok,
@@ -48,9 +50,9 @@ from nanoseek.tokenomics.roofline import (
 
 __all__ = [
     "DTYPE_BYTES", "GB", "GIB", "GPUS", "HOURS_PER_YEAR", "SWEEPS", "Comparison", "CostModel", "CostResult",
-    "GPUSpec", "MemoryPlan", "Scenario", "TCOInputs", "attention_flops_per_position", "check_batch_fits",
+    "GPUSpec", "MemoryPlan", "Scenario", "StepTimes", "TCOInputs", "attention_flops_per_position", "check_batch_fits",
     "compare", "cost_per_answer", "decode_step", "deepseek_hf_to_model_config", "default_variants", "evaluate",
     "expected_distinct_experts", "from_gqa_hf_config", "from_hf_config", "from_model_config", "kv_heads",
     "kv_numbers_per_token_layer", "load_model", "memory_plan", "normalize_attention", "plot_sweep",
-    "prefill_time", "resolve_gpu", "sweep", "tco_per_gpu_hour", "usd_per_mtok", "weight_bytes_read",
+    "prefill_time", "resolve_gpu", "step_times", "sweep", "tco_per_gpu_hour", "usd_per_mtok", "weight_bytes_read",
 ]

@@ -63,11 +63,13 @@ from nanoseek.tokenomics.roofline import (
     CostModel,
     GPUSpec,
     Scenario,
-    attention_flops_per_position,
     kv_numbers_per_token_layer,
     normalize_attention,
+    read_json_object,
     resolve_gpu,
+    step_times,
     tco_per_gpu_hour,
+    weight_bytes_read,
 )
 
 SCHEMES = ("direct", "hierarchical")
@@ -299,12 +301,6 @@ def _weights_per_gpu(model: CostModel, plan: PhasePlan) -> tuple[int, float]:
     return slots, params
 
 
-def _touched_slots(model: CostModel, slots: int, unit_tokens: float) -> float:
-    if not slots:
-        return 0.0
-    return slots * (1.0 - (1.0 - model.n_activated_experts / model.n_routed_experts) ** unit_tokens)
-
-
 def _phase(model: CostModel, dep: Deployment, phase: str, tokens: float) -> PhaseResult:
     """Time of one step of `tokens` tokens per GPU (decode: sequences; prefill: computed prompt tokens)."""
     sc, plan = dep.serving, getattr(dep, phase)
@@ -319,23 +315,18 @@ def _phase(model: CostModel, dep: Deployment, phase: str, tokens: float) -> Phas
                           f"{slots} expert slots) do not fit a {gpu.name} at mem_fraction {sc.mem_fraction}; "
                           f"raise --{phase}-ep" + (" or use --weight-dtype fp8" if sc.weight_dtype != "fp8" else ""))
     m = plan.microbatches
-    dense = (model.params_total - model.lookup_params - model.routed_params) * b_w
-    experts = _touched_slots(model, slots, plan.ep * tokens / m) * model.n_moe_layers * model.expert_params * b_w
-    flops_w = tokens * 2 * model.matmul_params_active
+    # every microbatch (of ep x tokens / m tokens in the unit) reads the dense weights and its touched experts
+    weights_read = m * weight_bytes_read(model, plan.ep * tokens / m, b_w, slots)
     if phase == "decode":
-        c = sc.context
-        kv_bytes = tokens * c * kv_per_token
-        flops_kv = tokens * model.n_layers * c * attention_flops_per_position(model, attention, "decode")
+        positions = sc.context
+        kv_bytes = tokens * positions * kv_per_token
     else:
         h, p = dep.prefix_cache_hit, dep.prompt_tokens
-        cached, fresh = h * p, (1 - h) * p
+        positions = h * p + ((1 - h) * p + 1) / 2  # attended per computed token: the cached prefix + causal
         kv_bytes = tokens * kv_per_token * (1 + h / (1 - h))  # written, plus the cached prefix loaded
-        positions = cached + (fresh + 1) / 2  # attended per computed token
-        flops_kv = tokens * model.n_layers * positions * attention_flops_per_position(model, attention, "prefill")
-    mem_parts = {"weights": m * (dense + experts) / (gpu.hbm_bw * sc.mbu), "kv": kv_bytes / (gpu.hbm_bw * sc.mbu)}
-    cmp_parts = {"matmul": flops_w / gpu.peak_flops(sc.weight_dtype) / sc.mfu,
-                 "attention": flops_kv / gpu.peak_flops(sc.cache_dtype) / sc.mfu}
-    t_mem, t_cmp = sum(mem_parts.values()), sum(cmp_parts.values())
+    times = step_times(model, sc, attention, phase, tokens, positions, weights_read, kv_bytes)
+    mem_parts, cmp_parts = times.memory_parts_s, times.compute_parts_s
+    t_mem, t_cmp = times.memory_s, times.compute_s
     work = max(t_mem, t_cmp)
     comm = comm_plan(model, dep, plan, tokens, gpu)
     lo = min(work, comm.time_s)
@@ -457,28 +448,17 @@ def fleet(model: CostModel, dep: Deployment, traffic: Traffic | None = None,
 def load_deployment(path, serving: Scenario) -> Deployment:
     """A deployment JSON: Deployment's fields (prefill / decode as objects of PhasePlan's fields), except
     `serving`, which comes from the command line (GPU, dtypes, context, utilizations, TCO)."""
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"deployment file not found: {p}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"deployment file is not valid JSON ({p}): {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"deployment file must hold a JSON object: {p}")
+    d = read_json_object(path, "deployment file")
     fields = {f.name for f in dataclasses.fields(Deployment)} - {"serving"}
     plan_fields = {f.name for f in dataclasses.fields(PhasePlan)}
     unknown = set(d) - fields
     if unknown:
-        raise ConfigError(f"deployment file {p}: unknown key(s) {', '.join(sorted(unknown))}; "
+        raise ConfigError(f"deployment file {path}: unknown key(s) {', '.join(sorted(unknown))}; "
                           f"known: {', '.join(sorted(fields))}")
     for phase in ("prefill", "decode"):
         if phase in d:
             if not isinstance(d[phase], dict) or set(d[phase]) - plan_fields:
-                raise ConfigError(f"deployment file {p}: {phase} must be an object with keys among "
+                raise ConfigError(f"deployment file {path}: {phase} must be an object with keys among "
                                   f"{', '.join(sorted(plan_fields))}")
             d[phase] = PhasePlan(**d[phase])
     return Deployment(serving=serving, **d)

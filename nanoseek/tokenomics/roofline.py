@@ -256,19 +256,26 @@ def from_hf_config(d: dict, name: str = "model") -> CostModel:
     return from_gqa_hf_config(d, name)
 
 
+def read_json_object(path: str | Path, what: str) -> dict:
+    """The JSON object in file `path`; a missing file, bad JSON or a non-object is one ConfigError naming `what`."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{what} is not valid JSON ({path}): {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object: {path}")
+    return d
+
+
 def load_model(preset: str | None = None, config: str | Path | None = None) -> CostModel:
     """A preset name, or a JSON file that is either a nanoseek ModelConfig or a transformers config.json."""
     if config is None:
         return from_model_config(ModelConfig.preset(preset or "v3-671b"), preset or "v3-671b")
     path = Path(config)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"model config not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"model config is not valid JSON ({path}): {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"model config must be a JSON object: {path}")
+    d = read_json_object(path, "model config")
     name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
     if "hidden_size" in d or "model_type" in d:
         return from_hf_config(d, name)
@@ -316,19 +323,54 @@ def attention_flops_per_position(model: CostModel, attention: str, phase: str) -
     return 2 * model.n_heads * (model.qk_head_dim + model.v_head_dim)
 
 
-def expected_distinct_experts(n_experts: int, k: int, tokens: float) -> float:
-    """E (1 - (1 - K/E)^T): experts that T tokens touch in one layer under uniform top-K routing."""
+def expected_distinct_experts(n_experts: int, k: int, tokens: float, slots: float | None = None) -> float:
+    """E (1 - (1 - K/E)^T): experts that T tokens touch in one layer under uniform top-K routing; with `slots`,
+    how many of that many expert slots are touched (each holds one expert, touched with probability
+    1 - (1 - K/E)^T)."""
     if n_experts <= 0:
         return 0.0
-    return n_experts * (1.0 - (1.0 - k / n_experts) ** tokens)
+    return (n_experts if slots is None else slots) * (1.0 - (1.0 - k / n_experts) ** tokens)
 
 
-def weight_bytes_read(model: CostModel, tokens: float, weight_bytes: int) -> float:
-    """Bytes of weights one forward over `tokens` tokens reads: dense part + the experts they touch."""
+def weight_bytes_read(model: CostModel, tokens: float, weight_bytes: int, slots: int | None = None) -> float:
+    """Bytes of weights one forward over `tokens` tokens reads: dense part + the experts they touch (of `slots`
+    expert slots per MoE layer on this GPU; default: all E experts, one GPU)."""
     dense = model.params_total - model.lookup_params - model.routed_params
     touched = model.n_moe_layers * expected_distinct_experts(model.n_routed_experts, model.n_activated_experts,
-                                                             tokens) * model.expert_params
+                                                             tokens, slots) * model.expert_params
     return (dense + touched) * weight_bytes
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """The roofline of one forward, split into its parts (seconds)."""
+
+    memory_parts_s: dict[str, float]  # 'weights', 'kv'
+    compute_parts_s: dict[str, float]  # 'matmul', 'attention'
+
+    @property
+    def memory_s(self) -> float:
+        return sum(self.memory_parts_s.values())
+
+    @property
+    def compute_s(self) -> float:
+        return sum(self.compute_parts_s.values())
+
+
+def step_times(model: CostModel, sc: Scenario, attention: str, phase: str, tokens: float, positions: float,
+               weight_bytes: float, kv_bytes: float, gpus: int = 1) -> StepTimes:
+    """The one roofline formula (module docstring), used by `evaluate` and by `deployment`: a forward over
+    `tokens` new tokens that each attend to `positions` positions on average, reading `weight_bytes` of
+    weights and `kv_bytes` of cache, on `gpus` GPUs. Memory = bytes / (G x HBM bandwidth x mbu); compute =
+    (2 x matmul params x tokens at the weight dtype's peak + attention FLOPs at the cache dtype's peak) /
+    (G x mfu)."""
+    gpu = resolve_gpu(sc.gpu)
+    bandwidth = gpus * gpu.hbm_bw * sc.mbu
+    flops_w = tokens * 2 * model.matmul_params_active
+    flops_kv = tokens * model.n_layers * positions * attention_flops_per_position(model, attention, phase)
+    return StepTimes({"weights": weight_bytes / bandwidth, "kv": kv_bytes / bandwidth},
+                     {"matmul": flops_w / gpu.peak_flops(sc.weight_dtype) / (gpus * sc.mfu),
+                      "attention": flops_kv / gpu.peak_flops(sc.cache_dtype) / (gpus * sc.mfu)})
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
@@ -475,30 +517,23 @@ def memory_plan(model: CostModel, sc: Scenario) -> MemoryPlan:
                       max_tokens, max_tokens // sc.context)
 
 
-def _roofline(bytes_: float, flops_w: float, flops_kv: float, gpu: GPUSpec, sc: Scenario) -> tuple[float, float]:
-    """(t_mem, t_compute) in seconds on the whole replica."""
-    t_mem = bytes_ / (sc.gpus * gpu.hbm_bw * sc.mbu)
-    t_cmp = (flops_w / gpu.peak_flops(sc.weight_dtype) + flops_kv / gpu.peak_flops(sc.cache_dtype)) / (sc.gpus * sc.mfu)
-    return t_mem, t_cmp
-
-
 def decode_step(model: CostModel, sc: Scenario, plan: MemoryPlan) -> tuple[float, float]:
-    """(t_mem, t_compute) of one decode step: every sequence emits one token reading C cached tokens."""
-    gpu, b, c = resolve_gpu(sc.gpu), sc.batch, sc.context
-    bytes_ = weight_bytes_read(model, b, DTYPE_BYTES[sc.weight_dtype]) + b * c * plan.kv_bytes_per_token
-    flops_w = b * 2 * model.matmul_params_active
-    flops_kv = b * model.n_layers * c * attention_flops_per_position(model, plan.attention, "decode")
-    return _roofline(bytes_, flops_w, flops_kv, gpu, sc)
+    """(t_mem, t_compute) of one decode step on the replica: every sequence emits one token reading C cached
+    tokens."""
+    b, c = sc.batch, sc.context
+    t = step_times(model, sc, plan.attention, "decode", b, c, weight_bytes_read(model, b, DTYPE_BYTES[sc.weight_dtype]),
+                   b * c * plan.kv_bytes_per_token, sc.gpus)
+    return t.memory_s, t.compute_s
 
 
 def prefill_time(model: CostModel, sc: Scenario, plan: MemoryPlan) -> tuple[float, float]:
-    """(t_mem, t_compute) of prefilling the whole batch of C-token prompts in one pass."""
-    gpu, b, c = resolve_gpu(sc.gpu), sc.batch, sc.context
-    tokens = b * c
-    bytes_ = weight_bytes_read(model, tokens, DTYPE_BYTES[sc.weight_dtype]) + tokens * plan.kv_bytes_per_token
-    flops_w = tokens * 2 * model.matmul_params_active
-    flops_kv = b * model.n_layers * c * (c + 1) / 2 * attention_flops_per_position(model, plan.attention, "prefill")
-    return _roofline(bytes_, flops_w, flops_kv, gpu, sc)
+    """(t_mem, t_compute) of prefilling the whole batch of C-token prompts in one pass (causal: a token
+    attends to (C + 1) / 2 positions on average)."""
+    tokens = sc.batch * sc.context
+    t = step_times(model, sc, plan.attention, "prefill", tokens, (sc.context + 1) / 2,
+                   weight_bytes_read(model, tokens, DTYPE_BYTES[sc.weight_dtype]), tokens * plan.kv_bytes_per_token,
+                   sc.gpus)
+    return t.memory_s, t.compute_s
 
 
 def usd_per_mtok(usd_per_gpu_hour: float, tokens_per_s_per_gpu: float, load: float) -> float:

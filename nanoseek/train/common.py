@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 
 
@@ -40,30 +41,32 @@ class TrainConfig:
     spikes. Larger presets want smaller values (V3 peaked at 2.2e-4 at 671B).
     """
 
-    lr: float = 4e-3
+    lr: float = knob(4e-3, help="peak learning rate")
     min_lr_ratio: float = 0.1  # cosine ends at lr * min_lr_ratio
-    warmup_steps: int = 20
+    warmup_steps: int = knob(20, flag="--warmup", help="linear warmup steps")
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    batch_size: int = 16  # GLOBAL sequences per micro-batch (over all ranks)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 128
+    batch_size: int = knob(16, help="global sequences per micro-batch (over all processes)")
+    grad_accum: int = knob(1, help="micro-batches per optimizer step")
+    seq_len: int = knob(128, help="tokens per sequence (SFT: the longest example; longer ones are skipped)")
     mtp_lambda: float = 0.3  # V3: 0.3 for the first 10T tokens, then 0.1
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight (V3: 1e-4)
     bias_gamma: float = 1e-3  # auxiliary-loss-free bias update speed (V3: 0.001)
-    seed: int = 0
-    steps: int = 200  # optimizer steps in the whole run (the schedule's length)
-    minutes: float = 0.0  # wall-clock limit for this process; 0 = none. Checkpoints and stops when reached
-    log_interval: int = 1  # steps between metrics.jsonl lines
-    eval_interval: int = 50  # steps between held-out evaluations (and at the end); 0 = only at the end
-    eval_batches: int = 8  # held-out batches per evaluation
-    ckpt_interval: int = 100  # steps between checkpoints (and at the end); 0 = only at the end
-    keep_last: int = 2  # checkpoints kept on disk
+    seed: int = knob(0, help="seed of data order, init and sampling")
+    steps: int = knob(200, resume="override", help="optimizer steps in the whole run (the lr schedule's length)")
+    minutes: float = knob(0.0, resume="override", help="wall-clock limit of this process, 0 = none; checkpoints "
+                          "and stops when reached")
+    log_interval: int = knob(1, help="steps between metrics.jsonl lines")
+    eval_interval: int = knob(50, help="steps between held-out evaluations (and at the end); 0 = only at the end")
+    eval_batches: int = knob(8, help="held-out batches per evaluation")
+    ckpt_interval: int = knob(100, help="steps between checkpoints (and at the end); 0 = only at the end")
+    keep_last: int = knob(2, help="checkpoints kept on disk")
     # torch.compile the blocks' training forward (nanoseek.train.common.enable_compile); a speed knob like
     # `minutes`: results equal to float rounding, and a resume may switch it either way
-    compile: bool = False
+    compile: bool = knob(False, resume="override", help="torch.compile the blocks' training forward "
+                         "(docs/speed.md: ~1 min of compiling first)")
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 from nanoseek.train.checkpoint import load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, set_lr
@@ -92,17 +93,19 @@ def check_same_tokenizer(teacher_tok, student_tok, teacher: str, student: str) -
 # ---- config ---------------------------------------------------------------------------------------------
 @dataclass
 class DistillConfig(HasTrainConfig):
-    teacher: str = ""
-    student: str = ""
-    task: str = "arithmetic"
-    difficulty: int | None = None
-    prompts_per_step: int = 32
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # sampling and KL temperature (GKD / TRL: the same for both)
+    teacher: str = knob("", help="the teacher's run directory")
+    student: str = knob("", help="the student's run directory (its latest checkpoint starts the run)")
+    task: str = knob("arithmetic", help="task whose train-split prompts the student samples on")
+    difficulty: int | None = knob(None, help="task difficulty (none = the task's default)")
+    prompts_per_step: int = knob(32, help="student samples per optimizer step")
+    max_new_tokens: int = knob(64, help="longest student sample in tokens")
+    temperature: float = knob(1.0, help="sampling and KL temperature (GKD / TRL: the same for both)")
     top_p: float | None = None
     micro_batch: int = 64
-    budget_s: float = 0.0  # > 0: wall-clock budget (lr cosine over time, stop at the end); steps is a cap
-    ckpt_every: int = 25
+    # > 0: wall-clock budget (lr cosine over time, stop at the end); steps is a cap
+    budget_s: float = knob(0.0, flag="--minutes", scale=60.0, resume="override",
+                           help="wall-clock budget of the run in minutes, 0 = none (the lr follows it)")
+    ckpt_every: int = knob(25, help="steps between checkpoints")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, steps=200, warmup_steps=10,
                                                                   weight_decay=0.0, bias_gamma=0.0))
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 from nanoseek.model.transformer import IGNORE
@@ -60,16 +61,16 @@ def sequence_logps(model, ids: torch.Tensor, targets: torch.Tensor, pad_id: int 
 
 @dataclass
 class DPOConfig:
-    init: str = ""  # the run to start from, also the frozen reference
-    data: str = ""  # JSONL of {"prompt", "chosen", "rejected"}
-    beta: float = 0.1
-    lr: float = 5e-5
+    init: str = knob("", help="the run to fine-tune; also the frozen reference")
+    data: str = knob("", help='JSONL of {"prompt", "chosen", "rejected"}')
+    beta: float = knob(0.1, help="DPO beta: strength of the implicit KL to the reference")
+    lr: float = knob(5e-5, help="learning rate")
     warmup_steps: int = 5
-    steps: int = 100
-    batch_size: int = 16  # pairs per step
-    seq_len: int = 128  # longest prompt + completion; longer pairs are skipped
+    steps: int = knob(100, resume="override", help="optimizer steps in the whole run")
+    batch_size: int = knob(16, help="pairs per step")
+    seq_len: int = knob(128, help="longest prompt + completion in tokens; longer pairs are skipped")
     grad_clip: float = 1.0
-    seed: int = 0
+    seed: int = knob(0, help="seed of the pair order (and of --make-pairs sampling)")
     ckpt_every: int = 50
     keep_last: int = 2
 

@@ -60,6 +60,7 @@ import torch
 import torch.distributed as tdist
 from torch.autograd.graph import increment_version
 
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
 from nanoseek.engine.sampling import SamplingParams, support_logprobs
@@ -85,54 +86,62 @@ from nanoseek.train.shared_prefix import Packed, pack, packed_hidden, plan_micro
 class GRPOConfig:
     """Every RL knob, with its default and where it comes from."""
 
-    task: str = "arithmetic"
-    difficulty: int | None = None  # None = the task's default
-    steps: int = 200
-    minutes: float | None = None  # stop (and checkpoint) after this much wall time
-    group_size: int = 8  # G (R1: 16)
-    prompts_per_step: int = 16  # groups per step over all processes
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # rollout temperature (R1: 1.0)
-    top_p: float | None = None  # rollout nucleus; the ratio uses the same support (module docstring)
-    top_k: int | None = None
-    lr: float = 1e-4  # 2e-4 collapsed a weak tiny base in the prototype; 1e-4 was stable
+    task: str = knob("arithmetic", help="task whose problems and reward program are used (nanoseek.tasks)")
+    difficulty: int | None = knob(None, help="task difficulty (none = the task's default)")
+    steps: int = knob(200, resume="override", help="RL steps (rollouts + update) in the whole run")
+    minutes: float | None = knob(None, resume="override", help="wall-clock limit; checkpoints and stops")
+    group_size: int = knob(8, help="G samples per prompt (R1: 16)")
+    prompts_per_step: int = knob(16, help="groups per step over all processes")
+    max_new_tokens: int = knob(64, help="longest completion in tokens")
+    temperature: float = knob(1.0, help="rollout temperature (R1: 1.0)")
+    top_p: float | None = knob(None, help="rollout nucleus; the importance ratio uses the same renormalized "
+                               "support (module docstring)")
+    top_k: int | None = knob(None, help="rollout top-k (same support in the ratio)")
+    # 2e-4 collapsed a weak tiny base in the prototype; 1e-4 was stable
+    lr: float = knob(1e-4, help="learning rate")
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
     micro_batch: int = 64  # sequences per training forward (memory bound only; the loss is the same)
-    mu: int = 1  # policy updates per rollout batch (GRPO's mu)
-    advantage: str = "grpo"  # "grpo" (divide by group std) or "dr_grpo" (mean only)
-    loss_agg: str = "grpo"  # grpo | dapo | dr_grpo
-    eps_low: float = 0.2
-    eps_high: float = 0.2  # DAPO clip-higher: 0.28
-    beta: float = 0.0  # KL weight (R1: 0.001); 0 keeps no reference model
+    mu: int = knob(1, help="policy updates per rollout batch (GRPO's mu)")
+    advantage: str = knob("grpo", choices=("grpo", "dr_grpo"),
+                          help="grpo (divide by the group's std) or dr_grpo (mean only)")
+    loss_agg: str = knob("grpo", choices=AGGREGATIONS, help="loss aggregation over tokens and samples")
+    eps_low: float = knob(0.2, help="lower clip of the importance ratio")
+    eps_high: float = knob(0.2, help="upper clip of the importance ratio (DAPO clip-higher uses 0.28)")
+    beta: float = knob(0.0, help="KL weight (k3; R1: 0.001); 0 keeps no reference model")
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
-    dynamic_sampling: bool = False  # DAPO: drop groups whose accuracy is all 0 or all 1, resample
+    dynamic_sampling: bool = knob(False, help="DAPO: drop groups whose accuracy is all 0 or all 1, resample")
     max_sampling_rounds: int = 3
-    overlong_cache: int = 0  # DAPO soft overlong punishment interval L_cache (0 = off)
-    mask_truncated: bool = False  # DAPO: truncated samples contribute no loss
-    length_weight: float = 0.0  # Kimi k1.5 length reward weight (0 = off)
-    length_warmup_steps: int = 0  # length reward off during these first steps
-    prioritized: bool = False  # Kimi: sample problems with p ~ 1 - success rate
-    pool_size: int = 2000  # prioritized pool: problems per difficulty level
-    curriculum: bool = False
+    overlong_cache: int = knob(0, help="DAPO soft overlong punishment interval L_cache (0 = off)")
+    mask_truncated: bool = knob(False, help="DAPO: truncated samples contribute no loss")
+    length_weight: float = knob(0.0, help="Kimi k1.5 length reward weight (0 = off)")
+    length_warmup_steps: int = knob(0, help="length reward off during these first steps")
+    prioritized: bool = knob(False, help="Kimi k1.5: sample problems by 1 - success rate")
+    pool_size: int = knob(2000, help="prioritized pool: problems per difficulty level")
+    curriculum: bool = knob(False, help="raise difficulty over the run (with --prioritized: by priority within "
+                            "each level)")
     curriculum_start: int = 1
-    bias_update: bool = True
+    bias_update: bool = knob(True, help="auxiliary-loss-free MoE bias update during RL (--no-bias-update "
+                             "freezes the selection bias)")
     # Pretraining's 1e-3 moves the routing more than RL's ~40x smaller lr moves the weights (greedy accuracy
     # fell 6-8 points in two demo pilots); 1e-4 keeps loads balanced without that drift, 0 freezes the bias.
-    bias_gamma: float = 1e-4
-    seed: int = 0
-    ckpt_every: int = 50
+    bias_gamma: float = knob(1e-4, help="bias update speed per step")
+    seed: int = knob(0, help="seed of problems, rollouts and init")
+    ckpt_every: int = knob(50, help="steps between checkpoints")
     keep_last: int = 2
-    partial_rollout_tokens: int = 0  # Kimi k1.5 partial rollouts: new tokens per trajectory per step (0 = off)
+    partial_rollout_tokens: int = knob(0, metavar="N", help="Kimi k1.5 partial rollouts: at most N new tokens per "
+                                       "trajectory per step; unfinished ones continue in the next step (0 = off)")
     # fp32 | bf16 | fp8 (nanoseek.train.precision): the training forwards run under its autocast, fp8 turns the
     # model's FP8 linears on (rollouts use them too) and keeps AdamW's moments in BF16; rollouts run unautocast
-    precision: str = "fp32"
+    precision: str = knob("fp32", choices=prec.PUBLIC, resume="override",
+                          help="training forwards in fp32, bf16 or fp8 (docs/precision.md)")
     # torch.compile the update's training forwards (nanoseek.train.common.enable_compile); rollouts stay eager.
     # A speed knob: the same update to float rounding; a resume may switch it
-    compile: bool = False
+    compile: bool = knob(False, resume="override", help="torch.compile the update's training forwards "
+                         "(docs/grpo_bench.md); rollouts stay eager")
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import PACKERS, Loader, eval_batches
 from nanoseek.io import atomic_write_text
@@ -56,25 +57,36 @@ class DataConfig:
     or, when `data` names files, the user's text (nanoseek.text: memory-mapped token shards)."""
 
     # user text: files, directories or globs (nanoseek.text.sources); empty = the task corpus
-    data: list[str] = field(default_factory=list)
-    exclude: list[str] = field(default_factory=list)  # fnmatch patterns of --data paths left out
-    text_field: str = "text"  # the JSONL / parquet field holding a document's text
-    val_share: float = 0.02  # share of units (rows, ~8 KB pieces of text files) held out by a stable hash
-    shard_dir: str = ""  # where token shards live; "" = <run>/shards
-    tokenizer: str = ""  # an existing tokenizer.json for a text run; "" = train one on the corpus
+    data: list[str] = knob(default_factory=list, metavar="PATH", help="train on your own text instead of --task: "
+                           "a file, directory (recursive) or glob; repeatable. Plain UTF-8 files are one document "
+                           "each, .jsonl/.json rows and .parquet columns take --text-field")
+    exclude: list[str] = knob(default_factory=list, metavar="GLOB", help="leave out --data files whose path matches "
+                              "this fnmatch pattern (repeatable)")
+    text_field: str = knob("text", help="JSONL / parquet field holding the text")
+    val_share: float = knob(0.02, help="share of --data units (rows, ~8 KB pieces of text files) held out, chosen "
+                            "by a stable hash")
+    shard_dir: str = knob("", help="where --data token shards are kept (empty = RUN/shards; reused while the files "
+                          "and tokenizer are unchanged)")
+    tokenizer: str = knob("", help="an existing tokenizer.json for --data (empty = train one)")
     fingerprint: str = ""  # set by the run: the tokenizer's sha256 the shards were built with
-    task: str = "arithmetic"
-    n_docs: int = 50_000  # training documents (~42 tokens each for arithmetic: ~2M tokens)
-    n_test_docs: int = 1_000  # held-out documents from the task's test split
-    flawed_share: float = 0.5
-    difficulty: int | None = None
-    fact_share: float = 0.2  # one-operation problems, always correct (nanoseek.corpus)
-    reflect_share: float = 0.0  # worked solutions with one check line (nanoseek.tasks.reflection; arithmetic)
-    vocab_size: int | None = None  # tokenizer target (a small corpus may give fewer); None = 512 task / 4096 text
+    task: str = knob("arithmetic", help="task whose corpus is generated (nanoseek.tasks)")
+    # ~42 tokens each for arithmetic: ~2M tokens
+    n_docs: int = knob(50_000, help="training documents")
+    n_test_docs: int = knob(1_000, help="held-out documents (from the task's test split)")
+    flawed_share: float = knob(0.5, help="share of worked solutions with one deliberate slip")
+    difficulty: int | None = knob(None, help="task difficulty (none = the task's default)")
+    fact_share: float = knob(0.2, help="share of documents that are one-operation arithmetic facts (always "
+                             "correct; nanoseek.corpus)")
+    reflect_share: float = knob(0.0, help="share of worked solutions with one check line `a+b=r. check: a+b=r'.` "
+                                "(nanoseek.tasks.reflection; arithmetic only)")
+    # a small corpus may give fewer
+    vocab_size: int | None = knob(None, help="tokenizer vocabulary to train (none = 512 for --task, 4096 for "
+                                  "--data)")
     # "stream": GPT-2 style cuts of one long stream; "aligned": every row starts at a document start
     # (nanoseek.data.pack_aligned). Stream stays the default: on the demo's arithmetic at 1000 steps aligned
     # rows gave 50.0% / 37.0% greedy (seeds 0 / 1) against 69.0% / 45.5% (docs/pretrain.md).
-    packing: str = "stream"
+    packing: str = knob("stream", choices=PACKERS, help="rows are cuts of one document stream (stream) or start "
+                        "at a document start (aligned)")
 
     def __post_init__(self):
         if self.packing not in PACKERS:
@@ -97,8 +109,11 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    dense: bool = False  # `model` was derived with dense_equivalent()
-    precision: str = "fp32"  # fp32 | bf16 | fp8 (nanoseek.train.precision); sets model.fp8
+    # `model` was derived with dense_equivalent()
+    dense: bool = knob(False, help="dense model with the preset's activated parameter count")
+    # sets model.fp8
+    precision: str = knob("fp32", choices=prec.PUBLIC, resume="override", help="fp32, bf16 (BF16 compute, FP32 "
+                          "master weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments)")
     # the lr cosine follows the used fraction of train.minutes (steps only a cap): `--minutes` without `--steps`
     time_schedule: bool = False
 

@@ -45,7 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.cli_config import knob
+from nanoseek.config import PRESETS, ConfigError, ModelConfig
 from nanoseek.data import Loader
 from nanoseek.model import Transformer
 from nanoseek.model.transformer import IGNORE
@@ -62,13 +63,15 @@ MAX_ROWS = 2_000_000  # bound on the examples one run reads
 
 @dataclass
 class SFTConfig(HasTrainConfig):
-    data: str = ""  # the JSONL file
-    init: str | None = None  # a run directory whose latest checkpoint (and tokenizer) start the run
-    preset: str | None = None  # or a fresh model of this preset, with `tokenizer`
-    tokenizer: str | None = None
-    epochs: float = 0.0  # > 0: steps = ceil(epochs * examples / batch_size)
+    data: str = knob("", help='JSONL of {"prompt": ..., "completion": ...} rows')
+    init: str | None = knob(None, help="a run directory to fine-tune (its latest checkpoint and tokenizer)")
+    preset: str | None = knob(None, help=f"or a freshly initialised model: {', '.join(PRESETS)} (needs --tokenizer)")
+    tokenizer: str | None = knob(None, help="tokenizer.json (or a run directory holding one) for --preset")
+    epochs: float = knob(0.0, help="passes over the data instead of --steps (> 0: steps = ceil(epochs * examples "
+                         "/ batch size))")
     budget_s: float = 0.0  # > 0: wall-clock budget (lr cosine over time, stop at the end); steps is a cap
-    precision: str = "fp32"  # fp32 | bf16 | fp8 (nanoseek.train.precision)
+    precision: str = knob("fp32", choices=prec.PUBLIC, resume="override",
+                          help="fp32, bf16 or fp8 (nanoseek.train.precision; docs/precision.md)")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-3, steps=200, batch_size=32, seq_len=64,
                                                                   warmup_steps=10, eval_interval=0,
                                                                   ckpt_interval=50, bias_gamma=0.0))
