@@ -108,12 +108,35 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
+# model_type -> what nanoseek would need to run it (architectures it refuses, each naming what is missing)
+_UNSUPPORTED = {
+    "deepseek_v2": "DeepSeek-V2's softmax gate with its top-k methods (greedy / group_limited_greedy) and V2's "
+                   "MLA weight layout are not implemented yet",
+    "deepseek_v32": "DeepSeek-V3.2's DeepSeek Sparse Attention (the lightning indexer and its top-k token "
+                    "selection) is not implemented",
+    "deepseek_v4": "DeepSeek-V4's architecture is not implemented",
+    "deepseek": "DeepSeek-MoE (V1) uses multi-head attention, not MLA",
+}
+
+
+def check_architecture(hf: dict) -> None:
+    """Refuse every config.json nanoseek cannot run, naming what is missing (before any weight is read)."""
+    model_type = hf.get("model_type")
+    if model_type in ("deepseek_v3", None):
+        return
+    if model_type in _UNSUPPORTED:
+        raise ConfigError(f"model_type {model_type!r} is not supported: {_UNSUPPORTED[model_type]}; nanoseek "
+                          "imports DeepseekV3ForCausalLM (model_type 'deepseek_v3') checkpoints")
+    arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
+    raise ConfigError(f"unknown model_type {model_type!r} ({arch}): nanoseek imports DeepseekV3ForCausalLM "
+                      "(model_type 'deepseek_v3') checkpoints only")
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     def get(key, default=None):
         return hf.get(key, default)
 
-    if get("model_type") not in ("deepseek_v3", None):
-        raise ConfigError(f"expected a deepseek_v3 config.json, got model_type={get('model_type')!r}")
+    check_architecture(hf)
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if k not in hf]
     if missing:
