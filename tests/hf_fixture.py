@@ -18,21 +18,33 @@ BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", 
 USER, ASSISTANT, EOT = "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁turn｜>"
 SPECIALS = [BOS, EOS, PAD, USER, ASSISTANT, EOT]
 
-TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system='') %}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% endif %}{% endfor %}"
-    "{{ bos_token }}{{ ns.system }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}"
-    "{% set content = m['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
-    "{% elif m['role'] != 'system' %}{{ raise_exception('unknown role ' + m['role']) }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
+# written over lines with indented tags, as Hub templates are: trim_blocks / lstrip_blocks decide its output
+TEMPLATE = """{% if not add_generation_prompt is defined %}
+  {% set add_generation_prompt = false %}
+{% endif %}
+{% set ns = namespace(system='') %}
+{% for m in messages %}
+  {% if m['role'] == 'system' %}
+    {% set ns.system = m['content'] %}
+  {% endif %}
+{% endfor %}
+{{ bos_token }}{{ ns.system }}
+{% for m in messages %}
+  {% if m['role'] == 'user' %}
+    {{- '<｜User｜>' + m['content'] }}
+  {% elif m['role'] == 'assistant' %}
+    {% set content = m['content'] %}
+    {% if '</think>' in content %}
+      {% set content = content.split('</think>')[-1] | trim %}
+    {% endif %}
+    {{- '<｜Assistant｜>' + content + eos_token }}
+  {% elif m['role'] != 'system' %}
+    {{- raise_exception('unknown role ' + m['role']) }}
+  {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+  {{- '<｜Assistant｜><think>\n' }}
+{% endif %}"""
 
 TEXT = ("The quick brown fox jumps over the lazy dog while 12 + 30 = 42 and 7 * 6 = 42. "
         "Think step by step: first read the question, then check every digit, then answer. "
