@@ -349,3 +349,38 @@ def test_write_safetensors_round_trip(tmp_path):
     assert back.keys() == tensors.keys()
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and torch.equal(back[k], t)
+
+
+# ---- the commands on an imported run --------------------------------------------------------------------------
+def test_commands_run_on_imported_run(run, hf_tok, hf_model, capsys, monkeypatch, tmp_path):
+    """generate / sample print transformers' greedy continuation of the template's prompt; eval runs; chat
+    (multi-turn) renders the conversation through the template."""
+    prompt = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)["input_ids"]
+    theirs = hf_greedy(hf_model, prompt, 6)
+    text = hf_tok.decode([t for t in theirs if t not in (1, 5)])
+    assert main(["generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "6"]) == 0
+    assert text in capsys.readouterr().out
+    assert main(["sample", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == text
+    assert main(["eval", "--run", str(run), "--n", "2", "--samples", "1", "--max-new-tokens", "4",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 2
+
+    from rich.console import Console
+
+    lines = iter(["hi", "/temperature 0", "again"])
+
+    def fake_input(self, prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    seen = []
+    real = ImportedTokenizer.chat_ids
+    monkeypatch.setattr(Console, "input", fake_input)
+    monkeypatch.setattr(ImportedTokenizer, "chat_ids", lambda self, m, add_generation_prompt=True: seen.append(
+        [dict(x) for x in m]) or real(self, m, add_generation_prompt))
+    assert main(["chat", "--run", str(run), "--multi-turn", "--max-new-tokens", "4"]) == 0
+    assert [[x["role"] for x in m] for m in seen] == [["user"], ["user", "assistant", "user"]]
+    assert seen[1][1]["content"].startswith("<think>")  # the reply began inside the template's open think block
