@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from nanoseek.cli import main  # noqa: E402
 from nanoseek.commands.generate import load_engine  # noqa: E402
 from nanoseek.config import ConfigError  # noqa: E402
+from nanoseek.engine import decode  # noqa: E402
 from nanoseek.engine.protocol import ChoiceStream, Message, chat_prompt_ids  # noqa: E402
 from nanoseek.hf_import import import_checkpoint, write_safetensors  # noqa: E402
 from nanoseek.hf_tokenizer import ChatTemplate, ImportedTokenizer, TemplateError, load_tokenizer  # noqa: E402
@@ -139,7 +140,7 @@ def test_greedy_generation_equals_transformers(run, hf_tok, hf_model):
 def test_padded_embedding_rows_never_sampled(tmp_path):
     """Embedding 24 rows past the tokenizer, those rows' head weights x8 so the unmasked argmax picks them: the
     engine equals transformers generate with those ids suppressed, and transformers without suppression differs."""
-    ckpt = build_checkpoint(tmp_path / "padded", pad_rows=24, seed=1)
+    ckpt = build_checkpoint(tmp_path / "padded", pad_rows=24, seed=1, q_lora_rank=None)  # the lean decode path
     run = import_checkpoint(ckpt, tmp_path / "run", verbose=False)
     tok = load_tokenizer(run)
     hf_tok = AutoTokenizer.from_pretrained(ckpt)
@@ -151,6 +152,9 @@ def test_padded_embedding_rows_never_sampled(tmp_path):
     assert max(unmasked) >= n  # the test bites: without the mask a padded row is chosen
     theirs = hf_greedy(hf, prompt, 16, suppress_tokens=list(range(n, n + 24)))
     engine = load_engine(str(run))
+    engine.model.prepare_inference(True)
+    assert decode.supported(engine.model, engine.dtype)  # the lean decode path runs
+    engine.model.prepare_inference(False)
     assert engine.generate([prompt], 16)[0].tokens == theirs
     sampled = engine.generate([prompt] * 4, 16, temperature=1.5, seed=[0, 1, 2, 3])
     assert all(max(g.tokens) < n for g in sampled)
