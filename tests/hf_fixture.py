@@ -76,8 +76,8 @@ def build_tokenizer(vocab_size: int = 320):
     return fast
 
 
-def hf_model_config(vocab_size: int, **kw):
-    from transformers import DeepseekV3Config
+def hf_model_config(vocab_size: int, arch: str = "v3", **kw):
+    from transformers import DeepseekV2Config, DeepseekV3Config
 
     base = {"vocab_size": vocab_size, "hidden_size": 48, "intermediate_size": 80, "moe_intermediate_size": 16,
             "num_hidden_layers": 2, "first_k_dense_replace": 1, "num_attention_heads": 3,
@@ -85,21 +85,26 @@ def hf_model_config(vocab_size: int, **kw):
             "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5, "q_lora_rank": 24,
             "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 12,
             "max_position_embeddings": 256, "num_nextn_predict_layers": 0, "tie_word_embeddings": False}
+    if arch == "v2":  # softmax gate, group-limited greedy over 4 groups of 4, top-3 from the best group only
+        del base["num_nextn_predict_layers"]
+        base.update(n_routed_experts=16, n_group=4, topk_group=1, num_experts_per_tok=3,
+                    topk_method="group_limited_greedy", routed_scaling_factor=1.0)
     base.update(kw)
-    return DeepseekV3Config(**base)
+    return (DeepseekV2Config if arch == "v2" else DeepseekV3Config)(**base)
 
 
-def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, **config) -> Path:
-    """Write the checkpoint into `path`: embedding rows = the tokenizer's vocabulary + `pad_rows`."""
-    from transformers import DeepseekV3ForCausalLM, GenerationConfig
+def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, arch: str = "v3", **config) -> Path:
+    """Write the checkpoint into `path`: embedding rows = the tokenizer's vocabulary + `pad_rows`; arch "v3"
+    (DeepseekV3ForCausalLM) or "v2" (DeepseekV2ForCausalLM)."""
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GenerationConfig
 
     path = Path(path)
     tok = build_tokenizer()
     n = len(tok)
     torch.manual_seed(seed)
-    cfg = hf_model_config(n + pad_rows, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    cfg = hf_model_config(n + pad_rows, arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                           pad_token_id=tok.pad_token_id, **config)
-    model = DeepseekV3ForCausalLM(cfg).eval()
+    model = (DeepseekV2ForCausalLM if arch == "v2" else DeepseekV3ForCausalLM)(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p)) if "norm" in name else p.normal_(0, 0.15)
