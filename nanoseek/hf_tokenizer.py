@@ -32,6 +32,7 @@ never samples those rows (`sample_vocab`).
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -79,9 +80,22 @@ def _check_args(args: Iterable[Any]) -> None:
             raise _Budget(f"passes {a} to a function (limit {MAX_RENDER_CHARS:,})")
 
 
+_BIG_NUMBER = re.compile(r"\d{7,}")
+
+
+def _check_format(fmt: Any) -> None:
+    """A format string whose width or precision has 7+ digits ('%0999999999d', '{:>999999999}') would allocate
+    without bound in one C call."""
+    if isinstance(fmt, str) and _BIG_NUMBER.search(fmt):
+        raise _Budget("formats with a width or precision over the size limit")
+
+
 def _predict_method(obj: Any, args: tuple, kwargs: dict) -> None:
-    """Size of str.join / str.replace results, known before they run."""
+    """Size of str.join / str.replace results, known before they run; str.format widths."""
+    obj = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format in its own formatter
     owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", "")
+    if isinstance(owner, str) and name in ("format", "format_map"):
+        _check_format(owner)
     if isinstance(owner, str) and name == "join" and args and isinstance(args[0], (list, tuple)):
         items = args[0]
         total = len(owner) * max(len(items) - 1, 0) + sum(_size(i) for i in items)
@@ -108,7 +122,7 @@ def _binop_size(op: str, left: Any, right: Any) -> None:
     elif op == "+" and _size(left) + _size(right) > MAX_RENDER_CHARS:
         _raise_size(_size(left) + _size(right))
     elif op == "%" and isinstance(left, str):
-        _check_args(right if isinstance(right, tuple) else (right,))
+        _check_format(left)
 
 
 def _environment():
@@ -165,17 +179,21 @@ def _environment():
     env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
 
-    def bounded(f):
+    def bounded(name, f):
+        skip = 2 if hasattr(f, "jinja_pass_arg") else 1  # (context,) value: what is filtered, not a size
+
         def wrapper(*args, **kwargs):
-            _check_args(args)
+            _check_args(args[skip:])
             _check_args(kwargs.values())
+            if name == "format" and args[skip - 1:skip]:
+                _check_format(args[skip - 1])
             return _check_size(f(*args, **kwargs))
         for attr in ("jinja_pass_arg",):  # keep pass_context / pass_eval_context markers
             if hasattr(f, attr):
                 setattr(wrapper, attr, getattr(f, attr))
         return wrapper
 
-    env.filters = {name: bounded(f) for name, f in env.filters.items()}
+    env.filters = {name: bounded(name, f) for name, f in env.filters.items()}
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
                        namespace=TemplateNamespace)
     return env

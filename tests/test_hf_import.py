@@ -222,6 +222,15 @@ def test_server_chat_uses_the_template_tokens(run, hf_tok, hf_model):
             "model": "imp", "messages": [m.model_dump() for m in msgs], "temperature": 0, "max_tokens": 12})
         assert r.status_code == 200, r.text
         body = r.json()
+        sse = client.post("/v1/chat/completions", json={
+            "model": "imp", "messages": [m.model_dump() for m in msgs], "temperature": 0, "max_tokens": 12,
+            "stream": True})
+    streamed: dict[str, str] = {}
+    for line in sse.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                for k in ("content", "reasoning_content"):
+                    streamed[k] = streamed.get(k, "") + (c["delta"].get(k) or "")
     assert body["usage"]["prompt_tokens"] == len(prompt)
     assert body["usage"]["completion_tokens"] == len(theirs)
     # the template's generation prompt opens <think>: the reply starts as reasoning, up to a </think>
@@ -230,6 +239,7 @@ def test_server_chat_uses_the_template_tokens(run, hf_tok, hf_model):
     shown = [t for t in theirs if t not in server.tokenizer.stop_ids]
     expect_reasoning = hf_tok.decode([t for t in shown[:cut] if t != think], skip_special_tokens=True)
     msg = body["choices"][0]["message"]
+    assert streamed == {"content": msg["content"], "reasoning_content": msg["reasoning_content"]}
     assert msg["reasoning_content"] == expect_reasoning
     assert msg["content"] == hf_tok.decode([t for t in theirs[cut + 1:] if t not in server.tokenizer.stop_ids
                                             and t != think], skip_special_tokens=True)
@@ -333,6 +343,10 @@ def test_failure_while_writing_leaves_nothing(ckpt, tmp_path, monkeypatch):
     ("{% for i in range(100000) %}{{ 'abcdefghijklmnop' * 100 }}{% endfor %}", "renders more than"),
     ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer than"),
     ("{{ raise_exception('roles must alternate') }}", "raised: roles must alternate"),
+    ("{{ '%0999999999d' % 1 }}", "width or precision"),
+    ("{{ '{:>999999999}'.format(1) }}", "width or precision"),
+    ("{{ '%0999999999d' | format(1) }}", "width or precision"),
+    ("{{ ('x' * 1000).join(range(10000) | map('string') | list) }}", "builds a value"),
 ])
 def test_template_bounds(source, expected):
     t0 = time.perf_counter()
@@ -343,8 +357,9 @@ def test_template_bounds(source, expected):
 
 
 def test_template_helpers_as_transformers():
-    t = ChatTemplate("{{ {'a': 'é', 'b': [1, 2]} | tojson }}|{{ strftime_now('%Y') | length }}|{{ dict(x=1).x }}")
-    assert t.render(messages=[]) == '{"a": "é", "b": [1, 2]}|4|1'
+    t = ChatTemplate("{{ {'a': 'é', 'b': [1, 2]} | tojson }}|{{ strftime_now('%Y') | length }}|{{ dict(x=1).x }}"
+                     "|{{ 1700000000 | string }}|{{ '%d' % 1700000000 }}|{{ messages | map(attribute='role') | join }}")
+    assert t.render(messages=[{"role": "a"}, {"role": "b"}]) == '{"a": "é", "b": [1, 2]}|4|1|1700000000|1700000000|ab'
 
 
 # ---- the streaming safetensors writer ----------------------------------------------------------------------------
