@@ -319,6 +319,8 @@ class ImportedTokenizer:
     def __init__(self, tok: HFTokenizer, special: dict[str, str], chat_template: str | None,
                  generation: dict | None = None, source: str = ""):
         self._tok = tok
+        vocab = tok.get_vocab(with_added_tokens=True)
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
         self.source = source
         self.special_tokens = dict(special)  # bos_token / eos_token / ... -> text
         self.generation = dict(generation or {})
@@ -394,8 +396,7 @@ class ImportedTokenizer:
     @property
     def vocab_size(self) -> int:
         """Highest token id + 1 (added tokens included)."""
-        vocab = self._tok.get_vocab(with_added_tokens=True)
-        return max(vocab.values()) + 1 if vocab else 0
+        return self._vocab_size
 
     @property
     def sample_vocab(self) -> int:
