@@ -375,8 +375,8 @@ def test_write_safetensors_round_trip(tmp_path):
 
 # ---- the commands on an imported run --------------------------------------------------------------------------
 def test_commands_run_on_imported_run(run, hf_tok, hf_model, capsys, monkeypatch, tmp_path):
-    """generate / sample print transformers' greedy continuation of the template's prompt; eval runs; chat
-    (multi-turn) renders the conversation through the template."""
+    """generate / sample print transformers' greedy continuation of the template's prompt; eval and traces run;
+    chat (multi-turn) renders the conversation through the template."""
     prompt = hf_tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)["input_ids"]
     theirs = hf_greedy(hf_model, prompt, 6)
     text = hf_tok.decode([t for t in theirs if t not in (1, 5)])
@@ -387,6 +387,9 @@ def test_commands_run_on_imported_run(run, hf_tok, hf_model, capsys, monkeypatch
     assert main(["eval", "--run", str(run), "--n", "2", "--samples", "1", "--max-new-tokens", "4",
                  "--out", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["n"] == 2
+    assert main(["traces", "--run", str(run), "--problems", "2", "--samples", "2", "--max-new-tokens", "4",
+                 "--out", str(tmp_path / "traces.jsonl")]) == 0
+    capsys.readouterr()
 
     from rich.console import Console
 
