@@ -409,3 +409,15 @@ def test_commands_run_on_imported_run(run, hf_tok, hf_model, capsys, monkeypatch
     assert main(["chat", "--run", str(run), "--multi-turn", "--max-new-tokens", "4"]) == 0
     assert [[x["role"] for x in m] for m in seen] == [["user"], ["user", "assistant", "user"]]
     assert seen[1][1]["content"].startswith("<think>")  # the reply began inside the template's open think block
+
+
+def test_commands_not_wired_refuse_imported_runs(run, tmp_path, capsys):
+    """sft reads nanoseek's own tokenizer only: on an imported run it says so in one line (before any work)."""
+    with pytest.raises(ConfigError, match="belongs to an imported checkpoint"):
+        Tokenizer.load(run / "tokenizer.json")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "hi", "completion": "ok"}) + "\n")
+    assert main(["sft", "--init", str(run), "--data", str(data), "--out", str(tmp_path / "sft")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "imported checkpoint" in err[0]
+    assert not (tmp_path / "sft").exists()
