@@ -14,8 +14,8 @@ loopcontrols; `raise_exception`, `strftime_now`, `tojson` without HTML escaping,
 `namespace`), the same variables (`messages` with None-valued keys dropped and `reasoning_content` / `thinking`
 aliased, `tools=None`, `documents=None`, `add_generation_prompt`, and every named special token: `bos_token`,
 `eos_token`, `unk_token`, `pad_token`, ...), and the rendered text encoded with `add_special_tokens=False`.
-Simplifications: no tools / documents / `continue_final_message` / assistant masks / control-token sanitizing,
-no `{% generation %}` tag (a template using it fails to compile here, with a one-line error).
+Simplifications: no tools / documents / `continue_final_message` / assistant masks / control-token sanitizing
+(`{% generation %}` blocks render their body, as transformers does without assistant masks).
 
 Bounds (templates are untrusted code from the Hub): the sandbox refuses Python internals (`__class__`, ...);
 a render is stopped after `RENDER_SECONDS` of wall time (a trace function on the template's own frames checks
@@ -127,6 +127,7 @@ def _binop_size(op: str, left: Any, right: Any) -> None:
 
 def _environment():
     import jinja2
+    import jinja2.ext
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -176,7 +177,20 @@ def _environment():
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
 
-    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    class Generation(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
     env.filters["tojson"] = tojson
 
     def bounded(name, f):

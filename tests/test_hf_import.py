@@ -360,6 +360,10 @@ def test_template_helpers_as_transformers():
     t = ChatTemplate("{{ {'a': 'é', 'b': [1, 2]} | tojson }}|{{ strftime_now('%Y') | length }}|{{ dict(x=1).x }}"
                      "|{{ 1700000000 | string }}|{{ '%d' % 1700000000 }}|{{ messages | map(attribute='role') | join }}")
     assert t.render(messages=[{"role": "a"}, {"role": "b"}]) == '{"a": "é", "b": [1, 2]}|4|1|1700000000|1700000000|ab'
+    tagged = "{% for m in messages %}{% generation %}{{ m['role'] }}{% endgeneration %}{% endfor %}"
+    from transformers.utils.chat_template_utils import render_jinja_template
+    assert ChatTemplate(tagged).render(messages=[{"role": "a"}, {"role": "b"}]) == "ab" == render_jinja_template(
+        [[{"role": "a", "content": ""}, {"role": "b", "content": ""}]], chat_template=tagged)[0][0]
 
 
 # ---- the streaming safetensors writer ----------------------------------------------------------------------------
@@ -421,3 +425,27 @@ def test_commands_not_wired_refuse_imported_runs(run, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "imported checkpoint" in err[0]
     assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "named-list", "dict-special-tokens"])
+def test_older_tokenizer_config_layouts(ckpt, tmp_path, where):
+    """The template inside tokenizer_config.json (a string, or a list of named templates), special tokens written
+    as AddedToken dicts with an added_tokens_decoder (DeepSeek-V3's own layout): same tokens as transformers."""
+    d = _copy(ckpt, tmp_path)
+    template = (d / "chat_template.jinja").read_text()
+    (d / "chat_template.jinja").unlink()
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "default", "template": template}] if where == "named-list" else template
+    if where == "dict-special-tokens":
+        tok = json.loads((d / "tokenizer.json").read_text())
+        cfg["added_tokens_decoder"] = {str(t["id"]): {**{k: t[k] for k in ("content", "lstrip", "normalized",
+                                                                            "rstrip", "single_word", "special")}}
+                                       for t in tok["added_tokens"]}
+        for name in ("bos_token", "eos_token", "pad_token"):
+            cfg[name] = {"__type": "AddedToken", "content": cfg[name], "lstrip": False, "normalized": True,
+                         "rstrip": False, "single_word": False}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    run = import_checkpoint(d, tmp_path / "run", verbose=False)
+    hf_tok = AutoTokenizer.from_pretrained(d)
+    theirs = hf_tok.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
+    assert load_tokenizer(run).chat_ids(MESSAGES) == theirs
