@@ -158,6 +158,14 @@ def test_padded_embedding_rows_never_sampled(tmp_path):
     assert engine.generate([prompt], 16)[0].tokens == theirs
     sampled = engine.generate([prompt] * 4, 16, temperature=1.5, seed=[0, 1, 2, 3])
     assert all(max(g.tokens) < n for g in sampled)
+    from nanoseek.engine.batcher import Batcher, Request  # the server's decode loop
+    from nanoseek.engine.sampling import SamplingParams
+
+    batcher = Batcher(engine.model, tok.stop_ids, max_slots=2, sample_vocab=tok.sample_vocab)
+    reqs = [batcher.submit(Request(prompt, 16, SamplingParams(t), 0)) for t in (0.0, 1.5)]
+    while batcher.n_active or batcher.n_pending:
+        batcher.step()
+    assert reqs[0].tokens == theirs and max(reqs[1].tokens) < n
 
 
 def test_every_eos_id_stops(run):
