@@ -80,13 +80,14 @@ def _check_args(args: Iterable[Any]) -> None:
             raise _Budget(f"passes {a} to a function (limit {MAX_RENDER_CHARS:,})")
 
 
-_BIG_NUMBER = re.compile(r"\d{7,}")
+# a width or precision of 7+ digits inside a %-conversion or a {...:spec} field
+_BIG_WIDTH = re.compile(r"%[-#0 +]*(?:\d{7,}|\d*\.\d{7,})|\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")
 
 
 def _check_format(fmt: Any) -> None:
     """A format string whose width or precision has 7+ digits ('%0999999999d', '{:>999999999}') would allocate
     without bound in one C call."""
-    if isinstance(fmt, str) and _BIG_NUMBER.search(fmt):
+    if isinstance(fmt, str) and _BIG_WIDTH.search(fmt):
         raise _Budget("formats with a width or precision over the size limit")
 
 

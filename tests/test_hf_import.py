@@ -366,8 +366,10 @@ def test_template_bounds(source, expected):
 
 def test_template_helpers_as_transformers():
     t = ChatTemplate("{{ {'a': 'é', 'b': [1, 2]} | tojson }}|{{ strftime_now('%Y') | length }}|{{ dict(x=1).x }}"
-                     "|{{ 1700000000 | string }}|{{ '%d' % 1700000000 }}|{{ messages | map(attribute='role') | join }}")
-    assert t.render(messages=[{"role": "a"}, {"role": "b"}]) == '{"a": "é", "b": [1, 2]}|4|1|1700000000|1700000000|ab'
+                     "|{{ 1700000000 | string }}|{{ '%d' % 1700000000 }}|{{ messages | map(attribute='role') | join }}"
+                     "|{{ 'call 5551234567 %s' % 'x' }}|{{ '{} 1234567'.format(1) }}")
+    assert t.render(messages=[{"role": "a"}, {"role": "b"}]) == ('{"a": "é", "b": [1, 2]}|4|1|1700000000|1700000000|ab'
+                                                                '|call 5551234567 x|1 1234567')
     tagged = "{% for m in messages %}{% generation %}{{ m['role'] }}{% endgeneration %}{% endfor %}"
     from transformers.utils.chat_template_utils import render_jinja_template
     assert ChatTemplate(tagged).render(messages=[{"role": "a"}, {"role": "b"}]) == "ab" == render_jinja_template(
