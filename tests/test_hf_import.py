@@ -225,7 +225,7 @@ def test_server_chat_uses_the_template_tokens(run, hf_tok, hf_model):
     prompt = hf_tok.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
     assert chat_prompt_ids(server.tokenizer, msgs) == prompt
     theirs = hf_greedy(hf_model, prompt, 12)
-    with TestClient(server.app) as client:
+    with TestClient(server.app, base_url="http://127.0.0.1") as client:  # a loopback Host
         r = client.post("/v1/chat/completions", json={
             "model": "imp", "messages": [m.model_dump() for m in msgs], "temperature": 0, "max_tokens": 12})
         assert r.status_code == 200, r.text
