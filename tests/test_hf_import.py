@@ -354,14 +354,15 @@ def test_failure_while_writing_leaves_nothing(ckpt, tmp_path, monkeypatch):
     ("{{ '%0999999999d' % 1 }}", "width or precision"),
     ("{{ '{:>999999999}'.format(1) }}", "width or precision"),
     ("{{ '%0999999999d' | format(1) }}", "width or precision"),
-    ("{{ ('x' * 1000).join(range(10000) | map('string') | list) }}", "builds a value"),
+    ("{{ ('x' * 1000).join(range(2000) | map('string') | list) }}", "builds a value"),
 ])
 def test_template_bounds(source, expected):
     t0 = time.perf_counter()
     with pytest.raises(TemplateError) as e:
-        ChatTemplate(source).render(seconds=0.5, messages=[])
+        # the time budget is cut short only for the case about time (a loaded machine must not hit it first)
+        ChatTemplate(source).render(seconds=0.5 if "ran longer" in expected else 30, messages=[])
     assert expected in str(e.value) and "\n" not in str(e.value)
-    assert time.perf_counter() - t0 < 5
+    assert time.perf_counter() - t0 < 10
 
 
 def test_template_helpers_as_transformers():
