@@ -8,7 +8,9 @@ checkpoint's size on disk. The directory is deleted afterwards.
 
 Variants: `new` keeps the checkpoint's bf16 (the default, dtype=None); `new-fp32` asks for float32 (a model
 twice the file's size, so ~2x is the floor); `old` is from_hf as of commit c43e4b6 (git show), which rebuilt
-state_dict() per key, reopened the file per tensor and always loaded float32.
+state_dict() per key, reopened the file per tensor and always loaded float32; `import` is the whole
+`nanoseek import` (nanoseek.hf_import: checks, from_hf, the tokenizer files, and the run's model.safetensors
+written tensor by tensor) into a run beside the checkpoint (the checkpoint carries a small BPE tokenizer).
 Also printed: RSS of the bare interpreter + torch before the load (`base`), and the wall time.
 """
 from __future__ import annotations
@@ -84,7 +86,24 @@ def write_checkpoint(path: Path, cfg: ModelConfig, shard_bytes: int) -> tuple[in
     hf_cfg = config_to_hf(cfg)
     hf_cfg["torch_dtype"] = "bfloat16"
     (path / "config.json").write_text(json.dumps(hf_cfg))
+    write_tokenizer(path)
     return n_params, disk, total
+
+
+def write_tokenizer(path: Path) -> None:
+    """A small byte-level BPE (the embedding is padded past it) with bos / eos and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog 0123456789"] * 50, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}\n{% endfor %}"}))
 
 
 def vm(field: str) -> int:
@@ -108,6 +127,19 @@ def child(ckpt: str, variant: str, old_file: str | None) -> None:
         kw = {"dtype": torch.float32} if variant == "new-fp32" else {}
     base = vm("VmRSS")
     t0 = time.perf_counter()
+    if variant == "import":
+        from nanoseek.hf_import import import_checkpoint
+
+        run = import_checkpoint(ckpt, Path(ckpt).parent / "run-import", verbose=False)
+        dt = time.perf_counter() - t0
+        weights = run / "checkpoints" / "step_0" / "model.safetensors"
+        from safetensors import safe_open
+        with safe_open(weights, "pt") as f:
+            dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+        print(json.dumps({"base": base, "peak": vm("VmHWM"), "seconds": dt, "param_bytes": weights.stat().st_size,
+                          "dtypes": dtypes}))
+        shutil.rmtree(run)
+        return
     model = from_hf(ckpt, verbose=False, **kw)
     dt = time.perf_counter() - t0
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -118,7 +150,7 @@ def child(ckpt: str, variant: str, old_file: str | None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shard-mb", type=int, default=400)
-    ap.add_argument("--variants", default="new,new-fp32,old", help="comma-separated: new, new-fp32, old")
+    ap.add_argument("--variants", default="new,new-fp32,old", help="comma-separated: new, new-fp32, old, import")
     ap.add_argument("--layers", type=int, default=BENCH_CFG.n_layers, help="smaller for a quick smoke run")
     ap.add_argument("--experts", type=int, default=BENCH_CFG.n_routed_experts)
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")

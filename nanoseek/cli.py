@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aha": ("nanoseek.commands.aha", "long reasoning in miniature: reflection RL, then long2short compared"),
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
     "lm": ("nanoseek.commands.lm", "a language model of real text (default: the Python stdlib): bits per byte"),
+    "import": ("nanoseek.commands.import_hf", "a transformers DeepseekV3 checkpoint (+ its tokenizer, chat template) as a run"),
     "eplb": ("nanoseek.commands.eplb", "expert-parallel GPU balance before/after EPLB from a run's recorded loads"),
 }
 

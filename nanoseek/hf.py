@@ -1,5 +1,12 @@
-"""Hugging Face interop: read and write transformers `DeepseekV3ForCausalLM` checkpoint directories
-(config.json + safetensors, single file or sharded with an index).
+"""Hugging Face interop: read and write transformers `DeepseekV3ForCausalLM` and `DeepseekV2ForCausalLM`
+checkpoint directories (config.json + safetensors, single file or sharded with an index).
+
+DeepSeek-V2 (model_type deepseek_v2) shares V3's weight names and MLA; what differs is the gate: a softmax over
+all experts (ModelConfig.score_func="softmax"), no selection bias (`e_score_correction_bias`; nanoseek's gate
+bias stays zero), `topk_method` "greedy" (one group) or "group_limited_greedy" (groups ranked by their best
+expert's affinity, the top `topk_group` kept), `norm_topk_prob` (false in the released V2 / V2-Lite), no MTP.
+transformers 5's DeepseekV2 router ignores `norm_topk_prob`, so a nanoseek softmax model that renormalizes is
+refused on export; on import the flag is honoured as DeepSeek's own V2 code does.
 
 Weight names are mapped one to one (ours are the reference code's short names). RoPE: nanoseek uses the
 interleaved layout, which is what DeepSeek's released weights and transformers' default
@@ -14,6 +21,7 @@ into its parameter, or through one temporary when it must be cast, dequantized o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -77,8 +85,9 @@ def hf_name(name: str, n_layers: int) -> str:
 
 # ---- config ----------------------------------------------------------------------------------------
 def config_to_hf(cfg: ModelConfig) -> dict:
-    if cfg.score_func != "sigmoid":
-        raise ConfigError("transformers' DeepseekV3 supports sigmoid gating only (score_func='sigmoid')")
+    """A transformers config.json: DeepseekV3 for the sigmoid gate, DeepseekV2 for the softmax one."""
+    if cfg.score_func == "softmax":
+        return _config_to_hf_v2(cfg)
     if cfg.n_routed_experts > 0 and cfg.n_dense_layers < cfg.n_layers and cfg.n_shared_experts < 1:
         raise ConfigError("transformers' DeepseekV3 needs at least one shared expert")
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
@@ -108,12 +117,48 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     }
 
 
+def _config_to_hf_v2(cfg: ModelConfig) -> dict:
+    if cfg.normalizes_topk:
+        raise ConfigError("transformers' DeepseekV2 does not renormalize the top-k gate weights (it ignores "
+                          "norm_topk_prob): export a softmax-gate model with norm_topk_prob=False")
+    if cfg.n_mtp:
+        raise ConfigError("DeepseekV2 has no MTP modules: export with include_mtp=False")
+    hf = config_to_hf(dataclasses.replace(cfg, score_func="sigmoid", norm_topk_prob=False))
+    for key in ("num_nextn_predict_layers", "rope_interleave"):
+        hf.pop(key)
+    hf.update({"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+               "topk_method": "group_limited_greedy" if cfg.n_expert_groups > 1 else "greedy",
+               "norm_topk_prob": False, "scoring_func": "softmax"})
+    return hf
+
+
+# model_type -> what nanoseek would need to run it (architectures it refuses, each naming what is missing)
+_UNSUPPORTED = {
+    "deepseek_v32": "DeepSeek-V3.2's DeepSeek Sparse Attention (the lightning indexer and its top-k token "
+                    "selection) is not implemented",
+    "deepseek_v4": "DeepSeek-V4's architecture is not implemented",
+    "deepseek": "DeepSeek-MoE (V1) uses multi-head attention, not MLA",
+}
+
+
+def check_architecture(hf: dict) -> None:
+    """Refuse every config.json nanoseek cannot run, naming what is missing (before any weight is read)."""
+    model_type = hf.get("model_type")
+    if model_type in ("deepseek_v3", "deepseek_v2", None):
+        return
+    if model_type in _UNSUPPORTED:
+        raise ConfigError(f"model_type {model_type!r} is not supported: {_UNSUPPORTED[model_type]}; nanoseek "
+                          "imports DeepseekV3ForCausalLM and DeepseekV2ForCausalLM checkpoints")
+    arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
+    raise ConfigError(f"unknown model_type {model_type!r} ({arch}): nanoseek imports DeepseekV3ForCausalLM "
+                      "(model_type 'deepseek_v3') and DeepseekV2ForCausalLM ('deepseek_v2') checkpoints only")
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     def get(key, default=None):
         return hf.get(key, default)
 
-    if get("model_type") not in ("deepseek_v3", None):
-        raise ConfigError(f"expected a deepseek_v3 config.json, got model_type={get('model_type')!r}")
+    check_architecture(hf)
     missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim") if k not in hf]
     if missing:
@@ -134,21 +179,37 @@ def config_from_hf(hf: dict) -> ModelConfig:
     max_len = int(get("max_position_embeddings", 4096))
     if get("num_key_value_heads", get("num_attention_heads")) != get("num_attention_heads"):
         raise ConfigError("MLA needs num_key_value_heads == num_attention_heads")
+    v2 = get("model_type") == "deepseek_v2"
+    groups = (get("n_group", 1) or 1, get("topk_group", 1) or 1)
+    gate: dict = {}
+    if v2:
+        method = get("topk_method", "greedy")
+        if method not in ("greedy", "group_limited_greedy"):
+            raise ConfigError(f"DeepSeek-V2 topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+        if (get("moe_layer_freq", 1) or 1) != 1:
+            raise ConfigError(f"moe_layer_freq={get('moe_layer_freq')} is not supported (every layer after "
+                              "first_k_dense_replace is MoE in nanoseek)")
+        if get("scoring_func", "softmax") != "softmax":
+            raise ConfigError(f"DeepSeek-V2 scoring_func={get('scoring_func')!r} is not supported (softmax)")
+        groups = groups if method == "group_limited_greedy" else (1, 1)
+        gate = {"score_func": "softmax", "norm_topk_prob": bool(get("norm_topk_prob", False))}
+    elif get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError(f"scoring_func={get('scoring_func')!r} is not supported by DeepseekV3 checkpoints")
+    else:
+        gate = {"norm_topk_prob": get("norm_topk_prob") is not False}
     cfg = ModelConfig(
         vocab_size=get("vocab_size"), dim=get("hidden_size"), inter_dim=get("intermediate_size", 0),
         moe_inter_dim=get("moe_intermediate_size", 0), n_layers=get("num_hidden_layers"),
         n_dense_layers=min(get("first_k_dense_replace", 0), get("num_hidden_layers")),
         n_heads=get("num_attention_heads"), n_routed_experts=get("n_routed_experts", 0) or 0,
         n_shared_experts=get("n_shared_experts", 0) or 0, n_activated_experts=get("num_experts_per_tok", 1),
-        n_expert_groups=get("n_group", 1) or 1, n_limited_groups=get("topk_group", 1) or 1,
+        n_expert_groups=groups[0], n_limited_groups=groups[1],
         route_scale=float(get("routed_scaling_factor", 1.0)), q_lora_rank=get("q_lora_rank") or 0,
         kv_lora_rank=get("kv_lora_rank"), qk_nope_head_dim=get("qk_nope_head_dim"),
         qk_rope_head_dim=get("qk_rope_head_dim"), v_head_dim=get("v_head_dim"), max_seq_len=max_len,
         original_seq_len=extra.pop("original_seq_len", max_len), rope_theta=float(rope.get("rope_theta", get("rope_theta", 10000.0))),
         rope_factor=factor, n_mtp=get("num_nextn_predict_layers", 0) or 0, norm_eps=get("rms_norm_eps", 1e-6),
-        init_std=get("initializer_range", 0.006), norm_topk_prob=get("norm_topk_prob") is not False, **extra)
-    if get("scoring_func", "sigmoid") != "sigmoid":
-        raise ConfigError(f"scoring_func={get('scoring_func')!r} is not supported by DeepseekV3 checkpoints")
+        init_std=get("initializer_range", 0.006), **gate, **extra)
     return cfg.validate()
 
 
@@ -255,7 +316,8 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool =
     with torch.device("meta"):
         model = Transformer(cfg)
     targets = model.state_dict(keep_vars=True)  # our name -> the (meta) parameter or buffer
-    expected = {hf_name(k, cfg.n_layers): k for k in targets}
+    v2 = hf_cfg.get("model_type") == "deepseek_v2"  # no selection bias in the checkpoint: ours stays zero
+    expected = {hf_name(k, cfg.n_layers): k for k in targets if not (v2 and k.endswith("gate.bias"))}
     shared_copies = {f"model.layers.{cfg.n_layers + k}.{s}" for k in range(n_declared)
                      for s in ("embed_tokens.weight", "shared_head.head.weight")}
     skip_prefixes = tuple(f"model.layers.{cfg.n_layers + k}." for k in range(n_declared)) if cfg.n_mtp == 0 else ()
@@ -323,6 +385,8 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool =
     for m in model.moe_layers():
         m.last_load.zero_()
         m.load_accum.zero_()
+        if v2:
+            m.gate.bias.zero_()
     return model
 
 
@@ -356,12 +420,18 @@ def to_hf(model: Transformer, path: str | Path, include_mtp: bool = True, max_sh
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    hf_cfg = config_to_hf(cfg)
-    if not include_mtp:
+    v2 = cfg.score_func == "softmax"
+    include_mtp = include_mtp and not v2
+    hf_cfg = config_to_hf(dataclasses.replace(cfg, n_mtp=0) if v2 else cfg)
+    if not include_mtp and not v2:
         hf_cfg["num_nextn_predict_layers"] = 0
     tensors: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
         if name.startswith("mtp.") and not include_mtp:
+            continue
+        if v2 and name.endswith("gate.bias"):
+            if t.any():
+                raise ConfigError(f"{name} (the gate's selection bias) is nonzero: DeepseekV2 has no place for it")
             continue
         t = t.detach().cpu()
         if dtype is not None and t.is_floating_point() and not name.endswith(("gate.bias", "gate.weight")):

@@ -111,6 +111,10 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         file = _resolve(path)
+        if (file.parent / "tokenizer_config.json").is_file():  # an imported checkpoint's (nanoseek.hf_tokenizer)
+            raise ConfigError(f"{file} belongs to an imported checkpoint (its tokenizer_config.json is beside it): "
+                              "this command reads only nanoseek's own tokenizer so far; generate, sample, chat, "
+                              "serve, eval and traces take imported runs")
         if not file.is_file():
             raise ConfigError(f"tokenizer not found: {file}; train one with "
                               f"`nanoseek tokenizer train --out {file}`")

@@ -3,6 +3,10 @@ dimmed, the answer plainly. Commands: /temperature X, /reset, /quit.
 
 The tiny models are single-turn reasoners (trained on one user message each), so by default each turn
 is answered on its own; the conversation is kept only as context when `--multi-turn` is given.
+
+An imported checkpoint (`nanoseek import`) chats through its own chat template: the conversation is a list of
+messages rendered by the template each turn, and its generation_config.json sets the default temperature and
+top-p. A template whose generation prompt opens `<think>` (DeepSeek-R1's) has the reply start in the thinking.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ THINK = re.compile(r"<think>(.*?)(</think>|$)(.*)", re.DOTALL)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory (runs/NAME)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="default 0.6 (an imported run: its generation_config.json's temperature)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="default 0.95 (an imported run: its generation_config.json's top_p)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--multi-turn", action="store_true", help="keep earlier turns in the context")
 
@@ -43,8 +49,12 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     engine = load_engine(args.run)
     tok = engine.tokenizer
-    temperature = args.temperature
+    imported = getattr(tok, "imported", False)
+    gen = getattr(tok, "generation", {})
+    temperature = args.temperature if args.temperature is not None else float(gen.get("temperature", 0.6))
+    top_p = args.top_p if args.top_p is not None else gen.get("top_p", 0.95)
     history: list[int] = []
+    messages: list[dict] = []  # an imported run's conversation, rendered by its chat template
     console.print(f"[dim]nanoseek chat with {args.run}: /temperature X, /reset, /quit[/dim]")
     while True:
         try:
@@ -57,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if line in ("/quit", "/exit"):
             return 0
         if line == "/reset":
-            history = []
+            history, messages = [], []
             console.print("[dim]conversation cleared[/dim]")
             continue
         if line.startswith("/temperature"):
@@ -73,13 +83,19 @@ def run(args: argparse.Namespace) -> int:
         if line.startswith("/"):
             console.print("[red]unknown command; use /temperature X, /reset or /quit[/red]")
             continue
-        prompt = (history + tok.prompt_ids(line)[1:]) if (args.multi_turn and history) else tok.prompt_ids(line)
+        turn = (messages if args.multi_turn else []) + [{"role": "user", "content": line}]
+        if imported:
+            prompt = tok.chat_ids(turn)
+        else:
+            prompt = (history + tok.prompt_ids(line)[1:]) if (args.multi_turn and history) else tok.prompt_ids(line)
         room = engine.cfg.max_seq_len - len(prompt)
         if room < 1:
             console.print("[red]the conversation is longer than the model's context; /reset it[/red]")
             continue
         out = engine.generate([prompt], min(args.max_new_tokens, room), temperature=temperature,
-                              top_p=args.top_p if temperature > 0 else None)[0]
-        console.print(Text("model> ", style="bold green") + render(out.text))
+                              top_p=top_p if temperature > 0 else None)[0]
+        text = ("<think>" + out.text) if imported and tok.opens_thinking(prompt) else out.text
+        console.print(Text("model> ", style="bold green") + render(text))
         if args.multi_turn:
             history = prompt + out.tokens
+            messages = turn + [{"role": "assistant", "content": text}]

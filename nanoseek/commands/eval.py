@@ -14,7 +14,7 @@ from rich.table import Table
 
 from nanoseek.evaluate import evaluate
 from nanoseek.io import atomic_write_text
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.hf_tokenizer import load_tokenizer
 from nanoseek.train.checkpoint import load_run_model
 
 
@@ -63,7 +63,7 @@ def run_text(args: argparse.Namespace) -> int:
     from nanoseek.text.evaluate import evaluate_text
 
     model, _, step_dir = load_run_model(args.run)
-    tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    tokenizer = load_tokenizer(args.run)
     res = evaluate_text(model, tokenizer, args.data, args.max_bytes, args.text_field)
     res["run"], res["checkpoint"] = str(args.run), str(step_dir)
     if args.json:
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.samples < 1:
         raise ValueError("--n and --samples must be >= 1")
     model, _, step_dir = load_run_model(args.run)
-    tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    tokenizer = load_tokenizer(args.run)
     difficulty = args.difficulty if args.difficulty is not None else trained_difficulty(args.run, args.task)
     res = evaluate(model, tokenizer, args.task, args.n, args.samples, args.max_new_tokens, args.seed,
                    difficulty).to_dict()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from nanoseek.engine import Engine
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.hf_tokenizer import load_tokenizer
 from nanoseek.train.checkpoint import load_run_model
 
 
@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_engine(run: str) -> Engine:
     model, _, _ = load_run_model(run)
-    return Engine(model, Tokenizer.load(Path(run) / "tokenizer.json"))
+    return Engine(model, load_tokenizer(Path(run)))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.config import ConfigError
+from nanoseek.engine.sampling import mask_vocab
 from nanoseek.model import Transformer
 from nanoseek.train.checkpoint import load_run_model
 
@@ -28,21 +29,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def generate(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float, eos_id: int,
-             generator: torch.Generator | None = None) -> list[int]:
-    """Tokens after `ids` until eos (included) or max_new_tokens; the context is the last max_seq_len tokens."""
+def generate(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float,
+             eos_id: int | frozenset[int], generator: torch.Generator | None = None,
+             sample_vocab: int | None = None) -> list[int]:
+    """Tokens after `ids` until eos (any of them when a set; included) or max_new_tokens; the context is the last
+    max_seq_len tokens. Ids >= sample_vocab (an imported checkpoint's padded embedding rows) are never drawn."""
+    stops = frozenset([eos_id]) if isinstance(eos_id, int) else eos_id
     out: list[int] = []
     seq = list(ids)
     for _ in range(max_new_tokens):
         x = torch.tensor([seq[-model.cfg.max_seq_len:]])
-        logits = model(x)[0, -1]
+        logits = mask_vocab(model(x)[0, -1], sample_vocab)
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:
             nxt = int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
         out.append(nxt)
         seq.append(nxt)
-        if nxt == eos_id:
+        if nxt in stops:
             break
     return out
 
@@ -58,21 +62,25 @@ def is_text_run(run_dir: str | Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.hf_tokenizer import load_tokenizer
 
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
     model, _, _ = load_run_model(args.run, args.step)
-    tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
+    tokenizer = load_tokenizer(args.run)
     raw = args.raw if args.raw is not None else is_text_run(args.run)
     # a text model saw each document after a boundary token: open the prompt with one
     prompt = [tokenizer.eos_id, *tokenizer.encode(args.prompt)] if raw else tokenizer.prompt_ids(args.prompt)
     if len(prompt) >= model.cfg.max_seq_len:
         raise ConfigError(f"prompt is {len(prompt)} tokens; the model's context is {model.cfg.max_seq_len}")
     gen = torch.Generator().manual_seed(args.seed)
-    tokens = generate(model, prompt, args.max_new_tokens, args.temperature, tokenizer.eos_id, gen)
-    text = tokenizer.decode(tokens, skip_special=False).removesuffix("<|eos|>")
+    stops = frozenset(getattr(tokenizer, "stop_ids", ())) | {tokenizer.eos_id}
+    tokens = generate(model, prompt, args.max_new_tokens, args.temperature, stops, gen,
+                      getattr(tokenizer, "sample_vocab", None))
+    if tokens and tokens[-1] in stops:
+        tokens = tokens[:-1]
+    text = tokenizer.decode(tokens, skip_special=False)
     print(args.prompt + text if raw else text)
     return 0

@@ -38,12 +38,12 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from nanoseek.engine.sampling import SamplingParams, sample
+from nanoseek.engine.sampling import SamplingParams, mask_vocab, sample
 from nanoseek.model import Transformer
 
 TokenCallback = Callable[[int | None, str | None], None]  # (token or None on error, finish reason or None)
@@ -149,16 +149,20 @@ class FairQueue:
 
 
 class Batcher:
-    def __init__(self, model: Transformer, eos_id: int, max_slots: int = 32, max_seq_len: int | None = None,
-                 cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096, reserve_slots: int | None = None,
-                 express_tokens: int = 256):
+    def __init__(self, model: Transformer, eos_id: int | Iterable[int], max_slots: int = 32,
+                 max_seq_len: int | None = None, cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096,
+                 reserve_slots: int | None = None, express_tokens: int = 256, sample_vocab: int | None = None):
+        """eos_id: one id or several (an imported checkpoint's eos ids); sample_vocab: ids at or past it are
+        never sampled (an imported checkpoint's padded embedding rows; engine/sampling.mask_vocab)."""
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         self.reserve_slots = max_slots // 4 if reserve_slots is None else reserve_slots
         self.express_tokens = express_tokens
         self.model = model.eval()
         self.cfg = model.cfg
-        self.eos_id = eos_id
+        self.stop_ids = frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
+        self.eos_id = eos_id if isinstance(eos_id, int) else min(self.stop_ids)
+        self.sample_vocab = sample_vocab
         self.max_slots = max_slots
         self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.prefill_tokens = prefill_tokens
@@ -281,7 +285,7 @@ class Batcher:
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
         h = self.model.hidden(ids, None, causal, self.cache[:, n0:n0 + k], 0, absorb=False)
         last = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
-        logits = self.model.logits(h[torch.arange(k, device=self.device), last])
+        logits = mask_vocab(self.model.logits(h[torch.arange(k, device=self.device), last]), self.sample_vocab)
         for r in new:
             r.cached = len(r.prompt)
         self.rows.extend(new)
@@ -300,7 +304,7 @@ class Batcher:
         mask = torch.arange(start + 1, device=self.device)[None, :] <= pos[:, None]  # (B, S): own keys only
         h = self.model.hidden(last, pos[:, None], mask[:, None, None], self.cache[:, :B], start, absorb=True,
                               write_pos=pos)
-        logits = self.model.logits(h[:, -1])
+        logits = mask_vocab(self.model.logits(h[:, -1]), self.sample_vocab)
         for r in rows:
             r.cached += 1
         self.stats.decode_tokens += B
@@ -319,7 +323,7 @@ class Batcher:
                 top = logp.topk(min(r.logprobs, logp.numel())) if r.logprobs > 0 else None
                 r.token_logprobs.append(TokenLogprob(float(logp[tok]), [] if top is None else list(
                     zip(top.indices.tolist(), top.values.tolist()))))
-            reason = "stop" if tok == self.eos_id and not r.ignore_eos else "length" if len(r.tokens) >= r.max_new_tokens else None
+            reason = "stop" if tok in self.stop_ids and not r.ignore_eos else "length" if len(r.tokens) >= r.max_new_tokens else None
             if r.on_token is not None:
                 try:
                     r.on_token(tok, reason)

@@ -6,7 +6,10 @@
   i.e. only the normalized latent c_KV and the shared rope key per token per layer.
 * Prefill is one forward over the whole batch (naive attention); each decode step is one forward of one
   token per row with weight-absorbed attention directly on the latent cache.
-* Rows finish independently on eos or a stop string; the loop ends when all have finished.
+* Rows finish independently on eos or a stop string; the loop ends when all have finished. "eos" is every id
+  in `stop_ids`: the tokenizer's eos, and for an imported checkpoint also generation_config.json's eos ids.
+* An imported tokenizer's `sample_vocab` (its vocabulary size) masks the logits of the embedding's padded rows
+  (ids >= sample_vocab) to -inf before sampling; nanoseek's own tokenizer has none and nothing is masked.
 * `speculative=True` drafts one token with the first MTP module and verifies it with the main model in a
   single two-token forward (Leviathan et al. 2023 acceptance rule when sampling; exact under greedy).
   It runs one sequence at a time (rows advance by different amounts), which is the batch-1 case MTP
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanoseek.engine import decode
-from nanoseek.engine.sampling import SamplingParams, filtered_logits, sample, sample_probs
+from nanoseek.engine.sampling import SamplingParams, filtered_logits, mask_vocab, sample, sample_probs
 from nanoseek.model import Transformer
 
 
@@ -64,6 +67,8 @@ class Engine:
     def __post_init__(self) -> None:
         if self.eos_id is None:
             self.eos_id = getattr(self.tokenizer, "eos_id", 1)
+        self.stop_ids = frozenset(getattr(self.tokenizer, "stop_ids", ())) | {self.eos_id}
+        self.sample_vocab: int | None = getattr(self.tokenizer, "sample_vocab", None)
         self.cfg = self.model.cfg
         self._lean: tuple | None = None  # (the model's fused-weights set, LeanDecoder layers built from it)
         self._workspace: decode.Workspace | None = decode.Workspace()  # the lean decoder's cache memory
@@ -128,7 +133,7 @@ class Engine:
     def _decode_text(self, tokens: list[int]) -> str | None:
         if self.tokenizer is None:
             return None
-        if tokens and tokens[-1] == self.eos_id:
+        if tokens and tokens[-1] in self.stop_ids:
             tokens = tokens[:-1]
         return self.tokenizer.decode(tokens)
 
@@ -227,7 +232,7 @@ class Engine:
         lean = self.lean_decode and decode.supported(model, self.dtype)
         cache = self.new_cache(len(first_row), P if lean else S)  # the lean decoder keeps its own caches
         h = model.hidden(tokens, positions[uniq, :P] if ragged else None, mask[:, None] if ragged else None, cache, 0)
-        logits = model.logits(h[:, -1])
+        logits = mask_vocab(model.logits(h[:, -1]), self.sample_vocab)
         shared = len(first_row) < B
         if lean:
             dec = decode.LeanDecoder(model, self._lean_layers(), cache, row_of if shared else None, S,
@@ -244,7 +249,7 @@ class Engine:
         uniforms = torch.stack([torch.rand(max_new, generator=g, device=device) for g in gen]) \
             if isinstance(gen, list) else None
         done = [False] * B  # finished rows may linger in the batch until the next compaction
-        eos = self.eos_id
+        eos = self.stop_ids
         for step in range(max_new):
             u = None if uniforms is None else uniforms[rows, step]
             tok, logp = sample(logits, params, None if uniforms is not None else gen, u)
@@ -255,7 +260,7 @@ class Engine:
                     continue
                 out_tokens[i].append(tl[j])
                 out_logps[i].append(ll[j])
-                if tl[j] == eos or (stop and self._hit_stop(out_tokens[i], stop)):
+                if tl[j] in eos or (stop and self._hit_stop(out_tokens[i], stop)):
                     reason[i], done[i] = "stop", True
                 else:
                     keep.append(j)
@@ -272,11 +277,11 @@ class Engine:
                 rows = [rows[j] for j in keep]
             s = P + step
             if lean:
-                logits = dec.step(tok, s)
+                logits = mask_vocab(dec.step(tok, s), self.sample_vocab)
                 continue
             h = model.hidden(tok[:, None], positions[:, s:s + 1] if ragged else None,
                              key_valid[:, None, None, :s + 1] if ragged else None, cache, s, absorb=True)
-            logits = model.logits(h[:, -1])
+            logits = mask_vocab(model.logits(h[:, -1]), self.sample_vocab)
         return [Generation(out_tokens[i], out_logps[i], reason[i]) for i in range(B)]
 
     # ---- MTP speculative decoding (one sequence) ---------------------------------------------------
@@ -289,7 +294,7 @@ class Engine:
         cos, sin = self.model.rope(None, start, T)
         # mask None: attention itself is causal over the filled part of the MTP cache
         hm = mtp(h_prev, self.model.embed(next_tokens), cos, sin, None, cache[0], start, absorb)
-        return self.model.head(mtp.norm(hm[:, -1:])).float()  # only the last position drafts
+        return mask_vocab(self.model.head(mtp.norm(hm[:, -1:])).float(), self.sample_vocab)  # the last drafts
 
     def _generate_speculative(self, prompt: list[int], max_new: int, params: SamplingParams,
                               gen: torch.Generator | None, stop: list[str] | None) -> Generation:
@@ -301,14 +306,14 @@ class Engine:
         ids = torch.tensor([prompt], device=device)
         n = len(prompt)
         h = model.hidden(ids, cache=cache, start=0)  # positions 0..n-1
-        tok, logp = sample(model.logits(h[:, -1]), params, gen)  # t_n
+        tok, logp = sample(mask_vocab(model.logits(h[:, -1]), self.sample_vocab), params, gen)  # t_n
         out, logps = [int(tok)], [float(logp)]
         # MTP over positions 0..n-1 (h_i, t_{i+1}); the last one drafts t_{n+1}
         mtp_in = torch.cat([ids[:, 1:], tok.view(1, 1)], dim=1)
         draft_logits = self._mtp_step(h, mtp_in, mtp_cache, 0, absorb=False)[:, -1]
         last_pos = n - 1  # main cache valid through this position; `out[-1]` is the token at last_pos + 1
         stats = self.spec_stats
-        while len(out) < max_new and out[-1] != self.eos_id and not self._hit_stop(out, stop):
+        while len(out) < max_new and out[-1] not in self.stop_ids and not self._hit_stop(out, stop):
             if params.greedy:
                 q, draft = None, int(draft_logits.argmax())
             else:
@@ -317,7 +322,7 @@ class Engine:
             pos = last_pos + 1
             step_ids = torch.tensor([[out[-1], draft]], device=device)
             h2 = model.hidden(step_ids, cache=cache, start=pos, absorb=True)  # positions pos, pos+1
-            logits2 = model.logits(h2)[0]  # [0] predicts the token at pos+1 (the draft), [1] the one after
+            logits2 = mask_vocab(model.logits(h2)[0], self.sample_vocab)  # [0] predicts the token at pos+1 (the draft), [1] the one after
             stats.drafted += 1
             stats.steps += 1
             if params.greedy:
@@ -335,7 +340,7 @@ class Engine:
                 stats.accepted += 1
                 out.append(draft)
                 logps.append(float(lp_all[0, draft]))
-                if len(out) >= max_new or draft == self.eos_id or self._hit_stop(out, stop):
+                if len(out) >= max_new or draft in self.stop_ids or self._hit_stop(out, stop):
                     break
                 bonus = int(logits2[1].argmax()) if params.greedy else int(sample(logits2[1:2], params, gen)[0])
                 out.append(bonus)
@@ -357,5 +362,5 @@ class Engine:
                 draft_logits = self._mtp_step(h2[:, :1], mtp_in, mtp_cache, pos, absorb=True)[:, -1]
                 last_pos = pos
         out, logps = out[:max_new], logps[:max_new]
-        done = out[-1] == self.eos_id or self._hit_stop(out, stop)
+        done = out[-1] in self.stop_ids or self._hit_stop(out, stop)
         return Generation(out, logps, "stop" if done else "length")

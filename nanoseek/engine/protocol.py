@@ -20,6 +20,12 @@ like OpenAI's 4) apply to the text of each field separately and are matched incr
 the text is cut before the first match, and text that could still grow into a stop string is held back until
 it cannot.
 
+Imported checkpoints (nanoseek.hf_tokenizer.ImportedTokenizer, `imported = True`): the prompt is the checkpoint's
+own Jinja chat template rendered over the messages (`chat_ids`, what transformers' apply_chat_template gives;
+developer counts as system), generation stops on any of its eos ids, the hidden control tokens are its special
+added tokens, and `<think>` / `</think>` route reasoning when the vocabulary has them as single tokens. A template
+whose generation prompt opens `<think>` (DeepSeek-R1's) starts the answer inside the reasoning field.
+
 `logprobs` (plain completions, 0-5 alternatives as in OpenAI's legacy API) are the model's raw log-probabilities
 (temperature 1, before top-k/top-p), vLLM's default; `text_offset` counts characters of the completion text.
 """
@@ -142,6 +148,14 @@ def parse(schema: type[BaseModel], data: object) -> BaseModel:
 
 # ---- chat template -----------------------------------------------------------------------------------
 def chat_prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
+    if getattr(tokenizer, "imported", False):
+        from nanoseek.config import ConfigError
+
+        chat = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            return tokenizer.chat_ids(chat, add_generation_prompt=True)
+        except ConfigError as e:  # the template raised (e.g. roles must alternate) or has no chat template
+            raise APIError(400, str(e), param="messages") from None
     ids = [tokenizer.bos_id]
     for m in messages:
         ids.append(tokenizer.id_of(ROLE_TOKENS[m.role]))
@@ -177,12 +191,16 @@ def token_bytes(tokenizer) -> list[bytes] | None:
     table = None
     if hf is not None and isinstance(hf.decoder, decoders.ByteLevel):
         alphabet = _byte_level_alphabet()
+        added = {i: t.content for i, t in hf.get_added_tokens_decoder().items()}
         table = []
         for i in range(tokenizer.vocab_size):
             s = hf.id_to_token(i) or ""
+            if i in added:  # an added token is written in plain text, whatever characters it uses
+                table.append(added[i].encode())
+                continue
             try:
                 table.append(bytes(alphabet[c] for c in s))
-            except KeyError:  # an added token written in plain text (the specials)
+            except KeyError:
                 table.append(s.encode())
     _BYTE_TABLES[tokenizer] = table
     return table
@@ -276,18 +294,28 @@ class ChoiceStream:
     chat mode, "text" for plain completions), applying stop strings. Work per token is O(the token's bytes
     x number of stops), independent of the text length so far. Not thread-safe: one consumer."""
 
-    def __init__(self, tokenizer, chat: bool, stop: list[str] | None = None, logprobs: int | None = None):
+    def __init__(self, tokenizer, chat: bool, stop: list[str] | None = None, logprobs: int | None = None,
+                 thinking: bool = False):
+        """thinking: the prompt left a think block open (chat only): the first tokens are reasoning."""
         self.tok = tokenizer
         self.chat = chat
         self.stop = list(stop or [])
         self.fields: dict[str, _Field] = {}
-        self.current = "content" if chat else "text"
+        self.current = ("reasoning_content" if thinking else "content") if chat else "text"
         self.finish_reason: str | None = None
         self.n_tokens = 0
-        self.think_id, self.end_think_id = tokenizer.id_of("<think>"), tokenizer.id_of("</think>")
-        self.control_ids = {tokenizer.id_of(t) for t in CONTROL_TOKENS}
-        self.special_ids = self.control_ids | {tokenizer.id_of(t) for t in ("<answer>", "</answer>")}
+        if getattr(tokenizer, "imported", False):
+            self.think_id, self.end_think_id = tokenizer.think_ids or (None, None)
+            self.control_ids = set(tokenizer.control_ids)
+            self.special_ids = self.control_ids
+        else:
+            self.think_id, self.end_think_id = tokenizer.id_of("<think>"), tokenizer.id_of("</think>")
+            self.control_ids = {tokenizer.id_of(t) for t in CONTROL_TOKENS}
+            self.special_ids = self.control_ids | {tokenizer.id_of(t) for t in ("<answer>", "</answer>")}
         self.eos_id = tokenizer.eos_id
+        self.stop_ids = frozenset(getattr(tokenizer, "stop_ids", ())) | {tokenizer.eos_id}
+        if chat and thinking:
+            self._field("reasoning_content")
         self.logprobs = logprobs  # None: not asked; k: the top-k alternatives per token (plain completions)
         self.lp_tokens: list[str] = []
         self.lp_values: list[float] = []
@@ -300,7 +328,7 @@ class ChoiceStream:
         return self.fields[name]
 
     def _shown(self, token: int) -> bool:
-        if token == self.eos_id:
+        if token in self.stop_ids:
             return False
         return token not in (self.special_ids if self.chat else self.control_ids)
 

@@ -41,6 +41,14 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def mask_vocab(logits: torch.Tensor, n: int | None) -> torch.Tensor:
+    """Logits with every id >= n at -inf: an imported checkpoint's embedding is padded past its tokenizer's
+    vocabulary, and those rows must never be sampled. None (or n >= the logits' width): unchanged."""
+    if n is None or n >= logits.size(-1):
+        return logits
+    return torch.cat([logits[..., :n], logits.new_full((*logits.shape[:-1], logits.size(-1) - n), float("-inf"))], -1)
+
+
 def filtered_logits(logits: torch.Tensor, p: SamplingParams, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Temperature-scaled logits with tokens outside top-k / the top-p nucleus set to -inf. `keep` (same shape
     as logits without the vocabulary dim): token ids that stay in the support whatever their rank (the trainer

@@ -88,7 +88,8 @@ class ServeConfig:
     allowed_origins: tuple[str, ...] = ()  # extra Origins: "scheme://name[:port]"; "*": no check
     max_slots: int = 32
     max_body_bytes: int = 1 << 20
-    default_temperature: float = 1.0  # OpenAI's default
+    default_temperature: float = 1.0  # OpenAI's default (an imported run: its generation_config.json's)
+    default_top_p: float | None = None  # None: no nucleus cut (an imported run: its generation_config.json's)
     max_choices: int = 64  # prompts x n of one request (400 beyond)
     max_waiting: int | None = None  # choices waiting for a row before new requests get 429 (None: 4 x max_slots)
     max_client_waiting: int | None = None  # requests of one client address waiting for a row (None: max_slots)
@@ -374,7 +375,9 @@ class Server:
         # with keys a client is its key, so the reserve rows go by identity alone: the express lane (any short
         # request may take a reserve row) exists for clients that share one address, and on a short context it
         # would let one key's flood of short streams take the reserve as well
-        self.batcher = Batcher(model, tokenizer.eos_id, max_slots=self.cfg.max_slots,
+        stops = getattr(tokenizer, "stop_ids", None) or tokenizer.eos_id
+        self.batcher = Batcher(model, stops, max_slots=self.cfg.max_slots,
+                               sample_vocab=getattr(tokenizer, "sample_vocab", None),
                                **({"express_tokens": 0} if self.cfg.keys else {}))
         token_bytes(tokenizer)  # build the detokenizer's table now, not during the first request
         self.context = self.batcher.max_seq_len
@@ -438,7 +441,8 @@ class Server:
             self._check_model(req.model)
             self._check_choices(req, 1, self._client(request))
             prompt = await asyncio.to_thread(chat_prompt_ids, self.tokenizer, req.messages)
-            return await self._respond(request, req, [prompt], chat=True)
+            thinking = bool(getattr(self.tokenizer, "imported", False) and self.tokenizer.opens_thinking(prompt))
+            return await self._respond(request, req, [prompt], chat=True, thinking=thinking)
 
         @app.post("/v1/completions")
         async def completions(request: HTTPRequest):
@@ -537,7 +541,8 @@ class Server:
         return prompts
 
     def _submit(self, req: SamplingRequest, prompts: list[list[int]], chat: bool, mailbox: _Mailbox,
-                queue: asyncio.Queue, client: object = None, group: object = None) -> list[_Choice]:
+                queue: asyncio.Queue, client: object = None, group: object = None,
+                thinking: bool = False) -> list[_Choice]:
         """Validate lengths and sampling values, then queue n choices per prompt with the batcher."""
         n = req.n or 1
         for p in prompts:
@@ -550,7 +555,8 @@ class Server:
                                     f"({len(p)}) + max_tokens ({req.limit}) exceed it.", param="max_tokens",
                                code="context_length_exceeded")
         temp = self.cfg.default_temperature if req.temperature is None else req.temperature
-        params = SamplingParams(temp, req.top_k, req.top_p)
+        top_p = self.cfg.default_top_p if req.top_p is None else req.top_p
+        params = SamplingParams(temp, req.top_k, top_p)
         logprobs = getattr(req, "logprobs", None)
         choices: list[_Choice] = []
         for p in prompts:
@@ -565,17 +571,19 @@ class Server:
                     mailbox.post(queue, (i, tok, fin, lp))
 
                 r.on_token = on_token
-                choices.append(_Choice(r, ChoiceStream(self.tokenizer, chat, req.stops, logprobs), len(p)))
+                choices.append(_Choice(r, ChoiceStream(self.tokenizer, chat, req.stops, logprobs, thinking),
+                                       len(p)))
         for c in choices:
             self.batcher.submit(c.req)
         return choices
 
-    async def _respond(self, request: HTTPRequest, req: SamplingRequest, prompts: list[list[int]], chat: bool):
+    async def _respond(self, request: HTTPRequest, req: SamplingRequest, prompts: list[list[int]], chat: bool,
+                       thinking: bool = False):
         queue: asyncio.Queue = asyncio.Queue()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         client = self._client(request)
         self._check_choices(req, len(prompts), client)  # again: the queue grew while the prompts were encoded
-        choices = self._submit(req, prompts, chat, self._mailbox(), queue, client, rid)
+        choices = self._submit(req, prompts, chat, self._mailbox(), queue, client, rid, thinking)
         job = _Job(self.batcher, choices, queue, sum(len(p) for p in prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -659,12 +667,20 @@ class Server:
 
 
 def load_server(run_dir: str | Path, cfg: ServeConfig | None = None, device: str = "cpu") -> Server:
-    """A Server for a run directory's latest checkpoint and its tokenizer.json."""
-    from nanoseek.tokenizer import Tokenizer
+    """A Server for a run directory's latest checkpoint and its tokenizer (nanoseek's own or an imported
+    checkpoint's; the latter's generation_config.json sets the default temperature and top-p)."""
+    import dataclasses
+
+    from nanoseek.hf_tokenizer import load_tokenizer
     from nanoseek.train.checkpoint import load_run_model
 
     model, _, _ = load_run_model(run_dir, device=device)
-    tokenizer = Tokenizer.load(Path(run_dir) / "tokenizer.json")
+    tokenizer = load_tokenizer(run_dir)
+    cfg = cfg or ServeConfig()
+    gen = getattr(tokenizer, "generation", {})
+    if gen.get("temperature") is not None or gen.get("top_p") is not None:
+        cfg = dataclasses.replace(cfg, default_temperature=float(gen.get("temperature", cfg.default_temperature)),
+                                  default_top_p=gen.get("top_p", cfg.default_top_p))
     return Server(model, tokenizer, cfg)
 
 

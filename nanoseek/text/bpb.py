@@ -21,7 +21,14 @@ import torch.nn.functional as F
 def token_byte_lengths(tokenizer) -> torch.Tensor:
     """(vocab_size,) int64: UTF-8 bytes each id stands for; 0 for special (added) tokens. Byte-level BPE stores
     each byte as one printable character, so a token's byte count is its stored string's length."""
+    from tokenizers import decoders
+
+    from nanoseek.config import ConfigError
+
     hf = tokenizer._tok
+    if not isinstance(hf.decoder, decoders.ByteLevel):
+        raise ConfigError("bits per byte needs a byte-level BPE tokenizer (this one's decoder is "
+                          f"{type(hf.decoder).__name__})")
     special = set(hf.get_added_tokens_decoder())
     out = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
     for i in range(tokenizer.vocab_size):

@@ -82,14 +82,14 @@ def rejection_sample(cfg: TracesConfig, print_fn=print) -> dict:
     """Sample, filter and write cfg.out (JSONL, atomically); returns the summary."""
     from nanoseek.engine import Engine
     from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.hf_tokenizer import load_tokenizer
     from nanoseek.train.checkpoint import load_run_model, read_state
 
     cfg.validate()
     task = get_task(cfg.task)
     difficulty = task.check_difficulty(cfg.difficulty)
     model, _, step_dir = load_run_model(cfg.run)
-    tok = Tokenizer.load(Path(cfg.run) / "tokenizer.json")
+    tok = load_tokenizer(cfg.run)  # nanoseek's own, or an imported checkpoint's
     engine = Engine(model, tok)
     rng = random.Random(cfg.seed)
     problems = [task.sample_split(rng, difficulty, "train") for _ in range(cfg.problems)]
