@@ -22,7 +22,7 @@ from pathlib import Path
 from nanoseek.config import PRESETS, ConfigError, ModelConfig
 from nanoseek.data import PACKERS
 from nanoseek.parallel.training import add_ep_arguments
-from nanoseek.train.common import TrainConfig, setup_distributed
+from nanoseek.train.common import BALANCE_MODES, TrainConfig, setup_distributed
 from nanoseek.train.precision import PUBLIC as PRECISIONS
 from nanoseek.train.pretrain import DataConfig, PretrainConfig, dense_equivalent, pretrain
 
@@ -32,7 +32,8 @@ TIME_SCHEDULE_STEP_CAP = 10_000_000  # --data --minutes without --steps: the tim
 TRAIN_FLAGS = {"steps": "steps", "minutes": "minutes", "seed": "seed", "batch_size": "batch_size", "lr": "lr",
                "seq_len": "seq_len", "grad_accum": "grad_accum", "warmup": "warmup_steps",
                "eval_interval": "eval_interval", "eval_batches": "eval_batches", "ckpt_interval": "ckpt_interval",
-               "log_interval": "log_interval", "keep_last": "keep_last"}
+               "log_interval": "log_interval", "keep_last": "keep_last", "balance": "balance",
+               "aux_alpha": "aux_alpha", "bias_gamma": "bias_gamma", "balance_alpha": "balance_alpha"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -83,6 +84,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-interval", type=int, default=d.ckpt_interval)
     p.add_argument("--log-interval", type=int, default=d.log_interval)
     p.add_argument("--keep-last", type=int, default=d.keep_last)
+    p.add_argument("--balance", default=d.balance, choices=list(BALANCE_MODES),
+                   help="expert load balancing: bias = V3's auxiliary-loss-free bias update (default), aux = the "
+                        "conventional auxiliary loss it replaced (--aux-alpha), none = neither")
+    p.add_argument("--aux-alpha", type=float, default=d.aux_alpha,
+                   help=f"weight of the --balance aux loss (default {d.aux_alpha:g}, Wang et al. 2024's baseline)")
+    p.add_argument("--bias-gamma", type=float, default=d.bias_gamma,
+                   help=f"bias update speed of --balance bias (default {d.bias_gamma:g}, V3's)")
+    p.add_argument("--balance-alpha", type=float, default=d.balance_alpha,
+                   help=f"weight of V3's sequence-wise balance loss, in every --balance mode (default {d.balance_alpha:g})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_ep_arguments(p)
     p.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 (BF16 compute, FP32 master "

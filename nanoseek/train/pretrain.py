@@ -1,7 +1,11 @@
 """Pretraining loop (V3 report sec. 4, SPEC 2): next-token CE + MTP + sequence balance loss, AdamW, warmup +
 cosine, clipping, and the auxiliary-loss-free expert-bias update after every optimizer step.
 
-    loss = L_main + mtp_lambda * L_mtp + balance_alpha * L_bal
+    loss = L_main + mtp_lambda * L_mtp + balance_alpha * L_bal  [+ aux_alpha * L_aux under --balance aux]
+
+Load balancing (`TrainConfig.balance`, for V3's own ablation, Table 5): `bias` (default) is the auxiliary-loss-free
+bias update; `aux` the conventional batch-wise auxiliary loss it replaced (nanoseek.model.moe.batch_balance_loss;
+the bias stays frozen); `none` neither. L_bal (V3's complementary sequence-wise loss) stays in every mode.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` GLOBAL sequences; gradients are averaged over
 ranks once per step (common.Dist.average_grads), the expert loads of all micro-batches and ranks are summed
@@ -202,26 +206,34 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
     """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
     the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks. `parallel`: an
     ExpertParallel or a Pipeline (nanoseek.parallel) that syncs and clips gradients instead of the DDP average
-    (a Pipeline also runs forward and backward through its schedule)."""
+    (a Pipeline also runs forward and backward through its schedule). cfg.balance picks the load balancing:
+    the bias update (bias), the auxiliary loss aux_alpha * L_aux (aux), or neither (none)."""
     model.train()
-    parts_sum = torch.zeros(4, device=dist.device)
+    aux_alpha = cfg.aux_alpha if cfg.balance == "aux" else 0.0
+    parts_sum = torch.zeros(5, device=dist.device)
     for _ in range(cfg.grad_accum):
         x, y = (t.to(dist.device) for t in loader.next_batch())
         with prec.autocast(precision, dist.device):
             if hasattr(parallel, "forward_backward"):  # pipeline: the schedule runs forward and backward
-                parts_sum += parallel.forward_backward(model, x, y).to(parts_sum) / cfg.grad_accum
+                main_mtp_bal_loss = parallel.forward_backward(model, x, y).to(parts_sum) / cfg.grad_accum
+                parts_sum += torch.cat([main_mtp_bal_loss[:3], main_mtp_bal_loss.new_zeros(1), main_mtp_bal_loss[3:]])
                 continue
             _, parts = model(x, y)
+        aux = parts.aux if parts.aux is not None else parts.main.new_zeros(())
         loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
+        if aux_alpha:
+            loss = loss + aux_alpha * aux
         (loss / cfg.grad_accum).backward()
-        parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, loss]).detach() / cfg.grad_accum
+        parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, aux, loss]).detach() / cfg.grad_accum
     grad_norm = sync_and_clip(model, cfg.grad_clip, dist, parallel)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loads = dist.all_reduce_sum(model.accumulated_loads().clone())
-    model.update_expert_bias(cfg.bias_gamma, loads)
-    main, mtp, balance, total = dist.all_reduce_mean(parts_sum).tolist()
-    return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "grad_norm": grad_norm, "loads": loads}
+    # resets the load accumulators in every mode; only `bias` moves the bias (aux / none keep it where it is)
+    model.update_expert_bias(cfg.bias_gamma if cfg.balance == "bias" else 0.0, loads)
+    main, mtp, balance, aux, total = dist.all_reduce_mean(parts_sum).tolist()
+    return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "aux": aux, "grad_norm": grad_norm,
+            "loads": loads}
 
 
 @torch.no_grad()
@@ -313,6 +325,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
         if ep > 1 or tcfg.grad_accum > 1:
             raise ConfigError("--pp does not combine with --ep or --grad-accum > 1 yet")
+        if tcfg.balance == "aux":
+            raise ConfigError("--balance aux does not combine with --pp yet (the pipeline's loss has no aux term)")
         pp_microbatches = pp_microbatches or 2 * pp * (1 if pp_schedule == "1f1b" else 2)
         check_pp(pp, dist.world, pp_schedule, pp_microbatches, tcfg.batch_size)
     if dist.is_main:
@@ -409,7 +423,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             stop = dist.any_flag(out_of_time or paced_out)
             last = step == tcfg.steps or stop
             record = {"step": step, "loss": out["loss"], "main": out["main"], "mtp": out["mtp"],
-                      "balance": out["balance"], "lr": lr, "grad_norm": out["grad_norm"],
+                      "balance": out["balance"], "aux": out["aux"], "lr": lr, "grad_norm": out["grad_norm"],
                       "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
                       **({"mfu": mfu(tok_rate, flops_per_token)} if parallel is None else {}),
                       "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"])}

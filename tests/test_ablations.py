@@ -1,0 +1,123 @@
+"""V3's ablation knobs (issue 29): `--balance {bias,aux,none}` (the batch-wise auxiliary loss against a hand
+computation, which mode moves the gate bias, the aux gradient), MaxVio (Wang et al. 2024) against hand-made
+loads, and `--mtp-depth`."""
+import argparse
+
+import pytest
+import torch
+
+from nanoseek.commands import pretrain as pretrain_cmd
+from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.data import Loader, pack_documents
+from nanoseek.model import Transformer
+from nanoseek.model.moe import batch_balance_loss, sequence_balance_loss
+from nanoseek.train.common import Dist, TrainConfig, build_optimizer
+from nanoseek.train.pretrain import train_step
+
+MICRO = {"vocab_size": 64, "dim": 32, "inter_dim": 64, "moe_inter_dim": 32, "n_layers": 2, "n_dense_layers": 1,
+         "n_heads": 2, "n_routed_experts": 4, "n_shared_experts": 1, "n_activated_experts": 2, "kv_lora_rank": 16,
+         "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "max_seq_len": 64, "original_seq_len": 64,
+         "init_std": 0.1}
+
+
+def micro_model(**kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**{**MICRO, **kw}).validate())
+
+
+def random_loader(batch=4, seq_len=16, seed=0) -> Loader:
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(3, 64, (int(n),), generator=g).tolist() for n in torch.randint(4, 30, (80,), generator=g)]
+    return Loader(pack_documents(docs, seq_len, eos_id=1), batch, seed=seed)
+
+
+# ---- --balance ------------------------------------------------------------------------------------------------
+SCORES = torch.tensor([[[0.9, 0.5, 0.3, 0.1], [0.2, 0.8, 0.6, 0.4]],
+                       [[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, 0.5, 0.5]]])
+INDICES = torch.tensor([[[0, 1], [1, 2]], [[0, 1], [2, 3]]])
+
+
+def test_batch_aux_loss_hand_computed():
+    """Over the batch's N=4 tokens (E=4, K=2): picks {0,1},{1,2},{0,1},{2,3} give counts [2,3,2,1], so
+    f = E/(K N) * counts = [1, 1.5, 1, 0.5]; normalized scores per token are [1/2, 5/18, 1/6, 1/18],
+    [.1, .4, .3, .2] and twice [.25]*4, so P = [11/40, 53/180, 29/120, 17/90] and
+    L = 11/40 + 53/120 + 29/120 + 17/180 = 379/360. The per-sequence mean (V3's complementary loss) of the same
+    routing is 398/360: a loss averaged per sequence, unnormalized affinities or a missing E/(K N) all fail."""
+    loss = batch_balance_loss(SCORES.reshape(4, 4), INDICES.reshape(4, 2))
+    assert loss.item() == pytest.approx(379 / 360, rel=1e-6)
+    assert sequence_balance_loss(SCORES, INDICES).item() == pytest.approx(398 / 360, rel=1e-6)
+    uniform = torch.full((6, 3), 0.7)
+    assert batch_balance_loss(uniform, torch.tensor([[0], [1], [2], [0], [1], [2]])).item() == pytest.approx(1.0)
+
+
+def test_aux_loss_gradient_reaches_only_the_gate():
+    """L_aux flows into every MoE layer's gate weights (through P; f is a count); a layer's own experts are not
+    upstream of its gate, so the last MoE layer's (the MTP block's) get no gradient from it."""
+    model = micro_model(n_layers=3)
+    model.train()
+    ids = torch.randint(0, 64, (2, 16))
+    _, parts = model(ids, ids.roll(-1, 1))
+    per_layer = [m.aux_loss for m in model.moe_layers()]
+    assert len(per_layer) == 3  # two main-model MoE layers and the MTP block's
+    assert parts.aux.item() == pytest.approx(sum(p.item() for p in per_layer))
+    parts.aux.backward()
+    for m in model.moe_layers():
+        assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.moe_layers()[-1].experts.parameters())
+    model.eval()
+    _, parts = model(ids, ids.roll(-1, 1))
+    assert parts.aux.item() == 0.0  # eval forwards compute no balance loss (no stale value)
+
+
+def _steps(balance: str, steps: int = 3, **kw) -> tuple[Transformer, list[dict], TrainConfig]:
+    model = micro_model()
+    cfg = TrainConfig(batch_size=4, grad_accum=2, lr=1e-2, bias_gamma=1e-2, steps=5, balance=balance, **kw)
+    opt = build_optimizer(model, cfg)
+    loader = random_loader()
+    return model, [train_step(model, opt, loader, cfg, Dist()) for _ in range(steps)], cfg
+
+
+@pytest.mark.parametrize("balance", ["aux", "none"])
+def test_aux_and_none_never_move_the_bias(balance):
+    """Only `bias` moves the gate bias; aux adds aux_alpha * L_aux to the loss, none adds nothing (the sequence-wise
+    term stays in both). Loads are still counted (and their accumulators reset) for MaxVio."""
+    model, outs, cfg = _steps(balance, aux_alpha=0.5)
+    assert all(torch.equal(m.gate.bias, torch.zeros(4)) for m in model.moe_layers())
+    assert all(m.load_accum.sum() == 0 for m in model.moe_layers())
+    for out in outs:
+        assert out["loads"].sum() > 0 and out["aux"] >= 1 - 1e-6
+        want = out["main"] + cfg.mtp_lambda * out["mtp"] + cfg.balance_alpha * out["balance"]
+        if balance == "aux":
+            want += cfg.aux_alpha * out["aux"]
+        assert out["loss"] == pytest.approx(want, rel=1e-5)
+
+
+def test_bias_mode_moves_the_bias_and_aux_changes_the_gate_update():
+    """bias (the default) moves the bias; aux and none start from the same weights and batches and differ in the
+    gate weights after one step (the aux gradient)."""
+    model, _, _ = _steps("bias", steps=1)
+    assert all(m.gate.bias.abs().sum() > 0 for m in model.moe_layers())
+    aux, _, _ = _steps("aux", steps=1, aux_alpha=1.0)
+    none, _, _ = _steps("none", steps=1)
+    for a, n in zip(aux.moe_layers(), none.moe_layers()):
+        assert not torch.equal(a.gate.weight, n.gate.weight)
+
+
+def test_balance_flag_validation():
+    with pytest.raises(ConfigError, match="balance must be one of"):
+        TrainConfig(balance="loss").validate()
+    with pytest.raises(ConfigError, match="aux_alpha"):
+        TrainConfig(aux_alpha=-1.0).validate()
+    assert TrainConfig().balance == "bias" and TrainConfig.from_dict({}).aux_alpha == 1e-3
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    pretrain_cmd.add_arguments(p)
+    return p.parse_args(["--out", "unused", *argv])
+
+
+def test_cli_balance_flags_reach_the_config():
+    cfg = pretrain_cmd.resolve_config(_parse("--balance", "aux", "--aux-alpha", "0.01", "--bias-gamma", "0.002"))
+    assert (cfg.train.balance, cfg.train.aux_alpha, cfg.train.bias_gamma) == ("aux", 0.01, 0.002)
+    assert pretrain_cmd.resolve_config(_parse()).train.balance == "bias"
