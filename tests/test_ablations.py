@@ -12,6 +12,8 @@ from nanoseek.data import Loader, pack_documents
 from nanoseek.model import Transformer
 from nanoseek.model.moe import batch_balance_loss, sequence_balance_loss
 from nanoseek.train.common import Dist, TrainConfig, build_optimizer
+from nanoseek.train import pretrain as pt
+from nanoseek.train.metrics import read_metrics
 from nanoseek.train.pretrain import train_step
 
 MICRO = {"vocab_size": 64, "dim": 32, "inter_dim": 64, "moe_inter_dim": 32, "n_layers": 2, "n_dense_layers": 1,
@@ -121,3 +123,49 @@ def test_cli_balance_flags_reach_the_config():
     cfg = pretrain_cmd.resolve_config(_parse("--balance", "aux", "--aux-alpha", "0.01", "--bias-gamma", "0.002"))
     assert (cfg.train.balance, cfg.train.aux_alpha, cfg.train.bias_gamma) == ("aux", 0.01, 0.002)
     assert pretrain_cmd.resolve_config(_parse()).train.balance == "bias"
+
+
+# ---- MaxVio ---------------------------------------------------------------------------------------------------
+def test_max_vio_hand_made_loads():
+    """Layer 1: max 4 / mean 2 - 1 = 1; layer 2: 5 / 2 - 1 = 1.5; averaged over layers: 1.25. A balanced layer
+    is 0; no MoE layers (a dense model) or no routed tokens give None. Held-out: the mean of per-batch values."""
+    loads = torch.tensor([[4.0, 0.0, 2.0, 2.0], [1.0, 1.0, 1.0, 5.0]])
+    assert pt.max_vio(loads) == pytest.approx(1.25)
+    assert pt.max_vio(torch.full((3, 8), 7.0)) == 0.0
+    assert pt.max_vio(torch.zeros(0, 0)) is None and pt.max_vio(torch.zeros(2, 4)) is None
+    assert pt.mean_max_vio([loads, torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])]) == \
+        pytest.approx((1.25 + (3.0 - 1.0) / 2) / 2)
+    assert pt.load_summary(loads)["max_vio"] == pytest.approx(1.25)
+
+
+def tiny_run_cfg(balance: str = "bias", steps: int = 4, n_mtp: int = 1) -> pt.PretrainConfig:
+    model = {**MICRO, "dim": 64, "kv_lora_rank": 32, "n_mtp": n_mtp}
+    return pt.PretrainConfig(
+        model=ModelConfig(**model),
+        train=TrainConfig(steps=steps, seq_len=32, batch_size=4, warmup_steps=1, lr=3e-3, eval_interval=2,
+                          eval_batches=2, ckpt_interval=0, balance=balance),
+        data=pt.DataConfig(n_docs=40, n_test_docs=20))
+
+
+def test_pretrain_logs_max_vio_for_train_and_held_out(tmp_path):
+    """Every logged step has max_vio (its batch's loads, all micro-batches summed: equal to what its expert_load
+    shares give, E * max share - 1 per layer, averaged); every evaluation has val_max_vio >= 0."""
+    pt.pretrain(tmp_path / "run", tiny_run_cfg("none"), device="cpu")
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        shares = r["expert_load"]
+        want = sum(len(s) * max(s) - 1 for s in shares) / len(shares)
+        assert r["max_vio"] == pytest.approx(want, abs=1e-3)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["val_max_vio"] >= 0 for r in evals)
+    assert all(m.gate.bias.abs().sum() == 0 for m in _final_model(tmp_path / "run").moe_layers())
+
+
+def _final_model(run) -> Transformer:
+    from nanoseek.train.checkpoint import latest_checkpoint, load_model_weights
+
+    cfg = pt.PretrainConfig.load(run)
+    model = Transformer(cfg.model)
+    load_model_weights(latest_checkpoint(run / "checkpoints"), model)
+    return model

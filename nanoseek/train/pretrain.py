@@ -238,16 +238,21 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
 
 @torch.no_grad()
 def evaluate(model: Transformer, rows: torch.Tensor, cfg: TrainConfig, dist: Dist,
-             precision: str = "fp32") -> float | None:
-    """Mean next-token CE over the first cfg.eval_batches held-out batches (eval mode: no load accumulation)."""
+             precision: str = "fp32", loads: list | None = None) -> float | None:
+    """Mean next-token CE over the first cfg.eval_batches held-out batches (eval mode: no load accumulation).
+    `loads`: a list that receives each batch's (n_moe_layers, n_experts) expert loads, summed over ranks."""
     model.eval()
     total = torch.zeros(2, device=dist.device)
     for x, y in eval_batches(rows, cfg.batch_size, cfg.eval_batches, dist.rank, dist.world):
         with prec.autocast(precision, dist.device):
             _, parts = model(x.to(dist.device), y.to(dist.device))
         total += torch.stack([parts.main.detach() * x.size(0), torch.tensor(float(x.size(0)), device=dist.device)])
+        if loads is not None:
+            loads.append(model.expert_loads().clone())
     model.train()
     dist.all_reduce_sum(total)
+    if loads:  # every rank reads the same number of batches (eval_batches), so the sums line up
+        loads[:] = list(dist.all_reduce_sum(torch.stack(loads).to(dist.device)).unbind(0))
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
@@ -267,6 +272,22 @@ def evaluate_bpb(model: Transformer, rows, token_bytes: torch.Tensor, cfg: Train
     return bits_per_byte(total[0].item(), total[1].item()) if total[1] > 0 else None
 
 
+def max_vio(loads: torch.Tensor) -> float | None:
+    """Wang et al. 2024's MaxVio of one batch: per MoE layer max_i load_i / mean_i load_i - 1 (0 = perfectly
+    balanced), averaged over layers. loads (n_moe_layers, n_experts) token counts of ONE global batch (all
+    micro-batches and ranks summed: "MaxVio_global"); None without MoE layers or routed tokens."""
+    if loads.numel() == 0 or loads.sum() == 0:
+        return None
+    mean = loads.double().mean(dim=1)
+    return float((loads.double().max(dim=1).values / mean - 1).mean())
+
+
+def mean_max_vio(batches: list[torch.Tensor]) -> float | None:
+    """MaxVio of each held-out batch (see max_vio), averaged over the batches."""
+    vios = [v for v in (max_vio(b) for b in batches) if v is not None]
+    return sum(vios) / len(vios) if vios else None
+
+
 def load_summary(loads: torch.Tensor) -> dict:
     """Per-MoE-layer max/mean load (1.0 = perfectly balanced) and each expert's share of the routed tokens."""
     if loads.numel() == 0:
@@ -274,7 +295,8 @@ def load_summary(loads: torch.Tensor) -> dict:
     mean = loads.mean(dim=1).clamp_min(1e-9)
     share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)
     return {"load_max_mean": (loads.max(dim=1).values / mean).tolist(),
-            "expert_load": [[round(v, 5) for v in row] for row in share.tolist()]}
+            "expert_load": [[round(v, 5) for v in row] for row in share.tolist()],
+            **({"max_vio": max_vio(loads)} if loads.sum() > 0 else {})}
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -430,8 +452,12 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             if last or (tcfg.eval_interval and step % tcfg.eval_interval == 0):
                 if parallel is not None:
                     parallel.prepare_eval(model)
-                eval_loss = evaluate(model, test_rows, tcfg, dist, cfg.precision)
+                val_loads: list[torch.Tensor] | None = [] if pp == 1 else None  # a stage holds only its layers
+                eval_loss = evaluate(model, test_rows, tcfg, dist, cfg.precision, val_loads)
                 record["eval_loss"] = eval_loss
+                val_vio = mean_max_vio(val_loads)
+                if val_vio is not None:
+                    record["val_max_vio"] = val_vio
                 if token_bytes is not None:
                     val_bpb = evaluate_bpb(model, test_rows, token_bytes, tcfg, dist, cfg.precision)
                     record["val_bpb"] = val_bpb
@@ -448,6 +474,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             extra = f"eval {eval_loss:.4f}" if eval_loss is not None else ""
             if val_bpb is not None:
                 extra += f"  bpb {val_bpb:.3f}"
+            if "max_vio" in record:
+                extra = f"maxvio {record['max_vio']:.2f}" + (f"  {extra}" if extra else "")
             if parallel is None:
                 extra = f"MFU {mfu(tok_rate_ema, flops_per_token):.1%}" + (f"  {extra}" if extra else "")
             progress.update(step, out["loss"], lr, tok_rate_ema, extra)
