@@ -169,3 +169,35 @@ def _final_model(run) -> Transformer:
     model = Transformer(cfg.model)
     load_model_weights(latest_checkpoint(run / "checkpoints"), model)
     return model
+
+
+# ---- --mtp-depth ----------------------------------------------------------------------------------------------
+def test_mtp_depth_zero_has_no_mtp_and_loss_is_main():
+    """--mtp-depth 0: no MTP parameters, the MTP term is exactly 0 and (sequence loss off) loss == main; the main
+    model (parameters, FLOPs per token) is the same for every depth, so on/off compares at equal main-model cost."""
+    from nanoseek.train.metrics import model_flops_per_token
+
+    cfgs = {d: pretrain_cmd.resolve_config(_parse("--mtp-depth", str(d))).model for d in (0, 1, 2)}
+    assert [c.n_mtp for c in cfgs.values()] == [0, 1, 2]
+    assert len({c.param_counts()["active"] for c in cfgs.values()}) == 1
+    assert len({model_flops_per_token(c, 64, mtp=False) for c in cfgs.values()}) == 1
+    assert cfgs[0].param_counts()["mtp"] == 0 < cfgs[1].param_counts()["mtp"]
+    model = micro_model(n_mtp=0)
+    assert len(model.mtp) == 0 and not any(n.startswith("mtp.") for n, _ in model.named_parameters())
+    with_mtp = micro_model(n_mtp=1)
+    assert model.num_params() < with_mtp.num_params()
+    cfg = TrainConfig(batch_size=4, lr=1e-2, steps=5, balance_alpha=0.0)
+    out = train_step(model, build_optimizer(model, cfg), random_loader(), cfg, Dist())
+    assert out["mtp"] == 0.0 and out["loss"] == out["main"]
+    out = train_step(with_mtp, build_optimizer(with_mtp, cfg), random_loader(), cfg, Dist())
+    assert out["mtp"] > 0 and out["loss"] == pytest.approx(out["main"] + cfg.mtp_lambda * out["mtp"], rel=1e-6)
+
+
+def test_mtp_depth_flag_errors(tmp_path):
+    with pytest.raises(ConfigError, match="mtp-depth must be >= 0"):
+        pretrain_cmd.resolve_config(_parse("--mtp-depth", "-1"))
+    pt.pretrain(tmp_path / "run", tiny_run_cfg(steps=1), device="cpu")
+    args = _parse("--mtp-depth", "0", "--resume")
+    args.out = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="differs from the run's 1"):
+        pretrain_cmd.resolve_config(args)

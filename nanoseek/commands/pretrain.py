@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
     p.add_argument("--config", help="a model config JSON instead of --preset (vocab_size comes from the tokenizer)")
     p.add_argument("--dense", action="store_true", help="dense model with the preset's activated parameter count")
+    p.add_argument("--mtp-depth", type=int, default=None, metavar="D",
+                   help="multi-token prediction modules (0 = off; default: the preset's). The main model is the same "
+                        "for every D, so MTP on/off compares at equal main-model FLOPs (V3 Table 4)")
     p.add_argument("--data", action="append", default=None, metavar="PATH",
                    help="train on your own text instead of --task: a file, directory (recursive) or glob; repeatable. "
                         "Plain UTF-8 files are one document each, .jsonl/.json rows and .parquet columns take "
@@ -115,6 +118,9 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         if not run_dir.is_dir():
             raise ConfigError(f"run directory {run_dir} does not exist; nothing to resume")
         cfg = PretrainConfig.load(run_dir)
+        if args.mtp_depth is not None and args.mtp_depth != cfg.model.n_mtp:
+            raise ConfigError(f"--mtp-depth {args.mtp_depth} differs from the run's {cfg.model.n_mtp}; a resumed run "
+                              "keeps its model")
         changes = {k: v for k, v in (("steps", args.steps), ("minutes", args.minutes), ("compile", args.compile))
                    if v is not None}
         cfg.train = dataclasses.replace(cfg.train, **changes).validate()
@@ -124,6 +130,10 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     model = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset)
     if args.dense:
         model = dense_equivalent(model)
+    if args.mtp_depth is not None:
+        if args.mtp_depth < 0:
+            raise ConfigError(f"--mtp-depth must be >= 0, got {args.mtp_depth}")
+        model = dataclasses.replace(model, n_mtp=args.mtp_depth).validate()
     given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     given["compile"] = bool(args.compile)
     text = bool(args.data)
