@@ -2,6 +2,7 @@
 
     nanoseek pretrain --preset tiny --task arithmetic --steps 600 --out runs/base --minutes 5
     nanoseek pretrain --data ~/texts --preset tiny --minutes 10 --out runs/text   # your own text (nanoseek.text)
+    nanoseek pretrain --data ~/texts --balance aux --mtp-depth 0 --out runs/abl   # V3's ablations (issue 29)
     nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded

@@ -274,7 +274,7 @@ def evaluate_bpb(model: Transformer, rows, token_bytes: torch.Tensor, cfg: Train
 
 def max_vio(loads: torch.Tensor) -> float | None:
     """Wang et al. 2024's MaxVio of one batch: per MoE layer max_i load_i / mean_i load_i - 1 (0 = perfectly
-    balanced), averaged over layers. loads (n_moe_layers, n_experts) token counts of ONE global batch (all
+    balanced; K/E-routing caps it at E/K - 1), averaged over layers (the MTP modules' MoE layers included). loads (n_moe_layers, n_experts) token counts of ONE global batch (all
     micro-batches and ranks summed: "MaxVio_global"); None without MoE layers or routed tokens."""
     if loads.numel() == 0 or loads.sum() == 0:
         return None
