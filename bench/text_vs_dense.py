@@ -404,6 +404,10 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(args.out / "results.json", json.dumps(result, indent=1, default=_json_default) + "\n")
     png = plot(runs, args.out / "text_vs_dense.png")
     print(table(summary))
+    low = min(s["cpu_share"] for s in summary.values())
+    if low < 0.8:
+        print(f"warning: an arm got only {low:.0%} of its threads' CPU time (a loaded machine): equal wall clock was "
+              "not equal compute, and tokens/s and MFU are lower bounds")
     print(f"wrote {args.out / 'results.json'}" + (f" and {png}" if png else ""))
     return result
 
