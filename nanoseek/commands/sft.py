@@ -17,7 +17,8 @@ from nanoseek.cli_config import ConfigCLI, stored_config
 from nanoseek.parallel.training import add_ep_arguments
 from nanoseek.train.sft import SFTConfig, train_sft
 
-CLI = ConfigCLI(SFTConfig, skip=("train.log_interval", "train.eval_interval", "train.eval_batches"), section="sft")
+CLI = ConfigCLI(SFTConfig, skip=("train.log_interval", "train.eval_interval", "train.eval_batches", "train.balance",
+                                 "train.aux_alpha", "train.balance_alpha"), section="sft")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

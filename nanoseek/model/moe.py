@@ -6,8 +6,15 @@ single affinity for V2's softmax gate, as in V2's group-limited greedy routing);
 selected unbiased affinities are normalized to 1 (unless `norm_topk_prob` is false; V2's softmax gate
 does not normalize) and scaled by `route_scale`. Experts run batched:
 tokens are sorted by expert and each expert processes its slice once (a loop over experts, never
-over tokens). No token dropping. The sequence-wise balance loss and the per-expert load of the last
-forward are kept on the module for the trainer.
+over tokens). No token dropping. The sequence-wise balance loss, the batch-wise auxiliary balance loss and
+the per-expert load of the last forward are kept on the module for the trainer.
+
+Two balance losses (the trainer weighs them; V3 sec. 2.1.2 uses only the first, with the bias doing the work):
+- `sequence_balance_loss`: V3's complementary sequence-wise loss, sum_i f_i P_i per sequence, averaged.
+- `batch_balance_loss`: the conventional auxiliary loss that the bias replaced (DeepSeekMoE sec. 3.3; Wang et
+  al. 2024 "Auxiliary-Loss-Free Load Balancing" eq. 2), the same sum_i f_i P_i over every token of the
+  forward's batch. Simplification: "the batch" is one micro-batch on one rank (f is not all-reduced across
+  micro-batches or ranks), and a float load mask (RL's weighted tokens) is not applied to it.
 """
 from __future__ import annotations
 
@@ -92,6 +99,7 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.register_buffer("load_accum", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.balance_loss: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None  # batch_balance_loss of the last training forward
         # (B, T) bool, set by a trainer whose batch has padding: only True tokens count toward the expert
         # loads that drive the bias update (padding would otherwise pile onto a few experts); or (B, T)
         # float: each token counts with its weight (RL's shared prompts stand for several rows)
@@ -156,6 +164,11 @@ class MoE(nn.Module):
             self.load_accum += load
             B, T = scores.shape[:2]
             self.balance_loss = sequence_balance_loss(scores, indices.view(B, T, -1))
+            real = self.load_mask.reshape(-1) if self.load_mask is not None and self.load_mask.dtype == torch.bool \
+                else None
+            flat_scores = scores.reshape(B * T, -1)
+            self.aux_loss = (batch_balance_loss(flat_scores, indices) if real is None
+                             else batch_balance_loss(flat_scores[real], indices[real]))
         return y
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -219,3 +232,15 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.
     f = counts * E / (K * T)
     p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
     return (f * p).sum(dim=-1).mean()
+
+
+def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The conventional auxiliary balance loss over one batch of N tokens (alpha applied by the trainer):
+
+        sum_i f_i P_i,  f_i = E / (K N) * #{t : i in TopK_t},  P_i = mean_t s_i,t / sum_j s_j,t
+
+    scores (N, E) unbiased affinities, indices (N, K). 1.0 for perfectly uniform routing and affinities; f carries
+    no gradient (it counts a top-K choice), so the gradient reaches the gate through P. An empty batch gives 0."""
+    if scores.size(0) == 0:
+        return scores.sum() * 0.0
+    return sequence_balance_loss(scores.unsqueeze(0), indices.unsqueeze(0))

@@ -25,11 +25,14 @@ IGNORE = -1  # target value that contributes no loss (padding, prompt tokens)
 
 @dataclass
 class LossParts:
-    """Loss terms kept apart so the trainer weighs them: total = main + lambda * mtp + alpha * balance."""
+    """Loss terms kept apart so the trainer weighs them: total = main + lambda * mtp + alpha * balance
+    (+ aux_alpha * aux under `--balance aux`). `aux`: the batch-wise auxiliary balance loss summed over MoE
+    layers (nanoseek.model.moe.batch_balance_loss); None where a caller did not compute it."""
 
     main: torch.Tensor
     mtp: torch.Tensor
     balance: torch.Tensor
+    aux: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -181,7 +184,7 @@ class Transformer(nn.Module):
         returns (logits, LossParts). The balance loss is this call's: MoE layers compute it only in training
         mode, so in eval mode (and for any layer this call did not run) it is zero, never a stale value."""
         for m in self.moe_layers():
-            m.balance_loss = None
+            m.balance_loss = m.aux_loss = None
         h = self.hidden(ids)
         logits = self.logits(h)
         if targets is None:
@@ -190,7 +193,8 @@ class Transformer(nn.Module):
         mtp = self.mtp_loss(h, ids, targets)
         bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         balance = torch.stack(bal).sum() if bal else logits.new_zeros(())
-        return logits, LossParts(main, mtp, balance)
+        aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return logits, LossParts(main, mtp, balance, torch.stack(aux).sum() if aux else logits.new_zeros(()))
 
     def mtp_loss(self, h: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(1/D) sum_k CE_k, where depth k at position i predicts t_{i+k+1} = targets[i + k]."""

@@ -32,6 +32,9 @@ from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 
 
+BALANCE_MODES = ("bias", "aux", "none")  # TrainConfig.balance
+
+
 @dataclass
 class TrainConfig:
     """Optimization and run-control knobs shared by every trainer. Defaults suit the `tiny` preset on a CPU.
@@ -52,8 +55,17 @@ class TrainConfig:
     grad_accum: int = knob(1, help="micro-batches per optimizer step")
     seq_len: int = knob(128, help="tokens per sequence (SFT: the longest example; longer ones are skipped)")
     mtp_lambda: float = 0.3  # V3: 0.3 for the first 10T tokens, then 0.1
-    balance_alpha: float = 1e-4  # sequence-wise balance loss weight (V3: 1e-4)
-    bias_gamma: float = 1e-3  # auxiliary-loss-free bias update speed (V3: 0.001)
+    balance_alpha: float = knob(1e-4, help="sequence-wise balance loss weight (V3: 1e-4)")
+    bias_gamma: float = knob(1e-3, help="auxiliary-loss-free bias update speed (V3: 0.001)")
+    # expert load balancing (pretraining): "bias" = V3's auxiliary-loss-free bias update (sec. 2.1.2, bias_gamma);
+    # "aux" = the conventional batch-wise auxiliary loss it replaced, aux_alpha * sum_i f_i P_i (bias frozen);
+    # "none" = neither (bias frozen at 0). The sequence-wise loss (balance_alpha) applies in every mode.
+    balance: str = knob("bias", choices=BALANCE_MODES, help="expert load balancing: bias (V3's auxiliary-loss-free "
+                        "bias update), aux (the batch-wise auxiliary loss it replaced), none")
+    # 1e-3: the weight of the loss-controlled baseline in Wang et al. 2024 ("Auxiliary-Loss-Free Load
+    # Balancing"; quoted from the paper as recalled, not re-checked here: a larger alpha balances better and
+    # costs perplexity, their argument for the bias). Sums over MoE layers, as balance_alpha's loss does.
+    aux_alpha: float = knob(1e-3, help="weight of the batch-wise auxiliary balance loss (--balance aux)")
     seed: int = knob(0, help="seed of data order, init and sampling")
     steps: int = knob(200, resume="override", help="optimizer steps in the whole run (the lr schedule's length)")
     minutes: float = knob(0.0, resume="override", help="wall-clock limit of this process, 0 = none; checkpoints "
@@ -80,6 +92,8 @@ class TrainConfig:
         need(self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be >= 1")
         need(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
         need(self.minutes >= 0, f"minutes must be >= 0, got {self.minutes}")
+        need(self.balance in BALANCE_MODES, f"balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
+        need(self.aux_alpha >= 0 and self.bias_gamma >= 0, "aux_alpha and bias_gamma must be >= 0")
         need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "betas must be in [0, 1)")
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         need(self.log_interval >= 1, f"log_interval must be >= 1, got {self.log_interval}")

@@ -1,7 +1,11 @@
 """Pretraining loop (V3 report sec. 4, SPEC 2): next-token CE + MTP + sequence balance loss, AdamW, warmup +
 cosine, clipping, and the auxiliary-loss-free expert-bias update after every optimizer step.
 
-    loss = L_main + mtp_lambda * L_mtp + balance_alpha * L_bal
+    loss = L_main + mtp_lambda * L_mtp + balance_alpha * L_bal  [+ aux_alpha * L_aux under --balance aux]
+
+Load balancing (`TrainConfig.balance`, for V3's own ablation, Table 5): `bias` (default) is the auxiliary-loss-free
+bias update; `aux` the conventional batch-wise auxiliary loss it replaced (nanoseek.model.moe.batch_balance_loss;
+the bias stays frozen); `none` neither. L_bal (V3's complementary sequence-wise loss) stays in every mode.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` GLOBAL sequences; gradients are averaged over
 ranks once per step (common.Dist.average_grads), the expert loads of all micro-batches and ranks are summed
@@ -218,40 +222,53 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
     """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
     the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks. `parallel`: an
     ExpertParallel or a Pipeline (nanoseek.parallel) that syncs and clips gradients instead of the DDP average
-    (a Pipeline also runs forward and backward through its schedule)."""
+    (a Pipeline also runs forward and backward through its schedule). cfg.balance picks the load balancing:
+    the bias update (bias), the auxiliary loss aux_alpha * L_aux (aux), or neither (none)."""
     model.train()
-    parts_sum = torch.zeros(4, device=dist.device)
+    aux_alpha = cfg.aux_alpha if cfg.balance == "aux" else 0.0
+    parts_sum = torch.zeros(5, device=dist.device)
     for _ in range(cfg.grad_accum):
         x, y = (t.to(dist.device) for t in loader.next_batch())
         with prec.autocast(precision, dist.device):
             if hasattr(parallel, "forward_backward"):  # pipeline: the schedule runs forward and backward
-                parts_sum += parallel.forward_backward(model, x, y).to(parts_sum) / cfg.grad_accum
+                main_mtp_bal_loss = parallel.forward_backward(model, x, y).to(parts_sum) / cfg.grad_accum
+                parts_sum += torch.cat([main_mtp_bal_loss[:3], main_mtp_bal_loss.new_zeros(1), main_mtp_bal_loss[3:]])
                 continue
             _, parts = model(x, y)
+        aux = parts.aux if parts.aux is not None else parts.main.new_zeros(())
         loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
+        if aux_alpha:
+            loss = loss + aux_alpha * aux
         (loss / cfg.grad_accum).backward()
-        parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, loss]).detach() / cfg.grad_accum
+        parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, aux, loss]).detach() / cfg.grad_accum
     grad_norm = sync_and_clip(model, cfg.grad_clip, dist, parallel)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     loads = dist.all_reduce_sum(model.accumulated_loads().clone())
-    model.update_expert_bias(cfg.bias_gamma, loads)
-    main, mtp, balance, total = dist.all_reduce_mean(parts_sum).tolist()
-    return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "grad_norm": grad_norm, "loads": loads}
+    # resets the load accumulators in every mode; only `bias` moves the bias (aux / none keep it where it is)
+    model.update_expert_bias(cfg.bias_gamma if cfg.balance == "bias" else 0.0, loads)
+    main, mtp, balance, aux, total = dist.all_reduce_mean(parts_sum).tolist()
+    return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "aux": aux, "grad_norm": grad_norm,
+            "loads": loads}
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, rows: torch.Tensor, cfg: TrainConfig, dist: Dist,
-             precision: str = "fp32") -> float | None:
-    """Mean next-token CE over the first cfg.eval_batches held-out batches (eval mode: no load accumulation)."""
+             precision: str = "fp32", loads: list | None = None) -> float | None:
+    """Mean next-token CE over the first cfg.eval_batches held-out batches (eval mode: no load accumulation).
+    `loads`: a list that receives each batch's (n_moe_layers, n_experts) expert loads, summed over ranks."""
     model.eval()
     total = torch.zeros(2, device=dist.device)
     for x, y in eval_batches(rows, cfg.batch_size, cfg.eval_batches, dist.rank, dist.world):
         with prec.autocast(precision, dist.device):
             _, parts = model(x.to(dist.device), y.to(dist.device))
         total += torch.stack([parts.main.detach() * x.size(0), torch.tensor(float(x.size(0)), device=dist.device)])
+        if loads is not None:
+            loads.append(model.expert_loads().clone())
     model.train()
     dist.all_reduce_sum(total)
+    if loads:  # every rank reads the same number of batches (eval_batches), so the sums line up
+        loads[:] = list(dist.all_reduce_sum(torch.stack(loads).to(dist.device)).unbind(0))
     return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
@@ -271,6 +288,22 @@ def evaluate_bpb(model: Transformer, rows, token_bytes: torch.Tensor, cfg: Train
     return bits_per_byte(total[0].item(), total[1].item()) if total[1] > 0 else None
 
 
+def max_vio(loads: torch.Tensor) -> float | None:
+    """Wang et al. 2024's MaxVio of one batch: per MoE layer max_i load_i / mean_i load_i - 1 (0 = perfectly
+    balanced; K/E-routing caps it at E/K - 1), averaged over layers (the MTP modules' MoE layers included). loads (n_moe_layers, n_experts) token counts of ONE global batch (all
+    micro-batches and ranks summed: "MaxVio_global"); None without MoE layers or routed tokens."""
+    if loads.numel() == 0 or loads.sum() == 0:
+        return None
+    mean = loads.double().mean(dim=1)
+    return float((loads.double().max(dim=1).values / mean - 1).mean())
+
+
+def mean_max_vio(batches: list[torch.Tensor]) -> float | None:
+    """MaxVio of each held-out batch (see max_vio), averaged over the batches."""
+    vios = [v for v in (max_vio(b) for b in batches) if v is not None]
+    return sum(vios) / len(vios) if vios else None
+
+
 def load_summary(loads: torch.Tensor) -> dict:
     """Per-MoE-layer max/mean load (1.0 = perfectly balanced) and each expert's share of the routed tokens."""
     if loads.numel() == 0:
@@ -278,7 +311,8 @@ def load_summary(loads: torch.Tensor) -> dict:
     mean = loads.mean(dim=1).clamp_min(1e-9)
     share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)
     return {"load_max_mean": (loads.max(dim=1).values / mean).tolist(),
-            "expert_load": [[round(v, 5) for v in row] for row in share.tolist()]}
+            "expert_load": [[round(v, 5) for v in row] for row in share.tolist()],
+            **({"max_vio": max_vio(loads)} if loads.sum() > 0 else {})}
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -329,6 +363,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
         if ep > 1 or tcfg.grad_accum > 1:
             raise ConfigError("--pp does not combine with --ep or --grad-accum > 1 yet")
+        if tcfg.balance == "aux":
+            raise ConfigError("--balance aux does not combine with --pp yet (the pipeline's loss has no aux term)")
         pp_microbatches = pp_microbatches or 2 * pp * (1 if pp_schedule == "1f1b" else 2)
         check_pp(pp, dist.world, pp_schedule, pp_microbatches, tcfg.batch_size)
     check_compile(tcfg.compile, ep, pp, cfg.precision)  # before the run directory is made or written
@@ -426,15 +462,19 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             stop = dist.any_flag(out_of_time or paced_out)
             last = step == tcfg.steps or stop
             record = {"step": step, "loss": out["loss"], "main": out["main"], "mtp": out["mtp"],
-                      "balance": out["balance"], "lr": lr, "grad_norm": out["grad_norm"],
+                      "balance": out["balance"], "aux": out["aux"], "lr": lr, "grad_norm": out["grad_norm"],
                       "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
                       **({"mfu": mfu(tok_rate, flops_per_token)} if parallel is None else {}),
                       "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"])}
             if last or (tcfg.eval_interval and step % tcfg.eval_interval == 0):
                 if parallel is not None:
                     parallel.prepare_eval(model)
-                eval_loss = evaluate(model, test_rows, tcfg, dist, cfg.precision)
+                val_loads: list[torch.Tensor] | None = [] if pp == 1 else None  # a stage holds only its layers
+                eval_loss = evaluate(model, test_rows, tcfg, dist, cfg.precision, val_loads)
                 record["eval_loss"] = eval_loss
+                val_vio = mean_max_vio(val_loads)
+                if val_vio is not None:
+                    record["val_max_vio"] = val_vio
                 if token_bytes is not None:
                     val_bpb = evaluate_bpb(model, test_rows, token_bytes, tcfg, dist, cfg.precision)
                     record["val_bpb"] = val_bpb
@@ -451,6 +491,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             extra = f"eval {eval_loss:.4f}" if eval_loss is not None else ""
             if val_bpb is not None:
                 extra += f"  bpb {val_bpb:.3f}"
+            if "max_vio" in record:
+                extra = f"maxvio {record['max_vio']:.2f}" + (f"  {extra}" if extra else "")
             if parallel is None:
                 extra = f"MFU {mfu(tok_rate_ema, flops_per_token):.1%}" + (f"  {extra}" if extra else "")
             progress.update(step, out["loss"], lr, tok_rate_ema, extra)
