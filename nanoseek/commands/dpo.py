@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from nanoseek import sandbox
 from nanoseek.train.dpo import DPOConfig, preference_pairs, train_dpo, write_pairs
 
 
@@ -29,12 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true")
+    sandbox.add_unsafe_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = DPOConfig(init=args.init, data=args.data, beta=args.beta, lr=args.lr, steps=args.steps,
                     batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     if args.make_pairs and not args.resume:
+        sandbox.check_for_task(args.task, args.unsafe_no_sandbox)  # no sandbox: refuse before any work
         pairs = preference_pairs(args.init, args.task, args.make_pairs, args.samples, 1.0, args.max_new_tokens,
                                  args.seed)
         write_pairs(pairs, Path(args.data))

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from nanoseek import sandbox
 from nanoseek.evaluate import evaluate
 from nanoseek.io import atomic_write_text
 from nanoseek.tokenizer import Tokenizer
@@ -24,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", help="JSON file to write (default RUN/eval_TASK.json)")
+    sandbox.add_unsafe_argument(p)
 
 
 def results_table(rows: dict[str, dict]) -> Table:
@@ -53,6 +55,7 @@ def trained_difficulty(run_dir: str | Path, task: str) -> int | None:
 def run(args: argparse.Namespace) -> int:
     if args.n < 1 or args.samples < 1:
         raise ValueError("--n and --samples must be >= 1")
+    sandbox.check_for_task(args.task, args.unsafe_no_sandbox)  # no sandbox: refuse before any work
     model, _, step_dir = load_run_model(args.run)
     tokenizer = Tokenizer.load(Path(args.run) / "tokenizer.json")
     difficulty = args.difficulty if args.difficulty is not None else trained_difficulty(args.run, args.task)

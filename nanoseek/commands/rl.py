@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from nanoseek import sandbox
 from nanoseek.parallel.training import add_ep_arguments
 from nanoseek.train.grpo import GRPOConfig, train_grpo
 from nanoseek.train.precision import PUBLIC as PRECISIONS
@@ -58,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the update's training forwards (docs/grpo_bench.md); rollouts stay eager; on "
                         "--resume the stored choice unless given")
     p.add_argument("--resume", action="store_true")
+    sandbox.add_unsafe_argument(p)
     add_ep_arguments(p)
 
 
@@ -71,7 +73,7 @@ def config_from_args(a: argparse.Namespace) -> GRPOConfig:
         length_warmup_steps=a.length_warmup_steps, prioritized=a.prioritized, pool_size=a.pool_size,
         curriculum=a.curriculum, bias_update=not a.no_bias_update, bias_gamma=a.bias_gamma, seed=a.seed,
         ckpt_every=a.ckpt_every, partial_rollout_tokens=a.partial_rollout_tokens,
-        precision=a.precision or "fp32", compile=bool(a.compile)).validate()
+        precision=a.precision or "fp32", compile=bool(a.compile), unsafe_no_sandbox=a.unsafe_no_sandbox).validate()
 
 
 def run(args: argparse.Namespace) -> int:

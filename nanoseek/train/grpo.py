@@ -59,6 +59,7 @@ import torch
 import torch.distributed as tdist
 from torch.autograd.graph import increment_version
 
+from nanoseek import sandbox
 from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
 from nanoseek.engine.sampling import SamplingParams, support_logprobs
@@ -132,6 +133,9 @@ class GRPOConfig:
     # torch.compile the update's training forwards (nanoseek.train.common.enable_compile); rollouts stay eager.
     # A speed knob: the same update to float rounding; a resume may switch it
     compile: bool = False
+    # --unsafe-no-sandbox: score code/proof/math answers without bubblewrap where it cannot run (nanoseek.sandbox);
+    # recorded here so a run says whether its rewards came from unconfined model code. A resume takes the new choice
+    unsafe_no_sandbox: bool = False
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:
@@ -605,10 +609,12 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         stored = saved["rl"].get("precision", "fp32")
         cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes,
                             "precision": precision or stored,
-                            "compile": saved["rl"].get("compile", False) if compile is None else compile}).validate()
+                            "compile": saved["rl"].get("compile", False) if compile is None else compile,
+                            "unsafe_no_sandbox": cfg.unsafe_no_sandbox}).validate()
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
+    sandbox.check_for_task(cfg.task, cfg.unsafe_no_sandbox)  # no sandbox and no opt-out: refuse before any write
     model, init_cfg, _ = load_run_model(init, device=dist.device)
     model = prec.apply(model, cfg.precision)
     tok_path = init / "tokenizer.json"
@@ -631,8 +637,10 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         sampler.load(state["sampler"])
         start = int(state["step"])
         metrics.truncate_after(start)
-        if dist.is_main and stored != cfg.precision:  # resumed in another precision: the run's is now this one
+        if dist.is_main and (stored != cfg.precision or saved["rl"].get("unsafe_no_sandbox", False) != cfg.unsafe_no_sandbox):
+            # resumed in another precision or sandbox choice: the run's is now this one
             saved["rl"]["precision"], saved["model"] = cfg.precision, model.cfg.to_dict()
+            saved["rl"]["unsafe_no_sandbox"] = cfg.unsafe_no_sandbox
             atomic_write_text(out / "config.json", json.dumps(saved, indent=2) + "\n")
     elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
