@@ -171,7 +171,9 @@ def _try(cmd: list[str], uid: int | None) -> bool:
 
 
 def _tools() -> dict[str, str | None]:
-    return {t: shutil.which(t) for t in ("bwrap", "prlimit", "unshare")}
+    """Where PATH finds each tool, resolved (a link in a folder the throw-away uid cannot enter still runs)."""
+    found = {t: shutil.which(t) for t in ("bwrap", "prlimit", "unshare")}
+    return {t: os.path.realpath(p) if p else None for t, p in found.items()}
 
 
 def probe() -> dict:
