@@ -201,7 +201,7 @@ mark, target = sys.argv[1], sys.argv[2]
 if os.fork() == 0:
     os.setsid()  # a new session and process group: a process-group kill no longer reaches it
     if os.fork() == 0:
-        os.execv("/bin/sleep", ["sleep", "60", mark])  # visible on the host while it lives
+        os.execv("/bin/sleep", [mark + "-grandchild", "60"])  # visible on the host while it lives
     if os.fork() == 0:
         time.sleep(1.5)  # past the 1 s deadline
         open(target, "w").write("escaped")
@@ -222,7 +222,7 @@ def test_setsid_grandchildren_die_at_the_deadline(mode, host_folder):
     writes the host file at 1.5 s and its `sleep` stays; here neither happens."""
     mark, target = f"nsk-setsid-{os.getpid()}-{time.monotonic_ns()}", host_folder / "late.txt"
     stop, seen = threading.Event(), []
-    watcher = threading.Thread(target=sample_marked, args=(mark, stop, seen))
+    watcher = threading.Thread(target=sample_marked, args=(mark + "-grandchild", stop, seen))
     watcher.start()
     try:
         r = sandbox.run_once([sandbox.sandbox_python(), "-I", "-S", "-c", SETSID_GRANDCHILD, mark, str(target)], b"",
@@ -233,7 +233,7 @@ def test_setsid_grandchildren_die_at_the_deadline(mode, host_folder):
         watcher.join()
     assert r.timed_out
     assert max(seen) >= 1  # the detached grandchild did start (the check is not vacuous)
-    assert marked_processes(mark) == []
+    assert marked_processes(mark) == []  # neither it nor anything else of this check is left
     assert not target.exists()
 
 
