@@ -144,3 +144,62 @@ def test_generator_is_deterministic_and_split():
     test = {task.canonical(task.sample_split(rng, 2, "test")) for _ in range(100)}
     assert len(test) > 20 and not (train & test)
     assert isinstance(task, ProofTask) and task.sandboxed
+
+
+# ---- one bad proof must not fail the others of its batch ---------------------------------------------------
+GOOD = ("forall a b : nat, a + b = b + a.", "intros. lia.")
+GOOD2 = ("forall a b : nat, 2 * (a + b) = 2 * a + 2 * b.", "intros. lia.")
+WORKER_KILLERS = {  # each ends the worker: the wall deadline, the output cap, coqtop exiting
+    "looping tactic past Coq's timeout": "intros. do 1000000000 idtac. lia.",
+    "huge output": "intros. do 10000000 idtac 1234567890. lia.",
+}
+
+
+@pytest.fixture(scope="module")
+def wall_pool():
+    """A one-worker pool whose Coq timeout is out of reach, so a loop runs into the wall deadline (3 s)."""
+    need("coqtop", "the proof task's verifier (apt-get install coq)")
+    need("bwrap", "the Coq workers' sandbox")
+    p = CoqPool(1, timeout_s=60, job_wall_s=3.0)
+    yield p
+    p.close()
+
+
+@pytest.mark.slow  # ~15-25 s each: four kills and restarts; `Quit` below covers the same path in the default suite
+@pytest.mark.parametrize("kind", list(WORKER_KILLERS))
+def test_a_worker_killer_fails_alone(wall_pool, kind):
+    """Two killers between correct proofs in one chunk: the correct ones still score right. Before the fix the
+    first correct proof, lost twice with the worker, was re-checked only once and scored wrong."""
+    w = wall_pool.workers[0]
+    bad = (GOOD[0], WORKER_KILLERS[kind])
+    starts = w.starts
+    t0 = time.monotonic()
+    assert CoqPool._chunk(w, [GOOD, bad, bad, GOOD2]) == [True, False, False, True], kind
+    assert w.starts > starts  # the hostile jobs did end the worker (the test is not vacuous)
+    assert time.monotonic() - t0 < 4 * (3.0 + 3.0) + 10
+
+
+def test_checker_tricks_fail_alone(pool):
+    """Scripts the filter would stop, sent to Coq anyway (defense in depth), between correct proofs of one chunk:
+    Admitted and Abort are refused by our Qed, `Quit` makes coqtop exit (a crash), an axiom is not closed."""
+    w = pool.workers[0]
+    for name, script in {"Admitted": "Admitted.", "Abort": "Abort.", "Quit (coqtop exits)": "intros. Quit.",
+                         "Axiom": "intros. lia. Qed. Axiom nsk_cheat : False.",
+                         "a failing sentence": "intros. reflexivity. lia."}.items():
+        bad = (GOOD[0], script)
+        assert CoqPool._chunk(w, [GOOD, bad, bad, GOOD2]) == [True, False, False, True], name
+
+
+def test_a_batched_print_assumptions_that_dies_is_redone_per_theorem(pool, monkeypatch):
+    """When the batched Print Assumptions ends the worker (deadline, output cap), each theorem is judged alone."""
+    w = pool.workers[1]
+    real = CoqWorker.closed
+
+    def dying(self, names):
+        if len(names) > 1:
+            self.worker.close()  # as after a deadline or an output overflow
+            return None
+        return real(self, names)
+
+    monkeypatch.setattr(CoqWorker, "closed", dying)
+    assert CoqPool._chunk(w, [GOOD, (GOOD[0], "intros. reflexivity."), GOOD2]) == [True, False, True]
