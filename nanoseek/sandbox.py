@@ -26,9 +26,10 @@ The full sandbox (mode "bwrap"; needs Debian `bubblewrap` with unprivileged user
 
 The unsafe mode (mode "unsafe", only when allowed) keeps what works without bubblewrap: rlimits (`prlimit`, or
 a stdlib `setrlimit` launcher when `prlimit` is missing), the throw-away uid as root, a private temp dir as cwd,
-and a pid namespace from util-linux `unshare --pid --fork --kill-child` (with `--user` when not root) when that
-works here, so descendants still die with the checked process. It has NO file-system or network isolation:
-the code runs with the (throw-away or own) uid's access to every file and to the network. Without a usable
+and a pid namespace from util-linux `unshare --pid --fork --kill-child` (with `--user` when not root, and with
+`--net --ipc` where that works: no network, not even loopback) when that works here, so descendants still die
+with the checked process. It has NO file-system isolation: the code runs with the (throw-away or own) uid's
+access to every file (and to the network when `unshare` is unusable). Without a usable
 `unshare` (old util-linux, user namespaces off and not root) descendants are contained only by the process
 group kill and, as root, the uid sweep: a non-root `setsid()` child can then outlive the deadline.
 
@@ -44,6 +45,7 @@ read-only root means a sandbox can *read* world-readable files that are not hidd
 """
 from __future__ import annotations
 
+import atexit
 import os
 import selectors
 import shutil
@@ -180,7 +182,8 @@ def probe() -> dict:
     """How sandboxes run on this machine, probed once per process (again if PATH changes which tools it finds):
     {"mode": "bwrap"|"unsafe", "python": interpreter the sandbox can execute, "drop_uid": bool,
      "problem": None, or one line saying why the full sandbox cannot run (with the Debian package to install),
-     "pidns": the `unshare` prefix giving unsafe mode a pid namespace, or None, "tools": their paths}."""
+     "pidns": the `unshare` prefix giving unsafe mode a pid (and, where it works, network and ipc) namespace, or
+     None, "tools": their paths}."""
     tools = _tools()
     key = tuple(tools.values())
     with _probe_lock:
@@ -204,11 +207,11 @@ def probe() -> dict:
         found.update(problem=problem, tools=tools, pidns=None)
         if found["mode"] == "unsafe" and tools["unshare"]:
             uid = _UID_BASE if found["drop_uid"] else None
-            for extra in ([[]] if uid is None and _as_root() else []) + [["--user"]]:
-                cmd = [tools["unshare"], *extra, "--pid", "--fork", "--kill-child"]
-                if _try(cmd + [found["python"], "-I", "-S", "-c", "pass"], uid):
-                    found["pidns"] = cmd
-                    break
+            for user in ([[]] if uid is None and _as_root() else []) + [["--user"]]:
+                for net in (["--net", "--ipc"], []):  # no network either, where that works
+                    cmd = [tools["unshare"], *user, *net, "--pid", "--fork", "--kill-child"]
+                    if found["pidns"] is None and _try(cmd + [found["python"], "-I", "-S", "-c", "pass"], uid):
+                        found["pidns"] = cmd
         _probes[key] = found
         return found
 
@@ -255,7 +258,8 @@ def require() -> str:
     if key not in _warned:
         _warned.add(key)
         contained = ("a pid namespace" if p["pidns"] else "the process group only") + " holds its descendants"
-        print(f"sandbox: WARNING: running untrusted model output with NO file-system or network isolation "
+        net = "network isolation" if p["pidns"] and "--net" in p["pidns"] else "NO network isolation"
+        print(f"sandbox: WARNING: running untrusted model output with NO file-system isolation and {net} "
               f"({UNSAFE_FLAG} / {UNSAFE_ENV}): {p['problem']}; rlimits apply and {contained}", file=sys.stderr)
     return "unsafe"
 
@@ -386,13 +390,28 @@ def _spawn(argv: list[str], limits: Limits, slot: int, hide: tuple[str, ...], cw
     return proc, uid
 
 
+_private_dirs: set[str] = set()  # removed at exit too (a warm Worker that is never closed keeps its own)
+
+
+@atexit.register
+def _remove_private_dirs() -> None:
+    for d in list(_private_dirs):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _private_dir(uid: int | None) -> str | None:
     if sandbox_mode() == "bwrap":
         return None  # /tmp inside is a fresh tmpfs
     d = tempfile.mkdtemp(prefix="nanoseek-sbx-")
+    _private_dirs.add(d)
     if uid is not None:
         os.chown(d, uid, uid)
     return d
+
+
+def _remove_private_dir(d: str) -> None:
+    shutil.rmtree(d, ignore_errors=True)
+    _private_dirs.discard(d)
 
 
 @dataclass
@@ -475,7 +494,7 @@ def _run_once(argv: list[str], stdin: bytes, limits: Limits, hide: tuple[str, ..
                 except OSError:
                     pass
         if cwd:
-            shutil.rmtree(cwd, ignore_errors=True)
+            _remove_private_dir(cwd)
         _slots.give(slot)
 
 
@@ -551,7 +570,7 @@ class Worker:
                     pass
             self.proc = None
         if self.cwd:
-            shutil.rmtree(self.cwd, ignore_errors=True)
+            _remove_private_dir(self.cwd)
             self.cwd = None
         if self.slot is not None:
             _slots.give(self.slot)
