@@ -253,7 +253,7 @@ def require() -> str:
         return "bwrap"
     if not unsafe_allowed():
         raise ConfigError(f"refusing to run untrusted model output without a sandbox: {p['problem']}; or pass "
-                          f"{UNSAFE_FLAG} (or set {UNSAFE_ENV}=1) to run it with NO file-system or network isolation")
+                          f"{UNSAFE_FLAG} (or set {UNSAFE_ENV}=1) to run it with NO file-system isolation")
     key = tuple(p["tools"].values())
     if key not in _warned:
         _warned.add(key)
@@ -280,7 +280,7 @@ def add_unsafe_argument(p) -> None:
     """The `--unsafe-no-sandbox` flag of every command that scores untrusted output."""
     p.add_argument(UNSAFE_FLAG, action="store_true",
                    help="score code/proof/math answers even where the sandbox (bubblewrap, prlimit) cannot run: "
-                        f"model output then runs with NO file-system or network isolation (also {UNSAFE_ENV}=1)")
+                        f"model output then runs with NO file-system isolation (also {UNSAFE_ENV}=1)")
 
 
 # ---- slots: one uid per concurrent sandbox --------------------------------------------------------
