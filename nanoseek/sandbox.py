@@ -39,9 +39,11 @@ its deadline or overflows kills and restarts it).
 
 Simplifications: the throw-away uids are derived from the parent's pid, so two parents whose pids collide
 modulo 4000 share uids (a sweep of one could kill the other's check, which then scores wrong); no seccomp filter
-and no cgroup (memory is bounded by RLIMIT_AS, processes by RLIMIT_NPROC and the pid namespace; root without a
-throw-away uid, which the probe falls back to only when switching uid fails, has no working process cap); the
-read-only root means a sandbox can *read* world-readable files that are not hidden.
+and no cgroup (memory is bounded by RLIMIT_AS, processes by RLIMIT_NPROC and the pid namespace; real root without
+a throw-away uid, which the probe falls back to only when switching uid fails, has no working process cap, and
+as another user each concurrent check's cap is counted from the processes alive at its start, so checks running
+side by side can together exceed `nproc`); the read-only root means a sandbox can *read* world-readable files
+that are not hidden.
 """
 from __future__ import annotations
 
@@ -70,7 +72,9 @@ class Limits:
     wall_s: float = 5.0
     cpu_s: int = 5
     memory_mb: int = 512  # RLIMIT_AS (address space); CPython needs ~30 MB, coqtop with Lia ~400 MB
-    nproc: int = 64  # per sandbox uid (root only); bwrap itself needs headroom: 16 made clean starts fail
+    # RLIMIT_NPROC in every mode: the whole throw-away uid as root, else this many above the user's current count;
+    # bwrap itself needs headroom: 16 made clean starts fail
+    nproc: int = 64
     fsize_mb: int = 4
     open_files: int = 64
     output_bytes: int = 1 << 20

@@ -216,7 +216,7 @@ class CoqPool:
             return []
         out = [False] * len(jobs)
         names: dict[int, str] = {}  # job -> theorem proved in the worker's current life
-        shared = False  # whether the current life has checked any job yet
+        shared = worker.worker.proc is not None  # whether the worker's current life has checked any job yet
         isolated: set[int] = set()  # jobs that already killed a worker they shared
         queue = list(range(len(jobs)))
         while queue:
