@@ -346,3 +346,24 @@ def test_rl_records_the_sandbox_choice():
     on = config_from_args(p.parse_args(["rl", "--init", "a", "--out", "b", "--task", "code", "--unsafe-no-sandbox"]))
     off = config_from_args(p.parse_args(["rl", "--init", "a", "--out", "b", "--task", "code"]))
     assert on.to_dict()["unsafe_no_sandbox"] is True and off.to_dict()["unsafe_no_sandbox"] is False
+
+
+def need_outcome(tool: str) -> BaseException | None:
+    try:
+        need(tool, "the sandbox")
+    except BaseException as e:  # noqa: BLE001 -- pytest's skip and fail outcomes are BaseExceptions
+        return e
+    return None
+
+
+def test_ci_fails_instead_of_skipping_when_the_sandbox_is_missing(monkeypatch, tmp_path):
+    """sandbox_util.need: CI=1 / yes / any CI name counts as CI (it compared with "true" only, so CI=1 skipped)."""
+    monkeypatch.setenv("PATH", path_without("bwrap", tmp_path / "bin"))
+    for value in ("true", "1", "yes", "TRUE", "github-actions"):
+        monkeypatch.setenv("CI", value)
+        e = need_outcome("bwrap")
+        assert isinstance(e, pytest.fail.Exception) and "CI must run this test" in str(e), (value, e)
+    for value in ("", "0", "false"):
+        monkeypatch.setenv("CI", value)
+        e = need_outcome("bwrap")
+        assert isinstance(e, pytest.skip.Exception) and "apt-get install bubblewrap" in str(e), (value, e)
