@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import threading
 import time
 
@@ -370,3 +371,50 @@ def test_ci_fails_instead_of_skipping_when_the_sandbox_is_missing(monkeypatch, t
         monkeypatch.setenv("CI", value)
         e = need_outcome("bwrap")
         assert isinstance(e, pytest.skip.Exception) and "apt-get install bubblewrap" in str(e), (value, e)
+
+
+NON_ROOT_RUN = """import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from nanoseek import sandbox
+mode, path, mark, target, src = sys.argv[2:7]
+if mode == "unsafe":
+    os.environ["PATH"] = path
+    os.environ[sandbox.UNSAFE_ENV] = "1"
+assert sandbox.require() == mode and not sandbox.probe()["drop_uid"]
+r = sandbox.run_once([sandbox.sandbox_python(), "-I", "-S", "-c", src, mark, target], b"",
+                     sandbox.Limits(wall_s=1.0, cpu_s=2, memory_mb=256, nproc=16))
+print("timed_out" if r.timed_out else "finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("as_mode", ["bwrap", "unsafe"])
+def test_setsid_grandchildren_die_when_the_caller_is_not_root(host_folder, as_mode):
+    """The issue's case: as a non-root caller there is no throw-away uid and no uid sweep, so only the pid
+    namespace (bwrap's, or `unshare --user --pid` in the unsafe mode) stops a detached grandchild."""
+    need("bwrap", "the full sandbox")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start the non-root caller")
+    python = "/usr/bin/python3"
+    uid = 54321
+    root = sandbox.project_root()
+    if not os.path.exists(python) or subprocess.run(
+            [python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import nanoseek.sandbox", root],
+            user=uid, group=uid, extra_groups=[], capture_output=True, cwd="/").returncode != 0:
+        pytest.skip(f"uid {uid} cannot run {python} with nanoseek from {root}")
+    mark, target = f"nsk-nonroot-{os.getpid()}-{time.monotonic_ns()}", host_folder / "late.txt"
+    tools = path_without("bwrap", host_folder / "bin")  # a folder the non-root caller can enter
+    stop, seen = threading.Event(), []
+    watcher = threading.Thread(target=sample_marked, args=(mark + "-grandchild", stop, seen))
+    watcher.start()
+    try:
+        out = subprocess.run([python, "-c", NON_ROOT_RUN, root, as_mode, tools, mark, str(target), SETSID_GRANDCHILD],
+                             user=uid, group=uid, extra_groups=[], capture_output=True, text=True, cwd="/",
+                             env={"PATH": "/usr/bin:/bin", "HOME": "/"}, timeout=60)
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        watcher.join()
+    assert out.stdout.strip() == "timed_out", out.stderr[-2000:]
+    assert max(seen) >= 1
+    assert marked_processes(mark) == []
+    assert not target.exists()
