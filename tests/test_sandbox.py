@@ -156,7 +156,6 @@ def test_sandbox_mode_is_reported():
     assert (p["mode"] == "bwrap") == (p["problem"] is None)
 
 
-
 # ---- observable attacks: each test fails under the regression it names -------------------------------------
 ONE_CALL = [[[1, 2]]]
 
@@ -181,8 +180,9 @@ def test_a_write_outside_tmp_does_not_reach_the_host(host_folder):
     assert run_call(write_source(str(target)), "f", ONE_CALL, LIMITS) == [{"ok": encode(-1)}]
     assert not target.exists() and os.listdir(host_folder) == []
     # inside the sandbox, /tmp is writable (its own tmpfs): the probe can tell a write that worked
-    assert run_call(write_source("/tmp/inside.txt"), "f", ONE_CALL, LIMITS) == [{"ok": encode(1)}]
-    assert not os.path.exists("/tmp/inside.txt")
+    inside = f"/tmp/nsk-inside-{os.getpid()}-{time.monotonic_ns()}.txt"
+    assert run_call(write_source(inside), "f", ONE_CALL, LIMITS) == [{"ok": encode(1)}]
+    assert not os.path.exists(inside)
 
 
 # ---- containment of every descendant, in both modes ------------------------------------------------------
