@@ -8,10 +8,12 @@ import time
 
 import pytest
 
+from nanoseek import sandbox
+from nanoseek.config import ConfigError
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import format_completion
 from nanoseek.tasks.proof import CoqPool, CoqWorker, ProofTask, validate_script
-from sandbox_util import leftovers, need
+from sandbox_util import leftovers, need, path_without
 
 TIMEOUT_S = 2  # Coq's per-sentence Default Timeout in these tests (5 in production)
 JOB_WALL_S = 6.0
@@ -203,3 +205,21 @@ def test_a_batched_print_assumptions_that_dies_is_redone_per_theorem(pool, monke
 
     monkeypatch.setattr(CoqWorker, "closed", dying)
     assert CoqPool._chunk(w, [GOOD, (GOOD[0], "intros. reflexivity."), GOOD2]) == [True, False, True]
+
+
+def test_proofs_refuse_without_bubblewrap_and_run_unsafe_only_when_allowed(monkeypatch, tmp_path):
+    need("coqtop", "the proof task's verifier (apt-get install coq)")
+    monkeypatch.setenv("PATH", path_without("bwrap", tmp_path / "bin"))
+    monkeypatch.setattr(sandbox, "_unsafe_cli", False)
+    monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
+    pool = CoqPool(1, timeout_s=TIMEOUT_S, job_wall_s=JOB_WALL_S)
+    task = ProofTask(pool=pool)
+    p = task.sample(random.Random(3), 1)
+    try:
+        with pytest.raises(ConfigError, match="apt-get install bubblewrap"):
+            task.score_batch([p], [task.solution(p, random.Random(0))])
+        monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
+        assert sandbox.sandbox_mode() == "unsafe"
+        assert task.check(p, "intros. lia.") and not task.check(p, "intros. reflexivity.")
+    finally:
+        pool.close()
