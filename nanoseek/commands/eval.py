@@ -18,6 +18,7 @@ from nanoseek.train.checkpoint import load_run_model
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--task", default="arithmetic")
+    sandbox.add_unsafe_argument(p)
     p.add_argument("--difficulty", type=int, default=None,
                    help="task difficulty (default: the one the run was trained on, else the task's default)")
     p.add_argument("--n", type=int, default=200, help="held-out problems")
@@ -25,7 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--out", help="JSON file to write (default RUN/eval_TASK.json)")
-    sandbox.add_unsafe_argument(p)
 
 
 def results_table(rows: dict[str, dict]) -> Table:
