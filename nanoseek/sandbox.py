@@ -1,19 +1,37 @@
 """Running untrusted model output (Python code, Coq proofs, math answers) in a separate, limited process.
 
 A reward that executes model output is an attack surface (DeepSeek-R1 sec. 2.2.2 runs code against test
-cases; this module is what makes that safe here). Every untrusted process gets:
+cases; this module is what makes that safe here). Untrusted output runs only through `run_once` / `Worker`,
+and those refuse to start anything (`nanoseek.config.ConfigError`, one line naming the Debian package) unless
+the full sandbox works here, or the user opted out with `--unsafe-no-sandbox` (`allow_unsafe`) or
+`NANOSEEK_UNSAFE_NO_SANDBOX=1` (a warning is printed; `rl` records the choice in config.json).
 
-- **bubblewrap** (`bwrap`, Debian `bubblewrap`) when it works on this machine: read-only root, fresh
-  `/tmp` and `/dev`, new user/pid/net/ipc/uts namespaces (no network at all, not even loopback), killed
-  with its parent; chosen paths (the project, answer keys) hidden under empty tmpfs mounts.
-  Fallback when bwrap is missing or user namespaces are off: rlimits + setsid + a private temp dir as cwd,
-  with one warning line (`sandbox: ...`) saying that file-system and network isolation are off.
-- rlimits (through util-linux `prlimit`, so no `preexec_fn` runs in a threaded parent): CPU seconds, address
-  space, process count, file size, open files, no core dumps;
-- when the caller is root: a throw-away uid per concurrent slot (so the process limit is real, root is exempt
-  from it, and every leftover process of that uid can be swept with `kill -9 -1` run as that uid);
-- a wall-clock deadline that kills the whole process group (and, under bwrap, the pid namespace with it);
+The full sandbox (mode "bwrap"; needs Debian `bubblewrap` with unprivileged user namespaces, and util-linux
+`prlimit`) gives every untrusted process:
+
+- **bubblewrap**: read-only root, fresh `/tmp` and `/dev`, new user/pid/net/ipc/uts/mount namespaces (no network
+  at all, not even loopback), killed with its parent; chosen paths (the project, answer keys) hidden under
+  empty tmpfs mounts. Nothing it writes reaches the host (the only writable places are its own tmpfs mounts).
+- **every descendant contained**: bwrap's pid namespace has bwrap's own init as pid 1; when the checked process
+  exits, or the parent kills bwrap at the deadline (`--die-with-parent`), that init dies and the kernel kills
+  every process left in the namespace, `setsid()` children and double forks included.
+- rlimits (through `prlimit`, so no `preexec_fn` runs in a threaded parent): CPU seconds, address space,
+  **process count in every mode**, file size, open files, no core dumps;
+- when the caller is root: a throw-away uid per concurrent slot (root ignores RLIMIT_NPROC; the throw-away uid
+  makes the process cap real, and every leftover process of that uid is swept with `kill -9 -1` run as it).
+  As another user RLIMIT_NPROC counts all of that user's processes, so the cap is set to the user's current
+  count plus `Limits.nproc`: a fork bomb gets `nproc` more processes, not the user's whole allowance;
+- a wall-clock deadline that kills the whole process group (and with it the pid namespace);
 - stdout read with a byte cap (the process is killed at the cap), stderr discarded.
+
+The unsafe mode (mode "unsafe", only when allowed) keeps what works without bubblewrap: rlimits (`prlimit`, or
+a stdlib `setrlimit` launcher when `prlimit` is missing), the throw-away uid as root, a private temp dir as cwd,
+and a pid namespace from util-linux `unshare --pid --fork --kill-child` (with `--user` when not root, and with
+`--net --ipc` where that works: no network, not even loopback) when that works here, so descendants still die
+with the checked process. It has NO file-system isolation: the code runs with the (throw-away or own) uid's
+access to every file (and to the network when `unshare` is unusable). Without a usable
+`unshare` (old util-linux, user namespaces off and not root) descendants are contained only by the process
+group kill and, as root, the uid sweep: a non-root `setsid()` child can then outlive the deadline.
 
 Two ways to run: `run_once` (one fresh process per check, payload on stdin, one capped reply) and `Worker`
 (a long-lived process speaking a line protocol, for warm Coq and math-verify workers; a request that misses
@@ -21,11 +39,15 @@ its deadline or overflows kills and restarts it).
 
 Simplifications: the throw-away uids are derived from the parent's pid, so two parents whose pids collide
 modulo 4000 share uids (a sweep of one could kill the other's check, which then scores wrong); no seccomp filter
-and no cgroup (memory is bounded by RLIMIT_AS, processes by RLIMIT_NPROC
-per uid); the read-only root means a sandbox can *read* world-readable files that are not hidden.
+and no cgroup (memory is bounded by RLIMIT_AS, processes by RLIMIT_NPROC and the pid namespace; real root without
+a throw-away uid, which the probe falls back to only when switching uid fails, has no working process cap, and
+as another user each concurrent check's cap is counted from the processes alive at its start, so checks running
+side by side can together exceed `nproc`); the read-only root means a sandbox can *read* world-readable files
+that are not hidden.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import selectors
 import shutil
@@ -38,6 +60,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nanoseek.config import ConfigError
+
 _UID_BASE = 100_000 + (os.getpid() % 4000) * 16  # distinct per parent process, then per slot
 _SLOTS = 16
 
@@ -48,28 +72,46 @@ class Limits:
     wall_s: float = 5.0
     cpu_s: int = 5
     memory_mb: int = 512  # RLIMIT_AS (address space); CPython needs ~30 MB, coqtop with Lia ~400 MB
-    nproc: int = 64  # per sandbox uid (root only); bwrap itself needs headroom: 16 made clean starts fail
+    # RLIMIT_NPROC in every mode: the whole throw-away uid as root, else this many above the user's current count;
+    # bwrap itself needs headroom: 16 made clean starts fail
+    nproc: int = 64
     fsize_mb: int = 4
     open_files: int = 64
     output_bytes: int = 1 << 20
 
-    def prlimit_args(self) -> list[str]:
+    def rlimits(self, nproc: int) -> list[tuple[str, int, int]]:
+        """(prlimit name, soft, hard) of every limit; `nproc` is the process cap actually set."""
         mem = self.memory_mb << 20
-        return ["prlimit", f"--cpu={self.cpu_s}:{self.cpu_s + 1}", f"--as={mem}", f"--fsize={self.fsize_mb << 20}",
-                f"--nofile={self.open_files}", "--core=0"] + ([f"--nproc={self.nproc}"] if probe()["drop_uid"] else []) + ["--"]
+        return [("cpu", self.cpu_s, self.cpu_s + 1), ("as", mem, mem), ("fsize", self.fsize_mb << 20, self.fsize_mb << 20),
+                ("nofile", self.open_files, self.open_files), ("core", 0, 0), ("nproc", nproc, nproc)]
+
+
+# A stdlib stand-in for `prlimit` (unsafe mode only, when util-linux is missing): set the limits, exec the command.
+_RLIMIT_LAUNCHER = """import os, resource, sys
+n = int(sys.argv[1])
+for i in range(n):
+    name, soft, hard = sys.argv[2 + 3 * i:5 + 3 * i]
+    resource.setrlimit(getattr(resource, "RLIMIT_" + name.upper()), (int(soft), int(hard)))
+argv = sys.argv[2 + 3 * n:]
+os.execvp(argv[0], argv)
+"""
 
 
 # ---- which isolation this machine supports ----------------------------------------------------------
+UNSAFE_ENV = "NANOSEEK_UNSAFE_NO_SANDBOX"
+UNSAFE_FLAG = "--unsafe-no-sandbox"
 _probe_lock = threading.Lock()
-_probe: dict | None = None
+_probes: dict[tuple, dict] = {}  # keyed by where bwrap/prlimit/unshare are found (PATH may change)
+_unsafe_cli = False
+_warned: set[tuple] = set()
 
 
 def _as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
-def _bwrap_args(hide: tuple[str, ...] = (), binds: tuple[str, ...] = ()) -> list[str]:
-    args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
+def _bwrap_args(hide: tuple[str, ...] = (), binds: tuple[str, ...] = (), bwrap: str = "bwrap") -> list[str]:
+    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             "--unshare-all", "--die-with-parent", "--new-session", "--chdir", "/tmp", "--clearenv",
             "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp"]
     for path in hide:
@@ -128,57 +170,121 @@ def readable_packages(*names: str) -> str:
 def _try(cmd: list[str], uid: int | None) -> bool:
     try:
         r = subprocess.run(cmd, user=uid, group=uid, extra_groups=[] if uid is not None else None,
-                           capture_output=True, timeout=30)
+                           capture_output=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
         return r.returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
 
+def _tools() -> dict[str, str | None]:
+    """Where PATH finds each tool, resolved (a link in a folder the throw-away uid cannot enter still runs)."""
+    found = {t: shutil.which(t) for t in ("bwrap", "prlimit", "unshare")}
+    return {t: os.path.realpath(p) if p else None for t, p in found.items()}
+
+
 def probe() -> dict:
-    """How sandboxes run on this machine, probed once per process:
-    {"mode": "bwrap"|"rlimits", "python": interpreter the sandbox can execute, "drop_uid": bool}."""
-    global _probe
+    """How sandboxes run on this machine, probed once per process (again if PATH changes which tools it finds):
+    {"mode": "bwrap"|"unsafe", "python": interpreter the sandbox can execute, "drop_uid": bool,
+     "problem": None, or one line saying why the full sandbox cannot run (with the Debian package to install),
+     "pidns": the `unshare` prefix giving unsafe mode a pid (and, where it works, network and ipc) namespace, or
+     None, "tools": their paths}."""
+    tools = _tools()
+    key = tuple(tools.values())
     with _probe_lock:
-        if _probe is not None:
-            return _probe
+        if key in _probes:
+            return _probes[key]
         pythons = [p for p in dict.fromkeys([python_executable(), "/usr/bin/python3"]) if os.path.exists(p)]
-        have_bwrap = shutil.which("bwrap") is not None and shutil.which("prlimit") is not None
         uids = [_UID_BASE, None] if _as_root() else [None]
         found = None
-        for uid in uids:
-            for mode in (["bwrap"] if have_bwrap else []) + ["rlimits"]:
-                for py in pythons:
-                    prefix = _bwrap_args() if mode == "bwrap" else []
-                    if _try(prefix + [py, "-I", "-S", "-c", "pass"], uid):
-                        found = {"mode": mode, "python": py, "drop_uid": uid is not None}
-                        break
-                if found:
-                    break
-            if found:
-                break
-        found = found or {"mode": "rlimits", "python": pythons[0] if pythons else sys.executable, "drop_uid": False}
-        if found["mode"] != "bwrap":
-            print("sandbox: bubblewrap unusable here (apt-get install bubblewrap; needs user namespaces); falling "
-                  "back to rlimits + setsid + private temp dir: NO network or file-system isolation", file=sys.stderr)
-        if _as_root() and not found["drop_uid"]:
-            print("sandbox: running as root without a throw-away uid: the process-count limit is not enforced",
-                  file=sys.stderr)
-        _probe = found
+        if tools["bwrap"] and tools["prlimit"]:
+            found = _first_working(uids, pythons, _bwrap_args(bwrap=tools["bwrap"]), "bwrap")
+        problem = None
+        if found is None:
+            missing = [(n, pkg) for n, pkg in (("bubblewrap (`bwrap`)", "bubblewrap"), ("util-linux `prlimit`", "util-linux"))
+                       if not tools["bwrap" if pkg == "bubblewrap" else "prlimit"]]
+            problem = (f"{' and '.join(n for n, _ in missing)} not found (Debian: apt-get install "
+                       f"{' '.join(pkg for _, pkg in missing)})" if missing
+                       else "bubblewrap (Debian `bubblewrap`) cannot start a sandbox here: it needs unprivileged "
+                            "user namespaces (sysctl kernel.unprivileged_userns_clone=1)")
+            found = (_first_working(uids, pythons, [], "unsafe")
+                     or {"mode": "unsafe", "python": pythons[0] if pythons else sys.executable, "drop_uid": False})
+        found.update(problem=problem, tools=tools, pidns=None)
+        if found["mode"] == "unsafe" and tools["unshare"]:
+            uid = _UID_BASE if found["drop_uid"] else None
+            for user in ([[]] if uid is None and _as_root() else []) + [["--user"]]:
+                for net in (["--net", "--ipc"], []):  # no network either, where that works
+                    cmd = [tools["unshare"], *user, *net, "--pid", "--fork", "--kill-child"]
+                    if found["pidns"] is None and _try(cmd + [found["python"], "-I", "-S", "-c", "pass"], uid):
+                        found["pidns"] = cmd
+        _probes[key] = found
         return found
 
 
+def _first_working(uids: list, pythons: list[str], prefix: list[str], mode: str) -> dict | None:
+    for uid in uids:
+        for py in pythons:
+            if _try(prefix + [py, "-I", "-S", "-c", "pass"], uid):
+                return {"mode": mode, "python": py, "drop_uid": uid is not None}
+    return None
+
+
 def sandbox_mode() -> str:
-    """'bwrap' if bubblewrap with user namespaces works here, else 'rlimits'."""
+    """'bwrap' if the full sandbox (bubblewrap with user namespaces, prlimit) works here, else 'unsafe'."""
     return probe()["mode"]
 
 
 def requirement_missing() -> str | None:
-    """One line naming what to install if the strong sandbox cannot run here, else None."""
-    if shutil.which("prlimit") is None:
-        return "util-linux `prlimit` not found"
-    if sandbox_mode() != "bwrap":
-        return "bubblewrap not usable (apt-get install bubblewrap; needs user namespaces)"
-    return None
+    """One line naming what to install if the full sandbox cannot run here, else None."""
+    return probe()["problem"]
+
+
+def allow_unsafe(on: bool = True) -> None:
+    """`--unsafe-no-sandbox`: in this process, let untrusted output run without the full sandbox when that cannot
+    run here (the sandbox is still used where it works)."""
+    global _unsafe_cli
+    _unsafe_cli = bool(on)
+
+
+def unsafe_allowed() -> bool:
+    return _unsafe_cli or os.environ.get(UNSAFE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require() -> str:
+    """The mode untrusted output will run in: 'bwrap', or 'unsafe' when the full sandbox cannot run here and the
+    user allowed it (a warning is printed once). Raises ConfigError (one line, what to install) otherwise."""
+    p = probe()
+    if p["problem"] is None:
+        return "bwrap"
+    if not unsafe_allowed():
+        raise ConfigError(f"refusing to run untrusted model output without a sandbox: {p['problem']}; or pass "
+                          f"{UNSAFE_FLAG} (or set {UNSAFE_ENV}=1) to run it with NO file-system isolation")
+    key = tuple(p["tools"].values())
+    if key not in _warned:
+        _warned.add(key)
+        contained = ("a pid namespace" if p["pidns"] else "the process group only") + " holds its descendants"
+        net = "network isolation" if p["pidns"] and "--net" in p["pidns"] else "NO network isolation"
+        print(f"sandbox: WARNING: running untrusted model output with NO file-system isolation and {net} "
+              f"({UNSAFE_FLAG} / {UNSAFE_ENV}): {p['problem']}; rlimits apply and {contained}", file=sys.stderr)
+    return "unsafe"
+
+
+def check_for_task(task_name: str, unsafe: bool = False) -> str | None:
+    """For a command about to score `task_name`: apply `--unsafe-no-sandbox` and, if the task runs untrusted
+    output, fail now (before any work or write) when no sandbox may run. The mode it will use, or None."""
+    from nanoseek.tasks import get_task
+
+    if unsafe:
+        allow_unsafe(True)
+        print(f"sandbox: WARNING: {UNSAFE_FLAG} given: untrusted model output runs unconfined wherever the "
+              "full sandbox cannot run", file=sys.stderr)
+    return require() if get_task(task_name).sandboxed else None
+
+
+def add_unsafe_argument(p) -> None:
+    """The `--unsafe-no-sandbox` flag of every command that scores untrusted output."""
+    p.add_argument(UNSAFE_FLAG, action="store_true",
+                   help="score code/proof/math answers even where the sandbox (bubblewrap, prlimit) cannot run: "
+                        f"model output then runs with NO file-system isolation (also {UNSAFE_ENV}=1)")
 
 
 # ---- slots: one uid per concurrent sandbox --------------------------------------------------------
@@ -219,8 +325,16 @@ def live_processes(uid: int) -> list[int]:
     return pids
 
 
+def _kill_all_of(uid: int) -> None:
+    """`kill -9 -1` as uid: every process that uid may signal, i.e. its own."""
+    kill = next((k for k in ("/bin/kill", "/usr/bin/kill") if os.path.exists(k)), "kill")
+    subprocess.run([kill, "-9", "-1"], user=uid, group=uid, extra_groups=[], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+
+
 def _sweep(proc: subprocess.Popen, uid: int | None) -> None:
-    """Kill the process group, and (as root) every process left running under the slot's uid."""
+    """Kill the process group (bwrap / unshare and the pid namespace they hold), and (as root) every process left
+    running under the slot's uid."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -233,8 +347,7 @@ def _sweep(proc: subprocess.Popen, uid: int | None) -> None:
         for _ in range(20):
             if not live_processes(uid):
                 break
-            subprocess.run(["kill", "-9", "-1"], user=uid, group=uid, extra_groups=[],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _kill_all_of(uid)
             time.sleep(0.01)
 
 
@@ -242,15 +355,37 @@ def _slot_uid(slot: int) -> int | None:
     return _UID_BASE + slot if probe()["drop_uid"] else None
 
 
+def _count_processes(uid: int) -> int:
+    n = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                n += os.stat(f"/proc/{d}").st_uid == uid
+            except OSError:
+                pass
+    return n
+
+
+def _rlimit_prefix(limits: Limits, uid: int | None, p: dict) -> list[str]:
+    """prlimit (or the stdlib launcher) setting every limit; the process cap counts the uid's processes that exist
+    already when that uid is not a throw-away one (RLIMIT_NPROC is per user)."""
+    nproc = limits.nproc + (0 if uid is not None else _count_processes(os.getuid()))
+    lims = limits.rlimits(nproc)
+    if p["tools"]["prlimit"]:
+        return [p["tools"]["prlimit"]] + [f"--{n}={s}:{h}" for n, s, h in lims] + ["--"]
+    return [p["python"], "-I", "-S", "-c", _RLIMIT_LAUNCHER, str(len(lims))] + [str(x) for lim in lims for x in lim]
+
+
 def _spawn(argv: list[str], limits: Limits, slot: int, hide: tuple[str, ...], cwd: str | None,
            merge_stderr: bool = False, binds: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int | None]:
+    p = probe()
     uid = _slot_uid(slot)
-    prefix = limits.prlimit_args() if shutil.which("prlimit") else []
-    if sandbox_mode() == "bwrap":
-        cmd = prefix + _bwrap_args(hide, binds) + argv
-        env = None
+    prefix = _rlimit_prefix(limits, uid, p)
+    if p["mode"] == "bwrap":
+        cmd = prefix + _bwrap_args(hide, binds, p["tools"]["bwrap"]) + argv
+        env = {"PATH": "/usr/bin:/bin"}
     else:
-        cmd = prefix + argv
+        cmd = prefix + (p["pidns"] or []) + argv
         env = {"PATH": "/usr/bin:/bin", "HOME": cwd or "/tmp", "TMPDIR": cwd or "/tmp"}
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT if merge_stderr else subprocess.DEVNULL,
@@ -259,13 +394,28 @@ def _spawn(argv: list[str], limits: Limits, slot: int, hide: tuple[str, ...], cw
     return proc, uid
 
 
+_private_dirs: set[str] = set()  # removed at exit too (a warm Worker that is never closed keeps its own)
+
+
+@atexit.register
+def _remove_private_dirs() -> None:
+    for d in list(_private_dirs):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _private_dir(uid: int | None) -> str | None:
     if sandbox_mode() == "bwrap":
         return None  # /tmp inside is a fresh tmpfs
     d = tempfile.mkdtemp(prefix="nanoseek-sbx-")
+    _private_dirs.add(d)
     if uid is not None:
         os.chown(d, uid, uid)
     return d
+
+
+def _remove_private_dir(d: str) -> None:
+    shutil.rmtree(d, ignore_errors=True)
+    _private_dirs.discard(d)
 
 
 @dataclass
@@ -307,7 +457,8 @@ def _read_capped(fd: int, deadline: float, cap: int, until: bytes | None = None,
 
 
 def run_once(argv: list[str], stdin: bytes, limits: Limits = Limits(), hide: tuple[str, ...] = ()) -> RunResult:
-    """Run argv once in the sandbox with `stdin` as input; never raises for anything the child does.
+    """Run argv once in the sandbox with `stdin` as input; never raises for anything the child does (raises
+    ConfigError when the sandbox cannot run here and the user did not allow running without it).
     A run that failed to start (OSError, or bwrap's exit 1 without output, e.g. when the machine is briefly out
     of processes) is retried twice before it counts; a candidate that exits 1 silently just costs three runs."""
     for attempt in range(3):
@@ -319,6 +470,7 @@ def run_once(argv: list[str], stdin: bytes, limits: Limits = Limits(), hide: tup
 
 
 def _run_once(argv: list[str], stdin: bytes, limits: Limits, hide: tuple[str, ...]) -> RunResult:
+    require()  # no sandbox and no opt-out: ConfigError, before anything runs
     slot = _slots.take()
     t0 = time.monotonic()
     proc = uid = cwd = None
@@ -346,7 +498,7 @@ def _run_once(argv: list[str], stdin: bytes, limits: Limits, hide: tuple[str, ..
                 except OSError:
                     pass
         if cwd:
-            shutil.rmtree(cwd, ignore_errors=True)
+            _remove_private_dir(cwd)
         _slots.give(slot)
 
 
@@ -380,6 +532,7 @@ class Worker:
         self.starts = 0
 
     def _start(self) -> bool:
+        require()  # no sandbox and no opt-out: ConfigError, before anything runs
         self.starts += 1
         self.slot = _slots.take()
         uid = _slot_uid(self.slot)
@@ -421,7 +574,7 @@ class Worker:
                     pass
             self.proc = None
         if self.cwd:
-            shutil.rmtree(self.cwd, ignore_errors=True)
+            _remove_private_dir(self.cwd)
             self.cwd = None
         if self.slot is not None:
             _slots.give(self.slot)

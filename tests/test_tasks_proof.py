@@ -8,10 +8,12 @@ import time
 
 import pytest
 
+from nanoseek import sandbox
+from nanoseek.config import ConfigError
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import format_completion
 from nanoseek.tasks.proof import CoqPool, CoqWorker, ProofTask, validate_script
-from sandbox_util import leftovers, need
+from sandbox_util import leftovers, need, path_without
 
 TIMEOUT_S = 2  # Coq's per-sentence Default Timeout in these tests (5 in production)
 JOB_WALL_S = 6.0
@@ -144,3 +146,80 @@ def test_generator_is_deterministic_and_split():
     test = {task.canonical(task.sample_split(rng, 2, "test")) for _ in range(100)}
     assert len(test) > 20 and not (train & test)
     assert isinstance(task, ProofTask) and task.sandboxed
+
+
+# ---- one bad proof must not fail the others of its batch ---------------------------------------------------
+GOOD = ("forall a b : nat, a + b = b + a.", "intros. lia.")
+GOOD2 = ("forall a b : nat, 2 * (a + b) = 2 * a + 2 * b.", "intros. lia.")
+WORKER_KILLERS = {  # each ends the worker: the wall deadline, the output cap, coqtop exiting
+    "looping tactic past Coq's timeout": "intros. do 1000000000 idtac. lia.",
+    "huge output": "intros. do 10000000 idtac 1234567890. lia.",
+}
+
+
+@pytest.fixture(scope="module")
+def wall_pool():
+    """A one-worker pool whose Coq timeout is out of reach, so a loop runs into the wall deadline (3 s)."""
+    need("coqtop", "the proof task's verifier (apt-get install coq)")
+    need("bwrap", "the Coq workers' sandbox")
+    p = CoqPool(1, timeout_s=60, job_wall_s=3.0)
+    yield p
+    p.close()
+
+
+@pytest.mark.slow  # ~15-25 s each: four kills and restarts; `Quit` below covers the same path in the default suite
+@pytest.mark.parametrize("kind", list(WORKER_KILLERS))
+def test_a_worker_killer_fails_alone(wall_pool, kind):
+    """Two killers between correct proofs in one chunk: the correct ones still score right. Before the fix the
+    first correct proof, lost twice with the worker, was re-checked only once and scored wrong."""
+    w = wall_pool.workers[0]
+    bad = (GOOD[0], WORKER_KILLERS[kind])
+    starts = w.starts
+    t0 = time.monotonic()
+    assert CoqPool._chunk(w, [GOOD, bad, bad, GOOD2]) == [True, False, False, True], kind
+    assert w.starts > starts  # the hostile jobs did end the worker (the test is not vacuous)
+    assert time.monotonic() - t0 < 4 * (3.0 + 3.0) + 10
+
+
+def test_checker_tricks_fail_alone(pool):
+    """Scripts the filter would stop, sent to Coq anyway (defense in depth), between correct proofs of one chunk:
+    Admitted and Abort are refused by our Qed, `Quit` makes coqtop exit (a crash), an axiom is not closed."""
+    w = pool.workers[0]
+    for name, script in {"Admitted": "Admitted.", "Abort": "Abort.", "Quit (coqtop exits)": "intros. Quit.",
+                         "Axiom": "intros. lia. Qed. Axiom nsk_cheat : False.",
+                         "a failing sentence": "intros. reflexivity. lia."}.items():
+        bad = (GOOD[0], script)
+        assert CoqPool._chunk(w, [GOOD, bad, bad, GOOD2]) == [True, False, False, True], name
+
+
+def test_a_batched_print_assumptions_that_dies_is_redone_per_theorem(pool, monkeypatch):
+    """When the batched Print Assumptions ends the worker (deadline, output cap), each theorem is judged alone."""
+    w = pool.workers[1]
+    real = CoqWorker.closed
+
+    def dying(self, names):
+        if len(names) > 1:
+            self.worker.close()  # as after a deadline or an output overflow
+            return None
+        return real(self, names)
+
+    monkeypatch.setattr(CoqWorker, "closed", dying)
+    assert CoqPool._chunk(w, [GOOD, (GOOD[0], "intros. reflexivity."), GOOD2]) == [True, False, True]
+
+
+def test_proofs_refuse_without_bubblewrap_and_run_unsafe_only_when_allowed(monkeypatch, tmp_path):
+    need("coqtop", "the proof task's verifier (apt-get install coq)")
+    monkeypatch.setenv("PATH", path_without("bwrap", tmp_path / "bin"))
+    monkeypatch.setattr(sandbox, "_unsafe_cli", False)
+    monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
+    pool = CoqPool(1, timeout_s=TIMEOUT_S, job_wall_s=JOB_WALL_S)
+    task = ProofTask(pool=pool)
+    p = task.sample(random.Random(3), 1)
+    try:
+        with pytest.raises(ConfigError, match="apt-get install bubblewrap"):
+            task.score_batch([p], [task.solution(p, random.Random(0))])
+        monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
+        assert sandbox.sandbox_mode() == "unsafe"
+        assert task.check(p, "intros. lia.") and not task.check(p, "intros. reflexivity.")
+    finally:
+        pool.close()

@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 
 from nanoseek.cli_config import ConfigCLI, stored_config
+from nanoseek import sandbox
 from nanoseek.train.dpo import DPOConfig, preference_pairs, train_dpo, write_pairs
 
 CLI = ConfigCLI(DPOConfig, section="dpo")
@@ -27,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=4, help="with --make-pairs: samples per problem")
     p.add_argument("--max-new-tokens", type=int, default=64, help="with --make-pairs")
     p.add_argument("--resume", action="store_true")
+    sandbox.add_unsafe_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if CLI.print_config(args, cfg):
         return 0
     if args.make_pairs and not args.resume:
+        sandbox.check_for_task(args.task, args.unsafe_no_sandbox)  # no sandbox: refuse before any work
         pairs = preference_pairs(cfg.init, args.task, args.make_pairs, args.samples, 1.0, args.max_new_tokens,
                                  cfg.seed)
         write_pairs(pairs, Path(cfg.data))

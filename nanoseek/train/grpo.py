@@ -61,6 +61,7 @@ import torch.distributed as tdist
 from torch.autograd.graph import increment_version
 
 from nanoseek.cli_config import knob
+from nanoseek import sandbox
 from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
 from nanoseek.engine.sampling import SamplingParams, support_logprobs
@@ -142,6 +143,11 @@ class GRPOConfig:
     # A speed knob: the same update to float rounding; a resume may switch it
     compile: bool = knob(False, resume="override", help="torch.compile the update's training forwards "
                          "(docs/grpo_bench.md); rollouts stay eager")
+    # --unsafe-no-sandbox: score code/proof/math answers without bubblewrap where it cannot run (nanoseek.sandbox);
+    # recorded here so a run says whether its rewards came from unconfined model code. A resume takes the new choice
+    unsafe_no_sandbox: bool = knob(False, resume="override", help="score code/proof/math answers even where the "
+                                   "sandbox (bubblewrap, prlimit) cannot run: model output then runs with NO file-system "
+                                   "isolation (also NANOSEEK_UNSAFE_NO_SANDBOX=1)")
 
     def validate(self) -> "GRPOConfig":
         def need(ok: bool, msg: str) -> None:
@@ -617,7 +623,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         stored = saved["rl"].get("precision", "fp32")
         cfg = GRPOConfig(**{**saved["rl"], "steps": cfg.steps, "minutes": cfg.minutes,
                             "precision": precision or stored,
-                            "compile": saved["rl"].get("compile", False) if compile is None else compile}).validate()
+                            "compile": saved["rl"].get("compile", False) if compile is None else compile,
+                            "unsafe_no_sandbox": cfg.unsafe_no_sandbox}).validate()
         init = Path(saved["init"])
     elif latest_checkpoint(ckpt_dir) is not None:
         raise ConfigError(f"{out} already holds an RL run: pass --resume to continue it, or choose another --out")
@@ -627,6 +634,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     model = prec.apply(model, cfg.precision)
     tok_path = init / "tokenizer.json"
     tokenizer = Tokenizer.load(tok_path)
+    sandbox.check_for_task(cfg.task, cfg.unsafe_no_sandbox)  # no sandbox and no opt-out: refuse before any write
     ref_model = None
     if cfg.beta > 0:
         ref_model = copy.deepcopy(model).eval()
@@ -649,8 +657,10 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                               " it cannot be resumed exactly; start a new run in another --out")
         start = int(state["step"])
         metrics.truncate_after(start)
-        if dist.is_main and stored != cfg.precision:  # resumed in another precision: the run's is now this one
+        if dist.is_main and (stored != cfg.precision or saved["rl"].get("unsafe_no_sandbox", False) != cfg.unsafe_no_sandbox):
+            # resumed in another precision or sandbox choice: the run's is now this one
             saved["rl"]["precision"], saved["model"] = cfg.precision, model.cfg.to_dict()
+            saved["rl"]["unsafe_no_sandbox"] = cfg.unsafe_no_sandbox
             atomic_write_text(out / "config.json", json.dumps(saved, indent=2) + "\n")
     elif dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
