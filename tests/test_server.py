@@ -167,9 +167,12 @@ def health(url: str) -> dict:
 def test_chat_template_extends_prompt_ids(tok):
     one = chat_prompt_ids(tok, [Message(role="user", content="Compute 1 + 2.")])
     assert one == tok.prompt_ids("Compute 1 + 2.")
-    multi = chat_prompt_ids(tok, [Message(role="system", content="Be brief."), Message(role="user", content="hi"),
-                                  Message(role="assistant", content="3"), Message(role="user", content="x")])
-    assert tok.decode(multi) == "<|bos|><|system|>Be brief.<|user|>hi<|assistant|>3<|user|>x<|assistant|>"
+    msgs = [Message(role="system", content="Be brief."), Message(role="user", content="hi"),
+            Message(role="assistant", content="3"), Message(role="user", content="x")]
+    multi = chat_prompt_ids(tok, msgs)
+    # a previous assistant turn ends with eos, as multi-turn SFT trains it (Tokenizer.chat_document)
+    assert tok.decode(multi) == "<|bos|><|system|>Be brief.<|user|>hi<|assistant|>3<|eos|><|user|>x<|assistant|>"
+    assert multi == tok.chat_ids([{"role": m.role, "content": m.content} for m in msgs])
 
 
 def feed_all(stream: ChoiceStream, text: str, tok: Tokenizer, finish: str = "stop") -> dict[str, str]:

@@ -1,11 +1,12 @@
 """The OpenAI wire format as nanoseek speaks it: request schemas, the error shape, the chat template, and the
 token-stream -> text-delta splitter that routes thinking to `reasoning_content` (as DeepSeek's API does).
 
-Chat template (the one pretraining documents use): `<|bos|>`, then each message as its role token
-(`<|system|>`, `<|user|>`, `<|assistant|>`) followed by its text, then a final `<|assistant|>` for the model to
-continue. A developer message counts as system. For one user message this is exactly
-`Tokenizer.prompt_ids(text)`. Previous assistant turns are sent back as their `content` only: clients drop
-`reasoning_content` from the history, as DeepSeek's API asks them to.
+Chat template (the one pretraining documents and multi-turn SFT use: `Tokenizer.chat_ids`): `<|bos|>`, then each
+message as its role token (`<|system|>`, `<|user|>`, `<|assistant|>`) followed by its text, a previous assistant
+turn closed by `<|eos|>` as the model learned to end it, then a final `<|assistant|>` for the model to continue. A
+developer message counts as system. For one user message this is exactly `Tokenizer.prompt_ids(text)`. Previous
+assistant turns are sent back as their `content` only: clients drop `reasoning_content` from the history, as
+DeepSeek's API asks them to.
 
 The model answers `<think>R</think><answer>A</answer><|eos|>`. In a chat completion every token between
 `<think>` and `</think>` is reasoning, every other token is content, and special tokens are never shown, so
@@ -156,12 +157,7 @@ def chat_prompt_ids(tokenizer, messages: list[Message]) -> list[int]:
             return tokenizer.chat_ids(chat, add_generation_prompt=True)
         except ConfigError as e:  # the template raised (e.g. roles must alternate) or has no chat template
             raise APIError(400, str(e), param="messages") from None
-    ids = [tokenizer.bos_id]
-    for m in messages:
-        ids.append(tokenizer.id_of(ROLE_TOKENS[m.role]))
-        ids.extend(tokenizer.encode(m.text()))
-    ids.append(tokenizer.id_of("<|assistant|>"))
-    return ids
+    return tokenizer.chat_ids([{"role": m.role, "content": m.text()} for m in messages], add_generation_prompt=True)
 
 
 # ---- tokens -> text ------------------------------------------------------------------------------------
