@@ -108,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
         dist.close()
     if dist.is_main and s["loss"] is not None:
         ev = "-" if s["eval_loss"] is None else f"{s['eval_loss']:.4f}"
-        print(f"done: step {s['step']}, train loss {s['loss']:.4f}, held-out CE {ev}, "
+        bpb = f", held-out {s['val_bpb']:.4f} bits/byte" if s.get("val_bpb") is not None else ""
+        print(f"done: step {s['step']}, train loss {s['loss']:.4f}, held-out CE {ev}{bpb}, "
               f"{s['tokens_per_s']:,.0f} tokens/s; report: {Path(args.out) / 'report.md'}")
     elif dist.is_main:
         print(f"nothing to do: the run is already at step {s['step']} of {cfg.train.steps}")

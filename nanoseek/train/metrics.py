@@ -142,9 +142,12 @@ class ProgressLine:
     """step/total, loss, lr, tok/s, ETA: a live bar on a terminal, plain periodic lines otherwise."""
 
     def __init__(self, total: int, start: int = 0, enabled: bool = True, print_every: int = 10,
-                 description: str = "pretrain"):
+                 description: str = "pretrain", budget_s: float | None = None, elapsed0: float = 0.0):
+        """budget_s: the run ends on a time budget (steps only a cap): the bar and ETA follow seconds used of it
+        (`elapsed0` of them before this process), not steps."""
         self.enabled = enabled
         self.total, self.start = total, start
+        self.budget_s, self.elapsed0 = budget_s, elapsed0
         self.print_every = max(1, print_every)
         self.console = Console(stderr=False)
         self.live = enabled and sys.stdout.isatty()
@@ -154,17 +157,21 @@ class ProgressLine:
             self.progress = Progress(TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                                      console=self.console, transient=False)
-            self.task = self.progress.add_task(description, total=total, completed=start, info="")
+            self.task = self.progress.add_task(description, total=budget_s if budget_s else total,
+                                               completed=elapsed0 if budget_s else start, info="")
             self.progress.start()
 
     def update(self, step: int, loss: float, lr: float, tokens_per_s: float, extra: str = "") -> None:
         if not self.enabled:
             return
         info = f"loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s{('  ' + extra) if extra else ''}"
+        used = self.elapsed0 + time.perf_counter() - self.t0
         if self.live:
-            self.progress.update(self.task, completed=step, info=info)
+            self.progress.update(self.task, completed=min(used, self.budget_s) if self.budget_s else step, info=info)
             return
-        if step % self.print_every == 0 or step == self.total:
+        if self.budget_s and step % self.print_every == 0:
+            print(f"step {step}  {info}  {_fmt_s(used)} of {_fmt_s(self.budget_s)}", flush=True)
+        elif not self.budget_s and (step % self.print_every == 0 or step == self.total):
             done = step - self.start
             eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done else float("nan")
             print(f"step {step}/{self.total}  {info}  eta {_fmt_s(eta)}", flush=True)

@@ -424,8 +424,10 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
     enable_compile(model, tcfg.compile, ep, pp, cfg.precision)
     tokens_per_step = tcfg.batch_size * tcfg.grad_accum * tcfg.seq_len
+    timed = cfg.time_schedule and tcfg.minutes > 0
     progress = ProgressLine(tcfg.steps, start=step, enabled=dist.is_main,
-                            print_every=max(1, tcfg.steps // 20) if pace is None else 50)
+                            print_every=max(1, tcfg.steps // 20) if pace is None else 50,
+                            budget_s=tcfg.minutes * 60 if timed else None, elapsed0=elapsed0)
     if ckpt is not None:
         progress.message(f"resumed from {ckpt} (step {step})")
     progress.message(f"{model.num_params():,} parameters, {train_rows.size(0):,} train / {test_rows.size(0):,} "
