@@ -132,8 +132,10 @@ def write_report(run_dir: str | Path) -> Path:
 
         counts = ModelConfig.from_dict(cfg["model"]).param_counts()
         kind = "dense" if cfg.get("dense") else "MoE"
+        data = cfg.get("data", {})
+        source = (f"Text: {', '.join(data['data'])}" if data.get("data") else f"Task: {data.get('task', '?')}")
         lines += [(f"Model: {kind}, {counts['total']:,} parameters ({counts['active']:,} active per token, "
-                   f"+{counts['mtp']:,} MTP). Task: {cfg.get('data', {}).get('task', '?')}."), ""]
+                   f"+{counts['mtp']:,} MTP). {source}."), ""]
     lines += ["| figure | value |", "|---|---|",
               f"| steps | {last['step']:,} |",
               f"| tokens seen | {last.get('tokens', 0):,} |",
@@ -145,6 +147,9 @@ def write_report(run_dir: str | Path) -> Path:
         best = min(evals, key=lambda e: e[1])
         lines.append(f"| held-out CE (last, step {evals[-1][0]}) | {evals[-1][1]:.4f} |")
         lines.append(f"| held-out CE (best, step {best[0]}) | {best[1]:.4f} |")
+    bpbs = [(r["step"], r["val_bpb"]) for r in rows if r.get("val_bpb") is not None]
+    if bpbs:
+        lines.append(f"| held-out bits per byte (last, step {bpbs[-1][0]}) | {bpbs[-1][1]:.4f} |")
     if has_moe:
         lm = [r for r in rows if r.get("load_max_mean")][-1]["load_max_mean"]
         names = moe_layer_names(cfg.get("model"), len(lm))
