@@ -47,6 +47,7 @@ def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
     # _grouped_mm wants 16-byte strides: dim and the expert width in multiples of 4 float32s
     # CPU only: CUDA's _grouped_mm takes bfloat16 on recent GPUs, and GPU decode is not launch-bound the same way
     return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank == 0
+            and not cfg.sparse_attention
             and next(model.parameters()).device.type == "cpu"
             and cfg.dim % 4 == 0 and cfg.moe_inter_dim % 4 == 0
             and cache_dtype == dtype == torch.float32

@@ -6,6 +6,13 @@ rope key k_rope shared by all heads; that pair is all a cache holds. Two equival
 * naive: up-project c_KV into per-head k_nope and v, attend with k = [k_nope ; k_rope];
 * absorbed: fold W_UK into the query and W_UV into the output so attention runs directly on the
   latent cache (what decode uses: no per-head keys are ever materialized).
+
+With sparse attention (ModelConfig.index_topk > 0, DeepSeek-V3.2-Exp sec. 2.1) a lightning indexer
+(model/indexer.py) picks each query's top-k visible keys and both paths attend only to those: the selection
+becomes a boolean mask ANDed into the causal / padding one (no gather kernel, so no compute is saved: this is
+the training and prefill formulation; cost figures come from the selection size). The indexer's key is cached
+after [c_KV ; k_rope] in the same cache row. When a query sees at most index_topk keys nothing is dropped and
+the dense code path runs unchanged.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.fp8 import Linear
+from nanoseek.model.indexer import Indexer
 from nanoseek.model.rope import RMSNorm, apply_rope
 
 
@@ -42,6 +50,7 @@ class MLA(nn.Module):
         self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), cfg.fp8)
         self.wo = Linear(self.n_heads * self.v_head_dim, cfg.dim, cfg.fp8)
         self.fp8 = cfg.fp8
+        self.indexer = Indexer(cfg) if cfg.sparse_attention else None
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only absorbed weights
 
     @torch.no_grad()
@@ -76,9 +85,27 @@ class MLA(nn.Module):
         self.fused = (wq_fused.to(dtype).contiguous(), w_ov.to(dtype).contiguous())
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """[c_KV ; k_rope] for x: (B, T, kv_lora_rank + qk_rope_head_dim), what the cache stores."""
+        """[c_KV ; k_rope] for x: (B, T, kv_lora_rank + qk_rope_head_dim), what the cache stores; with sparse
+        attention followed by the indexer's key (index_head_dim more numbers)."""
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return torch.cat([self.kv_norm(kv), apply_rope(k_pe, cos, sin)], dim=-1)
+        parts = [self.kv_norm(kv), apply_rope(k_pe, cos, sin)]
+        if self.indexer is not None:
+            parts.append(self.indexer.keys(x, cos, sin).to(parts[0].dtype))
+        return torch.cat(parts, dim=-1)
+
+    def _sparse_mask(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     lat: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The attention mask restricted to the indexer's top-k keys (B, 1, T, S), or None when no query can
+        lose a key (S <= index_topk: the dense path, unchanged). mask None = causal over the last T of S keys."""
+        T, S = x.size(1), lat.size(1)
+        if S <= self.indexer.topk:
+            return None
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+        m = self.kv_lora_rank + self.qk_rope_head_dim
+        with torch.no_grad():
+            scores = self.indexer.scores(x, q_lat, cos, sin, lat[..., m:])
+            return self.indexer.select(scores, mask)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False,
@@ -94,11 +121,11 @@ class MLA(nn.Module):
             absorb = False
         if absorb and self.fused is not None and not torch.is_grad_enabled():
             return self._decode_fused(x, cos, sin, mask, cache, start, write_pos)
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_lat = None if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))
+        q = self.wq(x) if q_lat is None else self.wq_b(q_lat)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         lat = self._cached_latent(self.latent(x, cos, sin), cache, start, write_pos, x.dtype)
-        kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         # causal over x itself (for T == 1 without a prefix this is the same as no mask); a plain bool, never a
         # condition on T, so that it stays a Python bool when T is symbolic under torch.compile
         causal = mask is None and not (cache is not None and start > 0)
@@ -106,6 +133,12 @@ class MLA(nn.Module):
             S = start + T
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(start)[None, None]
             causal = False
+        if self.indexer is not None:
+            sparse = self._sparse_mask(x, q_lat, cos, sin, lat, mask)
+            if sparse is not None:
+                mask, causal = sparse, False
+            lat = lat[..., :self.kv_lora_rank + self.qk_rope_head_dim]
+        kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         if absorb:
             # One latent key/value shared by all heads: fold heads into the query rows (MQA-style bmm).
@@ -167,11 +200,15 @@ class MLA(nn.Module):
             new_lat = torch.cat([self.kv_norm(kv), pe[:, :, H]], dim=-1)
             q = torch.cat([q_lat.view(B, T, H, r), pe[:, :, :H]], dim=-1)
         else:
-            q = F.linear(self.q_norm(self.wq_a(x)), wq_fused).view(B, T, H, r + rope)
+            q_lat = self.q_norm(self.wq_a(x))
+            q = F.linear(q_lat, wq_fused).view(B, T, H, r + rope)
             q[..., r:] = apply_rope(q[..., r:], cos, sin)
             new_lat = self.latent(x, cos, sin)
         lat = self._cached_latent(new_lat, cache, start, write_pos, x.dtype)
         S = lat.size(1)
+        if self.indexer is not None:
+            mask = self._sparse_mask(x, q_lat, cos, sin, lat, mask) if S > self.indexer.topk else mask
+            lat = lat[..., :r + rope]
         # the keys transposed into a contiguous copy: CPU bmm over many tiny matrices is ~7x slower on the
         # strided view of the cache than on contiguous ones (the copy costs less than the difference)
         scores = torch.bmm(q.view(B, T * H, -1), lat.transpose(1, 2).contiguous())  # (B, T*H, S), already scaled
