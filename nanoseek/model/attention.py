@@ -51,6 +51,11 @@ class MLA(nn.Module):
         self.wo = Linear(self.n_heads * self.v_head_dim, cfg.dim, cfg.fp8)
         self.fp8 = cfg.fp8
         self.indexer = Indexer(cfg) if cfg.sparse_attention else None
+        # indexer training (V3.2 sec. 2.1.1, Transformer.set_indexer_training): None, "warmup" (main attention
+        # dense, KL over all visible keys) or "sparse" (KL over the selected keys); the loss of the last
+        # training forward is left in indexer_loss
+        self.indexer_train: str | None = None
+        self.indexer_loss: torch.Tensor | None = None
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only absorbed weights
 
     @torch.no_grad()
@@ -89,8 +94,9 @@ class MLA(nn.Module):
         attention followed by the indexer's key (index_head_dim more numbers)."""
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         parts = [self.kv_norm(kv), apply_rope(k_pe, cos, sin)]
-        if self.indexer is not None:
-            parts.append(self.indexer.keys(x, cos, sin).to(parts[0].dtype))
+        if self.indexer is not None:  # for the selection only (no autograd: indexer_kl recomputes them)
+            with torch.no_grad():
+                parts.append(self.indexer.keys(x, cos, sin).to(parts[0].dtype))
         return torch.cat(parts, dim=-1)
 
     def _sparse_mask(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -134,10 +140,14 @@ class MLA(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(start)[None, None]
             causal = False
         if self.indexer is not None:
-            sparse = self._sparse_mask(x, q_lat, cos, sin, lat, mask)
+            visible = mask
+            sparse = None if self.indexer_train == "warmup" else self._sparse_mask(x, q_lat, cos, sin, lat, mask)
             if sparse is not None:
                 mask, causal = sparse, False
             lat = lat[..., :self.kv_lora_rank + self.qk_rope_head_dim]
+            if self.indexer_train is not None and torch.is_grad_enabled() and cache is None:
+                self.indexer_loss = self.indexer_kl(x, q_lat, cos, sin, q_nope, q_pe, lat,
+                                                    sparse if sparse is not None else visible)
         kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         if absorb:
@@ -171,6 +181,35 @@ class MLA(nn.Module):
                                                attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
             o = o.transpose(1, 2)[..., :self.v_head_dim]
         return self.wo(o.reshape(B, T, -1))
+
+    def indexer_kl(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor,
+                   support: torch.Tensor | None) -> torch.Tensor:
+        """The indexer's training loss (V3.2 report sec. 2.1.1): mean over queries t of
+        KL(p_t || softmax(I_t)), where p_t is the main attention distribution summed over heads and L1-normalized
+        (= the heads' mean) and both distributions live on `support` (bool (B or 1, 1, T, S), None = causal): all
+        visible keys in the dense warm-up, the selected set in the sparse stage. p_t carries no gradient and the
+        indexer's input is detached, so this loss trains the indexer only (DeepSeek sums over t; nanoseek averages,
+        which only rescales the learning rate). lat: this call's [c_KV ; k_rope] (no cache)."""
+        T, S = x.size(1), lat.size(1)
+        if support is None:
+            support = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+        with torch.no_grad():
+            p = self.attention_probs(q_nope, q_pe, lat, support).mean(dim=1)  # (B, T, S)
+        xd = x.detach()
+        scores = self.indexer.scores(xd, q_lat.detach(), cos, sin, self.indexer.keys(xd, cos, sin))
+        log_q = scores.masked_fill(~support[:, 0], float("-inf")).log_softmax(dim=-1)
+        kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), p.new_zeros(()))
+        return kl.sum(dim=-1).mean()
+
+    def attention_probs(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor,
+                        support: torch.Tensor) -> torch.Tensor:
+        """Per-head attention probabilities (B, H, T, S) of the naive formula over keys where support is True."""
+        kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_nope = self.wkv_b(kv).view(*kv.shape[:2], self.n_heads, -1)[..., :self.qk_nope_head_dim]
+        scores = (torch.einsum("bthd,bshd->bhts", q_nope, k_nope)
+                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.softmax_scale
+        return scores.float().masked_fill(~support, float("-inf")).softmax(dim=-1)
 
     @staticmethod
     def _cached_latent(lat: torch.Tensor, cache: torch.Tensor | None, start: int, write_pos: torch.Tensor | None,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.attention import MLA
 from nanoseek.model.moe import MoE, SwiGLU
 from nanoseek.model.rope import RMSNorm, rope_cos_sin
@@ -25,11 +25,14 @@ IGNORE = -1  # target value that contributes no loss (padding, prompt tokens)
 
 @dataclass
 class LossParts:
-    """Loss terms kept apart so the trainer weighs them: total = main + lambda * mtp + alpha * balance."""
+    """Loss terms kept apart so the trainer weighs them: total = main + lambda * mtp + alpha * balance.
+    indexer: the mean over attention layers of the sparse-attention indexer's KL loss (only while
+    `set_indexer_training` is on; it trains the indexer alone, so it is simply added)."""
 
     main: torch.Tensor
     mtp: torch.Tensor
     balance: torch.Tensor
+    indexer: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -182,6 +185,9 @@ class Transformer(nn.Module):
         mode, so in eval mode (and for any layer this call did not run) it is zero, never a stale value."""
         for m in self.moe_layers():
             m.balance_loss = None
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.indexer_loss = None
         h = self.hidden(ids)
         logits = self.logits(h)
         if targets is None:
@@ -190,7 +196,22 @@ class Transformer(nn.Module):
         mtp = self.mtp_loss(h, ids, targets)
         bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         balance = torch.stack(bal).sum() if bal else logits.new_zeros(())
-        return logits, LossParts(main, mtp, balance)
+        idx = [m.indexer_loss for m in self.modules() if isinstance(m, MLA) and m.indexer_loss is not None]
+        return logits, LossParts(main, mtp, balance, torch.stack(idx).mean() if idx else None)
+
+    def set_indexer_training(self, mode: str | None) -> None:
+        """Sparse-attention training stages (DeepSeek-V3.2 report sec. 2.1.1): "warmup" = dense attention, every
+        indexer learns the main attention distribution (KL, LossParts.indexer); "sparse" = attention restricted to
+        the indexer's top-k, the KL taken over the selected keys; None = off. The indexer's inputs are detached
+        either way, so the main loss never reaches it and the KL reaches nothing else (freezing the main model
+        in the warm-up is the optimizer's business: nanoseek.train.sparse_attention)."""
+        if mode not in (None, "warmup", "sparse"):
+            raise ValueError(f"indexer training mode must be None, 'warmup' or 'sparse', got {mode!r}")
+        if mode is not None and not self.cfg.sparse_attention:
+            raise ConfigError("indexer training needs a sparse-attention model (index_topk > 0)")
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.indexer_train = mode
 
     def mtp_loss(self, h: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(1/D) sum_k CE_k, where depth k at position i predicts t_{i+k+1} = targets[i + k]."""
