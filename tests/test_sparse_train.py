@@ -13,7 +13,7 @@ from test_sparse import loop_index_scores, loop_selection, randomize_norms, spar
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model import Transformer
 from nanoseek.model.rope import apply_rope
-from nanoseek.train.sparse_attention import add_indexers, batches, indexer_recall, train_stage
+from nanoseek.train.sparse_attention import add_indexers, batches, indexer_recall, oracle_recall, train_stage
 
 
 def loop_main_probs(attn, x, cos, sin, support: list[list[list[int]]]) -> torch.Tensor:
@@ -111,6 +111,27 @@ def test_warmup_raises_recall_and_keeps_the_main_model():
     main_before = {n: p.clone() for n, p in model.named_parameters() if ".indexer." not in n}
     log = train_stage(model, "warmup", batches(torch.randint(0, 64, (64, 33)), 8), steps=80, lr=3e-2)
     after = indexer_recall(model, ids, 4)
+    assert all(o >= a - 1e-6 for o, a in zip(oracle_recall(model, ids, 4), after))
     assert log[-1]["indexer"] < 0.5 * log[0]["indexer"]
     assert min(a - b for a, b in zip(after, before)) > 0.15, (before, after)  # 0.28 -> 0.5 here
     assert all(torch.equal(p, main_before[n]) for n, p in model.named_parameters() if ".indexer." not in n)
+
+
+def test_recalls_match_a_loop():
+    """Layer 0 of a model: oracle_recall = mean over t >= k of the k largest dense attention shares, and
+    indexer_recall = the dense share inside the indexer's own top-k (loop selection), by hand."""
+    cfg = sparse_cfg(index_topk=3, n_layers=1, n_dense_layers=1, init_std=0.3)
+    model = Transformer(cfg).eval()
+    randomize_norms(model)
+    ids = torch.randint(0, 64, (2, 9))
+    attn = model.layers[0].attn
+    with torch.no_grad():
+        x = model.layers[0].attn_norm(model.embed(ids))
+        cos, sin = model.rope(None, 0, 9)
+        p = loop_main_probs(attn, x, cos, sin, [[list(range(t + 1)) for t in range(9)]] * 2)
+        sel = loop_selection(loop_index_scores(attn, x, torch.atan2(model.rope_sin[1], model.rope_cos[1])), 3)
+    oracle = sum(sum(sorted(p[b, t, :t + 1].tolist())[-3:]) for b in range(2) for t in range(3, 9)) / 12
+    recall = sum(p[b, t, sel[b][t]].sum().item() for b in range(2) for t in range(3, 9)) / 12
+    assert oracle_recall(model, ids, 3)[0] == pytest.approx(oracle, rel=1e-5)
+    assert indexer_recall(model, ids, 3)[0] == pytest.approx(recall, rel=1e-5)
+    assert recall < oracle - 1e-3

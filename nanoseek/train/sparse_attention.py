@@ -52,15 +52,12 @@ def freeze_all_but_indexers(model: Transformer, frozen: bool = True) -> list[tor
 @torch.no_grad()
 def _layer_recall(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k: int) -> torch.Tensor:
     """(B, T) share of the dense attention mass (heads' mean) inside the indexer's top-k of each query."""
-    B, T, _ = x.shape
+    T = x.size(1)
     q_lat = attn.q_norm(attn.wq_a(x))
-    q_nope, q_pe = attn.wq_b(q_lat).view(B, T, attn.n_heads, -1).split(
-        [attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
-    q_pe = apply_rope(q_pe, cos, sin)
     lat = attn.latent(x, cos, sin)
     m = attn.kv_lora_rank + attn.qk_rope_head_dim
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
-    p = attn.attention_probs(q_nope, q_pe, lat[..., :m], causal).mean(dim=1)
+    p = _layer_probs(attn, x, cos, sin)
     saved, attn.indexer.topk = attn.indexer.topk, k
     try:
         keep = attn.indexer.select(attn.indexer.scores(x, q_lat, cos, sin, lat[..., m:]), causal)
@@ -70,22 +67,48 @@ def _layer_recall(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 @torch.no_grad()
+def _layer_probs(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    B, T, _ = x.shape
+    q_nope, q_pe = attn.wq_b(attn.q_norm(attn.wq_a(x))).view(B, T, attn.n_heads, -1).split(
+        [attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
+    lat = attn.latent(x, cos, sin)[..., :attn.kv_lora_rank + attn.qk_rope_head_dim]
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+    return attn.attention_probs(q_nope, apply_rope(q_pe, cos, sin), lat, causal).mean(dim=1)
+
+
+def _layer_inputs(model: Transformer, ids: torch.Tensor) -> list[tuple]:
+    """Each main layer's attention input (x, cos, sin) of a dense forward (warm-up mode)."""
+    captured: list[tuple] = []
+    hooks = [layer.attn.register_forward_hook(lambda mod, args, out: captured.append(args[:3]))
+             for layer in model.layers]
+    mode = next((m.indexer_train for m in model.modules() if isinstance(m, MLA)), None)
+    if model.cfg.sparse_attention:
+        model.set_indexer_training("warmup")
+    try:
+        model.hidden(ids)
+    finally:
+        if model.cfg.sparse_attention:
+            model.set_indexer_training(mode)
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+@torch.no_grad()
+def oracle_recall(model: Transformer, ids: torch.Tensor, k: int) -> list[float]:
+    """The best any selection of k keys can do: per main layer, the mean over queries t >= k of the dense
+    attention mass (heads' mean) in its k largest entries (the ceiling for indexer_recall)."""
+    return [_layer_probs(layer.attn, *args).topk(k, dim=-1).values.sum(-1)[:, k:].mean().item()
+            for layer, args in zip(model.layers, _layer_inputs(model, ids))]
+
+
+@torch.no_grad()
 def indexer_recall(model: Transformer, ids: torch.Tensor, k: int) -> list[float]:
     """Per main layer: the mean over queries that see more than k keys (t >= k) of the share of the dense
     attention distribution (heads' mean) that the indexer's top-k holds. Attention runs dense (warm-up mode)
     so every layer's input is the dense model's."""
-    captured: list[tuple] = []
-    hooks = [layer.attn.register_forward_hook(lambda mod, args, out: captured.append(args[:3]))
-             for layer in model.layers]
-    mode = next(m.indexer_train for m in model.modules() if isinstance(m, MLA))
-    model.set_indexer_training("warmup")
-    try:
-        model.hidden(ids)
-    finally:
-        model.set_indexer_training(mode)
-        for h in hooks:
-            h.remove()
-    return [_layer_recall(layer.attn, *args, k)[:, k:].mean().item() for layer, args in zip(model.layers, captured)]
+    return [_layer_recall(layer.attn, *args, k)[:, k:].mean().item()
+            for layer, args in zip(model.layers, _layer_inputs(model, ids))]
 
 
 def batches(rows: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
