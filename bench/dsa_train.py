@@ -4,7 +4,8 @@
 2. for k in (L/8, L/16): add fresh indexers (add_indexers), dense warm-up (only the indexers, KL to the main
    attention) for --warmup-steps, recording the indexer's recall of the dense attention mass at k; then the
    sparse stage (everything trained, attention over the top-k) for --steps;
-3. the dense model continued for the same --steps with the same data and learning rate: the baseline;
+3. the baseline: the dense model continued for the same --steps through the same code (train_stage "sparse"
+   with index_topk = L, where nothing is dropped): same data, optimizer and learning rate;
 4. held-out loss (and bits per token) of every branch on the same validation rows.
 
 Writes a JSON of every figure to --out. Uses one thread. Usage:
@@ -13,7 +14,6 @@ Writes a JSON of every figure to --out. Uses one thread. Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="sparse stage / dense continuation steps")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--val-rows", type=int, default=48)
+    ap.add_argument("--dense-init", default="", help="a state_dict file: loaded if present, else written after "
+                                                     "the dense pretraining")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -92,16 +94,24 @@ def main() -> None:
                  "args": vars(args), "threads": 1}
     t0 = time.perf_counter()
     dense = Transformer(cfg)
-    log = dense_train(dense, batches(train, args.batch_size, seed=1), args.dense_steps, args.lr)
+    if args.dense_init and Path(args.dense_init).exists():
+        dense.load_state_dict(torch.load(args.dense_init))
+        log = [float("nan")]
+    else:
+        log = dense_train(dense, batches(train, args.batch_size, seed=1), args.dense_steps, args.lr)
+        if args.dense_init:
+            torch.save(dense.state_dict(), args.dense_init)
     out["dense_pretrain"] = {"steps": args.dense_steps, "final_train_loss": float(np.mean(log[-50:])),
                              "val_loss": val_loss(dense, val), "seconds": time.perf_counter() - t0}
     print("dense pretrain", out["dense_pretrain"], flush=True)
     probe = val[:8, :-1]
     t0 = time.perf_counter()
-    base = copy.deepcopy(dense)
-    cont = dense_train(base, batches(train, args.batch_size, seed=2), args.steps, args.lr / 3, warmup=1)
+    base = add_indexers(dense, index_topk=L, index_n_heads=4, index_head_dim=32)  # k = L: dense attention
+    cont = train_stage(base, "sparse", batches(train, args.batch_size, seed=2), args.steps, lr=args.lr / 3,
+                       indexer_lr=1e-3)
     out["dense_continued"] = {"steps": args.steps, "val_loss": val_loss(base, val),
-                              "final_train_loss": float(np.mean(cont[-50:])), "seconds": time.perf_counter() - t0}
+                              "final_train_loss": float(np.mean([r["main"] for r in cont[-50:]])),
+                              "seconds": time.perf_counter() - t0}
     print("dense continued", out["dense_continued"], flush=True)
     out["sparse"] = {}
     for k in (L // 8, L // 16):
