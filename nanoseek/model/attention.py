@@ -246,6 +246,8 @@ class MLA(nn.Module):
         lat = self._cached_latent(new_lat, cache, start, write_pos, x.dtype)
         S = lat.size(1)
         if self.indexer is not None:
+            if T == 1 and S > self.indexer.topk:  # one query per row: attend over a gather of the top-k latents
+                return self._decode_gathered(x, q_lat, q, cos, sin, lat, mask)
             mask = self._sparse_mask(x, q_lat, cos, sin, lat, mask) if S > self.indexer.topk else mask
             lat = lat[..., :r + rope]
         # the keys transposed into a contiguous copy: CPU bmm over many tiny matrices is ~7x slower on the
@@ -262,6 +264,28 @@ class MLA(nn.Module):
             probs = probs.to(lat.dtype)
         o_lat = torch.bmm(probs, lat[..., :r])  # (B, T*H, r)
         return F.linear(o_lat.view(B, T, H * r), w_ov)
+
+
+    def _decode_gathered(self, x, q_lat, q, cos, sin, lat, mask) -> torch.Tensor:
+        """Sparse decode of one token per row: the indexer's top-k visible cache rows are gathered and attention
+        runs over those k latents only (the same keys as the mask formulation, so the same result up to float
+        summation order), which is where DSA saves work: O(k) attention after an O(S) index score."""
+        B, _, H, _ = q.shape
+        r, m = self.kv_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim
+        S = lat.size(1)
+        with torch.no_grad():
+            scores = self.indexer.scores(x, q_lat, cos, sin, lat[..., m:])  # (B, 1, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, S), float("-inf"))
+            top, idx = scores.topk(self.indexer.topk, dim=-1)  # (B, 1, k)
+        sel = lat.gather(1, idx.view(B, -1, 1).expand(-1, -1, m))  # (B, k, r + rope)
+        att = torch.bmm(q.view(B, H, -1), sel.transpose(1, 2))  # (B, H, k), already scaled
+        if att.dtype != torch.float32:
+            att = att.float()
+        att = att.masked_fill(top.isneginf(), float("-inf"))  # fewer than k visible keys: drop the padding picks
+        probs = att.softmax(dim=-1)
+        o_lat = torch.bmm(probs.to(sel.dtype), sel[..., :r])  # (B, H, r)
+        return F.linear(o_lat.view(B, 1, H * r), self.fused[1])
 
 
 @functools.cache
