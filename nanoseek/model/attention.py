@@ -278,7 +278,10 @@ class MLA(nn.Module):
             if mask is not None:
                 scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, S), float("-inf"))
             top, idx = scores.topk(self.indexer.topk, dim=-1)  # (B, 1, k)
-        sel = lat.gather(1, idx.view(B, -1, 1).expand(-1, -1, m))  # (B, k, r + rope)
+        if B == 1:  # row copies (index_select is ~3x faster than advanced indexing, ~5x than gather, on CPU)
+            sel = lat[0].index_select(0, idx[0, 0])[None, :, :m]  # (1, k, r + rope)
+        else:
+            sel = lat[torch.arange(B, device=x.device)[:, None], idx[:, 0], :m]  # (B, k, r + rope)
         att = torch.bmm(q.view(B, H, -1), sel.transpose(1, 2))  # (B, H, k), already scaled
         if att.dtype != torch.float32:
             att = att.float()
