@@ -9,9 +9,9 @@ rope key k_rope shared by all heads; that pair is all a cache holds. Two equival
 
 With sparse attention (ModelConfig.index_topk > 0, DeepSeek-V3.2-Exp sec. 2.1) a lightning indexer
 (model/indexer.py) picks each query's top-k visible keys and both paths attend only to those: the selection
-becomes a boolean mask ANDed into the causal / padding one (no gather kernel, so no compute is saved: this is
-the training and prefill formulation; cost figures come from the selection size). The indexer's key is cached
-after [c_KV ; k_rope] in the same cache row. When a query sees at most index_topk keys nothing is dropped and
+becomes a boolean mask ANDed into the causal / padding one (training and prefill: no compute saved), except in
+the fused decode of one query per row, which gathers the top-k cache rows and attends over those only
+(`_decode_gathered`). The indexer's key is cached after [c_KV ; k_rope] in the same cache row. When a query sees at most index_topk keys nothing is dropped and
 the dense code path runs unchanged.
 """
 from __future__ import annotations
