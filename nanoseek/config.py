@@ -56,6 +56,11 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.006
     fp8: bool = False  # simulate FP8 fine-grained (1x128 / 128x128) quantized matmuls
+    # DeepSeek Sparse Attention (V3.2-Exp, model/indexer.py), transformers' names: each query attends to the
+    # index_topk earlier tokens its lightning indexer scores highest. index_topk = 0: dense attention.
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -72,9 +77,14 @@ class ModelConfig:
         return self.n_layers - self.n_dense_layers if self.n_routed_experts > 0 else 0
 
     @property
+    def sparse_attention(self) -> bool:
+        return self.index_topk > 0
+
+    @property
     def kv_cache_numbers_per_token_layer(self) -> int:
-        """MLA caches only the normalized latent c_KV and the shared rope key."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """MLA caches only the normalized latent c_KV and the shared rope key (plus, with sparse attention, the
+        indexer's key: V3.2's indexer cache, kept in the same row)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim + (self.index_head_dim if self.sparse_attention else 0)
 
     @property
     def softmax_scale(self) -> float:
@@ -115,6 +125,14 @@ class ModelConfig:
         if self.n_dense_layers > 0:
             need(self.inter_dim > 0, "inter_dim must be positive when there are dense layers")
         need(self.rope_factor >= 1, f"rope_factor must be >= 1, got {self.rope_factor}")
+        need(min(self.index_topk, self.index_n_heads, self.index_head_dim) >= 0, "index_* fields must be >= 0")
+        if self.sparse_attention:
+            need(self.q_lora_rank > 0, "sparse attention (index_topk > 0) needs q_lora_rank > 0: the indexer's "
+                                       "queries come from MLA's query latent (as in DeepSeek-V3.2)")
+            need(self.index_n_heads > 0, "sparse attention (index_topk > 0) needs index_n_heads > 0")
+            need(self.index_head_dim >= self.qk_rope_head_dim,
+                 f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim ({self.qk_rope_head_dim}): "
+                 "the indexer's rope part is its first qk_rope_head_dim numbers")
         return self
 
     # ---- JSON ----------------------------------------------------------------------------
@@ -166,6 +184,10 @@ class ModelConfig:
         kv = (d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
               + self.kv_lora_rank * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim))
         attn = q + kv + self.n_heads * self.v_head_dim * d
+        indexer = 0
+        if self.sparse_attention:  # wq_b, wk, k_norm (LayerNorm weight + bias), weights_proj
+            idx_h, idx_d = self.index_n_heads, self.index_head_dim
+            indexer = self.q_lora_rank * idx_h * idx_d + d * idx_d + 2 * idx_d + d * idx_h
         norms = 2 * d
         dense_ffn = 3 * d * self.inter_dim
         expert = 3 * d * self.moe_inter_dim
@@ -176,15 +198,16 @@ class ModelConfig:
         n_dense = self.n_layers - n_moe
         embed = self.vocab_size * d
         head = self.vocab_size * d
-        layers_total = self.n_layers * (attn + norms) + n_dense * dense_ffn + n_moe * moe_total
-        layers_active = self.n_layers * (attn + norms) + n_dense * dense_ffn + n_moe * moe_active
+        layers_total = self.n_layers * (attn + indexer + norms) + n_dense * dense_ffn + n_moe * moe_total
+        layers_active = self.n_layers * (attn + indexer + norms) + n_dense * dense_ffn + n_moe * moe_active
         total = embed + layers_total + d + head
         # Per-token activated parameters: the embedding row lookup is not a matmul, V3's 37B counts it anyway
         # (DeepSeek's figure includes embedding and head), so we do too.
         active = embed + layers_active + d + head
-        mtp_block = attn + norms + (moe_total if n_moe else dense_ffn)
+        mtp_block = attn + indexer + norms + (moe_total if n_moe else dense_ffn)
         mtp = self.n_mtp * (2 * d + 2 * d * d + mtp_block + d)
-        return {"embed": embed, "head": head, "attention_per_layer": attn, "dense_ffn_per_layer": dense_ffn,
+        return {"embed": embed, "head": head, "attention_per_layer": attn,
+                "indexer_per_layer": indexer, "dense_ffn_per_layer": dense_ffn,
                 "moe_per_layer": moe_total if n_moe else 0, "expert": expert,
                 "total": total, "active": active, "mtp": mtp, "total_with_mtp": total + mtp}
 

@@ -50,6 +50,7 @@ _LAYER_RENAMES = [
     ("attn.wkv_a.", "self_attn.kv_a_proj_with_mqa."), ("attn.kv_norm.", "self_attn.kv_a_layernorm."),
     ("attn.wkv_b.", "self_attn.kv_b_proj."), ("attn.wo.", "self_attn.o_proj."),
     ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"), ("ffn.gate.weight", "mlp.gate.weight"),
+    ("attn.indexer.", "self_attn.indexer."),  # DeepSeek-V3.2's lightning indexer (nanoseek/hf_v32.py)
 ]
 _FFN = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
@@ -90,6 +91,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         return _config_to_hf_v2(cfg)
     if cfg.n_routed_experts > 0 and cfg.n_dense_layers < cfg.n_layers and cfg.n_shared_experts < 1:
         raise ConfigError("transformers' DeepseekV3 needs at least one shared expert")
+    if cfg.sparse_attention:  # DeepSeek Sparse Attention: a DeepseekV32 config (nanoseek/hf_v32.py)
+        from nanoseek import hf_v32
+        return hf_v32.config_to_hf(cfg)
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_factor > 1:
         rope = {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
@@ -134,8 +138,6 @@ def _config_to_hf_v2(cfg: ModelConfig) -> dict:
 
 # model_type -> what nanoseek would need to run it (architectures it refuses, each naming what is missing)
 _UNSUPPORTED = {
-    "deepseek_v32": "DeepSeek-V3.2's DeepSeek Sparse Attention (the lightning indexer and its top-k token "
-                    "selection) is not implemented",
     "deepseek_v4": "DeepSeek-V4's architecture is not implemented",
     "deepseek": "DeepSeek-MoE (V1) uses multi-head attention, not MLA",
 }
@@ -144,17 +146,21 @@ _UNSUPPORTED = {
 def check_architecture(hf: dict) -> None:
     """Refuse every config.json nanoseek cannot run, naming what is missing (before any weight is read)."""
     model_type = hf.get("model_type")
-    if model_type in ("deepseek_v3", "deepseek_v2", None):
+    if model_type in ("deepseek_v3", "deepseek_v2", "deepseek_v32", None):
         return
     if model_type in _UNSUPPORTED:
         raise ConfigError(f"model_type {model_type!r} is not supported: {_UNSUPPORTED[model_type]}; nanoseek "
-                          "imports DeepseekV3ForCausalLM and DeepseekV2ForCausalLM checkpoints")
+                          "imports DeepseekV3ForCausalLM, DeepseekV32ForCausalLM and DeepseekV2ForCausalLM checkpoints")
     arch = ", ".join(hf.get("architectures") or []) or "unknown architecture"
     raise ConfigError(f"unknown model_type {model_type!r} ({arch}): nanoseek imports DeepseekV3ForCausalLM "
                       "(model_type 'deepseek_v3') and DeepseekV2ForCausalLM ('deepseek_v2') checkpoints only")
 
 
 def config_from_hf(hf: dict) -> ModelConfig:
+    if hf.get("model_type") == "deepseek_v32":  # V3 + DeepSeek Sparse Attention (nanoseek/hf_v32.py)
+        from nanoseek import hf_v32
+        return hf_v32.config_from_hf(hf)
+
     def get(key, default=None):
         return hf.get(key, default)
 
@@ -347,7 +353,7 @@ def from_hf(path: str | Path, dtype: torch.dtype | None = None, load_mtp: bool =
     ckpt_dtype = _ST_DTYPES[info["model.embed_tokens.weight"].dtype]
     target = dtype or (ckpt_dtype if ckpt_dtype.is_floating_point and ckpt_dtype.itemsize >= 2 else torch.float32)
     for name, p in model.named_parameters():
-        if not name.endswith("gate.weight"):
+        if not name.endswith(("gate.weight", "indexer.weights_proj.weight")):  # both float32, as transformers
             p.data = p.data.to(target)
     model = model.to_empty(device="cpu")  # allocated, untouched: pages become resident as they are written
     targets = model.state_dict(keep_vars=True)

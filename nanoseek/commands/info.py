@@ -38,10 +38,14 @@ def param_table(cfg: ModelConfig, title: str) -> Table:
     table = Table(title=title)
     table.add_column("part")
     table.add_column("parameters", justify="right")
-    for key in ("embed", "head", "attention_per_layer", "dense_ffn_per_layer", "moe_per_layer", "expert",
-                "total", "active", "mtp", "total_with_mtp"):
+    keys = ["embed", "head", "attention_per_layer", "dense_ffn_per_layer", "moe_per_layer", "expert",
+            "total", "active", "mtp", "total_with_mtp"]
+    if cfg.sparse_attention:  # V3.2's lightning indexer
+        keys.insert(3, "indexer_per_layer")
+    for key in keys:
         table.add_row(key, f"{counts[key]:,}")
-    table.add_row("KV cache numbers / token / layer", f"{cfg.kv_cache_numbers_per_token_layer:,}")
+    cache = "KV cache numbers / token / layer" + (" (with the indexer key)" if cfg.sparse_attention else "")
+    table.add_row(cache, f"{cfg.kv_cache_numbers_per_token_layer:,}")
     return table
 
 

@@ -48,6 +48,7 @@ def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
     # CPU only: CUDA's _grouped_mm takes bfloat16 on recent GPUs, and GPU decode is not launch-bound the same way
     # even kv_lora_rank: the in-place rope views each head's [latent ; rope] row of r + d floats as complex pairs
     return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank == 0
+            and not cfg.sparse_attention
             and next(model.parameters()).device.type == "cpu"
             and cfg.dim % 4 == 0 and cfg.moe_inter_dim % 4 == 0 and cfg.kv_lora_rank % 2 == 0
             and cache_dtype == dtype == torch.float32

@@ -3,7 +3,9 @@
 * Prompts of different lengths are left-padded into one batch; each row keeps its own rope positions
   and a key mask hides its padding, so a row's output does not depend on its neighbours.
 * The cache is preallocated: (n_layers, B, prompt_len + max_new_tokens, kv_lora_rank + qk_rope_head_dim),
-  i.e. only the normalized latent c_KV and the shared rope key per token per layer.
+  i.e. only the normalized latent c_KV and the shared rope key per token per layer; with sparse attention
+  (DeepSeek-V3.2, ModelConfig.index_topk > 0) each row also holds the layer's indexer key, and MLA attends
+  to the indexer's top-k cached tokens (the lean decoder, engine/decode.py, is dense-only and not used).
 * Prefill is one forward over the whole batch (naive attention); each decode step is one forward of one
   token per row with weight-absorbed attention directly on the latent cache.
 * Rows finish independently on eos or a stop string; the loop ends when all have finished. "eos" is every id

@@ -6,6 +6,13 @@ rope key k_rope shared by all heads; that pair is all a cache holds. Two equival
 * naive: up-project c_KV into per-head k_nope and v, attend with k = [k_nope ; k_rope];
 * absorbed: fold W_UK into the query and W_UV into the output so attention runs directly on the
   latent cache (what decode uses: no per-head keys are ever materialized).
+
+With sparse attention (ModelConfig.index_topk > 0, DeepSeek-V3.2-Exp sec. 2.1) a lightning indexer
+(model/indexer.py) picks each query's top-k visible keys and both paths attend only to those: the selection
+becomes a boolean mask ANDed into the causal / padding one (training and prefill: no compute saved), except in
+the fused decode of one query per row, which gathers the top-k cache rows and attends over those only
+(`_decode_gathered`). The indexer's key is cached after [c_KV ; k_rope] in the same cache row. When a query sees at most index_topk keys nothing is dropped and
+the dense code path runs unchanged.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.fp8 import Linear
+from nanoseek.model.indexer import Indexer
 from nanoseek.model.rope import RMSNorm, apply_rope
 
 
@@ -42,6 +50,12 @@ class MLA(nn.Module):
         self.wkv_b = Linear(self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), cfg.fp8)
         self.wo = Linear(self.n_heads * self.v_head_dim, cfg.dim, cfg.fp8)
         self.fp8 = cfg.fp8
+        self.indexer = Indexer(cfg) if cfg.sparse_attention else None
+        # indexer training (V3.2 sec. 2.1.1, Transformer.set_indexer_training): None, "warmup" (main attention
+        # dense, KL over all visible keys) or "sparse" (KL over the selected keys); the loss of the last
+        # training forward is left in indexer_loss
+        self.indexer_train: str | None = None
+        self.indexer_loss: torch.Tensor | None = None
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only absorbed weights
 
     @torch.no_grad()
@@ -76,9 +90,28 @@ class MLA(nn.Module):
         self.fused = (wq_fused.to(dtype).contiguous(), w_ov.to(dtype).contiguous())
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """[c_KV ; k_rope] for x: (B, T, kv_lora_rank + qk_rope_head_dim), what the cache stores."""
+        """[c_KV ; k_rope] for x: (B, T, kv_lora_rank + qk_rope_head_dim), what the cache stores; with sparse
+        attention followed by the indexer's key (index_head_dim more numbers)."""
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return torch.cat([self.kv_norm(kv), apply_rope(k_pe, cos, sin)], dim=-1)
+        parts = [self.kv_norm(kv), apply_rope(k_pe, cos, sin)]
+        if self.indexer is not None:  # for the selection only (no autograd: indexer_kl recomputes them)
+            with torch.no_grad():
+                parts.append(self.indexer.keys(x, cos, sin).to(parts[0].dtype))
+        return torch.cat(parts, dim=-1)
+
+    def _sparse_mask(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     lat: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The attention mask restricted to the indexer's top-k keys (B, 1, T, S), or None when no query can
+        lose a key (S <= index_topk: the dense path, unchanged). mask None = causal over the last T of S keys."""
+        T, S = x.size(1), lat.size(1)
+        if S <= self.indexer.topk:
+            return None
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+        m = self.kv_lora_rank + self.qk_rope_head_dim
+        with torch.no_grad():
+            scores = self.indexer.scores(x, q_lat, cos, sin, lat[..., m:])
+            return self.indexer.select(scores, mask)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: torch.Tensor | None = None, start: int = 0, absorb: bool = False,
@@ -94,11 +127,11 @@ class MLA(nn.Module):
             absorb = False
         if absorb and self.fused is not None and not torch.is_grad_enabled():
             return self._decode_fused(x, cos, sin, mask, cache, start, write_pos)
-        q = self.wq(x) if self.q_lora_rank == 0 else self.wq_b(self.q_norm(self.wq_a(x)))
+        q_lat = None if self.q_lora_rank == 0 else self.q_norm(self.wq_a(x))
+        q = self.wq(x) if q_lat is None else self.wq_b(q_lat)
         q_nope, q_pe = q.view(B, T, self.n_heads, -1).split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin)
         lat = self._cached_latent(self.latent(x, cos, sin), cache, start, write_pos, x.dtype)
-        kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         # causal over x itself (for T == 1 without a prefix this is the same as no mask); a plain bool, never a
         # condition on T, so that it stays a Python bool when T is symbolic under torch.compile
         causal = mask is None and not (cache is not None and start > 0)
@@ -106,6 +139,16 @@ class MLA(nn.Module):
             S = start + T
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(start)[None, None]
             causal = False
+        if self.indexer is not None:
+            visible = mask
+            sparse = None if self.indexer_train == "warmup" else self._sparse_mask(x, q_lat, cos, sin, lat, mask)
+            if sparse is not None:
+                mask, causal = sparse, False
+            lat = lat[..., :self.kv_lora_rank + self.qk_rope_head_dim]
+            if self.indexer_train is not None and torch.is_grad_enabled() and cache is None:
+                self.indexer_loss = self.indexer_kl(x, q_lat, cos, sin, q_nope, q_pe, lat,
+                                                    sparse if sparse is not None else visible)
+        kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         w = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         if absorb:
             # One latent key/value shared by all heads: fold heads into the query rows (MQA-style bmm).
@@ -139,6 +182,35 @@ class MLA(nn.Module):
             o = o.transpose(1, 2)[..., :self.v_head_dim]
         return self.wo(o.reshape(B, T, -1))
 
+    def indexer_kl(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor,
+                   support: torch.Tensor | None) -> torch.Tensor:
+        """The indexer's training loss (V3.2 report sec. 2.1.1): mean over queries t of
+        KL(p_t || softmax(I_t)), where p_t is the main attention distribution summed over heads and L1-normalized
+        (= the heads' mean) and both distributions live on `support` (bool (B or 1, 1, T, S), None = causal): all
+        visible keys in the dense warm-up, the selected set in the sparse stage. p_t carries no gradient and the
+        indexer's input is detached, so this loss trains the indexer only (DeepSeek sums over t; nanoseek averages,
+        which only rescales the learning rate). lat: this call's [c_KV ; k_rope] (no cache)."""
+        T, S = x.size(1), lat.size(1)
+        if support is None:
+            support = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
+        with torch.no_grad():
+            p = self.attention_probs(q_nope, q_pe, lat, support).mean(dim=1)  # (B, T, S)
+        xd = x.detach()
+        scores = self.indexer.scores(xd, q_lat.detach(), cos, sin, self.indexer.keys(xd, cos, sin))
+        log_q = scores.masked_fill(~support[:, 0], float("-inf")).log_softmax(dim=-1)
+        kl = torch.where(p > 0, p * (p.clamp_min(1e-30).log() - log_q), p.new_zeros(()))
+        return kl.sum(dim=-1).mean()
+
+    def attention_probs(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor,
+                        support: torch.Tensor) -> torch.Tensor:
+        """Per-head attention probabilities (B, H, T, S) of the naive formula over keys where support is True."""
+        kv, k_pe = lat.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_nope = self.wkv_b(kv).view(*kv.shape[:2], self.n_heads, -1)[..., :self.qk_nope_head_dim]
+        scores = (torch.einsum("bthd,bshd->bhts", q_nope, k_nope)
+                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.softmax_scale
+        return scores.float().masked_fill(~support, float("-inf")).softmax(dim=-1)
+
     @staticmethod
     def _cached_latent(lat: torch.Tensor, cache: torch.Tensor | None, start: int, write_pos: torch.Tensor | None,
                        dtype: torch.dtype) -> torch.Tensor:
@@ -167,11 +239,17 @@ class MLA(nn.Module):
             new_lat = torch.cat([self.kv_norm(kv), pe[:, :, H]], dim=-1)
             q = torch.cat([q_lat.view(B, T, H, r), pe[:, :, :H]], dim=-1)
         else:
-            q = F.linear(self.q_norm(self.wq_a(x)), wq_fused).view(B, T, H, r + rope)
+            q_lat = self.q_norm(self.wq_a(x))
+            q = F.linear(q_lat, wq_fused).view(B, T, H, r + rope)
             q[..., r:] = apply_rope(q[..., r:], cos, sin)
             new_lat = self.latent(x, cos, sin)
         lat = self._cached_latent(new_lat, cache, start, write_pos, x.dtype)
         S = lat.size(1)
+        if self.indexer is not None:
+            if T == 1 and S > self.indexer.topk:  # one query per row: attend over a gather of the top-k latents
+                return self._decode_gathered(x, q_lat, q, cos, sin, lat, mask)
+            mask = self._sparse_mask(x, q_lat, cos, sin, lat, mask) if S > self.indexer.topk else mask
+            lat = lat[..., :r + rope]
         # the keys transposed into a contiguous copy: CPU bmm over many tiny matrices is ~7x slower on the
         # strided view of the cache than on contiguous ones (the copy costs less than the difference)
         scores = torch.bmm(q.view(B, T * H, -1), lat.transpose(1, 2).contiguous())  # (B, T*H, S), already scaled
@@ -186,6 +264,31 @@ class MLA(nn.Module):
             probs = probs.to(lat.dtype)
         o_lat = torch.bmm(probs, lat[..., :r])  # (B, T*H, r)
         return F.linear(o_lat.view(B, T, H * r), w_ov)
+
+
+    def _decode_gathered(self, x, q_lat, q, cos, sin, lat, mask) -> torch.Tensor:
+        """Sparse decode of one token per row: the indexer's top-k visible cache rows are gathered and attention
+        runs over those k latents only (the same keys as the mask formulation, so the same result up to float
+        summation order), which is where DSA saves work: O(k) attention after an O(S) index score."""
+        B, _, H, _ = q.shape
+        r, m = self.kv_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim
+        S = lat.size(1)
+        with torch.no_grad():
+            scores = self.indexer.scores(x, q_lat, cos, sin, lat[..., m:])  # (B, 1, S)
+            if mask is not None:
+                scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, S), float("-inf"))
+            top, idx = scores.topk(self.indexer.topk, dim=-1)  # (B, 1, k)
+        if B == 1:  # row copies (index_select is ~3x faster than advanced indexing, ~5x than gather, on CPU)
+            sel = lat[0].index_select(0, idx[0, 0])[None, :, :m]  # (1, k, r + rope)
+        else:
+            sel = lat[torch.arange(B, device=x.device)[:, None], idx[:, 0], :m]  # (B, k, r + rope)
+        att = torch.bmm(q.view(B, H, -1), sel.transpose(1, 2))  # (B, H, k), already scaled
+        if att.dtype != torch.float32:
+            att = att.float()
+        att = att.masked_fill(top.isneginf(), float("-inf"))  # fewer than k visible keys: drop the padding picks
+        probs = att.softmax(dim=-1)
+        o_lat = torch.bmm(probs.to(sel.dtype), sel[..., :r])  # (B, H, r)
+        return F.linear(o_lat.view(B, 1, H * r), self.fused[1])
 
 
 @functools.cache

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.model.attention import MLA
 from nanoseek.model.moe import MoE, SwiGLU
 from nanoseek.model.rope import RMSNorm, rope_cos_sin
@@ -27,12 +27,15 @@ IGNORE = -1  # target value that contributes no loss (padding, prompt tokens)
 class LossParts:
     """Loss terms kept apart so the trainer weighs them: total = main + lambda * mtp + alpha * balance
     (+ aux_alpha * aux under `--balance aux`). `aux`: the batch-wise auxiliary balance loss summed over MoE
-    layers (nanoseek.model.moe.batch_balance_loss); None where a caller did not compute it."""
+    layers (nanoseek.model.moe.batch_balance_loss); None where a caller did not compute it.
+    indexer: the mean over attention layers of the sparse-attention indexer's KL loss (only while
+    `set_indexer_training` is on; it trains the indexer alone, so it is simply added)."""
 
     main: torch.Tensor
     mtp: torch.Tensor
     balance: torch.Tensor
     aux: torch.Tensor | None = None
+    indexer: torch.Tensor | None = None
 
 
 class Block(nn.Module):
@@ -185,6 +188,9 @@ class Transformer(nn.Module):
         mode, so in eval mode (and for any layer this call did not run) it is zero, never a stale value."""
         for m in self.moe_layers():
             m.balance_loss = m.aux_loss = None
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.indexer_loss = None
         h = self.hidden(ids)
         logits = self.logits(h)
         if targets is None:
@@ -194,7 +200,23 @@ class Transformer(nn.Module):
         bal = [m.balance_loss for m in self.moe_layers() if m.balance_loss is not None]
         balance = torch.stack(bal).sum() if bal else logits.new_zeros(())
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
-        return logits, LossParts(main, mtp, balance, torch.stack(aux).sum() if aux else logits.new_zeros(()))
+        idx = [m.indexer_loss for m in self.modules() if isinstance(m, MLA) and m.indexer_loss is not None]
+        return logits, LossParts(main, mtp, balance, torch.stack(aux).sum() if aux else logits.new_zeros(()),
+                                 torch.stack(idx).mean() if idx else None)
+
+    def set_indexer_training(self, mode: str | None) -> None:
+        """Sparse-attention training stages (DeepSeek-V3.2 report sec. 2.1.1): "warmup" = dense attention, every
+        indexer learns the main attention distribution (KL, LossParts.indexer); "sparse" = attention restricted to
+        the indexer's top-k, the KL taken over the selected keys; None = off. The indexer's inputs are detached
+        either way, so the main loss never reaches it and the KL reaches nothing else (freezing the main model
+        in the warm-up is the optimizer's business: nanoseek.train.sparse_attention)."""
+        if mode not in (None, "warmup", "sparse"):
+            raise ValueError(f"indexer training mode must be None, 'warmup' or 'sparse', got {mode!r}")
+        if mode is not None and not self.cfg.sparse_attention:
+            raise ConfigError("indexer training needs a sparse-attention model (index_topk > 0)")
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.indexer_train = mode
 
     def mtp_loss(self, h: torch.Tensor, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(1/D) sum_k CE_k, where depth k at position i predicts t_{i+k+1} = targets[i + k]."""
