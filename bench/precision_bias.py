@@ -11,8 +11,8 @@ against the fp32 gradient, e_b = g_P(b) - g_fp32(b), over the transformer layers
 `--bf16 NAMES` runs the FP8 linears whose module name contains one of the comma-separated NAMES in BF16
 instead (an ablation that locates the bias; "attn" = every attention projection).
 
-    python bench/precision_bias.py runs/i33/fp32_s11 --step 300 --batches 3
-    python bench/precision_bias.py runs/i33/fp32_s11 --step 300 --bf16 attn --bf16 attn.wkv_a --bf16 ffn
+    python bench/precision_bias.py runs/seed11_fp32 --step 300 --batches 3
+    python bench/precision_bias.py runs/seed11_fp32 --step 300 --bf16 attn --bf16 attn.wkv_a --bf16 ffn
 
 Simplification: gradients of main + mtp_lambda * mtp loss (the balance term is 1e-4 of it and left out).
 """
