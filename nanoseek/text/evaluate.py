@@ -16,7 +16,6 @@ import torch
 
 from nanoseek.config import ConfigError
 from nanoseek.text.bpb import bits_per_byte, bpb_sums, byte_unigram_entropy, token_byte_lengths
-from nanoseek.text.shards import BOUNDARY_ID
 from nanoseek.text.sources import ReadStats, discover, read_documents
 
 
@@ -36,6 +35,22 @@ def read_text(paths: list[str], text_field: str, max_bytes: int) -> tuple[list[s
 
 
 @torch.no_grad()
+def _window_sums(model, stream: torch.Tensor, token_bytes: torch.Tensor, batch_size: int, tail: bool) -> list[float]:
+    """[nats, bytes, tokens] summed over non-overlapping windows of the model's context over a token stream;
+    `tail`: also the last window shorter than the context (so every token after the first is predicted)."""
+    L = model.cfg.max_seq_len
+    n_full = max(0, (len(stream) - 1) // L)
+    model.eval()
+    total = torch.zeros(3, dtype=torch.float64)
+    for b in range(0, n_full, batch_size):
+        rows = torch.stack([stream[s * L:s * L + L + 1] for s in range(b, min(b + batch_size, n_full))])
+        total += bpb_sums(model, rows[:, :-1], rows[:, 1:], token_bytes)
+    if tail and n_full * L < len(stream) - 1:
+        row = stream[n_full * L:][None]
+        total += bpb_sums(model, row[:, :-1], row[:, 1:], token_bytes)
+    return total.tolist()
+
+
 def evaluate_text(model, tokenizer, paths: list[str], max_bytes: int = 10_000_000, text_field: str = "text",
                   batch_size: int = 8) -> dict:
     if max_bytes < 1:
@@ -44,29 +59,12 @@ def evaluate_text(model, tokenizer, paths: list[str], max_bytes: int = 10_000_00
     docs, stats = read_text(paths, text_field, max_bytes)
     if not docs:
         raise ConfigError(f"no text to evaluate in {' '.join(paths)} (skipped: {stats.skip_line()})")
-    stream = [BOUNDARY_ID if tokenizer.eos_id == BOUNDARY_ID else tokenizer.eos_id]
+    stream = [tokenizer.eos_id]  # the boundary a document follows in training
     for doc in docs:
         stream.extend(tokenizer.encode(doc))
         stream.append(tokenizer.eos_id)
-    ids = torch.tensor(stream, dtype=torch.long)
-    L = model.cfg.max_seq_len
-    token_bytes = token_byte_lengths(tokenizer)
-    model.eval()
-    total = torch.zeros(3, dtype=torch.float64)
-    starts = list(range(0, len(stream) - 1, L))
-    for b in range(0, len(starts), batch_size):
-        group = starts[b:b + batch_size]
-        width = min(L, len(stream) - 1 - group[0])
-        full = [s for s in group if s + L + 1 <= len(stream)]
-        if full:
-            rows = torch.stack([ids[s:s + L + 1] for s in full])
-            total += bpb_sums(model, rows[:, :-1], rows[:, 1:], token_bytes)
-        for s in group:  # the tail window, shorter than L
-            if s + L + 1 > len(stream):
-                width = len(stream) - 1 - s
-                row = ids[s:s + width + 1][None]
-                total += bpb_sums(model, row[:, :-1], row[:, 1:], token_bytes)
-    nats, nbytes, counted = total.tolist()
+    nats, nbytes, counted = _window_sums(model, torch.tensor(stream, dtype=torch.long), token_byte_lengths(tokenizer),
+                                         batch_size, tail=True)
     entropy = byte_unigram_entropy(d.encode("utf-8", "surrogatepass") for d in docs)
     bpb = bits_per_byte(nats, nbytes)
     return {"bits_per_byte": bpb, "bytes": int(nbytes), "tokens": int(counted), "documents": len(docs),
@@ -75,28 +73,17 @@ def evaluate_text(model, tokenizer, paths: list[str], max_bytes: int = 10_000_00
             "skipped": dict(stats.skipped), "seconds": time.perf_counter() - t0}
 
 
-__all__ = ["evaluate_text", "read_text", "np"]
-
-
 @torch.no_grad()
 def evaluate_stream(model, tokenizer, stream: np.ndarray, max_tokens: int = 200_000, batch_size: int = 16) -> dict:
     """Bits per byte over the first `max_tokens` of a token stream (e.g. a run's held-out val.bin), in
     non-overlapping windows of the model's context, and the byte-unigram entropy of the text they decode to."""
-    from nanoseek.data import TokenRows
-
     L = model.cfg.max_seq_len
-    rows = TokenRows(np.asarray(stream[:max_tokens + 1]), L)
-    if rows.size(0) == 0:
+    head = torch.from_numpy(np.asarray(stream[:max_tokens + 1]).astype(np.int64))
+    n_rows = max(0, (len(head) - 1) // L)
+    if n_rows == 0:
         raise ConfigError(f"the stream ({len(stream)} tokens) is shorter than one window of {L + 1} tokens")
-    token_bytes = token_byte_lengths(tokenizer)
-    model.eval()
-    total = torch.zeros(3, dtype=torch.float64)
-    for b in range(0, rows.size(0), batch_size):
-        batch = rows[b:b + batch_size]
-        total += bpb_sums(model, batch[:, :-1], batch[:, 1:], token_bytes)
-    nats, nbytes, counted = total.tolist()
-    targets = np.asarray(stream[1:rows.size(0) * L + 1])
-    text = tokenizer.decode(targets.tolist(), skip_special=True)
+    nats, nbytes, counted = _window_sums(model, head, token_byte_lengths(tokenizer), batch_size, tail=False)
+    text = tokenizer.decode(head[1:n_rows * L + 1].tolist(), skip_special=True)
     entropy = byte_unigram_entropy([text.encode("utf-8", "surrogatepass")])
     bpb = bits_per_byte(nats, nbytes)
     return {"bits_per_byte": bpb, "bytes": int(nbytes), "tokens": int(counted), "nats_per_token": nats / max(counted, 1),

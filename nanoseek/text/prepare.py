@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from nanoseek.config import ConfigError
-from nanoseek.text.shards import Shards, SplitSettings, build_shards, split_pieces, tokenizer_digest, unit_hash
+from nanoseek.text.shards import Shards, SplitSettings, split_pieces, tokenizer_digest, unit_hash
 from nanoseek.text.sources import ReadStats, discover, kind_of, read_documents
 
 DEFAULT_TEXT_VOCAB = 4096  # a few MB to a few GB of text; bytes/token ~3-4 on English and code
@@ -73,6 +73,3 @@ def check_tokenizer_matches(tokenizer_file: Path, recorded: str | None) -> None:
         raise ConfigError(f"{tokenizer_file} changed since this run's shards and checkpoints were made; "
                           "restore it or start a new run (--init to reuse weights)")
 
-
-__all__ = ["build_shards", "bytes_per_token", "check_tokenizer_matches", "prepare_run_tokenizer", "sample_text",
-           "train_text_tokenizer"]

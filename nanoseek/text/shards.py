@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -291,8 +291,6 @@ def _run_jobs(jobs: list[dict], todo_bytes: int, workers: int | None, progress) 
         else:
             with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
                 futures = {pool.submit(build_part, job): job for job in sorted(jobs, key=lambda j: -j["size"])}
-                from concurrent.futures import as_completed
-
                 for fut in as_completed(futures):
                     fut.result()
                     advance(futures[fut])
