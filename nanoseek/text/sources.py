@@ -132,9 +132,7 @@ def _text(path: Path, stats: ReadStats) -> Iterator[str]:
         if not head:
             stats.skipped["empty files"] += 1
             return
-        if b"\0" in head:
-            stats.skipped["binary files"] += 1
-            return
+        # a NUL byte anywhere means binary (checked chunk by chunk below, the head first);
         # decode incrementally so a 100 MB file with no newline never needs two full copies in memory
         import codecs
 
