@@ -13,11 +13,12 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.cli_config import knob
-from nanoseek.commands import aha, demo, distill, dpo, pretrain, r1, rl, sft
+from nanoseek.commands import aha, demo, distill, dpo, lm, pretrain, r1, rl, sft
 from nanoseek.commands.aha import AhaConfig
 from nanoseek.commands.demo import DemoConfig
 from nanoseek.commands.r1 import R1Config
 from nanoseek.config import ConfigError
+from nanoseek.recipes.lm import LMConfig
 from nanoseek.train.distill import DistillConfig
 from nanoseek.train.dpo import DPOConfig
 from nanoseek.train.grpo import GRPOConfig
@@ -27,7 +28,7 @@ from nanoseek.train.sft import SFTConfig
 COMMANDS = {"rl": (rl, GRPOConfig, ["--init", "x", "--out", "y"]), "sft": (sft, SFTConfig, ["--out", "y"]),
             "distill": (distill, DistillConfig, ["--out", "y"]), "dpo": (dpo, DPOConfig, ["--out", "y"]),
             "pretrain": (pretrain, PretrainConfig, ["--out", "y"]), "demo": (demo, DemoConfig, []),
-            "aha": (aha, AhaConfig, []), "r1": (r1, R1Config, [])}
+            "aha": (aha, AhaConfig, []), "r1": (r1, R1Config, []), "lm": (lm, LMConfig, [])}
 
 # every flag of each command before the conversion (from its hand-written add_arguments): all must still parse
 OLD_FLAGS = {
@@ -51,6 +52,8 @@ OLD_FLAGS = {
     "aha": "--out --seed --base-steps --rl-steps --length-steps --dpo-steps --eval-n --eval-samples --max-new-tokens "
            "--l2s-problems --cold-traces --reflect-share --flawed-share --length-weight --rl-temperature --until "
            "--smoke --seeds-report",
+    "lm": "--out --data --exclude --text-field --preset --minutes --vocab-size --batch-size --seq-len --lr --seed "
+          "--eval-interval --eval-tokens --until",
     "r1": "--out --demo --seed --student-preset --student-base-steps --arm-minutes --trace-problems --trace-samples "
           "--smoke",
 }

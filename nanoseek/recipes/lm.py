@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 from nanoseek.recipes.stages import StageRunner, StopAfter, console
@@ -37,21 +38,23 @@ def stdlib_sources() -> tuple[list[str], list[str]]:
 
 @dataclass
 class LMConfig:
-    out: str = "runs/lm"
-    data: list[str] = field(default_factory=list)  # empty: the Python standard library's sources
-    exclude: list[str] = field(default_factory=list)
-    text_field: str = "text"
-    preset: str = "tiny"
-    minutes: float = 12.0  # pretraining wall clock (the whole recipe adds ~1-2 min of data and evaluation)
-    vocab_size: int = 4096
-    batch_size: int = 16
-    seq_len: int = 0  # 0 = the preset's max_seq_len
-    lr: float = 4e-3
-    seed: int = 0
-    eval_interval: int = 100
-    eval_tokens: int = 200_000
-    sample_tokens: int = 96
-    sample_temperature: float = 0.8
+    out: str = knob("runs/lm", help="recipe directory")
+    data: list[str] = knob(default_factory=list, metavar="PATH", help="corpus (file, directory or glob; repeatable); "
+                           "empty = the Python standard library's sources")
+    exclude: list[str] = knob(default_factory=list, metavar="GLOB", help="fnmatch patterns of paths left out")
+    text_field: str = knob("text", help="JSONL / parquet field holding the text")
+    preset: str = knob("tiny", help="model size preset")
+    # the whole recipe adds ~1-2 min of data and evaluation
+    minutes: float = knob(12.0, help="pretraining wall clock")
+    vocab_size: int = knob(4096, help="tokenizer vocabulary")
+    batch_size: int = knob(16, help="sequences per step")
+    seq_len: int = knob(0, help="tokens per row; 0 = the preset's max_seq_len")
+    lr: float = knob(4e-3, help="peak learning rate")
+    seed: int = knob(0, help="seed of data order, init and sampling")
+    eval_interval: int = knob(100, help="steps between held-out bits-per-byte evaluations")
+    eval_tokens: int = knob(200_000, help="held-out tokens of the final evaluation")
+    sample_tokens: int = knob(96, help="tokens per sample in the report")
+    sample_temperature: float = knob(0.8, help="temperature of the report's samples")
 
     def validate(self) -> LMConfig:
         if self.minutes <= 0:
