@@ -67,6 +67,45 @@ def test_aggregations():
         aggregate(per_tok, mask, "nope", 4)
 
 
+def test_policy_loss_by_hand_two_groups_of_two():
+    """GRPO / DAPO / Dr. GRPO losses of 2 groups x 2 completions, worked out by hand: rewards -> group advantages
+    -> the PPO clip cases per token (eps_low 0.2, eps_high 0.28) -> the three aggregations (+ beta * k3)."""
+    from nanoseek.train.rl_math import policy_loss
+
+    ratios = [[1.0, 1.5, 1.0], [0.5, 1.0, 1.2], [2.0, 1.0, 1.0], [0.9, 1.1, 0.7]]  # new / old probability
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])  # completions of 2, 3, 1, 3 tokens
+    logp, old = torch.tensor(ratios).log(), torch.zeros(4, 3)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.5])  # groups (rows 0, 1) and (rows 2, 3)
+    dr_adv = group_advantages(rewards, 2, scale=False)
+    assert dr_adv.tolist() == pytest.approx([0.5, -0.5, -0.25, 0.25])
+    # per token: A > 0 -> -A min(rho, 1.28); A < 0 -> -A max(rho, 0.8)
+    # row 0: -0.5 * 1 - 0.5 * 1.28 = -1.14; row 1: 0.5 * (0.8 + 1 + 1.2) = 1.5; row 2: 0.25 * 2 = 0.5 (A < 0 is
+    # not clipped above); row 3: -0.25 * (0.9 + 1.1 + 0.7) = -0.675 (A > 0 is not clipped below).
+    # Sum over the 9 completion tokens: 0.185.
+    def loss(adv, how, beta=0.0, ref=None):
+        return policy_loss(logp, old, adv, mask, how, 4, 0.2, 0.28, beta, ref)
+
+    out, clipped, kl = loss(dr_adv, "dr_grpo")
+    assert out.item() == pytest.approx(0.185 / (4 * 4)) and kl is None  # token sum / (sequences * max_new_tokens)
+    assert loss(dr_adv, "dapo")[0].item() == pytest.approx(0.185 / 9)  # token mean over the batch
+    assert loss(dr_adv, "grpo")[0].item() == pytest.approx((-1.14 / 2 + 1.5 / 3 + 0.5 / 1 - 0.675 / 3) / 4)
+    assert clipped.nonzero().tolist() == [[0, 1], [1, 0]]  # 1.5 capped for A > 0, 0.5 floored for A < 0
+    # GRPO advantages: (r - mean) / (unbiased std + 1e-4); both groups' std is |r1 - r2| / sqrt(2)
+    s1, s2 = 0.5 / (1 / math.sqrt(2) + 1e-4), 0.25 / (0.5 / math.sqrt(2) + 1e-4)
+    adv = group_advantages(rewards, 2)
+    assert adv.tolist() == pytest.approx([s1, -s1, -s2, s2])
+    rows = [-s1 * (1 + 1.28) / 2, s1 * (0.8 + 1 + 1.2) / 3, s2 * 2.0 / 1, -s2 * (0.9 + 1.1 + 0.7) / 3]
+    assert loss(adv, "grpo")[0].item() == pytest.approx(sum(rows) / 4)
+    # beta > 0: k3 = ref/pi - log(ref/pi) - 1 per token, here ref = 1 (log 0): 1/rho + log(rho) - 1
+    k3 = [[1 / r + math.log(r) - 1 for r in row] for row in ratios]
+    masked_k3 = sum(k * m for krow, mrow in zip(k3, mask.tolist()) for k, m in zip(krow, mrow))
+    out, _, kl = loss(dr_adv, "dapo", beta=0.1, ref=torch.zeros(4, 3))
+    assert out.item() == pytest.approx((0.185 + 0.1 * masked_k3) / 9)
+    assert kl.flatten().tolist() == pytest.approx([k for row in k3 for k in row], abs=1e-6)  # float32
+    with pytest.raises(ValueError):
+        loss(dr_adv, "dapo", beta=0.1)
+
+
 def test_overlong_and_length_rewards():
     assert overlong_penalty(10, 64, 16) == 0.0
     assert overlong_penalty(48, 64, 16) == 0.0

@@ -207,16 +207,18 @@ def test_mu_two_takes_a_second_update_off_policy(warm_base, tmp_path, monkeypatc
     ratio is 1 on every completion token; in the second (after a weight change) it is not, and it is what the
     clipping acts on."""
     seen = []
-    real = grpo.clipped_surrogate
+    from nanoseek.train import rl_math  # the loss (rl_math.policy_loss) calls these two
+
+    real = rl_math.clipped_surrogate
 
     def recording(logp, old, adv, lo, hi):
         seen.append((logp.detach().clone(), old.clone()))
         return real(logp, old, adv, lo, hi)
 
-    real_agg = grpo.aggregate
+    real_agg = rl_math.aggregate
     masks = []
-    monkeypatch.setattr(grpo, "clipped_surrogate", recording)
-    monkeypatch.setattr(grpo, "aggregate", lambda per_tok, mask, *a, **kw: masks.append(mask.clone()) or
+    monkeypatch.setattr(rl_math, "clipped_surrogate", recording)
+    monkeypatch.setattr(rl_math, "aggregate", lambda per_tok, mask, *a, **kw: masks.append(mask.clone()) or
                         real_agg(per_tok, mask, *a, **kw))
     out = train_grpo(warm_base, tmp_path / "mu2", rl_cfg(steps=1, mu=2, lr=3e-3), quiet=True, device="cpu")
     assert out["rows_trained"] > 0 and len(seen) == 2 == len(masks)  # one micro-batch per update

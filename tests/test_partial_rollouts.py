@@ -27,9 +27,9 @@ def base(tmp_path_factory):
 def spread_rewards(monkeypatch) -> None:
     """The tiny untrained model scores 0 everywhere (zero advantages: no update, weights trivially equal);
     reward 1 to every second member of a group instead, so every trained group moves the weights."""
-    from nanoseek.train import grpo
+    from nanoseek.train import grpo_rollout
 
-    monkeypatch.setattr(grpo, "shaped_rewards", lambda scores, lengths, cfg, step: [float(j % 2) for j in
+    monkeypatch.setattr(grpo_rollout, "shaped_rewards", lambda scores, lengths, cfg, step: [float(j % 2) for j in
                                                                                    range(len(lengths))])
 
 

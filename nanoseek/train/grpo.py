@@ -1,41 +1,15 @@
-"""GRPO and its refinements: RL from verifiable rewards (R1-Zero; SPEC section 3).
+"""GRPO and its refinements: RL from verifiable rewards (R1-Zero; SPEC section 3). The config and the loop.
 
-One step: sample `prompts_per_step` problems, let the engine roll out `group_size` completions each
-(temperature 1.0), score them with the task's program (accuracy + format; truncated outputs earn no
-accuracy), shape rewards (DAPO overlong, Kimi length reward), compute group advantages, then take `mu`
-AdamW steps on the clipped surrogate (+ beta * k3 KL to a frozen reference when beta > 0).
-
-Departures from the papers, all deliberate:
-- The old log-probs are the engine's, computed while sampling under the distribution the token was actually
-  drawn from: temperature-scaled and, with `top_k` / `top_p`, renormalized over that support (vLLM's
-  "processed" log-probs; engine/sampling.py). The trainer's new log-probs use the same function on its own
-  logits (`support_logprobs`: the top-k / top-p support of the current logits, the sampled token always
-  kept in it), so the ratio is the importance weight of the policy that really sampled and equals 1 at the
-  first update. (TRL and verl instead keep the ratio on the unfiltered distribution and correct the rollout
-  mismatch with a truncated importance weight; with one shared sampling function there is no mismatch to
-  correct.) The trainer logs the largest engine-vs-trainer difference, which must stay near zero. The KL
-  to the reference (beta > 0) uses the same support. The logged entropy is the unfiltered one.
+One step: sample `prompts_per_step` problems, let the engine roll out `group_size` completions each, score
+them with the task's program and shape the rewards (nanoseek.train.grpo_rollout), compute group advantages,
+then take `mu` AdamW steps on the clipped surrogate (+ beta * k3 KL to a frozen reference when beta > 0;
+nanoseek.train.grpo_update, the loss a pure function in nanoseek.train.rl_math). Each of those modules lists
+its own departures from the papers; the loop's are:
 - No reference copy of the model is kept when beta == 0 (the default; DAPO and Dr. GRPO drop the KL).
-- DAPO dynamic sampling keeps only groups whose ACCURACY is mixed (some right, some wrong), as DAPO
-  specifies, whatever the shaped reward does; it draws up to `max_sampling_rounds` extra batches and, if
-  the batch is still not full, trains on what it has rather than stalling.
-- Prioritized sampling draws from a fixed pool of train-split problems with probability proportional to
-  1 - success rate (Kimi k1.5 sec. 2.3.4), success rates starting at 0.5 and updated by moving average.
-- Curriculum raises the difficulty linearly from `curriculum_start` to the task's default over the run.
-  With prioritized sampling the pool holds `pool_size` problems per level and each step draws, by
-  priority, among the current level's problems.
-- MoE: expert loads of the training forward passes drive the auxiliary-loss-free bias update after every
-  optimizer step (on by default, `bias_update`); the balance loss is not used in RL. Rows whose advantage
-  is zero (beta == 0) skip the backward but still count in the loads (a no-grad forward; skipped when the
-  bias is frozen, where the loads are only logged).
-- torchrun: every sampling decision is global. Each rank holds the same sampler (same seed, same updates)
-  and draws the same problems; a round's groups are split over ranks in contiguous shares, each row is
-  sampled with its own seed (so a row's tokens do not depend on the rank or batch it lands in), and the
-  groups' scores are all-gathered so that every rank records the same success rates and keeps the same
-  groups. A rank may train zero groups; it still joins every collective. Two processes therefore compute
-  the same global batch and update as one (tests/test_grpo_runs.py). With --ep the update shards the routed
-  experts, every rank runs as many forward/backward passes as the busiest one, and rollouts run on a full
-  copy of the weights refreshed before each step (nanoseek.parallel.training; tests/test_parallel_train.py).
+- torchrun: every rank runs the same loop on the same sampler; a rank may train zero groups and still joins
+  every collective, so two processes compute the same global batch and update as one
+  (tests/test_grpo_runs.py). With --ep the update shards the routed experts and rollouts run on a full copy
+  of the weights refreshed before each step (nanoseek.parallel.training; tests/test_parallel_train.py).
 - Ctrl-C: a step's rollouts move only the sampler, which is restored when interrupted there; from the
   policy update to the step's metrics and checkpoint an interrupt waits for the step to finish. On
   KeyboardInterrupt the state of the last finished step is saved, unless that step already has a
@@ -46,8 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
-import random
 import shutil
 import signal
 import threading
@@ -57,30 +29,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
-from torch.autograd.graph import increment_version
 
-from nanoseek.cli_config import knob
 from nanoseek import sandbox
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
-from nanoseek.engine.sampling import SamplingParams, support_logprobs
+from nanoseek.engine.sampling import SamplingParams
 from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
-from nanoseek.parallel.training import (RolloutCopy, check_ep_flags, checkpoint_pair, idle_pass, lockstep, setup_ep,
-                                       sync_and_clip)
-from nanoseek.tasks import get_task
-from nanoseek.tasks.base import RewardWeights, Score, stable_hash
+from nanoseek.parallel.training import RolloutCopy, check_ep_flags, checkpoint_pair, setup_ep
 from nanoseek.tasks.reflection import reflection_stats
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train import precision as prec
-from nanoseek.train.common import Dist, check_compile, enable_compile, setup_distributed
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
+from nanoseek.train.common import check_compile, enable_compile, setup_distributed
+from nanoseek.train.grpo_rollout import (GroupResult, ProblemSampler, Rollout, gather_lists, rollout_groups,
+                                         row_seed, shaped_rewards, shard)
+from nanoseek.train.grpo_update import (batch_tensors, count_expert_loads, make_optimizer, packed_logprobs,
+                                        policy_update, target_logprobs, token_logprobs)
 from nanoseek.train.metrics import MetricsLogger, ProgressLine
 from nanoseek.train.partial_rollouts import PartialRollouts, check_partial_rollouts
-from nanoseek.train.rl_math import (AGGREGATIONS, aggregate, clipped_surrogate, group_advantages, k3_kl,
-                                    length_rewards, overlong_penalty)
-from nanoseek.train.shared_prefix import Packed, pack, packed_hidden, plan_micro_batches
+from nanoseek.train.rl_math import AGGREGATIONS, group_advantages
+
+__all__ = ["GRPOConfig", "train_grpo", "DeferredInterrupt", "GroupResult", "ProblemSampler", "Rollout",
+           "gather_lists", "rollout_groups", "row_seed", "shaped_rewards", "shard", "batch_tensors",
+           "count_expert_loads", "make_optimizer", "packed_logprobs", "policy_update", "target_logprobs",
+           "token_logprobs"]
 
 
 @dataclass
@@ -183,394 +157,6 @@ class GRPOConfig:
         return dataclasses.asdict(self)
 
 
-# ---- problem sampling -------------------------------------------------------------------------------
-class ProblemSampler:
-    """Draws train-split problems: uniformly fresh ones, or from a pool by priority 1 - success rate;
-    optionally with a curriculum on difficulty (composing with the pool: one sub-pool per level). Its state
-    round-trips through checkpoints. Deterministic in the seed and the recorded accuracies, so every rank
-    of a torchrun job holds the same sampler when it records the same (all-gathered) accuracies."""
-
-    def __init__(self, cfg: GRPOConfig):
-        self.cfg = cfg
-        self.task = get_task(cfg.task, RewardWeights(cfg.accuracy_weight, cfg.format_weight))
-        self.rng = random.Random(cfg.seed)
-        self.target = self.task.check_difficulty(cfg.difficulty)
-        if cfg.curriculum:
-            self.task.check_difficulty(cfg.curriculum_start)
-        self.pool = []
-        self.success: list[float] = []
-        self.level_slice: dict[int, range] = {}  # difficulty -> the pool indices of that level
-        if cfg.prioritized:
-            prng = random.Random(cfg.seed + 1)
-            for d in self.levels():
-                self.level_slice[d] = range(len(self.pool), len(self.pool) + cfg.pool_size)
-                self.pool += [self.task.sample_split(prng, d, "train") for _ in range(cfg.pool_size)]
-            self.success = [0.5] * len(self.pool)
-
-    def levels(self) -> list[int]:
-        """Every difficulty the run can draw at: the target, or the curriculum's range."""
-        if not self.cfg.curriculum:
-            return [self.target]
-        lo = min(self.cfg.curriculum_start, self.target)
-        return list(range(lo, self.target + 1))
-
-    def difficulty(self, step: int) -> int:
-        """The level of (1-based) step `step`: curriculum_start at step 1, the target at the last step."""
-        if not self.cfg.curriculum:
-            return self.target
-        lo = min(self.cfg.curriculum_start, self.target)
-        frac = min(max(step - 1, 0) / max(self.cfg.steps - 1, 1), 1.0)
-        return int(round(lo + (self.target - lo) * frac))
-
-    def draw(self, n: int, step: int) -> list[tuple[int, object]]:
-        """n (pool index or -1, problem) pairs."""
-        d = self.difficulty(step)
-        if self.cfg.prioritized:
-            candidates = self.level_slice[d]
-            weights = [1.0 - self.success[i] + 1e-3 for i in candidates]
-            idx = self.rng.choices(candidates, weights=weights, k=n)
-            return [(i, self.pool[i]) for i in idx]
-        return [(-1, self.task.sample_split(self.rng, d, "train")) for _ in range(n)]
-
-    def record(self, idx: int, accuracy: float) -> None:
-        if idx >= 0:
-            self.success[idx] = 0.7 * self.success[idx] + 0.3 * accuracy
-
-    def state(self) -> dict:
-        """A snapshot (copies, not views: later draws and records do not change it)."""
-        s = self.rng.getstate()
-        return {"rng": [s[0], list(s[1]), s[2]], "success": list(self.success)}
-
-    def load(self, state: dict) -> None:
-        if len(state["success"]) != len(self.success):
-            raise ConfigError(f"sampler state holds {len(state['success'])} success rates but this config's pool "
-                              f"has {len(self.success)} problems (pool_size, curriculum or prioritized changed?)")
-        s = state["rng"]
-        self.rng.setstate((s[0], tuple(s[1]), s[2]))
-        self.success = list(state["success"])
-
-
-# ---- rollouts and rewards ---------------------------------------------------------------------------
-@dataclass
-class Rollout:
-    prompt: list[int]
-    tokens: list[int]
-    logprobs: list[float]
-    truncated: bool
-    reward: float
-    correct: bool
-    format_ok: bool
-    group: int
-
-
-@dataclass
-class GroupResult:
-    """One group's scores: all that every rank needs to record, keep or drop, and log the group the same way."""
-
-    rewards: list[float]  # shaped
-    correct: list[bool]
-    format_ok: list[bool]
-    lengths: list[int]
-    truncated: list[bool]
-    texts: list[str]
-
-    @property
-    def accuracy(self) -> float:
-        return sum(self.correct) / len(self.correct)
-
-    @property
-    def uniform_accuracy(self) -> bool:
-        """All right or all wrong: what DAPO dynamic sampling drops."""
-        return all(self.correct) or not any(self.correct)
-
-    @property
-    def zero_spread(self) -> bool:
-        """All shaped rewards equal: every advantage of the group is zero."""
-        return max(self.rewards) - min(self.rewards) < 1e-9
-
-
-def shaped_rewards(scores: list[Score], lengths: list[int], cfg: GRPOConfig, step: int) -> list[float]:
-    """Task reward + DAPO overlong penalty + Kimi length reward (each when enabled), for one group."""
-    rewards = [s.reward for s in scores]
-    if cfg.overlong_cache > 0:
-        rewards = [x + overlong_penalty(n, cfg.max_new_tokens, cfg.overlong_cache) for x, n in zip(rewards, lengths)]
-    if cfg.length_weight > 0 and step >= cfg.length_warmup_steps:
-        lr_ = length_rewards(lengths, [s.correct for s in scores])
-        rewards = [x + cfg.length_weight * y for x, y in zip(rewards, lr_)]
-    return rewards
-
-
-def row_seed(seed: int, round_: int, group: int, sample: int) -> int:
-    """The sampling seed of one rollout row: a function of (step seed, sampling round, global group index,
-    sample index) only, so the row's tokens are the same whichever rank and batch generate it."""
-    return stable_hash(f"grpo-rollout|{seed}|{round_}|{group}|{sample}") >> 1
-
-
-def shard(n: int, rank: int, world: int) -> range:
-    """Rank `rank`'s contiguous share of n items (the first n % world ranks get one more)."""
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return range(lo, lo + base + (rank < extra))
-
-
-def gather_lists(dist: Dist, items: list) -> list:
-    """Concatenate every rank's list in rank order (identity with one process)."""
-    if not dist.active:
-        return list(items)
-    parts: list = [None] * dist.world
-    tdist.all_gather_object(parts, items)
-    return [x for part in parts for x in part]
-
-
-def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_prompts: int, step: int,
-                   seed: int, dist: Dist | None = None) -> tuple[list[Rollout], dict]:
-    """Generate, score and shape one batch of `n_prompts` groups over all ranks (with DAPO dynamic sampling
-    when enabled). Returns this rank's kept rollouts (whole groups, consecutive) and the statistics of every
-    drawn group of every rank (identical on all ranks); stats["groups_kept"] is the global count."""
-    dist = dist or Dist()
-    tok: Tokenizer = engine.tokenizer
-    params = cfg.sampling()
-    G = cfg.group_size
-    kept: list[Rollout] = []
-    n_kept = 0
-    stats = {"reward": [], "correct": [], "format": [], "len": [], "truncated": [], "zero_spread": [],
-             "uniform_accuracy": [], "texts": [], "rounds": 0, "groups_kept": 0}
-    rounds = 1 + (cfg.max_sampling_rounds if cfg.dynamic_sampling else 0)
-    for r in range(rounds):
-        need = n_prompts - n_kept
-        if need <= 0:
-            break
-        drawn = sampler.draw(need, step)  # the same problems on every rank
-        stats["rounds"] += 1
-        mine = shard(len(drawn), dist.rank, dist.world)
-        prompts = [tok.prompt_ids(drawn[g][1].prompt) for g in mine for _ in range(G)]
-        outs = []
-        if prompts:
-            seeds = [row_seed(seed, r, g, j) for g in mine for j in range(G)]
-            outs = engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=params.temperature,
-                                   top_k=params.top_k, top_p=params.top_p, seed=seeds)
-        local_results, local_rollouts = [], {}
-        truncated_all = [o.finish_reason == "length" for o in outs]
-        t_verify = time.perf_counter()  # one batched (parallel, sandboxed where needed) check of the round
-        all_scores = sampler.task.score_batch([drawn[g][1] for g in mine for _ in range(G)],
-                                              [o.text for o in outs], truncated_all) if outs else []
-        stats["verify_s"] = stats.get("verify_s", 0.0) + time.perf_counter() - t_verify
-        stats["checks"] = stats.get("checks", 0) + sum(s.parsed is not None and not t
-                                                       for s, t in zip(all_scores, truncated_all))  # sent to the checker
-        for k, g in enumerate(mine):
-            group = outs[k * G:(k + 1) * G]
-            truncated = truncated_all[k * G:(k + 1) * G]
-            scores = all_scores[k * G:(k + 1) * G]
-            lengths = [len(o.tokens) for o in group]
-            res = GroupResult(shaped_rewards(scores, lengths, cfg, step), [s.correct for s in scores],
-                              [s.format_ok for s in scores], lengths, truncated, [o.text for o in group])
-            local_results.append(res)
-            local_rollouts[g] = [Rollout(prompts[k * G], o.tokens, o.logprobs, t, rew, s.correct, s.format_ok, -1)
-                                 for o, t, s, rew in zip(group, truncated, scores, res.rewards)]
-        results = gather_lists(dist, local_results)  # every group of the round, in draw order
-        for g, ((idx, _), res) in enumerate(zip(drawn, results)):
-            sampler.record(idx, res.accuracy)
-            stats["reward"] += res.rewards
-            stats["correct"] += [float(c) for c in res.correct]
-            stats["format"] += [float(f) for f in res.format_ok]
-            stats["len"] += res.lengths
-            stats["texts"] += res.texts  # for the reflection metrics (nanoseek.tasks.reflection)
-            stats["truncated"] += [float(t) for t in res.truncated]
-            stats["zero_spread"].append(float(res.zero_spread))
-            stats["uniform_accuracy"].append(float(res.uniform_accuracy))
-            if (cfg.dynamic_sampling and res.uniform_accuracy) or n_kept >= n_prompts:
-                continue
-            if g in local_rollouts:
-                kept += [dataclasses.replace(x, group=n_kept) for x in local_rollouts[g]]
-            n_kept += 1
-    stats["groups_kept"] = n_kept
-    return kept, stats
-
-
-# ---- the policy-gradient update ---------------------------------------------------------------------
-def batch_tensors(rollouts: list[Rollout], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids (B, L), completion mask over *predicted* positions (B, L-1), engine log-probs (B, L-1)
-    and targets (B, L-1)."""
-    L = max(len(r.prompt) + len(r.tokens) for r in rollouts)
-    B = len(rollouts)
-    ids = torch.zeros(B, L, dtype=torch.long)
-    mask = torch.zeros(B, L - 1)
-    old = torch.zeros(B, L - 1)
-    for i, r in enumerate(rollouts):
-        seq = r.prompt + r.tokens
-        ids[i, :len(seq)] = torch.tensor(seq)
-        a, b = len(r.prompt) - 1, len(seq) - 1
-        mask[i, a:b] = 1.0
-        old[i, a:b] = torch.tensor(r.logprobs)
-    return ids.to(device), mask.to(device), old.to(device), ids[:, 1:].to(device)
-
-
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """From logits (..., V): log-probs of targets (...) under the rollout distribution (temperature, and the
-    top-k / top-p support renormalized: `support_logprobs`, the function the engine's log-probs agree with), and
-    the per-token entropy of the temperature-scaled, unfiltered distribution."""
-    logp_all = (logits / sampling.temperature).log_softmax(dim=-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    if sampling.top_k is None and (sampling.top_p is None or sampling.top_p >= 1):
-        logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    else:
-        logp = support_logprobs(logits, targets, sampling)
-    return logp, entropy
-
-
-def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`target_logprobs` of targets (B, L-1) over a plain per-row forward of ids (B, L): the reference the
-    packed update (`packed_logprobs`) is tested against, and what the partial-rollout tests score with."""
-    return target_logprobs(model.logits(model.hidden(ids[:, :-1])), targets, sampling)
-
-
-def packed_logprobs(model, p: Packed, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """`target_logprobs` of every completion token of micro-batch `p`, one forward over the shared-prompt
-    packs (nanoseek/train/shared_prefix.py); returned as (n rows, Lc) matrices, zero past each row's end."""
-    logp, ent = target_logprobs(model.logits(packed_hidden(model, p)), p.targets, sampling)
-    return p.to_rows(logp), p.to_rows(ent)
-
-
-@torch.no_grad()
-def count_expert_loads(model, rows: list[int], prompts: list[list[int]], completions: list[list[int]],
-                       micro_batch: int, device, parallel=None) -> None:
-    """A no-grad training-mode forward over rows that the update skips, only so that their input tokens add to
-    the expert loads of this step's bias update (what a full forward/backward over them would have counted).
-    Under --ep every rank runs as many forwards as the busiest (idle passes: nanoseek.parallel.training)."""
-    batches = plan_micro_batches(rows, prompts, completions, micro_batch) if rows else []
-    for _ in range(lockstep(parallel, [len(batches)])[0] - len(batches)):
-        idle_pass(model, grad=False)
-    for mb in batches:
-        p = pack(mb, prompts, completions, device)
-        model.set_load_mask(p.load_weight)
-        try:
-            model.hidden(p.ids, p.positions, p.mask)
-        finally:
-            model.set_load_mask(None)
-
-
-def _all_reduce_max(dist: Dist, x: float) -> float:
-    if not dist.active:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=dist.device).nan_to_num(nan=math.inf)  # MAX may drop NaN
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: torch.Tensor, cfg: GRPOConfig,
-                  dist: Dist, first: bool, skip_zero_advantage: bool = True, parallel=None) -> dict:
-    """One optimizer step over the global batch (this rank's `rollouts`, possibly none, in micro-batches of at
-    most `micro_batch` rows, each row group sharing one forward of its prompt: shared_prefix.py); returns
-    metrics over the global batch (identical on every rank). `parallel`: an ExpertParallel; then every
-    rank runs as many forward/backward passes as the busiest (idle passes) and syncs gradients the EP way."""
-    device = next(model.parameters()).device
-    sampling = cfg.sampling()
-    n_local = len(rollouts)
-    prompts = [r.prompt for r in rollouts]
-    comps = [r.tokens for r in rollouts]
-    keep = [0.0 if cfg.mask_truncated and r.truncated else 1.0 for r in rollouts]
-    n_tok_local = sum(len(c) * k for c, k in zip(comps, keep))
-    counts = torch.tensor([float(n_local), float(n_tok_local)], device=device)
-    n_seqs, n_tokens = dist.all_reduce_sum(counts).tolist()
-    optimizer.zero_grad(set_to_none=True)
-    model.train()
-    sums = {"loss": 0.0, "clip": 0.0, "entropy": 0.0, "kl": 0.0, "tokens": 0.0, "rows": 0.0}
-    logp_diff = 0.0
-    counts_idle = bool(cfg.beta == 0 and skip_zero_advantage and cfg.bias_update and cfg.bias_gamma > 0)
-    if n_local:
-        adv = adv.to(device)
-        rows = list(range(n_local))
-        if cfg.beta == 0 and skip_zero_advantage:
-            # A zero-advantage row (its group's rewards all equal) adds exactly zero to the loss and its gradient;
-            # the normalizers above still count it, so skipping its backward leaves the update unchanged. When
-            # the loads drive a bias update, its tokens still count in them (a no-grad forward), as they would
-            # without skipping; with the bias frozen the logged loads cover the trained rows only.
-            nonzero = (adv != 0).tolist()
-            rows = [i for i in range(n_local) if nonzero[i]]
-            idle = [i for i in range(n_local) if not nonzero[i]]
-            if counts_idle:  # (under --ep also with no idle row: this rank joins the others' forwards)
-                with prec.autocast(cfg.precision, device):
-                    count_expert_loads(model, idle, prompts, comps, cfg.micro_batch, device, parallel)
-        # The loss and its normalizers (global n_seqs / n_tokens) do not depend on how rows are grouped into
-        # micro-batches, so the gradient is the one-batch gradient whatever the packing.
-        batches = plan_micro_batches(rows, prompts, comps, cfg.micro_batch)
-        n_idle = lockstep(parallel, [len(batches)])[0] - len(batches)  # agreed before any pass starts
-        for mb in batches:
-            p = pack(mb, prompts, comps, device)
-            idx = torch.tensor(p.rows, device=device)
-            flat_old = torch.tensor([x for i in p.rows for x in rollouts[i].logprobs], device=device)
-            mb_old = p.to_rows(flat_old)
-            mb_mask = p.to_rows(torch.ones_like(flat_old)) * torch.tensor([keep[i] for i in p.rows], device=device)[:, None]
-            with prec.autocast(cfg.precision, device):
-                logp, ent = packed_logprobs(model, p, sampling)
-            per_tok, clipped = clipped_surrogate(logp, mb_old, adv[idx], cfg.eps_low, cfg.eps_high)
-            if cfg.beta > 0:
-                with torch.no_grad(), prec.autocast(cfg.precision, device):
-                    ref_logp, _ = packed_logprobs(ref_model, p, sampling)
-                kl = k3_kl(logp, ref_logp)
-                per_tok = per_tok + cfg.beta * kl
-                sums["kl"] += float((kl.detach() * mb_mask).sum())
-            loss = aggregate(per_tok, mb_mask, cfg.loss_agg, cfg.max_new_tokens, n_seqs=n_seqs, n_tokens=n_tokens)
-            (loss * dist.world).backward()  # average_grads divides by world
-            sums["loss"] += float(loss.detach())
-            sums["clip"] += float((clipped * mb_mask).sum())
-            sums["entropy"] += float((ent.detach() * mb_mask).sum())
-            sums["tokens"] += float(mb_mask.sum())
-            if first:
-                # NaN-propagating (Python's max(0.0, nan) is 0.0): a NaN log-prob must show in the metric
-                d = float(torch.where(mb_mask > 0, (logp.detach() - mb_old).abs(), 0.0).max())
-                logp_diff = math.nan if math.isnan(d) or math.isnan(logp_diff) else max(logp_diff, d)
-        sums["rows"] = float(len(rows))
-    else:  # under --ep this rank still joins every forward/backward of the others (exact zeros from it)
-        if parallel is not None and counts_idle:
-            count_expert_loads(model, [], prompts, comps, cfg.micro_batch, device, parallel)
-        n_idle = lockstep(parallel, [0])[0]
-    for _ in range(n_idle):
-        idle_pass(model, grad=True)
-    grad_norm = sync_and_clip(model, cfg.grad_clip, dist, parallel)  # ranks without rows contribute zeros
-    optimizer.step()
-    if any(True for _ in model.moe_layers()):
-        loads = dist.all_reduce_sum(model.accumulated_loads().clone())
-        if cfg.bias_update:
-            model.update_expert_bias(cfg.bias_gamma, loads)
-        else:
-            for m in model.moe_layers():
-                m.load_accum.zero_()
-    else:
-        loads = torch.zeros(0, 0)
-    keys = list(sums)
-    total = dict(zip(keys, dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
-                                                             device=device)).tolist()))
-    tok = max(total["tokens"], 1.0)
-    out = {"loss": total["loss"], "clip_frac": total["clip"] / tok, "entropy": total["entropy"] / tok,
-           "grad_norm": grad_norm, "kl": total["kl"] / tok, "rows_trained": int(total["rows"])}
-    if first:
-        out["logp_diff_max"] = _all_reduce_max(dist, logp_diff)
-    if loads.numel():
-        per_layer = loads / loads.mean(dim=1, keepdim=True).clamp(min=1e-9)
-        out["expert_load_max_over_mean"] = [round(float(x), 3) for x in per_layer.max(dim=1).values]
-    return out
-
-
-def make_optimizer(model, cfg: GRPOConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable weights, with torch's fused kernel where the device has one (one pass over all
-    tensors: ~4x faster than the per-tensor loop on CPU, the same update to float rounding; what transformers'
-    Trainer uses by default too). The fused kernel writes the weights without bumping their autograd version
-    counters, which `Transformer.prepare_inference` keys its reuse of the fused inference weights on; a post-step
-    hook bumps them, or the next rollout would decode with the previous step's weights (tested)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    if prec.uses_fp8(cfg.precision):  # fp8: BF16 moments (nanoseek.train.precision), no fused kernel
-        return prec.AdamW(params, **kw)
-    try:
-        opt = torch.optim.AdamW(params, fused=True, **kw)
-    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.AdamW(params, **kw)
-    opt.register_step_post_hook(lambda o, args, kwargs: increment_version(
-        [p for g in o.param_groups for p in g["params"]]))
-    return opt
 
 
 # ---- Ctrl-C -----------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ that iteration, from its prompt plus the tokens it has so far. Every token keeps
 that sampled it, so the clipped surrogate's old policy is, token by token, the policy of that token's
 segment. A group enters the batch (is scored, shaped and trained on) once all of its G trajectories have
 finished; its members that finished earlier wait for it. With `budget >= max_new_tokens` nothing is ever
-carried and an iteration is exactly grpo.rollout_groups (same engine call, same seeds, same shaping).
+carried and an iteration is exactly grpo_rollout.rollout_groups (same engine call, same seeds, same shaping).
 
 The carried state (unfinished trajectories, the finished members of their groups, the next group id) is part
 of every checkpoint (`state` / `load`, JSON in state.json: a Problem's meta is plain data by design), so a
@@ -97,8 +97,8 @@ class PartialRollouts:
 
     def step(self, engine, sampler, cfg, n_prompts: int, step: int, seed: int, dist=None):
         """One iteration: continue the carried trajectories, start `n_prompts` new groups, return the Rollouts of
-        the groups that finished (in group order) and the same stats as grpo.rollout_groups (plus carry counts)."""
-        from nanoseek.train.grpo import GroupResult, Rollout, row_seed, shaped_rewards
+        the groups that finished (in group order) and the same stats as grpo_rollout.rollout_groups (plus carry counts)."""
+        from nanoseek.train.grpo_rollout import GroupResult, Rollout, row_seed, shaped_rewards
 
         if dist is not None and dist.world > 1:
             raise ValueError("partial rollouts run in one process (their carried trajectories are per process)")

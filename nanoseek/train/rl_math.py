@@ -6,6 +6,7 @@
   KL estimator `pi_ref/pi - log(pi_ref/pi) - 1`;
 * loss aggregation: `grpo` (token mean per sequence, then mean), `dapo` (token mean over the batch),
   `dr_grpo` (token sum / (sequences * max_new_tokens));
+* `policy_loss`: the three above composed into one batch's loss (what nanoseek.train.grpo_update minimizes);
 * DAPO overlong reward shaping and the Kimi k1.5 length reward (arXiv 2501.12599 sec. 2.3.3).
 """
 from __future__ import annotations
@@ -84,3 +85,20 @@ def length_rewards(lengths: list[int], correct: list[bool]) -> list[float]:
         lam = 0.5 - (n - lo) / (hi - lo)
         out.append(lam if ok else min(0.0, lam))
     return out
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, how: str,
+                max_new_tokens: int, eps_low: float, eps_high: float, beta: float = 0.0,
+                ref_logp: torch.Tensor | None = None, n_seqs: float | None = None, n_tokens: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GRPO-family loss of one (micro-)batch: the clipped surrogate per token, plus beta * k3 KL to the
+    reference when beta > 0, reduced by `aggregate(how)` over `mask`. logp / old_logp / ref_logp / mask (B, T),
+    adv (B,). Returns (loss, clipped-token mask, per-token KL or None)."""
+    per_tok, clipped = clipped_surrogate(logp, old_logp, adv, eps_low, eps_high)
+    kl = None
+    if beta > 0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs the reference log-probs")
+        kl = k3_kl(logp, ref_logp)
+        per_tok = per_tok + beta * kl
+    return aggregate(per_tok, mask, how, max_new_tokens, n_seqs=n_seqs, n_tokens=n_tokens), clipped, kl
