@@ -1,10 +1,13 @@
 """The whole R1-Zero pipeline in seconds (smoke scale): every stage runs, the outputs exist with the
-documented keys, and an interrupted demo resumes where it stopped."""
+documented keys, and an interrupted demo resumes where it stopped, also from a stages.json written before the
+recipe moved onto nanoseek.recipes.stages."""
+import dataclasses
 import json
 
 import pytest
 
-from nanoseek.commands import demo
+from nanoseek.config import ConfigError
+from nanoseek.recipes import demo
 
 KEYS = {"task", "base_pass1", "rl_pass1", "base_pass1_t1", "rl_pass1_t1", "base_greedy", "rl_greedy",
         "control_pass1", "control_pass1_t1", "eval_n", "seconds_total"}
@@ -24,11 +27,22 @@ def test_demo_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monke
     monkeypatch.setattr(demo, "_rl", interrupted_rl)
     with pytest.raises(KeyboardInterrupt):
         demo.run_demo(cfg)
-    stages = json.loads((tmp_path / "demo" / "stages.json").read_text())
-    assert "pretrain_base" in stages and "eval_base" in stages and "grpo_and_control" not in stages
-    summary = demo.run_demo(cfg)  # the rerun skips the finished stages
-    assert calls["n"] == 2
     root = tmp_path / "demo"
+    state = json.loads((root / "stages.json").read_text())
+    done, partial = state["done"], state["partial_s"]
+    assert set(done) == {"pretrain_base", "eval_base"} and partial["grpo_and_control"] > 0
+    # the run directory as the demo's earlier stage class left it: stages at the top level, no settings
+    old = {**done, "_grpo_and_control_partial_s": partial["grpo_and_control"]}
+    (root / "stages.json").write_text(json.dumps(old))
+    evaluated = []
+    real_eval = demo.eval_run
+    monkeypatch.setattr(demo, "eval_run", lambda run, c: evaluated.append(run.name) or real_eval(run, c))
+    summary = demo.run_demo(cfg)  # the rerun skips the finished stages
+    assert calls["n"] == 2 and evaluated == ["rl", "control"]
+    state = json.loads((root / "stages.json").read_text())
+    assert state["done"]["pretrain_base"] == done["pretrain_base"] and state["partial_s"] == {}
+    assert state["done"]["grpo_and_control"]["seconds"] >= partial["grpo_and_control"]  # both attempts count
+    assert summary["seconds_by_stage"]["pretrain_base"] == round(done["pretrain_base"]["seconds"], 1)
     on_disk = json.loads((root / "summary.json").read_text())
     assert KEYS <= set(on_disk) and on_disk == json.loads(json.dumps(summary))
     for key in KEYS - {"task", "eval_n", "seconds_total"}:
@@ -42,6 +56,8 @@ def test_demo_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monke
     # the control ran in its own process beside GRPO and stopped when GRPO did
     assert on_disk["control_steps"] >= 1 and on_disk["control_seconds"] > 0 and "alongside GRPO" in report
     assert "paced budget ran out" in (root / "control" / "log.txt").read_text()
+    with pytest.raises(ConfigError, match="rl_steps"):  # finished stages would not match other settings
+        demo.run_demo(dataclasses.replace(cfg, rl_steps=3))
 
 
 @pytest.mark.parametrize("flag, value", [("--rl-bias-gamma", "-1"), ("--prompts-per-step", "0"),

@@ -36,7 +36,7 @@ def test_r1_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monkeyp
     import json
     import random
 
-    from nanoseek.commands import r1
+    from nanoseek.recipes import r1
     from nanoseek.tasks import get_task
 
     def gold_traces(root, cfg, dcfg):
@@ -59,9 +59,12 @@ def test_r1_smoke_runs_every_stage_and_resumes_after_interrupt(tmp_path, monkeyp
 
     monkeypatch.setattr(r1, "_sft", interrupted_sft)
     cfg = r1.R1Config.smoke_config(str(tmp_path / "r1"), str(tmp_path / "demo"))
+    assert r1.run_r1(cfg, until="eval_student_base") is None  # --until: stops there, resumable
+    assert list(json.loads((tmp_path / "r1" / "stages.json").read_text())["done"]) == [
+        "student_base", "eval_teacher", "eval_student_base"]
     with pytest.raises(KeyboardInterrupt):
         r1.run_r1(cfg)
-    stages = json.loads((tmp_path / "r1" / "stages.json").read_text())
+    stages = json.loads((tmp_path / "r1" / "stages.json").read_text())["done"]
     assert "arm_rl" in stages and "arm_sft" not in stages
     summary = r1.run_r1(cfg)
     on_disk = json.loads((tmp_path / "r1" / "summary.json").read_text())
@@ -79,7 +82,7 @@ def test_grpo_time_used_sums_the_segments_of_a_resumed_run(tmp_path):
     """GRPO's elapsed_s restarts at each resume; an arm's used budget is the sum up to its last checkpoint."""
     import json
 
-    from nanoseek.commands.r1 import _grpo_used_seconds
+    from nanoseek.recipes.report import grpo_seconds_by_step, grpo_used_seconds
 
     # checkpoint at 2, killed in step 3; the resume cut the file back to step 2 and restarted the clock;
     # step 5 ran after the last checkpoint (step 4), so it is not yet paid for
@@ -88,4 +91,5 @@ def test_grpo_time_used_sums_the_segments_of_a_resumed_run(tmp_path):
     ck = tmp_path / "checkpoints" / "step_4"
     ck.mkdir(parents=True)
     (ck / "state.json").write_text(json.dumps({"step": 4}))
-    assert _grpo_used_seconds(tmp_path) == 10.0 + 11.0
+    assert grpo_used_seconds(tmp_path) == 10.0 + 11.0
+    assert grpo_seconds_by_step(tmp_path) == {1: 5.0, 2: 10.0, 3: 16.0, 4: 21.0, 5: 26.0}
