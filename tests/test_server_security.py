@@ -1,6 +1,6 @@
 """`nanoseek serve` against browser attacks on a local server and clients that share one address.
 
-* CSRF / DNS rebinding (nanoseek.engine.server._RequestGuard): a web page on another site can make the
+* CSRF / DNS rebinding (nanoseek.engine.http_guard.RequestGuard): a web page on another site can make the
   browser POST `text/plain` (a "simple" request, no CORS preflight) to a keyless loopback server, and a
   rebinding page (its own domain name resolved to 127.0.0.1) is even same-origin with it. Each is refused:
   415 for a body not declared as JSON, 403 for a foreign Origin, 421 for a Host that is not the server's;

@@ -5,7 +5,8 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
 
 * Every choice of every request is one `batcher.Request`; one background thread runs `Batcher.step()` (admit
   + prefill newcomers, one batched decode for all) and pushes each token into the request's asyncio queue
-  (one loop wake-up per burst of tokens). The queue is unbounded, so a slow reader only delays itself.
+  (one loop wake-up per burst of tokens; nanoseek.engine.jobs). The queue is unbounded, so a slow reader only
+  delays itself.
 * A client that disconnects (stream closed, or a non-streaming request abandoned) cancels its requests and
   their cache rows are free at the next step; a stop string hit also cancels right away.
 * Admission control (one client must not stall the others): a request may ask for at most `max_choices`
@@ -17,41 +18,28 @@ GET /health, and the chat page at / (static files in nanoseek/engine/static, no 
   (protocol.py), so the event loop's work per token does not grow with them.
 * Binds 127.0.0.1 unless told otherwise. With API keys (one or several), every /v1 and /health request needs
   `Authorization: Bearer KEY` with one of them (401 otherwise); the static page itself holds no data and asks
-  for the key. With keys, a request's client (for the fair shares and the per-client 429 above) is its key,
-  not its address: clients behind one proxy address, each with its own key, are told apart; and the
-  batcher's reserve rows then go to clients (keys) that hold few rows, with no express lane for short
-  requests (which serves clients that share an address, and would let one key's flood of short streams in).
-* Browser attacks on a local server (CSRF, DNS rebinding; `_RequestGuard`, checked before anything else):
-  a POST must be `Content-Type: application/json` (415: a cross-site form or `text/plain` fetch cannot send
-  that without a CORS preflight, which this server never grants); a request whose `Host` is not one of
-  localhost / 127.0.0.1 / [::1] / the bound host on the server's port, nor on the `allowed_hosts` list,
-  gets 421 (a rebinding page's requests carry its own domain name as Host; an IP literal cannot be rebound,
-  so with a wildcard bind (0.0.0.0, ::) any IP literal on the port is accepted); an `Origin` header, when
-  present, must be one of those loopback names or the bound host on the port, the request's own (allowed)
-  Host, or on `allowed_origins` (403 otherwise; "null" is foreign). `*` in either list turns that check
-  off. Requests without Origin (non-browser clients) or without Host (HTTP/1.0) pass those two checks.
+  for the key; with keys, a request's client is its key (nanoseek.engine.http_guard).
+* Browser attacks on a local server (CSRF, DNS rebinding) are refused before anything else: a foreign Host
+  (421), a foreign Origin (403), a POST not declared as JSON (415): nanoseek.engine.http_guard.
 * Bad input gets a 4xx JSON body in OpenAI's error shape: invalid JSON (400), failed field validation (400,
   `param` names the field), unknown model (404, model_not_found), prompt + max_tokens over the context
   (400, context_length_exceeded), body over `max_body_bytes` (413), unknown route (404), wrong method (405).
   A server fault is logged with its traceback (logger "nanoseek.serve") and answered with a generic 500.
-The text side (chat template, thinking -> `reasoning_content`, stop strings) is in nanoseek.engine.protocol.
+The text side (chat template, thinking -> `reasoning_content`, stop strings) is in nanoseek.engine.protocol; a
+request's choices and their token delivery in nanoseek.engine.jobs.
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
 import math
-import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -59,8 +47,10 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoseek.config import ConfigError
 from nanoseek.engine.batcher import Batcher, Request
+from nanoseek.engine.http_guard import (CLIENT_SCOPE_KEY, BearerAuth, RequestGuard, RequestPolicy, split_host,  # noqa: F401
+                                        split_origin)
+from nanoseek.engine.jobs import Choice, Job, Mailbox
 from nanoseek.engine.protocol import (
     APIError,
     ChatRequest,
@@ -110,262 +100,6 @@ class ServeConfig:
         return tuple(dict.fromkeys(k for k in given if k))
 
 
-@dataclass(eq=False)
-class _Choice:
-    req: Request
-    stream: ChoiceStream
-    prompt_tokens: int
-    lp_sent: int = 0  # logprob entries already streamed
-
-
-class _Job:
-    """All choices of one HTTP request, their token queue, and cancellation."""
-
-    def __init__(self, batcher: Batcher, choices: list[_Choice], queue: asyncio.Queue, prompt_tokens: int):
-        self.batcher, self.choices, self.queue = batcher, choices, queue
-        self.prompt_tokens = prompt_tokens
-        self.live = len(choices)
-
-    def cancel(self) -> None:
-        for c in self.choices:
-            if c.req.finish_reason is None:
-                self.batcher.cancel(c.req)
-
-    async def batches(self):
-        """Yield lists of (choice index, text deltas, finish reason or None) until every choice has finished.
-        Each list is everything queued when the consumer woke up: fewer, larger writes under load."""
-        while self.live:
-            batch = [await self.queue.get()]
-            while not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-            out = []
-            for i, tok, fin, lp in batch:
-                c = self.choices[i]
-                if c.stream.finish_reason is not None:
-                    continue
-                if tok is None:  # the batcher failed this request
-                    c.stream.finish_reason = "error"
-                    self.live -= 1
-                    out.append((i, {}, "error"))
-                    continue
-                deltas = c.stream.feed(tok, fin, lp)
-                if c.stream.finish_reason is not None:
-                    self.live -= 1
-                    if fin is None:  # a stop string ended it before the batcher did
-                        self.batcher.cancel(c.req)
-                if deltas or c.stream.finish_reason is not None:
-                    out.append((i, deltas, c.stream.finish_reason))
-            if out:
-                yield out
-
-    def usage(self) -> dict:
-        """OpenAI counts each prompt once (not once per choice) and every generated token, eos included."""
-        completion = sum(c.stream.n_tokens for c in self.choices)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
-
-
-class _Mailbox:
-    """Carries tokens from the batcher thread into asyncio queues with one loop wake-up per burst instead of
-    one per token (a decode step emits a token for every active request at once)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.items: list[tuple[asyncio.Queue, tuple]] = []
-        self.lock = threading.Lock()
-        self.scheduled = False
-
-    def post(self, queue: asyncio.Queue, item: tuple) -> None:
-        with self.lock:
-            self.items.append((queue, item))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        self.loop.call_soon_threadsafe(self._flush)
-
-    def _flush(self) -> None:
-        with self.lock:
-            items, self.items, self.scheduled = self.items, [], False
-        for queue, item in items:
-            queue.put_nowait(item)
-
-
-CLIENT_SCOPE_KEY = "nanoseek.client"  # set by _BearerAuth: the identity of the key a request authenticated with
-
-
-class _BearerAuth:
-    """Pure ASGI middleware (not BaseHTTPMiddleware, which hides client disconnects from the app): /v1/* and
-    /health need `Authorization: Bearer KEY` with one of the keys; the request's scope then records which
-    key (`key-<i>`, its position: the key itself never leaves this class) as its client."""
-
-    def __init__(self, app, keys: tuple[str, ...]):
-        self.app, self.expected = app, [f"Bearer {k}".encode() for k in keys]
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] == "http" and (path.startswith("/v1") or path == "/health"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            match = None
-            for i, expected in enumerate(self.expected):  # compare with every key: the time says nothing
-                if hmac.compare_digest(given, expected):
-                    match = i
-            if match is None:
-                err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
-                               code="invalid_api_key")
-                await JSONResponse(err.body(), status_code=401)(scope, receive, send)
-                return
-            scope[CLIENT_SCOPE_KEY] = f"key-{match}"
-        await self.app(scope, receive, send)
-
-
-# ---- Host / Origin / Content-Type: what a browser page on another site could abuse ---------------------------
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _name(host: str) -> str:
-    """A host name or address as it appears in Host / Origin: lower case, IPv6 literals in brackets."""
-    host = host.strip().lower()
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _is_ip(name: str) -> bool:
-    try:
-        ipaddress.ip_address(name.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-def split_host(value: str) -> tuple[str, int | None]:
-    """'name[:port]' (a Host header or an allow-list entry) -> (name as `_name` writes it, port or None).
-    Raises ValueError on anything else (a path, an unbracketed IPv6 address, a bad port)."""
-    value = value.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        name, rest = value[:end + 1], value[end + 1:]
-        if end < 0 or not _is_ip(name) or (rest and not rest.startswith(":")):
-            raise ValueError(value)
-        port = rest[1:] if rest else None
-    else:
-        name, _, port = value.partition(":")
-        port = port if ":" in value else None
-    if not name or any(c in name for c in "/?#@ \t") or (port is not None and not (port.isdigit() and
-                                                                                   0 < int(port) < 65536)):
-        raise ValueError(value)
-    return name, None if port is None else int(port)
-
-
-def split_origin(value: str) -> tuple[str, str, int]:
-    """'scheme://name[:port]' -> (scheme, name, port with the scheme's default filled in). Raises ValueError
-    on anything else, "null" (what sandboxed frames and file:// pages send) included."""
-    parts = urlsplit(value.strip().lower())
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.path not in ("", "/") or parts.query \
-            or parts.fragment or parts.username is not None:
-        raise ValueError(value)
-    return parts.scheme, _name(parts.hostname), parts.port or DEFAULT_PORTS[parts.scheme]
-
-
-@dataclass(frozen=True)
-class RequestPolicy:
-    """Which Host and Origin headers a server bound to `host:port` accepts (see the module docstring)."""
-
-    port: int
-    names: frozenset[str]  # ours on `port`: the loopback names and the bound host
-    any_ip: bool  # bound to a wildcard address: reachable at every address of the machine
-    hosts: frozenset[tuple[str, int | None]]  # the allow-list: (name, port or None for any port)
-    origins: frozenset[tuple[str, str, int]]
-    any_host: bool
-    any_origin: bool
-
-    @classmethod
-    def of(cls, cfg: ServeConfig) -> RequestPolicy:
-        """From a ServeConfig; a malformed allow-list entry is a ConfigError naming it."""
-        hosts, origins = set(), set()
-        for h in cfg.allowed_hosts:
-            if h != "*":
-                try:
-                    hosts.add(split_host(h))
-                except ValueError:
-                    raise ConfigError(f"--allowed-host {h!r} is not a host name or address with an optional "
-                                      "port (e.g. chat.example.com or 192.168.1.5:8000), or *") from None
-        for o in cfg.allowed_origins:
-            if o != "*":
-                try:
-                    origins.add(split_origin(o))
-                except ValueError:
-                    raise ConfigError(f"--allowed-origin {o!r} is not an origin (scheme://host[:port], e.g. "
-                                      "https://chat.example.com), or *") from None
-        bound = _name(cfg.host)
-        wildcard = bound in ("0.0.0.0", "[::]", "")
-        return cls(cfg.port, LOOPBACK_NAMES | ({bound} if not wildcard else set()), wildcard, frozenset(hosts),
-                   frozenset(origins), "*" in cfg.allowed_hosts, "*" in cfg.allowed_origins)
-
-    def ours(self, name: str, port: int | None) -> bool:
-        return (name in self.names or (self.any_ip and _is_ip(name))) and port in (None, self.port)
-
-    def host_ok(self, host: str | None) -> bool:
-        if self.any_host or host is None:
-            return True
-        try:
-            name, port = split_host(host)
-        except ValueError:
-            return False
-        return self.ours(name, port) or (name, None) in self.hosts or (name, port or 80) in self.hosts
-
-    def origin_ok(self, origin: str, host: str | None) -> bool:
-        if self.any_origin:
-            return True
-        try:
-            scheme, name, port = split_origin(origin)
-        except ValueError:
-            return False
-        if (scheme, name, port) in self.origins or self.ours(name, port):
-            return True
-        if self.any_host or host is None:  # without a Host check, "same as Host" would admit a rebinding page
-            return False
-        try:  # the page was served under the Host this request carries (and that Host passed its check)
-            h_name, h_port = split_host(host)
-        except ValueError:
-            return False
-        return (name, port) == (h_name, h_port or DEFAULT_PORTS[scheme]) and self.host_ok(host)
-
-
-class _RequestGuard:
-    """Pure ASGI middleware, outermost: refuses a foreign Host (421), a foreign Origin (403), and a POST whose
-    body is not declared as JSON (415), each in OpenAI's error shape, before authentication or routing."""
-
-    def __init__(self, app, policy: RequestPolicy):
-        self.app, self.policy = app, policy
-
-    def _refusal(self, scope) -> APIError | None:
-        headers: dict[bytes, list[bytes]] = {}
-        for k, v in scope["headers"]:
-            headers.setdefault(k.lower(), []).append(v)
-        hosts, origins = headers.get(b"host", []), headers.get(b"origin", [])
-        if len(hosts) > 1 or len(origins) > 1:
-            return APIError(400, "a request carries one Host and at most one Origin header")
-        host = hosts[0].decode("latin-1") if hosts else None
-        raw_origin = origins[0] if origins else None
-        if not self.policy.host_ok(host):
-            return APIError(421, f"this server does not answer to Host {host!r} (a DNS-rebinding guard); start "
-                                 "it with --allowed-host NAME to accept it", code="host_not_allowed")
-        if raw_origin is not None and not self.policy.origin_ok(origin := raw_origin.decode("latin-1"), host):
-            return APIError(403, f"requests from Origin {origin!r} are not allowed (a cross-site request guard); "
-                                 "start the server with --allowed-origin ORIGIN to accept it",
-                            code="origin_not_allowed")
-        if scope["method"] == "POST":
-            ctype = b",".join(headers.get(b"content-type", [])).decode("latin-1")
-            if ctype.split(";")[0].strip().lower() != "application/json":
-                return APIError(415, f"Content-Type must be application/json, got {ctype or 'none'!r}",
-                                code="unsupported_media_type")
-        return None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and (err := self._refusal(scope)) is not None:
-            await JSONResponse(err.body(), status_code=err.status)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 class Server:
@@ -383,7 +117,7 @@ class Server:
         self.context = self.batcher.max_seq_len
         self.created = int(time.time())
         self.policy = RequestPolicy.of(self.cfg)
-        self._mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+        self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox] = {}
         self.app = self._build_app()
 
     # ---- app ------------------------------------------------------------------------------------------
@@ -399,8 +133,8 @@ class Server:
         app = FastAPI(title="nanoseek", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
         if self.cfg.keys:
-            app.add_middleware(_BearerAuth, keys=self.cfg.keys)
-        app.add_middleware(_RequestGuard, policy=self.policy)  # added last: runs first
+            app.add_middleware(BearerAuth, keys=self.cfg.keys)
+        app.add_middleware(RequestGuard, policy=self.policy)  # added last: runs first
 
         @app.exception_handler(APIError)
         async def api_error(_, e: APIError):
@@ -461,10 +195,10 @@ class Server:
         return app
 
     # ---- request handling -------------------------------------------------------------------------------
-    def _mailbox(self) -> _Mailbox:
+    def _mailbox(self) -> Mailbox:
         loop = asyncio.get_running_loop()
         if loop not in self._mailboxes:
-            self._mailboxes[loop] = _Mailbox(loop)
+            self._mailboxes[loop] = Mailbox(loop)
         return self._mailboxes[loop]
 
     @staticmethod
@@ -540,9 +274,9 @@ class Server:
             raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         return prompts
 
-    def _submit(self, req: SamplingRequest, prompts: list[list[int]], chat: bool, mailbox: _Mailbox,
+    def _submit(self, req: SamplingRequest, prompts: list[list[int]], chat: bool, mailbox: Mailbox,
                 queue: asyncio.Queue, client: object = None, group: object = None,
-                thinking: bool = False) -> list[_Choice]:
+                thinking: bool = False) -> list[Choice]:
         """Validate lengths and sampling values, then queue n choices per prompt with the batcher."""
         n = req.n or 1
         for p in prompts:
@@ -558,7 +292,7 @@ class Server:
         top_p = self.cfg.default_top_p if req.top_p is None else req.top_p
         params = SamplingParams(temp, req.top_k, top_p)
         logprobs = getattr(req, "logprobs", None)
-        choices: list[_Choice] = []
+        choices: list[Choice] = []
         for p in prompts:
             for j in range(n):
                 i = len(choices)
@@ -571,7 +305,7 @@ class Server:
                     mailbox.post(queue, (i, tok, fin, lp))
 
                 r.on_token = on_token
-                choices.append(_Choice(r, ChoiceStream(self.tokenizer, chat, req.stops, logprobs, thinking),
+                choices.append(Choice(r, ChoiceStream(self.tokenizer, chat, req.stops, logprobs, thinking),
                                        len(p)))
         for c in choices:
             self.batcher.submit(c.req)
@@ -584,7 +318,7 @@ class Server:
         client = self._client(request)
         self._check_choices(req, len(prompts), client)  # again: the queue grew while the prompts were encoded
         choices = self._submit(req, prompts, chat, self._mailbox(), queue, client, rid, thinking)
-        job = _Job(self.batcher, choices, queue, sum(len(p) for p in prompts))
+        job = Job(self.batcher, choices, queue, sum(len(p) for p in prompts))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self._sse(job, rid, chat, include_usage), media_type="text/event-stream",
@@ -592,7 +326,7 @@ class Server:
         return await self._collect(request, job, rid, chat)
 
     @staticmethod
-    def _logprobs_delta(c: _Choice) -> dict | None:
+    def _logprobs_delta(c: Choice) -> dict | None:
         """The logprob entries of tokens not streamed yet (OpenAI streams them chunk by chunk)."""
         body = c.stream.logprobs_body()
         if body is None:
@@ -604,7 +338,7 @@ class Server:
         obj = ("chat.completion" if chat else "text_completion") + (".chunk" if stream and chat else "")
         return {"id": rid, "object": obj, "created": int(time.time()), "model": self.cfg.model_name}
 
-    async def _sse(self, job: _Job, rid: str, chat: bool, include_usage: bool):
+    async def _sse(self, job: Job, rid: str, chat: bool, include_usage: bool):
         def event(payload: dict) -> str:
             return f"data: {json.dumps(payload)}\n\n"
 
@@ -632,7 +366,7 @@ class Server:
         finally:  # normal end, or the client went away (the task is cancelled inside an await)
             job.cancel()
 
-    async def _collect(self, request: HTTPRequest, job: _Job, rid: str, chat: bool) -> JSONResponse:
+    async def _collect(self, request: HTTPRequest, job: Job, rid: str, chat: bool) -> JSONResponse:
         async def consume() -> None:
             async for _ in job.batches():
                 pass
