@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nanoseek import cli, sandbox
+from nanoseek import cli, sandbox, sandbox_probe
 from nanoseek.config import ConfigError
 from nanoseek.sandbox_harness import decode, encode
 from nanoseek.tasks.base import format_completion
@@ -189,7 +189,7 @@ def test_a_write_outside_tmp_does_not_reach_the_host(host_folder):
 @pytest.fixture(params=["bwrap", "unsafe"])
 def mode(request, monkeypatch, tmp_path):
     """The full sandbox, or the unsafe mode: bubblewrap hidden from PATH and NANOSEEK_UNSAFE_NO_SANDBOX=1."""
-    monkeypatch.setattr(sandbox, "_unsafe_cli", False)
+    monkeypatch.setattr(sandbox_probe, "_unsafe_cli", False)
     monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
     if request.param == "bwrap":
         need("bwrap", "the full sandbox")
@@ -294,8 +294,8 @@ def test_a_fork_bomb_is_capped_ends_by_its_deadline_and_leaves_nothing(mode):
 # ---- no sandbox, no scoring (unless the user opts out) -------------------------------------------------
 @pytest.fixture
 def strict(monkeypatch):
-    monkeypatch.setattr(sandbox, "_unsafe_cli", False)
-    monkeypatch.setattr(sandbox, "_warned", set())  # the unsafe-mode warning is printed once per process
+    monkeypatch.setattr(sandbox_probe, "_unsafe_cli", False)
+    monkeypatch.setattr(sandbox_probe, "_warned", set())  # the unsafe-mode warning is printed once per process
     monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from nanoseek import sandbox
+from nanoseek import sandbox, sandbox_probe
 from nanoseek.config import ConfigError
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import format_completion
@@ -210,7 +210,7 @@ def test_a_batched_print_assumptions_that_dies_is_redone_per_theorem(pool, monke
 def test_proofs_refuse_without_bubblewrap_and_run_unsafe_only_when_allowed(monkeypatch, tmp_path):
     need("coqtop", "the proof task's verifier (apt-get install coq)")
     monkeypatch.setenv("PATH", path_without("bwrap", tmp_path / "bin"))
-    monkeypatch.setattr(sandbox, "_unsafe_cli", False)
+    monkeypatch.setattr(sandbox_probe, "_unsafe_cli", False)
     monkeypatch.delenv(sandbox.UNSAFE_ENV, raising=False)
     pool = CoqPool(1, timeout_s=TIMEOUT_S, job_wall_s=JOB_WALL_S)
     task = ProofTask(pool=pool)
