@@ -110,6 +110,18 @@ def split_origin(value: str) -> tuple[str, str, int]:
     return parts.scheme, _name(parts.hostname), parts.port or DEFAULT_PORTS[parts.scheme]
 
 
+def _allow_list(entries: tuple[str, ...], split, flag: str, what: str) -> frozenset:
+    """The parsed entries of an allow-list ("*" left out); a malformed one is a ConfigError naming it."""
+    out = set()
+    for e in entries:
+        if e != "*":
+            try:
+                out.add(split(e))
+            except ValueError:
+                raise ConfigError(f"{flag} {e!r} is not {what}, or *") from None
+    return frozenset(out)
+
+
 @dataclass(frozen=True)
 class RequestPolicy:
     """Which Host and Origin headers a server bound to `host:port` accepts (see the module docstring)."""
@@ -125,25 +137,14 @@ class RequestPolicy:
     @classmethod
     def of(cls, cfg: ServeConfig) -> RequestPolicy:
         """From a ServeConfig; a malformed allow-list entry is a ConfigError naming it."""
-        hosts, origins = set(), set()
-        for h in cfg.allowed_hosts:
-            if h != "*":
-                try:
-                    hosts.add(split_host(h))
-                except ValueError:
-                    raise ConfigError(f"--allowed-host {h!r} is not a host name or address with an optional "
-                                      "port (e.g. chat.example.com or 192.168.1.5:8000), or *") from None
-        for o in cfg.allowed_origins:
-            if o != "*":
-                try:
-                    origins.add(split_origin(o))
-                except ValueError:
-                    raise ConfigError(f"--allowed-origin {o!r} is not an origin (scheme://host[:port], e.g. "
-                                      "https://chat.example.com), or *") from None
+        hosts = _allow_list(cfg.allowed_hosts, split_host, "--allowed-host", "a host name or address with an "
+                            "optional port (e.g. chat.example.com or 192.168.1.5:8000)")
+        origins = _allow_list(cfg.allowed_origins, split_origin, "--allowed-origin", "an origin (scheme://host[:port], "
+                              "e.g. https://chat.example.com)")
         bound = _name(cfg.host)
         wildcard = bound in ("0.0.0.0", "[::]", "")
-        return cls(cfg.port, LOOPBACK_NAMES | ({bound} if not wildcard else set()), wildcard, frozenset(hosts),
-                   frozenset(origins), "*" in cfg.allowed_hosts, "*" in cfg.allowed_origins)
+        return cls(cfg.port, LOOPBACK_NAMES | ({bound} if not wildcard else set()), wildcard, hosts, origins,
+                   "*" in cfg.allowed_hosts, "*" in cfg.allowed_origins)
 
     def ours(self, name: str, port: int | None) -> bool:
         return (name in self.names or (self.any_ip and _is_ip(name))) and port in (None, self.port)
