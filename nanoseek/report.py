@@ -38,7 +38,7 @@ def _plain_log_axis(ax) -> None:
     ax.tick_params(axis="y", which="minor", labelsize=7)
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
 
@@ -48,12 +48,15 @@ def _series(rows: list[dict], key: str, x: str = "step") -> tuple[list, list]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _ema(values: list[float], beta: float = 0.9) -> list[float]:
+def ema(values: list[float], beta: float = 0.9) -> list[float]:
     out, m = [], None
     for v in values:
         m = v if m is None else beta * m + (1 - beta) * v
         out.append(m)
     return out
+
+
+_save, _ema = save_figure, ema  # the names commands/aha.py imports
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:
@@ -74,7 +77,7 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     axb.set_title("sequence balance loss (sum over MoE layers)", fontsize=9)
     axb.set_xlabel("step")
     axb.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def moe_layer_names(model_cfg: dict | None, n: int) -> list[str]:
@@ -94,7 +97,7 @@ def plot_expert_load(rows: list[dict], path: Path, model_cfg: dict | None = None
     fig, (ax, axh) = plt.subplots(1, 2, figsize=(11, 4))
     steps = [r["step"] for r in with_load]
     for i, name in enumerate(names):
-        ax.plot(steps, _ema([r["load_max_mean"][i] for r in with_load]), label=name, lw=1)
+        ax.plot(steps, ema([r["load_max_mean"][i] for r in with_load]), label=name, lw=1)
     ax.axhline(1.0, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("max / mean expert load (EMA)")
@@ -107,7 +110,7 @@ def plot_expert_load(rows: list[dict], path: Path, model_cfg: dict | None = None
     axh.set_yticks(range(len(names)), names)
     axh.set_title(f"share of routed tokens at step {with_load[-1]['step']}", fontsize=9)
     fig.colorbar(im, ax=axh)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -172,7 +175,7 @@ def compare_runs(run_dirs: list[str | Path], labels: list[str], out: str | Path)
         if not rows:
             raise ConfigError(f"no metrics in {run_dir}")
         xs, ys = _series(rows, "main", "elapsed_s")
-        line, = ax.plot([x / 60 for x in xs], _ema(ys, 0.95), label=label, lw=1.2)
+        line, = ax.plot([x / 60 for x in xs], ema(ys, 0.95), label=label, lw=1.2)
         xs, ys = _series(rows, "eval_loss", "elapsed_s")
         axe.plot([x / 60 for x in xs], ys, "o-", label=label, color=line.get_color(), ms=4)
         xs, ys = _series(rows, "eval_loss", "tokens")
@@ -186,7 +189,7 @@ def compare_runs(run_dirs: list[str | Path], labels: list[str], out: str | Path)
         a.grid(alpha=0.3, which="both")
         a.legend(fontsize=8)
     out = Path(out)
-    _save(fig, out)
+    save_figure(fig, out)
     return out
 
 

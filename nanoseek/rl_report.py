@@ -9,8 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from nanoseek.report import _ema as _smooth
-from nanoseek.report import _save
+from nanoseek.report import ema, save_figure
 from nanoseek.train.metrics import read_metrics
 
 
@@ -32,12 +31,12 @@ def plot_rl(run_dir: str | Path, plots_dir: str | Path) -> list[Path]:
         for key, label in series:
             ys = [r.get(key, 0.0) for r in rows]
             ax.plot(steps, ys, lw=0.6, alpha=0.35)
-            ax.plot(steps, _smooth(ys), lw=1.5, label=label, color=ax.lines[-1].get_color())
+            ax.plot(steps, ema(ys), lw=1.5, label=label, color=ax.lines[-1].get_color())
         ax.set_title(title)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        _save(fig, plots_dir / name)
+        save_figure(fig, plots_dir / name)
         out.append(plots_dir / name)
     loads = [r.get("expert_load_max_over_mean") for r in rows if r.get("expert_load_max_over_mean")]
     if loads:
@@ -45,12 +44,12 @@ def plot_rl(run_dir: str | Path, plots_dir: str | Path) -> list[Path]:
         ls = [r["step"] for r in rows if r.get("expert_load_max_over_mean")]
         for i in range(len(loads[0])):
             if any(x[i] for x in loads):
-                ax.plot(ls, _smooth([x[i] for x in loads]), lw=1.2, label=f"MoE layer {i}")
+                ax.plot(ls, ema([x[i] for x in loads]), lw=1.2, label=f"MoE layer {i}")
         ax.axhline(1.0, color="gray", ls="--", lw=0.8)
         ax.set_title("expert load max/mean during RL (1 = balanced)")
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        _save(fig, plots_dir / "rl_expert_load.png")
+        save_figure(fig, plots_dir / "rl_expert_load.png")
         out.append(plots_dir / "rl_expert_load.png")
     return out

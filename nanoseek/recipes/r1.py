@@ -232,7 +232,7 @@ def _plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nanoseek.report import _save
+    from nanoseek.report import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, xs, ys in series:
@@ -242,7 +242,7 @@ def _plot(series: list[tuple[str, list[float], list[float]]], xlabel: str, title
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
