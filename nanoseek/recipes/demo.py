@@ -9,6 +9,7 @@ Stages (nanoseek.recipes.stages: each resumable with Ctrl-C then the same comman
   4. evaluate the RL model and the control, sample a few completions; write runs/demo/report.md, plots and
      summary.json.
 Stage names: pretrain_base, eval_base, grpo_and_control, eval_rl, eval_control, samples.
+A rerun in the same --out with other settings is refused (finished stages would not match them).
 Step counts of the base and of GRPO are fixed (not wall-clock limits), so a seed gives the same base and RL
 run on any machine; the control's step count is whatever it reached in GRPO's time.
 """

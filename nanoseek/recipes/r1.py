@@ -12,7 +12,8 @@ Stages (nanoseek.recipes.stages: each resumable with Ctrl-C then the same comman
   5. evaluation exactly as the demo's (held-out split, pass@1 at T=0.6 / top-p 0.95 and T=1.0 over 4 samples,
      greedy); a smaller evaluation of every kept checkpoint gives the accuracy-vs-time curves;
   6. runs/r1/report.md, plots/ and summary.json.
-Stage names: STAGES below. Budgets are wall-clock, so the step counts each arm reaches depend on the machine and its load (logged).
+Stage names: STAGES below; a rerun in the same --out with other settings is refused. Budgets are wall-clock,
+so the step counts each arm reaches depend on the machine and its load (logged).
 """
 from __future__ import annotations
 
