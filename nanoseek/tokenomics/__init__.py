@@ -1,6 +1,8 @@
 """Serving-cost model ("tokenomics"), pure arithmetic and no torch.
 
+- `cost_model`: what a model is for costing (`CostModel`), read from a preset or a config.json.
 - `roofline`: one replica whose GPUs share the whole model, network free (memory, roofline speed, $ per token).
+- `sweeps`: attention kinds compared, one input swept, the plot.
 - `deployment`: disaggregated prefill / decode units with expert parallelism (per-GPU experts and KV,
   all-to-all bytes over NVLink and InfiniBand, dual-microbatch overlap) and fleet economics.
 - `scenarios`: published deployments to check the model against (DeepSeek, February 2025).
@@ -12,8 +14,6 @@ from nanoseek.tokenomics.roofline import (
     GIB,
     GPUS,
     HOURS_PER_YEAR,
-    SWEEPS,
-    Comparison,
     CostModel,
     CostResult,
     GPUSpec,
@@ -23,11 +23,9 @@ from nanoseek.tokenomics.roofline import (
     TCOInputs,
     attention_flops_per_position,
     check_batch_fits,
-    compare,
     cost_per_answer,
     decode_step,
     deepseek_hf_to_model_config,
-    default_variants,
     evaluate,
     expected_distinct_experts,
     from_gqa_hf_config,
@@ -38,15 +36,14 @@ from nanoseek.tokenomics.roofline import (
     load_model,
     memory_plan,
     normalize_attention,
-    plot_sweep,
     prefill_time,
     resolve_gpu,
     step_times,
-    sweep,
     tco_per_gpu_hour,
     usd_per_mtok,
     weight_bytes_read,
 )
+from nanoseek.tokenomics.sweeps import SWEEPS, Comparison, compare, default_variants, plot_sweep, sweep
 
 __all__ = [
     "DTYPE_BYTES", "GB", "GIB", "GPUS", "HOURS_PER_YEAR", "SWEEPS", "Comparison", "CostModel", "CostResult",

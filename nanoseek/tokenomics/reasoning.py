@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from nanoseek.config import ConfigError
 from nanoseek.tokenomics.deployment import Deployment, FleetResult, fleet
-from nanoseek.tokenomics.roofline import CostModel, default_variants, normalize_attention
+from nanoseek.tokenomics.roofline import CostModel, normalize_attention
+from nanoseek.tokenomics.sweeps import default_variants
 
 
 @dataclass(frozen=True)

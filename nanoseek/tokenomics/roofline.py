@@ -1,7 +1,7 @@
 """Serving-cost model ("tokenomics"): memory, speed and dollars of serving a model, from its shapes and a
 GPU datasheet. Pure arithmetic; no torch.
 
-A model for costing (`CostModel`) is built from a nanoseek `ModelConfig` (a preset or a config JSON) or
+A model for costing (`CostModel`, cost_model.py) is built from a nanoseek `ModelConfig` (a preset or a config JSON) or
 from a transformers `config.json` (DeepSeek-V2/V3 via `model_type`, or a Llama/Qwen/Mistral-style GQA
 model, dense or MoE). It runs on one replica of `gpus` identical GPUs serving `batch` sequences that each
 hold `context` tokens of KV cache.
@@ -48,12 +48,16 @@ Simplifications, on purpose:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.config import ConfigError
+from nanoseek.tokenomics.cost_model import (  # noqa: F401  (re-exported: the model side of the cost)
+    CostModel, deepseek_hf_to_model_config, from_gqa_hf_config, from_hf_config, from_model_config, load_model,
+    read_json_object,
+)
+
+
 
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp8": 1}
 HOURS_PER_YEAR = 8766.0  # 365.25 days
@@ -122,164 +126,6 @@ def resolve_gpu(gpu: str | GPUSpec) -> GPUSpec:
     if key not in GPUS:
         raise ConfigError(f"unknown GPU {gpu!r}; choose one of: {', '.join(GPUS)}")
     return GPUS[key]
-
-
-# ---- the model, as far as cost is concerned ---------------------------------------------------------
-@dataclass(frozen=True)
-class CostModel:
-    """Shapes and parameter counts that decide memory and speed; nothing else of the network."""
-    name: str
-    n_layers: int
-    n_heads: int
-    qk_head_dim: int  # K numbers per head when K is materialized (MLA: nope + rope)
-    v_head_dim: int
-    params_total: int  # main model, MTP excluded
-    params_active: int  # per token, embedding included (DeepSeek's convention for "37B activated")
-    lookup_params: int  # embedding rows looked up, not multiplied (0 when tied to the output head)
-    native_attention: str  # "mla", "mha", "mqa" or "gqa:N"
-    kv_lora_rank: int = 0  # MLA only
-    qk_rope_head_dim: int = 0
-    n_moe_layers: int = 0
-    n_routed_experts: int = 0
-    n_activated_experts: int = 0
-    expert_params: int = 0  # one routed expert of one layer
-    hidden_size: int = 0  # d: the width of what expert-parallel all-to-alls send (0 = unknown)
-    n_shared_experts: int = 0
-
-    @property
-    def is_mla(self) -> bool:
-        return self.kv_lora_rank > 0
-
-    @property
-    def matmul_params_active(self) -> int:
-        return self.params_active - self.lookup_params
-
-    @property
-    def routed_params(self) -> int:
-        return self.n_moe_layers * self.n_routed_experts * self.expert_params
-
-
-def from_model_config(cfg: ModelConfig, name: str = "model") -> CostModel:
-    counts = cfg.param_counts()
-    moe = cfg.n_moe_layers > 0
-    return CostModel(
-        name=name, n_layers=cfg.n_layers, n_heads=cfg.n_heads, qk_head_dim=cfg.qk_head_dim,
-        v_head_dim=cfg.v_head_dim, params_total=counts["total"], params_active=counts["active"],
-        lookup_params=counts["embed"], native_attention="mla", kv_lora_rank=cfg.kv_lora_rank,
-        qk_rope_head_dim=cfg.qk_rope_head_dim, n_moe_layers=cfg.n_moe_layers,
-        n_routed_experts=cfg.n_routed_experts if moe else 0, n_activated_experts=cfg.n_activated_experts if moe else 0,
-        expert_params=counts["expert"] if moe else 0, hidden_size=cfg.dim,
-        n_shared_experts=cfg.n_shared_experts if moe else 0)
-
-
-def _require(d: dict, keys: tuple[str, ...], what: str) -> None:
-    missing = [k for k in keys if d.get(k) in (None, "")]
-    if missing:
-        raise ConfigError(f"{what} config.json lacks required field(s): {', '.join(missing)}")
-
-
-def deepseek_hf_to_model_config(d: dict) -> ModelConfig:
-    """transformers DeepSeek-V2/V3 config.json -> ModelConfig, shapes only. Unlike `nanoseek.hf.config_from_hf`
-    this accepts V2's softmax gating and any RoPE scaling, since neither changes a cost, and needs no torch."""
-    _require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"), str(d.get("model_type")))
-    if (d.get("moe_layer_freq") or 1) != 1:
-        raise ConfigError(f"moe_layer_freq={d['moe_layer_freq']} is not supported (every layer after "
-                          "first_k_dense_replace must be MoE)")
-    n_layers = d["num_hidden_layers"]
-    n_routed = d.get("n_routed_experts") or 0
-    max_len = d.get("max_position_embeddings") or 4096
-    cfg = ModelConfig(
-        vocab_size=d["vocab_size"], dim=d["hidden_size"], inter_dim=d.get("intermediate_size") or 0,
-        moe_inter_dim=d.get("moe_intermediate_size") or 0, n_layers=n_layers,
-        n_dense_layers=min(d.get("first_k_dense_replace") or 0, n_layers) if n_routed else n_layers,
-        n_heads=d["num_attention_heads"], n_routed_experts=n_routed, n_shared_experts=d.get("n_shared_experts") or 0,
-        n_activated_experts=d.get("num_experts_per_tok") or 1, n_expert_groups=d.get("n_group") or 1,
-        n_limited_groups=d.get("topk_group") or 1,
-        score_func="softmax" if d.get("scoring_func") == "softmax" else "sigmoid",
-        q_lora_rank=d.get("q_lora_rank") or 0, kv_lora_rank=d["kv_lora_rank"],
-        qk_nope_head_dim=d["qk_nope_head_dim"], qk_rope_head_dim=d["qk_rope_head_dim"],
-        v_head_dim=d["v_head_dim"], max_seq_len=max_len, original_seq_len=max_len,
-        n_mtp=d.get("num_nextn_predict_layers") or 0)
-    return cfg.validate()
-
-
-def _gqa_kind(n_heads: int, n_kv: int) -> str:
-    return "mha" if n_kv == n_heads else "mqa" if n_kv == 1 else f"gqa:{n_kv}"
-
-
-def from_gqa_hf_config(d: dict, name: str = "model") -> CostModel:
-    """Llama/Qwen/Mistral-style config.json (dense, or MoE with num_local_experts / num_experts) -> CostModel.
-    Counts q/k/v/o projections (+ q/k/v biases for Qwen2 or attention_bias, q/k norms for Qwen3), SwiGLU
-    FFNs, RMSNorms, router and an optional Qwen2-MoE shared expert."""
-    _require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
-             str(d.get("model_type", "GQA")))
-    h, n_layers, n_heads, vocab = d["hidden_size"], d["num_hidden_layers"], d["num_attention_heads"], d["vocab_size"]
-    n_kv = d.get("num_key_value_heads") or n_heads
-    hd = d.get("head_dim") or h // n_heads
-    if min(h, n_layers, n_heads, vocab, n_kv, hd) <= 0 or n_heads % n_kv:
-        raise ConfigError(f"config.json has inconsistent attention shapes "
-                          f"(heads={n_heads}, kv heads={n_kv}, head_dim={hd})")
-    model_type = str(d.get("model_type", ""))
-    attn = h * n_heads * hd + 2 * h * n_kv * hd + n_heads * hd * h
-    if d.get("attention_bias") or model_type in ("qwen2", "qwen2_moe"):
-        attn += n_heads * hd + 2 * n_kv * hd
-    if model_type.startswith("qwen3"):
-        attn += 2 * hd
-    n_experts = d.get("num_local_experts") or d.get("num_experts") or 0
-    if n_experts:
-        if (d.get("decoder_sparse_step") or 1) != 1 or d.get("mlp_only_layers"):
-            raise ConfigError("MoE configs with dense layers (decoder_sparse_step / mlp_only_layers) are not supported")
-        k = d.get("num_experts_per_tok") or 2
-        expert = 3 * h * (d.get("moe_intermediate_size") or d["intermediate_size"])
-        shared_inter = d.get("shared_expert_intermediate_size") or 0
-        shared = 3 * h * shared_inter + (h if shared_inter else 0)  # + Qwen2-MoE's shared_expert_gate
-        ffn_total, ffn_active = n_experts * expert + shared + n_experts * h, k * expert + shared + n_experts * h
-    else:
-        k, expert = 0, 0
-        ffn_total = ffn_active = 3 * h * d["intermediate_size"]
-    tied = bool(d.get("tie_word_embeddings", False))
-    embed, head = vocab * h, 0 if tied else vocab * h
-    per_layer_fixed = attn + 2 * h
-    total = embed + head + n_layers * (per_layer_fixed + ffn_total) + h
-    active = embed + head + n_layers * (per_layer_fixed + ffn_active) + h
-    return CostModel(name=name, n_layers=n_layers, n_heads=n_heads, qk_head_dim=hd, v_head_dim=hd,
-                     params_total=total, params_active=active, lookup_params=0 if tied else embed,
-                     native_attention=_gqa_kind(n_heads, n_kv), n_moe_layers=n_layers if n_experts else 0,
-                     n_routed_experts=n_experts, n_activated_experts=k, expert_params=expert, hidden_size=h,
-                     n_shared_experts=1 if n_experts and d.get("shared_expert_intermediate_size") else 0)
-
-
-def from_hf_config(d: dict, name: str = "model") -> CostModel:
-    if d.get("model_type") in ("deepseek_v3", "deepseek_v2"):
-        return from_model_config(deepseek_hf_to_model_config(d), name)
-    return from_gqa_hf_config(d, name)
-
-
-def read_json_object(path: str | Path, what: str) -> dict:
-    """The JSON object in file `path`; a missing file, bad JSON or a non-object is one ConfigError naming `what`."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} is not valid JSON ({path}): {e}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{what} must be a JSON object: {path}")
-    return d
-
-
-def load_model(preset: str | None = None, config: str | Path | None = None) -> CostModel:
-    """A preset name, or a JSON file that is either a nanoseek ModelConfig or a transformers config.json."""
-    if config is None:
-        return from_model_config(ModelConfig.preset(preset or "v3-671b"), preset or "v3-671b")
-    path = Path(config)
-    d = read_json_object(path, "model config")
-    name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
-    if "hidden_size" in d or "model_type" in d:
-        return from_hf_config(d, name)
-    return from_model_config(ModelConfig.from_dict(d), name)
 
 
 # ---- attention kinds ---------------------------------------------------------------------------------
@@ -592,93 +438,3 @@ def cost_per_answer(model: CostModel, sc: Scenario, prompt_tokens: int, output_t
     width = output_tokens / segments
     output_usd = sum(width * at(prompt_tokens + (i + 0.5) * width).usd_per_mtok_output / 1e6 for i in range(segments))
     return {"usd": input_usd + output_usd, "input_usd": input_usd, "output_usd": output_usd, "batch": batch}
-
-
-# ---- comparisons and sweeps --------------------------------------------------------------------------
-def default_variants(model: CostModel) -> list[str]:
-    """The model's own attention first, then MLA (if it has the shapes), GQA with 8 KV heads, MHA, MQA."""
-    out = [model.native_attention]
-    if model.is_mla:
-        out.append("mla")
-    if model.n_heads % 8 == 0 and model.n_heads > 8:
-        out.append("gqa:8")
-    out += ["mha", "mqa"]
-    return list(dict.fromkeys(out))
-
-
-@dataclass(frozen=True)
-class Comparison:
-    plan: MemoryPlan
-    at_batch: CostResult | None  # None where the requested batch does not fit
-    at_max_batch: CostResult | None  # at the largest batch that fits; None where not one sequence fits
-
-
-def compare(model: CostModel, sc: Scenario, variants: list[str] | None = None) -> list[Comparison]:
-    """Each attention variant at the requested batch and at the largest batch its KV cache allows: the
-    second is where a smaller cache pays, since more sequences share each read of the weights."""
-    rows = []
-    for v in variants or default_variants(model):
-        s = dataclasses.replace(sc, attention=v)
-        plan = memory_plan(model, s)
-        at_batch = evaluate(model, s) if sc.batch <= plan.max_concurrent_sequences else None
-        at_max = (evaluate(model, dataclasses.replace(s, batch=plan.max_concurrent_sequences))
-                  if plan.max_concurrent_sequences >= 1 else None)
-        rows.append(Comparison(plan, at_batch, at_max))
-    return rows
-
-
-SWEEPS: dict[str, list[int]] = {
-    "batch": [2 ** i for i in range(13)],
-    "context": [2 ** i for i in range(9, 18)],
-}
-
-
-def sweep(model: CostModel, sc: Scenario, kind: str, variants: list[str] | None = None,
-          values: list[int] | None = None) -> dict[str, list[CostResult]]:
-    """variant -> results along `kind` ('batch' or 'context'), keeping only the points that fit."""
-    if kind not in SWEEPS:
-        raise ConfigError(f"unknown sweep {kind!r}; choose one of: {', '.join(SWEEPS)}")
-    memory_plan(model, sc)  # the weights must fit before anything is swept
-    out: dict[str, list[CostResult]] = {}
-    for v in variants or default_variants(model):
-        xs = list(values or SWEEPS[kind])
-        if kind == "batch":  # end each curve at the variant's own largest batch
-            cap = memory_plan(model, dataclasses.replace(sc, attention=v)).max_concurrent_sequences
-            xs = sorted({x for x in xs if x <= cap} | ({cap} if 1 <= cap <= max(xs) else set()))
-        points = []
-        for x in xs:
-            s = dataclasses.replace(sc, attention=v, **{kind: x})
-            if s.batch <= memory_plan(model, s).max_concurrent_sequences:
-                points.append(evaluate(model, s))
-        out[v] = points
-    return out
-
-
-def plot_sweep(results: dict[str, list[CostResult]], kind: str, path: str | Path, title: str) -> Path:
-    """Two panels, decode tokens/s per GPU and $ per million output tokens against `kind`, one line per
-    attention variant; written atomically as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanoseek.io import atomic_write
-
-    fig, (ax_t, ax_c) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for variant, points in results.items():
-        xs = [getattr(r, kind) for r in points]
-        label = variant if points else f"{variant} (does not fit)"
-        ax_t.plot(xs, [r.decode_tokens_per_s for r in points], marker="o", ms=3, label=label)
-        ax_c.plot(xs, [r.usd_per_mtok_output for r in points], marker="o", ms=3, label=label)
-    for ax, ylabel in ((ax_t, "decode tokens/s per GPU"), (ax_c, "USD per million output tokens")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(kind)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(title="attention")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-    return path
