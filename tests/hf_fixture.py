@@ -46,6 +46,29 @@ TEMPLATE = """{% if not add_generation_prompt is defined %}
   {{- '<｜Assistant｜><think>\n' }}
 {% endif %}"""
 
+# DeepSeek-V3-style: the generation prompt is the assistant role token alone and every assistant turn renders as
+# it followed by the content and eos, so a conversation's assistant tokens can be found by rendering prefixes
+# (what `sft` on `messages` needs; the R1-style template above breaks that on purpose)
+TEMPLATE_V3 = """{% set ns = namespace(system='') %}
+{% for m in messages %}
+  {% if m['role'] == 'system' %}
+    {% set ns.system = m['content'] %}
+  {% endif %}
+{% endfor %}
+{{ bos_token }}{{ ns.system }}
+{% for m in messages %}
+  {% if m['role'] == 'user' %}
+    {{- '<｜User｜>' + m['content'] -}}
+  {% elif m['role'] == 'assistant' %}
+    {{- '<｜Assistant｜>' + m['content'] + eos_token -}}
+  {% elif m['role'] != 'system' %}
+    {{- raise_exception('unknown role ' + m['role']) -}}
+  {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+  {{- '<｜Assistant｜>' -}}
+{% endif %}"""
+
 TEXT = ("The quick brown fox jumps over the lazy dog while 12 + 30 = 42 and 7 * 6 = 42. "
         "Think step by step: first read the question, then check every digit, then answer. "
         "Ünïcödé text, emoji ☃ and CJK 你好 keep the byte-level BPE honest. ") * 12
@@ -58,9 +81,9 @@ MESSAGES = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 320):
+def build_tokenizer(vocab_size: int = 320, template: str = TEMPLATE):
     """PreTrainedTokenizerFast: byte-level BPE trained on TEXT, DeepSeek specials, `<think>` / `</think>` as
-    (non-special) added tokens, the chat template above."""
+    (non-special) added tokens, `template` as its chat template (R1-style by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +95,7 @@ def build_tokenizer(vocab_size: int = 320):
     tok.train_from_iterator([TEXT], trainer=trainer)
     tok.add_tokens(["<think>", "</think>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
-    fast.chat_template = TEMPLATE
+    fast.chat_template = template
     return fast
 
 
@@ -93,13 +116,14 @@ def hf_model_config(vocab_size: int, arch: str = "v3", **kw):
     return (DeepseekV2Config if arch == "v2" else DeepseekV3Config)(**base)
 
 
-def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, arch: str = "v3", **config) -> Path:
+def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, arch: str = "v3", template: str = TEMPLATE,
+                     **config) -> Path:
     """Write the checkpoint into `path`: embedding rows = the tokenizer's vocabulary + `pad_rows`; arch "v3"
-    (DeepseekV3ForCausalLM) or "v2" (DeepseekV2ForCausalLM)."""
+    (DeepseekV3ForCausalLM) or "v2" (DeepseekV2ForCausalLM); `template` the chat template."""
     from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GenerationConfig
 
     path = Path(path)
-    tok = build_tokenizer()
+    tok = build_tokenizer(template=template)
     n = len(tok)
     torch.manual_seed(seed)
     cfg = hf_model_config(n + pad_rows, arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
