@@ -48,7 +48,6 @@ import dataclasses
 import json
 import math
 import random
-import shutil
 import signal
 import threading
 import time
@@ -72,7 +71,8 @@ from nanoseek.parallel.training import (RolloutCopy, check_ep_flags, checkpoint_
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import RewardWeights, Score, stable_hash
 from nanoseek.tasks.reflection import reflection_stats
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.hf_tokenizer import copy_tokenizer_files, load_tokenizer
+from nanoseek.tokenizer import ChatTokenizer
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train import precision as prec
 from nanoseek.train.common import Dist, check_compile, enable_compile, setup_distributed
@@ -328,7 +328,7 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
     when enabled). Returns this rank's kept rollouts (whole groups, consecutive) and the statistics of every
     drawn group of every rank (identical on all ranks); stats["groups_kept"] is the global count."""
     dist = dist or Dist()
-    tok: Tokenizer = engine.tokenizer
+    tok: ChatTokenizer = engine.tokenizer
     params = cfg.sampling()
     G = cfg.group_size
     kept: list[Rollout] = []
@@ -352,8 +352,9 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
         local_results, local_rollouts = [], {}
         truncated_all = [o.finish_reason == "length" for o in outs]
         t_verify = time.perf_counter()  # one batched (parallel, sandboxed where needed) check of the round
-        all_scores = sampler.task.score_batch([drawn[g][1] for g in mine for _ in range(G)],
-                                              [o.text for o in outs], truncated_all) if outs else []
+        all_scores = sampler.task.score_batch([drawn[g][1] for g in mine for _ in range(G)],  # the reply whole:
+                                              [tok.completion_text(p, o.text) for p, o in zip(prompts, outs)],
+                                              truncated_all) if outs else []  # with a prompt's open <think>
         stats["verify_s"] = stats.get("verify_s", 0.0) + time.perf_counter() - t_verify
         stats["checks"] = stats.get("checks", 0) + sum(s.parsed is not None and not t
                                                        for s, t in zip(all_scores, truncated_all))  # sent to the checker
@@ -405,11 +406,13 @@ def batch_tensors(rollouts: list[Rollout], device) -> tuple[torch.Tensor, torch.
     return ids.to(device), mask.to(device), old.to(device), ids[:, 1:].to(device)
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams, vocab: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """From logits (..., V): log-probs of targets (...) under the rollout distribution (temperature, and the
     top-k / top-p support renormalized: `support_logprobs`, the function the engine's log-probs agree with), and
-    the per-token entropy of the temperature-scaled, unfiltered distribution."""
+    the per-token entropy of the temperature-scaled, unfiltered distribution. `vocab`: only the first `vocab`
+    logits count (an imported checkpoint's padded embedding rows, which the engine never samples)."""
+    logits = logits[..., :vocab]
     logp_all = (logits / sampling.temperature).log_softmax(dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     if sampling.top_k is None and (sampling.top_p is None or sampling.top_p >= 1):
@@ -419,17 +422,18 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: Sampl
     return logp, entropy
 
 
-def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
+def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams, vocab: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`target_logprobs` of targets (B, L-1) over a plain per-row forward of ids (B, L): the reference the
     packed update (`packed_logprobs`) is tested against, and what the partial-rollout tests score with."""
-    return target_logprobs(model.logits(model.hidden(ids[:, :-1])), targets, sampling)
+    return target_logprobs(model.logits(model.hidden(ids[:, :-1])), targets, sampling, vocab)
 
 
-def packed_logprobs(model, p: Packed, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_logprobs(model, p: Packed, sampling: SamplingParams, vocab: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`target_logprobs` of every completion token of micro-batch `p`, one forward over the shared-prompt
     packs (nanoseek/train/shared_prefix.py); returned as (n rows, Lc) matrices, zero past each row's end."""
-    logp, ent = target_logprobs(model.logits(packed_hidden(model, p)), p.targets, sampling)
+    logp, ent = target_logprobs(model.logits(packed_hidden(model, p)), p.targets, sampling, vocab)
     return p.to_rows(logp), p.to_rows(ent)
 
 
@@ -460,7 +464,8 @@ def _all_reduce_max(dist: Dist, x: float) -> float:
 
 
 def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: torch.Tensor, cfg: GRPOConfig,
-                  dist: Dist, first: bool, skip_zero_advantage: bool = True, parallel=None) -> dict:
+                  dist: Dist, first: bool, skip_zero_advantage: bool = True, parallel=None,
+                  vocab: int | None = None) -> dict:
     """One optimizer step over the global batch (this rank's `rollouts`, possibly none, in micro-batches of at
     most `micro_batch` rows, each row group sharing one forward of its prompt: shared_prefix.py); returns
     metrics over the global batch (identical on every rank). `parallel`: an ExpertParallel; then every
@@ -504,11 +509,11 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             mb_old = p.to_rows(flat_old)
             mb_mask = p.to_rows(torch.ones_like(flat_old)) * torch.tensor([keep[i] for i in p.rows], device=device)[:, None]
             with prec.autocast(cfg.precision, device):
-                logp, ent = packed_logprobs(model, p, sampling)
+                logp, ent = packed_logprobs(model, p, sampling, vocab)
             per_tok, clipped = clipped_surrogate(logp, mb_old, adv[idx], cfg.eps_low, cfg.eps_high)
             if cfg.beta > 0:
                 with torch.no_grad(), prec.autocast(cfg.precision, device):
-                    ref_logp, _ = packed_logprobs(ref_model, p, sampling)
+                    ref_logp, _ = packed_logprobs(ref_model, p, sampling, vocab)
                 kl = k3_kl(logp, ref_logp)
                 per_tok = per_tok + cfg.beta * kl
                 sums["kl"] += float((kl.detach() * mb_mask).sum())
@@ -632,8 +637,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     check_compile(cfg.compile, ep, 1, cfg.precision)  # before any work or write
     model, init_cfg, _ = load_run_model(init, device=dist.device)
     model = prec.apply(model, cfg.precision)
-    tok_path = init / "tokenizer.json"
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(init)  # nanoseek's own, or an imported checkpoint's (its chat template's prompts)
     sandbox.check_for_task(cfg.task, cfg.unsafe_no_sandbox)  # no sandbox and no opt-out: refuse before any write
     ref_model = None
     if cfg.beta > 0:
@@ -666,7 +670,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"model": model.cfg.to_dict(), "rl": cfg.to_dict(), "init": str(init), "stage": "grpo"}
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
-        shutil.copyfile(tok_path, out / "tokenizer.json")
+        copy_tokenizer_files(init, out)
     parallel = rollout_copy = None
     if use_ep:  # the update shards the experts; rollouts run on a full copy refreshed before each step
         parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device, build_optimizer,
@@ -726,7 +730,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                     adv = group_advantages(rewards, cfg.group_size, scale=cfg.advantage == "grpo")
                     for it in range(cfg.mu):
                         rec.update(policy_update(model, ref_model, optimizer, rollouts, adv, cfg, dist,
-                                                 first=it == 0, parallel=parallel))
+                                                 first=it == 0, parallel=parallel, vocab=tokenizer.sample_vocab))
                 t_train = time.time() - t1
                 gen_tokens = sum(st["len"])
                 rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),
