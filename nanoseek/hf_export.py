@@ -54,6 +54,8 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, dtype:
     from nanoseek.train.checkpoint import load_run_model
 
     run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise ConfigError(f"run directory {run} does not exist")
     if out.exists():
         raise ConfigError(f"{out} already exists: choose another --hf directory or delete it first")
     if dtype not in DTYPES:
