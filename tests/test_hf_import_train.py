@@ -231,6 +231,10 @@ def test_rl_prompts_are_the_template_and_the_reward_sees_the_open_think(r1run, r
     assert tok.opens_thinking(prompt) and not task.score(problem, reply).format_ok
     score = task.score(problem, tok.completion_text(prompt, reply))
     assert score.correct and score.format_ok
+    from nanoseek.train.traces import Sample, select  # traces: scored with the opening, the row keeps the reply
+    opened = tok.completion_text(prompt, "")
+    assert select(task, problem, [Sample(reply, 9, False)]) == []
+    assert [s.text for _, s, _ in select(task, problem, [Sample(reply, 9, False, opened)])] == [reply]
 
 
 def test_rl_logprobs_equal_the_engines_on_a_padded_embedding(v3run):
