@@ -4,7 +4,7 @@ trained here on a few kB of text, DeepSeek-style special tokens, a DeepSeek-R1-s
 think blocks stripped from earlier assistant turns, generation prompt opening `<think>`) and a
 generation_config.json with a list of eos ids.
 
-Used by tests/test_hf_import.py; `python tests/hf_fixture.py DIR` writes one for the docs (docs/hf.md).
+Used by tests/test_hf_import*.py; `python tests/hf_fixture.py DIR [r1|v3]` writes one for the docs (docs/hf.md).
 """
 from __future__ import annotations
 
@@ -146,9 +146,33 @@ def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, arch: s
     return path
 
 
+def write_train_data(out: str | Path, n: int = 512, seed: int = 0) -> None:
+    """The README's fine-tuning data: `sft.jsonl`, n train-split `arithmetic` problems (difficulty 1) as
+    {"prompt", "completion"} rows whose completion continues R1's open think block, and `chats.jsonl`, one
+    two-turn conversation with a system message."""
+    import random
+
+    from nanoseek.tasks import get_task
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task, rng, rows = get_task("arithmetic"), random.Random(seed), []
+    for _ in range(n):
+        p = task.sample_split(rng, 1, "train")
+        expr = p.prompt.removeprefix("Compute ").rstrip(".")
+        rows.append({"prompt": p.prompt, "completion": f"{expr} = {p.answer}</think><answer>{p.answer}</answer>"})
+    (out / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = [*MESSAGES, {"role": "assistant", "content": "<think>\n7 * 6 = 42\n</think>\n\n42."}]
+    (out / "chats.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/hf_fixture.py OUT_DIR")
-    out = build_checkpoint(sys.argv[1])
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["r1"], ["v3"], ["data"]):
+        sys.exit("usage: python tests/hf_fixture.py OUT_DIR [r1|v3|data]   (a checkpoint with an R1-style chat "
+                 "template, the default, or a V3-style one; or the README's sft.jsonl and chats.jsonl)")
+    if sys.argv[2:] == ["data"]:
+        write_train_data(sys.argv[1])
+        sys.exit(0)
+    out = build_checkpoint(sys.argv[1], template=TEMPLATE_V3 if sys.argv[2:] == ["v3"] else TEMPLATE)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(json.dumps(json.loads((out / "generation_config.json").read_text())))
