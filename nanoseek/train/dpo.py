@@ -9,7 +9,9 @@ with log pi(y|x) the SUM of the completion tokens' log-probs (eos included), the
 "sigmoid" loss of TRL's DPOTrainer (label smoothing 0). The implicit rewards beta * (log pi - log pi_ref)
 of chosen and rejected are logged, and so is the share of pairs where the chosen one's is higher.
 
-Data: JSONL rows `{"prompt", "chosen", "rejected"}` (preference_pairs builds them from a run's samples).
+Data: JSONL rows `{"prompt", "chosen", "rejected"}` (preference_pairs builds them from a run's samples). On an
+imported checkpoint's run (nanoseek.hf_tokenizer) the prompt goes through its chat template and the log-probs are
+over the tokenizer's vocabulary only (an embedding padded past it keeps its never-sampled rows out).
 
 Simplifications: the reference log-probs are computed once at the start (the reference is frozen, so this
 is exact and keeps no second model in memory); batches are drawn with replacement by a step-seeded
