@@ -3,8 +3,9 @@
 `ChatTemplate(source).render(**variables)` reproduces the Jinja rendering of
 `transformers.PreTrainedTokenizerBase.apply_chat_template`: the same environment (`ImmutableSandboxedEnvironment`,
 trim_blocks, lstrip_blocks, loopcontrols; `raise_exception`, `strftime_now`, `tojson` without HTML escaping,
-`dict`, an underscore-refusing `namespace`; `{% generation %}` blocks render their body, as transformers does
-without assistant masks). nanoseek.hf_tokenizer supplies the variables (messages, special tokens,
+`dict`, an underscore-refusing `namespace`; `{% generation %}` blocks render their body, and `render_spans`
+also returns where each body landed in the output, as transformers' AssistantTracker does for
+`return_assistant_tokens_mask`). nanoseek.hf_tokenizer supplies the variables (messages, special tokens,
 add_generation_prompt).
 
 Bounds (templates are untrusted code from the Hub): the sandbox refuses Python internals (`__class__`, ...);
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -29,6 +31,7 @@ from nanoseek.config import ConfigError
 MAX_RENDER_CHARS = 1_000_000
 RENDER_SECONDS = 2.0
 _TEMPLATE_FILE = "<template>"  # the filename jinja compiles `from_string` templates under
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*[-+]?%\}")
 
 
 # ---- the bounded Jinja environment ------------------------------------------------------------------------
@@ -103,7 +106,7 @@ def _binop_size(op: str, left: Any, right: Any) -> None:
         _check_format(left)
 
 
-def _environment():
+def _environment(tracker: threading.local):
     import jinja2
     import jinja2.ext
     from jinja2.ext import loopcontrols
@@ -156,7 +159,8 @@ def _environment():
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
 
     class Generation(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body."""
+        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body; under
+        `ChatTemplate.render_spans` it also records the body's character span in the output."""
 
         tags = {"generation"}
 
@@ -166,7 +170,11 @@ def _environment():
             return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            body = caller()
+            spans = getattr(tracker, "spans", None)
+            if spans is not None:  # render_spans: the body's place in the output (as transformers' tracker)
+                spans.append((tracker.pos, tracker.pos + len(body)))
+            return body
 
     env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
     env.filters["tojson"] = tojson
@@ -207,11 +215,22 @@ class ChatTemplate:
         if len(source) > MAX_RENDER_CHARS:
             raise TemplateError(f"chat template is {len(source):,} characters (limit {MAX_RENDER_CHARS:,})")
         self.source = source
+        self.has_generation = bool(_GENERATION_TAG.search(source))
+        self._tracker = threading.local()
         try:
-            self.template = _environment().from_string(source)
+            self.template = _environment(self._tracker).from_string(source)
         except jinja2.exceptions.TemplateError as e:
             raise TemplateError(f"chat template does not compile: {_first_line(e)}") from None
         self.template.root_render_func.__globals__["str_join"] = _str_join  # `~` concatenation, bounded
+
+    def render_spans(self, **variables: Any) -> tuple[str, list[tuple[int, int]]]:
+        """(text, [(start, end) character span of each `{% generation %}` body]), as transformers'
+        AssistantTracker finds them: a body's start is the length of the output yielded before it runs."""
+        self._tracker.spans = []
+        try:
+            return self.render(**variables), self._tracker.spans
+        finally:
+            self._tracker.spans = None
 
     def render(self, seconds: float | None = None, **variables: Any) -> str:
         """The template's text for these variables; TemplateError (one line) on any failure."""
@@ -228,6 +247,7 @@ class ChatTemplate:
             return local(frame, event, arg) if frame.f_code.co_filename == _TEMPLATE_FILE else None
 
         chunks, n = [], 0
+        self._tracker.pos = 0
         previous = sys.gettrace()
         sys.settrace(tracer)
         try:
@@ -236,6 +256,7 @@ class ChatTemplate:
                 if n > MAX_RENDER_CHARS:
                     raise _Budget(f"renders more than {MAX_RENDER_CHARS:,} characters")
                 chunks.append(chunk)
+                self._tracker.pos = n
         except _Budget as e:
             raise TemplateError(f"chat template stopped: it {e}") from None
         except jinja2.exceptions.SecurityError as e:

@@ -17,8 +17,9 @@ transformers 5 (the Jinja side, sandboxed and bounded, is nanoseek.hf_chat_templ
 documents / `continue_final_message` / control-token sanitizing. The template is compiled and test-rendered when
 the tokenizer loads, so an import refuses a broken template before any weight is read.
 
-Training conversations (`chat_document`, what `sft` trains on): the assistant tokens are found by rendering
-prefixes, for every template (`{% generation %}` marks, where a template has them, are not read): for assistant
+Training conversations (`chat_document`, what `sft` trains on): a template with `{% generation %}` blocks marks
+the assistant tokens itself (a token is trained iff its characters overlap a block's output, as transformers'
+`return_assistant_tokens_mask`). Any other template's assistant tokens are found by rendering prefixes: for assistant
 turn i, `before` = chat_ids(messages[:i], add_generation_prompt=True) (the prompt the model continues at
 inference) and `through` = chat_ids(messages[:i + 1]); the turn's trained tokens are through[len(before):] (its
 content and whatever the template closes the turn with, e.g. the eos). Two properties are required, token for
@@ -217,6 +218,10 @@ class ImportedTokenizer:
         if self._template is None:
             raise ConfigError(f"{self.source or 'this tokenizer'} has no chat_template: chat needs one (use a "
                               "plain completion, or add chat_template.jinja to the run directory)")
+        return self._template.render(**self._variables(messages, add_generation_prompt))
+
+    def _variables(self, messages: list[dict], add_generation_prompt: bool) -> dict:
+        """What apply_chat_template passes the template."""
         chat = []
         for m in messages:
             if not isinstance(m, dict):
@@ -227,8 +232,8 @@ class ImportedTokenizer:
             if reasoning is not None:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
             chat.append(m)
-        return self._template.render(messages=chat, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        return dict(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                    **self.special_tokens)
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """apply_chat_template(messages, add_generation_prompt, tokenize=True), token for token."""
@@ -240,6 +245,8 @@ class ImportedTokenizer:
         the tokens of every assistant turn, found by rendering prefixes (module docstring); ConfigError (one
         line) when the template breaks the prefix property."""
         chat = [_plain_message(m, i) for i, m in enumerate(messages)]
+        if self._template is not None and self._template.has_generation:
+            return self._generation_document(chat, add_generation_prompt)
         ids = self.chat_ids(chat, add_generation_prompt)
         mask = [False] * len(ids)
         for i, m in enumerate(chat):
@@ -261,6 +268,14 @@ class ImportedTokenizer:
                                   'found in the conversation; give {"prompt", "completion"} rows instead')
             mask[len(before):len(through)] = [True] * (len(through) - len(before))
         return ids, mask
+
+    def _generation_document(self, chat: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        """A template with `{% generation %}` marks its assistant spans itself: a token is trained iff its
+        characters overlap a marked span (transformers' return_assistant_tokens_mask)."""
+        text, spans = self._template.render_spans(**self._variables(chat, add_generation_prompt))
+        enc = self._tok.encode(text, add_special_tokens=False)
+        mask = [any(s < b and a < e for a, b in spans) for s, e in enc.offsets]
+        return list(enc.ids), mask
 
     def _divergence(self, a: list[int], b: list[int], other: str) -> str:
         """Where two token lists part: "'text of a' where <other> continues 'text of b'"."""

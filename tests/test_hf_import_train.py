@@ -6,7 +6,8 @@ and `export --hf` back to a transformers directory, against transformers on chec
 * sft on `messages`: the ids equal `apply_chat_template(messages)` and the trained-token mask equals transformers'
   own `assistant_masks` (the same template with `{% generation %}` tags) and a mask computed by hand from the
   role and eos tokens; a template that breaks the prefix property is refused in one line (R1's generation prompt
-  opens `<think>`; a Qwen3-like one drops earlier turns' reasoning);
+  opens `<think>`; a Qwen3-like one drops earlier turns' reasoning); a template with `{% generation %}` tags is
+  read as transformers reads it (mask == `assistant_masks`, V3- and R1-style);
 * rl: rollout prompts are the template's generation prompts token for token, the reward parser sees the prompt's
   open `<think>` with the reply, and the trainer's log-probs equal the engine's on an embedding padded past the
   tokenizer (padded rows out of the softmax: without that they differ by more than 0.1);
@@ -142,6 +143,29 @@ def test_conversation_mask_equals_transformers(v3run, v3ck, n_msgs):
     assert skipped == 0 and ids_t[0, :len(ids)].tolist() == ids
     trained = [t + 1 for t in range(tgt.size(1)) if tgt[0, t] != IGNORE]
     assert trained == [i for i, m in enumerate(mask) if m]
+
+
+R1_TAGGED = """{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}
+{%- elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' }}{% generation %}{{ m['content'].split('</think>')[-1] | trim
+}}{{ eos_token }}{% endgeneration %}{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜><think>
+{% endif %}"""
+
+
+@pytest.mark.parametrize("template", ["v3", "r1"])
+def test_generation_tags_are_read(r1run, template, tmp_path):
+    """A template with {% generation %} marks its own assistant tokens: mask == transformers' assistant_masks
+    (even R1-style, whose prefixes do not line up: the template's author chose what to train)."""
+    source = _tagged(TEMPLATE_V3) if template == "v3" else R1_TAGGED
+    d = tmp_path / template
+    d.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (d / name).write_bytes((r1run / name).read_bytes())
+    (d / "chat_template.jinja").write_text(source)
+    tok, hf_tok = ImportedTokenizer.from_dir(d), AutoTokenizer.from_pretrained(d)
+    ids, mask = tok.chat_document(CONVERSATION)
+    theirs = hf_tok.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
+    assert ids == theirs["input_ids"] and mask == [bool(m) for m in theirs["assistant_masks"]]
+    assert tok.decode([i for i, m in zip(ids, mask) if m]).count(hf_tok.eos_token) == 2
 
 
 def test_templates_without_the_prefix_property_are_refused(r1run, tmp_path):
