@@ -307,6 +307,9 @@ def test_rl_distill_dpo_write_self_contained_runs(v3run, sft_run, tmp_path, monk
     assert main(["dpo", "--init", str(sft_run), "--data", str(pairs), "--out", str(dpo), "--steps", "1",
                  "--batch-size", "1"]) == 0
     assert_self_contained(dpo, v3run)
+    merged = tmp_path / "merged"
+    assert main(["merge", "--runs", str(sft_run), str(dpo), "--out", str(merged)]) == 0
+    assert_self_contained(merged, v3run)
     rec = json.loads((dpo / "metrics.jsonl").read_text().splitlines()[-1])
     assert abs(rec["loss"] - 0.6931) < 1e-3  # step 1: policy == reference, -log sigmoid(0)
 
