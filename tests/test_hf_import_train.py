@@ -347,6 +347,20 @@ def test_export_fine_tuned_imported_run_round_trip(sft_run, v3ck, tmp_path):
     assert not list(tmp_path.glob(".*export-*"))
 
 
+def test_v2_rl_run_exports(tmp_path):
+    """DeepSeek-V2's softmax gate has no selection bias: rl leaves nanoseek's at zero (the bias update is off for
+    a softmax gate), so the RL'd run exports as DeepseekV2ForCausalLM with the same logits."""
+    ckpt = build_checkpoint(tmp_path / "v2ck", arch="v2", seed=4)
+    run = import_checkpoint(ckpt, tmp_path / "v2", verbose=False)
+    rl, out = tmp_path / "v2-rl", tmp_path / "v2-hf"
+    assert main(["rl", "--init", str(run), "--out", str(rl), "--steps", "1", "--group-size", "2",
+                 "--prompts-per-step", "2", "--max-new-tokens", "6"]) == 0
+    assert json.loads((rl / "config.json").read_text())["rl"]["bias_update"] is False
+    assert main(["export", "--run", str(rl), "--hf", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["DeepseekV2ForCausalLM"]
+    _logits_agree(out, rl, load_tokenizer(rl).chat_ids(MESSAGES))
+
+
 def test_export_nanoseek_run_carries_its_chat_format(tmp_path):
     """A run with nanoseek's own tokenizer: transformers' apply_chat_template of the exported directory gives
     nanoseek's chat ids; re-importing the export gives the same prompts."""

@@ -636,6 +636,8 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     check_partial_rollouts(cfg.partial_rollout_tokens, dist.world)
     check_compile(cfg.compile, ep, 1, cfg.precision)  # before any work or write
     model, init_cfg, _ = load_run_model(init, device=dist.device)
+    if cfg.bias_update and model.cfg.score_func == "softmax":  # DeepSeek-V2's softmax gate has no selection bias
+        cfg = dataclasses.replace(cfg, bias_update=False)      # (an imported V2 stays exportable: nanoseek.hf)
     model = prec.apply(model, cfg.precision)
     tokenizer = load_tokenizer(init)  # nanoseek's own, or an imported checkpoint's (its chat template's prompts)
     sandbox.check_for_task(cfg.task, cfg.unsafe_no_sandbox)  # no sandbox and no opt-out: refuse before any write
