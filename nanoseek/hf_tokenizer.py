@@ -242,8 +242,9 @@ class ImportedTokenizer:
     def chat_document(self, messages: list[dict], add_generation_prompt: bool = False
                       ) -> tuple[list[int], list[bool]]:
         """A training conversation: (ids, mask), ids == chat_ids(messages, add_generation_prompt) and mask True on
-        the tokens of every assistant turn, found by rendering prefixes (module docstring); ConfigError (one
-        line) when the template breaks the prefix property."""
+        the tokens of every assistant turn: those the template's `{% generation %}` blocks mark, else found by
+        rendering prefixes (module docstring); ConfigError (one line) when the template breaks the prefix
+        property."""
         chat = [_plain_message(m, i) for i, m in enumerate(messages)]
         if self._template is not None and self._template.has_generation:
             return self._generation_document(chat, add_generation_prompt)
@@ -262,10 +263,10 @@ class ImportedTokenizer:
                                   '{"prompt", "completion"} rows instead (the completion continues the generation '
                                   "prompt)")
             if ids[:len(through)] != through:
+                where = self._divergence(through, ids, "in the conversation")
                 raise ConfigError(f"the chat template renders assistant message {i} differently once later "
-                                  f"messages follow (alone it continues {self._divergence(through, ids, 'in the conversation')}), "
-                                  "so its tokens cannot be "
-                                  'found in the conversation; give {"prompt", "completion"} rows instead')
+                                  f"messages follow (alone it continues {where}), so its tokens cannot be found in "
+                                  'the conversation; give {"prompt", "completion"} rows instead')
             mask[len(before):len(through)] = [True] * (len(through) - len(before))
         return ids, mask
 
