@@ -50,9 +50,11 @@ def score_batch(engine: Engine, task, problems: list[Problem], repeats: int, max
     acc, fmt, lens = [], [], []
     for i in range(0, len(jobs), chunk):
         part = jobs[i:i + chunk]
-        outs = engine.generate([tok.prompt_ids(p.prompt) for p in part], max_new_tokens=max_new_tokens,
-                               temperature=temperature, top_p=top_p, seed=seed + i)
-        scores = task.score_batch(part, [o.text for o in outs], [o.finish_reason == "length" for o in outs])
+        prompts = [tok.prompt_ids(p.prompt) for p in part]
+        outs = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               seed=seed + i)
+        scores = task.score_batch(part, [tok.completion_text(q, o.text) for q, o in zip(prompts, outs)],  # an open
+                                  [o.finish_reason == "length" for o in outs])  # <think> of the prompt included
         for s, o in zip(scores, outs):
             acc.append(float(s.correct))
             fmt.append(float(s.format_ok))

@@ -9,8 +9,9 @@ The run holds what every command reads from a run directory, plus the checkpoint
                                      bos / eos / pad ids when the checkpoint has none)
 
 `load_tokenizer(run)` (nanoseek.hf_tokenizer) sees tokenizer_config.json and gives every command the imported
-tokenizer, so generate / sample / chat / serve / eval use the checkpoint's vocabulary, special tokens, chat
-template and eos ids.
+tokenizer, so generate / sample / chat / serve / eval / traces and the trainers (sft / rl / distill / dpo, whose
+runs copy the files on) use the checkpoint's vocabulary, special tokens, chat template and eos ids;
+nanoseek.hf_export writes a run back as a transformers directory.
 
 Order of work: everything that can be wrong is checked before a weight is read (config.json and its
 architecture, the tokenizer files, the chat template (compiled and test-rendered), the vocabulary against the

@@ -4,39 +4,40 @@ A transformers checkpoint directory (or an imported run, which keeps the same fi
 `tokenizers` model: pre-tokenizer, BPE, added tokens, decoder), `tokenizer_config.json` (which added tokens are
 bos / eos / pad / unk, `added_tokens_decoder`, and usually `chat_template`), optionally `chat_template.jinja` (the
 template as its own file, transformers >= 4.43) and `generation_config.json` (eos ids, default temperature / top-p).
-`ImportedTokenizer` reads them and answers encode / decode / special ids / `prompt_ids` / `document_ids` like
-nanoseek's own tokenizer, plus `chat_ids(messages, add_generation_prompt)`; `load_tokenizer(run_dir)` returns
-whichever kind a run has (an imported run is recognised by its `tokenizer_config.json`).
+`ImportedTokenizer` reads them and answers nanoseek.tokenizer.ChatTokenizer's calls (encode / decode / special
+ids / `prompt_ids` / `document_ids` / `chat_ids` / `chat_document` / `completion_text`) like nanoseek's own
+tokenizer; `load_tokenizer(run_dir)` returns whichever kind a run has (an imported run is recognised by its
+`tokenizer_config.json`), and `copy_tokenizer_files` carries the files into every run made from it.
 
 Chat rendering reproduces `transformers.PreTrainedTokenizerBase.apply_chat_template(..., tokenize=True)` as of
-transformers 5: the same Jinja environment (`ImmutableSandboxedEnvironment`, trim_blocks, lstrip_blocks,
-loopcontrols; `raise_exception`, `strftime_now`, `tojson` without HTML escaping, `dict`, an underscore-refusing
-`namespace`), the same variables (`messages` with None-valued keys dropped and `reasoning_content` / `thinking`
-aliased, `tools=None`, `documents=None`, `add_generation_prompt`, and every named special token: `bos_token`,
-`eos_token`, `unk_token`, `pad_token`, ...), and the rendered text encoded with `add_special_tokens=False`.
-Simplifications: no tools / documents / `continue_final_message` / assistant masks / control-token sanitizing
-(`{% generation %}` blocks render their body, as transformers does without assistant masks).
+transformers 5 (the Jinja side, sandboxed and bounded, is nanoseek.hf_chat_template): the same variables
+(`messages` with None-valued keys dropped and `reasoning_content` / `thinking` aliased, `tools=None`,
+`documents=None`, `add_generation_prompt`, and every named special token: `bos_token`, `eos_token`, `unk_token`,
+`pad_token`, ...), and the rendered text encoded with `add_special_tokens=False`. Simplifications: no tools /
+documents / `continue_final_message` / control-token sanitizing. The template is compiled and test-rendered when
+the tokenizer loads, so an import refuses a broken template before any weight is read.
 
-Bounds (templates are untrusted code from the Hub): the sandbox refuses Python internals (`__class__`, ...);
-a render is stopped after `RENDER_SECONDS` of wall time (a trace function on the template's own frames checks
-the deadline on every line it runs, so a loop that prints nothing is stopped too) and once its output passes
-`MAX_RENDER_CHARS`; the operators `* ** + %`, string concatenation `~`, every filter and every method call
-refuse to build a string or list over that size (checked before the allocation where the size is knowable).
-Every failure is one ConfigError line. The template is compiled and test-rendered when the tokenizer loads,
-so an import refuses a broken template before any weight is read.
+Training conversations (`chat_document`, what `sft` trains on): a template with `{% generation %}` blocks marks
+the assistant tokens itself (a token is trained iff its characters overlap a block's output, as transformers'
+`return_assistant_tokens_mask`). Any other template's assistant tokens are found by rendering prefixes: for assistant
+turn i, `before` = chat_ids(messages[:i], add_generation_prompt=True) (the prompt the model continues at
+inference) and `through` = chat_ids(messages[:i + 1]); the turn's trained tokens are through[len(before):] (its
+content and whatever the template closes the turn with, e.g. the eos). Two properties are required, token for
+token, and a template that breaks either is refused in one line: `before` is a prefix of `through` (the turn
+renders as the generation prompt followed by the reply: DeepSeek-R1's template breaks it, its generation prompt
+opens `<think>` while a rendered turn drops the reasoning) and `through` is a prefix of the whole conversation's
+tokens (later messages do not change how an earlier turn renders). So the context of every trained turn is
+exactly the token sequence the template gives at inference.
 
 Stop tokens: the tokenizer's eos plus every `eos_token_id` of generation_config.json (what vLLM stops on).
-`vocab_size` is the highest token id + 1; a checkpoint whose embedding has more rows pads it, and the engine
-never samples those rows (`sample_vocab`).
+`vocab_size` is the highest token id + 1; a checkpoint whose embedding has more rows pads it: the engine never
+samples those rows and every trainer takes its log-probs over the first `sample_vocab` logits only.
 """
 from __future__ import annotations
 
 import json
-import re
-import sys
-import time
+import shutil
 from collections.abc import Iterable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,238 +45,15 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.config import ConfigError
+from nanoseek.hf_chat_template import MAX_RENDER_CHARS, RENDER_SECONDS, ChatTemplate, TemplateError, _first_line
 
-MAX_RENDER_CHARS = 1_000_000
-RENDER_SECONDS = 2.0
+__all__ = ["ChatTemplate", "ImportedTokenizer", "MAX_RENDER_CHARS", "RENDER_SECONDS", "TemplateError",
+           "copy_tokenizer_files", "is_imported", "load_tokenizer"]
+
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 THINK_TAGS = ("<think>", "</think>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json", "special_tokens_map.json")
-_TEMPLATE_FILE = "<template>"  # the filename jinja compiles `from_string` templates under
-
-
-# ---- the bounded Jinja environment ------------------------------------------------------------------------
-class TemplateError(ConfigError):
-    """A chat template that fails to compile, raises, runs too long, grows too big or breaks the sandbox."""
-
-
-class _Budget(Exception):
-    """Raised inside a render that passed its time or size budget."""
-
-
-def _size(x: Any) -> int:
-    return len(x) if isinstance(x, (str, bytes, list, tuple, dict)) else 0
-
-
-def _check_size(x: Any) -> Any:
-    if _size(x) > MAX_RENDER_CHARS:
-        raise _Budget(f"builds a value of {_size(x):,} items (limit {MAX_RENDER_CHARS:,})")
-    return x
-
-
-def _check_args(args: Iterable[Any]) -> None:
-    """An integer argument over the size limit would let one call allocate without bound ('x'|center(10**9))."""
-    for a in args:
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > MAX_RENDER_CHARS:
-            raise _Budget(f"passes {a} to a function (limit {MAX_RENDER_CHARS:,})")
-
-
-# a width or precision of 7+ digits inside a %-conversion or a {...:spec} field
-_BIG_WIDTH = re.compile(r"%[-#0 +]*(?:\d{7,}|\d*\.\d{7,})|\{[^{}]*:[^{}]*\d{7,}[^{}]*\}")
-
-
-def _check_format(fmt: Any) -> None:
-    """A format string whose width or precision has 7+ digits ('%0999999999d', '{:>999999999}') would allocate
-    without bound in one C call."""
-    if isinstance(fmt, str) and _BIG_WIDTH.search(fmt):
-        raise _Budget("formats with a width or precision over the size limit")
-
-
-def _predict_method(obj: Any, args: tuple, kwargs: dict) -> None:
-    """Size of str.join / str.replace results, known before they run; str.format widths."""
-    obj = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format in its own formatter
-    owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", "")
-    if isinstance(owner, str) and name in ("format", "format_map"):
-        _check_format(owner)
-    if isinstance(owner, str) and name == "join" and args and isinstance(args[0], (list, tuple)):
-        items = args[0]
-        total = len(owner) * max(len(items) - 1, 0) + sum(_size(i) for i in items)
-        if total > MAX_RENDER_CHARS:
-            _raise_size(total)
-    if isinstance(owner, str) and name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
-        n = owner.count(args[0]) if args[0] else len(owner) + 1
-        total = len(owner) + n * (len(args[1]) - len(args[0]))
-        if total > MAX_RENDER_CHARS:
-            _raise_size(total)
-
-
-def _raise_size(total: int) -> None:
-    raise _Budget(f"builds a value of {total:,} items (limit {MAX_RENDER_CHARS:,})")
-
-
-def _binop_size(op: str, left: Any, right: Any) -> None:
-    if op == "*":
-        seq, n = (left, right) if isinstance(right, int) else (right, left)
-        if isinstance(n, int) and _size(seq) * max(n, 0) > MAX_RENDER_CHARS:
-            _raise_size(_size(seq) * n)
-    elif op == "**" and isinstance(right, int) and isinstance(left, int) and abs(left) > 1 and right > 4096:
-        raise _Budget(f"computes {left} ** {right}")
-    elif op == "+" and _size(left) + _size(right) > MAX_RENDER_CHARS:
-        _raise_size(_size(left) + _size(right))
-    elif op == "%" and isinstance(left, str):
-        _check_format(left)
-
-
-def _environment():
-    import jinja2
-    import jinja2.ext
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "+", "%"})
-
-        def call_binop(self, context, operator, left, right):
-            _binop_size(operator, left, right)
-            return _check_size(super().call_binop(context, operator, left, right))
-
-        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 -- jinja's signature
-            _check_args(args)
-            _check_args(kwargs.values())
-            _predict_method(__obj, args, kwargs)
-            return _check_size(super().call(__context, __obj, *args, **kwargs))
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        return datetime.now().strftime(fmt)
-
-    class TemplateDict:  # as transformers: dict() without dict's attributes
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        def __init__(*args, **kwargs):  # noqa: N805 -- Namespace's signature trick
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} starts with an underscore")
-
-    class Generation(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask tag) renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
-    env.filters["tojson"] = tojson
-
-    def bounded(name, f):
-        skip = 2 if hasattr(f, "jinja_pass_arg") else 1  # (context,) value: what is filtered, not a size
-
-        def wrapper(*args, **kwargs):
-            _check_args(args[skip:])
-            _check_args(kwargs.values())
-            if name == "format" and args[skip - 1:skip]:
-                _check_format(args[skip - 1])
-            return _check_size(f(*args, **kwargs))
-        for attr in ("jinja_pass_arg",):  # keep pass_context / pass_eval_context markers
-            if hasattr(f, attr):
-                setattr(wrapper, attr, getattr(f, attr))
-        return wrapper
-
-    env.filters = {name: bounded(name, f) for name, f in env.filters.items()}
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(),
-                       namespace=TemplateNamespace)
-    return env
-
-
-def _str_join(seq) -> str:
-    parts = [str(x) for x in seq]
-    if sum(len(p) for p in parts) > MAX_RENDER_CHARS:
-        _raise_size(sum(len(p) for p in parts))
-    return "".join(parts)
-
-
-class ChatTemplate:
-    """A compiled chat template rendered within a time and size budget."""
-
-    def __init__(self, source: str):
-        import jinja2
-
-        if len(source) > MAX_RENDER_CHARS:
-            raise TemplateError(f"chat template is {len(source):,} characters (limit {MAX_RENDER_CHARS:,})")
-        self.source = source
-        try:
-            self.template = _environment().from_string(source)
-        except jinja2.exceptions.TemplateError as e:
-            raise TemplateError(f"chat template does not compile: {_first_line(e)}") from None
-        self.template.root_render_func.__globals__["str_join"] = _str_join  # `~` concatenation, bounded
-
-    def render(self, seconds: float | None = None, **variables: Any) -> str:
-        """The template's text for these variables; TemplateError (one line) on any failure."""
-        import jinja2
-
-        deadline = time.monotonic() + (RENDER_SECONDS if seconds is None else seconds)
-
-        def local(frame, event, arg):
-            if time.monotonic() > deadline:
-                raise _Budget(f"ran longer than {RENDER_SECONDS if seconds is None else seconds:g} s")
-            return local
-
-        def tracer(frame, event, arg):
-            return local(frame, event, arg) if frame.f_code.co_filename == _TEMPLATE_FILE else None
-
-        chunks, n = [], 0
-        previous = sys.gettrace()
-        sys.settrace(tracer)
-        try:
-            for chunk in self.template.generate(**variables):
-                n += len(chunk)
-                if n > MAX_RENDER_CHARS:
-                    raise _Budget(f"renders more than {MAX_RENDER_CHARS:,} characters")
-                chunks.append(chunk)
-        except _Budget as e:
-            raise TemplateError(f"chat template stopped: it {e}") from None
-        except jinja2.exceptions.SecurityError as e:
-            raise TemplateError(f"chat template refused by the sandbox: {_first_line(e)}") from None
-        except jinja2.exceptions.TemplateError as e:
-            raise TemplateError(f"chat template raised: {_first_line(e)}") from None
-        except (RecursionError, MemoryError) as e:
-            raise TemplateError(f"chat template failed: {type(e).__name__}") from None
-        except Exception as e:  # noqa: BLE001 -- a template can raise anything its operations raise
-            raise TemplateError(f"chat template failed: {type(e).__name__}: {_first_line(e)}") from None
-        finally:
-            sys.settrace(previous)
-        return "".join(chunks)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 # ---- reading the files ----------------------------------------------------------------------------------
@@ -440,6 +218,10 @@ class ImportedTokenizer:
         if self._template is None:
             raise ConfigError(f"{self.source or 'this tokenizer'} has no chat_template: chat needs one (use a "
                               "plain completion, or add chat_template.jinja to the run directory)")
+        return self._template.render(**self._variables(messages, add_generation_prompt))
+
+    def _variables(self, messages: list[dict], add_generation_prompt: bool) -> dict:
+        """What apply_chat_template passes the template."""
         chat = []
         for m in messages:
             if not isinstance(m, dict):
@@ -450,12 +232,65 @@ class ImportedTokenizer:
             if reasoning is not None:
                 m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
             chat.append(m)
-        return self._template.render(messages=chat, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        return dict(messages=chat, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                    **self.special_tokens)
 
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """apply_chat_template(messages, add_generation_prompt, tokenize=True), token for token."""
         return self.encode(self.render_chat(messages, add_generation_prompt))
+
+    def chat_document(self, messages: list[dict], add_generation_prompt: bool = False
+                      ) -> tuple[list[int], list[bool]]:
+        """A training conversation: (ids, mask), ids == chat_ids(messages, add_generation_prompt) and mask True on
+        the tokens of every assistant turn: those the template's `{% generation %}` blocks mark, else found by
+        rendering prefixes (module docstring); ConfigError (one line) when the template breaks the prefix
+        property."""
+        chat = [_plain_message(m, i) for i, m in enumerate(messages)]
+        if self._template is not None and self._template.has_generation:
+            return self._generation_document(chat, add_generation_prompt)
+        ids = self.chat_ids(chat, add_generation_prompt)
+        mask = [False] * len(ids)
+        for i, m in enumerate(chat):
+            if m["role"] != "assistant":
+                continue
+            before = self.chat_ids(chat[:i], add_generation_prompt=True)
+            through = self.chat_ids(chat[:i + 1], add_generation_prompt=False)
+            if through[:len(before)] != before:
+                raise ConfigError(f"the chat template does not render assistant message {i} as its generation "
+                                  f"prompt followed by the reply (the prompt continues "
+                                  f"{self._divergence(before, through, 'the rendered turn')}), so a "
+                                  "conversation cannot be trained token for token as it is prompted; give "
+                                  '{"prompt", "completion"} rows instead (the completion continues the generation '
+                                  "prompt)")
+            if ids[:len(through)] != through:
+                where = self._divergence(through, ids, "in the conversation")
+                raise ConfigError(f"the chat template renders assistant message {i} differently once later "
+                                  f"messages follow (alone it continues {where}), so its tokens cannot be found in "
+                                  'the conversation; give {"prompt", "completion"} rows instead')
+            mask[len(before):len(through)] = [True] * (len(through) - len(before))
+        return ids, mask
+
+    def _generation_document(self, chat: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+        """A template with `{% generation %}` marks its assistant spans itself: a token is trained iff its
+        characters overlap a marked span (transformers' return_assistant_tokens_mask)."""
+        text, spans = self._template.render_spans(**self._variables(chat, add_generation_prompt))
+        enc = self._tok.encode(text, add_special_tokens=False)
+        mask = [any(s < b and a < e for a, b in spans) for s, e in enc.offsets]
+        return list(enc.ids), mask
+
+    def _divergence(self, a: list[int], b: list[int], other: str) -> str:
+        """Where two token lists part: "'text of a' where <other> continues 'text of b'"."""
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        return f"{self.decode(a[k:k + 8])!r} where {other} continues {self.decode(b[k:k + 8])!r}"
+
+    def completion_text(self, prompt: list[int], text: str) -> str:
+        """A reply as a reward parser reads it: when `prompt` ends inside a think block (R1's generation prompt
+        opens `<think>`), the prompt's text from that `<think>` on is put back in front of `text`, so
+        `<think>...</think><answer>...</answer>` is seen whole."""
+        if not self.opens_thinking(prompt):
+            return text
+        start = max(i for i, t in enumerate(prompt) if t == self.think_ids[0])
+        return self.decode(prompt[start:]) + text
 
     def prompt_ids(self, user_text: str) -> list[int]:
         """One user message through the chat template; without a template, the text itself after bos."""
@@ -475,6 +310,15 @@ class ImportedTokenizer:
             if t in (start, end):
                 return t == start
         return False
+
+
+def _plain_message(message: object, index: int) -> dict:
+    """A message with its content as one string (OpenAI text parts joined); role checked as nanoseek's own
+    template checks it, the message's other keys (reasoning_content, ...) kept for the template."""
+    from nanoseek.tokenizer import message_role_content
+
+    _, content = message_role_content(message, index)
+    return {**message, "content": content}
 
 
 def _add_declared_tokens(tok: HFTokenizer, tok_config: dict, file: Path) -> None:
@@ -513,3 +357,20 @@ def load_tokenizer(run_dir: str | Path):
     if is_imported(folder):
         return ImportedTokenizer.from_dir(folder)
     return Tokenizer.load(path if path.suffix == ".json" else folder / "tokenizer.json")
+
+
+def copy_tokenizer_files(src_run: str | Path, out: str | Path) -> list[str]:
+    """Copy a run's tokenizer files (tokenizer.json, and for an imported run tokenizer_config.json, the chat
+    template, generation_config.json, special_tokens_map.json) into `out`, atomically each: a run made from an
+    imported one is itself self-contained. Returns the names copied."""
+    from nanoseek.io import atomic_write
+
+    src = Path(src_run)
+    src = src.parent if src.suffix == ".json" else src
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if "tokenizer.json" not in names:
+        raise ConfigError(f"{src} holds no tokenizer.json")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        atomic_write(Path(out) / name, lambda tmp, n=name: shutil.copyfile(src / n, tmp))
+    return names

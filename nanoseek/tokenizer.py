@@ -22,6 +22,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -113,8 +114,7 @@ class Tokenizer:
         file = _resolve(path)
         if (file.parent / "tokenizer_config.json").is_file():  # an imported checkpoint's (nanoseek.hf_tokenizer)
             raise ConfigError(f"{file} belongs to an imported checkpoint (its tokenizer_config.json is beside it): "
-                              "this command reads only nanoseek's own tokenizer so far; generate, sample, chat, "
-                              "serve, eval and traces take imported runs")
+                              "read it with nanoseek.hf_tokenizer.load_tokenizer (every command does)")
         if not file.is_file():
             raise ConfigError(f"tokenizer not found: {file}; train one with "
                               f"`nanoseek tokenizer train --out {file}`")
@@ -128,9 +128,21 @@ class Tokenizer:
         return cls(tok)
 
     # ---- encode / decode -----------------------------------------------------------------
+    imported = False  # nanoseek.hf_tokenizer.ImportedTokenizer says True
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def sample_vocab(self) -> int:
+        """Token ids a model may sample and trainers take log-probs over: the whole vocabulary (a nanoseek
+        model's embedding has exactly these rows)."""
+        return self.vocab_size
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return frozenset([self.eos_id])
 
     def id_of(self, token: str) -> int:
         i = self._tok.token_to_id(token)
@@ -185,6 +197,44 @@ class Tokenizer:
     def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """The token ids of a conversation rendered with the chat template (see chat_document)."""
         return self.chat_document(messages, add_generation_prompt)[0]
+
+    def opens_thinking(self, prompt: list[int]) -> bool:
+        """False: nanoseek's prompt ends at `<|assistant|>`; the model opens `<think>` itself."""
+        return False
+
+    def completion_text(self, prompt: list[int], text: str) -> str:
+        """A reply as a reward parser reads it: the text itself (the prompt opens no think block)."""
+        return text
+
+
+class ChatTokenizer(Protocol):
+    """The calls every command and trainer makes on a tokenizer: nanoseek's own `Tokenizer` and an imported
+    checkpoint's `nanoseek.hf_tokenizer.ImportedTokenizer` both answer them (tests/test_hf_import_train.py checks
+    that every member exists on both). Incremental decoding for streaming is the server's (engine/protocol.py),
+    over `decode` of single tokens."""
+
+    imported: bool
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def sample_vocab(self) -> int: ...
+    @property
+    def stop_ids(self) -> frozenset[int]: ...
+    def id_of(self, token: str) -> int: ...
+    def encode(self, text: str, bos: bool = False) -> list[int]: ...
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str: ...
+    def token_strings(self, ids: Iterable[int]) -> list[str]: ...
+    def prompt_ids(self, user_text: str) -> list[int]: ...
+    def document_ids(self, user_text: str, completion: str) -> list[int]: ...
+    def chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]: ...
+    def chat_document(self, messages: list[dict], add_generation_prompt: bool = False
+                      ) -> tuple[list[int], list[bool]]: ...
+    def opens_thinking(self, prompt: list[int]) -> bool: ...
+    def completion_text(self, prompt: list[int], text: str) -> str: ...
 
 
 ROLE_TOKENS = {"system": "<|system|>", "developer": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}

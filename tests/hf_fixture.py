@@ -4,7 +4,7 @@ trained here on a few kB of text, DeepSeek-style special tokens, a DeepSeek-R1-s
 think blocks stripped from earlier assistant turns, generation prompt opening `<think>`) and a
 generation_config.json with a list of eos ids.
 
-Used by tests/test_hf_import.py; `python tests/hf_fixture.py DIR` writes one for the docs (docs/hf.md).
+Used by tests/test_hf_import*.py; `python tests/hf_fixture.py DIR [r1|v3]` writes one for the docs (docs/hf.md).
 """
 from __future__ import annotations
 
@@ -46,6 +46,29 @@ TEMPLATE = """{% if not add_generation_prompt is defined %}
   {{- '<｜Assistant｜><think>\n' }}
 {% endif %}"""
 
+# DeepSeek-V3-style: the generation prompt is the assistant role token alone and every assistant turn renders as
+# it followed by the content and eos, so a conversation's assistant tokens can be found by rendering prefixes
+# (what `sft` on `messages` needs; the R1-style template above breaks that on purpose)
+TEMPLATE_V3 = """{% set ns = namespace(system='') %}
+{% for m in messages %}
+  {% if m['role'] == 'system' %}
+    {% set ns.system = m['content'] %}
+  {% endif %}
+{% endfor %}
+{{ bos_token }}{{ ns.system }}
+{% for m in messages %}
+  {% if m['role'] == 'user' %}
+    {{- '<｜User｜>' + m['content'] -}}
+  {% elif m['role'] == 'assistant' %}
+    {{- '<｜Assistant｜>' + m['content'] + eos_token -}}
+  {% elif m['role'] != 'system' %}
+    {{- raise_exception('unknown role ' + m['role']) -}}
+  {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+  {{- '<｜Assistant｜>' -}}
+{% endif %}"""
+
 TEXT = ("The quick brown fox jumps over the lazy dog while 12 + 30 = 42 and 7 * 6 = 42. "
         "Think step by step: first read the question, then check every digit, then answer. "
         "Ünïcödé text, emoji ☃ and CJK 你好 keep the byte-level BPE honest. ") * 12
@@ -58,9 +81,9 @@ MESSAGES = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 320):
+def build_tokenizer(vocab_size: int = 320, template: str = TEMPLATE):
     """PreTrainedTokenizerFast: byte-level BPE trained on TEXT, DeepSeek specials, `<think>` / `</think>` as
-    (non-special) added tokens, the chat template above."""
+    (non-special) added tokens, `template` as its chat template (R1-style by default)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +95,7 @@ def build_tokenizer(vocab_size: int = 320):
     tok.train_from_iterator([TEXT], trainer=trainer)
     tok.add_tokens(["<think>", "</think>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
-    fast.chat_template = TEMPLATE
+    fast.chat_template = template
     return fast
 
 
@@ -93,13 +116,14 @@ def hf_model_config(vocab_size: int, arch: str = "v3", **kw):
     return (DeepseekV2Config if arch == "v2" else DeepseekV3Config)(**base)
 
 
-def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, arch: str = "v3", **config) -> Path:
+def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, arch: str = "v3", template: str = TEMPLATE,
+                     **config) -> Path:
     """Write the checkpoint into `path`: embedding rows = the tokenizer's vocabulary + `pad_rows`; arch "v3"
-    (DeepseekV3ForCausalLM) or "v2" (DeepseekV2ForCausalLM)."""
+    (DeepseekV3ForCausalLM) or "v2" (DeepseekV2ForCausalLM); `template` the chat template."""
     from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM, GenerationConfig
 
     path = Path(path)
-    tok = build_tokenizer()
+    tok = build_tokenizer(template=template)
     n = len(tok)
     torch.manual_seed(seed)
     cfg = hf_model_config(n + pad_rows, arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -122,9 +146,33 @@ def build_checkpoint(path: str | Path, pad_rows: int = 0, seed: int = 0, arch: s
     return path
 
 
+def write_train_data(out: str | Path, n: int = 512, seed: int = 0) -> None:
+    """The README's fine-tuning data: `sft.jsonl`, n train-split `arithmetic` problems (difficulty 1) as
+    {"prompt", "completion"} rows whose completion continues R1's open think block, and `chats.jsonl`, one
+    two-turn conversation with a system message."""
+    import random
+
+    from nanoseek.tasks import get_task
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    task, rng, rows = get_task("arithmetic"), random.Random(seed), []
+    for _ in range(n):
+        p = task.sample_split(rng, 1, "train")
+        expr = p.prompt.removeprefix("Compute ").rstrip(".")
+        rows.append({"prompt": p.prompt, "completion": f"{expr} = {p.answer}</think><answer>{p.answer}</answer>"})
+    (out / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat = [*MESSAGES, {"role": "assistant", "content": "<think>\n7 * 6 = 42\n</think>\n\n42."}]
+    (out / "chats.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python tests/hf_fixture.py OUT_DIR")
-    out = build_checkpoint(sys.argv[1])
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["r1"], ["v3"], ["data"]):
+        sys.exit("usage: python tests/hf_fixture.py OUT_DIR [r1|v3|data]   (a checkpoint with an R1-style chat "
+                 "template, the default, or a V3-style one; or the README's sft.jsonl and chats.jsonl)")
+    if sys.argv[2:] == ["data"]:
+        write_train_data(sys.argv[1])
+        sys.exit(0)
+    out = build_checkpoint(sys.argv[1], template=TEMPLATE_V3 if sys.argv[2:] == ["v3"] else TEMPLATE)
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(json.dumps(json.loads((out / "generation_config.json").read_text())))

@@ -1,6 +1,7 @@
 """`nanoseek rl`: GRPO-family RL from verifiable rewards on top of a pretrained run.
 
     nanoseek rl --init runs/demo/base --out runs/rl --task arithmetic
+    nanoseek rl --init runs/imported-sft --out runs/rl     # an imported run: prompts through its chat template
     torchrun --nproc_per_node=2 -m nanoseek.cli rl --init runs/demo/base --out runs/rl_ep --ep 2
 
 The RL options are GRPOConfig's fields (nanoseek.cli_config): on --resume the run's stored config holds,

@@ -2,6 +2,7 @@
 
     nanoseek sft --init runs/demo/base --data traces.jsonl --out runs/sft --epochs 3
     nanoseek sft --preset tiny-dense --tokenizer runs/demo/base --data traces.jsonl --out runs/sft_student
+    nanoseek sft --init runs/imported --data chats.jsonl --out runs/sft   # `nanoseek import`: its chat template
     nanoseek sft --out runs/sft --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli sft ...
     torchrun --nproc_per_node=2 -m nanoseek.cli sft ... --ep 2    # routed experts sharded over the 2 ranks

@@ -14,6 +14,9 @@ through the sampling (as in GKD and TRL: the samples are treated as data). Mode-
 pushed off the tokens the teacher finds unlikely in the states the student itself reaches.
 
 Teacher and student must share the tokenizer (same vocabulary and ids): checked, one ConfigError otherwise.
+With an imported checkpoint's tokenizer (nanoseek.hf_tokenizer) the prompts are its chat template's and both
+distributions are taken over the tokenizer's vocabulary only (an embedding padded past it, as checkpoints pad
+theirs, keeps its never-sampled rows out of the KL), so a padded teacher can teach an unpadded student.
 Schedule and optimizer: the shared AdamW + warmup/cosine (train/common.py), over steps or a wall-clock budget
 (as SFT). Problems of step s come from an RNG seeded by (seed, s) and the engine's sampling seed is a function
 of (seed, s), so a resumed run draws exactly what the uninterrupted one would.
@@ -174,12 +177,13 @@ def pack(seqs: list[list[int]], prompt_lens: list[int], pad_id: int = 2, device=
                   torch.tensor(targets, dtype=torch.long, device=device))
 
 
-def _head_at(model, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Logits (N, vocab) of the flat positions `targets` only."""
-    return model.logits(h.reshape(-1, h.size(-1)).index_select(0, targets))
+def _head_at(model, h: torch.Tensor, targets: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
+    """Logits (N, vocab) of the flat positions `targets` only; `vocab`: the first `vocab` logits (an imported
+    checkpoint's padded embedding rows, never sampled, are left out of both distributions)."""
+    return model.logits(h.reshape(-1, h.size(-1)).index_select(0, targets))[..., :vocab]
 
 
-def distill_step(student, teacher, optimizer, prompts, gens, cfg: DistillConfig) -> dict:
+def distill_step(student, teacher, optimizer, prompts, gens, cfg: DistillConfig, vocab: int | None = None) -> dict:
     """One optimizer step on one batch of student samples; returns the mean per-token reverse KL and grad norm.
 
     The samples are packed (`pack`, rows as wide as the longest sample, so two share a row only where both
@@ -201,9 +205,9 @@ def distill_step(student, teacher, optimizer, prompts, gens, cfg: DistillConfig)
         if one_per_row:  # right-padded rows: the plain causal kernel, ~8% faster than the explicit mask
             pos, mask = None, None
         with torch.no_grad():
-            t_logp = (_head_at(teacher, teacher.hidden(ids, pos, mask), tg) / cfg.temperature).log_softmax(-1)
+            t_logp = (_head_at(teacher, teacher.hidden(ids, pos, mask), tg, vocab) / cfg.temperature).log_softmax(-1)
         with load_mask(student, pk.real[sl]):
-            s_logits = _head_at(student, student.hidden(ids, pos, mask), tg)
+            s_logits = _head_at(student, student.hidden(ids, pos, mask), tg, vocab)
         loss = fused_reverse_kl(s_logits, t_logp, cfg.temperature).sum() / n_tokens
         loss.backward()
         total += float(loss.detach())
@@ -229,7 +233,7 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
     """Distil the teacher run into the student run's model, writing run directory `out`."""
     from nanoseek.engine import Engine
     from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.hf_tokenizer import load_tokenizer
 
     out, ckpt_dir, ckpt, saved = open_run(out, resume, "distill")
     if saved is not None:
@@ -240,12 +244,13 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
                               train=dataclasses.replace(cfg.train, steps=steps or cfg.train.steps))
     cfg.validate()
     tcfg = cfg.train
-    t_tok = Tokenizer.load(Path(cfg.teacher) / "tokenizer.json")
-    s_tok = Tokenizer.load(Path(cfg.student) / "tokenizer.json")
+    t_tok, s_tok = load_tokenizer(cfg.teacher), load_tokenizer(cfg.student)  # nanoseek's own or imported
     check_same_tokenizer(t_tok, s_tok, cfg.teacher, cfg.student)
     teacher, _, teacher_step = load_run_model(cfg.teacher, device=device)
     student, _, student_step = load_run_model(cfg.student, device=device)
-    if teacher.cfg.vocab_size != student.cfg.vocab_size:
+    vocab = s_tok.sample_vocab  # an imported checkpoint may pad its embedding past the tokenizer: compare these
+    if (teacher.cfg.vocab_size != student.cfg.vocab_size and not s_tok.imported) or min(
+            teacher.cfg.vocab_size, student.cfg.vocab_size) < vocab:
         raise ConfigError(f"teacher and student output layers differ ({teacher.cfg.vocab_size} vs "
                           f"{student.cfg.vocab_size} logits): they must share the tokenizer")
     for p in teacher.parameters():
@@ -263,7 +268,7 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
         run_cfg = {"model": student.cfg.to_dict(), "distill": cfg.to_dict(), "train": tcfg.to_dict(),
                    "teacher_checkpoint": str(teacher_step), "init_checkpoint": str(student_step),
                    "data": {"task": cfg.task}, "dense": not student.moe_layers(), "stage": "distill"}
-        write_run_files(out, run_cfg, Path(cfg.student) / "tokenizer.json")
+        write_run_files(out, run_cfg, Path(cfg.student))
     engine = Engine(student, s_tok)
     progress = ProgressLine(tcfg.steps, start=step, enabled=not quiet, print_every=max(1, tcfg.steps // 20),
                             description="distill")
@@ -280,9 +285,10 @@ def train_distill(out: str | Path, cfg: DistillConfig | None, resume: bool = Fal
             prompts = [s_tok.prompt_ids(p.prompt) for p in problems]
             gens = engine.generate(prompts, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                    seed=tcfg.seed * 1_000_003 + step)
-            scores = [task.score(p, g.text, truncated=g.finish_reason == "length") for p, g in zip(problems, gens)]
+            scores = [task.score(p, s_tok.completion_text(q, g.text), truncated=g.finish_reason == "length")
+                      for p, q, g in zip(problems, prompts, gens)]
             t_gen = time.perf_counter() - t0
-            res = distill_step(student, teacher, optimizer, prompts, gens, cfg)
+            res = distill_step(student, teacher, optimizer, prompts, gens, cfg, vocab)
             step += 1
             seen += len(problems)
             dt = time.perf_counter() - t0

@@ -9,7 +9,9 @@ with log pi(y|x) the SUM of the completion tokens' log-probs (eos included), the
 "sigmoid" loss of TRL's DPOTrainer (label smoothing 0). The implicit rewards beta * (log pi - log pi_ref)
 of chosen and rejected are logged, and so is the share of pairs where the chosen one's is higher.
 
-Data: JSONL rows `{"prompt", "chosen", "rejected"}` (preference_pairs builds them from a run's samples).
+Data: JSONL rows `{"prompt", "chosen", "rejected"}` (preference_pairs builds them from a run's samples). On an
+imported checkpoint's run (nanoseek.hf_tokenizer) the prompt goes through its chat template and the log-probs are
+over the tokenizer's vocabulary only (an embedding padded past it keeps its never-sampled rows out).
 
 Simplifications: the reference log-probs are computed once at the start (the reference is frozen, so this
 is exact and keeps no second model in memory); batches are drawn with replacement by a step-seeded
@@ -49,12 +51,14 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     return losses, beta * (policy_chosen - ref_chosen).detach(), beta * (policy_rejected - ref_rejected).detach()
 
 
-def sequence_logps(model, ids: torch.Tensor, targets: torch.Tensor, pad_id: int = 2) -> torch.Tensor:
-    """Sum of log p(target) over the positions whose target is not IGNORE; ids (B, L + 1), targets (B, L)."""
+def sequence_logps(model, ids: torch.Tensor, targets: torch.Tensor, pad_id: int = 2, vocab: int | None = None
+                   ) -> torch.Tensor:
+    """Sum of log p(target) over the positions whose target is not IGNORE; ids (B, L + 1), targets (B, L).
+    `vocab`: the softmax over the first `vocab` logits only (an imported checkpoint's padded embedding rows)."""
     ids, targets = trim(ids, targets)
     mask = targets != IGNORE
     with load_mask(model, ids[:, :-1] != pad_id):
-        logits = model.logits(model.hidden(ids[:, :-1]))
+        logits = model.logits(model.hidden(ids[:, :-1]))[..., :vocab]
     logp = logits.log_softmax(-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * mask).sum(-1)
 
@@ -108,24 +112,23 @@ def preference_pairs(run: str | Path, task_name: str, n_problems: int, samples: 
     Problems without a correct sample or without a rejected candidate give no pair."""
     from nanoseek.engine import Engine
     from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.hf_tokenizer import load_tokenizer
 
     if n_problems * samples > MAX_PAIRS or samples < 2:
         raise ConfigError("need samples >= 2 and problems x samples <= 1,000,000")
     task = get_task(task_name)
     d = task.check_difficulty(difficulty)
     model, _, _ = load_run_model(run)
-    tok = Tokenizer.load(Path(run) / "tokenizer.json")
+    tok = load_tokenizer(run)  # nanoseek's own or an imported checkpoint's
     engine = Engine(model, tok)
     rng = random.Random(seed)
     problems = [task.sample_split(rng, d, "train") for _ in range(n_problems)]
     jobs = [p for p in problems for _ in range(samples)]
-    gens = []
+    gens, prompts = [], [tok.prompt_ids(p.prompt) for p in jobs]
     for c in range(0, len(jobs), 512):
-        part = jobs[c:c + 512]
-        gens += engine.generate([tok.prompt_ids(p.prompt) for p in part], max_new_tokens, temperature=temperature,
-                                seed=seed * 1_000_003 + c)
-    scores = task.score_batch(jobs, [g.text for g in gens], [g.finish_reason == "length" for g in gens])
+        gens += engine.generate(prompts[c:c + 512], max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + c)
+    scores = task.score_batch(jobs, [tok.completion_text(q, g.text) for q, g in zip(prompts, gens)],
+                              [g.finish_reason == "length" for g in gens])
     pairs = []
     for i, problem in enumerate(problems):
         group = [(g, s) for g, s in zip(gens[i * samples:(i + 1) * samples], scores[i * samples:(i + 1) * samples])]
@@ -148,15 +151,16 @@ def write_pairs(pairs: list[dict], path: str | Path) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(p) + "\n" for p in pairs))
 
 
-def _batched_logps(model, ids, tgt, chunk: int = 64) -> torch.Tensor:
-    return torch.cat([sequence_logps(model, ids[i:i + chunk], tgt[i:i + chunk]) for i in range(0, ids.size(0), chunk)])
+def _batched_logps(model, ids, tgt, pad_id: int, vocab: int | None, chunk: int = 64) -> torch.Tensor:
+    return torch.cat([sequence_logps(model, ids[i:i + chunk], tgt[i:i + chunk], pad_id, vocab)
+                      for i in range(0, ids.size(0), chunk)])
 
 
 def train_dpo(out: str | Path, cfg: DPOConfig | None, resume: bool = False, quiet: bool = False,
               steps: int | None = None) -> dict:
     """Train (or resume) the DPO run in `out` on CPU; returns the last metrics. On resume the stored config is
     authoritative (`cfg` may be None and is ignored); `steps`, when given, changes the total (to extend a run)."""
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.hf_tokenizer import load_tokenizer
 
     out, ckpt_dir, ckpt, saved = open_run(out, resume, "dpo")
     if saved is not None:
@@ -168,14 +172,15 @@ def train_dpo(out: str | Path, cfg: DPOConfig | None, resume: bool = False, quie
     cfg.validate()
     init = Path(cfg.init)
     model, _, _ = load_run_model(init)
-    tok = Tokenizer.load(init / "tokenizer.json")
+    tok = load_tokenizer(init)  # nanoseek's own or an imported checkpoint's (prompts through its chat template)
     pairs = read_pairs(cfg.data)
     cw, ct, rw, rt, skipped = encode_pairs(pairs, tok, cfg.seq_len)
     n = cw.size(0)
     if n == 0:
         raise ConfigError(f"none of the {len(pairs)} pairs fits --seq-len {cfg.seq_len}")
     with torch.no_grad():  # the frozen reference is the init model: its log-probs once, before any update
-        ref_c, ref_r = _batched_logps(model, cw, ct), _batched_logps(model, rw, rt)
+        ref_c, ref_r = (_batched_logps(model, cw, ct, tok.pad_id, tok.sample_vocab),
+                        _batched_logps(model, rw, rt, tok.pad_id, tok.sample_vocab))
     for m in model.moe_layers():
         m.load_accum.zero_()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
@@ -186,7 +191,7 @@ def train_dpo(out: str | Path, cfg: DPOConfig | None, resume: bool = False, quie
     else:
         run_cfg = {"model": model.cfg.to_dict(), "dpo": dataclasses.asdict(cfg), "init": str(init), "stage": "dpo",
                    "data": {"pairs": len(pairs), "kept": n, "skipped_too_long": skipped}}
-        write_run_files(out, run_cfg, init / "tokenizer.json")
+        write_run_files(out, run_cfg, init)
     metrics = MetricsLogger(out / "metrics.jsonl")
     metrics.truncate_after(step)
     progress = ProgressLine(cfg.steps, start=step, enabled=not quiet, print_every=max(1, cfg.steps // 10),
@@ -200,7 +205,8 @@ def train_dpo(out: str | Path, cfg: DPOConfig | None, resume: bool = False, quie
             gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
             model.train()
-            pc, pr = sequence_logps(model, cw[idx], ct[idx]), sequence_logps(model, rw[idx], rt[idx])
+            pc = sequence_logps(model, cw[idx], ct[idx], tok.pad_id, tok.sample_vocab)
+            pr = sequence_logps(model, rw[idx], rt[idx], tok.pad_id, tok.sample_vocab)
             losses, rew_c, rew_r = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], cfg.beta)
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
 import signal
 import threading
 import time
@@ -39,7 +38,7 @@ from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
 from nanoseek.parallel.training import RolloutCopy, check_ep_flags, checkpoint_pair, setup_ep
 from nanoseek.tasks.reflection import reflection_stats
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.hf_tokenizer import copy_tokenizer_files, load_tokenizer
 from nanoseek.train import precision as prec
 from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_run_model, save_checkpoint
 from nanoseek.train.common import check_compile, enable_compile, setup_distributed
@@ -217,9 +216,10 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
     check_partial_rollouts(cfg.partial_rollout_tokens, dist.world)
     check_compile(cfg.compile, ep, 1, cfg.precision)  # before any work or write
     model, init_cfg, _ = load_run_model(init, device=dist.device)
+    if cfg.bias_update and model.cfg.score_func == "softmax":  # DeepSeek-V2's softmax gate has no selection bias
+        cfg = dataclasses.replace(cfg, bias_update=False)      # (an imported V2 stays exportable: nanoseek.hf)
     model = prec.apply(model, cfg.precision)
-    tok_path = init / "tokenizer.json"
-    tokenizer = Tokenizer.load(tok_path)
+    tokenizer = load_tokenizer(init)  # nanoseek's own, or an imported checkpoint's (its chat template's prompts)
     sandbox.check_for_task(cfg.task, cfg.unsafe_no_sandbox)  # no sandbox and no opt-out: refuse before any write
     ref_model = None
     if cfg.beta > 0:
@@ -252,7 +252,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
         out.mkdir(parents=True, exist_ok=True)
         run_cfg = {"model": model.cfg.to_dict(), "rl": cfg.to_dict(), "init": str(init), "stage": "grpo"}
         atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
-        shutil.copyfile(tok_path, out / "tokenizer.json")
+        copy_tokenizer_files(init, out)
     parallel = rollout_copy = None
     if use_ep:  # the update shards the experts; rollouts run on a full copy refreshed before each step
         parallel, optimizer = setup_ep(model, optimizer, ep, ep_redundant, dist.device, build_optimizer,
@@ -312,7 +312,7 @@ def train_grpo(init: str | Path, out: str | Path, cfg: GRPOConfig, resume: bool 
                     adv = group_advantages(rewards, cfg.group_size, scale=cfg.advantage == "grpo")
                     for it in range(cfg.mu):
                         rec.update(policy_update(model, ref_model, optimizer, rollouts, adv, cfg, dist,
-                                                 first=it == 0, parallel=parallel))
+                                                 first=it == 0, parallel=parallel, vocab=tokenizer.sample_vocab))
                 t_train = time.time() - t1
                 gen_tokens = sum(st["len"])
                 rec.update({"gen_s": round(t_gen, 3), "train_s": round(t_train, 3),

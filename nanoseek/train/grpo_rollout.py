@@ -34,7 +34,7 @@ from nanoseek.config import ConfigError
 from nanoseek.engine import Engine
 from nanoseek.tasks import get_task
 from nanoseek.tasks.base import RewardWeights, Score, stable_hash
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.tokenizer import ChatTokenizer
 from nanoseek.train.common import Dist
 from nanoseek.train.rl_math import length_rewards, overlong_penalty
 
@@ -188,7 +188,7 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
     when enabled). Returns this rank's kept rollouts (whole groups, consecutive) and the statistics of every
     drawn group of every rank (identical on all ranks); stats["groups_kept"] is the global count."""
     dist = dist or Dist()
-    tok: Tokenizer = engine.tokenizer
+    tok: ChatTokenizer = engine.tokenizer
     params = cfg.sampling()
     G = cfg.group_size
     kept: list[Rollout] = []
@@ -212,8 +212,9 @@ def rollout_groups(engine: Engine, sampler: ProblemSampler, cfg: GRPOConfig, n_p
         local_results, local_rollouts = [], {}
         truncated_all = [o.finish_reason == "length" for o in outs]
         t_verify = time.perf_counter()  # one batched (parallel, sandboxed where needed) check of the round
-        all_scores = sampler.task.score_batch([drawn[g][1] for g in mine for _ in range(G)],
-                                              [o.text for o in outs], truncated_all) if outs else []
+        all_scores = sampler.task.score_batch([drawn[g][1] for g in mine for _ in range(G)],  # the reply whole:
+                                              [tok.completion_text(p, o.text) for p, o in zip(prompts, outs)],
+                                              truncated_all) if outs else []  # with a prompt's open <think>
         stats["verify_s"] = stats.get("verify_s", 0.0) + time.perf_counter() - t_verify
         stats["checks"] = stats.get("checks", 0) + sum(s.parsed is not None and not t
                                                        for s, t in zip(all_scores, truncated_all))  # sent to the checker

@@ -60,11 +60,13 @@ def batch_tensors(rollouts: list[Rollout], device) -> tuple[torch.Tensor, torch.
     return ids.to(device), mask.to(device), old.to(device), ids[:, 1:].to(device)
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams, vocab: int | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """From logits (..., V): log-probs of targets (...) under the rollout distribution (temperature, and the
     top-k / top-p support renormalized: `support_logprobs`, the function the engine's log-probs agree with), and
-    the per-token entropy of the temperature-scaled, unfiltered distribution."""
+    the per-token entropy of the temperature-scaled, unfiltered distribution. `vocab`: only the first `vocab`
+    logits count (an imported checkpoint's padded embedding rows, which the engine never samples)."""
+    logits = logits[..., :vocab]
     logp_all = (logits / sampling.temperature).log_softmax(dim=-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     if sampling.top_k is None and (sampling.top_p is None or sampling.top_p >= 1):
@@ -74,17 +76,18 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, sampling: Sampl
     return logp, entropy
 
 
-def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams
+def token_logprobs(model, ids: torch.Tensor, targets: torch.Tensor, sampling: SamplingParams, vocab: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`target_logprobs` of targets (B, L-1) over a plain per-row forward of ids (B, L): the reference the
     packed update (`packed_logprobs`) is tested against, and what the partial-rollout tests score with."""
-    return target_logprobs(model.logits(model.hidden(ids[:, :-1])), targets, sampling)
+    return target_logprobs(model.logits(model.hidden(ids[:, :-1])), targets, sampling, vocab)
 
 
-def packed_logprobs(model, p: Packed, sampling: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+def packed_logprobs(model, p: Packed, sampling: SamplingParams, vocab: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """`target_logprobs` of every completion token of micro-batch `p`, one forward over the shared-prompt
     packs (nanoseek/train/shared_prefix.py); returned as (n rows, Lc) matrices, zero past each row's end."""
-    logp, ent = target_logprobs(model.logits(packed_hidden(model, p)), p.targets, sampling)
+    logp, ent = target_logprobs(model.logits(packed_hidden(model, p)), p.targets, sampling, vocab)
     return p.to_rows(logp), p.to_rows(ent)
 
 
@@ -115,7 +118,8 @@ def _all_reduce_max(dist: Dist, x: float) -> float:
 
 
 def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: torch.Tensor, cfg: GRPOConfig,
-                  dist: Dist, first: bool, skip_zero_advantage: bool = True, parallel=None) -> dict:
+                  dist: Dist, first: bool, skip_zero_advantage: bool = True, parallel=None,
+                  vocab: int | None = None) -> dict:
     """One optimizer step over the global batch (this rank's `rollouts`, possibly none, in micro-batches of at
     most `micro_batch` rows, each row group sharing one forward of its prompt: shared_prefix.py); returns
     metrics over the global batch (identical on every rank). `parallel`: an ExpertParallel; then every
@@ -159,11 +163,11 @@ def policy_update(model, ref_model, optimizer, rollouts: list[Rollout], adv: tor
             mb_old = p.to_rows(flat_old)
             mb_mask = p.to_rows(torch.ones_like(flat_old)) * torch.tensor([keep[i] for i in p.rows], device=device)[:, None]
             with prec.autocast(cfg.precision, device):
-                logp, ent = packed_logprobs(model, p, sampling)
+                logp, ent = packed_logprobs(model, p, sampling, vocab)
             ref_logp = None
             if cfg.beta > 0:
                 with torch.no_grad(), prec.autocast(cfg.precision, device):
-                    ref_logp, _ = packed_logprobs(ref_model, p, sampling)
+                    ref_logp, _ = packed_logprobs(ref_model, p, sampling, vocab)
             loss, clipped, kl = policy_loss(logp, mb_old, adv[idx], mb_mask, cfg.loss_agg, cfg.max_new_tokens,
                                             cfg.eps_low, cfg.eps_high, cfg.beta, ref_logp, n_seqs, n_tokens)
             if kl is not None:

@@ -4,7 +4,7 @@ only its batch, its loss and its logging.
 - `HasTrainConfig`: to_dict / from_dict of a trainer config that nests a TrainConfig as `train`.
 - `open_run`: a run directory's checkpoint folder and latest checkpoint; refuses to resume a run without a
   checkpoint or to start over one that has checkpoints; on resume returns the stored config section.
-- `write_run_files`: a fresh run's config.json and tokenizer.json (atomic writes).
+- `write_run_files`: a fresh run's config.json and tokenizer files (atomic writes).
 - `RunClock`: elapsed wall-clock time (a resumed run's checkpointed time included), the optional time budget
   and the learning rate of a step (warmup + cosine over steps, or over the fraction of the budget used).
 - `read_jsonl_rows`: a bounded JSONL reader with one ConfigError per bad line.
@@ -63,11 +63,15 @@ def open_run(out: str | Path, resume: bool, section: str) -> tuple[Path, Path, P
     return out, ckpt_dir, ckpt, saved
 
 
-def write_run_files(out: Path, run_cfg: dict, tokenizer_json: Path) -> None:
-    """Create `out` and write its config.json and a copy of the tokenizer."""
+def write_run_files(out: Path, run_cfg: dict, tokenizer_source: Path) -> None:
+    """Create `out` and write its config.json and a copy of the tokenizer files of `tokenizer_source` (a run
+    directory or its tokenizer.json: an imported run's tokenizer_config.json, chat template and
+    generation_config.json travel too, nanoseek.hf_tokenizer.copy_tokenizer_files)."""
+    from nanoseek.hf_tokenizer import copy_tokenizer_files
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(run_cfg, indent=2) + "\n")
-    atomic_write_text(out / "tokenizer.json", tokenizer_json.read_text())
+    copy_tokenizer_files(tokenizer_source, out)
 
 
 class RunClock:

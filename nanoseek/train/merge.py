@@ -62,5 +62,7 @@ def merge_runs(runs: list[str | Path], out: str | Path, weights: list[float] | N
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps({"model": cfgs[0], "stage": "merge", "merged": [str(r) for r in runs],
                                                        "weights": weights or [1.0] * len(runs)}, indent=2) + "\n")
-    atomic_write_text(out / "tokenizer.json", toks[0])
+    from nanoseek.hf_tokenizer import copy_tokenizer_files
+
+    copy_tokenizer_files(runs[0], out)  # an imported run's tokenizer_config.json and chat template travel too
     return save_checkpoint(out / "checkpoints", 0, merged, None, {})

@@ -130,7 +130,7 @@ class PartialRollouts:
         if not done_groups:
             return [], stats
         trajs = [t for g in done_groups for t in groups[g]]
-        texts = [engine._decode_text(t.tokens) for t in trajs]
+        texts = [tok.completion_text(t.prompt, engine._decode_text(t.tokens)) for t in trajs]  # with an open <think>
         truncated = [t.finish == "length" for t in trajs]
         t_verify = time.perf_counter()
         scores = sampler.task.score_batch([t.problem for t in trajs], texts, truncated)

@@ -6,6 +6,11 @@ ignored here), or OpenAI-format conversations `{"messages": [{"role": "system"|"
 str}, ...]}`, multi-turn; both kinds may share a file. A prompt/completion row is rendered with the chat
 template as `prompt_ids(prompt) + encode(completion) + [eos]` (tokenizer.document_ids), so the model learns to
 end its answer; a conversation is `tokenizer.chat_document(messages)`, every assistant turn followed by eos.
+An imported checkpoint's run (nanoseek.hf_tokenizer) renders both through ITS chat template: a prompt is the
+template's generation prompt for one user message, a conversation's trained tokens are found by rendering
+prefixes (ImportedTokenizer.chat_document: what follows each assistant turn's generation prompt, up to the next
+message), and the softmax runs over the tokenizer's vocabulary only (an embedding padded past it keeps its
+padded rows out of the loss, as the engine keeps them out of sampling).
 
 Loss: next-token cross-entropy over the completion tokens and the eos only (for a conversation: the content and
 eos of EVERY assistant turn, not only the last); prompt, system and user tokens, role tokens and padding get
@@ -126,8 +131,11 @@ def encode_examples(examples: list[dict], tokenizer, seq_len: int) -> tuple[torc
     number of skipped examples that did not fit)."""
     width = seq_len + 1
     ids_rows, tgt_rows, skipped = [], [], 0
-    for ex in examples:
-        seq, mask = example_ids(ex, tokenizer)
+    for n, ex in enumerate(examples, 1):
+        try:
+            seq, mask = example_ids(ex, tokenizer)
+        except ConfigError as e:
+            raise ConfigError(f"example {n}: {e}") from None
         if len(seq) > width:
             skipped += 1
             continue
@@ -142,10 +150,12 @@ def encode_examples(examples: list[dict], tokenizer, seq_len: int) -> tuple[torc
 
 
 # ---- loss ----------------------------------------------------------------------------------------------
-def completion_loss(model: Transformer, ids: torch.Tensor, targets: torch.Tensor, n_tokens: float) -> torch.Tensor:
+def completion_loss(model: Transformer, ids: torch.Tensor, targets: torch.Tensor, n_tokens: float,
+                    vocab: int | None = None) -> torch.Tensor:
     """Summed CE over targets != IGNORE divided by `n_tokens` (the global batch's completion-token count).
-    ids (B, L + 1) with targets (B, L): inputs are ids[:, :-1]."""
-    logits = model(ids[:, :-1])
+    ids (B, L + 1) with targets (B, L): inputs are ids[:, :-1]. `vocab`: the softmax runs over the first `vocab`
+    logits only (an imported checkpoint's padded embedding rows, never sampled, are left out)."""
+    logits = model(ids[:, :-1])[..., :vocab]
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum") / n_tokens
 
 
@@ -157,7 +167,8 @@ def trim(ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torch.Tensor, loader: Loader,
-             tcfg: TrainConfig, dist: Dist, pad_id: int = 2, parallel=None, precision: str = "fp32") -> dict:
+             tcfg: TrainConfig, dist: Dist, pad_id: int = 2, parallel=None, precision: str = "fp32",
+             vocab: int | None = None) -> dict:
     """One optimizer step over cfg.grad_accum global batches; returns loss (per completion token) and grad norm.
     `parallel`: an ExpertParallel (nanoseek.parallel) whose gradient sync replaces the DDP average."""
     model.train()
@@ -170,7 +181,7 @@ def sft_step(model: Transformer, optimizer, ids_all: torch.Tensor, tgt_all: torc
         ids, tgt = trim(ids_all[mine], tgt_all[mine])
         ids, tgt = ids.to(dist.device), tgt.to(dist.device)
         with load_mask(model, ids[:, :-1] != pad_id), prec.autocast(precision, dist.device):
-            loss = completion_loss(model, ids, tgt, n_tokens)
+            loss = completion_loss(model, ids, tgt, n_tokens, vocab)
         (loss * dist.world).backward()  # average_grads divides by world
         loss_sum += float(loss.detach()) * n_tokens
         n_total += n_tokens / tcfg.grad_accum
@@ -193,9 +204,10 @@ def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device,
 
 
 def _load_tokenizer(path: str | Path):
-    from nanoseek.tokenizer import Tokenizer
+    """nanoseek's own tokenizer, or an imported checkpoint's (nanoseek.hf_tokenizer)."""
+    from nanoseek.hf_tokenizer import load_tokenizer
 
-    return Tokenizer.load(path)
+    return load_tokenizer(path)
 
 
 def _record_precision(out: Path, precision: str, model: Transformer) -> None:
@@ -251,9 +263,10 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
     if cfg.init is None:
         torch.manual_seed(tcfg.seed)
         model = Transformer(ModelConfig.preset(cfg.preset, vocab_size=tokenizer.vocab_size)).to(dist.device)
-    elif model.cfg.vocab_size != tokenizer.vocab_size:
+    elif model.cfg.vocab_size != tokenizer.vocab_size and not (tokenizer.imported
+                                                              and tokenizer.vocab_size < model.cfg.vocab_size):
         raise ConfigError(f"{tok_path} has {tokenizer.vocab_size} tokens but the model of {cfg.init} has "
-                          f"{model.cfg.vocab_size}")
+                          f"{model.cfg.vocab_size}")  # (an imported checkpoint may pad its embedding)
     if tcfg.seq_len > model.cfg.max_seq_len:
         raise ConfigError(f"seq_len {tcfg.seq_len} exceeds the model's max_seq_len {model.cfg.max_seq_len}")
     model = prec.apply(model, cfg.precision)
@@ -310,7 +323,7 @@ def train_sft(out: str | Path, cfg: SFTConfig | None, resume: bool = False, devi
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
             res = sft_step(model, optimizer, ids_all, tgt_all, loader, tcfg, dist, tokenizer.pad_id, parallel,
-                           cfg.precision)
+                           cfg.precision, tokenizer.sample_vocab)
             dt = time.perf_counter() - t0
             step += 1
             seen += tcfg.batch_size * tcfg.grad_accum

@@ -6,6 +6,11 @@ well formed (`<think>..</think><answer>..</answer>`, tasks/base.is_well_formed),
 correct by the task's checker. Exact duplicates (same prompt and completion) are dropped. `keep="shortest"`
 keeps one row per problem, the correct completion with the fewest tokens (ties: the first sampled).
 
+An imported checkpoint whose generation prompt opens a think block (DeepSeek-R1's template ends `<think>\n`):
+the sample is scored with that opening in front (tokenizer.completion_text), and the row's completion is what
+the model generated, so `sft` on the rows (prompt through the template + completion) trains exactly the
+sampled continuation.
+
 Every row records its provenance: teacher run and checkpoint step, sampling temperature / top-p, problem id,
 the problem's answer, its reward and its token count. Problems come only from the train split and each one
 is checked against the split function again before its row is written, so no test-split problem can leak
@@ -58,9 +63,10 @@ class TracesConfig:
 
 @dataclass
 class Sample:
-    text: str
+    text: str  # what the model generated (the row's completion: it continues the prompt)
     tokens: int
     truncated: bool
+    opened: str = ""  # the prompt's open think block, read with the text when scoring (tokenizer.completion_text)
 
 
 def select(task, problem, samples: list[Sample], keep: str = "correct") -> list[tuple[int, Sample, float]]:
@@ -68,7 +74,7 @@ def select(task, problem, samples: list[Sample], keep: str = "correct") -> list[
     exact duplicates dropped; with keep="shortest" only the one with the fewest tokens (first on ties)."""
     kept, seen = [], set()
     for i, s in enumerate(samples):
-        score = task.score(problem, s.text, truncated=s.truncated)
+        score = task.score(problem, s.opened + s.text, truncated=s.truncated)
         if s.truncated or not score.correct or not score.format_ok or s.text in seen:
             continue
         seen.add(s.text)
@@ -97,13 +103,15 @@ def rejection_sample(cfg: TracesConfig, print_fn=print) -> dict:
     jobs = [(i, p) for i, p in enumerate(problems) for _ in range(cfg.samples)]
     gens = []
     chunk = 512
+    prompts = [tok.prompt_ids(p.prompt) for p in problems]
+    opened = [tok.completion_text(q, "") for q in prompts]  # R1-style templates open <think> in the prompt
     for c in range(0, len(jobs), chunk):
         part = jobs[c:c + chunk]
-        gens += engine.generate([tok.prompt_ids(p.prompt) for _, p in part], cfg.max_new_tokens,
+        gens += engine.generate([prompts[i] for i, _ in part], cfg.max_new_tokens,
                                 temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + c)
     rows, solved, seen = [], 0, set()
     for i, problem in enumerate(problems):
-        samples = [Sample(g.text, len(g.tokens), g.finish_reason == "length")
+        samples = [Sample(g.text, len(g.tokens), g.finish_reason == "length", opened[i])
                    for g in gens[i * cfg.samples:(i + 1) * cfg.samples]]
         kept = select(task, problem, samples, cfg.keep)
         solved += bool(kept)
