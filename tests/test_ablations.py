@@ -10,7 +10,7 @@ from nanoseek.commands import pretrain as pretrain_cmd
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import Loader, pack_documents
 from nanoseek.model import Transformer
-from nanoseek.model.moe import batch_balance_loss, sequence_balance_loss
+from nanoseek.model.moe import batch_balance_loss, load_summary, max_vio, mean_max_vio, sequence_balance_loss
 from nanoseek.train.common import Dist, TrainConfig, build_optimizer
 from nanoseek.train import pretrain as pt
 from nanoseek.train.metrics import read_metrics
@@ -130,12 +130,12 @@ def test_max_vio_hand_made_loads():
     """Layer 1: max 4 / mean 2 - 1 = 1; layer 2: 5 / 2 - 1 = 1.5; averaged over layers: 1.25. A balanced layer
     is 0; no MoE layers (a dense model) or no routed tokens give None. Held-out: the mean of per-batch values."""
     loads = torch.tensor([[4.0, 0.0, 2.0, 2.0], [1.0, 1.0, 1.0, 5.0]])
-    assert pt.max_vio(loads) == pytest.approx(1.25)
-    assert pt.max_vio(torch.full((3, 8), 7.0)) == 0.0
-    assert pt.max_vio(torch.zeros(0, 0)) is None and pt.max_vio(torch.zeros(2, 4)) is None
-    assert pt.mean_max_vio([loads, torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])]) == \
+    assert max_vio(loads) == pytest.approx(1.25)
+    assert max_vio(torch.full((3, 8), 7.0)) == 0.0
+    assert max_vio(torch.zeros(0, 0)) is None and max_vio(torch.zeros(2, 4)) is None
+    assert mean_max_vio([loads, torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])]) == \
         pytest.approx((1.25 + (3.0 - 1.0) / 2) / 2)
-    assert pt.load_summary(loads)["max_vio"] == pytest.approx(1.25)
+    assert load_summary(loads)["max_vio"] == pytest.approx(1.25)
 
 
 def tiny_run_cfg(balance: str = "bias", steps: int = 4, n_mtp: int = 1) -> pt.PretrainConfig:
