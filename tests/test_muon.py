@@ -43,13 +43,13 @@ def muon_reference(W: torch.Tensor, grads: list[torch.Tensor], lr: float, wd: fl
 
 
 def test_muon_update_matches_written_out_newton_schulz():
-    """Three steps of the optimizer pretrain builds on a tall (48 x 24) hidden matrix equal the float64 reference
-    to ~1% (torch runs the iteration in BF16). A wrong coefficient, no Nesterov, momentum 0.9 or four iterations
-    instead of five each miss it by 2-100% (tried)."""
+    """Three steps of the optimizer pretrain builds on a wide (24 x 96) hidden matrix equal the float64 reference
+    to ~1% (torch runs the iteration in BF16). A wrong coefficient, no Nesterov, momentum 0.9, four iterations
+    instead of five or Keller's scale sqrt(max(1, A/B)) instead of Moonlight's miss it by 2-100% (tried)."""
     torch.manual_seed(0)
-    W = torch.randn(48, 24)
-    grads = [torch.randn(48, 24) for _ in range(3)]
-    model = torch.nn.Sequential(torch.nn.Linear(24, 48, bias=False))
+    W = torch.randn(24, 96)
+    grads = [torch.randn(24, 96) for _ in range(3)]
+    model = torch.nn.Sequential(torch.nn.Linear(96, 24, bias=False))
     model[0].weight.data.copy_(W)
     tcfg = TrainConfig(lr=0.01, warmup_steps=0, steps=10)
     opt = build_optimizer(model, tcfg, OptimConfig(optimizer="muon"))
