@@ -258,7 +258,8 @@ def test_kill_and_resume_with_muon_is_exact(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_with_muon_and_qk_clip_matches_one_process(tmp_path):
     """Under torchrun the per-head maxima are all-reduced (max) before clipping, so two processes (half the batch
-    each) clip as one process over the whole batch does, and the runs agree."""
+    each) clip as one process over the whole batch does, and the runs agree (without the all-reduce each rank
+    clips by its own half-batch maximum and the runs part: tried)."""
     from tests.test_train import assert_same_losses, finish, pretrain_args, spawn
 
     extra = ["--optimizer", "muon", "--qk-clip-tau", "0.004"]  # the micro model's max logit is ~0.0045: it binds
@@ -268,5 +269,7 @@ def test_two_process_ddp_with_muon_and_qk_clip_matches_one_process(tmp_path):
     finish(ddp)
     ref = read_metrics(tmp_path / "one" / "metrics.jsonl")
     got = read_metrics(tmp_path / "ddp" / "metrics.jsonl")
-    assert_same_losses(ref, got, rel=1e-5, abs_=1e-6)
-    assert [r["max_logit"] for r in got] == pytest.approx([r["max_logit"] for r in ref], rel=1e-5)
+    # looser than the AdamW test's 1e-5: Muon's BF16 Newton-Schulz turns the rounding difference of averaged
+    # gradients into ~1e-5 relative differences of the update
+    assert_same_losses(ref, got, rel=1e-3, abs_=1e-6)
+    assert [r["max_logit"] for r in got] == pytest.approx([r["max_logit"] for r in ref], rel=1e-3)
