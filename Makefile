@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 lm test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision aha lint venv
+.PHONY: demo r1 lm test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision bench-ablations aha lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -69,6 +69,12 @@ bench-verifiers: $(VENV_STAMP)
 
 # fp32 / bf16 / fp8 / fp8-tensor pretraining gaps, fixed-weight errors, activation memory (docs/precision.md);
 # ~15 min per config and seed on 2 cores (FP8 runs ~10x slower than FP32 on a CPU)
+# V3's ablations (bias/aux/none, MTP, MoE vs dense, AdamW vs Muon + QK-clip) on make lm's corpus, 3 seeds, one-ulp
+# floor (docs/ablations.md; ~30 min on one quiet core)
+bench-ablations: $(VENV_STAMP)
+	OMP_NUM_THREADS=1 $(PY) bench/ablations.py --steps 60 --seeds 3 --threads 1 --qk-clip-tau 0.3 \
+		--arms bias,floor,aux,none,mtp0,dense,muon,muon-clip
+
 bench-precision: $(VENV_STAMP)
 	$(PY) bench/precision.py train --config tiny --steps 80 --seeds 0
 	$(PY) bench/precision.py report

@@ -60,7 +60,8 @@ from nanoseek.text.bpb import bits_per_byte, bpb_sums, token_byte_lengths  # noq
 from nanoseek.train.common import TrainConfig, build_optimizer, clip_grads, fill_missing_grads, lr_at_fraction, set_lr  # noqa: E402
 from nanoseek.train.metrics import mfu, model_flops_per_token, peak_matmul_flops  # noqa: E402
 from nanoseek.train.common import Dist  # noqa: E402
-from nanoseek.train.pretrain import max_vio, train_step  # noqa: E402
+from nanoseek.model.moe import max_vio  # noqa: E402
+from nanoseek.train.pretrain import train_step  # noqa: E402
 
 OUT = Path("runs/bench_text_vs_dense")
 PEER_ARMS = ("moe", "dense", "llama")

@@ -10,7 +10,7 @@ from nanoseek.commands import pretrain as pretrain_cmd
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.data import Loader, pack_documents
 from nanoseek.model import Transformer
-from nanoseek.model.moe import batch_balance_loss, sequence_balance_loss
+from nanoseek.model.moe import batch_balance_loss, load_summary, max_vio, mean_max_vio, sequence_balance_loss
 from nanoseek.train.common import Dist, TrainConfig, build_optimizer
 from nanoseek.train import pretrain as pt
 from nanoseek.train.metrics import read_metrics
@@ -130,12 +130,12 @@ def test_max_vio_hand_made_loads():
     """Layer 1: max 4 / mean 2 - 1 = 1; layer 2: 5 / 2 - 1 = 1.5; averaged over layers: 1.25. A balanced layer
     is 0; no MoE layers (a dense model) or no routed tokens give None. Held-out: the mean of per-batch values."""
     loads = torch.tensor([[4.0, 0.0, 2.0, 2.0], [1.0, 1.0, 1.0, 5.0]])
-    assert pt.max_vio(loads) == pytest.approx(1.25)
-    assert pt.max_vio(torch.full((3, 8), 7.0)) == 0.0
-    assert pt.max_vio(torch.zeros(0, 0)) is None and pt.max_vio(torch.zeros(2, 4)) is None
-    assert pt.mean_max_vio([loads, torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])]) == \
+    assert max_vio(loads) == pytest.approx(1.25)
+    assert max_vio(torch.full((3, 8), 7.0)) == 0.0
+    assert max_vio(torch.zeros(0, 0)) is None and max_vio(torch.zeros(2, 4)) is None
+    assert mean_max_vio([loads, torch.tensor([[3.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])]) == \
         pytest.approx((1.25 + (3.0 - 1.0) / 2) / 2)
-    assert pt.load_summary(loads)["max_vio"] == pytest.approx(1.25)
+    assert load_summary(loads)["max_vio"] == pytest.approx(1.25)
 
 
 def tiny_run_cfg(balance: str = "bias", steps: int = 4, n_mtp: int = 1) -> pt.PretrainConfig:
@@ -201,3 +201,40 @@ def test_mtp_depth_flag_errors(tmp_path):
     args.out = str(tmp_path / "run")
     with pytest.raises(ConfigError, match="differs from the run's 1"):
         pretrain_cmd.resolve_config(args)
+
+
+# ---- bench/ablations.py: the verdict arithmetic ---------------------------------------------------------------
+def _ablations_bench():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench_dir))  # it imports text_vs_dense beside it
+    spec = importlib.util.spec_from_file_location("ablations", bench_dir / "ablations.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ablations_tokens_to_reach_and_floor_rule():
+    """tokens_to_reach interpolates the first crossing (bpb 3.0 -> 2.0 between 100 and 200 tokens: 2.5 at 150) or
+    says None; a gap counts only above every seed's floor with one sign; compare() takes the floor from the floor
+    and bias arms of the same seed; a one-ulp move changes weights but not their shape."""
+    ab = _ablations_bench()
+    curve = [{"tokens": 0, "val_bpb": 4.0}, {"tokens": 100, "val_bpb": 3.0}, {"tokens": 200, "val_bpb": 2.0}]
+    assert ab.tokens_to_reach(curve, 2.5) == pytest.approx(150.0)
+    assert ab.tokens_to_reach(curve, 4.0) == 0.0 and ab.tokens_to_reach(curve, 1.9) is None
+    assert ab.counts([0.2, 0.3], [0.1, 0.1]) and not ab.counts([0.2, -0.3], [0.1, 0.1])
+    assert not ab.counts([0.2, 0.05], [0.1, 0.1]) and not ab.counts([], [])
+    runs = [{"arm": a, "seed": s, "final_bpb": v} for a, s, v in
+            [("bias", 0, 2.0), ("floor", 0, 2.01), ("aux", 0, 2.05), ("bias", 1, 2.0), ("floor", 1, 1.98),
+             ("aux", 1, 2.01)]]
+    c = ab.compare(runs, "aux", "bias", "final_bpb")
+    assert c["gaps"] == pytest.approx([0.05, 0.01]) and c["floors"] == pytest.approx([0.01, 0.02])
+    assert not c["counts"]  # seed 1's gap (0.01) is inside its floor (0.02)
+    model = micro_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    ab.one_ulp(model, 0)
+    for b, p in zip(before, model.parameters()):
+        assert not torch.equal(b, p) and torch.equal(torch.nextafter(b, p.detach()), p.detach())

@@ -3,6 +3,7 @@
     nanoseek pretrain --preset tiny --task arithmetic --steps 600 --out runs/base --minutes 5
     nanoseek pretrain --data ~/texts --preset tiny --minutes 10 --out runs/text   # your own text (nanoseek.text)
     nanoseek pretrain --data ~/texts --balance aux --mtp-depth 0 --out runs/abl   # V3's ablations (issue 29)
+    nanoseek pretrain --data ~/texts --optimizer muon --qk-clip-tau 100 --out runs/muon   # Muon + QK-clip
     nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded
@@ -12,7 +13,7 @@ A fresh run trains a tokenizer on the task corpus (or on the --data text) when t
 With --data, --minutes and no --steps, the lr schedule follows the time budget (steps only a cap), and the
 sequence length defaults to the model's max_seq_len. The run options are PretrainConfig's fields (its
 TrainConfig and DataConfig included; nanoseek.cli_config). On --resume the stored config.json is
-authoritative; only --steps, --minutes, --precision and --compile may change (changing --steps reshapes the
+authoritative (the optimizer included); only --steps, --minutes, --precision and --compile may change (changing --steps reshapes the
 lr schedule; a run resumes in the precision it started with unless --precision says otherwise).
 """
 from __future__ import annotations
@@ -36,9 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (runs/NAME)")
     p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: tiny)")
     p.add_argument("--config", help="a model config JSON instead of --preset (vocab_size comes from the tokenizer)")
-    p.add_argument("--mtp-depth", type=int, default=None, metavar="D",
-                   help="multi-token prediction modules (0 = off; default: the preset's). The main model is the same "
-                        "for every D, so MTP on/off compares at equal main-model FLOPs (V3 Table 4)")
     CLI.add_arguments(p)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     add_ep_arguments(p)
@@ -58,8 +56,9 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         if not run_dir.is_dir():
             raise ConfigError(f"run directory {run_dir} does not exist; nothing to resume")
         cfg = CLI.resolve(args, PretrainConfig.load(run_dir))
-        if args.mtp_depth is not None and args.mtp_depth != cfg.model.n_mtp:
-            raise ConfigError(f"--mtp-depth {args.mtp_depth} differs from the run's {cfg.model.n_mtp}; a resumed run "
+        depth = CLI.given(args).get("mtp_depth")
+        if depth is not None and depth != cfg.model.n_mtp:
+            raise ConfigError(f"--mtp-depth {depth} differs from the run's {cfg.model.n_mtp}; a resumed run "
                               "keeps its model")
         cfg.train.validate()
         return cfg
@@ -67,10 +66,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
     if args.config or args.preset or not args.config_file:  # a --config-file's model holds unless replaced
         model = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset or "tiny")
         cfg.model = dense_equivalent(model) if cfg.dense else model
-    if args.mtp_depth is not None:
-        if args.mtp_depth < 0:
-            raise ConfigError(f"--mtp-depth must be >= 0, got {args.mtp_depth}")
-        cfg.model = dataclasses.replace(cfg.model, n_mtp=args.mtp_depth).validate()
+    if cfg.mtp_depth is not None:
+        cfg.model = dataclasses.replace(cfg.model, n_mtp=cfg.mtp_depth).validate()
     data = cfg.data
     if data.is_text and not args.config_file:  # text defaults, unless given (a --config-file holds its own)
         if "train.seq_len" not in given:

@@ -57,6 +57,10 @@ class MLA(nn.Module):
         self.indexer_train: str | None = None
         self.indexer_loss: torch.Tensor | None = None
         self.fused: tuple[torch.Tensor, torch.Tensor] | None = None  # inference-only absorbed weights
+        # QK-clip (nanoseek.train.optim): while track_logits, training forwards keep each head's max pre-softmax
+        # logit (H,) in max_logit, a running max until the trainer reads and resets it after the step
+        self.track_logits = False
+        self.max_logit: torch.Tensor | None = None
 
     @torch.no_grad()
     def fuse_absorbed(self, enable: bool = True) -> None:
@@ -174,6 +178,8 @@ class MLA(nn.Module):
             k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
             qh = torch.cat([q_nope, q_pe], dim=-1)
+            if self.track_logits and self.training:
+                self._record_max_logit(qh, k, mask, causal)
             pad = qh.size(-1) - self.v_head_dim
             if pad > 0:  # equal q/k/v head dims let PyTorch pick its fused (flash) CPU kernel: ~1.6x faster
                 v = F.pad(v, (0, pad))
@@ -181,6 +187,19 @@ class MLA(nn.Module):
                                                attn_mask=mask, is_causal=causal, scale=self.softmax_scale)
             o = o.transpose(1, 2)[..., :self.v_head_dim]
         return self.wo(o.reshape(B, T, -1))
+
+    @torch.no_grad()
+    def _record_max_logit(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> None:
+        """Fold this forward's per-head max logit (scaled q.k over visible keys) into self.max_logit. q (B, T, H, D),
+        k (B, S, H, D); mask / causal as the attention call gets them."""
+        scores = torch.matmul(q.transpose(1, 2).float(), k.permute(0, 2, 3, 1).float()) * self.softmax_scale
+        T, S = scores.shape[-2:]
+        if causal:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        m = scores.amax(dim=(0, 2, 3))
+        self.max_logit = m if self.max_logit is None else torch.maximum(self.max_logit, m)
 
     def indexer_kl(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor,

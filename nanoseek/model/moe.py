@@ -244,3 +244,32 @@ def batch_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Ten
     if scores.size(0) == 0:
         return scores.sum() * 0.0
     return sequence_balance_loss(scores.unsqueeze(0), indices.unsqueeze(0))
+
+
+# ---- balance statistics (trainer logging) ---------------------------------------------------------------
+def max_vio(loads: torch.Tensor) -> float | None:
+    """Wang et al. 2024's MaxVio of one batch: per MoE layer max_i load_i / mean_i load_i - 1 (0 = perfectly
+    balanced; K/E-routing caps it at E/K - 1), averaged over layers (the MTP modules' MoE layers included).
+    loads (n_moe_layers, n_experts) token counts of ONE global batch (all micro-batches and ranks summed:
+    "MaxVio_global"); None without MoE layers or routed tokens."""
+    if loads.numel() == 0 or loads.sum() == 0:
+        return None
+    mean = loads.double().mean(dim=1)
+    return float((loads.double().max(dim=1).values / mean - 1).mean())
+
+
+def mean_max_vio(batches: list[torch.Tensor]) -> float | None:
+    """MaxVio of each held-out batch (see max_vio), averaged over the batches."""
+    vios = [v for v in (max_vio(b) for b in batches) if v is not None]
+    return sum(vios) / len(vios) if vios else None
+
+
+def load_summary(loads: torch.Tensor) -> dict:
+    """Per-MoE-layer max/mean load (1.0 = perfectly balanced) and each expert's share of the routed tokens."""
+    if loads.numel() == 0:
+        return {}
+    mean = loads.mean(dim=1).clamp_min(1e-9)
+    share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)
+    return {"load_max_mean": (loads.max(dim=1).values / mean).tolist(),
+            "expert_load": [[round(v, 5) for v in row] for row in share.tolist()],
+            **({"max_vio": max_vio(loads)} if loads.sum() > 0 else {})}

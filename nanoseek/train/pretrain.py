@@ -1,5 +1,6 @@
-"""Pretraining loop (V3 report sec. 4, SPEC 2): next-token CE + MTP + sequence balance loss, AdamW, warmup +
-cosine, clipping, and the auxiliary-loss-free expert-bias update after every optimizer step.
+"""Pretraining loop (V3 report sec. 4, SPEC 2): next-token CE + MTP + sequence balance loss, AdamW (or Muon,
+`--optimizer`, nanoseek.train.optim), warmup + cosine, clipping, and the auxiliary-loss-free expert-bias update
+(then QK-clip, when on) after every optimizer step.
 
     loss = L_main + mtp_lambda * L_mtp + balance_alpha * L_bal  [+ aux_alpha * L_aux under --balance aux]
 
@@ -13,7 +14,7 @@ before the bias update, so every rank applies the same bias change and W process
 the same global batch. Resume is exact: model (incl. gate biases), optimizer, loader position and RNG states
 come back from the checkpoint and metrics.jsonl is cut back to the checkpointed step.
 
-Run directory: config.json (model + train + data, resolved), tokenizer.json, metrics.jsonl, checkpoints/,
+Run directory: config.json (model + train + data + optim, resolved), tokenizer.json, metrics.jsonl, checkpoints/,
 report.md, plots/. Only rank 0 writes. Simplifications against V3: no constant-lr phase and no batch-size
 ramp; gamma stays constant (V3 sets it to 0 for the last 500B tokens); MTP lambda is fixed.
 """
@@ -34,9 +35,10 @@ import torch
 
 from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError, ModelConfig
-from nanoseek.data import PACKERS, Loader, eval_batches
+from nanoseek.data import Loader, eval_batches
 from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
+from nanoseek.model.moe import load_summary, mean_max_vio
 from nanoseek.parallel.training import check_ep_flags, checkpoint_pair, setup_ep, sync_and_clip
 from nanoseek.train import precision as prec
 from nanoseek.train.checkpoint import latest_checkpoint, resume_run, save_checkpoint
@@ -51,61 +53,10 @@ from nanoseek.train.common import (
     setup_distributed,
 )
 from nanoseek.train.metrics import MetricsLogger, ProgressLine, mfu, model_flops_per_token, peak_matmul_flops
+from nanoseek.train.optim import OptimConfig, build_optimizer, qk_clip, track_max_logit
+from nanoseek.train.pretrain_data import DataConfig, build_rows, prepare_tokenizer, text_rows
 
 KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
-
-
-@dataclass
-class DataConfig:
-    """Which corpus to pretrain on and the tokenizer trained from it: a task corpus (nanoseek.corpus.build_corpus)
-    or, when `data` names files, the user's text (nanoseek.text: memory-mapped token shards)."""
-
-    # user text: files, directories or globs (nanoseek.text.sources); empty = the task corpus
-    data: list[str] = knob(default_factory=list, metavar="PATH", help="train on your own text instead of --task: "
-                           "a file, directory (recursive) or glob; repeatable. Plain UTF-8 files are one document "
-                           "each, .jsonl/.json rows and .parquet columns take --text-field")
-    exclude: list[str] = knob(default_factory=list, metavar="GLOB", help="leave out --data files whose path matches "
-                              "this fnmatch pattern (repeatable)")
-    text_field: str = knob("text", help="JSONL / parquet field holding the text")
-    val_share: float = knob(0.02, help="share of --data units (rows, ~8 KB pieces of text files) held out, chosen "
-                            "by a stable hash")
-    shard_dir: str = knob("", help="where --data token shards are kept (empty = RUN/shards; reused while the files "
-                          "and tokenizer are unchanged)")
-    tokenizer: str = knob("", help="an existing tokenizer.json for --data (empty = train one)")
-    fingerprint: str = ""  # set by the run: the tokenizer's sha256 the shards were built with
-    task: str = knob("arithmetic", help="task whose corpus is generated (nanoseek.tasks)")
-    # ~42 tokens each for arithmetic: ~2M tokens
-    n_docs: int = knob(50_000, help="training documents")
-    n_test_docs: int = knob(1_000, help="held-out documents (from the task's test split)")
-    flawed_share: float = knob(0.5, help="share of worked solutions with one deliberate slip")
-    difficulty: int | None = knob(None, help="task difficulty (none = the task's default)")
-    fact_share: float = knob(0.2, help="share of documents that are one-operation arithmetic facts (always "
-                             "correct; nanoseek.corpus)")
-    reflect_share: float = knob(0.0, help="share of worked solutions with one check line `a+b=r. check: a+b=r'.` "
-                                "(nanoseek.tasks.reflection; arithmetic only)")
-    # a small corpus may give fewer
-    vocab_size: int | None = knob(None, help="tokenizer vocabulary to train (none = 512 for --task, 4096 for "
-                                  "--data)")
-    # "stream": GPT-2 style cuts of one long stream; "aligned": every row starts at a document start
-    # (nanoseek.data.pack_aligned). Stream stays the default: on the demo's arithmetic at 1000 steps aligned
-    # rows gave 50.0% / 37.0% greedy (seeds 0 / 1) against 69.0% / 45.5% (docs/pretrain.md).
-    packing: str = knob("stream", choices=PACKERS, help="rows are cuts of one document stream (stream) or start "
-                        "at a document start (aligned)")
-
-    def __post_init__(self):
-        if self.packing not in PACKERS:
-            raise ConfigError(f"packing must be one of {', '.join(PACKERS)}, got {self.packing!r}")
-        if self.data and self.packing != "stream":
-            raise ConfigError("--data trains on stream-packed rows; --packing aligned is for task corpora")
-
-    @property
-    def is_text(self) -> bool:
-        return bool(self.data)
-
-    def split_settings(self):
-        from nanoseek.text.shards import SplitSettings
-
-        return SplitSettings(text_field=self.text_field, val_share=self.val_share).check()
 
 
 @dataclass
@@ -113,8 +64,13 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     # `model` was derived with dense_equivalent()
     dense: bool = knob(False, help="dense model with the preset's activated parameter count")
+    # applied to `model` by the command (model.n_mtp holds the run's value); kept to record what was asked
+    mtp_depth: int | None = knob(None, metavar="D", help="multi-token prediction modules (0 = off; none = the "
+                                 "preset's). The main model is the same for every D, so MTP on/off compares at "
+                                 "equal main-model FLOPs (V3 Table 4)")
     # sets model.fp8
     precision: str = knob("fp32", choices=prec.PUBLIC, resume="override", help="fp32, bf16 (BF16 compute, FP32 "
                           "master weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments)")
@@ -123,18 +79,21 @@ class PretrainConfig:
 
     def __post_init__(self):
         prec.check(self.precision)
+        if self.mtp_depth is not None and self.mtp_depth < 0:
+            raise ConfigError(f"--mtp-depth must be >= 0, got {self.mtp_depth}")
 
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": self.train.to_dict(),
-                "data": dataclasses.asdict(self.data), "dense": self.dense, "precision": self.precision,
-                "time_schedule": self.time_schedule}
+                "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim), "dense": self.dense,
+                "mtp_depth": self.mtp_depth, "precision": self.precision, "time_schedule": self.time_schedule}
 
     @classmethod
     def from_dict(cls, d: dict) -> PretrainConfig:
         try:
             model = ModelConfig.from_dict(d["model"])
             return cls(model=model, train=TrainConfig.from_dict(d["train"]), data=DataConfig(**d["data"]),
-                       dense=bool(d.get("dense", False)), precision=d.get("precision", "fp8" if model.fp8 else "fp32"),
+                       optim=OptimConfig(**d.get("optim", {})), dense=bool(d.get("dense", False)),
+                       mtp_depth=d.get("mtp_depth"), precision=d.get("precision", "fp8" if model.fp8 else "fp32"),
                        time_schedule=bool(d.get("time_schedule", False)))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"run config is missing or has a bad section: {e}") from None
@@ -160,70 +119,16 @@ def dense_equivalent(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(dense, inter_dim=max(1, inter)).validate()
 
 
-# ---- data ----------------------------------------------------------------------------------------------------
-def prepare_tokenizer(run_dir: Path, data: DataConfig, seed: int, dist: Dist):
-    """Load the run's tokenizer.json, or (rank 0) train one on the task corpus and save it first."""
-    from nanoseek.tokenizer import Tokenizer
-
-    path = run_dir / "tokenizer.json"
-    if dist.is_main and not path.exists() and data.is_text:
-        from nanoseek.text.prepare import prepare_run_tokenizer
-
-        prepare_run_tokenizer(run_dir, data.data, data.vocab_size, data.split_settings(), data.tokenizer or None,
-                              exclude=data.exclude)
-    elif dist.is_main and not path.exists():
-        from nanoseek.corpus import corpus_texts
-
-        texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train",
-                             data.fact_share, data.reflect_share)
-        Tokenizer.train(texts, data.vocab_size or 512).save(path)
-    dist.barrier()  # unconditional: other ranks must not test for the file while rank 0 may be writing it
-    return Tokenizer.load(path)  # every rank, fresh or resumed, encodes with the same saved file
-
-
-def text_rows(run_dir: Path, tokenizer, data: DataConfig, seq_len: int, dist: Dist, resume: bool):
-    """(train TokenRows, held-out TokenRows, manifest) over the run's token shards, built by rank 0 (reusing
-    what is still valid) while the other ranks wait; on resume the tokenizer must be the one the run began with."""
-    from nanoseek.data import TokenRows
-    from nanoseek.text.prepare import check_tokenizer_matches
-    from nanoseek.text.shards import Shards, build_shards
-    from nanoseek.text.sources import read_json_safely
-
-    tok_file = run_dir / "tokenizer.json"
-    if resume:
-        check_tokenizer_matches(tok_file, data.fingerprint)
-    root = Path(data.shard_dir) if data.shard_dir else run_dir / "shards"
-    if dist.is_main:
-        build_shards(data.data, tok_file, root, tokenizer.vocab_size, data.split_settings(), exclude=data.exclude)
-    dist.barrier()
-    shards = Shards(root, read_json_safely(root / "manifest.json"))
-    train, val = TokenRows(shards.stream("train"), seq_len), TokenRows(shards.stream("val"), seq_len)
-    if val.size(0) == 0:
-        raise ConfigError(f"the held-out text ({shards.manifest['split']['val']['tokens']} tokens) is shorter than "
-                          f"one row of {seq_len + 1} tokens: raise --val-share, lower --seq-len or add text")
-    return train, val, shards.manifest
-
-
-def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed (N, seq_len + 1) rows of the train corpus and of a held-out corpus from the task's test split."""
-    from nanoseek.corpus import build_corpus
-
-    def rows(n: int, split: str, s: int) -> torch.Tensor:
-        docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split, data.fact_share,
-                            data.reflect_share)
-        return PACKERS[data.packing]([tokenizer.document_ids(p, c) for p, c in docs], seq_len, tokenizer.eos_id)
-
-    return rows(data.n_docs, "train", seed), rows(data.n_test_docs, "test", seed + 1)
-
-
 # ---- steps ---------------------------------------------------------------------------------------------------
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loader, cfg: TrainConfig,
-               dist: Dist, parallel=None, precision: str = "fp32") -> dict:
+               dist: Dist, parallel=None, precision: str = "fp32", qk_clip_tau: float = 0.0) -> dict:
     """One optimizer step over cfg.grad_accum micro-batches; returns the global (rank-averaged) losses,
     the pre-clip grad norm and the per-layer expert loads summed over micro-batches and ranks. `parallel`: an
     ExpertParallel or a Pipeline (nanoseek.parallel) that syncs and clips gradients instead of the DDP average
     (a Pipeline also runs forward and backward through its schedule). cfg.balance picks the load balancing:
-    the bias update (bias), the auxiliary loss aux_alpha * L_aux (aux), or neither (none)."""
+    the bias update (bias), the auxiliary loss aux_alpha * L_aux (aux), or neither (none). With the attention
+    layers recording logits (optim.track_max_logit) the step's max logit is returned as max_logit, and heads
+    above qk_clip_tau (> 0) are clipped after the step (optim.qk_clip)."""
     model.train()
     aux_alpha = cfg.aux_alpha if cfg.balance == "aux" else 0.0
     parts_sum = torch.zeros(5, device=dist.device)
@@ -247,9 +152,10 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
     loads = dist.all_reduce_sum(model.accumulated_loads().clone())
     # resets the load accumulators in every mode; only `bias` moves the bias (aux / none keep it where it is)
     model.update_expert_bias(cfg.bias_gamma if cfg.balance == "bias" else 0.0, loads)
+    max_logit = qk_clip(model, qk_clip_tau, dist)
     main, mtp, balance, aux, total = dist.all_reduce_mean(parts_sum).tolist()
     return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "aux": aux, "grad_norm": grad_norm,
-            "loads": loads}
+            "loads": loads, **({"max_logit": max_logit} if max_logit is not None else {})}
 
 
 @torch.no_grad()
@@ -288,39 +194,12 @@ def evaluate_bpb(model: Transformer, rows, token_bytes: torch.Tensor, cfg: Train
     return bits_per_byte(total[0].item(), total[1].item()) if total[1] > 0 else None
 
 
-def max_vio(loads: torch.Tensor) -> float | None:
-    """Wang et al. 2024's MaxVio of one batch: per MoE layer max_i load_i / mean_i load_i - 1 (0 = perfectly
-    balanced; K/E-routing caps it at E/K - 1), averaged over layers (the MTP modules' MoE layers included). loads (n_moe_layers, n_experts) token counts of ONE global batch (all
-    micro-batches and ranks summed: "MaxVio_global"); None without MoE layers or routed tokens."""
-    if loads.numel() == 0 or loads.sum() == 0:
-        return None
-    mean = loads.double().mean(dim=1)
-    return float((loads.double().max(dim=1).values / mean - 1).mean())
-
-
-def mean_max_vio(batches: list[torch.Tensor]) -> float | None:
-    """MaxVio of each held-out batch (see max_vio), averaged over the batches."""
-    vios = [v for v in (max_vio(b) for b in batches) if v is not None]
-    return sum(vios) / len(vios) if vios else None
-
-
-def load_summary(loads: torch.Tensor) -> dict:
-    """Per-MoE-layer max/mean load (1.0 = perfectly balanced) and each expert's share of the routed tokens."""
-    if loads.numel() == 0:
-        return {}
-    mean = loads.mean(dim=1).clamp_min(1e-9)
-    share = loads / loads.sum(dim=1, keepdim=True).clamp_min(1e-9)
-    return {"load_max_mean": (loads.max(dim=1).values / mean).tolist(),
-            "expert_load": [[round(v, 5) for v in row] for row in share.tolist()],
-            **({"max_vio": max_vio(loads)} if loads.sum() > 0 else {})}
-
-
 # ---- the run -------------------------------------------------------------------------------------------------
 def _full_pair(model_cfg: ModelConfig, tcfg: TrainConfig, device,
                precision: str) -> tuple[Transformer, torch.optim.Optimizer]:
     """A one-process model and optimizer that an EP or PP run's checkpoint is assembled into."""
     model = prec.configure_model(Transformer(model_cfg).to(device), precision)
-    return model, prec.build_optimizer(model, tcfg, precision)
+    return model, prec.build_optimizer(model, tcfg, precision)  # EP / PP: AdamW only (optim.check_parallel)
 
 
 def seed_everything(seed: int) -> None:
@@ -368,6 +247,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         pp_microbatches = pp_microbatches or 2 * pp * (1 if pp_schedule == "1f1b" else 2)
         check_pp(pp, dist.world, pp_schedule, pp_microbatches, tcfg.batch_size)
     check_compile(tcfg.compile, ep, pp, cfg.precision)  # before the run directory is made or written
+    cfg.optim.check_parallel(ep, pp, tcfg.compile)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
@@ -392,7 +272,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
 
         load_model_weights(init_from, model)
     dist.broadcast_module(model)
-    optimizer = prec.build_optimizer(model, tcfg, cfg.precision)
+    optimizer = build_optimizer(model, tcfg, cfg.optim, cfg.precision)
+    track_max_logit(model, cfg.optim.tracks_logits)
     # a pipeline feeds the whole global batch through the first stage (and its targets to the last)
     loader = Loader(train_rows, tcfg.batch_size, tcfg.seed, *((0, 1) if pp > 1 else (dist.rank, dist.world)))
     metrics = MetricsLogger(run_dir / "metrics.jsonl", enabled=dist.is_main)
@@ -454,7 +335,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             lr = lr_at(step, tcfg) if fraction is None else lr_at_fraction(step, fraction, tcfg)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
-            out = train_step(model, optimizer, loader, tcfg, dist, parallel, cfg.precision)
+            out = train_step(model, optimizer, loader, tcfg, dist, parallel, cfg.precision, cfg.optim.qk_clip_tau)
             dt = time.perf_counter() - t0
             step += 1
             tok_rate = tokens_per_step / dt
@@ -467,7 +348,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                       "balance": out["balance"], "aux": out["aux"], "lr": lr, "grad_norm": out["grad_norm"],
                       "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
                       **({"mfu": mfu(tok_rate, flops_per_token)} if parallel is None else {}),
-                      "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"])}
+                      "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"]),
+                      **({"max_logit": out["max_logit"]} if "max_logit" in out else {})}
             if last or (tcfg.eval_interval and step % tcfg.eval_interval == 0):
                 if parallel is not None:
                     parallel.prepare_eval(model)
@@ -495,6 +377,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
                 extra += f"  bpb {val_bpb:.3f}"
             if "max_vio" in record:
                 extra = f"maxvio {record['max_vio']:.2f}" + (f"  {extra}" if extra else "")
+            if "max_logit" in record:
+                extra = f"max logit {record['max_logit']:.1f}" + (f"  {extra}" if extra else "")
             if parallel is None:
                 extra = f"MFU {mfu(tok_rate_ema, flops_per_token):.1%}" + (f"  {extra}" if extra else "")
             progress.update(step, out["loss"], lr, tok_rate_ema, extra)
