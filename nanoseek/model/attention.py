@@ -284,7 +284,8 @@ class MLA(nn.Module):
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
         out = q.new_empty(B, T, H, r)
-        rows = torch.arange(B, device=x.device)[:, None, None]
+        flat = lat[..., :m].reshape(B * S, m)  # rows gathered by index_select (~20x faster than lat[rows, idx])
+        offsets = (torch.arange(B, device=x.device) * S)[:, None, None]
         for c0 in range(0, T, self.gather_chunk):
             c = slice(c0, min(T, c0 + self.gather_chunk))
             lim = S - T + c.stop  # causal: no query of the chunk sees a key past its last query's position
@@ -292,10 +293,7 @@ class MLA(nn.Module):
                 scores = self.indexer.scores(x[:, c], q_lat[:, c], cos[:, c], sin[:, c], lat[:, :lim, m:])
                 scores = scores.masked_fill(~mask[:, 0, c, :lim], float("-inf"))  # (B, C, lim)
                 top, idx = scores.topk(min(self.indexer.topk, lim), dim=-1)  # (B, C, k)
-            if B == 1 and c.stop - c.start == 1:  # row copies (index_select is ~3x faster than advanced indexing)
-                sel = lat[0].index_select(0, idx[0, 0])[None, None, :, :m]
-            else:
-                sel = lat[rows, idx, :m]  # (B, C, k, r + rope)
+            sel = flat.index_select(0, (idx + offsets).reshape(-1)).view(*idx.shape, m)  # (B, C, k, r + rope)
             att = torch.matmul(q[:, c], sel.transpose(-1, -2))  # (B, C, H, k)
             if att.dtype != torch.float32:
                 att = att.float()
