@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--heads", type=int, default=4, help="MLA heads (4 = the bench/dsa_train.py model; V3: 128)")
     ap.add_argument("--out", default="docs/sparse_prefill.json")
+    ap.add_argument("--plot", default="", help="PNG of time vs context: these prefill rows and, with "
+                    "--decode-json, bench/dsa_decode.py's rows")
+    ap.add_argument("--decode-json", default="docs/sparse_decode.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -78,6 +81,36 @@ def main() -> None:
               f"attention MACs/layer {macs_d / 1e9:.2f}G vs {macs_s / 1e9:.2f}G", flush=True)
     atomic_write_text(args.out, json.dumps({"rows": rows, "threads": 1, "reps": args.reps, "chunk": chunk},
                                            indent=2) + "\n")
+    if args.plot:
+        plot(rows, args.decode_json, args.plot)
+
+
+def plot(rows: list[dict], decode_json: str, path: str) -> None:
+    """Prefill seconds (and decode ms per token, when its JSON exists) against context, dense vs sparse."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.io import atomic_write
+
+    panels = [("prefill", rows, "s", "prefill time (s)")]
+    if decode_json and Path(decode_json).exists():
+        panels.append(("decode", json.loads(Path(decode_json).read_text())["rows"], "ms", "decode step (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (name, pts, unit, ylabel) in zip(axes[0], panels):
+        xs = [r["context"] for r in pts]
+        for kind in ("dense", "sparse"):
+            ax.plot(xs, [r[f"{kind}_{unit}"] for r in pts], marker="o", label=kind)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name}, top-k {pts[0]['topk']}, 1 thread")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
 
 
 if __name__ == "__main__":

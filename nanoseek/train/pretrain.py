@@ -500,6 +500,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             extra = f"eval {eval_loss:.4f}" if eval_loss is not None else ""
             if val_bpb is not None:
                 extra += f"  bpb {val_bpb:.3f}"
+            if "indexer_kl" in record:
+                extra += f"  indexer KL {record['indexer_kl']:.4f}"
             if "max_vio" in record:
                 extra = f"maxvio {record['max_vio']:.2f}" + (f"  {extra}" if extra else "")
             if parallel is None:
