@@ -1,8 +1,8 @@
 """Prefill time, dense vs DeepSeek Sparse Attention, at long context on one CPU thread.
 
-The bench/dsa_decode.py model pair (3 layers, dim 96, 4 heads (--heads: more), latents 48, rope 16, vocab 4096; the sparse twin
-adds indexers of 4 heads x 32, index_topk = --topk): one prefill of S random tokens into an empty cache, as the
-engine does it (`model.hidden(ids, cache=cache, start=0)`, then the last position's logits). Dense: MLA's naive
+The bench/dsa_decode.py model pair (3 layers, dim 96, 4 heads (--heads: more), latents 48, rope 16, vocab
+4096; the sparse twin adds indexers of 4 heads x 32, index_topk = --topk): one prefill of S random tokens into
+an empty cache, as the engine does it (`model.hidden(ids, cache=cache, start=0)`, then the last position's logits). Dense: MLA's naive
 path, PyTorch's fused causal SDPA over the decompressed keys. Sparse: per chunk of 256 queries the index scores
 over the causally visible keys, a top-k, and attention in MLA's absorbed (MQA) form over the k gathered latents
 (MLA._attend_gathered). Dense and sparse runs alternate, medians of --reps. Also printed: attention multiply-adds
@@ -75,7 +75,8 @@ def main() -> None:
                 times[name].append(prefill_time(m, ids))
         d, s = statistics.median(times["dense"]), statistics.median(times["sparse"])
         macs_d, macs_s = attention_macs(sparse.cfg, S, args.topk, chunk)
-        rows.append({"context": S, "topk": args.topk, "heads": args.heads, "dense_s": d, "sparse_s": s, "speedup": d / s,
+        rows.append({"context": S, "topk": args.topk, "heads": args.heads, "dense_s": d, "sparse_s": s,
+                     "speedup": d / s,
                      "attn_macs_per_layer_dense": macs_d, "attn_macs_per_layer_sparse": macs_s})
         print(f"H={args.heads} S={S:6d} k={args.topk}: dense {d:7.3f} s  sparse {s:7.3f} s  speedup {d / s:5.2f}x  "
               f"attention MACs/layer {macs_d / 1e9:.2f}G vs {macs_s / 1e9:.2f}G", flush=True)

@@ -281,8 +281,6 @@ class MLA(nn.Module):
         and the gathered rows stay O(chunk S) and O(chunk k) in memory. Returns o_lat (B, T, H, r)."""
         B, T, H, _ = q.shape
         r, m, S = self.kv_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim, lat.size(1)
-        if mask is None:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None, None]
         out = q.new_empty(B, T, H, r)
         flat = lat[..., :m].reshape(B * S, m)  # rows gathered by index_select (~20x faster than lat[rows, idx])
         offsets = (torch.arange(B, device=x.device) * S)[:, None, None]
@@ -291,7 +289,12 @@ class MLA(nn.Module):
             lim = S - T + c.stop  # causal: no query of the chunk sees a key past its last query's position
             with torch.no_grad():
                 scores = self.indexer.scores(x[:, c], q_lat[:, c], cos[:, c], sin[:, c], lat[:, :lim, m:])
-                scores = scores.masked_fill(~mask[:, 0, c, :lim], float("-inf"))  # (B, C, lim)
+                if mask is None:  # causal, built per chunk (a (T, S) mask is 256 MB at 16K)
+                    pos = torch.arange(S - T + c.start, lim, device=x.device)[:, None]
+                    hide = torch.arange(lim, device=x.device) > pos
+                else:
+                    hide = ~mask[:, 0, c, :lim]
+                scores = scores.masked_fill(hide, float("-inf"))  # (B, C, lim)
                 top, idx = scores.topk(min(self.indexer.topk, lim), dim=-1)  # (B, C, k)
             sel = flat.index_select(0, (idx + offsets).reshape(-1)).view(*idx.shape, m)  # (B, C, k, r + rope)
             att = torch.matmul(q[:, c], sel.transpose(-1, -2))  # (B, C, H, k)
