@@ -282,26 +282,27 @@ class MLA(nn.Module):
         B, T, H, _ = q.shape
         r, m, S = self.kv_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim, lat.size(1)
         out = q.new_empty(B, T, H, r)
-        flat = lat[..., :m].reshape(B * S, m)  # rows gathered by index_select (~20x faster than lat[rows, idx])
-        offsets = (torch.arange(B, device=x.device) * S)[:, None, None]
         for c0 in range(0, T, self.gather_chunk):
             c = slice(c0, min(T, c0 + self.gather_chunk))
             lim = S - T + c.stop  # causal: no query of the chunk sees a key past its last query's position
             with torch.no_grad():
                 scores = self.indexer.scores(x[:, c], q_lat[:, c], cos[:, c], sin[:, c], lat[:, :lim, m:])
-                if mask is None:  # causal, built per chunk (a (T, S) mask is 256 MB at 16K)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask[:, 0, c, :lim], float("-inf"))  # (B, C, lim)
+                elif c.stop - c.start > 1:  # causal, built per chunk (a (T, S) mask is 256 MB at 16K)
                     pos = torch.arange(S - T + c.start, lim, device=x.device)[:, None]
-                    hide = torch.arange(lim, device=x.device) > pos
-                else:
-                    hide = ~mask[:, 0, c, :lim]
-                scores = scores.masked_fill(hide, float("-inf"))  # (B, C, lim)
+                    scores = scores.masked_fill(torch.arange(lim, device=x.device) > pos, float("-inf"))
                 top, idx = scores.topk(min(self.indexer.topk, lim), dim=-1)  # (B, C, k)
-            sel = flat.index_select(0, (idx + offsets).reshape(-1)).view(*idx.shape, m)  # (B, C, k, r + rope)
+            # whole cache rows by index_select (~20x faster than lat[rows, idx] on CPU; no copy of the cache)
+            sel = torch.stack([lat[b].index_select(0, idx[b].reshape(-1)) for b in range(B)])
+            sel = sel.view(*idx.shape, -1)[..., :m]  # (B, C, k, r + rope)
             att = torch.matmul(q[:, c], sel.transpose(-1, -2))  # (B, C, H, k)
             if att.dtype != torch.float32:
                 att = att.float()
             att = att.masked_fill(top.isneginf()[:, :, None], float("-inf"))  # < k visible keys: drop padding picks
-            probs = att.softmax(dim=-1).nan_to_num_(0.0)  # a query that sees nothing (padding) gets zeros
+            probs = att.softmax(dim=-1)
+            if mask is not None:  # a query that sees nothing (padding) gets zeros, not NaN
+                probs = probs.nan_to_num_(0.0)
             out[:, c] = torch.matmul(probs.to(sel.dtype), sel[..., :r])
         return out
 
