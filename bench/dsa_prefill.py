@@ -13,6 +13,7 @@ per layer from the closed forms (T = S tokens, causal, C = 256-query chunks)
 Usage:
     .venv/bin/python bench/dsa_prefill.py --out docs/sparse_prefill.json
     .venv/bin/python bench/dsa_prefill.py --heads 32 --out docs/sparse_prefill_h32.json
+    .venv/bin/python bench/dsa_prefill.py --plot docs/img/dsa_time.png --plot-also docs/sparse_prefill_h32.json
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--plot", default="", help="PNG of time vs context: these prefill rows and, with "
                     "--decode-json, bench/dsa_decode.py's rows")
     ap.add_argument("--decode-json", default="docs/sparse_decode.json")
+    ap.add_argument("--plot-also", default="", help="another run's prefill JSON drawn beside (e.g. --heads 32)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -83,10 +85,11 @@ def main() -> None:
     atomic_write_text(args.out, json.dumps({"rows": rows, "threads": 1, "reps": args.reps, "chunk": chunk},
                                            indent=2) + "\n")
     if args.plot:
-        plot(rows, args.decode_json, args.plot)
+        also = json.loads(Path(args.plot_also).read_text())["rows"] if args.plot_also else None
+        plot(rows, args.decode_json, args.plot, also)
 
 
-def plot(rows: list[dict], decode_json: str, path: str) -> None:
+def plot(rows: list[dict], decode_json: str, path: str, also: list[dict] | None = None) -> None:
     """Prefill seconds (and decode ms per token, when its JSON exists) against context, dense vs sparse."""
     import matplotlib
     matplotlib.use("Agg")
@@ -101,7 +104,10 @@ def plot(rows: list[dict], decode_json: str, path: str) -> None:
     for ax, (name, pts, unit, ylabel) in zip(axes[0], panels):
         xs = [r["context"] for r in pts]
         for kind in ("dense", "sparse"):
-            ax.plot(xs, [r[f"{kind}_{unit}"] for r in pts], marker="o", label=kind)
+            ax.plot(xs, [r[f"{kind}_{unit}"] for r in pts], marker="o", label=f"{kind}, {pts[0].get('heads', 4)} heads")
+            if name == "prefill" and also:
+                ax.plot([r["context"] for r in also], [r[f"{kind}_s"] for r in also], marker="s", ls="--",
+                        label=f"{kind}, {also[0]['heads']} heads")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")

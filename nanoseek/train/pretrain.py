@@ -234,7 +234,8 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
         with prec.autocast(precision, dist.device):
             if hasattr(parallel, "forward_backward"):  # pipeline: the schedule runs forward and backward
                 main_mtp_bal_loss = parallel.forward_backward(model, x, y).to(parts_sum) / cfg.grad_accum
-                parts_sum[:5] += torch.cat([main_mtp_bal_loss[:3], main_mtp_bal_loss.new_zeros(1), main_mtp_bal_loss[3:]])
+                parts_sum[:5] += torch.cat([main_mtp_bal_loss[:3], main_mtp_bal_loss.new_zeros(1),
+                                            main_mtp_bal_loss[3:]])
                 continue
             _, parts = model(x, y)
         aux = parts.aux if parts.aux is not None else parts.main.new_zeros(())
