@@ -109,3 +109,17 @@ def test_stage_model_rules():
     with pytest.raises(ConfigError, match="q_lora_rank"):
         stage_model(ModelConfig(**MICRO), SparseStageConfig(init="r", sparse_attention="warmup", index_topk=4))
     assert stage_model(dense, SparseStageConfig(init="r")) is dense
+
+
+@pytest.mark.slow
+def test_two_process_stage_matches_one_process(dense_run, tmp_path):
+    """A warm-up stage under torchrun (2 processes, DDP) logs the losses and indexer KL of one process with the
+    same global batch."""
+    two = spawn(stage_args(tmp_path / "two", dense_run, "warmup", steps=4), torchrun=2)
+    finish(spawn(stage_args(tmp_path / "one", dense_run, "warmup", steps=4)))
+    finish(two)
+    ref, got = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two"))
+    assert len(got) == 4
+    for a, b in zip(ref, got):
+        for k in ("loss", "main", "indexer_kl", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
