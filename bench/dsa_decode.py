@@ -24,8 +24,10 @@ from nanoseek.io import atomic_write_text
 from nanoseek.model import Transformer
 
 
-def model_pair(max_len: int, topk: int) -> tuple[Transformer, Transformer]:
-    base = dict(vocab_size=4096, dim=96, inter_dim=256, n_layers=3, n_dense_layers=3, n_routed_experts=0, n_heads=4,
+def model_pair(max_len: int, topk: int, n_heads: int = 4) -> tuple[Transformer, Transformer]:
+    """(dense, sparse) twins of the same weights; n_heads > 4 widens only MLA's heads (V3 has 128)."""
+    base = dict(vocab_size=4096, dim=96, inter_dim=256, n_layers=3, n_dense_layers=3, n_routed_experts=0,
+                n_heads=n_heads,
                 q_lora_rank=48, kv_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
                 max_seq_len=max_len, original_seq_len=max_len, n_mtp=0, init_std=0.02)
     torch.manual_seed(0)

@@ -237,3 +237,30 @@ def test_batcher_sparse_decode_equals_full_recompute():
         b.step()
     for r, p, n in zip([first] + rest, DECODE_PROMPTS, (12, 5, 12, 9)):
         assert r.tokens == recompute_greedy(model, p, n)
+
+
+def test_gathered_sparse_prefill_equals_the_mask_formulation():
+    """Inference (no autograd) attends over a gather of each query's top-k cache rows in MLA's absorbed form,
+    a few queries at a time; training keeps the mask over the full score matrix. Same keys, so the same logits:
+    a whole prompt, a prompt continued on a prefix-filled cache, and the fused weights, against the mask
+    formulation (autograd on). Queries before position k see fewer than k keys (the padding picks drop out)."""
+    cfg = sparse_cfg(index_topk=4)
+    model = Transformer(cfg).eval()
+    randomize_norms(model)
+    for m in model.modules():
+        if isinstance(m, MLA):
+            m.gather_chunk = 3  # several chunks, the last one short
+    ids = torch.randint(0, cfg.vocab_size, (2, 20))
+    ref = model(ids).detach()  # autograd on: the mask formulation
+    with torch.no_grad():
+        assert torch.allclose(model(ids), ref, atol=1e-5, rtol=1e-4)
+        def new_cache():
+            return torch.zeros(cfg.n_layers, 2, 20, cfg.kv_cache_numbers_per_token_layer)
+
+        cache = new_cache()
+        model.hidden(ids[:, :12], cache=cache, start=0)
+        tail = model.logits(model.hidden(ids[:, 12:], cache=cache, start=12))
+        assert torch.allclose(tail, ref[:, 12:], atol=1e-5, rtol=1e-4)
+        model.prepare_inference(True)
+        fused = model.logits(model.hidden(ids, cache=new_cache(), start=0, absorb=True))
+        assert torch.allclose(fused, ref, atol=1e-5, rtol=1e-4)

@@ -13,6 +13,7 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from nanoseek.commands import cost_sparse
 from nanoseek.config import PRESETS
 from nanoseek.config import ConfigError
 from nanoseek.tokenomics import (
@@ -109,6 +110,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--compare", action="store_true", help="attention variants of the same model side by side")
     o.add_argument("--sweep", help=f"plot tokens/s and $/Mtok against one of: {', '.join(SWEEPS)}")
     o.add_argument("--plot", help="PNG path for --sweep (default cost_sweep_<sweep>.png)")
+    cost_sparse.add_arguments(p)
 
 
 def scenario_from_args(args: argparse.Namespace) -> Scenario:
@@ -419,6 +421,9 @@ def run(args: argparse.Namespace) -> int:
         if args.sweep or args.compare:
             raise ConfigError("--sweep and --compare cost one replica; drop the deployment flags to use them")
         return run_deployment(args, model, sc, console)
+    dsa = cost_sparse.from_args(args)
+    if dsa is not None:
+        return cost_sparse.run(args, model, sc, dsa, setup)
     if args.reasoning:
         raise ConfigError("--reasoning needs a deployment: --prefill-ep/--decode-ep, --deployment or --scenario")
     if args.sweep:

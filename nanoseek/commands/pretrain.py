@@ -5,6 +5,8 @@
     nanoseek pretrain --data ~/texts --balance aux --mtp-depth 0 --out runs/abl   # V3's ablations (issue 29)
     nanoseek pretrain --data ~/texts --optimizer muon --qk-clip-tau 100 --out runs/muon   # Muon + QK-clip
     nanoseek pretrain --out runs/base --resume            # continue exactly where it stopped
+    nanoseek pretrain --init runs/text --sparse-attention warmup --index-topk 32 --steps 150 --out runs/warm
+    nanoseek pretrain --init runs/warm --sparse-attention sparse --steps 300 --out runs/sparse   # V3.2 sec. 2.1.1
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ddp ...
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/ep --ep 2    # routed experts sharded
     torchrun --nproc_per_node=2 -m nanoseek.cli pretrain --out runs/pp --pp 2 --pp-schedule dualpipev
@@ -15,6 +17,8 @@ sequence length defaults to the model's max_seq_len. The run options are Pretrai
 TrainConfig and DataConfig included; nanoseek.cli_config). On --resume the stored config.json is
 authoritative (the optimizer included); only --steps, --minutes, --precision and --compile may change (changing --steps reshapes the
 lr schedule; a run resumes in the precision it started with unless --precision says otherwise).
+--init RUN starts a new run from RUN's latest weights and its config.json (options given on top win; the
+model is RUN's, with lightning indexers added for --sparse-attention: nanoseek.train.sparse_attention).
 """
 from __future__ import annotations
 
@@ -63,6 +67,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
         cfg.train.validate()
         return cfg
     cfg, given = CLI.resolve(args), CLI.given(args)
+    if cfg.stage.init:
+        return continued_config(args, cfg.stage.init, given)
     if args.config or args.preset or not args.config_file:  # a --config-file's model holds unless replaced
         model = ModelConfig.from_json(args.config) if args.config else ModelConfig.preset(args.preset or "tiny")
         cfg.model = dense_equivalent(model) if cfg.dense else model
@@ -90,6 +96,25 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
             raise ConfigError(f"{name} must be in [0, 1], got {share}")
     if data.n_docs < 1 or data.n_test_docs < 1:
         raise ConfigError("--n-docs and --n-test-docs must be >= 1")
+    return cfg
+
+
+def continued_config(args: argparse.Namespace, init: str, given: dict) -> PretrainConfig:
+    """--init RUN: RUN's config (model, data, training options) with the given options on top, the stage's
+    model (sparse_attention.apply_stage); --steps / --minutes as for a fresh run."""
+    from nanoseek.train.sparse_attention import apply_stage, continuation
+
+    if args.config or args.preset or args.config_file or args.mtp_depth is not None or "dense" in given:
+        raise ConfigError("--init RUN takes the model and options from RUN: drop --preset / --config / "
+                          "--config-file / --mtp-depth / --dense")
+    if any(k.startswith("data.") for k in given):
+        raise ConfigError("--init RUN trains on RUN's data and tokenizer: drop the data options")
+    cfg = apply_stage(CLI.apply(args, continuation(PretrainConfig.load(init), init)))
+    if cfg.data.is_text and cfg.train.minutes > 0 and "train.steps" not in given:
+        cfg.train, cfg.time_schedule = dataclasses.replace(cfg.train, steps=TIME_SCHEDULE_STEP_CAP), True
+    if cfg.stage.mode and (args.pp > 1 or cfg.train.compile):
+        raise ConfigError("--sparse-attention does not combine with --pp or --compile yet")
+    cfg.train.validate()
     return cfg
 
 

@@ -143,6 +143,9 @@ class MLA(nn.Module):
             S = start + T
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(start)[None, None]
             causal = False
+        if (self.indexer is not None and not torch.is_grad_enabled() and self.indexer_train != "warmup"
+                and lat.size(1) > self.indexer.topk):  # inference with keys to drop: sparse prefill (gathered)
+            return self._prefill_gathered(x, q_lat, q_nope, q_pe, cos, sin, lat, mask)
         if self.indexer is not None:
             visible = mask
             sparse = None if self.indexer_train == "warmup" else self._sparse_mask(x, q_lat, cos, sin, lat, mask)
@@ -265,7 +268,7 @@ class MLA(nn.Module):
         lat = self._cached_latent(new_lat, cache, start, write_pos, x.dtype)
         S = lat.size(1)
         if self.indexer is not None:
-            if T == 1 and S > self.indexer.topk:  # one query per row: attend over a gather of the top-k latents
+            if S > self.indexer.topk:  # keys to drop: attend over a gather of each query's top-k latents
                 return self._decode_gathered(x, q_lat, q, cos, sin, lat, mask)
             mask = self._sparse_mask(x, q_lat, cos, sin, lat, mask) if S > self.indexer.topk else mask
             lat = lat[..., :r + rope]
@@ -285,29 +288,61 @@ class MLA(nn.Module):
         return F.linear(o_lat.view(B, T, H * r), w_ov)
 
 
+    gather_chunk = 256  # queries per step of `_attend_gathered`
+
+    def _attend_gathered(self, x, q_lat, q, cos, sin, lat, mask) -> torch.Tensor:
+        """Sparse attention of T queries in MLA's absorbed (MQA) form over a gather of each query's top-k
+        cache rows (DeepSeek-V3.2: DSA runs in MLA's MQA mode): the same keys as the mask formulation, so the
+        same result up to float summation order, but O(T k) attention after the O(T S) index scores. q: (B, T, H,
+        r + rope) absorbed queries, already scaled; lat: (B, S, r + rope + index_head_dim); mask (B or 1, 1, T,
+        S) or None = causal over the last T of S keys (any mask must hide keys after a query's own position, as
+        causal and padding masks do). Queries are taken `gather_chunk` at a time, so the index scores
+        and the gathered rows stay O(chunk S) and O(chunk k) in memory. Returns o_lat (B, T, H, r)."""
+        B, T, H, _ = q.shape
+        r, m, S = self.kv_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim, lat.size(1)
+        out = q.new_empty(B, T, H, r)
+        for c0 in range(0, T, self.gather_chunk):
+            c = slice(c0, min(T, c0 + self.gather_chunk))
+            lim = S - T + c.stop  # causal: no query of the chunk sees a key past its last query's position
+            with torch.no_grad():
+                scores = self.indexer.scores(x[:, c], q_lat[:, c], cos[:, c], sin[:, c], lat[:, :lim, m:])
+                if mask is not None:
+                    scores = scores.masked_fill(~mask[:, 0, c, :lim], float("-inf"))  # (B, C, lim)
+                elif c.stop - c.start > 1:  # causal, built per chunk (a (T, S) mask is 256 MB at 16K)
+                    pos = torch.arange(S - T + c.start, lim, device=x.device)[:, None]
+                    scores = scores.masked_fill(torch.arange(lim, device=x.device) > pos, float("-inf"))
+                top, idx = scores.topk(min(self.indexer.topk, lim), dim=-1)  # (B, C, k)
+            # index_select on the strided [c_KV ; k_rope] columns: faster than lat[rows, idx] or whole rows on a
+            # CPU, and no copy of the cache
+            picks = [lat[b, :, :m].index_select(0, idx[b].reshape(-1)) for b in range(B)]
+            sel = (picks[0][None] if B == 1 else torch.stack(picks)).view(*idx.shape, m)  # (B, C, k, r + rope)
+            att = torch.matmul(q[:, c], sel.transpose(-1, -2))  # (B, C, H, k)
+            if att.dtype != torch.float32:
+                att = att.float()
+            att = att.masked_fill(top.isneginf()[:, :, None], float("-inf"))  # < k visible keys: drop padding picks
+            probs = att.softmax(dim=-1)
+            if mask is not None:  # a query that sees nothing (padding) gets zeros, not NaN
+                probs = probs.nan_to_num_(0.0)
+            out[:, c] = torch.matmul(probs.to(sel.dtype), sel[..., :r])
+        return out
+
+    def _prefill_gathered(self, x, q_lat, q_nope, q_pe, cos, sin, lat, mask) -> torch.Tensor:
+        """The unfused path's sparse attention at inference: queries absorbed into the latent space (W_UK),
+        `_attend_gathered`, values out through W_UV and wo."""
+        B, T, H, _ = q_nope.shape
+        w = self.wkv_b.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        q_abs = torch.einsum("bthd,hdr->bthr", q_nope, w[:, :self.qk_nope_head_dim])
+        q = torch.cat([q_abs, q_pe], dim=-1) * self.softmax_scale
+        o_lat = self._attend_gathered(x, q_lat, q, cos, sin, lat, mask)
+        o = torch.einsum("bthr,hvr->bthv", o_lat, w[:, self.qk_nope_head_dim:])
+        return self.wo(o.reshape(B, T, -1))
+
     def _decode_gathered(self, x, q_lat, q, cos, sin, lat, mask) -> torch.Tensor:
-        """Sparse decode of one token per row: the indexer's top-k visible cache rows are gathered and attention
-        runs over those k latents only (the same keys as the mask formulation, so the same result up to float
-        summation order), which is where DSA saves work: O(k) attention after an O(S) index score."""
-        B, _, H, _ = q.shape
-        r, m = self.kv_lora_rank, self.kv_lora_rank + self.qk_rope_head_dim
-        S = lat.size(1)
-        with torch.no_grad():
-            scores = self.indexer.scores(x, q_lat, cos, sin, lat[..., m:])  # (B, 1, S)
-            if mask is not None:
-                scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, S), float("-inf"))
-            top, idx = scores.topk(self.indexer.topk, dim=-1)  # (B, 1, k)
-        if B == 1:  # row copies (index_select is ~3x faster than advanced indexing, ~5x than gather, on CPU)
-            sel = lat[0].index_select(0, idx[0, 0])[None, :, :m]  # (1, k, r + rope)
-        else:
-            sel = lat[torch.arange(B, device=x.device)[:, None], idx[:, 0], :m]  # (B, k, r + rope)
-        att = torch.bmm(q.view(B, H, -1), sel.transpose(1, 2))  # (B, H, k), already scaled
-        if att.dtype != torch.float32:
-            att = att.float()
-        att = att.masked_fill(top.isneginf(), float("-inf"))  # fewer than k visible keys: drop the padding picks
-        probs = att.softmax(dim=-1)
-        o_lat = torch.bmm(probs.to(sel.dtype), sel[..., :r])  # (B, H, r)
-        return F.linear(o_lat.view(B, 1, H * r), self.fused[1])
+        """The fused path's sparse attention (any number of queries): `_attend_gathered`, then the fused output
+        projection."""
+        B, T, H, _ = q.shape
+        o_lat = self._attend_gathered(x, q_lat, q, cos, sin, lat, mask)
+        return F.linear(o_lat.reshape(B, T, H * self.kv_lora_rank), self.fused[1])
 
 
 @functools.cache

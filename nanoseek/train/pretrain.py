@@ -55,6 +55,7 @@ from nanoseek.train.common import (
 from nanoseek.train.metrics import MetricsLogger, ProgressLine, mfu, model_flops_per_token, peak_matmul_flops
 from nanoseek.train.optim import OptimConfig, build_optimizer, qk_clip, track_max_logit
 from nanoseek.train.pretrain_data import DataConfig, build_rows, prepare_tokenizer, text_rows
+from nanoseek.train.sparse_attention import SparseStageConfig, copy_init_tokenizer, start_stage
 
 KILL_ENV = "NANOSEEK_TEST_KILL_AFTER_STEP"  # tests only: SIGKILL this process right after that step
 
@@ -76,6 +77,7 @@ class PretrainConfig:
                           "master weights) or fp8 (V3's fine-grained FP8 GEMMs, BF16 AdamW moments)")
     # the lr cosine follows the used fraction of train.minutes (steps only a cap): `--minutes` without `--steps`
     time_schedule: bool = False
+    stage: SparseStageConfig = field(default_factory=SparseStageConfig)  # --init RUN, V3.2 sparse-attention stages
 
     def __post_init__(self):
         prec.check(self.precision)
@@ -85,7 +87,8 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return {"model": self.model.to_dict(), "train": self.train.to_dict(),
                 "data": dataclasses.asdict(self.data), "optim": dataclasses.asdict(self.optim), "dense": self.dense,
-                "mtp_depth": self.mtp_depth, "precision": self.precision, "time_schedule": self.time_schedule}
+                "mtp_depth": self.mtp_depth, "precision": self.precision, "time_schedule": self.time_schedule,
+                "stage": dataclasses.asdict(self.stage)}
 
     @classmethod
     def from_dict(cls, d: dict) -> PretrainConfig:
@@ -94,7 +97,7 @@ class PretrainConfig:
             return cls(model=model, train=TrainConfig.from_dict(d["train"]), data=DataConfig(**d["data"]),
                        optim=OptimConfig(**d.get("optim", {})), dense=bool(d.get("dense", False)),
                        mtp_depth=d.get("mtp_depth"), precision=d.get("precision", "fp8" if model.fp8 else "fp32"),
-                       time_schedule=bool(d.get("time_schedule", False)))
+                       time_schedule=bool(d.get("time_schedule", False)), stage=SparseStageConfig(**d.get("stage", {})))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"run config is missing or has a bad section: {e}") from None
 
@@ -131,21 +134,24 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
     above qk_clip_tau (> 0) are clipped after the step (optim.qk_clip)."""
     model.train()
     aux_alpha = cfg.aux_alpha if cfg.balance == "aux" else 0.0
-    parts_sum = torch.zeros(5, device=dist.device)
+    parts_sum = torch.zeros(6, device=dist.device)
     for _ in range(cfg.grad_accum):
         x, y = (t.to(dist.device) for t in loader.next_batch())
         with prec.autocast(precision, dist.device):
             if hasattr(parallel, "forward_backward"):  # pipeline: the schedule runs forward and backward
                 main_mtp_bal_loss = parallel.forward_backward(model, x, y).to(parts_sum) / cfg.grad_accum
-                parts_sum += torch.cat([main_mtp_bal_loss[:3], main_mtp_bal_loss.new_zeros(1), main_mtp_bal_loss[3:]])
+                parts_sum[:5] += torch.cat([main_mtp_bal_loss[:3], main_mtp_bal_loss.new_zeros(1),
+                                            main_mtp_bal_loss[3:]])
                 continue
             _, parts = model(x, y)
         aux = parts.aux if parts.aux is not None else parts.main.new_zeros(())
         loss = parts.main + cfg.mtp_lambda * parts.mtp + cfg.balance_alpha * parts.balance
         if aux_alpha:
             loss = loss + aux_alpha * aux
+        kl = parts.indexer if parts.indexer is not None else aux.new_zeros(())  # sparse-attention stages only
+        loss = loss + kl
         (loss / cfg.grad_accum).backward()
-        parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, aux, loss]).detach() / cfg.grad_accum
+        parts_sum += torch.stack([parts.main, parts.mtp, parts.balance, aux, loss, kl]).detach() / cfg.grad_accum
     grad_norm = sync_and_clip(model, cfg.grad_clip, dist, parallel)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -153,9 +159,9 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, loader: Loa
     # resets the load accumulators in every mode; only `bias` moves the bias (aux / none keep it where it is)
     model.update_expert_bias(cfg.bias_gamma if cfg.balance == "bias" else 0.0, loads)
     max_logit = qk_clip(model, qk_clip_tau, dist)
-    main, mtp, balance, aux, total = dist.all_reduce_mean(parts_sum).tolist()
-    return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "aux": aux, "grad_norm": grad_norm,
-            "loads": loads, **({"max_logit": max_logit} if max_logit is not None else {})}
+    main, mtp, balance, aux, total, kl = dist.all_reduce_mean(parts_sum).tolist()
+    return {"loss": total, "main": main, "mtp": mtp, "balance": balance, "aux": aux, "indexer_kl": kl,
+            "grad_norm": grad_norm, "loads": loads, **({"max_logit": max_logit} if max_logit is not None else {})}
 
 
 @torch.no_grad()
@@ -250,6 +256,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
     cfg.optim.check_parallel(ep, pp, tcfg.compile)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        copy_init_tokenizer(cfg.stage, run_dir)
     dist.barrier()
     tokenizer = prepare_tokenizer(run_dir, cfg.data, tcfg.seed, dist)
     cfg.model = prec.model_config(dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size), cfg.precision)
@@ -271,6 +278,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
         from nanoseek.train.checkpoint import load_model_weights
 
         load_model_weights(init_from, model)
+    start_stage(model, cfg.stage, fresh=ckpt is None)  # --init weights; V3.2 stage: indexer mode, warm-up freeze
     dist.broadcast_module(model)
     optimizer = build_optimizer(model, tcfg, cfg.optim, cfg.precision)
     track_max_logit(model, cfg.optim.tracks_logits)
@@ -347,6 +355,7 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             record = {"step": step, "loss": out["loss"], "main": out["main"], "mtp": out["mtp"],
                       "balance": out["balance"], "aux": out["aux"], "lr": lr, "grad_norm": out["grad_norm"],
                       "tokens_per_s": tok_rate, "tokens": step * tokens_per_step,
+                      **({"indexer_kl": out["indexer_kl"]} if cfg.stage.mode else {}),
                       **({"mfu": mfu(tok_rate, flops_per_token)} if parallel is None else {}),
                       "elapsed_s": elapsed0 + time.perf_counter() - loop_start, **load_summary(out["loads"]),
                       **({"max_logit": out["max_logit"]} if "max_logit" in out else {})}
@@ -375,6 +384,8 @@ def pretrain(run_dir: str | Path, cfg: PretrainConfig, resume: bool = False, dev
             extra = f"eval {eval_loss:.4f}" if eval_loss is not None else ""
             if val_bpb is not None:
                 extra += f"  bpb {val_bpb:.3f}"
+            if "indexer_kl" in record:
+                extra += f"  indexer KL {record['indexer_kl']:.4f}"
             if "max_vio" in record:
                 extra = f"maxvio {record['max_vio']:.2f}" + (f"  {extra}" if extra else "")
             if "max_logit" in record:
