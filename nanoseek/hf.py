@@ -23,23 +23,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
 
 import torch
 from safetensors.torch import save_file
 
 from nanoseek.config import ConfigError, ModelConfig
+from nanoseek.hf_shards import _ST_DTYPES, CheckpointError, _Entry, _open_shard, _read_tensor, _shard_headers  # noqa: F401
 from nanoseek.io import atomic_write, atomic_write_text
 from nanoseek.model import Transformer
 from nanoseek.model.rope import rope_cos_sin
 
 
-class CheckpointError(ConfigError):
-    """A checkpoint that does not match what is expected; the message names the key."""
 
 
 _LAYER_RENAMES = [
@@ -219,69 +216,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     return cfg.validate()
 
 
-# ---- reading ---------------------------------------------------------------------------------------
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F8_E4M3": torch.float8_e4m3fn, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class _Entry(NamedTuple):
-    dtype: str  # safetensors dtype name
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets of the data in the file
-    end: int
-
-
-def _read_header(f: Path) -> dict[str, _Entry]:
-    """key -> entry from a safetensors file's JSON header (8-byte little-endian length, then JSON)."""
-    try:
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if not 2 <= n <= 100_000_000:
-                raise ValueError(f"header length {n}")
-            header = json.loads(fh.read(n))
-        size = f.stat().st_size
-        out = {k: _Entry(v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-               for k, v in header.items() if k != "__metadata__"}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{f.name} is not a readable safetensors file ({e})") from None
-    for k, e in out.items():
-        if e.dtype in _ST_DTYPES:
-            nbytes = math.prod(e.shape) * _ST_DTYPES[e.dtype].itemsize
-            if e.end - e.start != nbytes or e.start < 8 + n or e.end > size:
-                raise CheckpointError(f"{f.name}: the data of {k} is truncated or does not match its shape")
-    return out
-
-
-def _shard_headers(path: Path) -> dict[Path, dict[str, _Entry]]:
-    """Every safetensors file of the checkpoint (the index's, else all in the directory) -> its header."""
-    index = path / "model.safetensors.index.json"
-    files = sorted(path.glob("*.safetensors"))
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-    if not files:
-        raise CheckpointError(f"no .safetensors files in {path}")
-    for f in files:
-        if not f.exists():
-            raise CheckpointError(f"shard listed in the index is missing: {f.name}")
-    return {f: _read_header(f) for f in files}
-
-
-def _open_shard(f: Path) -> BinaryIO:
-    """Opened once per shard by from_hf (plain reads, no mmap: no shard pages stay resident)."""
-    return open(f, "rb")
-
-
-def _read_tensor(fh: BinaryIO, e: _Entry, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Read one tensor's bytes straight into `out` (contiguous, of the file's dtype) or a new tensor."""
-    t = torch.empty(e.shape, dtype=_ST_DTYPES[e.dtype]) if out is None else out
-    fh.seek(e.start)
-    if fh.readinto(t.detach().reshape(-1).view(torch.uint8).numpy()) != e.end - e.start:
-        raise CheckpointError(f"{getattr(fh, 'name', 'shard')}: unexpected end of file")
-    return t
-
-
+# ---- reading (the shard primitives: hf_shards.py) -------------------------------------------------
 def _rope_perm(d: int) -> torch.Tensor:
     """Half-split rope rows (x_j pairs with x_{j+d/2}) -> interleaved rows (pairs adjacent)."""
     return torch.stack([torch.arange(d // 2), torch.arange(d // 2) + d // 2], dim=-1).flatten()
