@@ -19,15 +19,15 @@ e.g. `initializer_range`, are transformers' defaults again; none changes the for
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from nanoseek.config import ConfigError
 from nanoseek.hf import to_hf
-from nanoseek.hf_import import DTYPES, _fsync_dir, _fsync_tree
+from nanoseek.hf_import import DTYPES
 from nanoseek.hf_tokenizer import TOKENIZER_FILES, is_imported, load_tokenizer
+from nanoseek.io import publish_dir
 
 # nanoseek's chat format (tokenizer.py) as a chat template: <|bos|>, each message as its role token + content,
 # an assistant turn closed by eos; the generation prompt is <|assistant|>
@@ -81,12 +81,7 @@ def export_run(run: str | Path, out: str | Path, step: int | None = None, dtype:
             _native_tokenizer_files(run, tmp)
             (tmp / "generation_config.json").write_text(json.dumps(
                 {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        _fsync_tree(tmp)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

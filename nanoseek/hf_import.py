@@ -36,6 +36,7 @@ import torch
 from nanoseek.config import ConfigError
 from nanoseek.hf import CheckpointError, check_architecture, config_from_hf, from_hf
 from nanoseek.hf_tokenizer import TOKENIZER_FILES, ImportedTokenizer
+from nanoseek.io import publish_dir
 
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -157,12 +158,7 @@ def import_checkpoint(hf_dir: str | Path, out: str | Path, dtype: torch.dtype | 
             "imported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": hf_cfg,
         }
         (tmp / "config.json").write_text(json.dumps({"model": model_cfg.to_dict(), "source": source}, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give the run the mode mkdir would
-        _fsync_tree(tmp)
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -171,21 +167,3 @@ def import_checkpoint(hf_dir: str | Path, out: str | Path, dtype: torch.dtype | 
               f"tokens, chat template: {'yes' if tok.chat_template else 'no'}) in {time.perf_counter() - t0:.1f}s")
     return out
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            fd = os.open(Path(dirpath) / f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))

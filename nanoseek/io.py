@@ -33,3 +33,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
 
     atomic_write(path, write)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder below `root` (what a rename then publishes is on disk)."""
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(Path(dirpath) / f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Atomically publish the finished folder `tmp` (made by mkdtemp next to `out`) as `out`: the mode mkdir
+    would give, everything fsynced, one rename. A kill before the rename leaves `out` untouched."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+    fsync_tree(tmp)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)

@@ -329,12 +329,12 @@ def test_existing_output_refused(run, ckpt):
 
 
 def test_failure_while_writing_leaves_nothing(ckpt, tmp_path, monkeypatch):
-    import nanoseek.hf_import as hi
+    import nanoseek.io as nio
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hi, "_fsync_tree", boom)
+    monkeypatch.setattr(nio, "fsync_tree", boom)
     with pytest.raises(OSError):
         import_checkpoint(ckpt, tmp_path / "runs" / "x", verbose=False)
     assert list((tmp_path / "runs").iterdir()) == []
