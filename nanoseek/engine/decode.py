@@ -20,9 +20,11 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
 * MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
   shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
   the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
-  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. One
-  zero-weight pair per expert keeps every expert matmul above one row (a one-row matmul rounds differently),
-  so a row's result does not depend on its batch neighbours beyond what the shared path already allows.
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. Only
+  the experts some token chose run (at batch 1 the others' weights, most of a MoE layer's bytes, are not read);
+  a zero-weight pair joins any expert with a single pair, keeping every expert matmul above one row (a one-row
+  matmul rounds differently), so a row's result does not depend on its batch neighbours beyond what the shared
+  path already allows. (engine/decode_static.py's `moe_experts`, shared with the compiled step.)
 
 Simplifications: float32 non-FP8 models on CPU with q_lora_rank = 0 (the tiny and demo presets) and no expert
 parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
@@ -36,8 +38,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanoseek.engine import decode_static
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE
+
+CAPACITY_STEP = 64  # compiled decoding: cache capacity rounded up to a multiple of this (fewer distinct shapes)
 
 
 def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
@@ -106,6 +111,14 @@ class Workspace:
         self.max_bytes = max_bytes
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def capacity(self, L: int, C: int, dtype: torch.dtype, device) -> int:
+        """The cache length the buffers already hold for this layout (0: none)."""
+        buf = self.buffers
+        if buf is None or buf[0].dtype != dtype or buf[0].device != device or buf[0].size(1) != L \
+                or buf[0].size(3) != C:
+            return 0
+        return buf[0].size(2)
+
     def views(self, B: int, L: int, S: int, C: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, S, C) latent and (B, L, C, S) key views; contents undefined (every slot is written before it
         is read)."""
@@ -126,14 +139,16 @@ class LeanDecoder:
 
     def __init__(self, model: Transformer, layers: list[_Layer], prefill_cache: torch.Tensor, row_of: torch.Tensor | None,
                  length: int, key_valid: torch.Tensor | None, positions: torch.Tensor | None,
-                 workspace: "Workspace | None" = None):
+                 workspace: "Workspace | None" = None, compiled: str | None = None):
         """prefill_cache (L, U, P, latent) of the U distinct prompts; row_of (B,) the prompt of each row (None:
         one row per prompt); length: the cache length (prompt + new tokens); key_valid (B, length) bool and
         positions (B, length) long for ragged prompts (None: no padding, positions = slots); workspace: where the
-        caches live (kept by the engine across calls; None: fresh memory)."""
+        caches live (kept by the engine across calls; None: fresh memory); compiled: a torch.compile backend
+        ("inductor") to run every step through engine/decode_static.py's compiled static-shape step (None: eager)."""
         cfg = model.cfg
         self.model, self.layers, self.cfg = model, layers, cfg
         self.eps = cfg.norm_eps
+        self.compiled = compiled
         L, U, P, C = prefill_cache.shape
         lat = prefill_cache.transpose(0, 1).contiguous()  # (U, L, P, C): transposed per distinct prompt, not per row
         keys = lat.transpose(2, 3).contiguous()
@@ -141,6 +156,11 @@ class LeanDecoder:
             lat, keys = lat.index_select(0, row_of), keys.index_select(0, row_of)
         B = lat.size(0)
         ws = workspace if workspace is not None else Workspace()
+        if compiled:  # fixed capacity: a multiple of CAPACITY_STEP, the workspace's full length (contiguous views)
+            length = max(-(-length // CAPACITY_STEP) * CAPACITY_STEP, ws.capacity(L, C, lat.dtype, lat.device))
+            if key_valid is not None:
+                key_valid = F.pad(key_valid, (0, length - key_valid.size(1)), value=True)
+                positions = F.pad(positions, (0, length - positions.size(1)))
         self.lat, self.keys = ws.views(B, L, length, C, lat.dtype, lat.device)  # keys: the transposed layout
         self.lat[:, :, :P] = lat
         self.keys[:, :, :, :P] = keys
@@ -150,7 +170,18 @@ class LeanDecoder:
                 ~key_valid[:, None], float("-inf"))
         self.positions = positions
         self.rot = torch.complex(model.rope_cos, model.rope_sin)  # (max_seq_len, d/2): e^{i theta} per position
-        self._moe_ids: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.static = None
+        if compiled:
+            self.lat[:, :, P:].zero_()  # masked slots are multiplied by 0: they must hold no NaN / inf
+            self.keys[..., P:].zero_()
+            self.static = decode_static.StaticState(
+                [decode_static.StaticLayer(
+                    lay.attn_norm, lay.w_in, lay.kv_norm, lay.w_ov, lay.ffn_norm, lay.moe, lay.w13, lay.w2,
+                    lay.moe is not None and lay.moe.shared_experts is not None and not lay.shared_apart,
+                    lay.shared_apart, lay.moe.shared_experts.w13 if lay.shared_apart else None,
+                    lay.moe.shared_experts.w2.weight if lay.shared_apart else None) for lay in layers],
+                model.embed.weight, model.norm.weight, model.head.weight, model.rope_cos, model.rope_sin,
+                self.lat, self.keys, self.bias, self.positions, cfg.n_heads, cfg.kv_lora_rank, self.eps)
 
     def compact(self, sel: torch.Tensor, filled: int) -> None:
         """Keep only rows `sel` (long, increasing) of the batch; cache slots [0, filled) hold data. In place: the
@@ -163,50 +194,28 @@ class LeanDecoder:
             self.bias = self.bias.index_select(0, sel)
         if self.positions is not None:
             self.positions = self.positions.index_select(0, sel)
-
-    def _pair_ids(self, N: int, K: int, groups: int, shared: bool, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The constant parts of the (token, expert) pair list, built once per batch size. Flat order: routed
-        pairs (N*K, row-major), then the shared-expert pairs (N, expert id E, weight 1) when folded in, then one
-        zero-weight pair per expert group (token 0): no group ever runs a one-row matmul, whose kernel rounds
-        differently from the many-row one, so a row's result does not depend on how many rows share its
-        experts (what keeps a rollout the same however its batch is split over processes). Returns the token
-        ids of all pairs, and the expert ids and weights of the appended pairs."""
-        if self._moe_ids is None or self._moe_ids[0] != N:
-            tokens = torch.arange(N, device=h.device)
-            ids, experts, weights = [tokens.repeat_interleave(K)], [], []
-            if shared:
-                ids.append(tokens)
-                experts.append(torch.full((N,), groups - 1, dtype=torch.long, device=h.device))
-                weights.append(h.new_ones(N))
-            ids.append(tokens.new_zeros(groups))
-            experts.append(torch.arange(groups, device=h.device))
-            weights.append(h.new_zeros(groups))
-            self._moe_ids = (N, torch.cat(ids), torch.cat(experts), torch.cat(weights))
-        return self._moe_ids[1:]
+        if self.static is not None:
+            st = self.static
+            st.lat, st.keys, st.key_bias, st.positions = self.lat, self.keys, self.bias, self.positions
 
     def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """x + MoE(h) for h (N, dim), added into x in place."""
+        """x + MoE(h) for h (N, dim), added into x in place (engine/decode_static.py's `moe_experts`)."""
         moe = lay.moe
-        N = h.size(0)
         weights, indices, _ = moe.gate(h)
-        groups = lay.w13.size(0)  # routed experts (+ 1 for the folded shared expert)
         shared = moe.shared_experts is not None and not lay.shared_apart
-        token_ids, tail_experts, tail_w = self._pair_ids(N, moe.topk, groups, shared, h)
-        expert = torch.cat([indices.flatten(), tail_experts])
-        w = torch.cat([weights.flatten(), tail_w])
-        order = expert.argsort(stable=True)
-        offs = torch.bincount(expert, minlength=groups).cumsum(0, dtype=torch.int32)
-        token_of = token_ids.index_select(0, order)
-        gu = torch._grouped_mm(h.index_select(0, token_of), lay.w13, offs=offs)
-        inter = lay.w2.size(1)
-        act = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w.index_select(0, order).unsqueeze(-1))
-        x.index_add_(0, token_of, torch._grouped_mm(act, lay.w2, offs=offs))
+        decode_static.moe_experts(h, weights, indices, lay.w13, lay.w2, shared, out=x)
         if lay.shared_apart:
             x += moe.shared_experts(h)
         return x
 
     def step(self, tok: torch.Tensor, s: int) -> torch.Tensor:
         """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32."""
+        if self.static is not None:
+            logits, entries = decode_static.compiled_step(self.compiled)(self.static, tok,
+                                                                         torch.tensor(s, device=tok.device))
+            self.lat[:, :, s] = entries
+            self.keys[:, :, :, s] = entries
+            return logits
         model, cfg, eps = self.model, self.cfg, self.eps
         H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         C = r + d
