@@ -61,30 +61,62 @@ def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
             and all(layer.attn.fused is not None for layer in model.layers))
 
 
+def absorb_at_runtime(cfg) -> bool:
+    """Whether the lean step should apply W_UK / W_UV per token (DeepSeek's own inference code does) rather than
+    use the precomputed absorbed projections. The absorbed input projection has H (r + d) + r + d rows and the
+    absorbed output one has H r columns: with H r > dim they hold more numbers than the factors they replace,
+    so every decode step reads (batch 1, memory-bound) and multiplies (large batches) more. Runtime absorption
+    costs two small per-head bmms and a concatenation more per layer: chosen where it at least halves the
+    multiply-adds of the attention projections per token (the ~100M bench config: 0.42x; the tiny preset,
+    0.80x, is launch-bound and keeps the single fused matmul)."""
+    H, r, d, nope, v, dim = (cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim,
+                             cfg.v_head_dim, cfg.dim)
+    fused = (H * (r + d) + r + d) * dim + dim * H * r
+    runtime = (H * (nope + d) + r + d) * dim + H * nope * r + H * r * v + dim * H * v
+    # the in-place rope views the rope block as complex pairs: it must start at an even offset
+    return runtime <= 0.5 * fused and (H * nope + r) % 2 == 0
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
-    w_in: torch.Tensor  # (H * (r + d) + r + d, dim): per head [q_lat_h ; q_rope_h], then [c_KV ; k_rope]
+    # absorbed: (H * (r + d) + r + d, dim), per head [q_lat_h ; q_rope_h], then [c_KV ; k_rope]
+    # runtime absorption: (H * nope + r + H * d + d, dim), [q_nope (all heads) ; c_KV ; q_rope (all heads) ; k_rope]
+    w_in: torch.Tensor
     kv_norm: torch.Tensor
-    w_ov: torch.Tensor  # (dim, H * r)
+    w_ov: torch.Tensor  # absorbed: (dim, H * r); runtime absorption: W_O (dim, H * v)
     ffn_norm: torch.Tensor
     moe: MoE | None
     w13: torch.Tensor  # dense: (2I, dim); MoE: (E [+1 shared], dim, 2I)
     w2: torch.Tensor  # dense: (dim, I); MoE: (E [+1 shared], I, dim)
     shared_apart: bool  # MoE whose shared experts are wider than one routed expert: run them on their own
+    w_uk: torch.Tensor | None = None  # runtime absorption: (H, nope, r), scale-folded W_UK; None: absorbed
+    w_uv: torch.Tensor | None = None  # runtime absorption: (H, r, v)
 
 
-def build_layers(model: Transformer) -> list[_Layer]:
-    """The per-layer tensors of the lean step, from the fused inference weights of `prepare_inference`."""
+def build_layers(model: Transformer, runtime_absorb: bool | None = None) -> list[_Layer]:
+    """The per-layer tensors of the lean step, from the fused inference weights of `prepare_inference`.
+    runtime_absorb None: `absorb_at_runtime(cfg)`."""
     cfg = model.cfg
-    H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    H, r, d, nope, v = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    runtime = absorb_at_runtime(cfg) if runtime_absorb is None else runtime_absorb
     out = []
     for layer in model.layers:
         attn = layer.attn
-        wq, w_ov = attn.fused  # wq rows: [q_lat (H*r); c_KV (r); q_rope (H*d); k_rope (d)]
-        q_lat, c_kv, q_rope, k_rope = wq.split([H * r, r, H * d, d])
-        per_head = torch.cat([q_lat.view(H, r, -1), q_rope.view(H, d, -1)], dim=1).flatten(0, 1)
-        w_in = torch.cat([per_head, c_kv, k_rope]).contiguous()
+        w_uk = w_uv = None
+        if runtime:  # the softmax scale folds into the query rows (as fuse_absorbed does)
+            wq = attn.wq.weight.view(H, nope + d, -1) * attn.softmax_scale
+            wkv = attn.wkv_a.weight
+            w_in = torch.cat([wq[:, :nope].reshape(H * nope, -1), wkv[:r], wq[:, nope:].reshape(H * d, -1),
+                              wkv[r:]]).contiguous()
+            w = attn.wkv_b.weight.view(H, nope + v, r)
+            w_uk, w_uv = w[:, :nope].contiguous(), w[:, nope:].transpose(1, 2).contiguous()
+            w_ov = attn.wo.weight
+        else:
+            wq, w_ov = attn.fused  # wq rows: [q_lat (H*r); c_KV (r); q_rope (H*d); k_rope (d)]
+            q_lat, c_kv, q_rope, k_rope = wq.split([H * r, r, H * d, d])
+            per_head = torch.cat([q_lat.view(H, r, -1), q_rope.view(H, d, -1)], dim=1).flatten(0, 1)
+            w_in = torch.cat([per_head, c_kv, k_rope]).contiguous()
         ffn = layer.ffn
         if isinstance(ffn, MoE):
             w13, w2 = ffn.stacked
@@ -94,11 +126,11 @@ def build_layers(model: Transformer) -> list[_Layer]:
                 w13 = torch.cat([w13, sh.w13.t()[None]])
                 w2 = torch.cat([w2, sh.w2.weight.t()[None]])
             out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, ffn,
-                              w13.contiguous(), w2.contiguous(), shared_apart))
+                              w13.contiguous(), w2.contiguous(), shared_apart, w_uk, w_uv))
         else:
             w13 = ffn.w13 if ffn.w13 is not None else torch.cat([ffn.w1.weight, ffn.w3.weight])
             out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, None,
-                              w13, ffn.w2.weight, False))
+                              w13, ffn.w2.weight, False, w_uk, w_uv))
     return out
 
 
@@ -148,6 +180,8 @@ class LeanDecoder:
         cfg = model.cfg
         self.model, self.layers, self.cfg = model, layers, cfg
         self.eps = cfg.norm_eps
+        if any(lay.w_uk is not None for lay in layers):
+            compiled = None  # the compiled step implements the precomputed absorbed layout only
         self.compiled = compiled
         L, U, P, C = prefill_cache.shape
         lat = prefill_cache.transpose(0, 1).contiguous()  # (U, L, P, C): transposed per distinct prompt, not per row
@@ -208,6 +242,28 @@ class LeanDecoder:
             x += moe.shared_experts(h)
         return x
 
+    def _attn_runtime(self, lay: _Layer, h: torch.Tensor, i: int, rot, bias, lat_new, key_new, keys_all,
+                      values_all) -> torch.Tensor:
+        """The attention output of layer i with W_UK / W_UV applied per token (`absorb_at_runtime`): the same
+        latent-cache attention, the query mapped into the latent space by a per-head bmm instead of a
+        precomputed product, and the latent output mapped back likewise."""
+        cfg = self.cfg
+        H, r, d, nope = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+        B = h.size(0)
+        out = F.linear(h, lay.w_in)  # [q_nope (H*nope) ; c_KV (r) ; q_rope (H*d) ; k_rope (d)]
+        rope = out[:, H * nope + r:]
+        torch.view_as_complex(rope.view(B, H + 1, d // 2, 2)).mul_(rot)  # rope of q and k at once
+        new = torch.cat([F.rms_norm(out[:, H * nope:H * nope + r], (r,), lay.kv_norm, self.eps), rope[:, H * d:]], -1)
+        lat_new[:, i] = new
+        key_new[:, i] = new
+        q_lat = torch.bmm(out[:, :H * nope].view(B, H, nope).transpose(0, 1), lay.w_uk)  # (H, B, r)
+        q = torch.cat([q_lat.transpose(0, 1), rope[:, :H * d].view(B, H, d)], dim=-1)  # (B, H, r + d)
+        keys = keys_all[:, i]
+        scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
+        o = torch.bmm(scores.softmax(dim=-1), values_all[:, i])  # (B, H, r)
+        o = torch.bmm(o.transpose(0, 1), lay.w_uv)  # (H, B, v)
+        return F.linear(o.transpose(0, 1).reshape(B, -1), lay.w_ov)
+
     def step(self, tok: torch.Tensor, s: int) -> torch.Tensor:
         """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32."""
         if self.static is not None:
@@ -228,18 +284,21 @@ class LeanDecoder:
         keys_all, values_all = self.keys[..., :s + 1], self.lat[:, :, :s + 1, :r]
         for i, lay in enumerate(self.layers):
             h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
-            qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
-            torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
-            new = qkv[:, H]
-            new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
-            lat_new[:, i] = new
-            key_new[:, i] = new
-            q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
-            keys = keys_all[:, i]
-            scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
-            probs = scores.softmax(dim=-1)
-            o = torch.bmm(probs, values_all[:, i])  # (B, H, r)
-            x = x + F.linear(o.view(B, H * r), lay.w_ov)
+            if lay.w_uk is not None:
+                x = x + self._attn_runtime(lay, h, i, rot, bias, lat_new, key_new, keys_all, values_all)
+            else:
+                qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
+                torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
+                new = qkv[:, H]
+                new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
+                lat_new[:, i] = new
+                key_new[:, i] = new
+                q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
+                keys = keys_all[:, i]
+                scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
+                probs = scores.softmax(dim=-1)
+                o = torch.bmm(probs, values_all[:, i])  # (B, H, r)
+                x = x + F.linear(o.view(B, H * r), lay.w_ov)
             h = F.rms_norm(x, (x.size(-1),), lay.ffn_norm, eps)
             if lay.moe is None:
                 gate, up = F.linear(h, lay.w13).chunk(2, dim=-1)

@@ -69,6 +69,9 @@ class Engine:
     # opt-in: the first generate call of each new (batch, capacity) kind compiles for seconds to minutes
     compile_decode: bool = False
     compile_backend: str = "inductor"  # "aot_eager": the same traced graph without inductor (tests)
+    # the lean step's MLA: W_UK / W_UV applied per token (True) or precomputed absorbed projections (False);
+    # None: decode.absorb_at_runtime's choice for the model's shape (the compiled step is absorbed-only)
+    runtime_absorb: bool | None = None
 
     def __post_init__(self) -> None:
         if self.eos_id is None:
@@ -99,7 +102,7 @@ class Engine:
         """The lean decoder's per-layer tensors, rebuilt only when prepare_inference rebuilt the fused weights."""
         key = self.model._fused_cache
         if self._lean is None or self._lean[0] is not key:
-            self._lean = (key, decode.build_layers(self.model))
+            self._lean = (key, decode.build_layers(self.model, self.runtime_absorb))
         return self._lean[1]
 
     # ---- cache -----------------------------------------------------------------------------------
