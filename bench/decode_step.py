@@ -74,7 +74,8 @@ class Side:
 
 def before_module(old: types.ModuleType) -> types.SimpleNamespace:
     """The old module behind today's engine call (which passes one more argument: the compile backend)."""
-    return types.SimpleNamespace(supported=old.supported, build_layers=old.build_layers, Workspace=old.Workspace,
+    return types.SimpleNamespace(supported=old.supported, build_layers=lambda model, *a: old.build_layers(model),
+                                 Workspace=old.Workspace,
                                  LeanDecoder=lambda *a: old.LeanDecoder(*a[:8]), old=old)
 
 
