@@ -55,8 +55,8 @@ def test_absorption_choice_follows_the_projection_sizes():
 
 def test_moe_runs_only_the_chosen_experts(monkeypatch):
     """Batch 1, 2 routed of 8 experts + the shared one: the grouped matmuls see exactly the 3 chosen experts
-    (each with one zero-weight companion row), never the other 6; a batch where every expert has rows gets no
-    companion rows."""
+    (each with one zero-weight companion row), never the other 6; at a batch with more pairs than twice the
+    experts, every expert runs (one zero-weight pair each) and none on one row."""
     model = make_model(seed=3, n_routed_experts=8, n_activated_experts=2)
     seen = []
     real = torch._grouped_mm
@@ -69,10 +69,10 @@ def test_moe_runs_only_the_chosen_experts(monkeypatch):
     Engine(model, eos_id=-1).generate([RAGGED[0]], max_new_tokens=3)
     assert seen and all(sorted(c)[-3:] == [2, 2, 2] and sorted(c)[:-3] == [0] * 6 for c in seen)
     seen.clear()
-    h = torch.randn(40, 32)
+    h = torch.randn(20, 32)
     idx = torch.arange(40).remainder(8).view(20, 2)
-    decode_static.moe_experts(h[:20], torch.ones(20, 2), idx, torch.randn(9, 32, 32), torch.randn(9, 16, 32), True)
-    assert seen[0] == [5, 5, 5, 5, 5, 5, 5, 5, 20]  # 20 tokens x 2 routed over 8 experts, + 20 shared
+    decode_static.moe_experts(h, torch.ones(20, 2), idx, torch.randn(9, 32, 32), torch.randn(9, 16, 32), True)
+    assert seen[0] == [6, 6, 6, 6, 6, 6, 6, 6, 21]  # 20 tokens x 2 routed over 8 experts, 20 shared, + 1 each
 
 
 @pytest.mark.parametrize("model_kw,sampling", [

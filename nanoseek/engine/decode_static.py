@@ -28,42 +28,49 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_TOKEN_IDS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_PAIRS: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
 
 
 def _pair_ids(N: int, K: int, groups: int, shared: bool, like: torch.Tensor):
-    """The constant parts of the (token, expert) pair list, cached per shape: the token of every pair (routed
-    pairs N*K row-major, then the folded shared expert's N pairs), the shared pairs' expert ids and weights (1)."""
+    """The constant parts of the (token, expert) pair list, cached per shape: the token of every pair, the expert
+    ids and weights appended after the routed pairs, and whether the list is doubled (see `moe_experts`)."""
     key = (N, K, groups, shared, like.device, like.dtype)
-    if key not in _TOKEN_IDS:
+    if key not in _PAIRS:
         tokens = torch.arange(N, device=like.device)
         ids = [tokens.repeat_interleave(K)] + ([tokens] if shared else [])
-        if len(_TOKEN_IDS) > 64:
-            _TOKEN_IDS.clear()
-        _TOKEN_IDS[key] = (torch.cat(ids), torch.full((N if shared else 0,), groups - 1, device=like.device),
-                           like.new_ones(N if shared else 0))
-    return _TOKEN_IDS[key]
+        experts = [torch.full((N,), groups - 1, device=like.device)] if shared else []
+        weights = [like.new_ones(N)] if shared else []
+        doubled = N * (K + shared) < 2 * groups
+        if not doubled:  # one zero-weight pair per expert (token 0)
+            ids.append(tokens.new_zeros(groups))
+            experts.append(torch.arange(groups, device=like.device))
+            weights.append(like.new_zeros(groups))
+        ids = torch.cat(ids)
+        if len(_PAIRS) > 64:
+            _PAIRS.clear()
+        _PAIRS[key] = (torch.cat([ids, ids]) if doubled else ids, torch.cat(experts) if experts else None,
+                       torch.cat(weights) if weights else None, like.new_zeros(N * (K + shared)), doubled)
+    return _PAIRS[key]
 
 
 def moe_experts(h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 shared: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """out + sum_k w_k E_k(h) (+ the folded shared expert, the last group of w13 / w2, weight 1) for h (N, dim);
-    out None: a zero tensor; added in place. Two `torch._grouped_mm` over the expert-sorted (token, expert) pairs:
-    no padding to the busiest expert, and experts no token chose are not touched (their weights are not read:
-    at batch 1 that is most of a MoE layer's bytes). A group that got exactly one pair gets one more of weight
-    0 (token 0): no group runs a one-row matmul, whose kernel rounds differently from the many-row one, so a
-    row's result does not depend on how many rows share its experts (what keeps a rollout the same however its
-    batch is split over processes)."""
+    out None: a zero tensor; added in place. Two `torch._grouped_mm` over the expert-sorted (token, expert)
+    pairs (no padding to the busiest expert). No expert matmul runs on one row, whose kernel rounds differently
+    from the many-row one, so a row's result does not depend on how many rows share its experts (what keeps a
+    rollout the same however its batch is split over processes): at small batches (fewer pairs than twice the
+    experts: batch 1) every pair is doubled by a zero-weight copy, so experts no token chose are not touched
+    (at batch 1 their weights are most of a MoE layer's bytes); otherwise one zero-weight pair per expert (the
+    few unchosen ones then run on one zero row)."""
     N, K = indices.shape
     groups = w13.size(0)
-    token_ids, sh_experts, sh_w = _pair_ids(N, K, groups, shared, h)
-    expert = torch.cat([indices.flatten(), sh_experts])
-    counts = torch.bincount(expert, minlength=groups)
-    lone = (counts == 1).nonzero().flatten()
-    expert = torch.cat([expert, lone])
-    token_ids = torch.cat([token_ids, torch.zeros_like(lone)])
-    w = torch.cat([weights.flatten(), sh_w, h.new_zeros(lone.numel())])
-    offs = counts.add_(counts == 1).cumsum(0, dtype=torch.int32)
+    token_ids, tail_experts, tail_w, zeros, doubled = _pair_ids(N, K, groups, shared, h)
+    expert = indices.flatten() if tail_experts is None else torch.cat([indices.flatten(), tail_experts])
+    w = weights.flatten() if tail_w is None else torch.cat([weights.flatten(), tail_w])
+    if doubled:
+        expert, w = torch.cat([expert, expert]), torch.cat([w, zeros])
+    offs = torch.bincount(expert, minlength=groups).cumsum(0, dtype=torch.int32)
     order = expert.argsort(stable=True)
     token_of = token_ids.index_select(0, order)
     gu = torch._grouped_mm(h.index_select(0, token_of), w13, offs=offs)
