@@ -188,24 +188,40 @@ def breakdown(prof, steps: int, total: float) -> dict:
     events = prof.events()
     compiled = any(e.name.startswith("Torch-Compiled Region") for e in events)
 
-    def counted(e) -> bool:
-        if compiled:  # the graph call itself, and what runs directly under it (extern matmuls, the MoE op)
-            return e.name.startswith("## Call CompiledFxGraph") or (
-                e.name.startswith(("aten::", "nanoseek::")) and not _under_op(e) and _under(e, "step"))
-        return e.name.startswith("aten::") and not _under_op(e)
+    def parent_op(e):
+        p = e.cpu_parent
+        while p is not None and not p.name.startswith(("aten::", "nanoseek::", "## Call CompiledFxGraph")):
+            p = p.cpu_parent
+        return p
 
-    ops = [e for e in events if counted(e)]
     by_cat: dict[str, dict[str, list[float]]] = {}
-    for e in ops:
-        if _under(e, "moe") or e.name.startswith("nanoseek::"):
-            cat = "moe_mm" if e.name in MATMUL or e.name == "aten::_grouped_mm" else "moe"
+    n_ops = 0
+    for e in events:
+        if compiled:  # the graph's call (inductor's C++ kernels + wrapper: "other") and what it calls out to
+            if e.name.startswith("## Call CompiledFxGraph"):
+                cat, t = "other", e.self_cpu_time_total
+            elif e.name.startswith(("aten::", "nanoseek::")) and parent_op(e) is not None \
+                    and parent_op(e).name.startswith("## Call CompiledFxGraph"):
+                cat = "moe" if e.name.startswith("nanoseek::") else "mm" if e.name in MATMUL else "other"
+                t = e.cpu_time_total
+            elif e.name.startswith("aten::") and parent_op(e) is None:  # outside the graph: the cache writes
+                cat, t = "other", e.cpu_time_total
+            else:
+                continue
+        elif e.name.startswith("aten::") and parent_op(e) is None:
+            if _under(e, "moe"):
+                cat = "moe_mm" if e.name in MATMUL or e.name == "aten::_grouped_mm" else "moe"
+            else:
+                cat = "mm" if e.name in MATMUL else "other"
+            t = e.cpu_time_total
         else:
-            cat = "mm" if e.name in MATMUL else "other"
-        by_cat.setdefault(cat, {}).setdefault(e.name, []).append(e.cpu_time_total)
+            continue
+        n_ops += 1
+        by_cat.setdefault(cat, {}).setdefault(e.name, []).append(t)
     est = {cat: sum(statistics.median(v) * len(v) for v in names.values()) / steps for cat, names in by_cat.items()}
     mm, moe_mm, other = est.get("mm", 0.0), est.get("moe_mm", 0.0), est.get("other", 0.0)
     moe = est.get("moe", 0.0) + moe_mm
-    return dict(total=total, ops=len(ops) / steps, mm=mm, moe=moe, moe_mm=moe_mm, other=other,
+    return dict(total=total, ops=n_ops / steps, mm=mm, moe=moe, moe_mm=moe_mm, other=other,
                 rest=total - mm - moe - other)
 
 
@@ -218,24 +234,18 @@ def _under(e, name: str) -> bool:
     return False
 
 
-def _under_op(e) -> bool:
-    """Whether an op or the compiled graph's call encloses e (e is not a top-level op)."""
-    p = e.cpu_parent
-    while p is not None:
-        if p.name.startswith(("aten::", "nanoseek::", "## Call CompiledFxGraph")):
-            return True
-        p = p.cpu_parent
-    return False
-
-
 def run_profile(args, sides_for) -> None:
     load = open("/proc/loadavg").read().split()[:3]
     print(f"One decode step (slot prompt + 16), microseconds, {torch.get_num_threads()} thread(s), load average "
-          f"{' '.join(load)}. step: the median of 5 x 10 unprofiled repeats' thread CPU time; ops: torch.profiler, each op "
-          f"name's median duration x its count over 10 repeats (profiler overhead included, ~1 us per op); "
-          f"Python + dispatch: step - ops. Medians of {max(1, args.rounds // 2)} such profiles per cell\n")
-    print("| config | batch | side | ops | step us | matmuls | MoE (of which expert matmuls) | other ops | "
-          "Python + dispatch |")
+          f"{' '.join(load)}. step: the median of 5 x 10 unprofiled repeats' thread CPU time; ops: torch.profiler, "
+          f"each op name's median duration x its count over 10 repeats (profiler overhead included, ~1 us per op); "
+          f"percentages are shares of the ops' time; Python + dispatch: step - ops (negative: "
+          f"wall-clock op durations stretched by the load, which the step's CPU time does not count). Medians of "
+          f"{args.rounds} such profiles per cell, sides alternating. Compiled side: 'other ops' is the compiled "
+          f"graph's own time (inductor's C++ kernels and its wrapper) and the cache writes, MoE the "
+          f"nanoseek::lean_moe op, ops counts the graph call and the ops it calls out to\n")
+    print("| config | batch | side | ops | step us (CPU) | matmuls (% of op time) | MoE (of which expert matmuls) | "
+          "other ops | Python + dispatch |")
     print("|---|---|---|---|---|---|---|---|---|")
     for cname in args.configs.split(","):
         model = make_model(cname)
@@ -245,14 +255,18 @@ def run_profile(args, sides_for) -> None:
             prompts = torch.randint(3, model.cfg.vocab_size, (b, args.prompt_len), generator=g).tolist()
             for s in sides:
                 s.generate(prompts, 4)  # compile / warm
-                runs = [profile_step(s, prompts, 20) for _ in range(max(1, args.rounds // 2))]
-                m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                t = m["total"]
+            runs: dict[str, list[dict]] = {s.name: [] for s in sides}
+            for _ in range(args.rounds):  # sides alternate
+                for s in sides:
+                    runs[s.name].append(profile_step(s, prompts, 20))
+            for s in sides:
+                m = {k: statistics.median(r[k] for r in runs[s.name]) for k in runs[s.name][0]}
+                t = m["mm"] + m["moe"] + m["other"]
 
                 def pct(v: float) -> str:
                     return f"{v:.0f} ({100 * v / t:.0f}%)"
-                print(f"| {cname} | {b} | {s.name} | {m['ops']:.0f} | {t:.0f} | {pct(m['mm'])} | "
-                      f"{pct(m['moe'])} ({m['moe_mm']:.0f}) | {pct(m['other'])} | {pct(m['rest'])} |")
+                print(f"| {cname} | {b} | {s.name} | {m['ops']:.0f} | {m['total']:.0f} | {pct(m['mm'])} | "
+                      f"{pct(m['moe'])} ({m['moe_mm']:.0f}) | {pct(m['other'])} | {m['rest']:.0f} |")
 
 
 def main() -> None:
@@ -275,7 +289,7 @@ def main() -> None:
 
     def sides_for(model):
         sides = [Side("before", model, old), Side("after", model, decode)]
-        if args.compile:
+        if args.compile and not decode.absorb_at_runtime(model.cfg):  # the compiled step is absorbed-only
             sides.append(Side("compiled", model, decode, compile_decode=True))
         return sides
 
