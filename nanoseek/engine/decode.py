@@ -20,11 +20,14 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
 * MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
   shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
   the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
-  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. Only
-  the experts some token chose run (at batch 1 the others' weights, most of a MoE layer's bytes, are not read);
-  a zero-weight pair joins any expert with a single pair, keeping every expert matmul above one row (a one-row
-  matmul rounds differently), so a row's result does not depend on its batch neighbours beyond what the shared
-  path already allows. (engine/decode_static.py's `moe_experts`, shared with the compiled step.)
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. No
+  expert matmul runs on one row (a one-row matmul rounds differently), so a row's result does not depend on its
+  batch neighbours beyond what the shared path already allows: at small batches every pair is doubled by a
+  zero-weight copy and only the chosen experts run (at batch 1 the others' weights, most of a MoE layer's bytes,
+  are not read); otherwise one zero-weight pair per expert. (engine/decode_static.py's `moe_experts`, shared
+  with the compiled step.)
+* MLA projections: the precomputed absorbed ones above, or, where they hold over twice the multiply-adds of
+  the factors they replace (H r > dim: `absorb_at_runtime`), W_UK / W_UV applied per token by two per-head bmms.
 
 Simplifications: float32 non-FP8 models on CPU with q_lora_rank = 0 (the tiny and demo presets) and no expert
 parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
