@@ -20,9 +20,14 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
 * MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
   shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
   the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
-  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. One
-  zero-weight pair per expert keeps every expert matmul above one row (a one-row matmul rounds differently),
-  so a row's result does not depend on its batch neighbours beyond what the shared path already allows.
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. No
+  expert matmul runs on one row (a one-row matmul rounds differently), so a row's result does not depend on its
+  batch neighbours beyond what the shared path already allows: at small batches every pair is doubled by a
+  zero-weight copy and only the chosen experts run (at batch 1 the others' weights, most of a MoE layer's bytes,
+  are not read); otherwise one zero-weight pair per expert. (engine/decode_static.py's `moe_experts`, shared
+  with the compiled step.)
+* MLA projections: the precomputed absorbed ones above, or, where they hold over twice the multiply-adds of
+  the factors they replace (H r > dim: `absorb_at_runtime`), W_UK / W_UV applied per token by two per-head bmms.
 
 Simplifications: float32 non-FP8 models on CPU with q_lora_rank = 0 (the tiny and demo presets) and no expert
 parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
@@ -36,8 +41,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanoseek.engine import decode_static
 from nanoseek.model import Transformer
 from nanoseek.model.moe import MoE
+
+CAPACITY_STEP = 64  # compiled decoding: cache capacity rounded up to a multiple of this (fewer distinct shapes)
 
 
 def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
@@ -56,30 +64,62 @@ def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
             and all(layer.attn.fused is not None for layer in model.layers))
 
 
+def absorb_at_runtime(cfg) -> bool:
+    """Whether the lean step should apply W_UK / W_UV per token (DeepSeek's own inference code does) rather than
+    use the precomputed absorbed projections. The absorbed input projection has H (r + d) + r + d rows and the
+    absorbed output one has H r columns: with H r > dim they hold more numbers than the factors they replace,
+    so every decode step reads (batch 1, memory-bound) and multiplies (large batches) more. Runtime absorption
+    costs two small per-head bmms and a concatenation more per layer: chosen where it at least halves the
+    multiply-adds of the attention projections per token (the ~100M bench config: 0.42x; the tiny preset,
+    0.80x, is launch-bound and keeps the single fused matmul)."""
+    H, r, d, nope, v, dim = (cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim,
+                             cfg.v_head_dim, cfg.dim)
+    fused = (H * (r + d) + r + d) * dim + dim * H * r
+    runtime = (H * (nope + d) + r + d) * dim + H * nope * r + H * r * v + dim * H * v
+    # the in-place rope views the rope block as complex pairs: it must start at an even offset
+    return runtime <= 0.5 * fused and (H * nope + r) % 2 == 0
+
+
 @dataclass
 class _Layer:
     attn_norm: torch.Tensor
-    w_in: torch.Tensor  # (H * (r + d) + r + d, dim): per head [q_lat_h ; q_rope_h], then [c_KV ; k_rope]
+    # absorbed: (H * (r + d) + r + d, dim), per head [q_lat_h ; q_rope_h], then [c_KV ; k_rope]
+    # runtime absorption: (H * nope + r + H * d + d, dim), [q_nope (all heads) ; c_KV ; q_rope (all heads) ; k_rope]
+    w_in: torch.Tensor
     kv_norm: torch.Tensor
-    w_ov: torch.Tensor  # (dim, H * r)
+    w_ov: torch.Tensor  # absorbed: (dim, H * r); runtime absorption: W_O (dim, H * v)
     ffn_norm: torch.Tensor
     moe: MoE | None
     w13: torch.Tensor  # dense: (2I, dim); MoE: (E [+1 shared], dim, 2I)
     w2: torch.Tensor  # dense: (dim, I); MoE: (E [+1 shared], I, dim)
     shared_apart: bool  # MoE whose shared experts are wider than one routed expert: run them on their own
+    w_uk: torch.Tensor | None = None  # runtime absorption: (H, nope, r), scale-folded W_UK; None: absorbed
+    w_uv: torch.Tensor | None = None  # runtime absorption: (H, r, v)
 
 
-def build_layers(model: Transformer) -> list[_Layer]:
-    """The per-layer tensors of the lean step, from the fused inference weights of `prepare_inference`."""
+def build_layers(model: Transformer, runtime_absorb: bool | None = None) -> list[_Layer]:
+    """The per-layer tensors of the lean step, from the fused inference weights of `prepare_inference`.
+    runtime_absorb None: `absorb_at_runtime(cfg)`."""
     cfg = model.cfg
-    H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    H, r, d, nope, v = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+    runtime = absorb_at_runtime(cfg) if runtime_absorb is None else runtime_absorb
     out = []
     for layer in model.layers:
         attn = layer.attn
-        wq, w_ov = attn.fused  # wq rows: [q_lat (H*r); c_KV (r); q_rope (H*d); k_rope (d)]
-        q_lat, c_kv, q_rope, k_rope = wq.split([H * r, r, H * d, d])
-        per_head = torch.cat([q_lat.view(H, r, -1), q_rope.view(H, d, -1)], dim=1).flatten(0, 1)
-        w_in = torch.cat([per_head, c_kv, k_rope]).contiguous()
+        w_uk = w_uv = None
+        if runtime:  # the softmax scale folds into the query rows (as fuse_absorbed does)
+            wq = attn.wq.weight.view(H, nope + d, -1) * attn.softmax_scale
+            wkv = attn.wkv_a.weight
+            w_in = torch.cat([wq[:, :nope].reshape(H * nope, -1), wkv[:r], wq[:, nope:].reshape(H * d, -1),
+                              wkv[r:]]).contiguous()
+            w = attn.wkv_b.weight.view(H, nope + v, r)
+            w_uk, w_uv = w[:, :nope].contiguous(), w[:, nope:].transpose(1, 2).contiguous()
+            w_ov = attn.wo.weight
+        else:
+            wq, w_ov = attn.fused  # wq rows: [q_lat (H*r); c_KV (r); q_rope (H*d); k_rope (d)]
+            q_lat, c_kv, q_rope, k_rope = wq.split([H * r, r, H * d, d])
+            per_head = torch.cat([q_lat.view(H, r, -1), q_rope.view(H, d, -1)], dim=1).flatten(0, 1)
+            w_in = torch.cat([per_head, c_kv, k_rope]).contiguous()
         ffn = layer.ffn
         if isinstance(ffn, MoE):
             w13, w2 = ffn.stacked
@@ -89,11 +129,11 @@ def build_layers(model: Transformer) -> list[_Layer]:
                 w13 = torch.cat([w13, sh.w13.t()[None]])
                 w2 = torch.cat([w2, sh.w2.weight.t()[None]])
             out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, ffn,
-                              w13.contiguous(), w2.contiguous(), shared_apart))
+                              w13.contiguous(), w2.contiguous(), shared_apart, w_uk, w_uv))
         else:
             w13 = ffn.w13 if ffn.w13 is not None else torch.cat([ffn.w1.weight, ffn.w3.weight])
             out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, None,
-                              w13, ffn.w2.weight, False))
+                              w13, ffn.w2.weight, False, w_uk, w_uv))
     return out
 
 
@@ -105,6 +145,14 @@ class Workspace:
     def __init__(self, max_bytes: int = 1 << 30):
         self.max_bytes = max_bytes
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def capacity(self, L: int, C: int, dtype: torch.dtype, device) -> int:
+        """The cache length the buffers already hold for this layout (0: none)."""
+        buf = self.buffers
+        if buf is None or buf[0].dtype != dtype or buf[0].device != device or buf[0].size(1) != L \
+                or buf[0].size(3) != C:
+            return 0
+        return buf[0].size(2)
 
     def views(self, B: int, L: int, S: int, C: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, S, C) latent and (B, L, C, S) key views; contents undefined (every slot is written before it
@@ -126,14 +174,18 @@ class LeanDecoder:
 
     def __init__(self, model: Transformer, layers: list[_Layer], prefill_cache: torch.Tensor, row_of: torch.Tensor | None,
                  length: int, key_valid: torch.Tensor | None, positions: torch.Tensor | None,
-                 workspace: "Workspace | None" = None):
+                 workspace: "Workspace | None" = None, compiled: str | None = None):
         """prefill_cache (L, U, P, latent) of the U distinct prompts; row_of (B,) the prompt of each row (None:
         one row per prompt); length: the cache length (prompt + new tokens); key_valid (B, length) bool and
         positions (B, length) long for ragged prompts (None: no padding, positions = slots); workspace: where the
-        caches live (kept by the engine across calls; None: fresh memory)."""
+        caches live (kept by the engine across calls; None: fresh memory); compiled: a torch.compile backend
+        ("inductor") to run every step through engine/decode_static.py's compiled static-shape step (None: eager)."""
         cfg = model.cfg
         self.model, self.layers, self.cfg = model, layers, cfg
         self.eps = cfg.norm_eps
+        if any(lay.w_uk is not None for lay in layers):
+            compiled = None  # the compiled step implements the precomputed absorbed layout only
+        self.compiled = compiled
         L, U, P, C = prefill_cache.shape
         lat = prefill_cache.transpose(0, 1).contiguous()  # (U, L, P, C): transposed per distinct prompt, not per row
         keys = lat.transpose(2, 3).contiguous()
@@ -141,6 +193,11 @@ class LeanDecoder:
             lat, keys = lat.index_select(0, row_of), keys.index_select(0, row_of)
         B = lat.size(0)
         ws = workspace if workspace is not None else Workspace()
+        if compiled:  # fixed capacity: a multiple of CAPACITY_STEP, the workspace's full length (contiguous views)
+            length = max(-(-length // CAPACITY_STEP) * CAPACITY_STEP, ws.capacity(L, C, lat.dtype, lat.device))
+            if key_valid is not None:
+                key_valid = F.pad(key_valid, (0, length - key_valid.size(1)), value=True)
+                positions = F.pad(positions, (0, length - positions.size(1)))
         self.lat, self.keys = ws.views(B, L, length, C, lat.dtype, lat.device)  # keys: the transposed layout
         self.lat[:, :, :P] = lat
         self.keys[:, :, :, :P] = keys
@@ -150,7 +207,18 @@ class LeanDecoder:
                 ~key_valid[:, None], float("-inf"))
         self.positions = positions
         self.rot = torch.complex(model.rope_cos, model.rope_sin)  # (max_seq_len, d/2): e^{i theta} per position
-        self._moe_ids: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.static = None
+        if compiled:
+            self.lat[:, :, P:].zero_()  # masked slots are multiplied by 0: they must hold no NaN / inf
+            self.keys[..., P:].zero_()
+            self.static = decode_static.StaticState(
+                [decode_static.StaticLayer(
+                    lay.attn_norm, lay.w_in, lay.kv_norm, lay.w_ov, lay.ffn_norm, lay.moe, lay.w13, lay.w2,
+                    lay.moe is not None and lay.moe.shared_experts is not None and not lay.shared_apart,
+                    lay.shared_apart, lay.moe.shared_experts.w13 if lay.shared_apart else None,
+                    lay.moe.shared_experts.w2.weight if lay.shared_apart else None) for lay in layers],
+                model.embed.weight, model.norm.weight, model.head.weight, model.rope_cos, model.rope_sin,
+                self.lat, self.keys, self.bias, self.positions, cfg.n_heads, cfg.kv_lora_rank, self.eps)
 
     def compact(self, sel: torch.Tensor, filled: int) -> None:
         """Keep only rows `sel` (long, increasing) of the batch; cache slots [0, filled) hold data. In place: the
@@ -163,50 +231,50 @@ class LeanDecoder:
             self.bias = self.bias.index_select(0, sel)
         if self.positions is not None:
             self.positions = self.positions.index_select(0, sel)
-
-    def _pair_ids(self, N: int, K: int, groups: int, shared: bool, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The constant parts of the (token, expert) pair list, built once per batch size. Flat order: routed
-        pairs (N*K, row-major), then the shared-expert pairs (N, expert id E, weight 1) when folded in, then one
-        zero-weight pair per expert group (token 0): no group ever runs a one-row matmul, whose kernel rounds
-        differently from the many-row one, so a row's result does not depend on how many rows share its
-        experts (what keeps a rollout the same however its batch is split over processes). Returns the token
-        ids of all pairs, and the expert ids and weights of the appended pairs."""
-        if self._moe_ids is None or self._moe_ids[0] != N:
-            tokens = torch.arange(N, device=h.device)
-            ids, experts, weights = [tokens.repeat_interleave(K)], [], []
-            if shared:
-                ids.append(tokens)
-                experts.append(torch.full((N,), groups - 1, dtype=torch.long, device=h.device))
-                weights.append(h.new_ones(N))
-            ids.append(tokens.new_zeros(groups))
-            experts.append(torch.arange(groups, device=h.device))
-            weights.append(h.new_zeros(groups))
-            self._moe_ids = (N, torch.cat(ids), torch.cat(experts), torch.cat(weights))
-        return self._moe_ids[1:]
+        if self.static is not None:
+            st = self.static
+            st.lat, st.keys, st.key_bias, st.positions = self.lat, self.keys, self.bias, self.positions
 
     def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """x + MoE(h) for h (N, dim), added into x in place."""
+        """x + MoE(h) for h (N, dim), added into x in place (engine/decode_static.py's `moe_experts`)."""
         moe = lay.moe
-        N = h.size(0)
         weights, indices, _ = moe.gate(h)
-        groups = lay.w13.size(0)  # routed experts (+ 1 for the folded shared expert)
         shared = moe.shared_experts is not None and not lay.shared_apart
-        token_ids, tail_experts, tail_w = self._pair_ids(N, moe.topk, groups, shared, h)
-        expert = torch.cat([indices.flatten(), tail_experts])
-        w = torch.cat([weights.flatten(), tail_w])
-        order = expert.argsort(stable=True)
-        offs = torch.bincount(expert, minlength=groups).cumsum(0, dtype=torch.int32)
-        token_of = token_ids.index_select(0, order)
-        gu = torch._grouped_mm(h.index_select(0, token_of), lay.w13, offs=offs)
-        inter = lay.w2.size(1)
-        act = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w.index_select(0, order).unsqueeze(-1))
-        x.index_add_(0, token_of, torch._grouped_mm(act, lay.w2, offs=offs))
+        decode_static.moe_experts(h, weights, indices, lay.w13, lay.w2, shared, out=x)
         if lay.shared_apart:
             x += moe.shared_experts(h)
         return x
 
+    def _attn_runtime(self, lay: _Layer, h: torch.Tensor, i: int, rot, bias, lat_new, key_new, keys_all,
+                      values_all) -> torch.Tensor:
+        """The attention output of layer i with W_UK / W_UV applied per token (`absorb_at_runtime`): the same
+        latent-cache attention, the query mapped into the latent space by a per-head bmm instead of a
+        precomputed product, and the latent output mapped back likewise."""
+        cfg = self.cfg
+        H, r, d, nope = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+        B = h.size(0)
+        out = F.linear(h, lay.w_in)  # [q_nope (H*nope) ; c_KV (r) ; q_rope (H*d) ; k_rope (d)]
+        rope = out[:, H * nope + r:]
+        torch.view_as_complex(rope.view(B, H + 1, d // 2, 2)).mul_(rot)  # rope of q and k at once
+        new = torch.cat([F.rms_norm(out[:, H * nope:H * nope + r], (r,), lay.kv_norm, self.eps), rope[:, H * d:]], -1)
+        lat_new[:, i] = new
+        key_new[:, i] = new
+        q_lat = torch.bmm(out[:, :H * nope].view(B, H, nope).transpose(0, 1), lay.w_uk)  # (H, B, r)
+        q = torch.cat([q_lat.transpose(0, 1), rope[:, :H * d].view(B, H, d)], dim=-1)  # (B, H, r + d)
+        keys = keys_all[:, i]
+        scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
+        o = torch.bmm(scores.softmax(dim=-1), values_all[:, i])  # (B, H, r)
+        o = torch.bmm(o.transpose(0, 1), lay.w_uv)  # (H, B, v)
+        return F.linear(o.transpose(0, 1).reshape(B, -1), lay.w_ov)
+
     def step(self, tok: torch.Tensor, s: int) -> torch.Tensor:
         """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32."""
+        if self.static is not None:
+            logits, entries = decode_static.compiled_step(self.compiled)(self.static, tok,
+                                                                         torch.tensor(s, device=tok.device))
+            self.lat[:, :, s] = entries
+            self.keys[:, :, :, s] = entries
+            return logits
         model, cfg, eps = self.model, self.cfg, self.eps
         H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         C = r + d
@@ -219,18 +287,21 @@ class LeanDecoder:
         keys_all, values_all = self.keys[..., :s + 1], self.lat[:, :, :s + 1, :r]
         for i, lay in enumerate(self.layers):
             h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
-            qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
-            torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
-            new = qkv[:, H]
-            new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
-            lat_new[:, i] = new
-            key_new[:, i] = new
-            q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
-            keys = keys_all[:, i]
-            scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
-            probs = scores.softmax(dim=-1)
-            o = torch.bmm(probs, values_all[:, i])  # (B, H, r)
-            x = x + F.linear(o.view(B, H * r), lay.w_ov)
+            if lay.w_uk is not None:
+                x = x + self._attn_runtime(lay, h, i, rot, bias, lat_new, key_new, keys_all, values_all)
+            else:
+                qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
+                torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
+                new = qkv[:, H]
+                new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
+                lat_new[:, i] = new
+                key_new[:, i] = new
+                q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
+                keys = keys_all[:, i]
+                scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
+                probs = scores.softmax(dim=-1)
+                o = torch.bmm(probs, values_all[:, i])  # (B, H, r)
+                x = x + F.linear(o.view(B, H * r), lay.w_ov)
             h = F.rms_norm(x, (x.size(-1),), lay.ffn_norm, eps)
             if lay.moe is None:
                 gate, up = F.linear(h, lay.w13).chunk(2, dim=-1)

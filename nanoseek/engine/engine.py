@@ -65,6 +65,13 @@ class Engine:
     # batched decode steps through engine/decode.py's LeanDecoder where the model allows it (same tokens and
     # log-probs up to float rounding); False: through Transformer.hidden, the path every model supports
     lean_decode: bool = True
+    # run the lean step through torch.compile (engine/decode_static.py: static shapes, a fixed-capacity cache);
+    # opt-in: the first generate call of each new (batch, capacity) kind compiles for seconds to minutes
+    compile_decode: bool = False
+    compile_backend: str = "inductor"  # "aot_eager": the same traced graph without inductor (tests)
+    # the lean step's MLA: W_UK / W_UV applied per token (True) or precomputed absorbed projections (False);
+    # None: decode.absorb_at_runtime's choice for the model's shape (the compiled step is absorbed-only)
+    runtime_absorb: bool | None = None
 
     def __post_init__(self) -> None:
         if self.eos_id is None:
@@ -95,7 +102,7 @@ class Engine:
         """The lean decoder's per-layer tensors, rebuilt only when prepare_inference rebuilt the fused weights."""
         key = self.model._fused_cache
         if self._lean is None or self._lean[0] is not key:
-            self._lean = (key, decode.build_layers(self.model))
+            self._lean = (key, decode.build_layers(self.model, self.runtime_absorb))
         return self._lean[1]
 
     # ---- cache -----------------------------------------------------------------------------------
@@ -238,7 +245,8 @@ class Engine:
         shared = len(first_row) < B
         if lean:
             dec = decode.LeanDecoder(model, self._lean_layers(), cache, row_of if shared else None, S,
-                                     key_valid if ragged else None, positions if ragged else None, workspace)
+                                     key_valid if ragged else None, positions if ragged else None, workspace,
+                                     self.compile_backend if self.compile_decode else None)
             if shared:
                 logits = logits.index_select(0, row_of)
         elif shared:  # index_select: ~2x faster than advanced indexing on the cache's dim 1
