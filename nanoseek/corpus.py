@@ -77,7 +77,9 @@ def build_corpus(task_name: str, n_docs: int, seed: int, flawed_share: float = 0
         rrng.shuffle(reflect_flags)
     for flawed, reflect in zip(flawed_flags, reflect_flags):
         problem = task.sample_split(rng, d, split)
-        if reflect:
+        if getattr(task, "search_corpus", False):  # search traces: flawed_share is the give-up prior (tasks/search.py)
+            docs.append((problem.prompt, task.solution(problem, rng, give_up=flawed_share)))
+        elif reflect:
             docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed, reflect_rng=rrng)))
         else:
             docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed)))

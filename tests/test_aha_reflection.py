@@ -1,4 +1,4 @@
-"""`nanoseek aha`: GRPO logs the reflection metrics per step; the whole pipeline end to end (smoke, slow) with
+"""`nanoseek aha --reflection` (issue 14, nanoseek.recipes.aha_reflection): GRPO logs the reflection metrics per step; the whole pipeline end to end (smoke, slow) with
 the summary keys of issue 14, and resumability (a rerun skips every finished stage)."""
 import dataclasses
 import json
@@ -36,18 +36,20 @@ def test_grpo_logs_check_metrics_per_step(tmp_path, monkeypatch):
         assert len(texts) == 8  # every rollout of the step
         want = reflection_stats(texts)
         assert row["check_rate"] == want["check_rate"] and row["check_changed_rate"] == want["check_changed_rate"]
+        assert row["attempts_mean"] == want["attempts_mean"] == 0.0  # no search traces in arithmetic
 
 
 def test_aha_rejects_bad_settings(tmp_path):
-    from nanoseek.commands.aha import AhaConfig
+    from nanoseek.recipes.aha_reflection import AhaConfig
 
     with pytest.raises(ConfigError):
         AhaConfig(out=str(tmp_path), reflect_share=2.0).validate()
-    assert main(["aha", "--out", str(tmp_path), "--rl-steps", "0"]) == 2
+    assert main(["aha", "--reflection", "--out", str(tmp_path), "--rl-steps", "3"]) == 2  # only out/seed/until/smoke
+    assert main(["aha", "--reflection", "--out", str(tmp_path), "--until", "diagnostic"]) == 2  # not its stage
 
 
 def test_first_reach_uses_the_trailing_mean():
-    from nanoseek.commands.aha import first_reach
+    from nanoseek.recipes.aha_reflection import first_reach
 
     curve = [(s, 10.0 * s, a) for s, a in enumerate([0.1, 0.9, 0.1, 0.6, 0.6, 0.7], start=1)]
     assert first_reach(curve, 0.6, 1) == (2, 20.0)  # a single step at 0.9
@@ -57,7 +59,7 @@ def test_first_reach_uses_the_trailing_mean():
 
 
 def test_runs_from_before_the_cold_start_stages_resume_into_them():
-    from nanoseek.commands.aha import AhaConfig, same_settings
+    from nanoseek.recipes.aha_reflection import AhaConfig, same_settings
 
     cfg = AhaConfig(out="x", seed=1)
     saved = dataclasses.asdict(cfg)
@@ -72,12 +74,12 @@ def test_runs_from_before_the_cold_start_stages_resume_into_them():
 @pytest.mark.slow
 def test_aha_smoke_end_to_end_and_resume(tmp_path):
     out = tmp_path / "aha"
-    assert main(["aha", "--smoke", "--out", str(out), "--until", "eval_rl"]) == 0
+    assert main(["aha", "--reflection", "--smoke", "--out", str(out), "--until", "eval_rl"]) == 0
     assert not (out / "summary.json").exists()
-    assert main(["aha", "--smoke", "--out", str(out), "--until", "samples"]) == 0  # the issue's pipeline, no cold start
+    assert main(["aha", "--reflection", "--smoke", "--out", str(out), "--until", "samples"]) == 0  # the issue's pipeline, no cold start
     assert json.loads((out / "summary.json").read_text())["cold_start"] is None
     assert "Not run yet" in (out / "report.md").read_text()
-    assert main(["aha", "--smoke", "--out", str(out)]) == 0
+    assert main(["aha", "--reflection", "--smoke", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     for key in ("base_check_rate", "rl_check_rate", "base_len", "rl_len", "base_pass1", "rl_pass1",
                 "long_tokens_per_correct", "seconds_total"):
@@ -95,12 +97,12 @@ def test_aha_smoke_end_to_end_and_resume(tmp_path):
     rows = read_metrics(out / "rl" / "metrics.jsonl")
     assert rows and all("check_rate" in r for r in rows)
     before = (out / "stages.json").read_text()
-    assert main(["aha", "--smoke", "--out", str(out)]) == 0  # everything done: only the report is rewritten
+    assert main(["aha", "--reflection", "--smoke", "--out", str(out)]) == 0  # everything done: only the report is rewritten
     assert (out / "stages.json").read_text() == before
 
 
 def test_targets_on_a_hand_written_summary():
-    from nanoseek.commands.aha import targets
+    from nanoseek.recipes.aha_reflection import targets
 
     s = {"base_check_rate": 0.1, "rl_check_rate": 0.2, "base_len": 20.0, "rl_len": 19.0, "base_pass1": 0.5,
          "rl_pass1": 0.61, "long_tokens_per_correct": 30.0,
@@ -124,7 +126,7 @@ def test_check_credit_on_scripted_rollouts(monkeypatch, tmp_path):
     import nanoseek.engine
     import nanoseek.tokenizer
     import nanoseek.train.checkpoint
-    from nanoseek.commands.aha import AhaConfig, check_credit
+    from nanoseek.recipes.aha_reflection import AhaConfig, check_credit
 
     class FakeEngine:
         def __init__(self, model, tok):
@@ -163,7 +165,7 @@ def test_evaluate_long_on_scripted_samples(monkeypatch, tmp_path):
     import nanoseek.engine
     import nanoseek.tokenizer
     import nanoseek.train.checkpoint
-    from nanoseek.commands.aha import AhaConfig, evaluate_long
+    from nanoseek.recipes.aha_reflection import AhaConfig, evaluate_long
 
     class FakeEngine:
         def __init__(self, model, tok):
