@@ -1,0 +1,167 @@
+"""`nanoseek aha` (issue 28): the Countdown search task and corpus, the pre-RL diagnostic on hand-made
+completions, and the recipe on a micro config (--until, resume, refused settings change).
+
+The references are independent of the code under test: attempt values are re-evaluated with the safe
+expression parser (not candidate_value), verdicts re-derived from the prompt's target, and the diagnostic's
+figures counted by hand."""
+import json
+import math
+import random
+import re
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.config import ConfigError
+from nanoseek.corpus import build_corpus
+from nanoseek.tasks import get_task
+from nanoseek.tasks.base import extract_answer
+from nanoseek.tasks.safe_expr import evaluate
+from nanoseek.tasks.search import ORDER, parse_attempts, search_stats
+from nanoseek.tasks.search_diagnostic import diagnose, longer_pays
+
+LINE = re.compile(r"(\([^)]*\)[-+*]\d+)=(-?\d+)([-+*])(\d+)=(-?\d+), target (-?\d+): (yes|no)\.")
+
+
+def _target(prompt: str) -> int:
+    return int(re.match(r"Reach (-?\d+) using", prompt).group(1))
+
+
+def test_traces_verify_right_enumerate_in_order_and_answer_the_accepted_attempt():
+    task = get_task("countdown_search")
+    rng = random.Random(0)
+    for _ in range(300):
+        p = task.sample_split(rng, 1, "train")
+        text = task.solution(p, rng, give_up=0.0)
+        lines = LINE.findall(text)
+        assert lines and len(lines) == len(parse_attempts(text))
+        target = _target(p.prompt)
+        for expr, mid, op2, c, value, written_target, verdict in lines:
+            assert int(evaluate(expr).value) == int(value)  # the written value is the expression's value
+            inner = expr[1:expr.index(")")]
+            assert int(evaluate(inner).value) == int(mid) and f"{op2}{c}" == expr[expr.index(")") + 1:]
+            assert int(written_target) == target
+            assert (verdict == "yes") == (int(value) == target)
+        verdicts = [v for *_, v in lines]
+        assert verdicts[-1] == "yes" and verdicts.count("yes") == 1  # give_up 0: the search runs to its hit
+        assert [a.ops for a in parse_attempts(text)] == list(ORDER[:len(lines)])  # the fixed order, no repeats
+        assert extract_answer(text) == lines[-1][0]  # the answer copies the accepted attempt
+        assert task.score(p, text).correct and task.score(p, text).format_ok
+
+
+def test_give_up_prior_holds_statistically_and_reaches_the_corpus():
+    task = get_task("countdown_search")
+    rng = random.Random(1)
+    for p_give_up in (0.2, 0.5):
+        stops = continues = 0
+        for _ in range(3000):
+            prob = task.sample(rng, 1)
+            verdicts = [v for *_, v in LINE.findall(task.solution(prob, rng, give_up=p_give_up))]
+            for i, v in enumerate(verdicts):
+                if v == "no":
+                    stops += i == len(verdicts) - 1
+                    continues += i < len(verdicts) - 1
+        n = stops + continues
+        sd = math.sqrt(p_give_up * (1 - p_give_up) / n)
+        assert abs(stops / n - p_give_up) < 4 * sd, (p_give_up, stops / n)
+    # the corpus passes flawed_share as the give-up prior: at 0 every trace is right, at 0.6 most stop early
+    for share, lo, hi in ((0.0, 1.0, 1.0), (0.6, 0.05, 0.4)):
+        docs = build_corpus("countdown_search", 400, seed=2, flawed_share=share, fact_share=0.0)
+        right = sum(_is_right(p, c) for p, c in docs) / len(docs)
+        assert lo <= right <= hi
+
+
+def _is_right(prompt: str, completion: str) -> bool:
+    ans = extract_answer(completion)
+    return ans is not None and evaluate(ans).value == _target(prompt)
+
+
+def test_one_attempt_rarely_succeeds_and_the_whole_search_always_does():
+    task = get_task("countdown_search")
+    rng = random.Random(3)
+    probs = [task.sample(rng, 1) for _ in range(2000)]
+    first = sum(p.meta["hit"] == 1 for p in probs) / len(probs)
+    assert 0.05 < first < 0.25  # ~1/9 plus value collisions
+    assert all(1 <= p.meta["hit"] <= 9 for p in probs)
+    assert 4 < sum(p.meta["hit"] for p in probs) / len(probs) < 6
+    with pytest.raises(ConfigError):
+        task.sample(rng, 7)
+
+
+def _att(expr: str, target: int, verdict: str, value: int | None = None) -> str:
+    """A hand-written attempt line; `value` overrides the true value (a wrong computation)."""
+    v = int(evaluate(expr).value) if value is None else value
+    inner = expr[1:expr.index(")")]
+    return f"{expr}={int(evaluate(inner).value)}{expr[expr.index(')') + 1:]}={v}, target {target}: {verdict}."
+
+
+def test_diagnostic_on_hand_made_completions():
+    from nanoseek.tasks.base import Problem
+
+    p = Problem("Reach 12 using 3, 4, 1.", "(3*4)*1", {"numbers": [3, 4, 1], "target": 12})
+    a1, a2, a3 = _att("(3+4)+1", 12, "no"), _att("(3+4)-1", 12, "no"), _att("(3*4)*1", 12, "yes")
+    liar = _att("(3+4)*1", 12, "yes", value=12)  # claims 12, is 7: a wrong yes
+    texts = [f"<think>{a1} {a2} {a3}</think><answer>(3*4)*1</answer>",  # right, 3 attempts
+             f"<think>{a1}</think><answer>(3+4)+1</answer>",  # gives up, wrong
+             f"<think>{liar}</think><answer>(3+4)*1</answer>",  # wrong yes
+             f"<think>{a1} {a2} {a3}</think><answer>(3+4)+1</answer>"]  # accepts but does not copy: wrong
+    lens = [30, 10, 10, 30]
+    ok = [True, False, False, False]
+    d = diagnose([p] * 4, texts, lens, ok, group=[0, 0, 1, 1])
+    assert d["pass1"] == 0.25 and d["attempts_mean"] == pytest.approx(8 / 4)
+    assert d["yes_count"] == 3 and d["verify_yes_precision"] == pytest.approx(2 / 3)
+    assert d["no_count"] == 5 and d["verify_no_precision"] == 1.0
+    assert d["value_right"] == pytest.approx(7 / 8)
+    assert d["answer_copies_accepted"] == pytest.approx(2 / 3)
+    assert d["gave_up_rate"] == 0.25
+    assert d["accuracy_by_attempts"] == {"1": {"n": 2, "pass1": 0.0}, "3": {"n": 2, "pass1": 0.5}}
+    assert (d["len_correct"], d["len_wrong"]) == (30, pytest.approx(50 / 3))
+    assert (d["attempts_correct"], d["attempts_wrong"]) == (3, pytest.approx(5 / 3))
+    # cov over all: x - 20 = [10, -10, -10, 10], y - 0.25 = [.75, -.25, -.25, -.25]: (7.5 + 2.5 + 2.5 - 2.5) / 4
+    assert d["cov_len_reward"] == pytest.approx(10 / 4)
+    # group 0 ([30, 10], [1, 0]): cov 5; group 1 has no mixed rewards and does not count
+    assert d["cov_len_reward_within_group"] == pytest.approx(5.0) and d["mixed_groups"] == 1
+    assert longer_pays(d)
+    flipped = diagnose([p] * 2, texts[:2], [10, 30], [True, False], group=[0, 0])
+    assert flipped["cov_len_reward_within_group"] < 0 and not longer_pays(flipped)
+    with pytest.raises(ValueError):
+        diagnose([p], texts, lens, ok)
+    assert search_stats(texts) == {"attempts_mean": 2.0, "accept_rate": 0.75}
+
+
+def test_micro_recipe_until_resume_and_settings_guard(tmp_path, monkeypatch):
+    """--until stops after a stage; a rerun skips the finished stages (their results read back) and goes on; a
+    rerun with other settings is refused with one line (exit 2)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "aha"
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "pretrain_base"]) == 0
+    first = json.loads((out / "stages.json").read_text())
+    assert list(first["done"]) == ["pretrain_base"] and not (out / "summary.json").exists()
+    ckpts = sorted(p.name for p in (out / "base" / "checkpoints").iterdir())
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "diagnostic"]) == 0
+    second = json.loads((out / "stages.json").read_text())
+    assert list(second["done"]) == ["pretrain_base", "diagnostic"]
+    assert second["done"]["pretrain_base"] == first["done"]["pretrain_base"]  # not rerun
+    assert sorted(p.name for p in (out / "base" / "checkpoints").iterdir()) == ckpts
+    d = second["done"]["diagnostic"]["result"]
+    assert d["samples"] == 3 * 2 and "longer_pays" in d
+    assert main(["aha", "--smoke", "--out", str(out), "--give-up", "0.5", "--until", "eval_base"]) == 2
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "nope"]) == 2
+    assert main(["aha", "--out", str(tmp_path / "x"), "--give-up", "1.0"]) == 2
+
+
+@pytest.mark.slow
+def test_aha_smoke_end_to_end(tmp_path):
+    out = tmp_path / "aha"
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "eval_rl"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["control_pass1"] is None and s["long2short"]["l2s_dpo"] is None
+    assert main(["aha", "--smoke", "--out", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("base_len", "rl_len", "base_pass1", "rl_pass1", "long_tokens_per_correct", "long2short",
+                "seconds_total", "diagnostic", "control_pass1", "partial"):
+        assert key in s
+    assert set(s["long2short"]) == {"l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge"}
+    rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("attempts_mean" in r and "accept_rate" in r for r in rows)
+    assert (out / "report.md").read_text().startswith("# nanoseek aha: Countdown search")
