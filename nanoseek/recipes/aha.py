@@ -56,7 +56,7 @@ class AhaConfig:
     difficulty: int = knob(1, help="countdown_search level (1: numbers 1-9, 2: 1-15)")
     # per `no.`: the corpus's searches continue with probability 1 - give_up (2.3 attempts on average at 0.35)
     give_up: float = knob(0.35, help="give-up prior of the corpus: P(stop after a `no.`)")
-    base_steps: int = knob(360, help="pretraining steps of the base")
+    base_steps: int = knob(720, help="pretraining steps of the base")
     base_lr: float = knob(4e-3, help="pretraining peak lr")
     batch_size: int = knob(16, help="pretraining rows per step")
     seq_len: int = knob(256, help="pretraining row length (document-aligned rows)")
