@@ -86,6 +86,9 @@ def test_one_attempt_rarely_succeeds_and_the_whole_search_always_does():
     assert 4 < sum(p.meta["hit"] for p in probs) / len(probs) < 6
     with pytest.raises(ConfigError):
         task.sample(rng, 7)
+    for p in probs[:200]:  # the Task contract: a flawed solution is well formed and wrong
+        bad = task.score(p, task.solution(p, rng, flawed=True))
+        assert bad.format_ok and not bad.correct
 
 
 def _att(expr: str, target: int, verdict: str, value: int | None = None) -> str:

@@ -53,7 +53,7 @@ STAGES = ("pretrain_base", "diagnostic", "eval_base", "rl", "eval_rl", "control"
 class AhaConfig:
     out: str = knob("runs/aha", help="the recipe's root directory (one run directory per stage inside)")
     seed: int = knob(0, help="seed of every stage")
-    difficulty: int = knob(1, help="countdown_search level (1: numbers 1-9, 2: 1-15)")
+    difficulty: int = knob(1, help="countdown_search level (largest number 9, 15, 25, 50, 100)")
     # per `no.`: the corpus's searches continue with probability 1 - give_up (2.3 attempts on average at 0.35)
     give_up: float = knob(0.35, help="give-up prior of the corpus: P(stop after a `no.`)")
     base_steps: int = knob(720, help="pretraining steps of the base")

@@ -33,7 +33,7 @@ from nanoseek.tasks.countdown import CountdownTask
 
 OPS = "+-*"
 ORDER: tuple[tuple[str, str], ...] = tuple((o1, o2) for o1 in OPS for o2 in OPS)  # the enumeration order
-MAX_NUMBER = {1: 9, 2: 15}  # difficulty -> largest number
+MAX_NUMBER = {1: 9, 2: 15, 3: 25, 4: 50, 5: 100}  # difficulty -> largest number
 
 # one attempt: `(a op b) op c=m op c=v, target t: yes|no.`
 _NUM = r"-?\d{1,6}"
@@ -132,9 +132,18 @@ class SearchTask(Task):
 
     def solution(self, problem: Problem, rng: random.Random, flawed: bool = False, give_up: float = 0.0) -> str:
         """The search trace: candidates in ORDER until the target is hit; after each `no.` the trace stops
-        with probability `give_up` and answers its last attempt. `flawed` (the corpus's slip flag) is unused:
-        the give-up prior is this task's way to be imperfect."""
+        with probability `give_up` and answers its last attempt. `flawed` (the Task contract: a well-formed,
+        wrong solution; the search corpus uses `give_up` instead) stops after a uniformly chosen `no.` before
+        the hit, or, when the first candidate hits, answers the first other candidate without searching."""
         numbers, target = problem.meta["numbers"], problem.meta["target"]
+        if flawed:
+            hit = hit_position(numbers, target)
+            if hit == 1:
+                miss = next(o for o in ORDER if candidate_value(numbers, o)[1] != target)
+                return format_completion("", expression(numbers, miss))
+            stop = rng.randint(1, hit - 1)
+            lines = [attempt_line(numbers, o, target) for o in ORDER[:stop]]
+            return format_completion(" ".join(lines), expression(numbers, ORDER[stop - 1]))
         lines = []
         for ops in ORDER:
             lines.append(attempt_line(numbers, ops, target))
