@@ -7,7 +7,7 @@ problems, completion texts, token lengths and correctness (no model needed, so t
 
 - verification precision: of the attempts that say `yes.`, the share whose true value is the target; of
   those that say `no.`, the share whose true value is not the target; the share of attempts whose written
-  value is right;
+  value is right, and of those whose written target is the prompt's;
 - the accuracy by number of attempts, and the mean attempts / tokens of correct vs wrong completions;
 - the covariance between length (tokens) and reward (correct) over all samples, and its mean within groups
   of samples of the same problem (what GRPO's advantage sees);
@@ -105,6 +105,7 @@ def diagnostic_table(d: dict) -> list[str]:
             f"| `yes.` right (precision) | {pct(d['verify_yes_precision'])} of {d['yes_count']} |",
             f"| `no.` right | {pct(d['verify_no_precision'])} of {d['no_count']} |",
             f"| written value right | {pct(d['value_right'])} |",
+            f"| target copied right | {pct(d['target_copied'])} |",
             f"| answer copies the accepted attempt | {pct(d['answer_copies_accepted'])} |",
             f"| stops after a `no.` (gives up) | {pct(d['gave_up_rate'])} |",
             f"| tokens correct / wrong | {num(d['len_correct'])} / {num(d['len_wrong'])} |",
