@@ -15,7 +15,8 @@ from pathlib import Path
 
 from nanoseek.cli_config import ConfigCLI
 from nanoseek.config import ConfigError
-from nanoseek.recipes.aha import STAGES, AhaConfig, console, run_aha, seeds_report
+from nanoseek.recipes.aha import STAGES, AhaConfig, console, run_aha
+from nanoseek.recipes.aha_report import seeds_report
 
 CLI = ConfigCLI(AhaConfig)
 
