@@ -268,7 +268,7 @@ def sample_run(run: Path, problems: list, samples: int, temperature: float, top_
 def diagnostic(run: Path, cfg: AhaConfig) -> dict:
     """The pre-RL diagnostic on `diag_problems` train problems x group_size samples at the rollout temperature."""
     from nanoseek.tasks import get_task
-    from nanoseek.tasks.search_diagnostic import diagnose, longer_pays
+    from nanoseek.tasks.search_diagnostic import diagnose, diagnostic_table, longer_pays
 
     rng = random.Random(4321 + cfg.seed)
     task = get_task(TASK)
@@ -278,6 +278,7 @@ def diagnostic(run: Path, cfg: AhaConfig) -> dict:
     d = diagnose(jobs, texts, lens, ok, group=[i // cfg.group_size for i in range(len(jobs))])
     d["longer_pays"] = longer_pays(d)
     d["temperature"] = cfg.rl_temperature
+    console.print("\n".join(diagnostic_table(d)), markup=False, highlight=False)
     console.print(f"diagnostic: pass@1 {d['pass1']:.1%}, attempts {d['attempts_mean']:.2f}, tokens correct / wrong "
                   f"{d['len_correct'] or 0:.1f} / {d['len_wrong'] or 0:.1f}, within-group cov(len, reward) "
                   f"{d['cov_len_reward_within_group'] or 0:.2f}, yes-precision {d['verify_yes_precision'] or 0:.1%}: "
