@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("nanoseek.commands.distill", "on-policy distillation: reverse KL to a teacher on the student's samples"),
     "dpo": ("nanoseek.commands.dpo", "DPO on (chosen, rejected) pairs against a frozen reference (long2short)"),
     "merge": ("nanoseek.commands.merge", "average the weights of runs of one architecture into a new run"),
-    "aha": ("nanoseek.commands.aha", "long reasoning in miniature: reflection RL, then long2short compared"),
+    "aha": ("nanoseek.commands.aha", "long reasoning in miniature: Countdown search RL, control, long2short"),
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
     "lm": ("nanoseek.commands.lm", "a language model of real text (default: the Python stdlib): bits per byte"),
     "import": ("nanoseek.commands.import_hf", "a transformers DeepseekV3 checkpoint (+ its tokenizer, chat template) as a run"),

@@ -16,6 +16,9 @@ re-checks a correct step. The base thus knows the move but rarely makes it; RL m
 the R1-Zero "aha moment"). Reflection draws from its own RNG, so the problems and slips are the same as at
 reflect_share 0, and at 0 the corpus is byte-identical to one built without the option.
 
+Search traces (`countdown_search`, nanoseek.tasks.search): the task has no slips; `flawed_share` is its give-up
+prior instead, the probability that a trace stops after a `no.` (issue 28).
+
 Everything is deterministic in `seed`. The document order is shuffled.
 """
 from __future__ import annotations
@@ -77,7 +80,9 @@ def build_corpus(task_name: str, n_docs: int, seed: int, flawed_share: float = 0
         rrng.shuffle(reflect_flags)
     for flawed, reflect in zip(flawed_flags, reflect_flags):
         problem = task.sample_split(rng, d, split)
-        if reflect:
+        if getattr(task, "search_corpus", False):  # search traces: flawed_share is the give-up prior (tasks/search.py)
+            docs.append((problem.prompt, task.solution(problem, rng, give_up=flawed_share)))
+        elif reflect:
             docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed, reflect_rng=rrng)))
         else:
             docs.append((problem.prompt, task.solution(problem, rng, flawed=flawed)))

@@ -1,193 +1,170 @@
-"""`nanoseek aha`: GRPO logs the reflection metrics per step; the whole pipeline end to end (smoke, slow) with
-the summary keys of issue 14, and resumability (a rerun skips every finished stage)."""
-import dataclasses
+"""`nanoseek aha` (issue 28): the Countdown search task and corpus, the pre-RL diagnostic on hand-made
+completions, and the recipe on a micro config (--until, resume, refused settings change).
+
+The references are independent of the code under test: attempt values are re-evaluated with the safe
+expression parser (not candidate_value), verdicts re-derived from the prompt's target, and the diagnostic's
+figures counted by hand."""
 import json
+import math
+import random
+import re
 
 import pytest
 
 from nanoseek.cli import main
 from nanoseek.config import ConfigError
-from nanoseek.corpus import corpus_texts
-from nanoseek.tasks.reflection import reflection_stats
-from nanoseek.train.grpo import GRPOConfig, train_grpo
-from nanoseek.train.metrics import read_metrics
-from tiny_runs import write_tiny_run
+from nanoseek.corpus import build_corpus
+from nanoseek.tasks import get_task
+from nanoseek.tasks.base import extract_answer
+from nanoseek.tasks.safe_expr import evaluate
+from nanoseek.tasks.search import ORDER, parse_attempts, search_stats
+from nanoseek.tasks.search_diagnostic import diagnose, longer_pays
+
+LINE = re.compile(r"(\([^)]*\)[-+*]\d+)=(-?\d+)([-+*])(\d+)=(-?\d+), target (-?\d+): (yes|no)\.")
 
 
-def test_grpo_logs_check_metrics_per_step(tmp_path, monkeypatch):
-    run = tmp_path / "base"
-    run.mkdir()
-    write_tiny_run(run, corpus_texts("arithmetic", 300, seed=0, reflect_share=0.5))
-    seen = []
-    import nanoseek.train.grpo as grpo
-
-    real = grpo.reflection_stats
-
-    def spy(texts):
-        seen.append(list(texts))
-        return real(texts)
-
-    monkeypatch.setattr(grpo, "reflection_stats", spy)
-    cfg = GRPOConfig(steps=2, group_size=4, prompts_per_step=2, max_new_tokens=12, ckpt_every=2)
-    train_grpo(run, tmp_path / "rl", cfg, device="cpu", quiet=True)
-    rows = read_metrics(tmp_path / "rl" / "metrics.jsonl")
-    assert len(rows) == 2 and len(seen) == 2
-    for row, texts in zip(rows, seen):
-        assert len(texts) == 8  # every rollout of the step
-        want = reflection_stats(texts)
-        assert row["check_rate"] == want["check_rate"] and row["check_changed_rate"] == want["check_changed_rate"]
+def _target(prompt: str) -> int:
+    return int(re.match(r"Reach (-?\d+) using", prompt).group(1))
 
 
-def test_aha_rejects_bad_settings(tmp_path):
-    from nanoseek.commands.aha import AhaConfig
+def test_traces_verify_right_enumerate_in_order_and_answer_the_accepted_attempt():
+    task = get_task("countdown_search")
+    rng = random.Random(0)
+    for _ in range(300):
+        p = task.sample_split(rng, 1, "train")
+        text = task.solution(p, rng, give_up=0.0)
+        lines = LINE.findall(text)
+        assert lines and len(lines) == len(parse_attempts(text))
+        target = _target(p.prompt)
+        for expr, mid, op2, c, value, written_target, verdict in lines:
+            assert int(evaluate(expr).value) == int(value)  # the written value is the expression's value
+            inner = expr[1:expr.index(")")]
+            assert int(evaluate(inner).value) == int(mid) and f"{op2}{c}" == expr[expr.index(")") + 1:]
+            assert int(written_target) == target
+            assert (verdict == "yes") == (int(value) == target)
+        verdicts = [v for *_, v in lines]
+        assert verdicts[-1] == "yes" and verdicts.count("yes") == 1  # give_up 0: the search runs to its hit
+        assert [a.ops for a in parse_attempts(text)] == list(ORDER[:len(lines)])  # the fixed order, no repeats
+        assert extract_answer(text) == lines[-1][0]  # the answer copies the accepted attempt
+        assert task.score(p, text).correct and task.score(p, text).format_ok
 
+
+def test_give_up_prior_holds_statistically_and_reaches_the_corpus():
+    task = get_task("countdown_search")
+    rng = random.Random(1)
+    for p_give_up in (0.2, 0.5):
+        stops = continues = 0
+        for _ in range(3000):
+            prob = task.sample(rng, 1)
+            verdicts = [v for *_, v in LINE.findall(task.solution(prob, rng, give_up=p_give_up))]
+            for i, v in enumerate(verdicts):
+                if v == "no":
+                    stops += i == len(verdicts) - 1
+                    continues += i < len(verdicts) - 1
+        n = stops + continues
+        sd = math.sqrt(p_give_up * (1 - p_give_up) / n)
+        assert abs(stops / n - p_give_up) < 4 * sd, (p_give_up, stops / n)
+    # the corpus passes flawed_share as the give-up prior: at 0 every trace is right, at 0.6 most stop early
+    for share, lo, hi in ((0.0, 1.0, 1.0), (0.6, 0.05, 0.4)):
+        docs = build_corpus("countdown_search", 400, seed=2, flawed_share=share, fact_share=0.0)
+        right = sum(_is_right(p, c) for p, c in docs) / len(docs)
+        assert lo <= right <= hi
+
+
+def _is_right(prompt: str, completion: str) -> bool:
+    ans = extract_answer(completion)
+    return ans is not None and evaluate(ans).value == _target(prompt)
+
+
+def test_one_attempt_rarely_succeeds_and_the_whole_search_always_does():
+    task = get_task("countdown_search")
+    rng = random.Random(3)
+    probs = [task.sample(rng, 1) for _ in range(2000)]
+    first = sum(p.meta["hit"] == 1 for p in probs) / len(probs)
+    assert 0.05 < first < 0.25  # ~1/9 plus value collisions
+    assert all(1 <= p.meta["hit"] <= 9 for p in probs)
+    assert 4 < sum(p.meta["hit"] for p in probs) / len(probs) < 6
     with pytest.raises(ConfigError):
-        AhaConfig(out=str(tmp_path), reflect_share=2.0).validate()
-    assert main(["aha", "--out", str(tmp_path), "--rl-steps", "0"]) == 2
+        task.sample(rng, 7)
+    for p in probs[:200]:  # the Task contract: a flawed solution is well formed and wrong
+        bad = task.score(p, task.solution(p, rng, flawed=True))
+        assert bad.format_ok and not bad.correct
 
 
-def test_first_reach_uses_the_trailing_mean():
-    from nanoseek.commands.aha import first_reach
-
-    curve = [(s, 10.0 * s, a) for s, a in enumerate([0.1, 0.9, 0.1, 0.6, 0.6, 0.7], start=1)]
-    assert first_reach(curve, 0.6, 1) == (2, 20.0)  # a single step at 0.9
-    assert first_reach(curve, 0.6, 2) == (5, 50.0)  # (0.1 + 0.9) / 2 = 0.5 < 0.6, (0.6 + 0.6) / 2 >= 0.6
-    assert first_reach(curve, 0.8, 2) is None
-    assert first_reach([], 0.1, 1) is None
+def _att(expr: str, target: int, verdict: str, value: int | None = None) -> str:
+    """A hand-written attempt line; `value` overrides the true value (a wrong computation)."""
+    v = int(evaluate(expr).value) if value is None else value
+    inner = expr[1:expr.index(")")]
+    return f"{expr}={int(evaluate(inner).value)}{expr[expr.index(')') + 1:]}={v}, target {target}: {verdict}."
 
 
-def test_runs_from_before_the_cold_start_stages_resume_into_them():
-    from nanoseek.commands.aha import AhaConfig, same_settings
+def test_diagnostic_on_hand_made_completions():
+    from nanoseek.tasks.base import Problem
 
-    cfg = AhaConfig(out="x", seed=1)
-    saved = dataclasses.asdict(cfg)
-    assert same_settings(saved, cfg)
-    old = {k: v for k, v in saved.items() if k != "cold_traces"}  # written before the field existed
-    assert same_settings(old, cfg)
-    assert not same_settings(old, dataclasses.replace(cfg, cold_traces=5))  # a new setting off its default
-    assert not same_settings({**saved, "rl_steps": 7}, cfg)
-    assert not same_settings({**saved, "gone": 1}, cfg)
+    p = Problem("Reach 12 using 3, 4, 1.", "(3*4)*1", {"numbers": [3, 4, 1], "target": 12})
+    a1, a2, a3 = _att("(3+4)+1", 12, "no"), _att("(3+4)-1", 12, "no"), _att("(3*4)*1", 12, "yes")
+    liar = _att("(3+4)*1", 12, "yes", value=12)  # claims 12, is 7: a wrong yes
+    texts = [f"<think>{a1} {a2} {a3}</think><answer>(3*4)*1</answer>",  # right, 3 attempts
+             f"<think>{a1}</think><answer>(3+4)+1</answer>",  # gives up, wrong
+             f"<think>{liar}</think><answer>(3+4)*1</answer>",  # wrong yes
+             f"<think>{a1} {a2} {a3}</think><answer>(3+4)+1</answer>"]  # accepts but does not copy: wrong
+    lens = [30, 10, 10, 30]
+    ok = [True, False, False, False]
+    d = diagnose([p] * 4, texts, lens, ok, group=[0, 0, 1, 1])
+    assert d["pass1"] == 0.25 and d["attempts_mean"] == pytest.approx(8 / 4)
+    assert d["yes_count"] == 3 and d["verify_yes_precision"] == pytest.approx(2 / 3)
+    assert d["no_count"] == 5 and d["verify_no_precision"] == 1.0
+    assert d["value_right"] == pytest.approx(7 / 8)
+    assert d["answer_copies_accepted"] == pytest.approx(2 / 3)
+    assert d["gave_up_rate"] == 0.25
+    assert d["accuracy_by_attempts"] == {"1": {"n": 2, "pass1": 0.0}, "3": {"n": 2, "pass1": 0.5}}
+    assert (d["len_correct"], d["len_wrong"]) == (30, pytest.approx(50 / 3))
+    assert (d["attempts_correct"], d["attempts_wrong"]) == (3, pytest.approx(5 / 3))
+    # cov over all: x - 20 = [10, -10, -10, 10], y - 0.25 = [.75, -.25, -.25, -.25]: (7.5 + 2.5 + 2.5 - 2.5) / 4
+    assert d["cov_len_reward"] == pytest.approx(10 / 4)
+    # group 0 ([30, 10], [1, 0]): cov 5; group 1 has no mixed rewards and does not count
+    assert d["cov_len_reward_within_group"] == pytest.approx(5.0) and d["mixed_groups"] == 1
+    assert longer_pays(d)
+    flipped = diagnose([p] * 2, texts[:2], [10, 30], [True, False], group=[0, 0])
+    assert flipped["cov_len_reward_within_group"] < 0 and not longer_pays(flipped)
+    with pytest.raises(ValueError):
+        diagnose([p], texts, lens, ok)
+    assert search_stats(texts) == {"attempts_mean": 2.0, "accept_rate": 0.75}
+
+
+def test_micro_recipe_until_resume_and_settings_guard(tmp_path, monkeypatch):
+    """--until stops after a stage; a rerun skips the finished stages (their results read back) and goes on; a
+    rerun with other settings is refused with one line (exit 2)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "aha"
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "pretrain_base"]) == 0
+    first = json.loads((out / "stages.json").read_text())
+    assert list(first["done"]) == ["pretrain_base"] and not (out / "summary.json").exists()
+    ckpts = sorted(p.name for p in (out / "base" / "checkpoints").iterdir())
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "diagnostic"]) == 0
+    second = json.loads((out / "stages.json").read_text())
+    assert list(second["done"]) == ["pretrain_base", "diagnostic"]
+    assert second["done"]["pretrain_base"] == first["done"]["pretrain_base"]  # not rerun
+    assert sorted(p.name for p in (out / "base" / "checkpoints").iterdir()) == ckpts
+    d = second["done"]["diagnostic"]["result"]
+    assert d["samples"] == 3 * 2 and "longer_pays" in d
+    assert main(["aha", "--smoke", "--out", str(out), "--give-up", "0.5", "--until", "eval_base"]) == 2
+    assert main(["aha", "--smoke", "--out", str(out), "--until", "nope"]) == 2
+    assert main(["aha", "--out", str(tmp_path / "x"), "--give-up", "1.0"]) == 2
 
 
 @pytest.mark.slow
-def test_aha_smoke_end_to_end_and_resume(tmp_path):
+def test_aha_smoke_end_to_end(tmp_path):
     out = tmp_path / "aha"
     assert main(["aha", "--smoke", "--out", str(out), "--until", "eval_rl"]) == 0
-    assert not (out / "summary.json").exists()
-    assert main(["aha", "--smoke", "--out", str(out), "--until", "samples"]) == 0  # the issue's pipeline, no cold start
-    assert json.loads((out / "summary.json").read_text())["cold_start"] is None
-    assert "Not run yet" in (out / "report.md").read_text()
+    s = json.loads((out / "summary.json").read_text())
+    assert s["control_pass1"] is None and s["long2short"]["l2s_dpo"] is None
     assert main(["aha", "--smoke", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
-    for key in ("base_check_rate", "rl_check_rate", "base_len", "rl_len", "base_pass1", "rl_pass1",
-                "long_tokens_per_correct", "seconds_total"):
+    for key in ("base_len", "rl_len", "base_pass1", "rl_pass1", "long_tokens_per_correct", "long2short",
+                "seconds_total", "diagnostic", "control_pass1", "partial"):
         assert key in s
     assert set(s["long2short"]) == {"l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge"}
-    cc = s["check_credit"]
-    assert set(cc) == {"base", "rl"} and cc["base"]["samples"] == 20 * 4  # 5 x eval_n problems x G
-    cs = s["cold_start"]
-    assert cs["traces"] == 20 and cs["sft_steps"] >= 1 and cs["rl_steps"] >= 1
-    assert cs["r1zero_rl_steps"] == 2 and 0 <= cs["r1zero_final_rollout_acc"] <= 1
-    for key in ("cold_pass1", "cold_sft_pass1", "r1zero_pass1", "cold_check_rate", "cold_len"):
-        assert key in cs
-    assert (out / "cold_rl" / "metrics.jsonl").exists() and "## Cold start" in (out / "report.md").read_text()
-    assert (out / "report.md").read_text().startswith("# nanoseek aha")
-    rows = read_metrics(out / "rl" / "metrics.jsonl")
-    assert rows and all("check_rate" in r for r in rows)
-    before = (out / "stages.json").read_text()
-    assert main(["aha", "--smoke", "--out", str(out)]) == 0  # everything done: only the report is rewritten
-    assert (out / "stages.json").read_text() == before
-
-
-def test_targets_on_a_hand_written_summary():
-    from nanoseek.commands.aha import targets
-
-    s = {"base_check_rate": 0.1, "rl_check_rate": 0.2, "base_len": 20.0, "rl_len": 19.0, "base_pass1": 0.5,
-         "rl_pass1": 0.61, "long_tokens_per_correct": 30.0,
-         "long2short": {"a": {"tokens_per_correct": 21.0, "pass1": 0.59},  # -30%, -2 points: meets it
-                        "b": {"tokens_per_correct": 21.1, "pass1": 0.61},  # only -29.7%
-                        "c": {"tokens_per_correct": 10.0, "pass1": 0.58},  # -3 points
-                        "d": None}}
-    t = targets(s)
-    assert (t["check_rate_doubles"], t["length_rises"], t["pass1_plus_10"]) == (True, False, True)
-    assert t["long2short_methods_meeting_target"] == ["a"]
-    assert not targets({**s, "rl_check_rate": 0.19})["check_rate_doubles"]
-    assert not targets({**s, "rl_len": 20.9})["length_rises"] and targets({**s, "rl_len": 21.0})["length_rises"]
-
-
-def test_check_credit_on_scripted_rollouts(monkeypatch, tmp_path):
-    """Every group: one checked, right completion whose check changed a step, one plain wrong one. GRPO's
-    advantages are then +-0.5 / std([1.1, 0.1]) = +-1/sqrt(2) (closed form)."""
-    import math
-    from types import SimpleNamespace
-
-    import nanoseek.engine
-    import nanoseek.tokenizer
-    import nanoseek.train.checkpoint
-    from nanoseek.commands.aha import AhaConfig, check_credit
-
-    class FakeEngine:
-        def __init__(self, model, tok):
-            pass
-
-        def generate(self, prompts, max_new_tokens, temperature, seed):
-            outs = []
-            for i, p in enumerate(prompts):
-                ans = eval(p[len("Compute "):-1].replace("/", "//"))
-                text = (f"<think>1+1=3. check: 1+1=2.</think><answer>{ans}</answer>" if i % 2 == 0
-                        else f"<think></think><answer>{ans + 1}</answer>")
-                outs.append(SimpleNamespace(text=text, tokens=[0] * (12 if i % 2 == 0 else 5), finish_reason="stop"))
-            return outs
-
-    monkeypatch.setattr(nanoseek.engine, "Engine", FakeEngine)
-    monkeypatch.setattr(nanoseek.train.checkpoint, "load_run_model", lambda run: (None, None, None))
-    monkeypatch.setattr(nanoseek.tokenizer.Tokenizer, "load",
-                        staticmethod(lambda path: SimpleNamespace(prompt_ids=lambda prompt: prompt)))
-    c = check_credit(tmp_path, AhaConfig(out=str(tmp_path), group_size=2, eval_n=3))
-    assert c["samples"] == 5 * 3 * 2 and c["check_rate"] == 0.5
-    assert (c["pass1_checked"], c["pass1_not_checked"], c["check_changed_share_of_checks"]) == (1.0, 0.0, 1.0)
-    assert c["pass1_check_changed"] == 1.0 and c["pass1_check_unchanged"] is None
-    assert math.isclose(c["mean_advantage_checked"], 1 / math.sqrt(2), rel_tol=1e-3)
-    assert math.isclose(c["mean_advantage_not_checked"], -1 / math.sqrt(2), rel_tol=1e-3)
-    assert (c["len_checked"], c["len_not_checked"]) == (12, 5)
-
-
-def test_evaluate_long_on_scripted_samples(monkeypatch, tmp_path):
-    """The held-out figures behind the summary (base_/rl_ pass1, len, check_rate, long_tokens_per_correct) on
-    scripted samples, against values counted by hand. Each problem at T=0.6 gets three samples: a checked right
-    one (12 tokens), a plain wrong one (5) and a plain right one (8); T=1.0 is always wrong, greedy always
-    right. Swapping right and checked, averaging lengths over the wrong samples or mixing the temperatures
-    changes some figure below."""
-    from types import SimpleNamespace
-
-    import nanoseek.engine
-    import nanoseek.tokenizer
-    import nanoseek.train.checkpoint
-    from nanoseek.commands.aha import AhaConfig, evaluate_long
-
-    class FakeEngine:
-        def __init__(self, model, tok):
-            pass
-
-        def generate(self, prompts, max_new_tokens, temperature, top_p, seed):
-            outs = []
-            for i, p in enumerate(prompts):
-                ans = eval(p[len("Compute "):-1].replace("/", "//"))
-                kind = "right" if temperature == 0.0 else "wrong" if temperature == 1.0 else \
-                    ("checked", "wrong", "right")[i % 3]
-                text, n = {"checked": (f"<think>1+1=3. check: 1+1=2.</think><answer>{ans}</answer>", 12),
-                           "wrong": (f"<think></think><answer>{ans + 1}</answer>", 5),
-                           "right": (f"<think></think><answer>{ans}</answer>", 8)}[kind]
-                outs.append(SimpleNamespace(text=text, tokens=[0] * n, finish_reason="stop"))
-            return outs
-
-    monkeypatch.setattr(nanoseek.engine, "Engine", FakeEngine)
-    monkeypatch.setattr(nanoseek.train.checkpoint, "load_run_model", lambda run: (None, None, None))
-    monkeypatch.setattr(nanoseek.train.checkpoint, "latest_checkpoint", lambda path: path / "step_1")
-    monkeypatch.setattr(nanoseek.tokenizer.Tokenizer, "load",
-                        staticmethod(lambda path: SimpleNamespace(prompt_ids=lambda prompt: prompt)))
-    r = evaluate_long(tmp_path, AhaConfig(out=str(tmp_path), eval_n=4, eval_samples=3))
-    assert (r["pass1"], r["pass1_t1"], r["greedy"]) == (pytest.approx(2 / 3), 0.0, 1.0)
-    assert r["mean_len"] == pytest.approx((12 + 5 + 8) / 3) and r["tokens_per_correct"] == pytest.approx(10.0)
-    assert r["check_rate"] == pytest.approx(1 / 3) and r["check_changed_rate"] == pytest.approx(1 / 3)
-    assert r["pass1_when_checked"] == 1.0 and r["pass1_when_not_checked"] == pytest.approx(0.5)
+    rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("attempts_mean" in r and "accept_rate" in r for r in rows)
+    assert (out / "report.md").read_text().startswith("# nanoseek aha: Countdown search")

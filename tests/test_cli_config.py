@@ -50,8 +50,8 @@ OLD_FLAGS = {
     "demo": "--out --seed --base-steps --rl-steps --eval-n --eval-samples --difficulty --base-lr --flawed-share --rl-lr "
             "--rl-bias-gamma --prompts-per-step --rl-temperature --smoke",
     "aha": "--out --seed --base-steps --rl-steps --length-steps --dpo-steps --eval-n --eval-samples --max-new-tokens "
-           "--l2s-problems --cold-traces --reflect-share --flawed-share --length-weight --rl-temperature --until "
-           "--smoke --seeds-report",
+           "--l2s-problems --give-up --diag-problems --length-weight --rl-temperature --until --smoke --seeds-report "
+           "--reflection",  # issue 28: --cold-traces / --reflect-share / --flawed-share left with `aha --reflection`
     "lm": "--out --data --exclude --text-field --preset --minutes --vocab-size --batch-size --seq-len --lr --seed "
           "--eval-interval --eval-tokens --until",
     "r1": "--out --demo --seed --student-preset --student-base-steps --arm-minutes --trace-problems --trace-samples "

@@ -21,8 +21,10 @@ def test_detection_on_hand_written_completions():
     (c,) = find_checks(fixed)
     assert (c.step, c.check, c.same_step, c.changed) == ("7+8=16", "7+8=15", True, True)
     assert not find_checks(other)[0].same_step
-    assert reflection_stats([fixed, rechecked, plain, other]) == {"check_rate": 0.75, "check_changed_rate": 0.25}
-    assert reflection_stats([]) == {"check_rate": 0.0, "check_changed_rate": 0.0}
+    assert reflection_stats([fixed, rechecked, plain, other]) == {"check_rate": 0.75, "check_changed_rate": 0.25,
+                                                                  "attempts_mean": 0.0, "accept_rate": 0.0}
+    assert reflection_stats([]) == {"check_rate": 0.0, "check_changed_rate": 0.0, "attempts_mean": 0.0,
+                                    "accept_rate": 0.0}
 
 
 def test_zero_share_is_byte_identical_and_default():

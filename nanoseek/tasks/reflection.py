@@ -54,10 +54,14 @@ def check_changed(text: str) -> bool:
 
 
 def reflection_stats(texts: list[str]) -> dict:
-    """Share of completions with a check, and with a check that changed a step's result."""
+    """Share of completions with a check, and with a check that changed a step's result; plus the search
+    statistics of nanoseek.tasks.search (attempts per completion, share that accepted an attempt), which GRPO
+    logs every step next to these (0 on tasks without search traces)."""
+    from nanoseek.tasks.search import search_stats
+
     n = max(len(texts), 1)
     return {"check_rate": sum(has_check(t) for t in texts) / n,
-            "check_changed_rate": sum(check_changed(t) for t in texts) / n}
+            "check_changed_rate": sum(check_changed(t) for t in texts) / n, **search_stats(texts)}
 
 
 def reflected_think(correct: list[Step], flawed: list[Step] | None, rng: random.Random) -> str:

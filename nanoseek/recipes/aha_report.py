@@ -1,0 +1,155 @@
+"""The report of `nanoseek aha` (nanoseek.recipes.aha): report.md, the RL curves (R1 fig. 3 in miniature:
+length, attempts, accept rate, accuracy per step), and the table over seeds (`--seeds-report`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nanoseek.config import ConfigError
+from nanoseek.io import atomic_write_text
+from nanoseek.recipes.aha import LABELS, METHODS, AhaConfig
+
+
+def plot_curves(rl_runs: dict[str, Path], path: Path) -> Path | None:
+    """R1 fig. 3 in miniature: mean response length, attempts per completion, accept rate and accuracy per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.report import _ema, _save
+    from nanoseek.train.metrics import read_metrics
+
+    data = {k: read_metrics(r / "metrics.jsonl") for k, r in rl_runs.items()}
+    if not any(data.values()):
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    panels = [("response_len_mean", "mean response length (tokens)"), ("attempts_mean", "attempts per completion"),
+              ("accept_rate", "completions that accept an attempt (yes.)"), ("accuracy", "rollout accuracy")]
+    for ax, (key, title) in zip(axes, panels):
+        for name, rows in data.items():
+            if not rows:
+                continue
+            steps, ys = [r["step"] for r in rows], [r.get(key) or 0.0 for r in rows]
+            ax.plot(steps, ys, lw=0.6, alpha=0.3)
+            ax.plot(steps, _ema(ys), lw=1.5, label=name, color=ax.lines[-1].get_color())
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return path
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _num(v, f: str = ".1f") -> str:
+    return "-" if v is None else format(v, f)
+
+
+def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> Path:
+    from nanoseek.commands.demo import sample_lines  # moves to recipes/report.py with the refactor
+    from nanoseek.tasks.search_diagnostic import diagnostic_table
+
+    plot = plot_curves({f"seed {cfg.seed}": root / "rl"}, root / "plots" / "aha_curves.png")
+    t = s["targets"]
+    yes = {True: "yes", False: "no"}
+    lines = [f"# nanoseek aha: Countdown search (seed {cfg.seed})", "",
+             f"Total {s['seconds_total'] / 60:.1f} min. Corpus give-up prior {cfg.give_up:g}; base {cfg.base_steps} steps of "
+             f"{cfg.batch_size} x {cfg.seq_len} tokens; GRPO {cfg.rl_steps} steps, G {cfg.group_size} x "
+             f"{cfg.prompts_per_step} prompts, lr {cfg.rl_lr:g}, T {cfg.rl_temperature:g}, budget {cfg.max_new_tokens} "
+             f"tokens. Held-out: {cfg.eval_n} problems x {cfg.eval_samples} samples at T=0.6, top-p 0.95.", "",
+             "## Pre-RL diagnostic (the base's own samples of train problems, rollout temperature)", "",
+             *diagnostic_table(s["diagnostic"]), "",
+             f"Longer pays (correct longer than wrong, within groups and overall): {yes[s['diagnostic']['longer_pays']]}.",
+             "", "## Base, RL, equal-time control (held-out, T=0.6)", "",
+             "| model | pass@1 | mean length | attempts | tokens per correct |", "|---|---|---|---|---|"]
+    for k, label in (("base", "base"), ("rl", "RL"), ("control", "control (pretrained for RL's seconds)")):
+        pre = {"base": "base", "rl": "rl", "control": "control"}[k]
+        if s.get(f"{pre}_pass1") is None:
+            lines.append(f"| {label} | not run | | | |")
+            continue
+        ev = {"base": ("base_len", "base_attempts", "base_tokens_per_correct"),
+              "rl": ("rl_len", "rl_attempts", "long_tokens_per_correct"), "control": ("control_len", None, None)}[k]
+        lines.append(f"| {label} | {_pct(s[f'{pre}_pass1'])} | {_num(s[ev[0]])} | "
+                     f"{_num(s[ev[1]], '.2f') if ev[1] else '-'} | {_num(s[ev[2]]) if ev[2] else '-'} |")
+    lines += ["", f"Targets: length >= 1.5x base {yes[t['length_x1_5']]} ({s['rl_len'] / s['base_len']:.2f}x); "
+              f"pass@1 +15 points {yes[t['pass1_plus_15']]} ({100 * (s['rl_pass1'] - s['base_pass1']):+.1f}); "
+              f"ahead of the control {yes[t['ahead_of_control']]}.", ""]
+    if plot:
+        lines += [f"![RL curves](plots/{plot.name})", ""]
+    r = s["rl_rollouts"]
+    if r:
+        lines += ["During RL (rollouts, first -> last 10% of steps): "
+                  f"length {_num(r['response_len_mean_first'])} -> {_num(r['response_len_mean_last'])}, attempts "
+                  f"{_num(r['attempts_mean_first'], '.2f')} -> {_num(r['attempts_mean_last'], '.2f')}, accept rate "
+                  f"{_pct(r['accept_rate_first'])} -> {_pct(r['accept_rate_last'])}, accuracy {_pct(r['accuracy_first'])} -> "
+                  f"{_pct(r['accuracy_last'])}.", ""]
+    if "rl" in s["eval_diagnostic"]:
+        lines += ["Held-out diagnostic, base -> RL:", "", "| measure | base | RL |", "|---|---|---|"]
+        b, q = s["eval_diagnostic"]["base"], s["eval_diagnostic"]["rl"]
+        for key, f in (("verify_yes_precision", _pct), ("value_right", _pct), ("answer_copies_accepted", _pct),
+                       ("gave_up_rate", _pct), ("attempts_correct", _num), ("attempts_wrong", _num),
+                       ("cov_len_reward_within_group", lambda v: _num(v, ".2f"))):
+            lines.append(f"| {key} | {f(b[key])} | {f(q[key])} |")
+        lines.append("")
+    lines += ["## long2short from the RL model (held-out, T=0.6)", "",
+              "| method | tokens per correct | vs long | pass@1 | vs long |", "|---|---|---|---|---|",
+              f"| long (RL) model | {_num(s['long_tokens_per_correct'])} | | {_pct(s['rl_pass1'])} | |"]
+    for m in METHODS:
+        x = s["long2short"][m]
+        if x is None:
+            lines.append(f"| {LABELS[m]} | not run | | | |")
+            continue
+        rel = "-" if x["tokens_per_correct"] is None or not s["long_tokens_per_correct"] else \
+            f"{x['tokens_per_correct'] / s['long_tokens_per_correct'] - 1:+.0%}"
+        lines.append(f"| {LABELS[m]} | {_num(x['tokens_per_correct'])} | {rel} | {_pct(x['pass1'])} | "
+                     f"{100 * (x['pass1'] - s['rl_pass1']):+.1f} pt |")
+    lines += ["", "Methods at >= 30% fewer tokens per correct answer and <= 2 points lower pass@1: "
+              + (", ".join(t["long2short_methods_meeting_target"]) or "none"), ""]
+    p = s.get("partial")
+    if p and "ordinary" in p:
+        lines += ["## Partial rollouts vs ordinary GRPO (from the RL model)", "",
+                  "| arm | steps | median s / step | rollout accuracy | mean length |", "|---|---|---|---|---|"]
+        for k in ("ordinary", "partial"):
+            lines.append(f"| {k} | {p[k]['steps']} | {_num(p[k]['median_s_per_step'], '.2f')} | "
+                         f"{_pct(p[k]['rollout_accuracy'])} | {_num(p[k]['response_len_mean'])} |")
+        lines += ["", f"Ordinary / partial seconds per step: {_num(p['speedup'], '.2f')}x (one thread, a loaded machine "
+                  "gives provisional ratios).", ""]
+    if samples:
+        lines += ["## Samples: early (base) and late (RL) completions", "",
+                  *sample_lines(samples, {"base": "base (early)", "rl": "RL (late)"})]
+    lines += ["## Seconds by stage", "", ", ".join(f"{k} {v:.0f}" for k, v in s["seconds_by_stage"].items())]
+    path = root / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def seeds_report(roots: list[Path], out: Path) -> Path:
+    """docs-ready tables over several seeds' summary.json and their RL curves."""
+    sums = []
+    for r in roots:
+        p = r / "summary.json"
+        if not p.exists():
+            raise ConfigError(f"{p} does not exist: run `nanoseek aha --out {r}` through eval_rl first")
+        sums.append(json.loads(p.read_text()))
+    lines = ["# nanoseek aha over seeds", "", "| seed | pass@1 base -> RL (control) | length base -> RL | attempts base -> RL "
+             "| diagnostic: tokens correct / wrong, within-group cov | long2short meeting the target | partial speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for s in sums:
+        d = s["diagnostic"]
+        lines.append(f"| {s['seed']} | {_pct(s['base_pass1'])} -> {_pct(s['rl_pass1'])} ({_pct(s['control_pass1'])}) | "
+                     f"{_num(s['base_len'])} -> {_num(s['rl_len'])} | {_num(s['base_attempts'], '.2f')} -> "
+                     f"{_num(s['rl_attempts'], '.2f')} | {_num(d['len_correct'])} / {_num(d['len_wrong'])}, "
+                     f"{_num(d['cov_len_reward_within_group'], '.2f')} | "
+                     f"{', '.join(s['targets']['long2short_methods_meeting_target']) or 'none'} | "
+                     f"{_num((s.get('partial') or {}).get('speedup'), '.2f')} |")
+    out.mkdir(parents=True, exist_ok=True)
+    plot = plot_curves({f"seed {s['seed']}": r / "rl" for s, r in zip(sums, roots)}, out / "aha_curves_seeds.png")
+    if plot:
+        lines += ["", f"![RL curves, every seed]({plot.name})"]
+    path = out / "seeds.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
