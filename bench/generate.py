@@ -119,7 +119,7 @@ def legacy_generate_batch(self: Engine, ids: list[list[int]], max_new: int, para
 
 def bench_grpo(run: str, rounds: int, new: int, batches: int) -> None:
     """Interleaved A/B of one GRPO rollout batch: legacy loop vs Engine.generate (see the module docstring)."""
-    from nanoseek.commands.demo import DemoConfig
+    from nanoseek.recipes.demo import DemoConfig
     from nanoseek.tokenizer import Tokenizer
     from nanoseek.train.checkpoint import load_run_model
     from nanoseek.train.grpo import GRPOConfig, ProblemSampler, row_seed

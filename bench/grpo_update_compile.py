@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nanoseek.commands.demo import DemoConfig
+from nanoseek.recipes.demo import DemoConfig
 from nanoseek.engine import Engine
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.checkpoint import load_run_model

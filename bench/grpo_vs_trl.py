@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nanoseek.commands.demo import DemoConfig
+from nanoseek.recipes.demo import DemoConfig
 from nanoseek.config import ModelConfig
 from nanoseek.corpus import corpus_texts
 from nanoseek.engine import Engine

@@ -15,8 +15,8 @@ from nanoseek.cli import main
 from nanoseek.cli_config import knob
 from nanoseek.commands import aha, demo, distill, dpo, lm, pretrain, r1, rl, sft
 from nanoseek.commands.aha import AhaConfig
-from nanoseek.commands.demo import DemoConfig
-from nanoseek.commands.r1 import R1Config
+from nanoseek.recipes.demo import DemoConfig
+from nanoseek.recipes.r1 import R1Config
 from nanoseek.config import ConfigError
 from nanoseek.recipes.lm import LMConfig
 from nanoseek.train.distill import DistillConfig

@@ -12,9 +12,6 @@ import argparse
 
 from nanoseek.cli_config import ConfigCLI
 from nanoseek.recipes.demo import STAGES, DemoConfig, run_demo
-# commands/aha.py imports these from here (until it moves onto nanoseek.recipes)
-from nanoseek.recipes.report import sample_completions as _samples, sample_lines  # noqa: F401
-from nanoseek.recipes.stages import Stages  # noqa: F401
 
 CLI = ConfigCLI(DemoConfig)
 

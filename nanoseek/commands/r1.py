@@ -11,8 +11,6 @@ import argparse
 
 from nanoseek.cli_config import ConfigCLI
 from nanoseek.recipes.r1 import STAGES, R1Config, run_r1
-# commands/aha.py imports this from here (until it moves onto nanoseek.recipes)
-from nanoseek.recipes.report import grpo_used_seconds as _grpo_used_seconds  # noqa: F401
 
 CLI = ConfigCLI(R1Config)
 

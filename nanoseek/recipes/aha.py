@@ -164,7 +164,7 @@ def _grpo(init: Path, run: Path, cfg: AhaConfig, steps: int, **over) -> dict:
 
 
 def grpo_seconds(run: Path) -> float:
-    from nanoseek.commands.r1 import _grpo_used_seconds  # moves to recipes/ with the refactor
+    from nanoseek.recipes.report import grpo_used_seconds as _grpo_used_seconds
 
     return _grpo_used_seconds(run)
 

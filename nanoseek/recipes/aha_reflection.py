@@ -1,6 +1,9 @@
 """`nanoseek aha --reflection`: issue 14's long reasoning on worked arithmetic with check lines (docs/long_reasoning.md,
 section "Arithmetic reflection"). Moved from nanoseek/commands/aha.py; `nanoseek aha` is now issue 28's search recipe
 (nanoseek.recipes.aha).
+Why one ~830-line module: it is the published issue-14 experiment kept whole as the record of that finding
+(stages, cold start, check-credit analysis and its report read top to bottom against docs/long_reasoning.md);
+it is frozen (new work goes to recipes/aha.py), so splitting it would only move lines without a second reader.
 
 Stages, each resumable (Ctrl-C or a timeout, then rerun the same command; `--until STAGE` stops after one):
   1. pretrain_base: the tiny MoE on worked arithmetic where `reflect_share` of the solutions carry one check
@@ -45,8 +48,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from nanoseek.commands.demo import Stages, sample_lines
-from nanoseek.commands.r1 import _grpo_used_seconds
+from nanoseek.recipes.report import grpo_used_seconds as _grpo_used_seconds
+from nanoseek.recipes.report import sample_lines
+from nanoseek.recipes.stages import Stages
 from nanoseek.cli_config import ConfigCLI, knob
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
@@ -439,7 +443,7 @@ def _num2(x) -> str:
 
 def _samples(runs: dict[str, Path], cfg: AhaConfig, k: int = 6) -> dict:
     """Held-out problems with each model's T=0.6 completion (seeded)."""
-    from nanoseek.commands.demo import _samples as demo_samples
+    from nanoseek.recipes.report import sample_completions as demo_samples
 
     return demo_samples(runs, cfg, k, temperature=0.6, top_p=0.95)
 

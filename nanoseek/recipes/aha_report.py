@@ -50,7 +50,7 @@ def _num(v, f: str = ".1f") -> str:
 
 
 def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> Path:
-    from nanoseek.commands.demo import sample_lines  # moves to recipes/report.py with the refactor
+    from nanoseek.recipes.report import sample_lines
     from nanoseek.tasks.search_diagnostic import diagnostic_table
 
     plot = plot_curves({f"seed {cfg.seed}": root / "rl"}, root / "plots" / "aha_curves.png")
