@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
     "lm": ("nanoseek.commands.lm", "a language model of real text (default: the Python stdlib): bits per byte"),
     "import": ("nanoseek.commands.import_hf", "a transformers DeepseekV3 checkpoint (+ its tokenizer, chat template) as a run"),
+    "export": ("nanoseek.commands.export", "a run as a GGUF file for llama.cpp (deepseek2; f32, f16, bf16 or q8_0)"),
     "eplb": ("nanoseek.commands.eplb", "expert-parallel GPU balance before/after EPLB from a run's recorded loads"),
 }
 
