@@ -217,6 +217,8 @@ def export_run(cfg: GGUFExportConfig, verbose: bool = True) -> Path:
 
     if not cfg.run or not cfg.gguf:
         raise ConfigError("export needs --run RUN and --gguf FILE")
+    if not Path(cfg.run).is_dir():
+        raise ConfigError(f"run directory {cfg.run} does not exist")
     tok = Path(cfg.run) / "tokenizer.json"
     if (Path(cfg.run) / "tokenizer_config.json").is_file():
         raise ConfigError(f"{cfg.run} is an imported checkpoint: convert the original with llama.cpp's "
