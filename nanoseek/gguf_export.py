@@ -30,36 +30,22 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
 
-from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError, ModelConfig
 from nanoseek.gguf_tokenizer import add_tokenizer, vocab_metadata
 from nanoseek.hf import hf_name
 from nanoseek.io import atomic_write
 
 ARCH = gguf.MODEL_ARCH.DEEPSEEK2
-DTYPES = ("f32", "f16", "bf16", "q8_0")
 _QTYPE = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}
 _FTYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-
-
-@dataclass
-class GGUFExportConfig:
-    """`nanoseek export --run RUN --gguf FILE`: one run's checkpoint as one GGUF file."""
-
-    run: str = knob("", help="run directory to export (runs/NAME)", metavar="RUN")
-    gguf: str = knob("", help="the GGUF file to write", metavar="FILE")
-    dtype: str = knob("f32", help="weight type: f32 exact; f16 / bf16 / q8_0 (2-D weights only, as llama.cpp's "
-                      "converter)", choices=DTYPES)
-    step: int | None = knob(None, help="checkpoint step (default: the latest)")
 
 
 def check_exportable(cfg: ModelConfig) -> list[str]:
@@ -176,8 +162,8 @@ def _qtype(name: str, data: np.ndarray, dtype: str) -> gguf.GGMLQuantizationType
 def write_gguf(model: torch.nn.Module, tokenizer_file: str | Path, path: str | Path, dtype: str = "f32",
                verbose: bool = True) -> Path:
     """Write `model` (a nanoseek Transformer) and its tokenizer as one GGUF file, atomically."""
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in _QTYPE:
+        raise ConfigError(f"dtype must be one of {', '.join(_QTYPE)}, got {dtype!r}")
     cfg: ModelConfig = model.cfg
     notes = check_exportable(cfg)
     meta = vocab_metadata(tokenizer_file, cfg.vocab_size)
@@ -211,24 +197,24 @@ def write_gguf(model: torch.nn.Module, tokenizer_file: str | Path, path: str | P
     return path
 
 
-def export_run(cfg: GGUFExportConfig, verbose: bool = True) -> Path:
-    """The run's latest (or `step`) checkpoint and its tokenizer.json -> cfg.gguf."""
+def export_run(run: str | Path, out: str | Path, dtype: str = "f32", step: int | None = None,
+               verbose: bool = True) -> Path:
+    """A run's latest (or `step`) checkpoint and its tokenizer.json -> the GGUF file `out`."""
     from nanoseek.train.checkpoint import load_run_model
 
-    if not cfg.run or not cfg.gguf:
-        raise ConfigError("export needs --run RUN and --gguf FILE")
-    if not Path(cfg.run).is_dir():
-        raise ConfigError(f"run directory {cfg.run} does not exist")
-    tok = Path(cfg.run) / "tokenizer.json"
-    if (Path(cfg.run) / "tokenizer_config.json").is_file():
-        raise ConfigError(f"{cfg.run} is an imported checkpoint: convert the original with llama.cpp's "
+    run = Path(run)
+    if not run.is_dir():
+        raise ConfigError(f"run directory {run} does not exist")
+    if (run / "tokenizer_config.json").is_file():
+        raise ConfigError(f"{run} is an imported checkpoint: convert the original with llama.cpp's "
                           "convert_hf_to_gguf.py (its tokenizer is not one nanoseek trained)")
+    tok = run / "tokenizer.json"
     if not tok.is_file():
-        raise ConfigError(f"{cfg.run} has no tokenizer.json")
-    model, _, step_dir = load_run_model(cfg.run, cfg.step)
-    out = write_gguf(model, tok, cfg.gguf, cfg.dtype, verbose)
+        raise ConfigError(f"{run} has no tokenizer.json")
+    model, _, step_dir = load_run_model(run, step)
+    path = write_gguf(model, tok, out, dtype, verbose)
     if verbose:
-        size = os.path.getsize(out) / 2**20
-        print(f"exported {step_dir} -> {out} (deepseek2, {cfg.dtype}, {size:.1f} MiB, "
+        size = os.path.getsize(path) / 2**20
+        print(f"exported {step_dir} -> {path} (deepseek2, {dtype}, {size:.1f} MiB, "
               f"tokenizer.ggml.pre={vocab_metadata(tok, model.cfg.vocab_size)['pre']})")
-    return out
+    return path

@@ -7,9 +7,24 @@ GGUFExportConfig's fields (nanoseek.cli_config).
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from nanoseek.cli_config import ConfigCLI
-from nanoseek.gguf_export import GGUFExportConfig, export_run
+from nanoseek.cli_config import ConfigCLI, knob
+from nanoseek.config import ConfigError
+
+DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass
+class GGUFExportConfig:
+    """One run's checkpoint as one GGUF file."""
+
+    run: str = knob("", help="run directory to export (runs/NAME)", metavar="RUN")
+    gguf: str = knob("", help="the GGUF file to write", metavar="FILE")
+    dtype: str = knob("f32", help="weight type: f32 (exact), or f16 / bf16 / q8_0 for the 2-D weights (norms, "
+                      "router and bias stay f32, as llama.cpp's converter does)", choices=DTYPES)
+    step: int | None = knob(None, help="checkpoint step (default: the latest)")
+
 
 CLI = ConfigCLI(GGUFExportConfig)
 
@@ -22,5 +37,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = CLI.resolve(args)
     if CLI.print_config(args, cfg):
         return 0
-    export_run(cfg)
+    if not cfg.run or not cfg.gguf:
+        raise ConfigError("export needs --run RUN and --gguf FILE")
+    from nanoseek.gguf_export import export_run  # the gguf package only when exporting
+
+    export_run(cfg.run, cfg.gguf, cfg.dtype, cfg.step)
     return 0
