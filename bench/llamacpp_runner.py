@@ -6,8 +6,10 @@ install llama-cpp-py-sync`). Only the handful of binding-specific bits (arrays, 
 they are in `_Binding`. The high-level wrappers of both are skipped: they sample inside llama.cpp and hide the
 batch, and the checks need raw logits and several sequences per batch (llama.cpp's parallel decoding).
 
-`LlamaCpp(path, n_threads, n_seq, n_ctx_seq)`: one model and one context with `n_seq` sequences of up to
-`n_ctx_seq` tokens each (a KV stream per sequence, kv_unified off). `prefill(prompts)` puts every prompt in one
+`LlamaCpp(path, n_threads, n_seq, n_ctx_seq, exact)`: one model and one context with `n_seq` sequences of up to
+`n_ctx_seq` tokens each (a KV stream per sequence, kv_unified off). `exact` (the checks) runs f32 end to end: an
+f32 KV cache and no flash attention; exact=False keeps llama.cpp's defaults (f16 cache, flash attention auto),
+what its users run and what bench/vs_llamacpp.py times. `prefill(prompts)` puts every prompt in one
 batch (chunked by n_batch) and returns each one's last-token logits; `step(tokens)` decodes one token per
 sequence; `greedy(prompts, n)` is both; `tokenize(text)` parses special tokens as nanoseek's tokenizer does.
 """
@@ -55,7 +57,8 @@ class _Binding:
 
 
 class LlamaCpp:
-    def __init__(self, path: str, n_threads: int = 2, n_seq: int = 1, n_ctx_seq: int = 256, n_batch: int = 512):
+    def __init__(self, path: str, n_threads: int = 2, n_seq: int = 1, n_ctx_seq: int = 256, n_batch: int = 512,
+                 exact: bool = True):
         b = self.b = _Binding()
         lib = b.lib
         lib.llama_backend_init()
@@ -69,6 +72,9 @@ class LlamaCpp:
         cp.n_seq_max = n_seq
         cp.n_threads = cp.n_threads_batch = n_threads
         cp.kv_unified = False
+        if exact:  # llama.cpp's defaults: an f16 KV cache and (auto) flash attention, whose CPU kernel rounds the
+            cp.type_k = cp.type_v = 0  # query to f16 (logits ~6e-5 of their range off); GGML_TYPE_F32
+            cp.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED: f32 end to end (~2e-7 of the range)
         self.ctx = lib.llama_init_from_model(self.model, cp)
         if b.is_null(self.ctx):
             raise RuntimeError("llama.cpp could not create a context")

@@ -8,6 +8,7 @@ decode greedily from the same prompts (--prompt-len random tokens) for exactly -
 - generate tokens/s = B * new / time(prefill + new tokens);
 - prefill tokens/s  = B * prompt_len / time(prefill + 1 token) (llama.cpp: the prefill batch alone);
 - decode tokens/s   = B * (new - 1) / (time(new tokens) - time(1 token)): the per-token steps alone.
+llama.cpp runs with its defaults (f16 KV cache, flash attention auto) unless --exact (f32 end to end).
 Each round times nanoseek then llama.cpp (or the reverse, alternating by round); medians over --rounds are
 printed with the ratio nanoseek / llama.cpp and the operating point (threads, load average, versions). At batch 1
 on the trained run, llama.cpp's 64 greedy tokens are checked against nanoseek's (printed, not asserted).
@@ -68,7 +69,7 @@ def theirs_time(llm: LlamaCpp, prompts: list[list[int]], new: int) -> tuple[floa
 
 
 def bench_model(name: str, model: Transformer, tok_file: Path, batches: list[int], prompt_len: int, new: int,
-                rounds: int, threads: int, check: bool) -> list[dict]:
+                rounds: int, threads: int, check: bool, exact: bool = False) -> list[dict]:
     model.eval()
     engine = Engine(model, eos_id=-1)
     g = torch.Generator().manual_seed(0)
@@ -77,7 +78,7 @@ def bench_model(name: str, model: Transformer, tok_file: Path, batches: list[int
         path = write_gguf(model, tok_file, Path(d) / "m.gguf", verbose=False)
         for B in batches:
             prompts = torch.randint(10, model.cfg.vocab_size, (B, prompt_len), generator=g).tolist()
-            llm = LlamaCpp(str(path), n_threads=threads, n_seq=B, n_ctx_seq=prompt_len + new)
+            llm = LlamaCpp(str(path), n_threads=threads, n_seq=B, n_ctx_seq=prompt_len + new, exact=exact)
             try:
                 ours_time(engine, prompts, 2)  # warm both
                 theirs_time(llm, prompts, 2)
@@ -122,6 +123,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--exact", action="store_true", help="llama.cpp in f32 end to end (f32 KV cache, no flash "
+                    "attention) instead of its defaults (f16 KV cache, flash attention auto)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from bench.llamacpp_runner import _Binding
@@ -130,7 +133,9 @@ def main() -> None:
     print(f"operating point: {args.threads} threads each (torch.set_num_threads / llama.cpp n_threads), "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, {binding}; prompts {args.prompt_len} tokens, {args.new} new, greedy, "
-          f"medians of {args.rounds} alternating rounds; nanoseek / llama.cpp ratios")
+          f"medians of {args.rounds} alternating rounds; llama.cpp "
+          + ("f32 KV cache, no flash attention" if args.exact else "defaults (f16 KV cache, flash attention auto)")
+          + "; nanoseek f32 (its latent cache in f32); ratios nanoseek / llama.cpp")
     if args.run:
         from nanoseek.train.checkpoint import load_run_model
 
@@ -138,7 +143,7 @@ def main() -> None:
         n = model.cfg.param_counts()["total"]
         print(f"trained run {step} ({n / 1e6:.1f}M parameters, MTP not used by either side)")
         bench_model("trained", model, Path(args.run) / "tokenizer.json", args.batches, args.prompt_len, args.new,
-                    args.rounds, args.threads, check=True)
+                    args.rounds, args.threads, check=True, exact=args.exact)
     if not args.no_big:
         torch.manual_seed(0)
         model = Transformer(BIG)
@@ -148,7 +153,7 @@ def main() -> None:
             tok = Tokenizer.train(["the quick brown fox 0123456789"] * 4, vocab_size=300)
             tok_file = tok.save(Path(d) / "tokenizer.json")
             bench_model("100M-random", model, tok_file, args.batches, args.prompt_len, args.new, args.rounds,
-                        args.threads, check=False)
+                        args.threads, check=False, exact=args.exact)
 
 
 if __name__ == "__main__":

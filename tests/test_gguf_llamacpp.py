@@ -122,3 +122,28 @@ def test_tokenization_agrees_on_task_text(run, tmp_path):
         assert [llm.tokenize(t) for t in texts] == [tok.encode(t) for t in texts]
     finally:
         llm.close()
+
+
+@pytest.mark.parametrize("rope", [dict(rope_factor=1.0), dict(rope_factor=4.0, original_seq_len=16, mscale=0.707)])
+def test_random_weights_logits_and_yarn(rope, tmp_path):
+    """Random weights, positions past YaRN's original context: llama.cpp's last-token logits vs nanoseek's."""
+    from nanoseek.config import ModelConfig
+    from nanoseek.gguf_export import write_gguf
+    from nanoseek.model import Transformer
+    from nanoseek.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["what is 12 + 7? it is 19."] * 4, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**MODEL, "vocab_size": tok.vocab_size, "max_seq_len": 64, "original_seq_len": 64,
+                         "q_lora_rank": 32, "init_std": 0.05, **rope})
+    model = Transformer(cfg).eval()
+    path = write_gguf(model, tok.save(tmp_path / "tokenizer.json"), tmp_path / "m.gguf", verbose=False)
+    prompts = torch.randint(10, tok.vocab_size, (3, 48), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ours = np.stack([model(torch.tensor([p]))[0, -1].numpy() for p in prompts])
+    llm = LlamaCpp(str(path), n_threads=1, n_seq=3, n_ctx_seq=64)
+    try:
+        theirs = llm.prefill(prompts)
+    finally:
+        llm.close()
+    assert np.abs(theirs - ours).max() <= 1e-3 * (ours.max() - ours.min())
