@@ -253,3 +253,21 @@ def test_yarn_keys(tok_file, tmp_path):
     assert kv["deepseek2.rope.scaling.type"] == "yarn" and kv["deepseek2.rope.scaling.factor"] == 4.0
     assert kv["deepseek2.rope.scaling.original_context_length"] == 16
     assert kv["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.0707)
+
+
+def test_export_options_come_from_the_config_dataclass():
+    """Every GGUFExportConfig field is one generated option; the dtype choices are the exporter's."""
+    import argparse
+    import dataclasses as dc
+
+    from nanoseek.commands import export
+    from nanoseek.gguf_export import _QTYPE
+
+    p = argparse.ArgumentParser()
+    export.add_arguments(p)
+    flags = {a.dest: a for a in p._actions}
+    for f in dc.fields(export.GGUFExportConfig):
+        assert f.name in flags and f.metadata.get("knob") is not None
+    assert tuple(flags["dtype"].choices) == export.DTYPES == tuple(_QTYPE)
+    cfg = export.CLI.resolve(p.parse_args(["--run", "r", "--gguf", "f.gguf", "--dtype", "q8_0"]))
+    assert (cfg.run, cfg.gguf, cfg.dtype, cfg.step) == ("r", "f.gguf", "q8_0", None)
