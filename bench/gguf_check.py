@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.llamacpp_runner import LlamaCpp  # noqa: E402
+from nanoseek.engine import Engine  # noqa: E402
 from nanoseek.evaluate import test_problems  # noqa: E402
 from nanoseek.gguf_export import write_gguf  # noqa: E402
 from nanoseek.hf_tokenizer import load_tokenizer  # noqa: E402
@@ -43,22 +44,28 @@ def sample_top_p(logits: np.ndarray, temperature: float, top_p: float, rng: np.r
     return int(rng.choice(len(p), p=q / q.sum()))
 
 
-def llama_generate(llm: LlamaCpp, prompt: list[int], k: int, new: int, eos: int, temperature: float = 0.0,
+def llama_generate(llm: LlamaCpp, prompts: list[list[int]], new: int, eos: int, temperature: float = 0.0,
                    rng: np.random.Generator | None = None) -> list[list[int]]:
-    """k continuations of one prompt as k parallel sequences; each stops at eos (included) or `new` tokens."""
-    llm.reset()
-    logits = llm.prefill([prompt] * k)
-    out: list[list[int]] = [[] for _ in range(k)]
-    live = list(range(k))
-    for _ in range(new):
-        nxt = [int(logits[i].argmax()) if temperature <= 0 else sample_top_p(logits[i], temperature, 0.95, rng)
-               for i in range(k)]
-        for i in live:
-            out[i].append(nxt[i])
-        live = [i for i in live if nxt[i] != eos and len(out[i]) < new]
-        if not live:
-            break
-        logits = llm.step(nxt)  # finished rows keep decoding (ignored): every sequence stays in step
+    """One continuation per prompt, the prompts as parallel sequences (at most llm.n_seq at a time); each stops at
+    eos (included) or `new` tokens. Finished rows keep decoding (ignored) so every sequence stays in step."""
+    out: list[list[int]] = []
+    for c in range(0, len(prompts), llm.n_seq):
+        chunk = prompts[c:c + llm.n_seq]
+        llm.reset()
+        logits = llm.prefill(chunk)
+        done: list[list[int]] = [[] for _ in chunk]
+        live = set(range(len(chunk)))
+        for _ in range(new):
+            nxt = [int(row.argmax()) if temperature <= 0 else sample_top_p(row, temperature, 0.95, rng)
+                   for row in logits]
+            for i in list(live):
+                done[i].append(nxt[i])
+                if nxt[i] == eos or len(done[i]) >= new:
+                    live.discard(i)
+            if not live:
+                break
+            logits = llm.step(nxt)
+        out += done
     return out
 
 
@@ -69,7 +76,7 @@ def score(task, problems, completions_per_problem, tok) -> float:
     return float(np.mean(hits))
 
 
-def task_checks(run: str, n: int, samples: int, threads: int) -> None:
+def task_checks(run: str, n: int, samples: int, threads: int, skip_eval: bool = False) -> None:
     model, cfg, step = load_run_model(run)
     tok = load_tokenizer(run)
     task_name = cfg.get("data", {}).get("task", "arithmetic") if isinstance(cfg.get("data"), dict) else "arithmetic"
@@ -79,30 +86,38 @@ def task_checks(run: str, n: int, samples: int, threads: int) -> None:
     torch.set_num_threads(threads)
     with torch.no_grad():
         ours_top1 = [int(model(torch.tensor([p]))[0, -1].argmax()) for p in prompts]
+    # nanoseek's greedy continuations: llama.cpp's argmax is compared at every one of their positions
+    ours_greedy = [o.tokens for o in Engine(model, tokenizer=tok).generate(prompts, max_new_tokens=64)]
     from nanoseek.evaluate import evaluate
 
-    ev = evaluate(model, tok, task_name, n=n, samples=samples, max_new_tokens=64)
     print(f"run {step}, task {task_name}, {n} held-out problems, {threads} threads")
-    print(f"nanoseek          : greedy {ev.greedy:.3f}  pass@1 {ev.pass1:.3f} (T=0.6, top-p 0.95, {samples} "
-          "samples per problem)")
+    if not skip_eval:
+        ev = evaluate(model, tok, task_name, n=n, samples=samples, max_new_tokens=64)
+        print(f"nanoseek          : greedy {ev.greedy:.3f}  pass@1 {ev.pass1:.3f} (T=0.6, top-p 0.95, {samples} "
+              "samples per problem)", flush=True)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as d:
         for dtype in ("f32", "q8_0"):
             path = write_gguf(model, Path(run) / "tokenizer.json", Path(d) / f"{dtype}.gguf", dtype, verbose=False)
-            llm = LlamaCpp(str(path), n_threads=threads, n_seq=samples, n_ctx_seq=model.cfg.max_seq_len)
+            llm = LlamaCpp(str(path), n_threads=threads, n_seq=50, n_ctx_seq=max(map(len, prompts)) + 64)
             try:
-                top1 = []
-                for p in prompts:
+                top1, pos_agree = [], []
+                for c in range(0, n, 50):
                     llm.reset()
-                    top1.append(int(llm.prefill([p])[0].argmax()))
-                greedy = [llama_generate(llm, p, 1, 64, tok.eos_id) for p in prompts]
-                sampled = [llama_generate(llm, p, samples, 64, tok.eos_id, 0.6, rng) for p in prompts]
+                    top1 += llm.prefill(prompts[c:c + 50]).argmax(-1).tolist()
+                    seqs = [p + g[:-1] for p, g in zip(prompts[c:c + 50], ours_greedy[c:c + 50])]
+                    for p, g, lg in zip(prompts[c:c + 50], ours_greedy[c:c + 50], llm.all_logits(seqs)):
+                        pos_agree += (lg[len(p) - 1:].argmax(-1) == np.array(g)).tolist()
+                greedy = [[g] for g in llama_generate(llm, prompts, 64, tok.eos_id)]
+                flat = llama_generate(llm, [p for p in prompts for _ in range(samples)], 64, tok.eos_id, 0.6, rng)
+                sampled = [flat[i * samples:(i + 1) * samples] for i in range(n)]
             finally:
                 llm.close()
             agree = np.mean(np.array(top1) == np.array(ours_top1))
             print(f"llama.cpp {dtype:<5}  : greedy {score(task, problems, greedy, tok):.3f}  pass@1 "
                   f"{score(task, problems, sampled, tok):.3f}  first-token top-1 agreement with nanoseek "
-                  f"{agree:.3f} ({int(agree * n)}/{n})", flush=True)
+                  f"{agree:.3f} ({int(agree * n)}/{n}); top-1 agreement at every position of nanoseek's greedy "
+                  f"continuations {np.mean(pos_agree):.4f} ({sum(pos_agree)}/{len(pos_agree)})", flush=True)
 
 
 def tokenization_agreement(llm_path: Path, tok: Tokenizer, texts: list[str], label: str) -> None:
@@ -146,10 +161,13 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-task", action="store_true", help="tokenization only")
+    ap.add_argument("--skip-tokenization", action="store_true")
+    ap.add_argument("--skip-eval", action="store_true", help="skip nanoseek's own evaluate (greedy, pass@1)")
     args = ap.parse_args()
-    tokenizer_checks(args.run, args.n)
+    if not args.skip_tokenization:
+        tokenizer_checks(args.run, args.n)
     if not args.skip_task:
-        task_checks(args.run, args.n, args.samples, args.threads)
+        task_checks(args.run, args.n, args.samples, args.threads, args.skip_eval)
 
 
 if __name__ == "__main__":

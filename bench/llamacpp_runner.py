@@ -124,6 +124,16 @@ class LlamaCpp:
         items = [(s, t, j == len(p) - 1) for s, p in enumerate(prompts) for j, t in enumerate(p)]
         return np.stack(self._decode(items))
 
+    def all_logits(self, seqs: list[list[int]]) -> list[np.ndarray]:
+        """(len(seq), n_vocab) logits at every position of each sequence (teacher forcing), from a fresh cache."""
+        self.reset()
+        flat = self._decode([(s, t, True) for s, q in enumerate(seqs) for t in q])
+        out, i = [], 0
+        for q in seqs:
+            out.append(np.stack(flat[i:i + len(q)]))
+            i += len(q)
+        return out
+
     def step(self, tokens: list[int]) -> np.ndarray:
         """One new token per sequence 0..len(tokens)-1 -> (len(tokens), n_vocab) logits."""
         return np.stack(self._decode([(s, t, True) for s, t in enumerate(tokens)]))
