@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo r1 lm test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision bench-ablations aha lint venv
+.PHONY: llamacpp bench-llamacpp demo r1 lm test test-slow bench bench-serve bench-soak bench-grpo bench-distill bench-spec bench-verifiers bench-parallel bench-precision bench-ablations aha lint venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -28,6 +28,14 @@ aha: $(VENV_STAMP)
 # resumable; report in runs/lm/report.md (docs/lm.md)
 lm: $(VENV_STAMP)
 	$(PY) -m nanoseek.cli lm
+
+# optional: llama-cpp-python (compiles llama.cpp; not part of `make test`'s install). Then `make test-slow` runs
+# tests/test_gguf_llamacpp.py and `make bench-llamacpp` the decode comparison (bench/vs_llamacpp.py)
+llamacpp: $(VENV_STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q 'llama-cpp-python==0.3.36'  # = the llamacpp extra
+
+bench-llamacpp: $(VENV_STAMP)
+	$(PY) bench/vs_llamacpp.py $(if $(RUN),--run $(RUN),)
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest tests

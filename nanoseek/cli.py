@@ -33,7 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "r1": ("nanoseek.commands.r1", "the R1 pipeline after the demo: distillation vs RL on a dense student"),
     "lm": ("nanoseek.commands.lm", "a language model of real text (default: the Python stdlib): bits per byte"),
     "import": ("nanoseek.commands.import_hf", "a transformers DeepseekV3 checkpoint (+ its tokenizer, chat template) as a run"),
-    "export": ("nanoseek.commands.export", "a run as a transformers directory (weights + its tokenizer and chat template)"),
+    "export": ("nanoseek.commands.export", "a run as a transformers directory (--hf) or a GGUF file for llama.cpp (--gguf)"),
     "eplb": ("nanoseek.commands.eplb", "expert-parallel GPU balance before/after EPLB from a run's recorded loads"),
 }
 
