@@ -39,19 +39,17 @@ merge partner is the base (the short-CoT model of the same architecture we have)
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from nanoseek.recipes.report import grpo_used_seconds as _grpo_used_seconds
-from nanoseek.recipes.report import sample_lines
+from nanoseek.recipes.report import plot_rl_curves, sample_lines
 from nanoseek.recipes.stages import Stages
-from nanoseek.cli_config import ConfigCLI, knob
+from nanoseek.cli_config import knob
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 
@@ -125,18 +123,6 @@ class AhaConfig:
 
 STAGES = ("pretrain_base", "eval_base", "rl", "eval_rl", *[s for m in METHODS for s in (m, f"eval_{m}")],
           "samples", "check_credit", "cold_traces", "cold_sft", "eval_cold_sft", "cold_rl", "eval_cold_rl")
-
-
-CLI = ConfigCLI(AhaConfig)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    CLI.add_arguments(p)
-    p.add_argument("--until", choices=STAGES, help="stop after this stage (run long pipelines in pieces)")
-    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every stage (for tests); options "
-                   "given apply on top")
-    p.add_argument("--seeds-report", nargs="+", metavar="RUN", help="only write --out/seeds.md: tables over these "
-                   "aha runs (one per seed, through eval_rl at least) and their RL curves")
 
 
 # ---- stages -------------------------------------------------------------------------------------------
@@ -451,37 +437,10 @@ def _samples(runs: dict[str, Path], cfg: AhaConfig, k: int = 6) -> dict:
 # ---- report -------------------------------------------------------------------------------------------
 def plot_reflection(rl_runs: dict[str, Path], path: Path) -> Path | None:
     """R1 fig. 3 in miniature: mean response length, check rate, check-changed rate and accuracy per RL step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanoseek.report import _ema, _save
-    from nanoseek.train.metrics import read_metrics
-
-    data = {k: read_metrics(r / "metrics.jsonl") for k, r in rl_runs.items()}
-    if not any(data.values()):
-        return None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    panels = [("response_len_mean", "mean response length (tokens)"),
-              ("check_rate", "completions with a check / check changed a step"), ("accuracy", "rollout accuracy")]
-    for ax, (key, title) in zip(axes, panels):
-        for name, rows in data.items():
-            if not rows:
-                continue
-            steps = [r["step"] for r in rows]
-            ys = [r.get(key, 0.0) for r in rows]
-            ax.plot(steps, ys, lw=0.6, alpha=0.3)
-            ax.plot(steps, _ema(ys), lw=1.5, label=name, color=ax.lines[-1].get_color())
-            if key == "check_rate":
-                ax.plot(steps, _ema([r.get("check_changed_rate", 0.0) for r in rows]), lw=1.2, ls="--",
-                        label=f"{name}: check changed", color=ax.lines[-1].get_color())
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save(fig, path)
-    return path
+    return plot_rl_curves(rl_runs, [("response_len_mean", "mean response length (tokens)"),
+                                    ("check_rate", "completions with a check / check changed a step"),
+                                    ("accuracy", "rollout accuracy")], path,
+                          dashed={"check_rate": ("check_changed_rate", "check changed")})
 
 
 def plot_cold_start(root: Path, sft_seconds: float, path: Path) -> Path | None:
@@ -824,16 +783,3 @@ def load_summary(root: Path) -> dict:
         raise ConfigError(f"{root} has no finished eval_rl stage (stages.json): nothing to report yet")
     cfg = AhaConfig(**json.loads((root / "aha_config.json").read_text()))
     return build_summary(root, cfg, stages)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = CLI.resolve(args, rebase=(lambda c: AhaConfig.smoke(c.out, c.seed)) if args.smoke else None)
-    if CLI.print_config(args, cfg):
-        return 0
-    t0 = time.time()
-    if args.seeds_report:
-        console.print(f"wrote {seeds_report([Path(r) for r in args.seeds_report], Path(cfg.out))}")
-        return 0
-    run_aha(cfg, args.until)
-    console.print(f"[dim]this invocation: {time.time() - t0:.0f} s[/dim]")
-    return 0

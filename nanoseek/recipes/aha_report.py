@@ -8,37 +8,15 @@ from pathlib import Path
 from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 from nanoseek.recipes.aha import LABELS, METHODS, AhaConfig
+from nanoseek.recipes.report import plot_rl_curves
 
 
 def plot_curves(rl_runs: dict[str, Path], path: Path) -> Path | None:
     """R1 fig. 3 in miniature: mean response length, attempts per completion, accept rate and accuracy per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from nanoseek.report import _ema, _save
-    from nanoseek.train.metrics import read_metrics
-
-    data = {k: read_metrics(r / "metrics.jsonl") for k, r in rl_runs.items()}
-    if not any(data.values()):
-        return None
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
-    panels = [("response_len_mean", "mean response length (tokens)"), ("attempts_mean", "attempts per completion"),
-              ("accept_rate", "completions that accept an attempt (yes.)"), ("accuracy", "rollout accuracy")]
-    for ax, (key, title) in zip(axes, panels):
-        for name, rows in data.items():
-            if not rows:
-                continue
-            steps, ys = [r["step"] for r in rows], [r.get(key) or 0.0 for r in rows]
-            ax.plot(steps, ys, lw=0.6, alpha=0.3)
-            ax.plot(steps, _ema(ys), lw=1.5, label=name, color=ax.lines[-1].get_color())
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    _save(fig, path)
-    return path
+    return plot_rl_curves(rl_runs, [("response_len_mean", "mean response length (tokens)"),
+                                    ("attempts_mean", "attempts per completion"),
+                                    ("accept_rate", "completions that accept an attempt (yes.)"),
+                                    ("accuracy", "rollout accuracy")], path)
 
 
 def _pct(v) -> str:

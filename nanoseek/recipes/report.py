@@ -123,3 +123,39 @@ def grpo_used_seconds(run: Path) -> float:
             break
         used = seconds
     return used
+
+
+def plot_rl_curves(rl_runs: dict[str, Path], panels: list[tuple[str, str]], path: Path,
+                   dashed: dict[str, tuple[str, str]] | None = None) -> Path | None:
+    """R1 fig. 3 in miniature: one panel per (metrics key, title), raw per-step values and their EMA for each run;
+    `dashed`: panel key -> (another key drawn dashed in that panel, its label suffix). None without metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nanoseek.report import ema, save_figure
+    from nanoseek.train.metrics import read_metrics
+
+    data = {k: read_metrics(r / "metrics.jsonl") for k, r in rl_runs.items()}
+    if not any(data.values()):
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (key, title) in zip(axes, panels):
+        for name, rows in data.items():
+            if not rows:
+                continue
+            steps, ys = [r["step"] for r in rows], [r.get(key) or 0.0 for r in rows]
+            ax.plot(steps, ys, lw=0.6, alpha=0.3)
+            ax.plot(steps, ema(ys), lw=1.5, label=name, color=ax.lines[-1].get_color())
+            if dashed and key in dashed:
+                other, suffix = dashed[key]
+                ax.plot(steps, ema([r.get(other) or 0.0 for r in rows]), lw=1.2, ls="--", label=f"{name}: {suffix}",
+                        color=ax.lines[-1].get_color())
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+    return path
+
