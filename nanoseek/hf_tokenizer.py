@@ -46,6 +46,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nanoseek.config import ConfigError
 from nanoseek.hf_chat_template import MAX_RENDER_CHARS, RENDER_SECONDS, ChatTemplate, TemplateError, _first_line
+from nanoseek.tokenizer import TokenizerOps
 
 __all__ = ["ChatTemplate", "ImportedTokenizer", "MAX_RENDER_CHARS", "RENDER_SECONDS", "TemplateError",
            "copy_tokenizer_files", "is_imported", "load_tokenizer"]
@@ -104,7 +105,7 @@ def _eos_list(value: Any, where: str) -> list[int]:
 
 
 # ---- the tokenizer ----------------------------------------------------------------------------------------
-class ImportedTokenizer:
+class ImportedTokenizer(TokenizerOps):
     """A transformers checkpoint's tokenizer answering nanoseek.tokenizer.Tokenizer's calls."""
 
     imported = True
@@ -196,18 +197,6 @@ class ImportedTokenizer:
         """Token ids the engine may sample: [0, vocab_size); embedding rows beyond are padding."""
         return self.vocab_size
 
-    def id_of(self, token: str) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise ConfigError(f"token {token!r} is not in the vocabulary")
-        return i
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_strings(self, ids: Iterable[int]) -> list[str]:
         return [self.decode([i]) for i in ids]

@@ -59,7 +59,28 @@ def _without_specials(texts: Iterable[str]) -> Iterator[str]:
                 yield piece
 
 
-class Tokenizer:
+class TokenizerOps:
+    """id lookup, encode and decode over a wrapped `tokenizers.Tokenizer` (`self._tok`): shared by nanoseek's own
+    tokenizer and an imported checkpoint's (nanoseek.hf_tokenizer.ImportedTokenizer)."""
+
+    _tok: HFTokenizer
+    bos_id: int | None
+
+    def id_of(self, token: str) -> int:
+        i = self._tok.token_to_id(token)
+        if i is None:
+            raise ConfigError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+
+class Tokenizer(TokenizerOps):
     def __init__(self, tok: HFTokenizer):
         self._tok = tok
         for i, t in enumerate(SPECIAL_TOKENS):
@@ -144,18 +165,6 @@ class Tokenizer:
     def stop_ids(self) -> frozenset[int]:
         return frozenset([self.eos_id])
 
-    def id_of(self, token: str) -> int:
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise ConfigError(f"token {token!r} is not in the vocabulary")
-        return i
-
-    def encode(self, text: str, bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if bos else ids
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_strings(self, ids: Iterable[int]) -> list[str]:
         """Each id decoded on its own: for showing how a text was split."""
