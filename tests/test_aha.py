@@ -115,6 +115,13 @@ def test_diagnostic_on_hand_made_completions():
     assert d["yes_count"] == 3 and d["verify_yes_precision"] == pytest.approx(2 / 3)
     assert d["no_count"] == 5 and d["verify_no_precision"] == 1.0
     assert d["value_right"] == pytest.approx(7 / 8)
+    # the liar's yes is consistent with what it wrote (value 12, target 12): a miscomputed value, not a bad compare;
+    # its second step `7*1=12` is the one wrong step of 16
+    assert d["verdict_consistent"] == 1.0 and d["yes_consistent"] == 1.0
+    assert d["step_right"] == pytest.approx(15 / 16)
+    stop_hazard = diagnose([p], [f"<think>{a3.replace('yes', 'no')} {a1.replace('no', 'yes')}</think>"
+                                 "<answer>(3+4)+1</answer>"], [20], [False])
+    assert stop_hazard["verdict_consistent"] == 0.0 and stop_hazard["yes_consistent"] == 0.0
     assert d["answer_copies_accepted"] == pytest.approx(2 / 3)
     assert d["gave_up_rate"] == 0.25
     assert d["accuracy_by_attempts"] == {"1": {"n": 2, "pass1": 0.0}, "3": {"n": 2, "pass1": 0.5}}
@@ -168,3 +175,35 @@ def test_aha_smoke_end_to_end(tmp_path):
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all("attempts_mean" in r and "accept_rate" in r for r in rows)
     assert (out / "report.md").read_text().startswith("# nanoseek aha: Countdown search")
+
+
+def test_mod_task_values_verdicts_and_checker():
+    """countdown_mod: every step mod 10 (Python's %, so 0-1 = 9), the planted candidate hits, any expression whose
+    value mod 10 is the target counts, and the diagnostic reads true values mod 10."""
+    from nanoseek.tasks.base import Problem
+    from nanoseek.tasks.search import SearchModTask, candidate_value
+
+    task = get_task("countdown_mod")
+    assert isinstance(task, SearchModTask)
+    assert candidate_value([7, 7, 1], ("-", "-"), 10) == (0, 9) and candidate_value([9, 8, 7], ("*", "*"), 10) == (2, 4)
+    rng = random.Random(0)
+    probs = [task.sample(rng) for _ in range(2000)]
+    assert all(p.prompt.startswith(f"Reach {p.meta['target']} mod 10 using ") for p in probs)
+    assert all(0 <= p.meta["target"] <= 9 and all(1 <= n <= 9 for n in p.meta["numbers"]) for p in probs)
+    assert all(task.check(p, p.answer) for p in probs)
+    assert 3 < sum(p.meta["hit"] for p in probs) / len(probs) < 4.5  # collisions: ~3.8, not ~5 as without mod
+    for p in probs[:300]:
+        full = task.solution(p, rng, give_up=0.0)
+        atts = parse_attempts(full, 10)
+        assert len(atts) == p.meta["hit"] and atts[-1].verdict and not any(a.verdict for a in atts[:-1])
+        assert all(a.value == a.true_value() and all(a.steps_right()) for a in atts)
+        assert task.score(p, full).correct
+        bad = task.score(p, task.solution(p, rng, flawed=True))
+        assert bad.format_ok and not bad.correct
+    p = Problem("Reach 3 mod 10 using 9, 4, 7.", "", {"numbers": [9, 4, 7], "target": 3, "modulus": 10})
+    assert task.check(p, "(9+4)*1") is False  # 1 is not given
+    assert task.check(p, "9*7") and task.check(p, "(9+4)+7*0") is False  # 63 = 3 mod 10; 0 not given
+    assert task.check(p, "(9-4)-7") is False  # -2 = 8 mod 10
+    liar = "(9+4)+7=3+7=0, target 3: yes."  # true 13 mod 10 = 3, 3+7 = 0: value right, verdict inconsistent
+    d = diagnose([p], [f"<think>{liar}</think><answer>(9+4)+7</answer>"], [10], [False])
+    assert d["value_right"] == 1.0 and d["verify_yes_precision"] == 0.0 and d["verdict_consistent"] == 0.0

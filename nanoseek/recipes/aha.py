@@ -41,7 +41,7 @@ from nanoseek.config import ConfigError
 from nanoseek.io import atomic_write_text
 from nanoseek.recipes.stages import StageRunner, StopAfter, console
 
-TASK = "countdown_search"
+TASKS = ("countdown_mod", "countdown_search")  # the search tasks (nanoseek.tasks.search)
 METHODS = ("l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge")
 LABELS = {"l2s_length": "length-penalty RL", "l2s_shortest": "shortest rejection sampling + SFT",
           "l2s_dpo": "DPO (short vs long)", "l2s_merge": "merge (long + base)"}
@@ -53,7 +53,9 @@ STAGES = ("pretrain_base", "diagnostic", "eval_base", "rl", "eval_rl", "control"
 class AhaConfig:
     out: str = knob("runs/aha", help="the recipe's root directory (one run directory per stage inside)")
     seed: int = knob(0, help="seed of every stage")
-    difficulty: int = knob(1, help="countdown_search level (largest number 9, 15, 25, 50, 100)")
+    task: str = knob("countdown_mod", choices=TASKS,
+                     help="countdown_mod: every step mod 10 (one-digit verdicts); countdown_search: plain integers")
+    difficulty: int = knob(1, help="countdown_search level (largest number 9, 15, 25, 50, 100); countdown_mod: 1")
     # per `no.`: the corpus's searches continue with probability 1 - give_up (2.3 attempts on average at 0.35)
     give_up: float = knob(0.35, help="give-up prior of the corpus: P(stop after a `no.`)")
     base_steps: int = knob(720, help="pretraining steps of the base")
@@ -101,7 +103,7 @@ class AhaConfig:
             raise ConfigError("learning rates, control_lr_scale, sft_epochs, dpo_beta and rl_temperature must be "
                               "positive")
         from nanoseek.tasks import get_task
-        get_task(TASK).check_difficulty(self.difficulty)
+        get_task(self.task).check_difficulty(self.difficulty)
         return self
 
     @classmethod
@@ -131,7 +133,7 @@ def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds:
                             warmup_steps=1 if control else min(20, max(1, steps // 10)),
                             eval_interval=0 if control else max(steps // 4, 1), ckpt_interval=max(cfg.base_steps // 5, 1),
                             minutes=(seconds or 0.0) / 60)
-        data = DataConfig(task=TASK, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 100, 20), difficulty=cfg.difficulty,
+        data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 100, 20), difficulty=cfg.difficulty,
                           flawed_share=cfg.give_up, fact_share=0.0, packing="aligned")
         pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data, time_schedule=control)
         start = None
@@ -147,7 +149,7 @@ def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds:
 def _grpo_cfg(cfg: AhaConfig, steps: int, **over):
     from nanoseek.train.grpo import GRPOConfig
 
-    return GRPOConfig(task=TASK, difficulty=cfg.difficulty, steps=steps, group_size=cfg.group_size,
+    return GRPOConfig(task=cfg.task, difficulty=cfg.difficulty, steps=steps, group_size=cfg.group_size,
                       prompts_per_step=cfg.prompts_per_step, max_new_tokens=cfg.max_new_tokens, lr=cfg.rl_lr,
                       seed=cfg.seed, ckpt_every=max(steps // 4, 1), bias_update=False, bias_gamma=0.0,
                       temperature=cfg.rl_temperature, **over)
@@ -178,7 +180,7 @@ def _shortest_sft(rl: Path, run: Path, cfg: AhaConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     data = run.parent / "l2s_shortest_traces.jsonl"
     if not data.exists():
-        rejection_sample(TracesConfig(run=str(rl), task=TASK, problems=cfg.l2s_problems, samples=cfg.l2s_samples,
+        rejection_sample(TracesConfig(run=str(rl), task=cfg.task, problems=cfg.l2s_problems, samples=cfg.l2s_samples,
                                       temperature=1.0, keep="shortest", difficulty=cfg.difficulty,
                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, out=str(data)),
                          print_fn=console.print)
@@ -197,7 +199,7 @@ def _dpo(rl: Path, run: Path, cfg: AhaConfig) -> dict:
 
     data = run.parent / "l2s_dpo_pairs.jsonl"
     if not data.exists():
-        write_pairs(preference_pairs(rl, TASK, cfg.l2s_problems, cfg.l2s_samples, 1.0, cfg.max_new_tokens, cfg.seed,
+        write_pairs(preference_pairs(rl, cfg.task, cfg.l2s_problems, cfg.l2s_samples, 1.0, cfg.max_new_tokens, cfg.seed,
                                      cfg.difficulty), data)
     if not data.read_text().strip():
         return {"skipped": "no preference pair"}
@@ -255,7 +257,7 @@ def sample_run(run: Path, problems: list, samples: int, temperature: float, top_
 
     model, _, _ = load_run_model(run)
     tok = Tokenizer.load(run / "tokenizer.json")
-    engine, task = Engine(model, tok), get_task(TASK)
+    engine, task = Engine(model, tok), get_task(problems[0].meta["task"] if problems else "countdown_mod")
     jobs = [p for p in problems for _ in range(samples)]
     outs = []
     for i in range(0, len(jobs), 256):
@@ -271,7 +273,7 @@ def diagnostic(run: Path, cfg: AhaConfig) -> dict:
     from nanoseek.tasks.search_diagnostic import diagnose, diagnostic_table, longer_pays
 
     rng = random.Random(4321 + cfg.seed)
-    task = get_task(TASK)
+    task = get_task(cfg.task)
     problems = [task.sample_split(rng, cfg.difficulty, "train") for _ in range(cfg.diag_problems)]
     jobs, texts, lens, ok = sample_run(run, problems, cfg.group_size, cfg.rl_temperature, None, cfg.max_new_tokens,
                                        777 + cfg.seed)
@@ -296,7 +298,7 @@ def evaluate(run: Path, cfg: AhaConfig) -> dict | None:
     if latest_checkpoint(run / "checkpoints") is None:
         console.print(f"{run.name}: skipped (no model)")
         return None
-    problems = test_problems(TASK, cfg.eval_n, seed=1234, difficulty=cfg.difficulty)
+    problems = test_problems(cfg.task, cfg.eval_n, seed=1234, difficulty=cfg.difficulty)
     jobs, texts, lens, ok = sample_run(run, problems, cfg.eval_samples, 0.6, 0.95, cfg.max_new_tokens, 1235)
     d = diagnose(jobs, texts, lens, ok, group=[i // cfg.eval_samples for i in range(len(jobs))])
     right = [n for n, c in zip(lens, ok) if c]
@@ -313,7 +315,7 @@ def _samples(runs: dict[str, Path], cfg: AhaConfig, n: int = 6) -> dict:
     """The same held-out problems answered (T=0.6) by each model: early (base) and late (RL) completions."""
     from nanoseek.evaluate import test_problems
 
-    problems = test_problems(TASK, n, seed=99, difficulty=cfg.difficulty)
+    problems = test_problems(cfg.task, n, seed=99, difficulty=cfg.difficulty)
     out: dict = {"problems": [p.prompt for p in problems]}
     for name, run in runs.items():
         _, texts, lens, ok = sample_run(run, problems, 1, 0.6, 0.95, cfg.max_new_tokens, 4242)
@@ -356,7 +358,7 @@ def build_summary(root: Path, cfg: AhaConfig, runner: StageRunner) -> dict:
     seconds = runner.seconds_by_stage()
     if "pretrain_base" in done:  # a base pretrained before this invocation counts with its own training time
         seconds["pretrain_base"] = max(seconds["pretrain_base"], done["pretrain_base"]["result"]["elapsed_s"])
-    s = {"task": TASK, "seed": cfg.seed, "give_up": cfg.give_up,
+    s = {"task": cfg.task, "seed": cfg.seed, "give_up": cfg.give_up,
          "base_len": ev["base"]["mean_len"], "rl_len": ev["rl"]["mean_len"],
          "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
          "base_attempts": ev["base"]["attempts_mean"], "rl_attempts": ev["rl"]["attempts_mean"],

@@ -9,13 +9,14 @@ from nanoseek.tasks.countdown import CountdownTask
 from nanoseek.tasks.humaneval import HumanEvalTask
 from nanoseek.tasks.math_word import MathWordTask
 from nanoseek.tasks.proof import ProofTask
-from nanoseek.tasks.search import SearchTask
+from nanoseek.tasks.search import SearchModTask, SearchTask
 
 # Tasks with `sandboxed = True` check answers in nanoseek.sandbox (score them with `score_batch`).
 TASKS: dict[str, type[Task]] = {
     "arithmetic": ArithmeticTask,
     "countdown": CountdownTask,
     "countdown_search": SearchTask,  # search traces with a give-up prior (issue 28)
+    "countdown_mod": SearchModTask,  # the same mod 10: one-digit values, one-token verdicts (issue 28)
     "math": MathWordTask,
     "code": CodeTask,
     "proof": ProofTask,

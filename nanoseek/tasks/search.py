@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from nanoseek.tasks.base import Problem, Task, format_completion
 from nanoseek.tasks.countdown import CountdownTask
+from nanoseek.tasks.safe_expr import try_evaluate
 
 OPS = "+-*"
 ORDER: tuple[tuple[str, str], ...] = tuple((o1, o2) for o1 in OPS for o2 in OPS)  # the enumeration order
@@ -41,8 +43,9 @@ ATTEMPT = re.compile(rf"\((\d{{1,6}})([-+*])(\d{{1,6}})\)([-+*])(\d{{1,6}})=({_N
                      rf"target ({_NUM}): (yes|no)\.")
 
 
-def _apply(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
+def _apply(a: int, op: str, b: int, modulus: int = 0) -> int:
+    v = a + b if op == "+" else a - b if op == "-" else a * b
+    return v % modulus if modulus else v
 
 
 def expression(numbers: list[int], ops: tuple[str, str]) -> str:
@@ -50,23 +53,23 @@ def expression(numbers: list[int], ops: tuple[str, str]) -> str:
     return f"({a}{ops[0]}{b}){ops[1]}{c}"
 
 
-def candidate_value(numbers: list[int], ops: tuple[str, str]) -> tuple[int, int]:
-    """(intermediate, value) of `(a op1 b) op2 c`."""
+def candidate_value(numbers: list[int], ops: tuple[str, str], modulus: int = 0) -> tuple[int, int]:
+    """(intermediate, value) of `(a op1 b) op2 c`, each step reduced mod `modulus` when it is not 0."""
     a, b, c = numbers
-    m = _apply(a, ops[0], b)
-    return m, _apply(m, ops[1], c)
+    m = _apply(a, ops[0], b, modulus)
+    return m, _apply(m, ops[1], c, modulus)
 
 
-def attempt_line(numbers: list[int], ops: tuple[str, str], target: int) -> str:
-    m, v = candidate_value(numbers, ops)
+def attempt_line(numbers: list[int], ops: tuple[str, str], target: int, modulus: int = 0) -> str:
+    m, v = candidate_value(numbers, ops, modulus)
     verdict = "yes" if v == target else "no"
     return f"{expression(numbers, ops)}={m}{ops[1]}{numbers[2]}={v}, target {target}: {verdict}."
 
 
-def hit_position(numbers: list[int], target: int) -> int:
+def hit_position(numbers: list[int], target: int, modulus: int = 0) -> int:
     """1-based position of the first candidate in ORDER whose value is the target (0: none)."""
     for i, ops in enumerate(ORDER):
-        if candidate_value(numbers, ops)[1] == target:
+        if candidate_value(numbers, ops, modulus)[1] == target:
             return i + 1
     return 0
 
@@ -80,18 +83,25 @@ class Attempt:
     value: int  # the written value
     target: int  # the written target
     verdict: bool  # `yes` (True) or `no`
+    modulus: int = 0  # the task's (0: plain integers)
 
     def true_value(self) -> int:
-        return candidate_value(list(self.numbers), self.ops)[1]
+        return candidate_value(list(self.numbers), self.ops, self.modulus)[1]
+
+    def steps_right(self) -> tuple[bool, bool]:
+        """Each written step right given the written numbers it starts from: (a op1 b = mid, mid op2 c = value)."""
+        a, b, c = self.numbers
+        return (_apply(a, self.ops[0], b, self.modulus) == self.mid,
+                _apply(self.mid, self.ops[1], c, self.modulus) == self.value)
 
 
-def parse_attempts(text: str) -> list[Attempt]:
-    """Every well-formed attempt in a completion's text, in order."""
+def parse_attempts(text: str, modulus: int = 0) -> list[Attempt]:
+    """Every well-formed attempt in a completion's text, in order (`modulus`: the task's, for true values)."""
     out = []
     for m in ATTEMPT.finditer(text):
         a, o1, b, o2, c, mid, _o, _c, v, t, verdict = m.groups()
         out.append(Attempt(f"({a}{o1}{b}){o2}{c}", (o1, o2), (int(a), int(b), int(c)), int(mid), int(v), int(t),
-                           verdict == "yes"))
+                           verdict == "yes", modulus))
     return out
 
 
@@ -112,41 +122,78 @@ class SearchTask(Task):
     min_difficulty = 1
     max_difficulty = max(MAX_NUMBER)
     search_corpus = True  # nanoseek.corpus passes the give-up prior to `solution`
+    modulus = 0  # 0: plain integers (SearchModTask: every step mod 10)
+
+    def _prompt(self, target: int, numbers: list[int]) -> str:
+        return f"Reach {target} using {', '.join(map(str, numbers))}."
+
+    def _numbers(self, rng: random.Random, d: int) -> list[int]:
+        return [rng.randint(1, MAX_NUMBER[d]) for _ in range(3)]
 
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
         d = self.check_difficulty(difficulty)
-        numbers = [rng.randint(1, MAX_NUMBER[d]) for _ in range(3)]
+        numbers = self._numbers(rng, d)
         ops = ORDER[rng.randrange(len(ORDER))]
-        target = candidate_value(numbers, ops)[1]
-        prompt = f"Reach {target} using {', '.join(map(str, numbers))}."
-        first = ORDER[hit_position(numbers, target) - 1]
-        return Problem(prompt=prompt, answer=expression(numbers, first),
-                       meta={"task": self.name, "numbers": numbers, "target": target, "difficulty": d,
-                             "hit": hit_position(numbers, target)})
+        target = candidate_value(numbers, ops, self.modulus)[1]
+        hit = hit_position(numbers, target, self.modulus)
+        meta = {"task": self.name, "numbers": numbers, "target": target, "difficulty": d, "hit": hit}
+        if self.modulus:
+            meta["modulus"] = self.modulus
+        return Problem(prompt=self._prompt(target, numbers), answer=expression(numbers, ORDER[hit - 1]), meta=meta)
 
     def canonical(self, problem: Problem) -> str:
         return f"{problem.meta['target']}:{problem.meta['numbers']}"
 
     def check(self, problem: Problem, answer: str) -> bool:
-        return CountdownTask.check(self, problem, answer)  # type: ignore[arg-type]
+        if not self.modulus:
+            return CountdownTask.check(self, problem, answer)  # type: ignore[arg-type]
+        result = try_evaluate(answer)
+        if result is None or result.value % self.modulus != problem.meta["target"]:
+            return False
+        return not (Counter(result.numbers) - Counter(problem.meta["numbers"]))
 
     def solution(self, problem: Problem, rng: random.Random, flawed: bool = False, give_up: float = 0.0) -> str:
         """The search trace: candidates in ORDER until the target is hit; after each `no.` the trace stops
         with probability `give_up` and answers its last attempt. `flawed` (the Task contract: a well-formed,
         wrong solution; the search corpus uses `give_up` instead) stops after a uniformly chosen `no.` before
         the hit, or, when the first candidate hits, answers the first other candidate without searching."""
-        numbers, target = problem.meta["numbers"], problem.meta["target"]
+        numbers, target, mod = problem.meta["numbers"], problem.meta["target"], self.modulus
         if flawed:
-            hit = hit_position(numbers, target)
+            hit = hit_position(numbers, target, mod)
             if hit == 1:
-                miss = next(o for o in ORDER if candidate_value(numbers, o)[1] != target)
+                miss = next((o for o in ORDER if candidate_value(numbers, o, mod)[1] != target), None)
+                if miss is None:  # every candidate reaches the target (possible mod 10): no wrong search exists
+                    return format_completion("", expression(numbers, ORDER[0]) + "+0")
                 return format_completion("", expression(numbers, miss))
             stop = rng.randint(1, hit - 1)
-            lines = [attempt_line(numbers, o, target) for o in ORDER[:stop]]
+            lines = [attempt_line(numbers, o, target, mod) for o in ORDER[:stop]]
             return format_completion(" ".join(lines), expression(numbers, ORDER[stop - 1]))
         lines = []
         for ops in ORDER:
-            lines.append(attempt_line(numbers, ops, target))
-            if candidate_value(numbers, ops)[1] == target or rng.random() < give_up:
+            lines.append(attempt_line(numbers, ops, target, mod))
+            if candidate_value(numbers, ops, mod)[1] == target or rng.random() < give_up:
                 return format_completion(" ".join(lines), expression(numbers, ops))
         raise RuntimeError(f"no candidate reaches {target} with {numbers}")  # impossible by construction
+
+
+class SearchModTask(SearchTask):
+    """The same search with every step reduced mod 10 (`countdown_mod`, issue 28 take three).
+
+    Why: on `countdown_search` the 2.4M-parameter base wrote 73-84% of its values right but its `yes.` was right
+    only 26-30% of the time (docs/long_reasoning.md): comparing a multi-digit value with a multi-digit target was
+    not learned, so a long search did not pay. Mod 10 every written number is one digit, so the verdict is one
+    token compared with one token, and each step is one of 300 single-digit facts. Prompt:
+    `Reach 3 mod 10 using 3, 7, 2.`; an attempt `(3+7)*2=0*2=0, target 3: no.`; any expression over the given
+    numbers (each at most once) whose value mod 10 is the target is correct. Simplification: one level
+    (numbers 1-9); collisions are common (a problem has ~1.8 hitting candidates of 9, the first at ~3.8).
+    """
+
+    name = "countdown_mod"
+    modulus = 10
+    max_difficulty = 1
+
+    def _prompt(self, target: int, numbers: list[int]) -> str:
+        return f"Reach {target} mod {self.modulus} using {', '.join(map(str, numbers))}."
+
+    def _numbers(self, rng: random.Random, d: int) -> list[int]:
+        return [rng.randint(1, 9) for _ in range(3)]

@@ -11,7 +11,10 @@ problems, completion texts, token lengths and correctness (no model needed, so t
 - the accuracy by number of attempts, and the mean attempts / tokens of correct vs wrong completions;
 - the covariance between length (tokens) and reward (correct) over all samples, and its mean within groups
   of samples of the same problem (what GRPO's advantage sees);
-- how often the answer copies the accepted attempt, and how often a search stops after a `no.` (gives up).
+- how often the answer copies the accepted attempt, and how often a search stops after a `no.` (gives up);
+- what a wrong verdict comes from: the share of verdicts consistent with the attempt's *written* value and
+  target (the comparison itself; a verdict can be consistent and still wrong when the value was miscomputed),
+  and the share of written steps right given the written numbers before them (the arithmetic).
 
 Simplification: "reward" here is correctness (0/1), the accuracy part of the RL reward; the 0.1 format reward
 is left out so that the covariance reads as accuracy.
@@ -44,7 +47,7 @@ def diagnose(problems: list[Problem], texts: list[str], lengths: list[int], corr
     if not n == len(problems) == len(lengths) == len(correct):
         raise ValueError("diagnose needs as many problems, texts, lengths and correctness flags")
     group = group if group is not None else [hash(p.prompt) for p in problems]
-    atts = [parse_attempts(t) for t in texts]
+    atts = [parse_attempts(t, p.meta.get("modulus", 0)) for t, p in zip(texts, problems)]
     yes = [(a, p) for al, p in zip(atts, problems) for a in al if a.verdict]
     no = [(a, p) for al, p in zip(atts, problems) for a in al if not a.verdict]
     all_att = [(a, p) for al, p in zip(atts, problems) for a in al]
@@ -70,6 +73,9 @@ def diagnose(problems: list[Problem], texts: list[str], lengths: list[int], corr
         "verify_no_precision": _mean(a.true_value() != p.meta["target"] for a, p in no),
         "yes_count": len(yes), "no_count": len(no),
         "value_right": _mean(a.value == a.true_value() for a, _ in all_att),
+        "verdict_consistent": _mean(a.verdict == (a.value == a.target) for a, _ in all_att),
+        "yes_consistent": _mean(a.value == a.target for a, _ in yes),
+        "step_right": _mean(ok for a, _ in all_att for ok in a.steps_right()),
         "target_copied": _mean(a.target == p.meta["target"] for a, p in all_att),
         "answer_copies_accepted": _mean(ans == acc.expr for ans, acc in zip(answers, accepted) if acc is not None),
         "gave_up_rate": _mean(gave_up),
@@ -105,6 +111,9 @@ def diagnostic_table(d: dict) -> list[str]:
             f"| `yes.` right (precision) | {pct(d['verify_yes_precision'])} of {d['yes_count']} |",
             f"| `no.` right | {pct(d['verify_no_precision'])} of {d['no_count']} |",
             f"| written value right | {pct(d['value_right'])} |",
+            f"| written steps right (given the written numbers) | {pct(d.get('step_right'))} |",
+            f"| verdict consistent with the written value | {pct(d.get('verdict_consistent'))} "
+            f"(`yes.`: {pct(d.get('yes_consistent'))}) |",
             f"| target copied right | {pct(d['target_copied'])} |",
             f"| answer copies the accepted attempt | {pct(d['answer_copies_accepted'])} |",
             f"| stops after a `no.` (gives up) | {pct(d['gave_up_rate'])} |",
