@@ -196,7 +196,8 @@ def test_mod_task_values_verdicts_and_checker():
         full = task.solution(p, rng, give_up=0.0)
         atts = parse_attempts(full, 10)
         assert len(atts) == p.meta["hit"] and atts[-1].verdict and not any(a.verdict for a in atts[:-1])
-        assert all(a.value == a.true_value() and all(a.steps_right()) for a in atts)
+        assert all(a.value == a.true_value() and len(a.steps_right()) == 4 and all(a.steps_right()) for a in atts)
+        assert [a.check[1] == 0 for a in atts] == [a.verdict for a in atts]  # the verdict reads the difference
         assert task.score(p, full).correct
         bad = task.score(p, task.solution(p, rng, flawed=True))
         assert bad.format_ok and not bad.correct
@@ -207,3 +208,10 @@ def test_mod_task_values_verdicts_and_checker():
     liar = "(9+4)+7=3+7=0, target 3: yes."  # true 13 mod 10 = 3, 3+7 = 0: value right, verdict inconsistent
     d = diagnose([p], [f"<think>{liar}</think><answer>(9+4)+7</answer>"], [10], [False])
     assert d["value_right"] == 1.0 and d["verify_yes_precision"] == 0.0 and d["verdict_consistent"] == 0.0
+    # difference format: a wrong difference (3-3=1) makes a consistent `no.` on a hit - the check's fault, not the verdict's
+    miss = "(9+4)+7=3+7=0, 0-3=7: no. (9+4)-7=3-7=6, 6-3=3: no. (9+4)*7=3*7=1, 1-3=8: no. (9-4)+7=5+7=2, 2-3=9: no."
+    hit_missed = "(9*4)+7=6+7=3, 3-3=1: no."  # 43 = 3 mod 10: a hit, its difference written 1
+    d = diagnose([p], [f"<think>{miss} {hit_missed}</think><answer>(9*4)+7</answer>"], [30], [False])
+    assert d["verdict_reads_check"] == 1.0 and d["verdict_consistent"] == pytest.approx(4 / 5)
+    assert d["value_right"] == 1.0 and d["verify_no_precision"] == pytest.approx(4 / 5)
+    assert d["step_right"] == pytest.approx(19 / 20)

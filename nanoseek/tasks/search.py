@@ -37,10 +37,11 @@ OPS = "+-*"
 ORDER: tuple[tuple[str, str], ...] = tuple((o1, o2) for o1 in OPS for o2 in OPS)  # the enumeration order
 MAX_NUMBER = {1: 9, 2: 15, 3: 25, 4: 50, 5: 100}  # difficulty -> largest number
 
-# one attempt: `(a op b) op c=m op c=v, target t: yes|no.`
+# one attempt: `(a op b) op c=m op c=v, target t: yes|no.`, or with the verdict read off a difference
+# (countdown_mod): `(a op b) op c=m op c=v, v-t=d: yes|no.` (yes iff d is 0)
 _NUM = r"-?\d{1,6}"
 ATTEMPT = re.compile(rf"\((\d{{1,6}})([-+*])(\d{{1,6}})\)([-+*])(\d{{1,6}})=({_NUM})([-+*])(\d{{1,6}})=({_NUM}), "
-                     rf"target ({_NUM}): (yes|no)\.")
+                     rf"(?:target ({_NUM})|({_NUM})-({_NUM})=({_NUM})): (yes|no)\.")
 
 
 def _apply(a: int, op: str, b: int, modulus: int = 0) -> int:
@@ -60,10 +61,12 @@ def candidate_value(numbers: list[int], ops: tuple[str, str], modulus: int = 0) 
     return m, _apply(m, ops[1], c, modulus)
 
 
-def attempt_line(numbers: list[int], ops: tuple[str, str], target: int, modulus: int = 0) -> str:
+def attempt_line(numbers: list[int], ops: tuple[str, str], target: int, modulus: int = 0,
+                 by_difference: bool = False) -> str:
     m, v = candidate_value(numbers, ops, modulus)
     verdict = "yes" if v == target else "no"
-    return f"{expression(numbers, ops)}={m}{ops[1]}{numbers[2]}={v}, target {target}: {verdict}."
+    check = f"{v}-{target}={_apply(v, '-', target, modulus)}" if by_difference else f"target {target}"
+    return f"{expression(numbers, ops)}={m}{ops[1]}{numbers[2]}={v}, {check}: {verdict}."
 
 
 def hit_position(numbers: list[int], target: int, modulus: int = 0) -> int:
@@ -84,24 +87,31 @@ class Attempt:
     target: int  # the written target
     verdict: bool  # `yes` (True) or `no`
     modulus: int = 0  # the task's (0: plain integers)
+    check: tuple[int, int] | None = None  # difference format: (the value as copied, the written difference)
 
     def true_value(self) -> int:
         return candidate_value(list(self.numbers), self.ops, self.modulus)[1]
 
-    def steps_right(self) -> tuple[bool, bool]:
-        """Each written step right given the written numbers it starts from: (a op1 b = mid, mid op2 c = value)."""
+    def steps_right(self) -> tuple[bool, ...]:
+        """Each written step right given the written numbers it starts from: (a op1 b = mid, mid op2 c = value),
+        and in the difference format (value copied right, copy - target = difference)."""
         a, b, c = self.numbers
-        return (_apply(a, self.ops[0], b, self.modulus) == self.mid,
-                _apply(self.mid, self.ops[1], c, self.modulus) == self.value)
+        steps = (_apply(a, self.ops[0], b, self.modulus) == self.mid,
+                 _apply(self.mid, self.ops[1], c, self.modulus) == self.value)
+        if self.check is None:
+            return steps
+        copy, diff = self.check
+        return (*steps, copy == self.value, _apply(copy, "-", self.target, self.modulus) == diff)
 
 
 def parse_attempts(text: str, modulus: int = 0) -> list[Attempt]:
     """Every well-formed attempt in a completion's text, in order (`modulus`: the task's, for true values)."""
     out = []
     for m in ATTEMPT.finditer(text):
-        a, o1, b, o2, c, mid, _o, _c, v, t, verdict = m.groups()
-        out.append(Attempt(f"({a}{o1}{b}){o2}{c}", (o1, o2), (int(a), int(b), int(c)), int(mid), int(v), int(t),
-                           verdict == "yes", modulus))
+        a, o1, b, o2, c, mid, _o, _c, v, t, copy, t2, diff, verdict = m.groups()
+        check = None if t is not None else (int(copy), int(diff))
+        out.append(Attempt(f"({a}{o1}{b}){o2}{c}", (o1, o2), (int(a), int(b), int(c)), int(mid), int(v),
+                           int(t if t is not None else t2), verdict == "yes", modulus, check))
     return out
 
 
@@ -123,6 +133,7 @@ class SearchTask(Task):
     max_difficulty = max(MAX_NUMBER)
     search_corpus = True  # nanoseek.corpus passes the give-up prior to `solution`
     modulus = 0  # 0: plain integers (SearchModTask: every step mod 10)
+    by_difference = False  # verdict after `target t` (False) or after `v-t=d` (SearchModTask)
 
     def _prompt(self, target: int, numbers: list[int]) -> str:
         return f"Reach {target} using {', '.join(map(str, numbers))}."
@@ -166,11 +177,11 @@ class SearchTask(Task):
                     return format_completion("", expression(numbers, ORDER[0]) + "+0")
                 return format_completion("", expression(numbers, miss))
             stop = rng.randint(1, hit - 1)
-            lines = [attempt_line(numbers, o, target, mod) for o in ORDER[:stop]]
+            lines = [attempt_line(numbers, o, target, mod, self.by_difference) for o in ORDER[:stop]]
             return format_completion(" ".join(lines), expression(numbers, ORDER[stop - 1]))
         lines = []
         for ops in ORDER:
-            lines.append(attempt_line(numbers, ops, target, mod))
+            lines.append(attempt_line(numbers, ops, target, mod, self.by_difference))
             if candidate_value(numbers, ops, mod)[1] == target or rng.random() < give_up:
                 return format_completion(" ".join(lines), expression(numbers, ops))
         raise RuntimeError(f"no candidate reaches {target} with {numbers}")  # impossible by construction
@@ -181,15 +192,19 @@ class SearchModTask(SearchTask):
 
     Why: on `countdown_search` the 2.4M-parameter base wrote 73-84% of its values right but its `yes.` was right
     only 26-30% of the time (docs/long_reasoning.md): comparing a multi-digit value with a multi-digit target was
-    not learned, so a long search did not pay. Mod 10 every written number is one digit, so the verdict is one
-    token compared with one token, and each step is one of 300 single-digit facts. Prompt:
-    `Reach 3 mod 10 using 3, 7, 2.`; an attempt `(3+7)*2=0*2=0, target 3: no.`; any expression over the given
+    not learned, so a long search did not pay. Mod 10 every written number is one digit and each step is one of
+    300 single-digit facts. A one-digit comparison `=6, target 6: no.` was still not learned (the base's verdict
+    agreed with its own written value 77% of the time, its `yes.` 24%: a stop habit, not a check), so the
+    verdict is read off a difference, one more single-digit fact of the kind every step trains: `=6, 6-6=0:
+    yes.`, `=8, 8-6=2: no.`. Prompt: `Reach 3 mod 10 using 3, 7, 2.`; an attempt `(3+7)*2=0*2=0, 0-3=7: no.`;
+    any expression over the given
     numbers (each at most once) whose value mod 10 is the target is correct. Simplification: one level
     (numbers 1-9); collisions are common (a problem has ~1.8 hitting candidates of 9, the first at ~3.8).
     """
 
     name = "countdown_mod"
     modulus = 10
+    by_difference = True
     max_difficulty = 1
 
     def _prompt(self, target: int, numbers: list[int]) -> str:

@@ -75,6 +75,8 @@ def diagnose(problems: list[Problem], texts: list[str], lengths: list[int], corr
         "value_right": _mean(a.value == a.true_value() for a, _ in all_att),
         "verdict_consistent": _mean(a.verdict == (a.value == a.target) for a, _ in all_att),
         "yes_consistent": _mean(a.value == a.target for a, _ in yes),
+        "verdict_reads_check": _mean(a.verdict == ((a.check[1] == 0) if a.check else (a.value == a.target))
+                                     for a, _ in all_att),
         "step_right": _mean(ok for a, _ in all_att for ok in a.steps_right()),
         "target_copied": _mean(a.target == p.meta["target"] for a, p in all_att),
         "answer_copies_accepted": _mean(ans == acc.expr for ans, acc in zip(answers, accepted) if acc is not None),
@@ -114,6 +116,8 @@ def diagnostic_table(d: dict) -> list[str]:
             f"| written steps right (given the written numbers) | {pct(d.get('step_right'))} |",
             f"| verdict consistent with the written value | {pct(d.get('verdict_consistent'))} "
             f"(`yes.`: {pct(d.get('yes_consistent'))}) |",
+            f"| verdict follows its own check line (difference 0 / value = target) | "
+            f"{pct(d.get('verdict_reads_check'))} |",
             f"| target copied right | {pct(d['target_copied'])} |",
             f"| answer copies the accepted attempt | {pct(d['answer_copies_accepted'])} |",
             f"| stops after a `no.` (gives up) | {pct(d['gave_up_rate'])} |",
