@@ -71,6 +71,27 @@ def test_give_up_prior_holds_statistically_and_reaches_the_corpus():
         assert lo <= right <= hi
 
 
+def test_persist_share_traces_never_give_up_and_zero_changes_nothing():
+    """persist_share: that share of the search traces runs to its hit (right, all `no.` lines continue); the
+    rest keep the give-up prior; at 0 the corpus is the one built without the option (its own RNG stream)."""
+    base = build_corpus("countdown_mod", 600, seed=3, flawed_share=0.9, fact_share=0.0)
+    assert build_corpus("countdown_mod", 600, seed=3, flawed_share=0.9, fact_share=0.0, persist_share=0.0) == base
+    docs = build_corpus("countdown_mod", 600, seed=3, flawed_share=0.9, fact_share=0.0, persist_share=0.5)
+    task = get_task("countdown_mod")
+    full = [p for p, c in docs if (a := parse_attempts(c, 10)) and a[-1].verdict]
+    full_base = [p for p, c in base if (a := parse_attempts(c, 10)) and a[-1].verdict]
+    # at give-up 0.9 a lazy trace reaches its hit only when it is the first attempt or the prior lets it on;
+    # half the traces persist, so the share of traces ending on a hit rises by about half of the misses
+    lazy_hit = len(full_base) / len(base)
+    assert abs(len(full) / len(docs) - (0.5 + 0.5 * lazy_hit)) < 0.08
+    for p, c in docs:
+        atts = parse_attempts(c, 10)
+        assert all(a.value == a.true_value() for a in atts)
+    with pytest.raises(ConfigError):
+        build_corpus("arithmetic", 10, seed=0, persist_share=0.5)
+    assert task.name == "countdown_mod"
+
+
 def _is_right(prompt: str, completion: str) -> bool:
     ans = extract_answer(completion)
     return ans is not None and evaluate(ans).value == _target(prompt)

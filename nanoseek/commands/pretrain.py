@@ -91,7 +91,7 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
 
     get_task(data.task).check_difficulty(data.difficulty)  # bad task names / difficulties fail here, before any work
     for name, share in (("--flawed-share", data.flawed_share), ("--fact-share", data.fact_share),
-                        ("--reflect-share", data.reflect_share)):
+                        ("--reflect-share", data.reflect_share), ("--persist-share", data.persist_share)):
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {share}")
     if data.n_docs < 1 or data.n_test_docs < 1:

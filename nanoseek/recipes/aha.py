@@ -56,9 +56,11 @@ class AhaConfig:
     task: str = knob("countdown_mod", choices=TASKS,
                      help="countdown_mod: every step mod 10 (one-digit verdicts); countdown_search: plain integers")
     difficulty: int = knob(1, help="countdown_search level (largest number 9, 15, 25, 50, 100); countdown_mod: 1")
-    # per `no.`: the corpus's searches continue with probability 1 - give_up (2.3 attempts on average at 0.35)
-    give_up: float = knob(0.35, help="give-up prior of the corpus: P(stop after a `no.`)")
-    base_steps: int = knob(720, help="pretraining steps of the base")
+    # per `no.`: the corpus's lazy searches continue with probability 1 - give_up; `persist` of the traces never
+    # give up (the base must see every position of a long search to learn its arithmetic; nanoseek.corpus)
+    give_up: float = knob(0.8, help="give-up prior of the corpus's lazy traces: P(stop after a `no.`)")
+    persist: float = knob(0.4, help="share of the corpus's traces that never give up")
+    base_steps: int = knob(1440, help="pretraining steps of the base")
     base_lr: float = knob(4e-3, help="pretraining peak lr")
     batch_size: int = knob(16, help="pretraining rows per step")
     seq_len: int = knob(256, help="pretraining row length (document-aligned rows)")
@@ -98,6 +100,8 @@ class AhaConfig:
             raise ConfigError(f"partial_steps must be >= 0, got {self.partial_steps}")
         if not 0 <= self.give_up < 1:
             raise ConfigError(f"give_up must be in [0, 1), got {self.give_up}")
+        if not 0 <= self.persist <= 1:
+            raise ConfigError(f"persist must be in [0, 1], got {self.persist}")
         if min(self.base_lr, self.rl_lr, self.sft_lr, self.dpo_lr, self.dpo_beta, self.rl_temperature,
                self.control_lr_scale, self.sft_epochs) <= 0:
             raise ConfigError("learning rates, control_lr_scale, sft_epochs, dpo_beta and rl_temperature must be "
@@ -134,7 +138,7 @@ def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds:
                             eval_interval=0 if control else max(steps // 4, 1), ckpt_interval=max(cfg.base_steps // 5, 1),
                             minutes=(seconds or 0.0) / 60)
         data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 100, 20), difficulty=cfg.difficulty,
-                          flawed_share=cfg.give_up, fact_share=0.0, packing="aligned")
+                          flawed_share=cfg.give_up, fact_share=0.0, packing="aligned", persist_share=cfg.persist)
         pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data, time_schedule=control)
         start = None
         if control:

@@ -42,6 +42,7 @@ class DataConfig:
                              "correct; nanoseek.corpus)")
     reflect_share: float = knob(0.0, help="share of worked solutions with one check line `a+b=r. check: a+b=r'.` "
                                 "(nanoseek.tasks.reflection; arithmetic only)")
+    persist_share: float = knob(0.0, help="search tasks: share of traces that never give up (nanoseek.corpus)")
     # a small corpus may give fewer
     vocab_size: int | None = knob(None, help="tokenizer vocabulary to train (none = 512 for --task, 4096 for "
                                   "--data)")
@@ -82,7 +83,7 @@ def prepare_tokenizer(run_dir: Path, data: DataConfig, seed: int, dist: Dist):
         from nanoseek.corpus import corpus_texts
 
         texts = corpus_texts(data.task, data.n_docs, seed, data.flawed_share, data.difficulty, "train",
-                             data.fact_share, data.reflect_share)
+                             data.fact_share, data.reflect_share, data.persist_share)
         Tokenizer.train(texts, data.vocab_size or 512).save(path)
     dist.barrier()  # unconditional: other ranks must not test for the file while rank 0 may be writing it
     return Tokenizer.load(path)  # every rank, fresh or resumed, encodes with the same saved file
@@ -117,7 +118,7 @@ def build_rows(tokenizer, data: DataConfig, seq_len: int, seed: int) -> tuple[to
 
     def rows(n: int, split: str, s: int) -> torch.Tensor:
         docs = build_corpus(data.task, n, s, data.flawed_share, data.difficulty, split, data.fact_share,
-                            data.reflect_share)
+                            data.reflect_share, data.persist_share)
         return PACKERS[data.packing]([tokenizer.document_ids(p, c) for p, c in docs], seq_len, tokenizer.eos_id)
 
     return rows(data.n_docs, "train", seed), rows(data.n_test_docs, "test", seed + 1)
