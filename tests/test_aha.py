@@ -236,3 +236,5 @@ def test_mod_task_values_verdicts_and_checker():
     assert d["verdict_reads_check"] == 1.0 and d["verdict_consistent"] == pytest.approx(4 / 5)
     assert d["value_right"] == 1.0 and d["verify_no_precision"] == pytest.approx(4 / 5)
     assert d["step_right"] == pytest.approx(19 / 20)
+    assert d["by_position"]["5"] == {"n": 1, "steps_right": 0.75, "verdict_right": 0.0}
+    assert d["by_position"]["1"] == {"n": 1, "steps_right": 1.0, "verdict_right": 1.0}

@@ -14,7 +14,9 @@ problems, completion texts, token lengths and correctness (no model needed, so t
 - how often the answer copies the accepted attempt, and how often a search stops after a `no.` (gives up);
 - what a wrong verdict comes from: the share of verdicts consistent with the attempt's *written* value and
   target (the comparison itself; a verdict can be consistent and still wrong when the value was miscomputed),
-  and the share of written steps right given the written numbers before them (the arithmetic).
+  and the share of written steps right given the written numbers before them (the arithmetic);
+- by attempt position (1st, 2nd, ...): how many attempts, the share of their steps right and of their verdicts
+  right (a base that never saw late positions of a search in its corpus computes them badly).
 
 Simplification: "reward" here is correctness (0/1), the accuracy part of the RL reward; the 0.1 format reward
 is left out so that the covariance reads as accuracy.
@@ -65,6 +67,11 @@ def diagnose(problems: list[Problem], texts: list[str], lengths: list[int], corr
     within = [c for idx in groups.values() if len(idx) > 1 and len({correct[i] for i in idx}) > 1
               for c in [_cov([x[i] for i in idx], [y[i] for i in idx])]]
     gave_up = [bool(al) and not al[-1].verdict for al in atts]
+    by_pos: dict[int, list[tuple[bool, bool]]] = defaultdict(list)
+    for al, p in zip(atts, problems):
+        for k, a in enumerate(al):
+            st = a.steps_right()
+            by_pos[k + 1].append((sum(st) / len(st), a.verdict == (a.true_value() == p.meta["target"])))
     return {
         "samples": n, "pass1": _mean(y),
         "attempts_mean": _mean(n_att),
@@ -82,6 +89,8 @@ def diagnose(problems: list[Problem], texts: list[str], lengths: list[int], corr
         "answer_copies_accepted": _mean(ans == acc.expr for ans, acc in zip(answers, accepted) if acc is not None),
         "gave_up_rate": _mean(gave_up),
         "accuracy_by_attempts": {str(k): {"n": len(v), "pass1": sum(v) / len(v)} for k, v in sorted(by_att.items())},
+        "by_position": {str(k): {"n": len(v), "steps_right": _mean(s for s, _ in v),
+                                 "verdict_right": _mean(r for _, r in v)} for k, v in sorted(by_pos.items())},
         "len_correct": _mean(v for v, c in zip(x, correct) if c),
         "len_wrong": _mean(v for v, c in zip(x, correct) if not c),
         "attempts_correct": _mean(k for k, c in zip(n_att, correct) if c),
@@ -127,4 +136,8 @@ def diagnostic_table(d: dict) -> list[str]:
             f"{num(d['cov_len_reward_within_group'], '.2f')} ({d['mixed_groups']} mixed groups) |",
             "| pass@1 by attempts | " + ", ".join(f"{k}: {pct(v['pass1'])} (n {v['n']})"
                                                  for k, v in d["accuracy_by_attempts"].items()) + " |"]
+    if d.get("by_position"):
+        rows.append("| steps / verdicts right by attempt position | " + ", ".join(
+            f"{k}: {pct(v['steps_right'])} / {pct(v['verdict_right'])} (n {v['n']})"
+            for k, v in d["by_position"].items()) + " |")
     return rows
