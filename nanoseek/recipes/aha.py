@@ -362,7 +362,7 @@ def build_summary(root: Path, cfg: AhaConfig, runner: StageRunner) -> dict:
     seconds = runner.seconds_by_stage()
     if "pretrain_base" in done:  # a base pretrained before this invocation counts with its own training time
         seconds["pretrain_base"] = max(seconds["pretrain_base"], done["pretrain_base"]["result"]["elapsed_s"])
-    s = {"task": cfg.task, "seed": cfg.seed, "give_up": cfg.give_up,
+    s = {"task": cfg.task, "seed": cfg.seed, "give_up": cfg.give_up, "persist": cfg.persist,
          "base_len": ev["base"]["mean_len"], "rl_len": ev["rl"]["mean_len"],
          "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
          "base_attempts": ev["base"]["attempts_mean"], "rl_attempts": ev["rl"]["attempts_mean"],

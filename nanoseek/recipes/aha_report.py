@@ -34,8 +34,9 @@ def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> P
     plot = plot_curves({f"seed {cfg.seed}": root / "rl"}, root / "plots" / "aha_curves.png")
     t = s["targets"]
     yes = {True: "yes", False: "no"}
-    lines = [f"# nanoseek aha: Countdown search (seed {cfg.seed})", "",
-             f"Total {s['seconds_total'] / 60:.1f} min. Corpus give-up prior {cfg.give_up:g}; base {cfg.base_steps} steps of "
+    lines = [f"# nanoseek aha: Countdown search, task {cfg.task} (seed {cfg.seed})", "",
+             f"Total {s['seconds_total'] / 60:.1f} min. Corpus: {cfg.persist:g} of the traces never give up, the rest "
+             f"after a `no.` with probability {cfg.give_up:g}; base {cfg.base_steps} steps of "
              f"{cfg.batch_size} x {cfg.seq_len} tokens; GRPO {cfg.rl_steps} steps, G {cfg.group_size} x "
              f"{cfg.prompts_per_step} prompts, lr {cfg.rl_lr:g}, T {cfg.rl_temperature:g}, budget {cfg.max_new_tokens} "
              f"tokens. Held-out: {cfg.eval_n} problems x {cfg.eval_samples} samples at T=0.6, top-p 0.95.", "",
