@@ -218,6 +218,22 @@ class Workspace:
         return buf[0][:B, :, :S], buf[1][:B, :, :, :S]
 
 
+class _RowSlots:
+    """Write target of a continuous-batching step: `[:, i] = new` (B, C) puts row b's entry of layer i at its own
+    slot pos[b] of a (B, L, S, C) latent cache (keys False) or a (B, L, C, S) key cache (keys True)."""
+
+    def __init__(self, cache: torch.Tensor, pos: torch.Tensor, keys: bool):
+        self.cache, self.pos, self.keys = cache, pos, keys
+        self.rows = torch.arange(pos.numel(), device=pos.device)
+
+    def __setitem__(self, index: tuple, new: torch.Tensor) -> None:
+        layer = index[1]
+        if self.keys:
+            self.cache[self.rows, layer, :, self.pos] = new
+        else:
+            self.cache[self.rows, layer, self.pos] = new
+
+
 class LeanDecoder:
     """Decode state of one batch: both cache layouts, the key bias, the rope rotations; `step` runs one token."""
 
@@ -284,6 +300,20 @@ class LeanDecoder:
             st = self.static
             st.lat, st.keys, st.key_bias, st.positions = self.lat, self.keys, self.bias, self.positions
 
+    def load_rows(self, first: int, cache: torch.Tensor) -> None:
+        """Put the prefilled latents cache (L, k, P, C) of k new rows into rows [first, first + k), slots [0, P)
+        (continuous batching: a request joins the running batch)."""
+        L, k, P, C = cache.shape
+        lat = cache.transpose(0, 1)
+        self.lat[first:first + k, :, :P] = lat
+        self.keys[first:first + k, :, :, :P] = lat.transpose(2, 3)
+
+    def move_row(self, src: int, dst: int, filled: int) -> None:
+        """Copy row src's slots [0, filled) over row dst (continuous batching: a finished row's hole is filled by
+        the last row)."""
+        self.lat[dst, :, :filled] = self.lat[src, :, :filled]
+        self.keys[dst, :, :, :filled] = self.keys[src, :, :, :filled]
+
     def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x + MoE(h) for h (N, dim), added into x in place (engine/decode_static.py's `moe_experts`)."""
         moe = lay.moe
@@ -335,24 +365,43 @@ class LeanDecoder:
         o = torch.bmm(o.transpose(0, 1), lay.w_uv)  # (H, B, v)
         return F.linear(o.transpose(0, 1).reshape(B, -1), lay.w_ov)
 
-    def step(self, tok: torch.Tensor, s: int) -> torch.Tensor:
-        """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32."""
+    def step(self, tok: torch.Tensor, s: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32.
+        pos (B,) long, for continuous batching (engine/batcher.py: rows of different lengths, no padding): row
+        b's token sits at its own slot and rope position pos[b] and attends to its slots [0, pos[b]]; s must be
+        max(pos); the caches' first B rows are used."""
+        if pos is not None:
+            return self._step_rows(tok, s, pos)
         if self.static is not None:
             logits, entries = decode_static.compiled_step(self.compiled)(self.static, tok,
                                                                          torch.tensor(s, device=tok.device))
             self.lat[:, :, s] = entries
             self.keys[:, :, :, s] = entries
             return logits
+        rot = (self.rot[s] if self.positions is None else self.rot.index_select(0, self.positions[:, s]).unsqueeze(1))
+        bias = None if self.bias is None else self.bias[:, :, :s + 1]
+        # this step's views: new entries at slot s, keys and values over slots [0, s]
+        return self._run(tok, rot, bias, self.lat[:, :, s], self.keys[:, :, :, s], self.keys[..., :s + 1],
+                         self.lat[:, :, :s + 1, :self.cfg.kv_lora_rank])
+
+    def _step_rows(self, tok: torch.Tensor, s: int, pos: torch.Tensor) -> torch.Tensor:
+        """`step` with a slot per row (continuous batching): per-row cache writes, rope positions and key bias."""
+        B = tok.size(0)
+        lat, keys = self.lat[:B], self.keys[:B]
+        rot = self.rot.index_select(0, pos).unsqueeze(1)
+        bias = torch.zeros(B, 1, s + 1, device=tok.device).masked_fill_(
+            torch.arange(s + 1, device=tok.device) > pos[:, None, None], float("-inf"))
+        return self._run(tok, rot, bias, _RowSlots(lat, pos, False), _RowSlots(keys, pos, True), keys[..., :s + 1],
+                         lat[:, :, :s + 1, :self.cfg.kv_lora_rank])
+
+    def _run(self, tok, rot, bias, lat_new, key_new, keys_all, values_all) -> torch.Tensor:
+        """The eager step: rope rotations `rot`, key bias `bias` (or None), `lat_new[:, i] = entry` / `key_new[:, i]
+        = entry` write layer i's new cache entry, keys_all / values_all span the attended slots."""
         model, cfg, eps = self.model, self.cfg, self.eps
         H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         C = r + d
         B = tok.size(0)
         x = model.embed(tok)  # (B, dim)
-        rot = (self.rot[s] if self.positions is None else self.rot.index_select(0, self.positions[:, s]).unsqueeze(1))
-        bias = None if self.bias is None else self.bias[:, :, :s + 1]
-        # this step's views: new entries at slot s, keys and values over slots [0, s]
-        lat_new, key_new = self.lat[:, :, s], self.keys[:, :, :, s]
-        keys_all, values_all = self.keys[..., :s + 1], self.lat[:, :, :s + 1, :r]
         layers, head = self.layers, None
         if B == 1 and isinstance(layers, LeanLayers):  # one row: the GEMV-friendly weight layout
             layers, head = layers.gemv()
