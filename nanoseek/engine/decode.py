@@ -34,9 +34,10 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
   read from a transposed copy (`LeanLayers.gemv`), the layout MKL streams fastest for one row, and each chosen
   expert runs on its one row (docs/decode_profile.md has the per-op measurements).
 
-Simplifications: float32 non-FP8 models on CPU (even q_lora_rank) and no expert parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
-decode steps are not recorded (`last_load` describes training forwards). The results equal the shared path up
-to float rounding (summation order), which tests/test_decode_fast.py holds to.
+Simplifications: float32 non-FP8 models on CPU (an even q_lora_rank) and no expert parallelism; anything else
+(`supported` is False) decodes through `Transformer.hidden`. The expert loads of decode steps are not recorded
+(`last_load` describes training forwards). The results equal the shared path up to float rounding (summation
+order), which tests/test_decode_fast.py holds to.
 """
 from __future__ import annotations
 
