@@ -11,7 +11,7 @@ on that model's 58M active parameters moves ~25 GB/s on 2 threads). Measured her
   L3 cache, so every call reads from DRAM;
 - `--rounding`: whether `_grouped_mm`'s product of a row changes with the rows of its group (1..8 rows vs 64);
 - `--step B`: torch.profiler of one lean decode step at batch B of that model: time per op name (matmuls per
-  input shape, with their weight bytes and GB/s), the step's CPU time.
+  input shape, with their weight bytes and GB/s at batch 1, GFLOP/s beyond), the step's CPU time.
 
     OMP_NUM_THREADS=1 python bench/decode_ops.py --ops --rounding --step 1 --step 64 --threads 1
 """
@@ -136,15 +136,16 @@ def step(B: int, reps: int = 10) -> None:
         shapes = e.input_shapes
         wmb = 4 * torch.Size(shapes[1]).numel() / 1e6 if len(shapes) > 1 and shapes[1] else 0.0
         us = e.self_cpu_time_total / e.count
+        flop = 2 * torch.Size(shapes[0]).numel() * (shapes[1][-1] if len(shapes) > 1 and shapes[1] else 0)
+        rate = (f"{wmb / 1e3 / (us / 1e6):5.1f} GB/s" if B == 1 else f"{flop / 1e3 / us:5.1f} GFLOP/s") if us else ""
         print(f"  {e.key:12s} x{e.count / reps:4.1f}/step {us:8.0f} us/call {e.self_cpu_time_total / reps / 1e3:6.2f} "
-              f"ms/step  {str(shapes[:2]):38s} {wmb:5.1f} MB {wmb / 1e3 / (us / 1e6) if us else 0:5.1f} GB/s")
+              f"ms/step  {str(shapes[:2]):38s} {wmb:5.1f} MB {rate}")
     names: dict[str, float] = {}
     for e in ev:
         names[e.key] = names.get(e.key, 0.0) + e.self_cpu_time_total / reps
     mm_t = sum(names.pop(k, 0.0) for k in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm",
                                            "aten::_grouped_mm"))
-    n_ops = sum(e.count for e in ev if e.key not in ("aten::mm",)) / reps
-    print(f"  matmuls {mm_t / 1e3:.2f} ms/step; the other {n_ops:.0f} op calls per step {sum(names.values()) / 1e3:.2f} "
+    print(f"  matmuls {mm_t / 1e3:.2f} ms/step; every other op (nested calls included) {sum(names.values()) / 1e3:.2f} "
           f"ms; largest: " + ", ".join(f"{k} {v:.0f} us" for k, v in sorted(names.items(), key=lambda kv: -kv[1])[:6]))
 
 

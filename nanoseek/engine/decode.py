@@ -110,16 +110,17 @@ class _Layer:
 
 
 def _kn(w: torch.Tensor) -> torch.Tensor:
-    """The same (N, K) matrix stored transposed: a (N, K) view of a contiguous (K, N) copy."""
-    return w.t().contiguous().t()
+    """The same (N, K) matrix for one-row products: where N >= K, stored transposed (a (N, K) view of a
+    contiguous (K, N) copy: MKL's x @ W GEMV, 1.1-1.8x the bandwidth of x @ W^T on those shapes here); wider
+    than tall (N < K: the dense FFN's w2, an absorbed W_O) it is faster as it is (docs/decode_profile.md)."""
+    return w.t().contiguous().t() if w.size(0) >= w.size(1) else w
 
 
 class LeanLayers(list):
-    """The lean step's per-layer tensors (`build_layers`), plus their batch-1 variant built on first use: every
-    dense linear's weight (attention projections, dense FFN, head) stored transposed, so that F.linear of one
-    row runs MKL's x @ W GEMV (~1.2-1.8x the bandwidth of the x @ W^T one on this machine's shapes,
-    docs/decode_profile.md) while batches keep the layout their GEMMs prefer. Costs one more copy of
-    those weights (not of the experts, which are x @ W already)."""
+    """The lean step's per-layer tensors (`build_layers`), plus their batch-1 variant built on first use: the
+    dense linears' weights (attention projections, dense FFN, head) in the layout one-row products stream
+    fastest (`_kn`), while batches keep the layout their GEMMs prefer. Costs one more copy of those weights
+    (not of the experts, which are x @ W already)."""
 
     def __init__(self, layers: list[_Layer], head: torch.Tensor):
         super().__init__(layers)
