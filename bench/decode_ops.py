@@ -11,9 +11,10 @@ on that model's 58M active parameters moves ~25 GB/s on 2 threads). Measured her
   L3 cache, so every call reads from DRAM;
 - `--rounding`: whether `_grouped_mm`'s product of a row changes with the rows of its group (1..8 rows vs 64);
 - `--step B`: torch.profiler of one lean decode step at batch B of that model: time per op name (matmuls per
-  input shape, with their weight bytes and GB/s at batch 1, GFLOP/s beyond), the step's CPU time.
+  input shape, with their weight bytes and GB/s at batch 1, GFLOP/s beyond), the step's CPU time; `--shared B`
+  the same for `Transformer.hidden`'s decode step (`Engine(lean_decode=False)`).
 
-    OMP_NUM_THREADS=1 python bench/decode_ops.py --ops --rounding --step 1 --step 64 --threads 1
+    OMP_NUM_THREADS=1 python bench/decode_ops.py --ops --rounding --shared 1 --step 1 --step 64 --threads 1
 """
 from __future__ import annotations
 
@@ -87,7 +88,9 @@ def rounding() -> None:
         print(f"  {m}: {(out[0] - ref[0]).abs().max().item():.1e} / {(out[0] - one).abs().max().item():.1e}")
 
 
-def step(B: int, reps: int = 10) -> None:
+def step(B: int, shared: bool = False, reps: int = 10) -> None:
+    """Profile one decode step at batch B: the lean step, or (shared) `Transformer.hidden(absorb=True)` + logits
+    as `Engine(lean_decode=False)` runs it (what the 107M model decoded through before it had a lean step)."""
     from torch.profiler import profile
 
     from bench.vs_llamacpp import BIG
@@ -98,38 +101,54 @@ def step(B: int, reps: int = 10) -> None:
     model = Transformer(BIG).eval()
     engine = Engine(model, eos_id=-1)
     prompts = torch.randint(10, BIG.vocab_size, (B, 32)).tolist()
-    grab = {}
-    real = decode.LeanDecoder.step
-
-    def spy(self, tok, s, pos=None):
-        grab.update(dec=self, tok=tok, s=s)
-        return real(self, tok, s, pos)
-
-    decode.LeanDecoder.step = spy
-    try:
-        engine.generate(prompts, max_new_tokens=3)
-    finally:
-        decode.LeanDecoder.step = real
-    dec, tok, s = grab["dec"], grab["tok"], grab["s"]
     model.prepare_inference(True)
+    if shared:
+        s = 33
+        cache = engine.new_cache(B, s + 1)
+        tok = torch.tensor(prompts)
+        with torch.no_grad():
+            model.hidden(tok, cache=cache, start=0)
+            cache[:, :, 32:] = cache[:, :, 31:32]  # slot 32 as if decoded
+
+        def run():
+            return model.logits(model.hidden(tok[:, -1:], None, None, cache, s, absorb=True)[:, -1])
+    else:
+        grab = {}
+        real = decode.LeanDecoder.step
+
+        def spy(self, tok, s, pos=None):
+            grab.update(dec=self, tok=tok, s=s)
+            return real(self, tok, s, pos)
+
+        decode.LeanDecoder.step = spy
+        try:
+            engine.generate(prompts, max_new_tokens=3)
+        finally:
+            decode.LeanDecoder.step = real
+        model.prepare_inference(True)
+        dec, s = grab["dec"], grab["s"]
+
+        def run():
+            return dec.step(grab["tok"], s)
     try:
         with torch.no_grad():
             for _ in range(3):
-                dec.step(tok, s)
+                run()
             cpu = []
             for _ in range(5):
                 t0 = time.thread_time()
                 for _ in range(reps):
-                    dec.step(tok, s)
+                    run()
                 cpu.append((time.thread_time() - t0) / reps)
             with profile(record_shapes=True) as prof:
                 for _ in range(reps):
-                    dec.step(tok, s)
+                    run()
     finally:
         model.prepare_inference(False)
     ev = prof.key_averages(group_by_input_shape=True)
     total = sum(e.self_cpu_time_total for e in ev) / reps
-    print(f"\nbatch {B}, slot {s}: step {statistics.median(cpu) * 1e3:.2f} ms CPU (unprofiled median), "
+    print(f"\n{'Transformer.hidden' if shared else 'lean step'}, batch {B}, slot {s}: step "
+          f"{statistics.median(cpu) * 1e3:.2f} ms CPU (unprofiled median), "
           f"ops' self time {total / 1e3:.2f} ms; matmuls by input shape (weight MB read per call, GB/s):")
     mm = [e for e in ev if e.key in ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")]
     for e in sorted(mm, key=lambda e: -e.self_cpu_time_total)[:14]:
@@ -154,6 +173,8 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true", help="GB/s per weight shape and layout")
     ap.add_argument("--rounding", action="store_true", help="_grouped_mm rounding by rows per group")
     ap.add_argument("--step", type=int, action="append", default=[], help="profile a lean step at this batch")
+    ap.add_argument("--shared", type=int, action="append", default=[],
+                    help="profile Transformer.hidden's decode step (the path without a lean step) at this batch")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -163,6 +184,8 @@ def main() -> None:
         ops()
     if args.rounding:
         rounding()
+    for b in args.shared:
+        step(b, shared=True)
     for b in args.step:
         step(b)
 
