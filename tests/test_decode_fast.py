@@ -173,3 +173,20 @@ def test_batch_one_equals_naive_recompute(model_kw, monkeypatch):
         ref = [float(logp[len(RAGGED[0]) - 1 + i, t]) for i, t in enumerate(out.tokens)]
         assert out.logprobs == pytest.approx(ref, abs=1e-5)
     assert steps and set(steps) == {1}
+
+
+def test_experts_in_nk_storage_equal_the_shared_path(monkeypatch):
+    """Experts stored (E, N, K) for batched steps (`decode._nk`, here forced for the small test experts) and
+    (E, K, N) for batch 1: the shared path's tokens and log-probs, ragged rows finishing at different steps,
+    batch 1 included; the batched layers really hold transposed storage."""
+    monkeypatch.setattr(decode, "NK_MIN_BYTES", 0)
+    model = make_model(seed=8)
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3, 4, 5, 6])
+    eng = Engine(model, eos_id=-1)
+    assert_same(eng.generate(RAGGED, **kw), Engine(model, eos_id=-1, lean_decode=False).generate(RAGGED, **kw))
+    one = dict(kw, seed=[9])
+    assert_same(eng.generate(RAGGED[:1], **one),
+                Engine(model, eos_id=-1, lean_decode=False).generate(RAGGED[:1], **one))
+    moe = [lay for lay in eng._lean_layers() if lay.moe is not None]
+    assert moe and all(not lay.w13.is_contiguous() and lay.w13.transpose(1, 2).is_contiguous() for lay in moe)
+    assert all(lay.w13.is_contiguous() for lay in eng._lean_layers().gemv()[0] if lay.moe is not None)
