@@ -20,12 +20,11 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
 * MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
   shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
   the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
-  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. No
-  expert matmul runs on one row (a one-row matmul rounds differently), so a row's result does not depend on its
-  batch neighbours beyond what the shared path already allows: at small batches every pair is doubled by a
-  zero-weight copy and only the chosen experts run (at batch 1 the others' weights, most of a MoE layer's bytes,
-  are not read); otherwise one zero-weight pair per expert. (engine/decode_static.py's `moe_experts`, shared
-  with the compiled step.)
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. At
+  small batches only the chosen experts run (at batch 1 the others' weights, most of a MoE layer's bytes, are
+  not read): batch 1 runs each pair on its one row, other small batches double every pair by a zero-weight
+  copy; otherwise one zero-weight pair per expert (engine/decode_static.py's `moe_experts`, shared with the
+  compiled step, has the rounding argument). Experts of 1 MiB or more are stored (E, N, K) for batches (`_nk`).
 * MLA projections: the precomputed absorbed ones above, or, where they hold over twice the multiply-adds of
   the factors they replace (H r > dim: `absorb_at_runtime`), W_UK / W_UV applied per token by two per-head bmms.
   Low-rank queries (q_lora_rank > 0, V2 / V3's shape): one matmul gives [c_Q ; c_KV ; k_rope], then the
