@@ -34,8 +34,9 @@ lm: $(VENV_STAMP)
 llamacpp: $(VENV_STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q 'llama-cpp-python==0.3.36'  # = the llamacpp extra
 
+# THREADS=1: both sides on one thread (what a machine with one busy core can measure); default 2
 bench-llamacpp: $(VENV_STAMP)
-	$(PY) bench/vs_llamacpp.py $(if $(RUN),--run $(RUN),)
+	$(if $(THREADS),OMP_NUM_THREADS=$(THREADS) ,)$(PY) bench/vs_llamacpp.py $(if $(RUN),--run $(RUN),) $(if $(THREADS),--threads $(THREADS),)
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest tests

@@ -1,5 +1,7 @@
 """Decode speed before vs after, in one process: nanoseek's batched greedy decoding at batch 1 / 16 / 64 on the
-tiny preset and a ~100M-parameter config (bench/configs/decode_100m.json), random weights.
+tiny preset and a ~100M-parameter config (bench/configs/decode_100m.json), random weights; `--configs 107m`: the
+107M model of bench/vs_llamacpp.py (low-rank queries; a `before` whose lean step cannot run it decodes through
+`Transformer.hidden`).
 
 Sides (each an `Engine.generate` of exactly --new tokens after a --prompt-len prompt, eos disabled):
   before    the lean decode step as of --before-ref (engine/decode.py loaded from git: the session's start)
@@ -39,20 +41,38 @@ from nanoseek.engine import engine as engine_mod  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 
 CONFIGS = {"tiny": lambda: ModelConfig.preset("tiny"),
-           "100m": lambda: ModelConfig.from_json(ROOT / "bench" / "configs" / "decode_100m.json")}
+           "100m": lambda: ModelConfig.from_json(ROOT / "bench" / "configs" / "decode_100m.json"),
+           "107m": lambda: __import__("bench.vs_llamacpp", fromlist=["BIG"]).BIG}  # the llama.cpp bench's (q_lora)
 MATMUL = {"aten::linear", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul"}
 
 
-def load_before(ref: str) -> types.ModuleType:
-    """engine/decode.py as of git `ref`, as a module of its own (imports resolve to today's model code)."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:nanoseek/engine/decode.py"], check=True,
-                         capture_output=True, text=True).stdout
-    path = Path(tempfile.mkdtemp()) / "decode_before.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("decode_before", path)
+def _module_at(ref: str, rel: str, name: str) -> types.ModuleType | None:
+    """File `rel` as of git `ref` loaded as module `name` (None: the file does not exist at ref)."""
+    got = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:{rel}"], capture_output=True, text=True)
+    if got.returncode != 0:
+        return None
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(got.stdout)
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["decode_before"] = mod  # dataclasses look their module up
+    sys.modules[name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
+    return mod
+
+
+def load_before(ref: str) -> types.ModuleType:
+    """engine/decode.py as of git `ref`, as a module of its own (imports resolve to today's model code), using
+    engine/decode_static.py (its MoE dispatch) as of `ref` too where that file exists there."""
+    mod = _module_at(ref, "nanoseek/engine/decode.py", "decode_before")
+    real = torch.library.custom_op
+    # the old file registers today's custom op name again: keep its functions, not the registration
+    torch.library.custom_op = lambda *a, **k: (lambda fn: types.SimpleNamespace(register_fake=lambda f: f))
+    try:
+        static = _module_at(ref, "nanoseek/engine/decode_static.py", "decode_static_before")
+    finally:
+        torch.library.custom_op = real
+    if static is not None and hasattr(mod, "decode_static"):
+        mod.decode_static = static
     return mod
 
 

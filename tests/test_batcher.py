@@ -269,3 +269,39 @@ def test_cancelled_waiting_requests_leave_the_queue_at_the_next_step():
     assert b.n_pending == 1 and all(r.finish_reason == "cancelled" for r in waiting[:4])
     drain(b)
     assert running.finish_reason == waiting[4].finish_reason == "length"
+
+
+@pytest.mark.parametrize("cfg_kw", [dict(), dict(q_lora_rank=12), dict(n_heads=4, kv_lora_rank=32)])
+def test_lean_decode_steps_equal_the_shared_path(cfg_kw, monkeypatch):
+    """The batcher's decode steps on the lean step (engine/decode.py, one slot per row) against the same batcher
+    on `Transformer.hidden`: requests joining mid-flight and finishing at different lengths (rows move into the
+    holes), sampled with seeds: same tokens, raw log-probs within 1e-5; the lean step really ran, with rows at
+    different slots."""
+    from nanoseek.engine import decode
+
+    torch.manual_seed(1)
+    model = make_model()
+    if cfg_kw:
+        model = Transformer(ModelConfig(**{**model.cfg.__dict__, **cfg_kw})).eval()
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.data.normal_(0, 0.15)
+    spread = []
+    real = decode.LeanDecoder._step_rows
+    monkeypatch.setattr(decode.LeanDecoder, "_step_rows",
+                        lambda self, tok, s, pos: spread.append(int(pos.max() - pos.min())) or real(self, tok, s, pos))
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    runs = []
+    for lean in (True, False):
+        b = Batcher(model, eos_id=-1, max_slots=3, lean_decode=lean)
+        assert (b.lean is not None) == lean
+        reqs = [b.submit(Request(p, n, params, seed=50 + i, logprobs=0))
+                for i, (p, n) in enumerate(zip(PROMPTS, [12, 3, 9, 1, 7, 15]))]
+        b.step()
+        reqs.append(b.submit(Request(PROMPTS[0], 6, params, seed=99, logprobs=0)))  # joins mid-flight
+        drain(b)
+        runs.append(reqs)
+    assert spread and max(spread) > 0
+    for a, r in zip(*runs):
+        assert a.tokens == r.tokens
+        assert [t.logprob for t in a.token_logprobs] == pytest.approx([t.logprob for t in r.token_logprobs], abs=1e-5)

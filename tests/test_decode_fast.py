@@ -46,6 +46,8 @@ RAGGED = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3] * 12, [40], [5, 6, 7, 8, 9, 10,
     dict(n_shared_experts=2),  # shared experts wider than a routed one: run on their own
     dict(n_shared_experts=0, n_routed_experts=6, n_expert_groups=3, n_limited_groups=2),  # group-limited
     dict(score_func="softmax"),  # V2 gate
+    dict(q_lora_rank=12),  # low-rank queries (V2 / V3): absorbed projections
+    dict(q_lora_rank=12, n_heads=4, kv_lora_rank=32, n_expert_groups=2, n_limited_groups=1),  # runtime absorption
 ])
 @pytest.mark.parametrize("sampling", [
     dict(temperature=0.0),
@@ -113,9 +115,10 @@ def test_weights_changed_between_calls_rebuild_the_lean_weights():
 
 
 def test_unsupported_models_fall_back_to_the_shared_path(monkeypatch):
-    """FP8 (per-weight quantized linears), q_lora_rank > 0 and an expert width _grouped_mm cannot stride (not a
-    multiple of 4 floats) decode through Transformer.hidden."""
-    for kw in (dict(fp8=True), dict(q_lora_rank=12), dict(moe_inter_dim=18)):
+    """FP8 (per-weight quantized linears), an odd q_lora_rank (the in-place rope of the new key would start at an
+    odd offset) and an expert width _grouped_mm cannot stride (not a multiple of 4 floats) decode through
+    Transformer.hidden."""
+    for kw in (dict(fp8=True), dict(q_lora_rank=13), dict(moe_inter_dim=18)):
         model = make_model(seed=5, **kw)
         model.prepare_inference(True)
         assert not decode.supported(model, torch.float32)
@@ -149,3 +152,41 @@ def test_odd_kv_lora_rank_falls_back_and_decodes_like_naive_recompute(rank, monk
         out = engine.generate(batch, max_new_tokens=6, temperature=0.0)
         assert [o.tokens for o in out] == [naive_greedy(model, p, 6) for p in batch]
     assert bool(steps) == (rank % 2 == 0)  # the lean decoder ran for the even rank only
+
+
+@pytest.mark.parametrize("model_kw", [dict(), dict(q_lora_rank=12), dict(n_routed_experts=0),
+                                      dict(q_lora_rank=12, n_heads=4, kv_lora_rank=32)])
+def test_batch_one_equals_naive_recompute(model_kw, monkeypatch):
+    """Batch 1 (chat, the server's lone request) runs the GEMV weight layout (`LeanLayers.gemv`) and single
+    expert pairs: greedy tokens equal full recompute, log-probs the full forward's log_softmax; the attention
+    projections both precomputed-absorbed and absorbed at runtime."""
+    model = make_model(seed=7, **model_kw)
+    model.prepare_inference(True)
+    runtime = decode.absorb_at_runtime(model.cfg)
+    model.prepare_inference(False)
+    steps = count_lean_steps(monkeypatch)
+    for absorb in (False, True):
+        out = Engine(model, eos_id=-1, runtime_absorb=absorb).generate([RAGGED[0]], max_new_tokens=12)[0]
+        assert out.tokens == naive_greedy(model, RAGGED[0], 12), (absorb, runtime)
+        with torch.no_grad():
+            logp = model(torch.tensor([RAGGED[0] + out.tokens]))[0].log_softmax(-1)
+        ref = [float(logp[len(RAGGED[0]) - 1 + i, t]) for i, t in enumerate(out.tokens)]
+        assert out.logprobs == pytest.approx(ref, abs=1e-5)
+    assert steps and set(steps) == {1}
+
+
+def test_experts_in_nk_storage_equal_the_shared_path(monkeypatch):
+    """Experts stored (E, N, K) for batched steps (`decode._nk`, here forced for the small test experts) and
+    (E, K, N) for batch 1: the shared path's tokens and log-probs, ragged rows finishing at different steps,
+    batch 1 included; the batched layers really hold transposed storage."""
+    monkeypatch.setattr(decode, "NK_MIN_BYTES", 0)
+    model = make_model(seed=8)
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3, 4, 5, 6])
+    eng = Engine(model, eos_id=-1)
+    assert_same(eng.generate(RAGGED, **kw), Engine(model, eos_id=-1, lean_decode=False).generate(RAGGED, **kw))
+    one = dict(kw, seed=[9])
+    assert_same(eng.generate(RAGGED[:1], **one),
+                Engine(model, eos_id=-1, lean_decode=False).generate(RAGGED[:1], **one))
+    moe = [lay for lay in eng._lean_layers() if lay.moe is not None]
+    assert moe and all(not lay.w13.is_contiguous() and lay.w13.transpose(1, 2).is_contiguous() for lay in moe)
+    assert all(lay.w13.is_contiguous() for lay in eng._lean_layers().gemv()[0] if lay.moe is not None)

@@ -54,9 +54,9 @@ def test_absorption_choice_follows_the_projection_sizes():
 
 
 def test_moe_runs_only_the_chosen_experts(monkeypatch):
-    """Batch 1, 2 routed of 8 experts + the shared one: the grouped matmuls see exactly the 3 chosen experts
-    (each with one zero-weight companion row), never the other 6; at a batch with more pairs than twice the
-    experts, every expert runs (one zero-weight pair each) and none on one row."""
+    """Batch 1, 2 routed of 8 experts + the shared one: the grouped matmuls see exactly the 3 chosen experts,
+    one row each, never the other 6; at a batch with more pairs than twice the experts, every expert runs (one
+    zero-weight pair each) and none on one row."""
     model = make_model(seed=3, n_routed_experts=8, n_activated_experts=2)
     seen = []
     real = torch._grouped_mm
@@ -67,12 +67,32 @@ def test_moe_runs_only_the_chosen_experts(monkeypatch):
 
     monkeypatch.setattr(torch, "_grouped_mm", spy)
     Engine(model, eos_id=-1).generate([RAGGED[0]], max_new_tokens=3)
-    assert seen and all(sorted(c)[-3:] == [2, 2, 2] and sorted(c)[:-3] == [0] * 6 for c in seen)
+    assert seen and all(sorted(c)[-3:] == [1, 1, 1] and sorted(c)[:-3] == [0] * 6 for c in seen)
     seen.clear()
     h = torch.randn(20, 32)
     idx = torch.arange(40).remainder(8).view(20, 2)
     decode_static.moe_experts(h, torch.ones(20, 2), idx, torch.randn(9, 32, 32), torch.randn(9, 16, 32), True)
     assert seen[0] == [6, 6, 6, 6, 6, 6, 6, 6, 21]  # 20 tokens x 2 routed over 8 experts, 20 shared, + 1 each
+
+
+def test_moe_experts_equal_a_per_expert_reference_at_every_batch_size():
+    """moe_experts (single pairs at batch 1, doubled pairs at small batches, a zero pair per expert beyond) against
+    the plain sum over each token's chosen experts of w * SwiGLU, plus the folded shared expert (weight 1)."""
+    torch.manual_seed(0)
+    E, dim, inter = 8, 32, 16
+    w13, w2 = torch.randn(E + 1, dim, 2 * inter), torch.randn(E + 1, inter, dim)
+
+    def expert(x, e):
+        g, u = (x @ w13[e]).chunk(2, -1)
+        return (torch.nn.functional.silu(g) * u) @ w2[e]
+
+    for n in (1, 2, 3, 20):
+        h, w = torch.randn(n, dim), torch.rand(n, 2)
+        idx = torch.stack([torch.randperm(E)[:2] for _ in range(n)])
+        ref = torch.stack([expert(h[t:t + 1], E)[0] + sum(w[t, k] * expert(h[t:t + 1], int(idx[t, k]))[0]
+                                                          for k in range(2)) for t in range(n)])
+        out = decode_static.moe_experts(h, w, idx, w13, w2, True)
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-4), n
 
 
 @pytest.mark.parametrize("model_kw,sampling", [

@@ -27,6 +27,11 @@ join and leave the running batch between decode steps instead of waiting for a w
   each request's `on_token` callback on that thread; the HTTP server hands them to asyncio queues, so a slow
   or vanished client never stalls the loop. `cancel()` frees the row at the next step.
 
+* Decode steps run on the lean decode step (engine/decode.py, where `decode.supported`; `lean_decode=False` or
+  other models: `Transformer.hidden`): its two cache layouts (latents and transposed keys) replace the cache
+  above, each row writes at its own slot and attends to its own slots (`LeanDecoder.step(pos=...)`); a
+  prefill runs `Transformer.hidden` on a temporary cache whose rows are then copied in.
+
 Simplifications: no chunked prefill (a prefill batch is capped by `prefill_tokens` padded tokens instead),
 no prefix caching, no preemption (a request holds its row until it finishes), and the routed experts use
 the stacked inference path for the batcher's whole life (weights never change while serving).
@@ -43,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanoseek.engine import decode
 from nanoseek.engine.sampling import SamplingParams, mask_vocab, sample
 from nanoseek.model import Transformer
 
@@ -151,9 +157,12 @@ class FairQueue:
 class Batcher:
     def __init__(self, model: Transformer, eos_id: int | Iterable[int], max_slots: int = 32,
                  max_seq_len: int | None = None, cache_dtype: torch.dtype | None = None, prefill_tokens: int = 4096,
-                 reserve_slots: int | None = None, express_tokens: int = 256, sample_vocab: int | None = None):
+                 reserve_slots: int | None = None, express_tokens: int = 256, sample_vocab: int | None = None,
+                 lean_decode: bool = True):
         """eos_id: one id or several (an imported checkpoint's eos ids); sample_vocab: ids at or past it are
-        never sampled (an imported checkpoint's padded embedding rows; engine/sampling.mask_vocab)."""
+        never sampled (an imported checkpoint's padded embedding rows; engine/sampling.mask_vocab);
+        lean_decode: decode steps on engine/decode.py's lean step where the model allows it (same tokens and
+        log-probs up to float rounding), else through `Transformer.hidden`."""
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         self.reserve_slots = max_slots // 4 if reserve_slots is None else reserve_slots
@@ -168,10 +177,18 @@ class Batcher:
         self.prefill_tokens = prefill_tokens
         p = next(model.parameters())
         self.device = p.device
-        self.cache = torch.zeros(self.cfg.n_layers, max_slots, self.max_seq_len,
-                                 self.cfg.kv_cache_numbers_per_token_layer, dtype=cache_dtype or p.dtype,
-                                 device=self.device)
         model.prepare_inference(True)  # weights are frozen while serving: fuse them once
+        dtype = cache_dtype or p.dtype
+        shape = (self.cfg.n_layers, max_slots, self.max_seq_len, self.cfg.kv_cache_numbers_per_token_layer)
+        self.lean: decode.LeanDecoder | None = None
+        if lean_decode and decode.supported(model, dtype):  # its caches replace self.cache
+            self.cache = None
+            self.lean = decode.LeanDecoder(model, decode.build_layers(model), torch.zeros(*shape[:2], 0, shape[3],
+                                           dtype=dtype, device=self.device), None, self.max_seq_len, None, None)
+            self.lean.lat.zero_()  # a row attends over slots other rows filled: masked, but they must not be NaN
+            self.lean.keys.zero_()
+        else:
+            self.cache = torch.zeros(*shape, dtype=dtype, device=self.device)
         self.rows: list[Request] = []  # row i of the cache belongs to rows[i]; touched by the loop thread only
         self.pending = FairQueue()
         self.group_rows: dict[object, int] = {}  # rows held per group (loop thread only)
@@ -283,7 +300,12 @@ class Batcher:
         for i, r in enumerate(new):
             ids[i, :len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
         causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()[None, None]
-        h = self.model.hidden(ids, None, causal, self.cache[:, n0:n0 + k], 0, absorb=False)
+        cache = self.cache[:, n0:n0 + k] if self.lean is None else torch.zeros(
+            self.cfg.n_layers, k, P, self.cfg.kv_cache_numbers_per_token_layer, dtype=self.lean.lat.dtype,
+            device=self.device)
+        h = self.model.hidden(ids, None, causal, cache, 0, absorb=False)
+        if self.lean is not None:
+            self.lean.load_rows(n0, cache)
         last = torch.tensor([len(r.prompt) - 1 for r in new], device=self.device)
         logits = mask_vocab(self.model.logits(h[torch.arange(k, device=self.device), last]), self.sample_vocab)
         for r in new:
@@ -301,10 +323,13 @@ class Batcher:
         last = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
         pos = torch.tensor([r.cached for r in rows], device=self.device)
         start = int(pos.max())
-        mask = torch.arange(start + 1, device=self.device)[None, :] <= pos[:, None]  # (B, S): own keys only
-        h = self.model.hidden(last, pos[:, None], mask[:, None, None], self.cache[:, :B], start, absorb=True,
-                              write_pos=pos)
-        logits = mask_vocab(self.model.logits(h[:, -1]), self.sample_vocab)
+        if self.lean is not None:
+            logits = mask_vocab(self.lean.step(last.view(B), start, pos=pos), self.sample_vocab)
+        else:
+            mask = torch.arange(start + 1, device=self.device)[None, :] <= pos[:, None]  # (B, S): own keys only
+            h = self.model.hidden(last, pos[:, None], mask[:, None, None], self.cache[:, :B], start, absorb=True,
+                                  write_pos=pos)
+            logits = mask_vocab(self.model.logits(h[:, -1]), self.sample_vocab)
         for r in rows:
             r.cached += 1
         self.stats.decode_tokens += B
@@ -357,7 +382,10 @@ class Batcher:
             last = len(self.rows) - 1
             if i != last:
                 moved = self.rows[last]
-                self.cache[:, i, :moved.cached] = self.cache[:, last, :moved.cached]
+                if self.lean is not None:
+                    self.lean.move_row(last, i, moved.cached)
+                else:
+                    self.cache[:, i, :moved.cached] = self.cache[:, last, :moved.cached]
                 self.rows[i] = moved
             self.rows.pop()
 

@@ -20,23 +20,27 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
 * MoE: the shared expert becomes an extra expert that every token visits with weight 1, so all routed and
   shared work is two `torch._grouped_mm` calls over the expert-sorted (token, expert) pairs (no padding to
   the busiest expert, no host sync on the counts); outputs are scaled in the hidden activation and
-  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. No
-  expert matmul runs on one row (a one-row matmul rounds differently), so a row's result does not depend on its
-  batch neighbours beyond what the shared path already allows: at small batches every pair is doubled by a
-  zero-weight copy and only the chosen experts run (at batch 1 the others' weights, most of a MoE layer's bytes,
-  are not read); otherwise one zero-weight pair per expert. (engine/decode_static.py's `moe_experts`, shared
-  with the compiled step.)
+  accumulated straight into the residual stream by one `index_add_`. Routing is the model's own `Gate`. At
+  small batches only the chosen experts run (at batch 1 the others' weights, most of a MoE layer's bytes, are
+  not read): batch 1 runs each pair on its one row, other small batches double every pair by a zero-weight
+  copy; otherwise one zero-weight pair per expert (engine/decode_static.py's `moe_experts`, shared with the
+  compiled step, has the rounding argument). Experts of 1 MiB or more are stored (E, N, K) for batches (`_nk`).
 * MLA projections: the precomputed absorbed ones above, or, where they hold over twice the multiply-adds of
   the factors they replace (H r > dim: `absorb_at_runtime`), W_UK / W_UV applied per token by two per-head bmms.
+  Low-rank queries (q_lora_rank > 0, V2 / V3's shape): one matmul gives [c_Q ; c_KV ; k_rope], then the
+  normalized c_Q goes through W_UQ (or its absorbed product).
+* Batch 1 (chat, a lone server request) is a chain of GEMVs bound by memory bandwidth: its dense weights are
+  read from a transposed copy (`LeanLayers.gemv`), the layout MKL streams fastest for one row, and each chosen
+  expert runs on its one row (docs/decode_profile.md has the per-op measurements).
 
-Simplifications: float32 non-FP8 models on CPU with q_lora_rank = 0 (the tiny and demo presets) and no expert
-parallelism; anything else (`supported` is False) decodes through `Transformer.hidden`. The expert loads of
-decode steps are not recorded (`last_load` describes training forwards). The results equal the shared path up
-to float rounding (summation order), which tests/test_decode_fast.py holds to.
+Simplifications: float32 non-FP8 models on CPU (an even q_lora_rank) and no expert parallelism; anything else
+(`supported` is False) decodes through `Transformer.hidden`. The expert loads of decode steps are not recorded
+(`last_load` describes training forwards). The results equal the shared path up to float rounding (summation
+order), which tests/test_decode_fast.py holds to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +59,8 @@ def supported(model: Transformer, cache_dtype: torch.dtype) -> bool:
     # _grouped_mm wants 16-byte strides: dim and the expert width in multiples of 4 float32s
     # CPU only: CUDA's _grouped_mm takes bfloat16 on recent GPUs, and GPU decode is not launch-bound the same way
     # even kv_lora_rank: the in-place rope views each head's [latent ; rope] row of r + d floats as complex pairs
-    return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank == 0
+    # q_lora_rank > 0: its input projection [W_DQ ; W_DKV] and the rope of the new key must start at even offsets
+    return (hasattr(torch, "_grouped_mm") and model.fused and not cfg.fp8 and cfg.q_lora_rank % 2 == 0
             and not cfg.sparse_attention
             and next(model.parameters()).device.type == "cpu"
             and cfg.dim % 4 == 0 and cfg.moe_inter_dim % 4 == 0 and cfg.kv_lora_rank % 2 == 0
@@ -74,8 +79,9 @@ def absorb_at_runtime(cfg) -> bool:
     0.80x, is launch-bound and keeps the single fused matmul)."""
     H, r, d, nope, v, dim = (cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim,
                              cfg.v_head_dim, cfg.dim)
-    fused = (H * (r + d) + r + d) * dim + dim * H * r
-    runtime = (H * (nope + d) + r + d) * dim + H * nope * r + H * r * v + dim * H * v
+    q_in = cfg.q_lora_rank or dim  # the query projection's input: x, or the normalized low-rank c_Q
+    fused = H * (r + d) * q_in + (r + d) * dim + dim * H * r
+    runtime = H * (nope + d) * q_in + (r + d) * dim + H * nope * r + H * r * v + dim * H * v
     # the in-place rope views the rope block as complex pairs: it must start at an even offset
     return runtime <= 0.5 * fused and (H * nope + r) % 2 == 0
 
@@ -95,31 +101,90 @@ class _Layer:
     shared_apart: bool  # MoE whose shared experts are wider than one routed expert: run them on their own
     w_uk: torch.Tensor | None = None  # runtime absorption: (H, nope, r), scale-folded W_UK; None: absorbed
     w_uv: torch.Tensor | None = None  # runtime absorption: (H, r, v)
+    # low-rank queries (q_lora_rank > 0): w_in is [W_DQ (q_lora) ; c_KV (r) ; k_rope (d)] on x, and the query
+    # comes from the normalized c_Q by wq_b: absorbed (H * (r + d), q_lora) per head [q_lat_h ; q_rope_h];
+    # runtime absorption (H * nope + H * d, q_lora) [q_nope (all heads) ; q_rope (all heads)], scale folded in
+    q_norm: torch.Tensor | None = None
+    wq_b: torch.Tensor | None = None
 
 
-def build_layers(model: Transformer, runtime_absorb: bool | None = None) -> list[_Layer]:
+def _kn(w: torch.Tensor) -> torch.Tensor:
+    """The same (N, K) matrix for one-row products: where N >= K, stored transposed (a (N, K) view of a
+    contiguous (K, N) copy: MKL's x @ W GEMV, 1.1-1.8x the bandwidth of x @ W^T on those shapes here); wider
+    than tall (N < K: the dense FFN's w2, an absorbed W_O) it is faster as it is (docs/decode_profile.md)."""
+    return w.t().contiguous().t() if w.size(0) >= w.size(1) else w
+
+
+NK_MIN_BYTES = 1 << 20  # experts at least this big are stored (E, N, K) for batched GEMMs (see `_nk`)
+
+
+def _nk(w: torch.Tensor) -> torch.Tensor:
+    """Stacked expert matrices (E, K, N) for batched decode: where one expert's matrix holds >= NK_MIN_BYTES, a view
+    of contiguous (E, N, K) storage (nn.Linear's order; MKL's GEMM of an expert's 4-128 rows ran 1.06-1.22x
+    faster on it at the 107M model's 3 MB experts, slower on 1-3 rows); smaller ones stay contiguous (E, K, N)
+    (the tiny preset's 128 KB experts: the two orders within +-7%, and its decode stays bit-identical)."""
+    if w[0].numel() * w.element_size() < NK_MIN_BYTES:
+        return w.contiguous()
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class LeanLayers(list):
+    """The lean step's per-layer tensors (`build_layers`), plus their batch-1 variant built on first use: the
+    dense linears' weights (attention projections, dense FFN, head) in the layout one-row products stream
+    fastest (`_kn`), the stacked experts in (E, K, N) storage (MKL's x @ W GEMV per one-row group), while
+    batches keep the layouts their GEMMs prefer. Costs one more copy of the weights, built only where a batch
+    of one row runs."""
+
+    def __init__(self, layers: list[_Layer], head: torch.Tensor):
+        super().__init__(layers)
+        self.head = head
+        self._gemv: tuple[list[_Layer], torch.Tensor] | None = None
+
+    def gemv(self) -> tuple[list[_Layer], torch.Tensor]:
+        """(layers, head weight) for batch 1: the same numbers, the dense matrices in (K, N) storage."""
+        if self._gemv is None:
+            layers = [replace(lay, w_in=_kn(lay.w_in), w_ov=_kn(lay.w_ov),
+                              wq_b=None if lay.wq_b is None else _kn(lay.wq_b),
+                              **(dict(w13=lay.w13.contiguous(), w2=lay.w2.contiguous()) if lay.moe is not None
+                                 else dict(w13=_kn(lay.w13), w2=_kn(lay.w2))))
+                      for lay in self]
+            self._gemv = (layers, _kn(self.head))
+        return self._gemv
+
+
+def build_layers(model: Transformer, runtime_absorb: bool | None = None) -> LeanLayers:
     """The per-layer tensors of the lean step, from the fused inference weights of `prepare_inference`.
     runtime_absorb None: `absorb_at_runtime(cfg)`."""
     cfg = model.cfg
     H, r, d, nope, v = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
     runtime = absorb_at_runtime(cfg) if runtime_absorb is None else runtime_absorb
     out = []
+    low_rank_q = cfg.q_lora_rank > 0
     for layer in model.layers:
         attn = layer.attn
-        w_uk = w_uv = None
+        w_uk = w_uv = q_norm = wq_b = None
+        if low_rank_q:
+            w_in = torch.cat([attn.wq_a.weight, attn.wkv_a.weight]).contiguous()
+            q_norm = attn.q_norm.weight
         if runtime:  # the softmax scale folds into the query rows (as fuse_absorbed does)
-            wq = attn.wq.weight.view(H, nope + d, -1) * attn.softmax_scale
-            wkv = attn.wkv_a.weight
-            w_in = torch.cat([wq[:, :nope].reshape(H * nope, -1), wkv[:r], wq[:, nope:].reshape(H * d, -1),
-                              wkv[r:]]).contiguous()
+            wq = (attn.wq_b if low_rank_q else attn.wq).weight.view(H, nope + d, -1) * attn.softmax_scale
+            q_nope, q_rope = wq[:, :nope].reshape(H * nope, -1), wq[:, nope:].reshape(H * d, -1)
+            if low_rank_q:
+                wq_b = torch.cat([q_nope, q_rope]).contiguous()
+            else:
+                wkv = attn.wkv_a.weight
+                w_in = torch.cat([q_nope, wkv[:r], q_rope, wkv[r:]]).contiguous()
             w = attn.wkv_b.weight.view(H, nope + v, r)
             w_uk, w_uv = w[:, :nope].contiguous(), w[:, nope:].transpose(1, 2).contiguous()
             w_ov = attn.wo.weight
+        elif low_rank_q:
+            wq_b, w_ov = attn.fused  # wq_b rows per head [q_lat_h (r); q_rope_h (d)], scale folded in
         else:
             wq, w_ov = attn.fused  # wq rows: [q_lat (H*r); c_KV (r); q_rope (H*d); k_rope (d)]
             q_lat, c_kv, q_rope, k_rope = wq.split([H * r, r, H * d, d])
             per_head = torch.cat([q_lat.view(H, r, -1), q_rope.view(H, d, -1)], dim=1).flatten(0, 1)
             w_in = torch.cat([per_head, c_kv, k_rope]).contiguous()
+        lat_kw = dict(w_uk=w_uk, w_uv=w_uv, q_norm=q_norm, wq_b=wq_b)
         ffn = layer.ffn
         if isinstance(ffn, MoE):
             w13, w2 = ffn.stacked
@@ -128,13 +193,14 @@ def build_layers(model: Transformer, runtime_absorb: bool | None = None) -> list
             if sh is not None and not shared_apart:
                 w13 = torch.cat([w13, sh.w13.t()[None]])
                 w2 = torch.cat([w2, sh.w2.weight.t()[None]])
+            # big experts stored (E, N, K) for batches (`_nk`); batch 1's one-row groups keep (K, N) (`LeanLayers.gemv`)
             out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, ffn,
-                              w13.contiguous(), w2.contiguous(), shared_apart, w_uk, w_uv))
+                              _nk(w13), _nk(w2), shared_apart, **lat_kw))
         else:
             w13 = ffn.w13 if ffn.w13 is not None else torch.cat([ffn.w1.weight, ffn.w3.weight])
             out.append(_Layer(layer.attn_norm.weight, w_in, attn.kv_norm.weight, w_ov, layer.ffn_norm.weight, None,
-                              w13, ffn.w2.weight, False, w_uk, w_uv))
-    return out
+                              w13, ffn.w2.weight, False, **lat_kw))
+    return LeanLayers(out, model.head.weight)
 
 
 class Workspace:
@@ -169,6 +235,22 @@ class Workspace:
         return buf[0][:B, :, :S], buf[1][:B, :, :, :S]
 
 
+class _RowSlots:
+    """Write target of a continuous-batching step: `[:, i] = new` (B, C) puts row b's entry of layer i at its own
+    slot pos[b] of a (B, L, S, C) latent cache (keys False) or a (B, L, C, S) key cache (keys True)."""
+
+    def __init__(self, cache: torch.Tensor, pos: torch.Tensor, keys: bool):
+        self.cache, self.pos, self.keys = cache, pos, keys
+        self.rows = torch.arange(pos.numel(), device=pos.device)
+
+    def __setitem__(self, index: tuple, new: torch.Tensor) -> None:
+        layer = index[1]
+        if self.keys:
+            self.cache[self.rows, layer, :, self.pos] = new
+        else:
+            self.cache[self.rows, layer, self.pos] = new
+
+
 class LeanDecoder:
     """Decode state of one batch: both cache layouts, the key bias, the rope rotations; `step` runs one token."""
 
@@ -183,8 +265,8 @@ class LeanDecoder:
         cfg = model.cfg
         self.model, self.layers, self.cfg = model, layers, cfg
         self.eps = cfg.norm_eps
-        if any(lay.w_uk is not None for lay in layers):
-            compiled = None  # the compiled step implements the precomputed absorbed layout only
+        if any(lay.w_uk is not None or lay.wq_b is not None for lay in layers):
+            compiled = None  # the compiled step implements the precomputed absorbed layout (q_lora_rank 0) only
         self.compiled = compiled
         L, U, P, C = prefill_cache.shape
         lat = prefill_cache.transpose(0, 1).contiguous()  # (U, L, P, C): transposed per distinct prompt, not per row
@@ -235,6 +317,20 @@ class LeanDecoder:
             st = self.static
             st.lat, st.keys, st.key_bias, st.positions = self.lat, self.keys, self.bias, self.positions
 
+    def load_rows(self, first: int, cache: torch.Tensor) -> None:
+        """Put the prefilled latents cache (L, k, P, C) of k new rows into rows [first, first + k), slots [0, P)
+        (continuous batching: a request joins the running batch)."""
+        L, k, P, C = cache.shape
+        lat = cache.transpose(0, 1)
+        self.lat[first:first + k, :, :P] = lat
+        self.keys[first:first + k, :, :, :P] = lat.transpose(2, 3)
+
+    def move_row(self, src: int, dst: int, filled: int) -> None:
+        """Copy row src's slots [0, filled) over row dst (continuous batching: a finished row's hole is filled by
+        the last row)."""
+        self.lat[dst, :, :filled] = self.lat[src, :, :filled]
+        self.keys[dst, :, :, :filled] = self.keys[src, :, :, :filled]
+
     def _moe(self, lay: _Layer, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """x + MoE(h) for h (N, dim), added into x in place (engine/decode_static.py's `moe_experts`)."""
         moe = lay.moe
@@ -245,6 +341,19 @@ class LeanDecoder:
             x += moe.shared_experts(h)
         return x
 
+    def _low_rank_query(self, lay: _Layer, h: torch.Tensor, rot, lat_new, key_new, i: int) -> torch.Tensor:
+        """q_lora_rank > 0: the new latent [c_KV ; k_rope] of layer i written into both caches, and the query's
+        projection out of the normalized c_Q (W_UQ, or its absorbed product): (B, wq_b rows)."""
+        r, ql = self.cfg.kv_lora_rank, self.cfg.q_lora_rank
+        B = h.size(0)
+        out = F.linear(h, lay.w_in)  # [c_Q (ql) ; c_KV (r) ; k_rope (d)]
+        k_rope = out[:, ql + r:]
+        torch.view_as_complex(k_rope.view(B, 1, -1, 2)).mul_(rot)
+        new = torch.cat([F.rms_norm(out[:, ql:ql + r], (r,), lay.kv_norm, self.eps), k_rope], -1)
+        lat_new[:, i] = new
+        key_new[:, i] = new
+        return F.linear(F.rms_norm(out[:, :ql], (ql,), lay.q_norm, self.eps), lay.wq_b)
+
     def _attn_runtime(self, lay: _Layer, h: torch.Tensor, i: int, rot, bias, lat_new, key_new, keys_all,
                       values_all) -> torch.Tensor:
         """The attention output of layer i with W_UK / W_UV applied per token (`absorb_at_runtime`): the same
@@ -253,50 +362,82 @@ class LeanDecoder:
         cfg = self.cfg
         H, r, d, nope = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
         B = h.size(0)
-        out = F.linear(h, lay.w_in)  # [q_nope (H*nope) ; c_KV (r) ; q_rope (H*d) ; k_rope (d)]
-        rope = out[:, H * nope + r:]
-        torch.view_as_complex(rope.view(B, H + 1, d // 2, 2)).mul_(rot)  # rope of q and k at once
-        new = torch.cat([F.rms_norm(out[:, H * nope:H * nope + r], (r,), lay.kv_norm, self.eps), rope[:, H * d:]], -1)
-        lat_new[:, i] = new
-        key_new[:, i] = new
-        q_lat = torch.bmm(out[:, :H * nope].view(B, H, nope).transpose(0, 1), lay.w_uk)  # (H, B, r)
-        q = torch.cat([q_lat.transpose(0, 1), rope[:, :H * d].view(B, H, d)], dim=-1)  # (B, H, r + d)
+        if lay.wq_b is not None:
+            q_nope, q_rope = self._low_rank_query(lay, h, rot, lat_new, key_new, i).split([H * nope, H * d], -1)
+            torch.view_as_complex(q_rope.view(B, H, d // 2, 2)).mul_(rot)
+        else:
+            out = F.linear(h, lay.w_in)  # [q_nope (H*nope) ; c_KV (r) ; q_rope (H*d) ; k_rope (d)]
+            rope = out[:, H * nope + r:]
+            torch.view_as_complex(rope.view(B, H + 1, d // 2, 2)).mul_(rot)  # rope of q and k at once
+            new = torch.cat([F.rms_norm(out[:, H * nope:H * nope + r], (r,), lay.kv_norm, self.eps),
+                             rope[:, H * d:]], -1)
+            lat_new[:, i] = new
+            key_new[:, i] = new
+            q_nope, q_rope = out[:, :H * nope], rope[:, :H * d]
+        q_lat = torch.bmm(q_nope.view(B, H, nope).transpose(0, 1), lay.w_uk)  # (H, B, r)
+        q = torch.cat([q_lat.transpose(0, 1), q_rope.view(B, H, d)], dim=-1)  # (B, H, r + d)
         keys = keys_all[:, i]
         scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
         o = torch.bmm(scores.softmax(dim=-1), values_all[:, i])  # (B, H, r)
         o = torch.bmm(o.transpose(0, 1), lay.w_uv)  # (H, B, v)
         return F.linear(o.transpose(0, 1).reshape(B, -1), lay.w_ov)
 
-    def step(self, tok: torch.Tensor, s: int) -> torch.Tensor:
-        """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32."""
+    def step(self, tok: torch.Tensor, s: int, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32.
+        pos (B,) long, for continuous batching (engine/batcher.py: rows of different lengths, no padding): row
+        b's token sits at its own slot and rope position pos[b] and attends to its slots [0, pos[b]]; s must be
+        max(pos); the caches' first B rows are used."""
+        if pos is not None:
+            return self._step_rows(tok, s, pos)
         if self.static is not None:
             logits, entries = decode_static.compiled_step(self.compiled)(self.static, tok,
                                                                          torch.tensor(s, device=tok.device))
             self.lat[:, :, s] = entries
             self.keys[:, :, :, s] = entries
             return logits
+        rot = (self.rot[s] if self.positions is None else self.rot.index_select(0, self.positions[:, s]).unsqueeze(1))
+        bias = None if self.bias is None else self.bias[:, :, :s + 1]
+        # this step's views: new entries at slot s, keys and values over slots [0, s]
+        return self._run(tok, rot, bias, self.lat[:, :, s], self.keys[:, :, :, s], self.keys[..., :s + 1],
+                         self.lat[:, :, :s + 1, :self.cfg.kv_lora_rank])
+
+    def _step_rows(self, tok: torch.Tensor, s: int, pos: torch.Tensor) -> torch.Tensor:
+        """`step` with a slot per row (continuous batching): per-row cache writes, rope positions and key bias."""
+        B = tok.size(0)
+        lat, keys = self.lat[:B], self.keys[:B]
+        rot = self.rot.index_select(0, pos).unsqueeze(1)
+        bias = torch.zeros(B, 1, s + 1, device=tok.device).masked_fill_(
+            torch.arange(s + 1, device=tok.device) > pos[:, None, None], float("-inf"))
+        return self._run(tok, rot, bias, _RowSlots(lat, pos, False), _RowSlots(keys, pos, True), keys[..., :s + 1],
+                         lat[:, :, :s + 1, :self.cfg.kv_lora_rank])
+
+    def _run(self, tok, rot, bias, lat_new, key_new, keys_all, values_all) -> torch.Tensor:
+        """The eager step: rope rotations `rot`, key bias `bias` (or None), `lat_new[:, i] = entry` / `key_new[:, i]
+        = entry` write layer i's new cache entry, keys_all / values_all span the attended slots."""
         model, cfg, eps = self.model, self.cfg, self.eps
         H, r, d = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         C = r + d
         B = tok.size(0)
         x = model.embed(tok)  # (B, dim)
-        rot = (self.rot[s] if self.positions is None else self.rot.index_select(0, self.positions[:, s]).unsqueeze(1))
-        bias = None if self.bias is None else self.bias[:, :, :s + 1]
-        # this step's views: new entries at slot s, keys and values over slots [0, s]
-        lat_new, key_new = self.lat[:, :, s], self.keys[:, :, :, s]
-        keys_all, values_all = self.keys[..., :s + 1], self.lat[:, :, :s + 1, :r]
-        for i, lay in enumerate(self.layers):
+        layers, head = self.layers, None
+        if B == 1 and isinstance(layers, LeanLayers):  # one row: the GEMV-friendly weight layout
+            layers, head = layers.gemv()
+        for i, lay in enumerate(layers):
             h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
             if lay.w_uk is not None:
                 x = x + self._attn_runtime(lay, h, i, rot, bias, lat_new, key_new, keys_all, values_all)
             else:
-                qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
-                torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
-                new = qkv[:, H]
-                new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
-                lat_new[:, i] = new
-                key_new[:, i] = new
-                q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
+                if lay.wq_b is not None:  # low-rank q: the new latent written, then q (B, H, C)
+                    q = self._low_rank_query(lay, h, rot, lat_new, key_new, i).view(B, H, C)
+                    torch.view_as_complex(q[..., r:].unflatten(-1, (-1, 2))).mul_(rot)
+                else:
+                    qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
+                    torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
+                    new = qkv[:, H]
+                    new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
+                    lat_new[:, i] = new
+                    key_new[:, i] = new
+                    q = qkv[:, :H]  # (B, H, C), already scaled by the softmax scale (fuse_absorbed)
                 keys = keys_all[:, i]
                 scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
                 probs = scores.softmax(dim=-1)
@@ -308,4 +449,6 @@ class LeanDecoder:
                 x = x + F.linear(F.silu(gate) * up, lay.w2)
             else:
                 x = self._moe(lay, x, h)
-        return model.logits(x)
+        if head is None:
+            return model.logits(x)
+        return F.linear(F.rms_norm(x, (x.size(-1),), model.norm.weight, eps), head)

@@ -40,8 +40,9 @@ def _pair_ids(N: int, K: int, groups: int, shared: bool, like: torch.Tensor):
         ids = [tokens.repeat_interleave(K)] + ([tokens] if shared else [])
         experts = [torch.full((N,), groups - 1, device=like.device)] if shared else []
         weights = [like.new_ones(N)] if shared else []
-        doubled = N * (K + shared) < 2 * groups
-        if not doubled:  # one zero-weight pair per expert (token 0)
+        sparse = N * (K + shared) < 2 * groups
+        doubled = sparse and N > 1
+        if not sparse:  # one zero-weight pair per expert (token 0)
             ids.append(tokens.new_zeros(groups))
             experts.append(torch.arange(groups, device=like.device))
             weights.append(like.new_zeros(groups))
@@ -57,12 +58,14 @@ def moe_experts(h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
                 shared: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """out + sum_k w_k E_k(h) (+ the folded shared expert, the last group of w13 / w2, weight 1) for h (N, dim);
     out None: a zero tensor; added in place. Two `torch._grouped_mm` over the expert-sorted (token, expert)
-    pairs (no padding to the busiest expert). No expert matmul runs on one row, whose kernel rounds differently
-    from the many-row one, so a row's result does not depend on how many rows share its experts (what keeps a
-    rollout the same however its batch is split over processes): at small batches (fewer pairs than twice the
-    experts: batch 1) every pair is doubled by a zero-weight copy, so experts no token chose are not touched
-    (at batch 1 their weights are most of a MoE layer's bytes); otherwise one zero-weight pair per expert (the
-    few unchosen ones then run on one zero row)."""
+    pairs (no padding to the busiest expert). At small batches (fewer pairs than twice the experts) only the
+    chosen experts run (at batch 1 the others' weights are most of a MoE layer's bytes): a single row runs
+    each of its pairs once, larger small batches double every pair by a zero-weight copy; otherwise one
+    zero-weight pair per expert (the few unchosen ones then run on one zero row).
+    Rounding: CPU `_grouped_mm` (MKL) rounds a group of 1, 2 or 3 rows alike and differently from a group of 4
+    or more (measured bitwise, docs/decode_profile.md), so batch 1 without the zero copies gives the very
+    numbers the doubled pairs gave, at one GEMV's cost instead of a 2-row GEMM's (1.3-1.4x the time on one
+    thread, far more on two threads under load)."""
     N, K = indices.shape
     groups = w13.size(0)
     token_ids, tail_experts, tail_w, zeros, doubled = _pair_ids(N, K, groups, shared, h)
