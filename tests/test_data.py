@@ -152,3 +152,27 @@ def test_eval_batches_fixed_and_sharded():
     assert torch.equal(shards[1][1][0], rows[4:8][1::2, :-1])
     small = list(eval_batches(rows[:3], 8, 5, world=2))  # fewer rows than a batch: 2 rows, evenly split
     assert len(small) == 1 and small[0][0].shape[0] == 1
+
+
+def test_pack_aligned_fresh_crop_has_no_length_bias():
+    """`crop="shortest"` (nanochat's) cuts the tail off the shortest pending document, so short documents lose
+    their endings far more often than long ones; `crop="fresh"` cuts the next document of the (shuffled) stream,
+    so the share of complete documents is about the same for short and long ones. Rows stay whole documents and
+    one head either way."""
+    rng = np.random.default_rng(3)
+    docs = [[100 + i] + [5] * (int(rng.choice([6, 40])) - 1) for i in range(3000)]  # two lengths, unique first tokens
+    by_first = {d[0]: len(d) + 1 for d in docs}
+
+    def complete_share(rows, length):
+        done = [p[0] for row in rows.tolist() for p in _split_into_docs(row) if len(p) == by_first[p[0]]]
+        total = sum(1 for d in docs if len(d) == length)
+        return sum(1 for f in done if by_first[f] == length + 1) / total
+
+    old = pack_aligned(docs, seq_len=127, eos_id=EOS)
+    new = pack_aligned(docs, seq_len=127, eos_id=EOS, crop="fresh")
+    assert complete_share(old, 6) < complete_share(old, 40) - 0.05  # the bias being fixed
+    assert abs(complete_share(new, 6) - complete_share(new, 40)) < 0.05
+    for row in new.tolist():
+        assert row[0] >= 100
+        parts = _split_into_docs(row)
+        assert all(len(p) == by_first[p[0]] for p in parts[:-1])

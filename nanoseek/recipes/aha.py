@@ -60,6 +60,8 @@ class AhaConfig:
     # give up (the base must see every position of a long search to learn its arithmetic; nanoseek.corpus)
     give_up: float = knob(0.8, help="give-up prior of the corpus's lazy traces: P(stop after a `no.`)")
     persist: float = knob(0.4, help="share of the corpus's traces that never give up")
+    packing: str = knob("aligned", choices=("aligned", "aligned-fresh"),
+                        help="row packing of the base's corpus (aligned-fresh: crops without a length bias)")
     base_steps: int = knob(1440, help="pretraining steps of the base")
     base_lr: float = knob(4e-3, help="pretraining peak lr")
     batch_size: int = knob(16, help="pretraining rows per step")
@@ -138,7 +140,7 @@ def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds:
                             eval_interval=0 if control else max(steps // 4, 1), ckpt_interval=max(cfg.base_steps // 5, 1),
                             minutes=(seconds or 0.0) / 60)
         data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 100, 20), difficulty=cfg.difficulty,
-                          flawed_share=cfg.give_up, fact_share=0.0, packing="aligned", persist_share=cfg.persist)
+                          flawed_share=cfg.give_up, fact_share=0.0, packing=cfg.packing, persist_share=cfg.persist)
         pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data, time_schedule=control)
         start = None
         if control:
