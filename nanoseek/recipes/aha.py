@@ -55,7 +55,7 @@ class AhaConfig:
     seed: int = knob(0, help="seed of every stage")
     task: str = knob("countdown_mod", choices=TASKS,
                      help="countdown_mod: every step mod 10 (one-digit verdicts); countdown_search: plain integers")
-    difficulty: int = knob(1, help="countdown_search level (largest number 9, 15, 25, 50, 100); countdown_mod: 1")
+    difficulty: int = knob(1, help="task level (largest number 9, 15, 25, 50, 100)")
     # per `no.`: the corpus's lazy searches continue with probability 1 - give_up; `persist` of the traces never
     # give up (the base must see every position of a long search to learn its arithmetic; nanoseek.corpus)
     give_up: float = knob(0.8, help="give-up prior of the corpus's lazy traces: P(stop after a `no.`)")

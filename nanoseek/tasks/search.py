@@ -198,17 +198,15 @@ class SearchModTask(SearchTask):
     verdict is read off a difference, one more single-digit fact of the kind every step trains: `=6, 6-6=0:
     yes.`, `=8, 8-6=2: no.`. Prompt: `Reach 3 mod 10 using 3, 7, 2.`; an attempt `(3+7)*2=0*2=0, 0-3=7: no.`;
     any expression over the given
-    numbers (each at most once) whose value mod 10 is the target is correct. Simplification: one level
-    (numbers 1-9); collisions are common (a problem has ~1.8 hitting candidates of 9, the first at ~3.8).
+    numbers (each at most once) whose value mod 10 is the target is correct. Levels as countdown_search (the
+    largest number 9, 15, 25, 50, 100: above level 1 the given numbers have two or three digits, every written
+    value still one); the recipe uses level 1. Collisions are common (at level 1 a problem has ~1.8 hitting
+    candidates of 9, the first at ~3.8).
     """
 
     name = "countdown_mod"
     modulus = 10
     by_difference = True
-    max_difficulty = 1
 
     def _prompt(self, target: int, numbers: list[int]) -> str:
         return f"Reach {target} mod {self.modulus} using {', '.join(map(str, numbers))}."
-
-    def _numbers(self, rng: random.Random, d: int) -> list[int]:
-        return [rng.randint(1, 9) for _ in range(3)]
