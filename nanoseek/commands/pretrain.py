@@ -94,6 +94,8 @@ def resolve_config(args: argparse.Namespace) -> PretrainConfig:
                         ("--reflect-share", data.reflect_share), ("--persist-share", data.persist_share)):
         if not 0.0 <= share <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {share}")
+    if data.persist_share > 0 and not getattr(get_task(data.task), "search_corpus", False):
+        raise ConfigError(f"--persist-share needs a search task (countdown_mod, countdown_search), got {data.task!r}")
     if data.n_docs < 1 or data.n_test_docs < 1:
         raise ConfigError("--n-docs and --n-test-docs must be >= 1")
     return cfg
