@@ -138,12 +138,9 @@ class SearchTask(Task):
     def _prompt(self, target: int, numbers: list[int]) -> str:
         return f"Reach {target} using {', '.join(map(str, numbers))}."
 
-    def _numbers(self, rng: random.Random, d: int) -> list[int]:
-        return [rng.randint(1, MAX_NUMBER[d]) for _ in range(3)]
-
     def sample(self, rng: random.Random, difficulty: int | None = None) -> Problem:
         d = self.check_difficulty(difficulty)
-        numbers = self._numbers(rng, d)
+        numbers = [rng.randint(1, MAX_NUMBER[d]) for _ in range(3)]
         ops = ORDER[rng.randrange(len(ORDER))]
         target = candidate_value(numbers, ops, self.modulus)[1]
         hit = hit_position(numbers, target, self.modulus)
