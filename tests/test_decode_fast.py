@@ -175,6 +175,33 @@ def test_batch_one_equals_naive_recompute(model_kw, monkeypatch):
     assert steps and set(steps) == {1}
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("model_kw", [dict(), dict(q_lora_rank=12, n_heads=4, kv_lora_rank=32),
+                                      dict(n_routed_experts=0), dict(n_shared_experts=1)])
+def test_batch_one_on_threads_equals_naive_recompute(threads, model_kw, monkeypatch):
+    """Batch 1 on T threads reads every matrix as T row blocks (`decode._blocks`, `_expert_blocks`: one bmm per
+    product); 3 threads: widths not a multiple of 3 (vocab 48 is; dim 32 is not) fall back per matrix. Greedy tokens
+    equal full recompute and log-probs the full forward's; the layers really hold blocks."""
+    model = make_model(seed=11, **model_kw)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for absorb in (False, True):
+            eng = Engine(model, eos_id=-1, runtime_absorb=absorb)
+            out = eng.generate([RAGGED[2]], max_new_tokens=12)[0]
+            assert out.tokens == naive_greedy(model, RAGGED[2], 12), absorb
+            with torch.no_grad():
+                logp = model(torch.tensor([RAGGED[2] + out.tokens]))[0].log_softmax(-1)
+            ref = [float(logp[len(RAGGED[2]) - 1 + i, t]) for i, t in enumerate(out.tokens)]
+            assert out.logprobs == pytest.approx(ref, abs=1e-5)
+            layers, head = eng._lean_layers().gemv(threads)
+            assert head.shape == (threads, 48 // threads, 32)
+            blocked = [lay.w13.shape for lay in layers if lay.moe is not None]
+            assert all(len(s) == 4 and s[1] in (1, threads) for s in blocked)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_experts_in_nk_storage_equal_the_shared_path(monkeypatch):
     """Experts stored (E, N, K) for batched steps (`decode._nk`, here forced for the small test experts) and
     (E, K, N) for batch 1: the shared path's tokens and log-probs, ragged rows finishing at different steps,
@@ -190,3 +217,39 @@ def test_experts_in_nk_storage_equal_the_shared_path(monkeypatch):
     moe = [lay for lay in eng._lean_layers() if lay.moe is not None]
     assert moe and all(not lay.w13.is_contiguous() and lay.w13.transpose(1, 2).is_contiguous() for lay in moe)
     assert all(lay.w13.is_contiguous() for lay in eng._lean_layers().gemv()[0] if lay.moe is not None)
+
+
+def test_batch_one_on_threads_reads_only_the_chosen_experts(monkeypatch):
+    """Batch 1 on 2 threads (`decode._moe_one_row`): each MoE layer multiplies exactly its 2 chosen routed experts
+    and the folded shared one (the last), two products each, never the other 6 (at batch 1 their bytes are most
+    of a MoE layer's)."""
+    model = make_model(seed=3, n_routed_experts=8, n_activated_experts=2, n_shared_experts=1)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eng = Engine(model, eos_id=-1)
+        eng.generate([RAGGED[0]], max_new_tokens=2)  # builds the blocked layers
+        layers, _ = eng._lean_layers().gemv(2)
+        stacks = [(lay.w13, lay.w2) for lay in layers if lay.moe is not None]
+        used: list[tuple[int, int]] = []
+        real = decode.linear
+
+        def spy(x, w):
+            for j, (w13, w2) in enumerate(stacks):
+                for stack in (w13, w2):
+                    off = w.data_ptr() - stack.data_ptr()
+                    if 0 <= off < stack.numel() * stack.element_size():
+                        used.append((j, off // (stack.stride(0) * stack.element_size())))
+            return real(x, w)
+
+        monkeypatch.setattr(decode, "linear", spy)
+        eng.generate([RAGGED[0]], max_new_tokens=3)
+    finally:
+        torch.set_num_threads(old)
+    assert used
+    for j in range(len(stacks)):
+        experts = [e for k, e in used if k == j]
+        assert len(experts) % 6 == 0  # per step: w13 then w2 of 2 routed experts (ascending ids), then the shared
+        for c in range(0, len(experts), 6):
+            a, a2, b, b2, s, s2 = experts[c:c + 6]
+            assert a == a2 < b == b2 < s == s2 == 8

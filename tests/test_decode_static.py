@@ -54,7 +54,8 @@ def test_absorption_choice_follows_the_projection_sizes():
 
 
 def test_moe_runs_only_the_chosen_experts(monkeypatch):
-    """Batch 1, 2 routed of 8 experts + the shared one: the grouped matmuls see exactly the 3 chosen experts,
+    """Batch 1 on one thread (on more, `decode._moe_one_row` runs the blocked experts instead: test_decode_fast),
+    2 routed of 8 experts + the shared one: the grouped matmuls see exactly the 3 chosen experts,
     one row each, never the other 6; at a batch with more pairs than twice the experts, every expert runs (one
     zero-weight pair each) and none on one row."""
     model = make_model(seed=3, n_routed_experts=8, n_activated_experts=2)
@@ -66,7 +67,12 @@ def test_moe_runs_only_the_chosen_experts(monkeypatch):
         return real(a, b, offs=offs, **kw)
 
     monkeypatch.setattr(torch, "_grouped_mm", spy)
-    Engine(model, eos_id=-1).generate([RAGGED[0]], max_new_tokens=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Engine(model, eos_id=-1).generate([RAGGED[0]], max_new_tokens=3)
+    finally:
+        torch.set_num_threads(threads)
     assert seen and all(sorted(c)[-3:] == [1, 1, 1] and sorted(c)[:-3] == [0] * 6 for c in seen)
     seen.clear()
     h = torch.randn(20, 32)

@@ -31,7 +31,10 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
   normalized c_Q goes through W_UQ (or its absorbed product).
 * Batch 1 (chat, a lone server request) is a chain of GEMVs bound by memory bandwidth: its dense weights are
   read from a transposed copy (`LeanLayers.gemv`), the layout MKL streams fastest for one row, and each chosen
-  expert runs on its one row (docs/decode_profile.md has the per-op measurements).
+  expert runs on its one row (docs/decode_profile.md has the per-op measurements). On T > 1 threads every such
+  matrix is stored as T row blocks (T, N/T, K) and multiplied by one `bmm` (`linear`): torch runs a one-row
+  matmul on one thread whatever `set_num_threads` says, a bmm splits its batch over the threads (1.5-2x the
+  bandwidth on two threads for DRAM-resident weights, bench/gemv_threads.py).
 
 Simplifications: float32 non-FP8 models on CPU (an even q_lora_rank) and no expert parallelism; anything else
 (`supported` is False) decodes through `Transformer.hidden`. The expert loads of decode steps are not recorded
@@ -108,6 +111,34 @@ class _Layer:
     wq_b: torch.Tensor | None = None
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, w) for a 2-D (N, K) weight; for a 3-D one (T, N/T, K) (`_blocks`: batch 1 on T threads) each
+    row block times x (1, K) in one bmm, whose (T, N/T, 1) result is the (1, N) row as it lies in memory."""
+    if w.dim() == 2:
+        return F.linear(x, w)
+    return torch.bmm(w, x.t().expand(w.size(0), x.size(-1), 1)).view(1, -1)
+
+
+def _blocks(w: torch.Tensor, T: int) -> torch.Tensor:
+    """An (N, K) weight as T contiguous row blocks (T, N/T, K) for `linear` (each thread streams its block's
+    rows: 24-28 GB/s on two threads for DRAM-resident weights against 13-18 for the one-thread GEMV,
+    bench/gemv_threads.py); where N is not a multiple of T, or T is 1, the one-thread layout `_kn`."""
+    N, K = w.shape
+    if T < 2 or N % T:
+        return _kn(w)
+    return w.reshape(T, N // T, K).contiguous()
+
+
+def _expert_blocks(w: torch.Tensor, T: int) -> torch.Tensor:
+    """Stacked experts (E, K, N) (x @ W[e]) for one-row groups: contiguous (E, K, N) on one thread (`moe_experts`);
+    on T threads (E, T, N/T, K), each expert's `_blocks` (`_moe_one_row`; N not a multiple of T: one block)."""
+    E, K, N = w.shape
+    if T < 2:
+        return w.contiguous()
+    T = T if N % T == 0 else 1
+    return w.transpose(1, 2).reshape(E, T, N // T, K).contiguous()
+
+
 def _kn(w: torch.Tensor) -> torch.Tensor:
     """The same (N, K) matrix for one-row products: where N >= K, stored transposed (a (N, K) view of a
     contiguous (K, N) copy: MKL's x @ W GEMV, 1.1-1.8x the bandwidth of x @ W^T on those shapes here); wider
@@ -128,6 +159,23 @@ def _nk(w: torch.Tensor) -> torch.Tensor:
     return w.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _moe_one_row(h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 shared: bool, out: torch.Tensor) -> None:
+    """out += sum_k w_k E_k(h) (+ the folded shared expert, the last of w13 / w2, weight 1) for one row h (1, dim),
+    the experts in (E, T, N/T, K) blocks (`_expert_blocks`). The same pairs as `moe_experts`, added in its order (expert
+    id, the shared expert last); each chosen expert's two products are one bmm each."""
+    inter = w13.size(1) * w13.size(2) // 2
+    pairs = sorted(zip(indices[0].tolist(), weights[0].unbind()))
+    if shared:
+        pairs.append((w13.size(0) - 1, None))
+    for e, w in pairs:
+        gu = linear(h, w13[e])
+        act = F.silu(gu[:, :inter]).mul_(gu[:, inter:])
+        if w is not None:
+            act.mul_(w)
+        out += linear(act, w2[e])
+
+
 class LeanLayers(list):
     """The lean step's per-layer tensors (`build_layers`), plus their batch-1 variant built on first use: the
     dense linears' weights (attention projections, dense FFN, head) in the layout one-row products stream
@@ -138,18 +186,22 @@ class LeanLayers(list):
     def __init__(self, layers: list[_Layer], head: torch.Tensor):
         super().__init__(layers)
         self.head = head
-        self._gemv: tuple[list[_Layer], torch.Tensor] | None = None
+        self._gemv: tuple[int, list[_Layer], torch.Tensor] | None = None
 
-    def gemv(self) -> tuple[list[_Layer], torch.Tensor]:
-        """(layers, head weight) for batch 1: the same numbers, the dense matrices in (K, N) storage."""
-        if self._gemv is None:
-            layers = [replace(lay, w_in=_kn(lay.w_in), w_ov=_kn(lay.w_ov),
-                              wq_b=None if lay.wq_b is None else _kn(lay.wq_b),
-                              **(dict(w13=lay.w13.contiguous(), w2=lay.w2.contiguous()) if lay.moe is not None
-                                 else dict(w13=_kn(lay.w13), w2=_kn(lay.w2))))
+    def gemv(self, threads: int = 1) -> tuple[list[_Layer], torch.Tensor]:
+        """(layers, head weight) for batch 1 on `threads` threads: the same numbers, the dense matrices in (K, N)
+        storage (one thread) or T row blocks (`_blocks`), the experts likewise (`_expert_blocks`). One copy
+        is kept: a change of thread count rebuilds it."""
+        if self._gemv is None or self._gemv[0] != threads:
+            self._gemv = None  # free the old copy first
+            dense = lambda w: _blocks(w, threads)  # noqa: E731
+            layers = [replace(lay, w_in=dense(lay.w_in), w_ov=dense(lay.w_ov),
+                              wq_b=None if lay.wq_b is None else dense(lay.wq_b),
+                              **(dict(w13=_expert_blocks(lay.w13, threads), w2=_expert_blocks(lay.w2, threads))
+                                 if lay.moe is not None else dict(w13=dense(lay.w13), w2=dense(lay.w2))))
                       for lay in self]
-            self._gemv = (layers, _kn(self.head))
-        return self._gemv
+            self._gemv = (threads, layers, dense(self.head))
+        return self._gemv[1], self._gemv[2]
 
 
 def build_layers(model: Transformer, runtime_absorb: bool | None = None) -> LeanLayers:
@@ -336,7 +388,10 @@ class LeanDecoder:
         moe = lay.moe
         weights, indices, _ = moe.gate(h)
         shared = moe.shared_experts is not None and not lay.shared_apart
-        decode_static.moe_experts(h, weights, indices, lay.w13, lay.w2, shared, out=x)
+        if lay.w13.dim() == 4:  # batch 1 on T threads: experts in row blocks (`_expert_blocks`)
+            _moe_one_row(h, weights, indices, lay.w13, lay.w2, shared, x)
+        else:
+            decode_static.moe_experts(h, weights, indices, lay.w13, lay.w2, shared, out=x)
         if lay.shared_apart:
             x += moe.shared_experts(h)
         return x
@@ -346,13 +401,13 @@ class LeanDecoder:
         projection out of the normalized c_Q (W_UQ, or its absorbed product): (B, wq_b rows)."""
         r, ql = self.cfg.kv_lora_rank, self.cfg.q_lora_rank
         B = h.size(0)
-        out = F.linear(h, lay.w_in)  # [c_Q (ql) ; c_KV (r) ; k_rope (d)]
+        out = linear(h, lay.w_in)  # [c_Q (ql) ; c_KV (r) ; k_rope (d)]
         k_rope = out[:, ql + r:]
         torch.view_as_complex(k_rope.view(B, 1, -1, 2)).mul_(rot)
         new = torch.cat([F.rms_norm(out[:, ql:ql + r], (r,), lay.kv_norm, self.eps), k_rope], -1)
         lat_new[:, i] = new
         key_new[:, i] = new
-        return F.linear(F.rms_norm(out[:, :ql], (ql,), lay.q_norm, self.eps), lay.wq_b)
+        return linear(F.rms_norm(out[:, :ql], (ql,), lay.q_norm, self.eps), lay.wq_b)
 
     def _attn_runtime(self, lay: _Layer, h: torch.Tensor, i: int, rot, bias, lat_new, key_new, keys_all,
                       values_all) -> torch.Tensor:
@@ -366,7 +421,7 @@ class LeanDecoder:
             q_nope, q_rope = self._low_rank_query(lay, h, rot, lat_new, key_new, i).split([H * nope, H * d], -1)
             torch.view_as_complex(q_rope.view(B, H, d // 2, 2)).mul_(rot)
         else:
-            out = F.linear(h, lay.w_in)  # [q_nope (H*nope) ; c_KV (r) ; q_rope (H*d) ; k_rope (d)]
+            out = linear(h, lay.w_in)  # [q_nope (H*nope) ; c_KV (r) ; q_rope (H*d) ; k_rope (d)]
             rope = out[:, H * nope + r:]
             torch.view_as_complex(rope.view(B, H + 1, d // 2, 2)).mul_(rot)  # rope of q and k at once
             new = torch.cat([F.rms_norm(out[:, H * nope:H * nope + r], (r,), lay.kv_norm, self.eps),
@@ -380,7 +435,7 @@ class LeanDecoder:
         scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
         o = torch.bmm(scores.softmax(dim=-1), values_all[:, i])  # (B, H, r)
         o = torch.bmm(o.transpose(0, 1), lay.w_uv)  # (H, B, v)
-        return F.linear(o.transpose(0, 1).reshape(B, -1), lay.w_ov)
+        return linear(o.transpose(0, 1).reshape(B, -1), lay.w_ov)
 
     def step(self, tok: torch.Tensor, s: int, pos: torch.Tensor | None = None) -> torch.Tensor:
         """tok (B,) long: the token at cache slot s of every row -> next-token logits (B, vocab), float32.
@@ -421,7 +476,7 @@ class LeanDecoder:
         x = model.embed(tok)  # (B, dim)
         layers, head = self.layers, None
         if B == 1 and isinstance(layers, LeanLayers):  # one row: the GEMV-friendly weight layout
-            layers, head = layers.gemv()
+            layers, head = layers.gemv(torch.get_num_threads())
         for i, lay in enumerate(layers):
             h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
             if lay.w_uk is not None:
@@ -431,7 +486,7 @@ class LeanDecoder:
                     q = self._low_rank_query(lay, h, rot, lat_new, key_new, i).view(B, H, C)
                     torch.view_as_complex(q[..., r:].unflatten(-1, (-1, 2))).mul_(rot)
                 else:
-                    qkv = F.linear(h, lay.w_in).view(B, H + 1, C)
+                    qkv = linear(h, lay.w_in).view(B, H + 1, C)
                     torch.view_as_complex(qkv[..., r:].unflatten(-1, (-1, 2))).mul_(rot)  # rope of q and k at once
                     new = qkv[:, H]
                     new[:, :r] = F.rms_norm(new[:, :r], (r,), lay.kv_norm, eps)
@@ -442,13 +497,13 @@ class LeanDecoder:
                 scores = torch.bmm(q, keys) if bias is None else torch.baddbmm(bias, q, keys)
                 probs = scores.softmax(dim=-1)
                 o = torch.bmm(probs, values_all[:, i])  # (B, H, r)
-                x = x + F.linear(o.view(B, H * r), lay.w_ov)
+                x = x + linear(o.view(B, H * r), lay.w_ov)
             h = F.rms_norm(x, (x.size(-1),), lay.ffn_norm, eps)
             if lay.moe is None:
-                gate, up = F.linear(h, lay.w13).chunk(2, dim=-1)
-                x = x + F.linear(F.silu(gate) * up, lay.w2)
+                gate, up = linear(h, lay.w13).chunk(2, dim=-1)
+                x = x + linear(F.silu(gate) * up, lay.w2)
             else:
                 x = self._moe(lay, x, h)
         if head is None:
             return model.logits(x)
-        return F.linear(F.rms_norm(x, (x.size(-1),), model.norm.weight, eps), head)
+        return linear(F.rms_norm(x, (x.size(-1),), model.norm.weight, eps), head)
