@@ -4,6 +4,7 @@ completions, and the recipe on a micro config (--until, resume, refused settings
 The references are independent of the code under test: attempt values are re-evaluated with the safe
 expression parser (not candidate_value), verdicts re-derived from the prompt's target, and the diagnostic's
 figures counted by hand."""
+from pathlib import Path
 import json
 import math
 import random
@@ -171,7 +172,9 @@ def test_micro_recipe_until_resume_and_settings_guard(tmp_path, monkeypatch):
     ckpts = sorted(p.name for p in (out / "base" / "checkpoints").iterdir())
     assert main(["aha", "--smoke", "--out", str(out), "--until", "diagnostic"]) == 0
     second = json.loads((out / "stages.json").read_text())
-    assert list(second["done"]) == ["pretrain_base", "diagnostic"]
+    assert list(second["done"]) == ["pretrain_base", "pretrain_habit", "diagnostic"]
+    assert second["done"]["pretrain_habit"]["result"]["step"] == 2  # the smoke habit: 2 steps from the base
+    assert (out / "habit" / "tokenizer.json").read_bytes() == (out / "base" / "tokenizer.json").read_bytes()
     assert second["done"]["pretrain_base"] == first["done"]["pretrain_base"]  # not rerun
     assert sorted(p.name for p in (out / "base" / "checkpoints").iterdir()) == ckpts
     d = second["done"]["diagnostic"]["result"]
@@ -179,6 +182,45 @@ def test_micro_recipe_until_resume_and_settings_guard(tmp_path, monkeypatch):
     assert main(["aha", "--smoke", "--out", str(out), "--give-up", "0.5", "--until", "eval_base"]) == 2
     assert main(["aha", "--smoke", "--out", str(out), "--until", "nope"]) == 2
     assert main(["aha", "--out", str(tmp_path / "x"), "--give-up", "1.0"]) == 2
+
+
+def test_habit_stage_trains_on_lazy_traces_from_the_base(tmp_path, monkeypatch):
+    """The habit stage starts from the base's latest checkpoint and pretrains habit_steps at habit_lr on a corpus
+    where no trace persists and each `no.` ends the search with probability habit_give_up; the base and the
+    control use the main corpus (persist / give_up) and the control starts from the habit base."""
+    import nanoseek.train.pretrain as pretrain_mod
+    from nanoseek.recipes import aha
+
+    seen, ran = [], [None]
+
+    class Stop(Exception):
+        pass
+
+    def spy(run, pcfg, resume, device, init_from=None):
+        seen.append((run.name, pcfg, init_from))
+        raise Stop
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", spy)
+    monkeypatch.setattr("nanoseek.train.checkpoint.latest_checkpoint",
+                        lambda d: None if Path(d).parent.name in ("habit", "control") and Path(d).parent == ran[-1] else Path(d) / "step_9")
+    cfg = aha.AhaConfig(habit_steps=7, habit_give_up=0.95, habit_lr=3e-4, persist=0.4, give_up=0.8)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")
+    ran.append(tmp_path / "habit")  # the run being trained has no checkpoint yet; its init has one
+    with pytest.raises(Stop):
+        aha._pretrain(tmp_path / "habit", cfg, init_from=tmp_path / "base", habit=True)
+    name, pcfg, start = seen[-1]
+    assert (name, pcfg.train.steps, pcfg.train.lr) == ("habit", 7, 3e-4)
+    assert (pcfg.data.persist_share, pcfg.data.flawed_share) == (0.0, 0.95) and not pcfg.time_schedule
+    assert start == tmp_path / "base" / "checkpoints" / "step_9"
+    (tmp_path / "habit").mkdir(exist_ok=True)
+    (tmp_path / "habit" / "tokenizer.json").write_text("{}")
+    ran.append(tmp_path / "control")
+    with pytest.raises(Stop):
+        aha._pretrain(tmp_path / "control", cfg, init_from=tmp_path / "habit", seconds=30.0)
+    name, pcfg, start = seen[-1]
+    assert (pcfg.data.persist_share, pcfg.data.flawed_share) == (0.4, 0.8) and pcfg.time_schedule
+    assert start == tmp_path / "habit" / "checkpoints" / "step_9"
 
 
 @pytest.mark.slow
@@ -190,7 +232,7 @@ def test_aha_smoke_end_to_end(tmp_path):
     assert main(["aha", "--smoke", "--out", str(out)]) == 0
     s = json.loads((out / "summary.json").read_text())
     for key in ("base_len", "rl_len", "base_pass1", "rl_pass1", "long_tokens_per_correct", "long2short",
-                "seconds_total", "diagnostic", "control_pass1", "partial"):
+                "seconds_total", "diagnostic", "control_pass1", "partial", "skill_pass1", "habit_steps"):
         assert key in s
     assert set(s["long2short"]) == {"l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge"}
     rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]

@@ -5,17 +5,25 @@ search traces, a token-local verification per attempt, a fixed enumeration order
 accepted attempt, and a give-up prior). Stages, each resumable (rerun the same command; `--until STAGE` stops
 after one; nanoseek.recipes.stages.StageRunner):
 
-  pretrain_base  the tiny MoE on search traces whose searches stop after a `no.` with probability `give_up`;
+  pretrain_base  the tiny MoE on search traces whose searches stop after a `no.` with probability `give_up`
+                 (a `persist` share never gives up): it learns the search and the check at every position;
+  pretrain_habit (take four; `habit_steps` > 0, the default) its last pretraining steps on lazy traces only
+                 (give-up `habit_give_up`, none persists): the same skill, used by habit for one attempt. This
+                 is condition (4) of the issue built where the model can hold it: take three measured that a
+                 mixed corpus leaves a 2.4M model with one flat stop hazard (0.10-0.22 where the corpus had
+                 0.48), i.e. a base that already searches to the end. RL, the control and long2short start here;
   diagnostic     the pre-RL diagnostic (nanoseek.tasks.search_diagnostic) on the base's own samples of train
                  problems, `group_size` per problem at the rollout temperature: verification precision,
                  accuracy by number of attempts, length of correct vs wrong samples, length-reward covariance
                  (overall and within groups, what GRPO sees). RL only makes sense when it says longer pays;
   eval_base      held-out pass@1 at T=0.6 (top-p 0.95), mean length, tokens per correct answer, attempts;
+  eval_skill     the same for the base before its habit stage (what the skill alone gives);
   rl             GRPO (R1-Zero, arXiv 2501.12948 sec. 2.2) with a budget for the whole enumeration; metrics.jsonl
                  logs per step the mean length, attempts, accept rate and accuracy (plotted like R1's fig. 3);
   eval_rl;
-  control        the same base pretrained further for the RL stage's training seconds (lr base_lr/4, cosine
-                 over the time budget): does RL beat more of the same pretraining at equal time?; eval_control;
+  control        the same base (after its habit) pretrained further on the main corpus, whose traces show the
+                 long searches, for the RL stage's training seconds (lr base_lr/4, cosine over the time budget):
+                 does RL beat more pretraining on demonstrations at equal time?; eval_control;
   l2s_*          Kimi k1.5 (arXiv 2501.12599 sec. 2.4) long2short from the RL model: length-penalty RL,
                  shortest rejection sampling + SFT, DPO (short vs long), merge with the base; each evaluated;
   partial        Kimi k1.5 sec. 2.6.2 partial rollouts against ordinary GRPO from the RL model: seconds per step
@@ -45,7 +53,7 @@ TASKS = ("countdown_mod", "countdown_search")  # the search tasks (nanoseek.task
 METHODS = ("l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge")
 LABELS = {"l2s_length": "length-penalty RL", "l2s_shortest": "shortest rejection sampling + SFT",
           "l2s_dpo": "DPO (short vs long)", "l2s_merge": "merge (long + base)"}
-STAGES = ("pretrain_base", "diagnostic", "eval_base", "rl", "eval_rl", "control", "eval_control",
+STAGES = ("pretrain_base", "pretrain_habit", "diagnostic", "eval_base", "eval_skill", "rl", "eval_rl", "control", "eval_control",
           *[s for m in METHODS for s in (m, f"eval_{m}")], "partial", "samples")
 
 
@@ -63,6 +71,11 @@ class AhaConfig:
     packing: str = knob("aligned", choices=("aligned", "aligned-fresh"),
                         help="row packing of the base's corpus (aligned-fresh: crops without a length bias)")
     base_steps: int = knob(1440, help="pretraining steps of the base")
+    # the habit (take four): the base's last pretraining steps on lazy traces only, so that it has the search
+    # (learned above) but by habit gives up after its first `no.`; 0 = no habit stage (take three)
+    habit_steps: int = knob(150, help="pretraining steps on lazy traces only after the base (0 = none)")
+    habit_give_up: float = knob(0.9, help="give-up prior of the habit corpus (no trace persists)")
+    habit_lr: float = knob(1e-3, help="peak lr of the habit stage")
     base_lr: float = knob(4e-3, help="pretraining peak lr")
     batch_size: int = knob(16, help="pretraining rows per step")
     seq_len: int = knob(256, help="pretraining row length (document-aligned rows)")
@@ -98,13 +111,17 @@ class AhaConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.group_size < 2 or self.l2s_samples < 2:
             raise ConfigError("group_size and l2s_samples must be >= 2 (groups and pairs need several samples)")
+        if self.habit_steps < 0:
+            raise ConfigError(f"habit_steps must be >= 0, got {self.habit_steps}")
+        if not 0 <= self.habit_give_up < 1:
+            raise ConfigError(f"habit_give_up must be in [0, 1), got {self.habit_give_up}")
         if self.partial_steps < 0:
             raise ConfigError(f"partial_steps must be >= 0, got {self.partial_steps}")
         if not 0 <= self.give_up < 1:
             raise ConfigError(f"give_up must be in [0, 1), got {self.give_up}")
         if not 0 <= self.persist <= 1:
             raise ConfigError(f"persist must be in [0, 1], got {self.persist}")
-        if min(self.base_lr, self.rl_lr, self.sft_lr, self.dpo_lr, self.dpo_beta, self.rl_temperature,
+        if min(self.base_lr, self.habit_lr, self.rl_lr, self.sft_lr, self.dpo_lr, self.dpo_beta, self.rl_temperature,
                self.control_lr_scale, self.sft_epochs) <= 0:
             raise ConfigError("learning rates, control_lr_scale, sft_epochs, dpo_beta and rl_temperature must be "
                               "positive")
@@ -118,32 +135,41 @@ class AhaConfig:
         return cls(out=out, seed=seed, base_steps=4, batch_size=4, seq_len=128, n_docs=200, diag_problems=3,
                    rl_steps=2, group_size=2, prompts_per_step=2, max_new_tokens=24, length_steps=1, l2s_problems=3,
                    l2s_samples=2, sft_epochs=1.0, dpo_steps=1, eval_n=3, eval_samples=2, partial_steps=1,
-                   partial_tokens=8)
+                   partial_tokens=8, habit_steps=2)
 
 
 # ---- training stages ----------------------------------------------------------------------------------------
-def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds: float | None = None) -> dict:
-    """The base (or, with `init_from` and `seconds`, the equal-time control: more pretraining of the base for
-    `seconds`, lr control_lr_scale * base_lr, cosine over that time budget)."""
+def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds: float | None = None,
+              habit: bool = False) -> dict:
+    """The base; with `habit` (and `init_from` the base) its habit stage: `habit_steps` more steps at peak lr
+    habit_lr on a corpus of lazy traces only (persist 0, give-up habit_give_up, n_docs / 5 documents); with
+    `init_from` and `seconds` the equal-time control: more pretraining on the base's corpus for `seconds`, lr
+    control_lr_scale * base_lr, cosine over that time budget."""
     from nanoseek.config import ModelConfig
     from nanoseek.train.checkpoint import latest_checkpoint, read_state
     from nanoseek.train.common import TrainConfig
     from nanoseek.train.pretrain import DataConfig, PretrainConfig, pretrain
 
     ckpt = latest_checkpoint(run / "checkpoints")
-    control = init_from is not None
-    steps = 1_000_000 if control else cfg.base_steps
+    control = init_from is not None and not habit
+    steps = 1_000_000 if control else cfg.habit_steps if habit else cfg.base_steps
     if ckpt is None or (not control and int(read_state(ckpt)["step"]) < steps):
-        train = TrainConfig(lr=cfg.base_lr * (cfg.control_lr_scale if control else 1.0), steps=steps,
-                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
+        lr = cfg.habit_lr if habit else cfg.base_lr * (cfg.control_lr_scale if control else 1.0)
+        train = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, seed=cfg.seed,
                             warmup_steps=1 if control else min(20, max(1, steps // 10)),
-                            eval_interval=0 if control else max(steps // 4, 1), ckpt_interval=max(cfg.base_steps // 5, 1),
+                            eval_interval=0 if control or habit else max(steps // 4, 1),
+                            ckpt_interval=max(steps // 5, 1) if habit else max(cfg.base_steps // 5, 1),
                             minutes=(seconds or 0.0) / 60)
-        data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 100, 20), difficulty=cfg.difficulty,
-                          flawed_share=cfg.give_up, fact_share=0.0, packing=cfg.packing, persist_share=cfg.persist)
+        if habit:
+            data = DataConfig(task=cfg.task, n_docs=max(cfg.n_docs // 5, 20), n_test_docs=20, difficulty=cfg.difficulty,
+                              flawed_share=cfg.habit_give_up, fact_share=0.0, packing=cfg.packing, persist_share=0.0)
+        else:
+            data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 100, 20),
+                              difficulty=cfg.difficulty, flawed_share=cfg.give_up, fact_share=0.0, packing=cfg.packing,
+                              persist_share=cfg.persist)
         pcfg = PretrainConfig(model=ModelConfig.preset("tiny"), train=train, data=data, time_schedule=control)
         start = None
-        if control:
+        if init_from is not None:
             start = latest_checkpoint(init_from / "checkpoints")
             run.mkdir(parents=True, exist_ok=True)
             (run / "tokenizer.json").write_bytes((init_from / "tokenizer.json").read_bytes())
@@ -360,7 +386,7 @@ def targets(s: dict) -> dict:
 
 def build_summary(root: Path, cfg: AhaConfig, runner: StageRunner) -> dict:
     done = runner.done
-    ev = {k: (done.get(f"eval_{k}") or {}).get("result") for k in ("base", "rl", "control", *METHODS)}
+    ev = {k: (done.get(f"eval_{k}") or {}).get("result") for k in ("base", "skill", "rl", "control", *METHODS)}
     seconds = runner.seconds_by_stage()
     if "pretrain_base" in done:  # a base pretrained before this invocation counts with its own training time
         seconds["pretrain_base"] = max(seconds["pretrain_base"], done["pretrain_base"]["result"]["elapsed_s"])
@@ -368,6 +394,10 @@ def build_summary(root: Path, cfg: AhaConfig, runner: StageRunner) -> dict:
          "base_len": ev["base"]["mean_len"], "rl_len": ev["rl"]["mean_len"],
          "base_pass1": ev["base"]["pass1"], "rl_pass1": ev["rl"]["pass1"],
          "base_attempts": ev["base"]["attempts_mean"], "rl_attempts": ev["rl"]["attempts_mean"],
+         "habit_steps": cfg.habit_steps, "habit_give_up": cfg.habit_give_up if cfg.habit_steps else None,
+         "skill_pass1": ev["skill"]["pass1"] if ev["skill"] else None,
+         "skill_len": ev["skill"]["mean_len"] if ev["skill"] else None,
+         "skill_attempts": ev["skill"]["attempts_mean"] if ev["skill"] else None,
          "control_pass1": ev["control"]["pass1"] if ev["control"] else None,
          "control_len": ev["control"]["mean_len"] if ev["control"] else None,
          "control_seconds": (done.get("control") or {}).get("result", {}).get("seconds_budget"),
@@ -377,7 +407,7 @@ def build_summary(root: Path, cfg: AhaConfig, runner: StageRunner) -> dict:
          "long2short": {m: None if ev[m] is None else {k: ev[m][k] for k in ("tokens_per_correct", "pass1", "mean_len")}
                         for m in METHODS},
          "diagnostic": done["diagnostic"]["result"],
-         "eval_diagnostic": {k: ev[k]["diagnostic"] for k in ("base", "rl") if ev[k]},
+         "eval_diagnostic": {k: ev[k]["diagnostic"] for k in ("base", "skill", "rl") if ev[k]},
          "rl_rollouts": rollout_trend(root / "rl"),
          "partial": (done.get("partial") or {}).get("result"),
          "eval_n": cfg.eval_n, "eval_samples": cfg.eval_samples,
@@ -403,11 +433,14 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
     cfg.validate()
     root = Path(cfg.out)
     runner = StageRunner(root, asdict(cfg), until=until, names=STAGES)
-    base, rl = root / "base", root / "rl"
+    skill, rl = root / "base", root / "rl"
+    base = root / "habit" if cfg.habit_steps else skill  # RL's starting point
     runs = {"base": base, "rl": rl, "control": root / "control", **{m: root / m for m in METHODS}}
-    work = {"pretrain_base": lambda: _pretrain(base, cfg),
+    work = {"pretrain_base": lambda: _pretrain(skill, cfg),
+            "pretrain_habit": lambda: _pretrain(base, cfg, init_from=skill, habit=True) if cfg.habit_steps else None,
             "diagnostic": lambda: diagnostic(base, cfg),
             "eval_base": lambda: evaluate(base, cfg),
+            "eval_skill": lambda: evaluate(skill, cfg) if cfg.habit_steps else None,
             "rl": lambda: _grpo(base, rl, cfg, cfg.rl_steps),
             "eval_rl": lambda: evaluate(rl, cfg),
             "control": lambda: _control(base, runs["control"], cfg, grpo_seconds(rl)),

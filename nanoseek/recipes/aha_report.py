@@ -37,7 +37,10 @@ def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> P
     lines = [f"# nanoseek aha: Countdown search, task {cfg.task} (seed {cfg.seed})", "",
              f"Total {s['seconds_total'] / 60:.1f} min. Corpus: {cfg.persist:g} of the traces never give up, the rest "
              f"after a `no.` with probability {cfg.give_up:g}; base {cfg.base_steps} steps of "
-             f"{cfg.batch_size} x {cfg.seq_len} tokens; GRPO {cfg.rl_steps} steps, G {cfg.group_size} x "
+             f"{cfg.batch_size} x {cfg.seq_len} tokens"
+             + (f", then a habit stage of {cfg.habit_steps} steps on lazy traces only (give-up {cfg.habit_give_up:g}, "
+                f"none persists)" if cfg.habit_steps else "")
+             + f"; GRPO {cfg.rl_steps} steps, G {cfg.group_size} x "
              f"{cfg.prompts_per_step} prompts, lr {cfg.rl_lr:g}, T {cfg.rl_temperature:g}, budget {cfg.max_new_tokens} "
              f"tokens. Held-out: {cfg.eval_n} problems x {cfg.eval_samples} samples at T=0.6, top-p 0.95.", "",
              "## Pre-RL diagnostic (the base's own samples of train problems, rollout temperature)", "",
@@ -45,13 +48,15 @@ def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> P
              f"Longer pays (correct longer than wrong, within groups and overall): {yes[s['diagnostic']['longer_pays']]}.",
              "", "## Base, RL, equal-time control (held-out, T=0.6)", "",
              "| model | pass@1 | mean length | attempts | tokens per correct |", "|---|---|---|---|---|"]
-    for k, label in (("base", "base"), ("rl", "RL"), ("control", "control (pretrained for RL's seconds)")):
-        pre = {"base": "base", "rl": "rl", "control": "control"}[k]
+    rows = [("base", "base (RL's start)"), ("rl", "RL"), ("control", "control (pretrained for RL's seconds)")]
+    if s.get("habit_steps"):
+        rows.insert(0, ("skill", f"base before its {s['habit_steps']}-step habit stage"))
+    for pre, label in rows:
         if s.get(f"{pre}_pass1") is None:
             lines.append(f"| {label} | not run | | | |")
             continue
-        ev = {"base": ("base_len", "base_attempts", "base_tokens_per_correct"),
-              "rl": ("rl_len", "rl_attempts", "long_tokens_per_correct"), "control": ("control_len", None, None)}[k]
+        ev = {"base": ("base_len", "base_attempts", "base_tokens_per_correct"), "skill": ("skill_len", "skill_attempts", None),
+              "rl": ("rl_len", "rl_attempts", "long_tokens_per_correct"), "control": ("control_len", None, None)}[pre]
         lines.append(f"| {label} | {_pct(s[f'{pre}_pass1'])} | {_num(s[ev[0]])} | "
                      f"{_num(s[ev[1]], '.2f') if ev[1] else '-'} | {_num(s[ev[2]]) if ev[2] else '-'} |")
     lines += ["", f"Targets: length >= 1.5x base {yes[t['length_x1_5']]} ({s['rl_len'] / s['base_len']:.2f}x); "
@@ -115,13 +120,14 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
             raise ConfigError(f"{p} does not exist: run `nanoseek aha --out {r}` through eval_rl first")
         sums.append(json.loads(p.read_text()))
     lines = ["# nanoseek aha over seeds", "", "| seed | pass@1 base -> RL (control) | length base -> RL | attempts base -> RL "
-             "| diagnostic: tokens correct / wrong, within-group cov | long2short meeting the target | partial speedup |",
-             "|---|---|---|---|---|---|---|"]
+             "| before the habit: pass@1, length | diagnostic: tokens correct / wrong, within-group cov "
+             "| long2short meeting the target | partial speedup |", "|---|---|---|---|---|---|---|---|"]
     for s in sums:
         d = s["diagnostic"]
         lines.append(f"| {s['seed']} | {_pct(s['base_pass1'])} -> {_pct(s['rl_pass1'])} ({_pct(s['control_pass1'])}) | "
                      f"{_num(s['base_len'])} -> {_num(s['rl_len'])} | {_num(s['base_attempts'], '.2f')} -> "
-                     f"{_num(s['rl_attempts'], '.2f')} | {_num(d['len_correct'])} / {_num(d['len_wrong'])}, "
+                     f"{_num(s['rl_attempts'], '.2f')} | {_pct(s.get('skill_pass1'))}, {_num(s.get('skill_len'))} | "
+                     f"{_num(d['len_correct'])} / {_num(d['len_wrong'])}, "
                      f"{_num(d['cov_len_reward_within_group'], '.2f')} | "
                      f"{', '.join(s['targets']['long2short_methods_meeting_target']) or 'none'} | "
                      f"{_num((s.get('partial') or {}).get('speedup'), '.2f')} |")
