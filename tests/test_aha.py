@@ -179,6 +179,7 @@ def test_micro_recipe_until_resume_and_settings_guard(tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "base" / "checkpoints").iterdir()) == ckpts
     d = second["done"]["diagnostic"]["result"]
     assert d["samples"] == 3 * 2 and "longer_pays" in d
+    assert 0 <= d["forced"]["forced_share"] <= 1 and 0 <= d["forced"]["pass1"] <= 1  # the budget-forcing probe ran
     assert main(["aha", "--smoke", "--out", str(out), "--give-up", "0.5", "--until", "eval_base"]) == 2
     assert main(["aha", "--smoke", "--out", str(out), "--until", "nope"]) == 2
     assert main(["aha", "--out", str(tmp_path / "x"), "--give-up", "1.0"]) == 2
@@ -280,3 +281,18 @@ def test_mod_task_values_verdicts_and_checker():
     assert d["step_right"] == pytest.approx(19 / 20)
     assert d["by_position"]["5"] == {"n": 1, "steps_right": 0.75, "verdict_right": 0.0}
     assert d["by_position"]["1"] == {"n": 1, "steps_right": 1.0, "verdict_right": 1.0}
+
+
+def test_force_point_resumes_only_give_ups():
+    """Budget forcing resumes a search that closed its think block right after a `no.`, cut after that `no.` with
+    the next attempt's ` (`; an accepted search, an unfinished one, or a think block closed after anything else
+    is left alone."""
+    from nanoseek.recipes.aha import force_point
+
+    gave_up = "<think>(9+4)+7=3+7=0, 0-3=7: no. (9+4)-7=3-7=6, 6-3=3: no.</think><answer>(9+4)-7</answer>"
+    assert force_point(gave_up) == "<think>(9+4)+7=3+7=0, 0-3=7: no. (9+4)-7=3-7=6, 6-3=3: no. ("
+    assert force_point("<think>(9*4)+7=6+7=3, 3-3=0: yes.</think><answer>(9*4)+7</answer>") is None
+    assert force_point("<think>(9+4)+7=3+7=0, 0-3=7: no. (9+4)-7=3-") is None  # budget ran out mid-attempt
+    assert force_point("<think>(9+4)+7=3+7=0, 0-3=7: no. (9+4)</think><answer>1</answer>") is None
+    assert force_point("<answer>(9+4)+7</answer>") is None
+    assert force_point("<think>a: no. </think>") == "<think>a: no. ("

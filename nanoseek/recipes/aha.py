@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -299,6 +300,65 @@ def sample_run(run: Path, problems: list, samples: int, temperature: float, top_
     return jobs, [o.text for o in outs], [len(o.tokens) for o in outs], [s.correct for s in scores]
 
 
+FORCE_RE = re.compile(r"^(<think>.*\bno\.)\s*</think>", re.DOTALL)  # a think block closed right after a `no.`
+
+
+def force_point(text: str) -> str | None:
+    """The completion cut where a forced search resumes: everything up to the `no.` that its think block closes on,
+    plus ` (`, the start of the next attempt; None where the search did not give up (a `yes.`, no think block,
+    or an unfinished one)."""
+    m = FORCE_RE.match(text)
+    return None if m is None else m.group(1) + " ("
+
+
+def forced_search(run: Path, problems: list, samples: int, temperature: float, max_new_tokens: int, seed: int,
+                  rounds: int = 8) -> tuple[list, list, list[int], list[bool], float]:
+    """Budget forcing as a probe (s1, arXiv 2501.19393 sec. 3.1, where "Wait" replaces the end of thinking; here
+    the start of the next attempt replaces a give-up): `samples` completions per problem; each that gives up is
+    fed back up to its last `no.` plus ` (` and continued, at most `rounds` times or until the token budget runs
+    out. Answers "would this base be right more often if it searched longer?" for a base that rarely does: its
+    own samples cannot (a lazy base's diagnostic has few long samples to compare). Returns (problems repeated,
+    full texts, token counts (re-encoded), correct, share of samples forced at least once). Simplification: the
+    resumed text is re-encoded, so its tokens may split differently from the sampled ones."""
+    from nanoseek.engine import Engine
+    from nanoseek.tasks import get_task
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.checkpoint import load_run_model
+
+    model, _, _ = load_run_model(run)
+    tok = Tokenizer.load(run / "tokenizer.json")
+    engine, task = Engine(model, tok), get_task(problems[0].meta["task"] if problems else "countdown_mod")
+    jobs = [p for p in problems for _ in range(samples)]
+    heads = [tok.prompt_ids(p.prompt) for p in jobs]
+    texts, finished = [""] * len(jobs), [False] * len(jobs)
+    forced = [False] * len(jobs)
+    for r in range(rounds + 1):
+        todo = [i for i in range(len(jobs)) if not finished[i]]
+        budget = {i: max_new_tokens - len(tok.encode(texts[i])) for i in todo}
+        todo = [i for i in todo if budget[i] > 0]
+        for j in range(0, len(todo), 256):
+            chunk = todo[j:j + 256]
+            by_budget: dict[int, list[int]] = {}
+            for i in chunk:
+                by_budget.setdefault(budget[i], []).append(i)
+            for b, rows in by_budget.items():
+                outs = engine.generate([heads[i] + tok.encode(texts[i]) for i in rows], b, temperature=temperature,
+                                       seed=seed + 1000 * r + j)
+                for i, o in zip(rows, outs):
+                    texts[i] += o.text
+        for i in range(len(jobs)):
+            if finished[i]:
+                continue
+            cut = force_point(texts[i]) if r < rounds else None
+            if cut is None or len(tok.encode(cut)) >= max_new_tokens:
+                finished[i] = True
+            else:
+                texts[i], forced[i] = cut, True
+    lens = [len(tok.encode(t)) for t in texts]
+    scores = task.score_batch(jobs, texts, [n >= max_new_tokens for n in lens])
+    return jobs, texts, lens, [s.correct for s in scores], sum(forced) / max(len(jobs), 1)
+
+
 def diagnostic(run: Path, cfg: AhaConfig) -> dict:
     """The pre-RL diagnostic on `diag_problems` train problems x group_size samples at the rollout temperature."""
     from nanoseek.tasks import get_task
@@ -313,6 +373,13 @@ def diagnostic(run: Path, cfg: AhaConfig) -> dict:
     d["longer_pays"] = longer_pays(d)
     d["temperature"] = cfg.rl_temperature
     console.print("\n".join(diagnostic_table(d)), markup=False, highlight=False)
+    fj, ft, fl, fok, share = forced_search(run, problems, cfg.group_size, cfg.rl_temperature, cfg.max_new_tokens,
+                                           777 + cfg.seed)
+    f = diagnose(fj, ft, fl, fok, group=[i // cfg.group_size for i in range(len(fj))])
+    d["forced"] = {"pass1": f["pass1"], "mean_len": sum(fl) / max(len(fl), 1), "attempts_mean": f["attempts_mean"],
+                   "forced_share": share, "accuracy_by_attempts": f["accuracy_by_attempts"]}
+    console.print(f"forced search (each give-up resumed with the next attempt, <= 8 times): pass@1 {f['pass1']:.1%} "
+                  f"(own {d['pass1']:.1%}), attempts {f['attempts_mean']:.2f}, {share:.0%} of samples forced")
     console.print(f"diagnostic: pass@1 {d['pass1']:.1%}, attempts {d['attempts_mean']:.2f}, tokens correct / wrong "
                   f"{d['len_correct'] or 0:.1f} / {d['len_wrong'] or 0:.1f}, within-group cov(len, reward) "
                   f"{d['cov_len_reward_within_group'] or 0:.2f}, yes-precision {d['verify_yes_precision'] or 0:.1%}: "

@@ -27,6 +27,18 @@ def _num(v, f: str = ".1f") -> str:
     return "-" if v is None else format(v, f)
 
 
+def _forced_lines(d: dict) -> list[str]:
+    """The budget-forcing probe's line (`aha.forced_search`), if the diagnostic ran it."""
+    f = d.get("forced")
+    if not f:
+        return []
+    return ["", f"Forced search (each give-up resumed with the next attempt, at most 8 times; the same samples "
+                f"otherwise): pass@1 {_pct(f['pass1'])} against the base's own {_pct(d['pass1'])}, attempts "
+                f"{_num(f['attempts_mean'], '.2f')} against {_num(d['attempts_mean'], '.2f')}, "
+                f"{_pct(f['forced_share'])} of the samples forced: "
+                + ("searching longer would pay." if f["pass1"] > d["pass1"] else "searching longer would not pay.")]
+
+
 def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> Path:
     from nanoseek.recipes.report import sample_lines
     from nanoseek.tasks.search_diagnostic import diagnostic_table
@@ -46,6 +58,7 @@ def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> P
              "## Pre-RL diagnostic (the base's own samples of train problems, rollout temperature)", "",
              *diagnostic_table(s["diagnostic"]), "",
              f"Longer pays (correct longer than wrong, within groups and overall): {yes[s['diagnostic']['longer_pays']]}.",
+             *_forced_lines(s["diagnostic"]),
              "", "## Base, RL, equal-time control (held-out, T=0.6)", "",
              "| model | pass@1 | mean length | attempts | tokens per correct |", "|---|---|---|---|---|"]
     rows = [("base", "base (RL's start)"), ("rl", "RL"), ("control", "control (pretrained for RL's seconds)")]
@@ -120,7 +133,7 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
             raise ConfigError(f"{p} does not exist: run `nanoseek aha --out {r}` through eval_rl first")
         sums.append(json.loads(p.read_text()))
     lines = ["# nanoseek aha over seeds", "", "| seed | pass@1 base -> RL (control) | length base -> RL | attempts base -> RL "
-             "| before the habit: pass@1, length | diagnostic: tokens correct / wrong, within-group cov "
+             "| before the habit: pass@1, length | diagnostic: tokens correct / wrong, within-group cov, forced pass@1 "
              "| long2short meeting the target | partial speedup |", "|---|---|---|---|---|---|---|---|"]
     for s in sums:
         d = s["diagnostic"]
@@ -128,7 +141,7 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
                      f"{_num(s['base_len'])} -> {_num(s['rl_len'])} | {_num(s['base_attempts'], '.2f')} -> "
                      f"{_num(s['rl_attempts'], '.2f')} | {_pct(s.get('skill_pass1'))}, {_num(s.get('skill_len'))} | "
                      f"{_num(d['len_correct'])} / {_num(d['len_wrong'])}, "
-                     f"{_num(d['cov_len_reward_within_group'], '.2f')} | "
+                     f"{_num(d['cov_len_reward_within_group'], '.2f')}, {_pct((d.get('forced') or {}).get('pass1'))} | "
                      f"{', '.join(s['targets']['long2short_methods_meeting_target']) or 'none'} | "
                      f"{_num((s.get('partial') or {}).get('speedup'), '.2f')} |")
     out.mkdir(parents=True, exist_ok=True)
