@@ -296,3 +296,58 @@ def test_force_point_resumes_only_give_ups():
     assert force_point("<think>(9+4)+7=3+7=0, 0-3=7: no. (9+4)</think><answer>1</answer>") is None
     assert force_point("<answer>(9+4)+7</answer>") is None
     assert force_point("<think>a: no. </think>") == "<think>a: no. ("
+
+
+def test_forced_search_resumes_each_give_up_with_the_next_attempt(monkeypatch, tmp_path):
+    """forced_search on a scripted model: a give-up is fed back as prompt + its text up to the last `no.` + ` (`,
+    the continuation appended; an accepted search is left as sampled; the budget shrinks by the text so far;
+    after `rounds` resumptions a give-up stands."""
+    import types
+
+    import nanoseek.engine
+    import nanoseek.tokenizer
+    import nanoseek.train.checkpoint
+    from nanoseek.recipes.aha import forced_search
+    from nanoseek.tasks import get_task
+
+    class Tok:
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+        def prompt_ids(self, text):
+            return [1, 2]
+
+    calls = []
+
+    class FakeEngine:
+        def __init__(self, model, tok):
+            pass
+
+        def generate(self, prompts, max_new_tokens, temperature, seed):
+            outs = []
+            for p in prompts:  # a resumed search: one more wrong attempt, and a give-up again
+                calls.append(("".join(map(chr, p[2:])), max_new_tokens))
+                outs.append(types.SimpleNamespace(text="B: no.</think><answer>2</answer>"))
+            return outs
+
+    monkeypatch.setattr(nanoseek.engine, "Engine", FakeEngine)
+    monkeypatch.setattr(nanoseek.train.checkpoint, "load_run_model", lambda run: (None, None, None))
+    monkeypatch.setattr(nanoseek.tokenizer.Tokenizer, "load", staticmethod(lambda path: Tok()))
+    problems = [get_task("countdown_mod").sample_split(random.Random(0), 1, "train")]
+    script = iter(["<think>A: no.</think><answer>1</answer>", "<think>Y: yes.</think><answer>1</answer>"])
+    real_generate = FakeEngine.generate
+
+    def first_round(self, prompts, max_new_tokens, temperature, seed):
+        if all(len(p) == 2 for p in prompts):  # round 0: one give-up and one accepted search
+            calls.append(("", max_new_tokens))
+            return [types.SimpleNamespace(text=next(script)) for _ in prompts]
+        return real_generate(self, prompts, max_new_tokens, temperature, seed)
+
+    monkeypatch.setattr(FakeEngine, "generate", first_round)
+    jobs, texts, lens, ok, share = forced_search(tmp_path, problems, 2, 0.6, 200, 0, rounds=2)
+    give_up, accepted = texts
+    assert accepted == "<think>Y: yes.</think><answer>1</answer>"
+    # resumed twice (rounds=2), each time after its last `no.`; the last give-up stands
+    assert give_up == "<think>A: no. (B: no. (B: no.</think><answer>2</answer>"
+    assert share == 0.5 and lens == [len(give_up), len(accepted)]
+    assert calls[1] == ("<think>A: no. (", 200 - len("<think>A: no. ("))
