@@ -212,7 +212,8 @@ def test_habit_stage_trains_on_lazy_traces_from_the_base(tmp_path, monkeypatch):
         aha._pretrain(tmp_path / "habit", cfg, init_from=tmp_path / "base", habit=True)
     name, pcfg, start = seen[-1]
     assert (name, pcfg.train.steps, pcfg.train.lr) == ("habit", 7, 3e-4)
-    assert (pcfg.data.persist_share, pcfg.data.flawed_share) == (0.0, 0.95) and not pcfg.time_schedule
+    assert (pcfg.data.persist_share, pcfg.data.flawed_share, pcfg.data.packing) == (0.0, 0.95, "aligned-fresh")
+    assert not pcfg.time_schedule
     assert start == tmp_path / "base" / "checkpoints" / "step_9"
     (tmp_path / "habit").mkdir(exist_ok=True)
     (tmp_path / "habit" / "tokenizer.json").write_text("{}")

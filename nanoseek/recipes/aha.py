@@ -143,7 +143,9 @@ class AhaConfig:
 def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds: float | None = None,
               habit: bool = False) -> dict:
     """The base; with `habit` (and `init_from` the base) its habit stage: `habit_steps` more steps at peak lr
-    habit_lr on a corpus of lazy traces only (persist 0, give-up habit_give_up, n_docs / 5 documents); with
+    habit_lr on a corpus of lazy traces only (persist 0, give-up habit_give_up, n_docs / 5 documents, packed
+    `aligned-fresh`: the `aligned` packer crops the shortest pending document, here the one-attempt give-ups,
+    i.e. the very habit); with
     `init_from` and `seconds` the equal-time control: more pretraining on the base's corpus for `seconds`, lr
     control_lr_scale * base_lr, cosine over that time budget."""
     from nanoseek.config import ModelConfig
@@ -163,7 +165,7 @@ def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds:
                             minutes=(seconds or 0.0) / 60)
         if habit:
             data = DataConfig(task=cfg.task, n_docs=max(cfg.n_docs // 5, 20), n_test_docs=20, difficulty=cfg.difficulty,
-                              flawed_share=cfg.habit_give_up, fact_share=0.0, packing=cfg.packing, persist_share=0.0)
+                              flawed_share=cfg.habit_give_up, fact_share=0.0, packing="aligned-fresh", persist_share=0.0)
         else:
             data = DataConfig(task=cfg.task, n_docs=cfg.n_docs, n_test_docs=max(cfg.n_docs // 100, 20),
                               difficulty=cfg.difficulty, flawed_share=cfg.give_up, fact_share=0.0, packing=cfg.packing,
