@@ -188,7 +188,8 @@ def test_micro_recipe_until_resume_and_settings_guard(tmp_path, monkeypatch):
 def test_habit_stage_trains_on_lazy_traces_from_the_base(tmp_path, monkeypatch):
     """The habit stage starts from the base's latest checkpoint and pretrains habit_steps at habit_lr on a corpus
     where no trace persists and each `no.` ends the search with probability habit_give_up; the base and the
-    control use the main corpus (persist / give_up) and the control starts from the habit base."""
+    control use the main corpus (persist / give_up) and the control starts from the habit base; the lazy
+    control uses the habit corpus."""
     import nanoseek.train.pretrain as pretrain_mod
     from nanoseek.recipes import aha
 
@@ -223,6 +224,11 @@ def test_habit_stage_trains_on_lazy_traces_from_the_base(tmp_path, monkeypatch):
     name, pcfg, start = seen[-1]
     assert (pcfg.data.persist_share, pcfg.data.flawed_share) == (0.4, 0.8) and pcfg.time_schedule
     assert start == tmp_path / "habit" / "checkpoints" / "step_9"
+    with pytest.raises(Stop):  # the habit-corpus control: the habit stage's data, the control's lr and time budget
+        aha._pretrain(tmp_path / "control", cfg, init_from=tmp_path / "habit", seconds=30.0, lazy=True)
+    name, pcfg, start = seen[-1]
+    assert (pcfg.data.persist_share, pcfg.data.flawed_share) == (0.0, 0.95) and pcfg.time_schedule
+    assert pcfg.train.lr == cfg.base_lr * cfg.control_lr_scale and pcfg.train.minutes == 0.5
 
 
 @pytest.mark.slow

@@ -24,6 +24,8 @@ after one; nanoseek.recipes.stages.StageRunner):
   control        the same base (after its habit) pretrained further on the main corpus, whose traces show the
                  long searches, for the RL stage's training seconds (lr base_lr/4, cosine over the time budget):
                  does RL beat more pretraining on demonstrations at equal time?; eval_control;
+  control_lazy   (with a habit stage) the same on the habit stage's corpus, the base's own last data: does RL
+                 beat more of the same pretraining?; eval_control_lazy;
   l2s_*          Kimi k1.5 (arXiv 2501.12599 sec. 2.4) long2short from the RL model: length-penalty RL,
                  shortest rejection sampling + SFT, DPO (short vs long), merge with the base; each evaluated;
   partial        Kimi k1.5 sec. 2.6.2 partial rollouts against ordinary GRPO from the RL model: seconds per step
@@ -55,6 +57,7 @@ METHODS = ("l2s_length", "l2s_shortest", "l2s_dpo", "l2s_merge")
 LABELS = {"l2s_length": "length-penalty RL", "l2s_shortest": "shortest rejection sampling + SFT",
           "l2s_dpo": "DPO (short vs long)", "l2s_merge": "merge (long + base)"}
 STAGES = ("pretrain_base", "pretrain_habit", "diagnostic", "eval_base", "eval_skill", "rl", "eval_rl", "control", "eval_control",
+          "control_lazy", "eval_control_lazy",
           *[s for m in METHODS for s in (m, f"eval_{m}")], "partial", "samples")
 
 
@@ -141,13 +144,13 @@ class AhaConfig:
 
 # ---- training stages ----------------------------------------------------------------------------------------
 def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds: float | None = None,
-              habit: bool = False) -> dict:
+              habit: bool = False, lazy: bool = False) -> dict:
     """The base; with `habit` (and `init_from` the base) its habit stage: `habit_steps` more steps at peak lr
     habit_lr on a corpus of lazy traces only (persist 0, give-up habit_give_up, n_docs / 5 documents, packed
     `aligned-fresh`: the `aligned` packer crops the shortest pending document, here the one-attempt give-ups,
     i.e. the very habit); with
     `init_from` and `seconds` the equal-time control: more pretraining on the base's corpus for `seconds`, lr
-    control_lr_scale * base_lr, cosine over that time budget."""
+    control_lr_scale * base_lr, cosine over that time budget (`lazy`: on the habit stage's corpus instead)."""
     from nanoseek.config import ModelConfig
     from nanoseek.train.checkpoint import latest_checkpoint, read_state
     from nanoseek.train.common import TrainConfig
@@ -163,7 +166,7 @@ def _pretrain(run: Path, cfg: AhaConfig, init_from: Path | None = None, seconds:
                             eval_interval=0 if control or habit else max(steps // 4, 1),
                             ckpt_interval=max(steps // 5, 1) if habit else max(cfg.base_steps // 5, 1),
                             minutes=(seconds or 0.0) / 60)
-        if habit:
+        if habit or lazy:
             data = DataConfig(task=cfg.task, n_docs=max(cfg.n_docs // 5, 20), n_test_docs=20, difficulty=cfg.difficulty,
                               flawed_share=cfg.habit_give_up, fact_share=0.0, packing="aligned-fresh", persist_share=0.0)
         else:
@@ -441,7 +444,8 @@ def rollout_trend(run: Path) -> dict | None:
 def targets(s: dict) -> dict:
     """Issue 28's targets on one seed's summary (questions: the report prints the answers)."""
     out = {"length_x1_5": s["rl_len"] >= 1.5 * s["base_len"], "pass1_plus_15": s["rl_pass1"] - s["base_pass1"] >= 0.15,
-           "ahead_of_control": s["control_pass1"] is not None and s["rl_pass1"] > s["control_pass1"]}
+           "ahead_of_control": s["control_pass1"] is not None and s["rl_pass1"] > s["control_pass1"],
+           "ahead_of_lazy_control": s.get("control_lazy_pass1") is not None and s["rl_pass1"] > s["control_lazy_pass1"]}
     long_tpc, ok = s["long_tokens_per_correct"], []
     for m, r in s["long2short"].items():
         if r and r["tokens_per_correct"] is not None and long_tpc:
@@ -455,7 +459,8 @@ def targets(s: dict) -> dict:
 
 def build_summary(root: Path, cfg: AhaConfig, runner: StageRunner) -> dict:
     done = runner.done
-    ev = {k: (done.get(f"eval_{k}") or {}).get("result") for k in ("base", "skill", "rl", "control", *METHODS)}
+    ev = {k: (done.get(f"eval_{k}") or {}).get("result")
+          for k in ("base", "skill", "rl", "control", "control_lazy", *METHODS)}
     seconds = runner.seconds_by_stage()
     if "pretrain_base" in done:  # a base pretrained before this invocation counts with its own training time
         seconds["pretrain_base"] = max(seconds["pretrain_base"], done["pretrain_base"]["result"]["elapsed_s"])
@@ -470,6 +475,8 @@ def build_summary(root: Path, cfg: AhaConfig, runner: StageRunner) -> dict:
          "control_pass1": ev["control"]["pass1"] if ev["control"] else None,
          "control_len": ev["control"]["mean_len"] if ev["control"] else None,
          "control_seconds": (done.get("control") or {}).get("result", {}).get("seconds_budget"),
+         "control_lazy_pass1": ev["control_lazy"]["pass1"] if ev["control_lazy"] else None,
+         "control_lazy_len": ev["control_lazy"]["mean_len"] if ev["control_lazy"] else None,
          "rl_seconds": (done.get("rl") or {}).get("result", {}).get("seconds"),
          "base_tokens_per_correct": ev["base"]["tokens_per_correct"],
          "long_tokens_per_correct": ev["rl"]["tokens_per_correct"],
@@ -504,7 +511,8 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
     runner = StageRunner(root, asdict(cfg), until=until, names=STAGES)
     skill, rl = root / "base", root / "rl"
     base = root / "habit" if cfg.habit_steps else skill  # RL's starting point
-    runs = {"base": base, "rl": rl, "control": root / "control", **{m: root / m for m in METHODS}}
+    runs = {"base": base, "rl": rl, "control": root / "control", "control_lazy": root / "control_lazy",
+            **{m: root / m for m in METHODS}}
     work = {"pretrain_base": lambda: _pretrain(skill, cfg),
             "pretrain_habit": lambda: _pretrain(base, cfg, init_from=skill, habit=True) if cfg.habit_steps else None,
             "diagnostic": lambda: diagnostic(base, cfg),
@@ -514,6 +522,9 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
             "eval_rl": lambda: evaluate(rl, cfg),
             "control": lambda: _control(base, runs["control"], cfg, grpo_seconds(rl)),
             "eval_control": lambda: evaluate(runs["control"], cfg),
+            "control_lazy": lambda: _control(base, runs["control_lazy"], cfg, grpo_seconds(rl), lazy=True)
+            if cfg.habit_steps else None,
+            "eval_control_lazy": lambda: evaluate(runs["control_lazy"], cfg) if cfg.habit_steps else None,
             "l2s_length": lambda: _grpo(rl, runs["l2s_length"], cfg, cfg.length_steps, length_weight=cfg.length_weight),
             "l2s_shortest": lambda: _shortest_sft(rl, runs["l2s_shortest"], cfg),
             "l2s_dpo": lambda: _dpo(rl, runs["l2s_dpo"], cfg),
@@ -530,6 +541,6 @@ def run_aha(cfg: AhaConfig, until: str | None = None) -> dict | None:
     return finish(root, cfg, runner)
 
 
-def _control(base: Path, run: Path, cfg: AhaConfig, seconds: float) -> dict:
-    r = _pretrain(run, cfg, init_from=base, seconds=seconds)
+def _control(base: Path, run: Path, cfg: AhaConfig, seconds: float, lazy: bool = False) -> dict:
+    r = _pretrain(run, cfg, init_from=base, seconds=seconds, lazy=lazy)
     return {**r, "seconds_budget": round(seconds, 1)}

@@ -61,7 +61,8 @@ def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> P
              *_forced_lines(s["diagnostic"]),
              "", "## Base, RL, equal-time control (held-out, T=0.6)", "",
              "| model | pass@1 | mean length | attempts | tokens per correct |", "|---|---|---|---|---|"]
-    rows = [("base", "base (RL's start)"), ("rl", "RL"), ("control", "control (pretrained for RL's seconds)")]
+    rows = [("base", "base (RL's start)"), ("rl", "RL"), ("control", "control (pretrained for RL's seconds)"),
+            ("control_lazy", "control on the habit corpus (pretrained for RL's seconds)")]
     if s.get("habit_steps"):
         rows.insert(0, ("skill", f"base before its {s['habit_steps']}-step habit stage"))
     for pre, label in rows:
@@ -69,12 +70,15 @@ def write_report(root: Path, cfg: AhaConfig, s: dict, samples: dict | None) -> P
             lines.append(f"| {label} | not run | | | |")
             continue
         ev = {"base": ("base_len", "base_attempts", "base_tokens_per_correct"), "skill": ("skill_len", "skill_attempts", None),
-              "rl": ("rl_len", "rl_attempts", "long_tokens_per_correct"), "control": ("control_len", None, None)}[pre]
+              "rl": ("rl_len", "rl_attempts", "long_tokens_per_correct"), "control": ("control_len", None, None),
+              "control_lazy": ("control_lazy_len", None, None)}[pre]
         lines.append(f"| {label} | {_pct(s[f'{pre}_pass1'])} | {_num(s[ev[0]])} | "
                      f"{_num(s[ev[1]], '.2f') if ev[1] else '-'} | {_num(s[ev[2]]) if ev[2] else '-'} |")
     lines += ["", f"Targets: length >= 1.5x base {yes[t['length_x1_5']]} ({s['rl_len'] / s['base_len']:.2f}x); "
               f"pass@1 +15 points {yes[t['pass1_plus_15']]} ({100 * (s['rl_pass1'] - s['base_pass1']):+.1f}); "
-              f"ahead of the control {yes[t['ahead_of_control']]}.", ""]
+              f"ahead of the control {yes[t['ahead_of_control']]}"
+              + (f", of the habit-corpus control {yes[t['ahead_of_lazy_control']]}" if s.get("control_lazy_pass1") is not None
+                 else "") + ".", ""]
     if plot:
         lines += [f"![RL curves](plots/{plot.name})", ""]
     r = s["rl_rollouts"]
@@ -132,12 +136,13 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
         if not p.exists():
             raise ConfigError(f"{p} does not exist: run `nanoseek aha --out {r}` through eval_rl first")
         sums.append(json.loads(p.read_text()))
-    lines = ["# nanoseek aha over seeds", "", "| seed | pass@1 base -> RL (control) | length base -> RL | attempts base -> RL "
+    lines = ["# nanoseek aha over seeds", "", "| seed | pass@1 base -> RL (control; habit-corpus control) | length base -> RL | attempts base -> RL "
              "| before the habit: pass@1, length | diagnostic: tokens correct / wrong, within-group cov, forced pass@1 "
              "| long2short meeting the target | partial speedup |", "|---|---|---|---|---|---|---|---|"]
     for s in sums:
         d = s["diagnostic"]
-        lines.append(f"| {s['seed']} | {_pct(s['base_pass1'])} -> {_pct(s['rl_pass1'])} ({_pct(s['control_pass1'])}) | "
+        lines.append(f"| {s['seed']} | {_pct(s['base_pass1'])} -> {_pct(s['rl_pass1'])} ({_pct(s['control_pass1'])}; "
+                     f"{_pct(s.get('control_lazy_pass1'))}) | "
                      f"{_num(s['base_len'])} -> {_num(s['rl_len'])} | {_num(s['base_attempts'], '.2f')} -> "
                      f"{_num(s['rl_attempts'], '.2f')} | {_pct(s.get('skill_pass1'))}, {_num(s.get('skill_len'))} | "
                      f"{_num(d['len_correct'])} / {_num(d['len_wrong'])}, "
