@@ -181,6 +181,10 @@ def test_micro_recipe_until_resume_and_settings_guard(tmp_path, monkeypatch):
     assert d["samples"] == 3 * 2 and "longer_pays" in d
     assert 0 <= d["forced"]["forced_share"] <= 1 and 0 <= d["forced"]["pass1"] <= 1  # the budget-forcing probe ran
     assert main(["aha", "--smoke", "--out", str(out), "--give-up", "0.5", "--until", "eval_base"]) == 2
+    take3 = tmp_path / "take3"  # --habit-steps 0: no habit stage, RL's start is the base itself
+    assert main(["aha", "--smoke", "--out", str(take3), "--habit-steps", "0", "--until", "diagnostic"]) == 0
+    done = json.loads((take3 / "stages.json").read_text())["done"]
+    assert done["pretrain_habit"]["result"] is None and not (take3 / "habit").exists()
     assert main(["aha", "--smoke", "--out", str(out), "--until", "nope"]) == 2
     assert main(["aha", "--out", str(tmp_path / "x"), "--give-up", "1.0"]) == 2
 
