@@ -147,7 +147,7 @@ def seeds_report(roots: list[Path], out: Path) -> Path:
                      f"{_num(s['rl_attempts'], '.2f')} | {_pct(s.get('skill_pass1'))}, {_num(s.get('skill_len'))} | "
                      f"{_num(d['len_correct'])} / {_num(d['len_wrong'])}, "
                      f"{_num(d['cov_len_reward_within_group'], '.2f')}, {_pct((d.get('forced') or {}).get('pass1'))} | "
-                     f"{', '.join(s['targets']['long2short_methods_meeting_target']) or 'none'} | "
+                     f"{(', '.join(s['targets']['long2short_methods_meeting_target']) or 'none') if any(s['long2short'].values()) else 'not run'} | "
                      f"{_num((s.get('partial') or {}).get('speedup'), '.2f')} |")
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_curves({f"seed {s['seed']}": r / "rl" for s, r in zip(sums, roots)}, out / "aha_curves_seeds.png")
