@@ -253,3 +253,22 @@ def test_batch_one_on_threads_reads_only_the_chosen_experts(monkeypatch):
         for c in range(0, len(experts), 6):
             a, a2, b, b2, s, s2 = experts[c:c + 6]
             assert a == a2 < b == b2 < s == s2 == 8
+
+
+@pytest.mark.parametrize("model_kw", [dict(), dict(n_shared_experts=1), dict(q_lora_rank=12, n_heads=4, kv_lora_rank=32),
+                                      dict(n_routed_experts=0)])
+def test_packed_batches_equal_the_shared_path(model_kw, monkeypatch):
+    """Batches with every matrix in oneDNN's packed layout (`decode._packed`, here forced for the small test
+    weights) and the experts run one by one (`_moe_packed`): the shared path's tokens and log-probs (within 1e-5),
+    ragged rows finishing at different steps, sampled with per-row seeds; the batched layers really are packed."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("oneDNN not available")
+    monkeypatch.setattr(decode, "PACK_MIN_BYTES", 0)
+    model = make_model(seed=12, **model_kw)
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=[1, 2, 3, 4, 5, 6])
+    eng = Engine(model, eos_id=-1)
+    assert_same(eng.generate(RAGGED, **kw), Engine(model, eos_id=-1, lean_decode=False).generate(RAGGED, **kw))
+    layers, head = eng._lean_layers().packed()
+    assert head is not None and head.is_mkldnn and all(lay.w_in.is_mkldnn for lay in layers)
+    moe = [lay for lay in layers if lay.moe is not None]
+    assert all(isinstance(lay.w13, list) and all(w.is_mkldnn for w in lay.w13) for lay in moe)

@@ -113,7 +113,10 @@ class _Layer:
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """F.linear(x, w) for a 2-D (N, K) weight; for a 3-D one (T, N/T, K) (`_blocks`: batch 1 on T threads) each
-    row block times x (1, K) in one bmm, whose (T, N/T, 1) result is the (1, N) row as it lies in memory."""
+    row block times x (1, K) in one bmm, whose (T, N/T, 1) result is the (1, N) row as it lies in memory; for a
+    oneDNN-packed one (`_packed`) oneDNN's linear."""
+    if w.is_mkldnn:  # `_packed`: oneDNN's prepacked float32 GEMM (batched steps)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
     if w.dim() == 2:
         return F.linear(x, w)
     return torch.bmm(w, x.t().expand(w.size(0), x.size(-1), 1)).view(1, -1)
@@ -137,6 +140,21 @@ def _expert_blocks(w: torch.Tensor, T: int) -> torch.Tensor:
         return w.contiguous()
     T = T if N % T == 0 else 1
     return w.transpose(1, 2).reshape(E, T, N // T, K).contiguous()
+
+
+PACK_MIN_BYTES = 1 << 20  # batched steps: matrices at least this big go to oneDNN's packed layout (`_packed`)
+PACK_ROWS = 64  # the row count oneDNN's packing is tuned for (any row count runs)
+
+
+def _packed(w: torch.Tensor) -> torch.Tensor:
+    """An (N, K) float32 weight in oneDNN's prepacked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
+    inductor's freezing uses for float32 linears), where it holds >= PACK_MIN_BYTES and oneDNN is available; else
+    as it is. Products of 2-128 rows ran 1.4-2.1x the speed of MKL's `F.linear` on DRAM-resident weights here
+    (bench/gemm_rows.py); the tiny preset's matrices (<= 128 KB) stay as they are and decode bit-identically."""
+    if (w.numel() * w.element_size() < PACK_MIN_BYTES or w.dtype != torch.float32 or w.device.type != "cpu"
+            or not torch.backends.mkldnn.is_available()):
+        return w
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
 
 
 def _kn(w: torch.Tensor) -> torch.Tensor:
@@ -176,6 +194,34 @@ def _moe_one_row(h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, 
         out += linear(act, w2[e])
 
 
+def _moe_packed(h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w13: list, w2: list, shared: bool,
+                out: torch.Tensor) -> None:
+    """out += sum_k w_k E_k(h) (+ the folded shared expert, the last of w13 / w2, weight 1) for h (N, dim), each
+    expert's rows gathered and run through its packed matrices (`_packed`, one oneDNN linear each); experts
+    without rows are skipped (their weights not read). The pairs as `moe_experts` sorts them (by expert id, stable),
+    without its zero-weight pairs (a rounding device of `_grouped_mm` that oneDNN does not need)."""
+    N, K = indices.shape
+    expert, w = indices.flatten(), weights.flatten()
+    token = torch.arange(N, device=h.device).repeat_interleave(K)
+    if shared:
+        expert = torch.cat([expert, expert.new_full((N,), len(w13) - 1)])
+        w = torch.cat([w, w.new_ones(N)])
+        token = torch.cat([token, torch.arange(N, device=h.device)])
+    order = expert.argsort(stable=True)
+    counts = torch.bincount(expert, minlength=len(w13)).tolist()
+    token_of, w_of = token.index_select(0, order), w.index_select(0, order)
+    rows = h.index_select(0, token_of)
+    parts, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            gu = linear(rows[start:start + n], w13[e])
+            inter = gu.size(-1) // 2
+            act = F.silu(gu[:, :inter]).mul_(gu[:, inter:]).mul_(w_of[start:start + n].unsqueeze(-1))
+            parts.append(linear(act, w2[e]))
+            start += n
+    out.index_add_(0, token_of, torch.cat(parts))
+
+
 class LeanLayers(list):
     """The lean step's per-layer tensors (`build_layers`), plus their batch-1 variant built on first use: the
     dense linears' weights (attention projections, dense FFN, head) in the layout one-row products stream
@@ -187,6 +233,24 @@ class LeanLayers(list):
         super().__init__(layers)
         self.head = head
         self._gemv: tuple[int, list[_Layer], torch.Tensor] | None = None
+        self._packed: tuple[list[_Layer], torch.Tensor | None] | None = None
+
+    def packed(self) -> tuple[list[_Layer], torch.Tensor | None]:
+        """(layers, head weight or None) for batches of 2+ rows: the dense matrices of PACK_MIN_BYTES or more in
+        oneDNN's packed layout (`_packed`), experts that big as a list of packed (N, K) matrices, one per expert
+        (`_moe_packed`). Built once; None for the head keeps `model.logits`."""
+        if self._packed is None:
+            def experts(w):  # (E, K, N) views for x @ W[e] -> packed (N, K) per expert, or as they are
+                return [_packed(w[e].t()) for e in range(w.size(0))] if w[0].numel() * w.element_size() >= \
+                    PACK_MIN_BYTES and _packed(w[0].t()).is_mkldnn else w
+            layers = [replace(lay, w_in=_packed(lay.w_in), w_ov=_packed(lay.w_ov),
+                              wq_b=None if lay.wq_b is None else _packed(lay.wq_b),
+                              **(dict(w13=experts(lay.w13), w2=experts(lay.w2)) if lay.moe is not None
+                                 else dict(w13=_packed(lay.w13), w2=_packed(lay.w2))))
+                      for lay in self]
+            head = _packed(self.head)
+            self._packed = (layers, head if head.is_mkldnn else None)
+        return self._packed
 
     def gemv(self, threads: int = 1) -> tuple[list[_Layer], torch.Tensor]:
         """(layers, head weight) for batch 1 on `threads` threads: the same numbers, the dense matrices in (K, N)
@@ -388,7 +452,9 @@ class LeanDecoder:
         moe = lay.moe
         weights, indices, _ = moe.gate(h)
         shared = moe.shared_experts is not None and not lay.shared_apart
-        if lay.w13.dim() == 4:  # batch 1 on T threads: experts in row blocks (`_expert_blocks`)
+        if isinstance(lay.w13, list):  # batches: experts packed one by one (`LeanLayers.packed`)
+            _moe_packed(h, weights, indices, lay.w13, lay.w2, shared, x)
+        elif lay.w13.dim() == 4:  # batch 1 on T threads: experts in row blocks (`_expert_blocks`)
             _moe_one_row(h, weights, indices, lay.w13, lay.w2, shared, x)
         else:
             decode_static.moe_experts(h, weights, indices, lay.w13, lay.w2, shared, out=x)
@@ -477,6 +543,8 @@ class LeanDecoder:
         layers, head = self.layers, None
         if B == 1 and isinstance(layers, LeanLayers):  # one row: the GEMV-friendly weight layout
             layers, head = layers.gemv(torch.get_num_threads())
+        elif isinstance(layers, LeanLayers):  # batches: big matrices in oneDNN's packed layout
+            layers, head = layers.packed()
         for i, lay in enumerate(layers):
             h = F.rms_norm(x, (x.size(-1),), lay.attn_norm, eps)
             if lay.w_uk is not None:
