@@ -24,6 +24,17 @@ from nanoseek.engine import Engine, decode  # noqa: E402
 from nanoseek.model import Transformer  # noqa: E402
 
 
+def random_big_model(threads: int) -> Transformer:
+    """`BIG` with N(0, 0.02) weights (seed 0), torch on `threads` threads (shared with bench/batched_packed.py)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Transformer(BIG).eval()
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0, 0.02)
+    return model
+
+
 def timed(engine: Engine, prompt: list[int], new: int):
     t = time.perf_counter()
     out = engine.generate([prompt], max_new_tokens=new)[0]
@@ -36,12 +47,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = Transformer(BIG).eval()
-    for p in model.parameters():
-        if p.dim() > 1:
-            p.data.normal_(0, 0.02)
+    model = random_big_model(args.threads)
     prompt = torch.randint(1, BIG.vocab_size, (32,)).tolist()
     sides = {"one-thread layout": Engine(model, eos_id=-1), "row blocks": Engine(model, eos_id=-1)}
     print(f"operating point: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M-parameter random MoE, batch 1, "

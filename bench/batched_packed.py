@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.batch1_threads import random_big_model  # noqa: E402
 from bench.vs_llamacpp import BIG  # noqa: E402
 from nanoseek.engine import Engine  # noqa: E402
-from nanoseek.model import Transformer  # noqa: E402
 
 
 def timed(engine: Engine, prompts: list[list[int]], new: int):
@@ -37,12 +37,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = Transformer(BIG).eval()
-    for p in model.parameters():
-        if p.dim() > 1:
-            p.data.normal_(0, 0.02)
+    model = random_big_model(args.threads)
     sides = {"plain (MKL)": Engine(model, eos_id=-1), "packed (oneDNN)": Engine(model, eos_id=-1)}
     print(f"operating point: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M-parameter random MoE, "
           f"{args.threads} threads, 32-token prompts, {args.new} new tokens greedy, medians of {args.rounds} "
