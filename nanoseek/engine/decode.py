@@ -151,10 +151,15 @@ def _packed(w: torch.Tensor) -> torch.Tensor:
     inductor's freezing uses for float32 linears), where it holds >= PACK_MIN_BYTES and oneDNN is available; else
     as it is. Products of 2-128 rows ran 1.4-2.1x the speed of MKL's `F.linear` on DRAM-resident weights here
     (bench/gemm_rows.py); the tiny preset's matrices (<= 128 KB) stay as they are and decode bit-identically."""
-    if (w.numel() * w.element_size() < PACK_MIN_BYTES or w.dtype != torch.float32 or w.device.type != "cpu"
-            or not torch.backends.mkldnn.is_available()):
+    if not _packs(w):
         return w
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
+
+
+def _packs(w: torch.Tensor) -> bool:
+    """Whether `_packed` packs w (one matrix, or one expert of a stack)."""
+    return (w.numel() * w.element_size() >= PACK_MIN_BYTES and w.dtype == torch.float32 and w.device.type == "cpu"
+            and torch.backends.mkldnn.is_available())
 
 
 def _kn(w: torch.Tensor) -> torch.Tensor:
@@ -241,8 +246,7 @@ class LeanLayers(list):
         (`_moe_packed`). Built once; None for the head keeps `model.logits`."""
         if self._packed is None:
             def experts(w):  # (E, K, N) views for x @ W[e] -> packed (N, K) per expert, or as they are
-                return [_packed(w[e].t()) for e in range(w.size(0))] if w[0].numel() * w.element_size() >= \
-                    PACK_MIN_BYTES and _packed(w[0].t()).is_mkldnn else w
+                return [_packed(w[e].t()) for e in range(w.size(0))] if _packs(w[0]) else w
             layers = [replace(lay, w_in=_packed(lay.w_in), w_ov=_packed(lay.w_ov),
                               wq_b=None if lay.wq_b is None else _packed(lay.wq_b),
                               **(dict(w13=experts(lay.w13), w2=experts(lay.w2)) if lay.moe is not None
