@@ -35,6 +35,10 @@ few microseconds of work behind ~10 us of dispatch) rather than by FLOPs:
   matrix is stored as T row blocks (T, N/T, K) and multiplied by one `bmm` (`linear`): torch runs a one-row
   matmul on one thread whatever `set_num_threads` says, a bmm splits its batch over the threads (1.5-2x the
   bandwidth on two threads for DRAM-resident weights, bench/gemv_threads.py).
+* Batches of 2+ rows read every matrix of 1 MiB or more from oneDNN's prepacked float32 layout
+  (`LeanLayers.packed`, `_packed`; what inductor's freezing emits for float32 linears): MKL's GEMMs of a few
+  rows (the experts' 4-16 at batch 16-64) ran at half its speed (docs/decode_profile.md); big experts then run
+  one by one on their gathered rows (`_moe_packed`). Smaller matrices (the tiny preset's) keep the layouts above.
 
 Simplifications: float32 non-FP8 models on CPU (an even q_lora_rank) and no expert parallelism; anything else
 (`supported` is False) decodes through `Transformer.hidden`. The expert loads of decode steps are not recorded
