@@ -154,7 +154,7 @@ def _packed(w: torch.Tensor) -> torch.Tensor:
     """An (N, K) float32 weight in oneDNN's prepacked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
     inductor's freezing uses for float32 linears), where it holds >= PACK_MIN_BYTES and oneDNN is available; else
     as it is. Products of 2-128 rows ran 1.4-2.1x the speed of MKL's `F.linear` on DRAM-resident weights here
-    (bench/gemm_rows.py); the tiny preset's matrices (<= 128 KB) stay as they are and decode bit-identically."""
+    (docs/decode_profile.md, "Session 11"; end to end bench/batched_packed.py); the tiny preset's matrices (<= 128 KB) stay as they are and decode bit-identically."""
     if not _packs(w):
         return w
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS)
@@ -210,12 +210,10 @@ def _moe_packed(h: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, w
     without rows are skipped (their weights not read). The pairs as `moe_experts` sorts them (by expert id, stable),
     without its zero-weight pairs (a rounding device of `_grouped_mm` that oneDNN does not need)."""
     N, K = indices.shape
+    token, tail_experts, tail_w, _, _ = decode_static._pair_ids(N, K, len(w13), shared, h, zero_pairs=False)
     expert, w = indices.flatten(), weights.flatten()
-    token = torch.arange(N, device=h.device).repeat_interleave(K)
-    if shared:
-        expert = torch.cat([expert, expert.new_full((N,), len(w13) - 1)])
-        w = torch.cat([w, w.new_ones(N)])
-        token = torch.cat([token, torch.arange(N, device=h.device)])
+    if tail_experts is not None:  # the folded shared expert: every token, weight 1
+        expert, w = torch.cat([expert, tail_experts]), torch.cat([w, tail_w])
     order = expert.argsort(stable=True)
     counts = torch.bincount(expert, minlength=len(w13)).tolist()
     token_of, w_of = token.index_select(0, order), w.index_select(0, order)

@@ -31,17 +31,18 @@ import torch.nn.functional as F
 _PAIRS: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]] = {}
 
 
-def _pair_ids(N: int, K: int, groups: int, shared: bool, like: torch.Tensor):
+def _pair_ids(N: int, K: int, groups: int, shared: bool, like: torch.Tensor, zero_pairs: bool = True):
     """The constant parts of the (token, expert) pair list, cached per shape: the token of every pair, the expert
-    ids and weights appended after the routed pairs, and whether the list is doubled (see `moe_experts`)."""
-    key = (N, K, groups, shared, like.device, like.dtype)
+    ids and weights appended after the routed pairs, and whether the list is doubled (see `moe_experts`).
+    zero_pairs False: the routed and shared pairs only (no zero-weight pairs, never doubled; decode._moe_packed)."""
+    key = (N, K, groups, shared, like.device, like.dtype, zero_pairs)
     if key not in _PAIRS:
         tokens = torch.arange(N, device=like.device)
         ids = [tokens.repeat_interleave(K)] + ([tokens] if shared else [])
         experts = [torch.full((N,), groups - 1, device=like.device)] if shared else []
         weights = [like.new_ones(N)] if shared else []
-        sparse = N * (K + shared) < 2 * groups
-        doubled = sparse and N > 1
+        sparse = N * (K + shared) < 2 * groups or not zero_pairs
+        doubled = sparse and N > 1 and zero_pairs
         if not sparse:  # one zero-weight pair per expert (token 0)
             ids.append(tokens.new_zeros(groups))
             experts.append(torch.arange(groups, device=like.device))

@@ -285,9 +285,8 @@ def _mean(xs):
 
 
 # ---- sampling, diagnostic, evaluation -----------------------------------------------------------------------
-def sample_run(run: Path, problems: list, samples: int, temperature: float, top_p: float | None, max_new_tokens: int,
-               seed: int) -> tuple[list, list, list[int], list[bool]]:
-    """`samples` completions per problem: (problems repeated, texts, token counts, correct)."""
+def _engine(run: Path, problems: list):
+    """(Engine, tokenizer, task) for sampling a run's latest checkpoint on `problems`."""
     from nanoseek.engine import Engine
     from nanoseek.tasks import get_task
     from nanoseek.tokenizer import Tokenizer
@@ -295,7 +294,13 @@ def sample_run(run: Path, problems: list, samples: int, temperature: float, top_
 
     model, _, _ = load_run_model(run)
     tok = Tokenizer.load(run / "tokenizer.json")
-    engine, task = Engine(model, tok), get_task(problems[0].meta["task"] if problems else "countdown_mod")
+    return Engine(model, tok), tok, get_task(problems[0].meta["task"] if problems else "countdown_mod")
+
+
+def sample_run(run: Path, problems: list, samples: int, temperature: float, top_p: float | None, max_new_tokens: int,
+               seed: int) -> tuple[list, list, list[int], list[bool]]:
+    """`samples` completions per problem: (problems repeated, texts, token counts, correct)."""
+    engine, tok, task = _engine(run, problems)
     jobs = [p for p in problems for _ in range(samples)]
     outs = []
     for i in range(0, len(jobs), 256):
@@ -325,29 +330,20 @@ def forced_search(run: Path, problems: list, samples: int, temperature: float, m
     own samples cannot (a lazy base's diagnostic has few long samples to compare). Returns (problems repeated,
     full texts, token counts (re-encoded), correct, share of samples forced at least once). Simplification: the
     resumed text is re-encoded, so its tokens may split differently from the sampled ones."""
-    from nanoseek.engine import Engine
-    from nanoseek.tasks import get_task
-    from nanoseek.tokenizer import Tokenizer
-    from nanoseek.train.checkpoint import load_run_model
-
-    model, _, _ = load_run_model(run)
-    tok = Tokenizer.load(run / "tokenizer.json")
-    engine, task = Engine(model, tok), get_task(problems[0].meta["task"] if problems else "countdown_mod")
+    engine, tok, task = _engine(run, problems)
     jobs = [p for p in problems for _ in range(samples)]
     heads = [tok.prompt_ids(p.prompt) for p in jobs]
     texts, finished = [""] * len(jobs), [False] * len(jobs)
     forced = [False] * len(jobs)
     for r in range(rounds + 1):
-        todo = [i for i in range(len(jobs)) if not finished[i]]
-        budget = {i: max_new_tokens - len(tok.encode(texts[i])) for i in todo}
-        todo = [i for i in todo if budget[i] > 0]
+        done = {i: tok.encode(texts[i]) for i in range(len(jobs)) if not finished[i]}
+        todo = [i for i in done if len(done[i]) < max_new_tokens]
         for j in range(0, len(todo), 256):
-            chunk = todo[j:j + 256]
             by_budget: dict[int, list[int]] = {}
-            for i in chunk:
-                by_budget.setdefault(budget[i], []).append(i)
+            for i in todo[j:j + 256]:
+                by_budget.setdefault(max_new_tokens - len(done[i]), []).append(i)
             for b, rows in by_budget.items():
-                outs = engine.generate([heads[i] + tok.encode(texts[i]) for i in rows], b, temperature=temperature,
+                outs = engine.generate([heads[i] + done[i] for i in rows], b, temperature=temperature,
                                        seed=seed + 1000 * r + j)
                 for i, o in zip(rows, outs):
                     texts[i] += o.text
